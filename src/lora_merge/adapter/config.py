@@ -1,0 +1,142 @@
+"""adapter_config.json: what PEFT records about a LoRA adapter, and its scaling rule."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_merge.errors import InvalidInputError
+
+# PEFT adapter types that are not LoRA; named in the error so users know what they have.
+_PEFT_TYPE_NAMES = {
+    "LOHA": "LoHa",
+    "LOKR": "LoKr",
+    "IA3": "IA3",
+    "ADALORA": "AdaLoRA",
+    "PROMPT_TUNING": "prompt tuning",
+    "PREFIX_TUNING": "prefix tuning",
+    "P_TUNING": "P-tuning",
+    "OFT": "OFT",
+    "BOFT": "BOFT",
+    "VERA": "VeRA",
+}
+
+
+@dataclass(frozen=True)
+class LoraAdapterConfig:
+    """The fields of a PEFT ``LoraConfig`` that decide what a merge computes.
+
+    Attributes:
+        r: default rank (the real rank of each module is read from its A matrix).
+        lora_alpha: default alpha.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        rank_pattern: regex -> rank overrides (kept for reporting; shapes are authoritative).
+        alpha_pattern: regex -> alpha overrides, first match wins.
+        fan_in_fan_out: PEFT's flag for weights stored (in, out), e.g. GPT-2's Conv1D.
+        use_dora: DoRA (weight-decomposed) adapter.
+        base_model_name_or_path: the base the adapter was trained on, if recorded.
+    """
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    base_model_name_or_path: str | None = None
+
+    def scale_for(self, module_name: str, rank: int) -> float:
+        """The factor that multiplies ``B @ A`` for one module.
+
+        Reproduces PEFT's ``LoraLayer.update_layer``: alpha from ``alpha_pattern``
+        (``get_pattern_key``) or ``lora_alpha``; ``alpha / r``, or ``alpha / sqrt(r)``
+        with rsLoRA; computed in Python floats as PEFT does, so the scalar is the same.
+        """
+        alpha = self.lora_alpha
+        key = pattern_key_for(self.alpha_pattern, module_name)
+        if key is not None:
+            alpha = self.alpha_pattern[key]
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def pattern_key_for(patterns: Iterable[str], module_name: str) -> str | None:
+    """The first pattern key that matches a module name, as PEFT's ``get_pattern_key``.
+
+    Keys are regexes anchored at the end of the name and at a dot boundary, so
+    ``"v_proj"`` matches ``model.layers.0.self_attn.v_proj`` but ``"proj"`` does not.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def read_adapter_config(path: Path) -> LoraAdapterConfig:
+    """Parse and check adapter_config.json.
+
+    Raises:
+        InvalidInputError: invalid JSON, not a LoRA adapter, or fields that make no sense.
+    """
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(f"{path} is not valid JSON ({err})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"cannot read {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise InvalidInputError(f"{path} is not a JSON object")
+
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        name = _PEFT_TYPE_NAMES.get(str(peft_type), repr(peft_type))
+        raise InvalidInputError(
+            f"{path} describes a {name} adapter (peft_type {peft_type!r}); lora-merge merges "
+            "LoRA adapters only, and does not support this type yet"
+        )
+    r = raw.get("r")
+    alpha = raw.get("lora_alpha")
+    if not isinstance(r, int) or not _is_positive_int(r):
+        raise InvalidInputError(f"{path}: 'r' must be a positive integer, got {r!r}")
+    if not isinstance(alpha, int | float) or not _is_number(alpha):
+        raise InvalidInputError(f"{path}: 'lora_alpha' must be a number, got {alpha!r}")
+    rank_pattern = raw.get("rank_pattern") or {}
+    alpha_pattern = raw.get("alpha_pattern") or {}
+    if not isinstance(rank_pattern, dict) or not all(
+        _is_positive_int(v) for v in rank_pattern.values()
+    ):
+        raise InvalidInputError(f"{path}: 'rank_pattern' must map patterns to positive integers")
+    if not isinstance(alpha_pattern, dict) or not all(
+        _is_number(v) for v in alpha_pattern.values()
+    ):
+        raise InvalidInputError(f"{path}: 'alpha_pattern' must map patterns to numbers")
+    for pattern in (*rank_pattern, *alpha_pattern):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise InvalidInputError(
+                f"{path}: pattern {pattern!r} is not a valid regex ({err})"
+            ) from err
+    base_name = raw.get("base_model_name_or_path")
+    return LoraAdapterConfig(
+        r=r,
+        lora_alpha=float(alpha),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        rank_pattern=dict(rank_pattern),
+        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        base_model_name_or_path=base_name if isinstance(base_name, str) else None,
+    )
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

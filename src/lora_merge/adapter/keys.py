@@ -1,0 +1,112 @@
+"""What each tensor in a PEFT adapter file is, from its key alone.
+
+PEFT's ``get_peft_model_state_dict`` saves keys like
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (the adapter
+name removed). The suffix says what the tensor is; the rest names the module
+in the base model. The rules are a table, not a chain of ifs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lora_merge.errors import InvalidInputError
+
+PEFT_PREFIX = "base_model.model."
+
+# suffix -> role of the tensor in its module. Longest suffixes first.
+_LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_B.bias", "B_bias"),
+    (".lora_embedding_A", "embedding_A"),
+    (".lora_embedding_B", "embedding_B"),
+)
+# Adapter features other issues add; until then they are refused by name rather
+# than silently ignored.
+_UNSUPPORTED_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_magnitude_vector.weight", "DoRA (lora_magnitude_vector)"),
+    (".lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
+    (".token_adapter.trainable_tokens_delta", "trainable tokens (trainable_token_indices)"),
+)
+# A saved copy of a wrapped layer (e.g. a resized embedding PEFT stores with
+# save_embedding_layers=True) replaces the base tensor of that module.
+_BASE_LAYER_INFIX = ".base_layer."
+
+
+@dataclass
+class LoraModuleKeys:
+    """The adapter keys of one LoRA-wrapped module.
+
+    Attributes:
+        module: module name in the base model, e.g. ``model.layers.0.self_attn.q_proj``.
+        a_key / b_key: keys of the down (A) and up (B) projections.
+        bias_key: key of ``lora_B.bias`` (PEFT ``lora_bias=True``), if any.
+        is_embedding: stored as ``lora_embedding_A/B`` (an ``nn.Embedding`` target).
+    """
+
+    module: str
+    a_key: str | None = None
+    b_key: str | None = None
+    bias_key: str | None = None
+    is_embedding: bool = False
+
+
+@dataclass
+class AdapterContents:
+    """The adapter file's keys, sorted by what they do.
+
+    Attributes:
+        lora_modules: module name -> its LoRA keys.
+        replacements: base tensor name (as the adapter names it) -> adapter key of
+            a full tensor that replaces it (modules_to_save, saved base layers,
+            trained biases).
+    """
+
+    lora_modules: dict[str, LoraModuleKeys] = field(default_factory=dict)
+    replacements: dict[str, str] = field(default_factory=dict)
+
+
+def strip_peft_prefix(key: str) -> str:
+    """``base_model.model.X`` -> ``X``; keys without the prefix are kept as they are."""
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def classify_adapter_keys(keys: list[str]) -> AdapterContents:
+    """Sort adapter keys into LoRA modules and replacement tensors.
+
+    Raises:
+        InvalidInputError: a LoRA module lacks its A or B, or the adapter uses a
+            feature that is not supported yet.
+    """
+    contents = AdapterContents()
+    for key in keys:
+        name = strip_peft_prefix(key)
+        for suffix, feature in _UNSUPPORTED_SUFFIXES:
+            if name.endswith(suffix):
+                raise InvalidInputError(
+                    f"adapter key {key!r} is {feature}, which lora-merge does not support yet"
+                )
+        role = next(((s, r) for s, r in _LORA_SUFFIXES if name.endswith(s)), None)
+        if role is None:
+            contents.replacements[name.replace(_BASE_LAYER_INFIX, ".")] = key
+            continue
+        suffix, kind = role
+        module = name[: -len(suffix)]
+        keys_of_module = contents.lora_modules.setdefault(module, LoraModuleKeys(module=module))
+        if kind in ("A", "embedding_A"):
+            keys_of_module.a_key = key
+        elif kind in ("B", "embedding_B"):
+            keys_of_module.b_key = key
+        else:
+            keys_of_module.bias_key = key
+        keys_of_module.is_embedding = keys_of_module.is_embedding or kind.startswith("embedding")
+
+    for lora_module in contents.lora_modules.values():
+        if lora_module.a_key is None or lora_module.b_key is None:
+            present = lora_module.a_key or lora_module.b_key or lora_module.bias_key
+            raise InvalidInputError(
+                f"adapter module {lora_module.module!r} has {present!r} but not both LoRA matrices "
+                "(A and B); the adapter file is incomplete"
+            )
+    return contents

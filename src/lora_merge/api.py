@@ -1,0 +1,191 @@
+"""The one library function behind the CLI: :func:`merge`.
+
+It runs the flow in order: resolve inputs -> read adapter -> plan -> stream
+tensors into shards -> finish the folder (index, config, tokenizer) -> rename
+into place. Each step lives in its own package.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lora_merge.adapter.config import read_adapter_config
+from lora_merge.adapter.keys import classify_adapter_keys
+from lora_merge.adapter.weights import open_adapter_weights
+from lora_merge.errors import InvalidInputError, OutputError
+from lora_merge.finish.folder import copy_side_files, write_config, write_index
+from lora_merge.finish.staging import StagingFolder
+from lora_merge.inputs.resolve import check_output_location, resolve_adapter, resolve_base
+from lora_merge.io.reader import SafetensorsReader
+from lora_merge.options import MergeOptions, parse_dtype, parse_size
+from lora_merge.plan.planner import build_merge_plan
+from lora_merge.plan.shards import plan_output_shards, shard_file_names
+from lora_merge.stream.executor import write_shard
+
+# Room left on OUT's disk beyond the shards (config, tokenizer, filesystem slack).
+DISK_SPACE_MARGIN_BYTES = 64 * 2**20
+# One chunk may use this share of --max-memory; the rest covers the adapter
+# matrices and the output buffer in flight.
+CHUNK_SHARE_OF_BUDGET = 0.5
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    """What a merge did.
+
+    Attributes:
+        out: the folder written.
+        tensors: output tensors written.
+        lora_modules: LoRA modules merged.
+        replaced: base tensors replaced by adapter tensors.
+        copied: tensors copied byte for byte.
+        shards: safetensors files written.
+        bytes_written: tensor data bytes written.
+        seconds: wall time of the merge.
+    """
+
+    out: str
+    tensors: int
+    lora_modules: int
+    replaced: int
+    copied: int
+    shards: int
+    bytes_written: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def merge(options: MergeOptions) -> MergeSummary:
+    """Merge a LoRA adapter into its base model and write a standalone model folder.
+
+    Args:
+        options: what to merge, where to, and how.
+
+    Returns:
+        A summary of the work done.
+
+    Raises:
+        LoraMergeError: for every problem with the inputs or OUT; nothing is
+            written to OUT in that case and the inputs are never modified.
+    """
+    started = time.perf_counter()
+    output_dtype = parse_dtype(options.dtype)
+    max_shard_size = parse_size(options.max_shard_size)
+    chunk_budget = int(parse_size(options.max_memory) * CHUNK_SHARE_OF_BUDGET)
+    device = resolve_device(options.device)
+
+    base = resolve_base(options.base)
+    adapter_folder = resolve_adapter(options.adapter)
+    out = check_output_location(
+        options.out, [base.folder, adapter_folder.folder], options.overwrite
+    )
+
+    config = read_adapter_config(adapter_folder.config_path)
+    adapter = open_adapter_weights(adapter_folder.weights_path)
+    contents = classify_adapter_keys(list(adapter.keys()))
+    if config.use_dora:
+        raise InvalidInputError(
+            f"{adapter_folder.config_path} has use_dora=true; DoRA adapters are not supported yet"
+        )
+    plan = build_merge_plan(base, config, contents, adapter, output_dtype)
+
+    by_name = {t.spec.name: t for t in plan.tensors}
+    shard_names = plan_output_shards(
+        [(t.spec.name, t.spec.nbytes) for t in plan.tensors], max_shard_size
+    )
+    file_names = shard_file_names(len(shard_names))
+    _check_free_space(out, plan.total_bytes)
+
+    progress = tqdm(
+        total=plan.total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="merging",
+        file=sys.stderr,
+        disable=options.quiet or not sys.stderr.isatty(),
+    )
+    with StagingFolder(out) as staging, SafetensorsReader(base.entries) as base_reader, progress:
+        for file_name, names in zip(file_names, shard_names, strict=True):
+            write_shard(
+                staging.path / file_name,
+                [by_name[name] for name in names],
+                base_reader,
+                adapter,
+                device,
+                chunk_budget,
+                progress.update,
+            )
+        if len(file_names) > 1:
+            write_index(
+                staging.path,
+                [
+                    (f, [by_name[n].spec for n in names])
+                    for f, names in zip(file_names, shard_names, strict=True)
+                ],
+            )
+        write_config(staging.path, base.config, output_dtype, plan.vocab_size)
+        copy_side_files(staging.path, base.folder, adapter_folder.folder)
+        staging.commit()
+
+    return MergeSummary(
+        out=str(out),
+        tensors=len(plan.tensors),
+        lora_modules=plan.lora_modules,
+        replaced=plan.replaced,
+        copied=sum(t.is_byte_copy for t in plan.tensors),
+        shards=len(file_names),
+        bytes_written=plan.total_bytes,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU; others as given.
+
+    Raises:
+        InvalidInputError: the name is not a device, or CUDA is asked for but absent.
+    """
+    key = name.strip().lower()
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(key)
+    except RuntimeError as err:
+        raise InvalidInputError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(
+            f"device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise InvalidInputError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+    return device
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed + DISK_SPACE_MARGIN_BYTES:
+        raise OutputError(
+            f"OUT needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free on the disk "
+            f"holding {parent}; free some space or choose another OUT"
+        )

@@ -1,0 +1,178 @@
+"""The ``lora-merge`` command: Typer options in, one call to :func:`lora_merge.merge`.
+
+This module knows the command line and nothing about tensors. Errors meant for
+users become one line on stderr and a documented exit code, here and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from lora_merge import __version__
+from lora_merge.api import merge
+from lora_merge.errors import (
+    EXIT_INTERNAL,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    LoraMergeError,
+    MergeInterrupted,
+)
+from lora_merge.options import MergeOptions
+
+DEBUG_ENV = "LORA_MERGE_DEBUG"
+
+EPILOG = """\
+Exit codes: 0 merged; 1 internal error (a bug: please report it, rerun with
+LORA_MERGE_DEBUG=1 for a traceback); 2 bad command line; 3 BASE, ADAPTER or a
+weights file not found; 4 invalid or unsupported input; 5 adapter does not fit
+the base; 6 OUT refused (exists, inside an input, disk too small);
+130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+"""
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Option types shared as aliases, as huggingface_hub's CLI does.
+FolderArgument = Annotated[Path, typer.Argument(show_default=False)]
+SizeOption = Annotated[str, typer.Option(metavar="SIZE")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lora-merge {__version__}")
+        raise typer.Exit()
+
+
+@app.command(epilog=EPILOG)
+def merge_command(
+    base: Annotated[
+        Path,
+        typer.Argument(
+            metavar="BASE",
+            help="Base model folder (safetensors shards + config.json).",
+            show_default=False,
+        ),
+    ],
+    adapter: Annotated[
+        Path,
+        typer.Argument(
+            metavar="ADAPTER",
+            help="PEFT LoRA adapter folder (adapter_config.json + weights).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT", help="Folder to create with the merged model.", show_default=False
+        ),
+    ],
+    dtype: Annotated[
+        str, typer.Option(help="Output dtype: auto (keep each tensor's), bf16, fp16 or fp32.")
+    ] = "auto",
+    max_shard_size: Annotated[
+        str, typer.Option(metavar="SIZE", help="Largest output shard: 5GB, 500MB, 2GiB or bytes.")
+    ] = "5GB",
+    max_memory: Annotated[
+        str,
+        typer.Option(
+            metavar="SIZE",
+            help="Working memory for tensor data; larger tensors are merged in row chunks.",
+        ),
+    ] = "1GiB",
+    device: Annotated[
+        str, typer.Option(help="Where the merge math runs: auto, cpu, cuda or cuda:N.")
+    ] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")
+    ] = False,
+    json_summary: Annotated[
+        bool, typer.Option("--json", help="Print a JSON summary on stdout when done.")
+    ] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = None,
+) -> None:
+    """Merge a LoRA ADAPTER into BASE and write a standalone model to OUT.
+
+    Reads the base tensor by tensor, adds scale * B @ A in float32 (float64 for
+    fp32 outputs) with one rounding at the end, and writes safetensors shards as
+    it goes, so memory stays bounded whatever the model size. OUT appears only
+    when complete.
+    """
+    options = MergeOptions(
+        base=base,
+        adapter=adapter,
+        out=out,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        max_memory=max_memory,
+        device=device,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        summary = merge(options)
+    except KeyboardInterrupt:
+        _fail(MergeInterrupted("SIGINT", EXIT_SIGINT))
+    except LoraMergeError as err:
+        _fail(err)
+    except Exception as err:  # a bug: say so in one line, with the way to get details
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        typer.echo(
+            f"lora-merge: internal error: {type(err).__name__}: {err} (please report it; "
+            f"set {DEBUG_ENV}=1 for a traceback)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_INTERNAL) from err
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+    if not quiet:
+        typer.echo(
+            f"merged {summary.lora_modules} LoRA modules into {summary.tensors} tensors "
+            f"({summary.copied} copied unchanged), wrote {summary.bytes_written / 1e9:.2f} GB in "
+            f"{summary.shards} shard(s) to {summary.out} in {summary.seconds:.1f} s",
+            err=True,
+        )
+    if json_summary:
+        typer.echo(json.dumps(summary.to_dict()))
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise MergeInterrupted("SIGTERM", EXIT_SIGTERM)
+
+
+def _fail(err: LoraMergeError) -> None:
+    if os.environ.get(DEBUG_ENV):
+        traceback.print_exc()
+    typer.echo(f"lora-merge: error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="lora-merge")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The merge arithmetic: pure functions of tensors, no I/O."""

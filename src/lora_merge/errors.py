@@ -1,0 +1,61 @@
+"""The one error family users see, and the exit codes it maps to.
+
+Every mistake a user can make (a wrong path, an adapter for another model, an
+existing output folder) is raised as a :class:`LoraMergeError` subclass. The CLI
+turns it into one line on stderr and the subclass's exit code; nothing else in
+the package prints errors. The table of exit codes lives here and in the README.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug: an exception that is not a LoraMergeError
+EXIT_USAGE = 2  # bad command line (Typer/Click's own code)
+EXIT_INPUT_NOT_FOUND = 3
+EXIT_INVALID_INPUT = 4
+EXIT_ADAPTER_MISMATCH = 5
+EXIT_OUTPUT_REFUSED = 6
+EXIT_SIGINT = 130  # 128 + SIGINT, the shell convention
+EXIT_SIGTERM = 143  # 128 + SIGTERM
+
+
+class LoraMergeError(Exception):
+    """Base class of every error meant for the user.
+
+    The message is a full sentence that names the file or key involved, the rule
+    that was broken and what to do about it.
+    """
+
+    exit_code: int = EXIT_INTERNAL
+
+
+class InputNotFoundError(LoraMergeError):
+    """BASE, ADAPTER, a weights file or a shard named in an index is missing."""
+
+    exit_code = EXIT_INPUT_NOT_FOUND
+
+
+class InvalidInputError(LoraMergeError):
+    """An input exists but cannot be used: corrupt file, bad JSON, unsupported adapter type."""
+
+    exit_code = EXIT_INVALID_INPUT
+
+
+class AdapterMismatchError(LoraMergeError):
+    """The adapter does not fit the base: unknown keys or shapes that differ."""
+
+    exit_code = EXIT_ADAPTER_MISMATCH
+
+
+class OutputError(LoraMergeError):
+    """OUT cannot be written: it exists, it lies inside an input, or the disk is too small."""
+
+    exit_code = EXIT_OUTPUT_REFUSED
+
+
+class MergeInterrupted(LoraMergeError):
+    """SIGINT or SIGTERM arrived; the partial output has been removed."""
+
+    def __init__(self, signal_name: str, exit_code: int) -> None:
+        super().__init__(f"interrupted by {signal_name}; no output was written")
+        self.exit_code = exit_code

@@ -1,0 +1,89 @@
+"""The files around the shards: index, config.json, tokenizer and generation files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_INDEX_FILE
+
+from lora_merge.io.shard_writer import TensorSpec
+
+# Files a merged model needs besides weights. The adapter's copy wins over the
+# base's: an adapter trained with added tokens ships its tokenizer. Adapter
+# weights, pickles and training state are never copied.
+SIDE_FILE_NAMES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+DTYPE_NAME_IN_CONFIG = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+}
+
+
+def write_index(folder: Path, shards: Sequence[tuple[str, Sequence[TensorSpec]]]) -> None:
+    """Write ``model.safetensors.index.json``: total data bytes and each key's shard."""
+    weight_map = {spec.name: file_name for file_name, specs in shards for spec in specs}
+    total_size = sum(spec.nbytes for _, specs in shards for spec in specs)
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(folder / SAFETENSORS_INDEX_FILE, index)
+
+
+def write_config(
+    folder: Path,
+    base_config: dict[str, object],
+    output_dtype: torch.dtype | None,
+    vocab_size: int | None,
+) -> None:
+    """Write config.json: the base's, with the dtype and vocabulary size of the output.
+
+    transformers ≥ 4.56 writes ``dtype``; older versions read ``torch_dtype``. We set
+    ``dtype`` and update ``torch_dtype`` where the base has it.
+    """
+    if not base_config:
+        return
+    config = dict(base_config)
+    if output_dtype is not None:
+        name = DTYPE_NAME_IN_CONFIG[output_dtype]
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
+    _write_json(folder / CONFIG_NAME, config)
+
+
+def copy_side_files(folder: Path, base: Path, adapter: Path) -> list[str]:
+    """Copy tokenizer and generation files, the adapter's taking precedence; return their names."""
+    copied = []
+    for name in SIDE_FILE_NAMES:
+        for source_folder in (adapter, base):
+            source = source_folder / name
+            if source.is_file():
+                shutil.copyfile(source, folder / name)
+                copied.append(name)
+                break
+    return copied
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,209 @@
+"""Resolve BASE, ADAPTER and OUT into checked locations before any work starts.
+
+Everything that can be refused cheaply is refused here: missing folders, missing
+weights, an index that names files that are not there, an OUT that exists or
+lies inside an input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.constants import (
+    CONFIG_NAME,
+    SAFETENSORS_INDEX_FILE,
+    SAFETENSORS_SINGLE_FILE,
+)
+
+from lora_merge.errors import InputNotFoundError, InvalidInputError, OutputError
+from lora_merge.io.safetensors_format import TensorEntry, read_safetensors_header
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
+ADAPTER_PICKLE_NAME = "adapter_model.bin"
+PICKLED_BASE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    """The base model's folder and every tensor in its safetensors files.
+
+    Attributes:
+        folder: the base folder (absolute).
+        entries: tensor name -> location, in file order (shard by shard, then offset).
+        config: the parsed config.json, or an empty dict when the folder has none.
+    """
+
+    folder: Path
+    entries: dict[str, TensorEntry]
+    config: dict[str, object]
+
+
+@dataclass(frozen=True)
+class AdapterFolder:
+    """The adapter's folder, its config file and its weights file."""
+
+    folder: Path
+    config_path: Path
+    weights_path: Path
+
+
+def resolve_base(base: Path | str) -> BaseCheckpoint:
+    """Find and index the base checkpoint's safetensors files.
+
+    Raises:
+        InputNotFoundError: the folder, its weights or a shard named by the index is missing.
+        InvalidInputError: the index or a shard is corrupt, or a key is in two shards.
+    """
+    folder = _existing_folder(base, "BASE")
+    index_path = folder / SAFETENSORS_INDEX_FILE
+    # shard file name -> the keys the index promises in it (None: no index)
+    shard_names: dict[str, set[str] | None]
+    if index_path.is_file():
+        shard_names = dict(_shards_from_index(index_path))
+    elif (folder / SAFETENSORS_SINGLE_FILE).is_file():
+        shard_names = {SAFETENSORS_SINGLE_FILE: None}
+    else:
+        pickled = [name for name in PICKLED_BASE_NAMES if (folder / name).exists()]
+        if pickled:
+            raise InvalidInputError(
+                f"BASE {folder} holds only pickled weights ({pickled[0]}); lora-merge reads "
+                "safetensors: convert the base first (e.g. load it with transformers and "
+                "save_pretrained(safe_serialization=True))"
+            )
+        raise InputNotFoundError(
+            f"BASE {folder} has no {SAFETENSORS_SINGLE_FILE} or {SAFETENSORS_INDEX_FILE}: "
+            "point BASE at a Hugging Face model folder"
+        )
+
+    entries: dict[str, TensorEntry] = {}
+    for shard_name, expected_keys in shard_names.items():
+        header = read_safetensors_header(folder / shard_name)
+        for entry in header.entries:
+            if entry.name in entries:
+                raise InvalidInputError(
+                    f"tensor {entry.name!r} is stored twice in BASE ({entries[entry.name].path.name} "
+                    f"and {shard_name}); the checkpoint is inconsistent"
+                )
+            entries[entry.name] = entry
+        if expected_keys is not None:
+            found = {entry.name for entry in header.entries}
+            missing = sorted(expected_keys - found)
+            if missing:
+                raise InvalidInputError(
+                    f"{SAFETENSORS_INDEX_FILE} says {missing[0]!r} is in {shard_name}, but it is "
+                    "not there; the checkpoint is inconsistent (re-download it)"
+                )
+    return BaseCheckpoint(
+        folder=folder, entries=entries, config=_read_json_if_present(folder / CONFIG_NAME)
+    )
+
+
+def resolve_adapter(adapter: Path | str) -> AdapterFolder:
+    """Find the adapter's config and weights file.
+
+    Raises:
+        InputNotFoundError: the folder, adapter_config.json or the weights are missing.
+    """
+    folder = _existing_folder(adapter, "ADAPTER")
+    config_path = folder / ADAPTER_CONFIG_NAME
+    if not config_path.is_file():
+        raise InputNotFoundError(
+            f"ADAPTER {folder} has no {ADAPTER_CONFIG_NAME}: point ADAPTER at the folder "
+            "PEFT's save_pretrained() wrote"
+        )
+    for name in (ADAPTER_SAFETENSORS_NAME, ADAPTER_PICKLE_NAME):
+        if (folder / name).is_file():
+            return AdapterFolder(folder=folder, config_path=config_path, weights_path=folder / name)
+    raise InputNotFoundError(
+        f"ADAPTER {folder} has no {ADAPTER_SAFETENSORS_NAME} or {ADAPTER_PICKLE_NAME}"
+    )
+
+
+def check_output_location(out: Path | str, inputs: list[Path], overwrite: bool) -> Path:
+    """Return OUT as an absolute path after checking that it may be written.
+
+    OUT may not exist as a file, may not be a non-empty folder unless
+    ``overwrite``, and may neither lie inside an input nor contain one (so that
+    ``--overwrite`` can never delete an input). Symlinks and relative paths are
+    resolved before comparing.
+
+    Raises:
+        OutputError: when any of these rules is broken.
+    """
+    out_path = Path(out).expanduser()
+    # Resolve the parent (following symlinks) but keep OUT's own name: OUT itself
+    # may be a symlink the user wants replaced.
+    resolved = out_path.absolute().parent.resolve() / out_path.name
+    for folder in inputs:
+        if resolved == folder or folder in resolved.parents:
+            raise OutputError(
+                f"OUT {out_path} lies inside the input folder {folder}; choose another OUT"
+            )
+        if resolved in folder.parents:
+            raise OutputError(
+                f"OUT {out_path} contains the input folder {folder}; choose another OUT"
+            )
+    if resolved.is_symlink() or (resolved.exists() and not resolved.is_dir()):
+        raise OutputError(
+            f"OUT {out_path} exists and is not a folder; remove it or choose another OUT"
+        )
+    if resolved.is_dir() and any(resolved.iterdir()) and not overwrite:
+        raise OutputError(f"OUT {out_path} exists and is not empty; pass --overwrite to replace it")
+    return resolved
+
+
+def _existing_folder(path: Path | str, role: str) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise InputNotFoundError(f"{role} {folder} does not exist")
+    if not folder.is_dir():
+        raise InputNotFoundError(f"{role} {folder} is not a folder")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise InputNotFoundError(f"{role} {folder} cannot be read (permissions)")
+    return folder.resolve()
+
+
+def _shards_from_index(index_path: Path) -> dict[str, set[str]]:
+    """Shard file name -> the keys the index puts in it; names are checked, never trusted."""
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InvalidInputError(f"{index_path} has no weight_map; the checkpoint is incomplete")
+    shards: dict[str, set[str]] = {}
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise InvalidInputError(
+                f"{index_path} maps {key!r} to {name!r}, which is not a file name in BASE; "
+                "refusing to follow paths read from the index"
+            )
+        shards.setdefault(name, set()).add(key)
+    for name in shards:
+        if not (index_path.parent / name).is_file():
+            raise InputNotFoundError(
+                f"shard {name} named in {index_path.name} is missing from {index_path.parent}; "
+                "the download is incomplete"
+            )
+    return shards
+
+
+def _read_json(path: Path) -> object:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(f"{path} is not valid JSON ({err})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"cannot read {path}: {err}") from err
+
+
+def _read_json_if_present(path: Path) -> dict[str, object]:
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{path} is not a JSON object")
+    return data

@@ -1,0 +1,1 @@
+"""Bytes on disk: safetensors headers, lazy tensor reads, streamed shard writes."""

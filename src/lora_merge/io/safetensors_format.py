@@ -1,0 +1,187 @@
+"""The safetensors file format: header parsing with every check, and dtype names.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``)
+and the data buffer. Offsets are relative to the buffer. We parse headers
+ourselves (rather than through ``safe_open``) because we need the offsets: the
+reader does bounded ``pread`` calls and copies untouched tensors byte for byte.
+Files come from the internet, so nothing in a header is trusted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub.constants import SAFETENSORS_MAX_HEADER_LENGTH
+
+from lora_merge.errors import InvalidInputError
+
+# safetensors dtype name -> torch dtype. Only dtypes torch can hold.
+TORCH_DTYPE_BY_SAFETENSORS_NAME: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):  # unsigned wide ints arrived in torch 2.3
+        TORCH_DTYPE_BY_SAFETENSORS_NAME[_name] = getattr(torch, _attr)
+SAFETENSORS_NAME_BY_TORCH_DTYPE = {v: k for k, v in TORCH_DTYPE_BY_SAFETENSORS_NAME.items()}
+
+HEADER_LENGTH_BYTES = 8
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives in one safetensors file.
+
+    Attributes:
+        name: the tensor's key.
+        path: the file.
+        dtype: its torch dtype.
+        shape: its shape.
+        start: absolute byte offset of its data in the file.
+        nbytes: size of its data.
+    """
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one row (one index of the first dimension); the whole tensor for scalars."""
+        if not self.shape or self.shape[0] == 0:
+            return self.nbytes
+        return self.nbytes // self.shape[0]
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed header of one file: its tensors (in data order) and metadata."""
+
+    path: Path
+    entries: tuple[TensorEntry, ...]
+    metadata: dict[str, str]
+
+
+def dtype_itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of a torch dtype."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """Read and validate the header of a safetensors file.
+
+    Checks: the length prefix fits the file and the format's limit, the JSON is
+    an object, every dtype is known, shapes are non-negative integers, each
+    tensor's byte range matches its shape and lies inside the file, and ranges
+    do not overlap.
+
+    Raises:
+        InvalidInputError: the file is truncated or its header is corrupt.
+    """
+    try:
+        with open(path, "rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(HEADER_LENGTH_BYTES)
+            if len(prefix) < HEADER_LENGTH_BYTES:
+                raise _corrupt(path, "it is shorter than the 8-byte header length")
+            (header_length,) = struct.unpack("<Q", prefix)
+            if header_length > SAFETENSORS_MAX_HEADER_LENGTH:
+                raise _corrupt(path, f"its header length {header_length} is implausibly large")
+            if HEADER_LENGTH_BYTES + header_length > file_size:
+                raise _corrupt(path, "its header runs past the end of the file (truncated?)")
+            raw_header = handle.read(header_length)
+    except OSError as err:
+        raise InvalidInputError(f"cannot read {path}: {err.strerror or err}") from err
+    try:
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _corrupt(path, f"its header is not valid JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+
+    metadata = header.pop(METADATA_KEY, None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _corrupt(path, "its __metadata__ is not a map of strings")
+
+    data_start = HEADER_LENGTH_BYTES + header_length
+    data_size = file_size - data_start
+    entries = [
+        _parse_entry(path, name, info, data_start, data_size) for name, info in header.items()
+    ]
+    entries.sort(key=lambda entry: entry.start)
+    for previous, current in itertools.pairwise(entries):
+        if current.start < previous.start + previous.nbytes:
+            raise _corrupt(path, f"tensors {previous.name!r} and {current.name!r} overlap")
+    return SafetensorsHeader(path=path, entries=tuple(entries), metadata=metadata)
+
+
+def _parse_entry(
+    path: Path, name: str, info: object, data_start: int, data_size: int
+) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise _corrupt(path, f"the entry for {name!r} is not an object")
+    dtype_name = info.get("dtype")
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if dtype_name not in TORCH_DTYPE_BY_SAFETENSORS_NAME:
+        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype_name!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    dtype = TORCH_DTYPE_BY_SAFETENSORS_NAME[dtype_name]
+    expected = math.prod(shape) * dtype_itemsize(dtype)
+    begin, end = offsets
+    if end - begin != expected:
+        raise _corrupt(
+            path, f"tensor {name!r} spans {end - begin} bytes but its shape needs {expected}"
+        )
+    if end > data_size:
+        raise _corrupt(path, f"tensor {name!r} runs past the end of the file (truncated?)")
+    return TensorEntry(
+        name=name,
+        path=path,
+        dtype=dtype,
+        shape=tuple(shape),
+        start=data_start + begin,
+        nbytes=expected,
+    )
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _corrupt(path: Path, reason: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"{path} is not a valid safetensors file: {reason}; re-download or re-save it"
+    )

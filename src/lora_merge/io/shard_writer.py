@@ -1,0 +1,133 @@
+"""Writing a safetensors file whose tensor list is known before its first byte.
+
+The plan fixes every output tensor's name, dtype and shape up front, so the
+header (with all offsets) is written first and the data is then streamed in
+order, chunk by chunk, without ever holding a whole tensor or shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from lora_merge.io.safetensors_format import (
+    METADATA_KEY,
+    SAFETENSORS_NAME_BY_TORCH_DTYPE,
+    dtype_itemsize,
+)
+
+# safetensors pads the JSON header with spaces so that the data buffer starts
+# 8-byte aligned; readers that mmap rely on it.
+HEADER_ALIGNMENT = 8
+OUTPUT_METADATA = {"format": "pt"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one output tensor."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_itemsize(self.dtype)
+
+
+def encode_safetensors_header(
+    specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None
+) -> bytes:
+    """The length prefix and padded JSON header for tensors stored in ``specs`` order."""
+    header: dict[str, object] = {METADATA_KEY: dict(metadata or OUTPUT_METADATA)}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": SAFETENSORS_NAME_BY_TORCH_DTYPE[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+class ShardWriter:
+    """Streams the data of one safetensors file, tensor after tensor, in plan order.
+
+    Use as a context manager. Call :meth:`write` with consecutive row chunks of
+    the current tensor (or :meth:`append_raw` for bytes copied elsewhere); the
+    writer checks that each tensor gets exactly its planned bytes and moves on to
+    the next by itself.
+    """
+
+    def __init__(self, path: Path, specs: Sequence[TensorSpec]) -> None:
+        self.path = path
+        self._specs = list(specs)
+        self._index = 0
+        self._written_in_tensor = 0
+        self._handle: BinaryIO | None = None
+
+    def __enter__(self) -> ShardWriter:
+        self._handle = open(self.path, "wb")
+        self._handle.write(encode_safetensors_header(self._specs))
+        self._skip_empty_tensors()
+        return self
+
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        assert self._handle is not None
+        self._handle.close()
+        if exc_type is None and self._index != len(self._specs):
+            missing = self._specs[self._index].name
+            raise RuntimeError(
+                f"shard {self.path.name} closed before tensor {missing!r} was written"
+            )
+
+    @property
+    def handle(self) -> BinaryIO:
+        """The open file, positioned where the current tensor's next bytes go."""
+        assert self._handle is not None, "ShardWriter used outside its with-block"
+        return self._handle
+
+    @property
+    def current(self) -> TensorSpec:
+        """The tensor whose bytes are expected next."""
+        return self._specs[self._index]
+
+    def write(self, chunk: torch.Tensor) -> None:
+        """Append a chunk of the current tensor (already in its output dtype)."""
+        if chunk.dtype != self.current.dtype:
+            raise RuntimeError(
+                f"{self.current.name}: chunk is {chunk.dtype}, planned {self.current.dtype}"
+            )
+        chunk = chunk.contiguous()
+        if chunk.numel():
+            self.handle.write(chunk.view(torch.uint8).reshape(-1).numpy().data)
+        self._advance(chunk.numel() * chunk.element_size())
+
+    def append_raw(self, nbytes: int) -> None:
+        """Record that ``nbytes`` of the current tensor were written to :attr:`handle` directly."""
+        self._advance(nbytes)
+
+    def _advance(self, nbytes: int) -> None:
+        self._written_in_tensor += nbytes
+        expected = self.current.nbytes
+        if self._written_in_tensor > expected:
+            raise RuntimeError(f"{self.current.name}: more bytes written than planned")
+        if self._written_in_tensor == expected:
+            self._index += 1
+            self._written_in_tensor = 0
+            self._skip_empty_tensors()
+
+    def _skip_empty_tensors(self) -> None:
+        # A zero-byte tensor is complete as soon as it becomes current.
+        while self._index < len(self._specs) and self._specs[self._index].nbytes == 0:
+            self._index += 1

@@ -1,0 +1,99 @@
+"""The options of a merge, shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_merge.errors import InvalidInputError
+
+# Names accepted by --dtype, and the torch dtype each means. "auto" keeps every
+# tensor's own dtype (a bf16 model with fp32 norms stays exactly that).
+DTYPE_BY_NAME: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: int | str) -> int:
+    """Parse a byte count such as ``5GB``, ``500MB``, ``2GiB`` or ``1048576``.
+
+    Decimal units (KB, MB, GB) are powers of 1000 and binary units (KiB, MiB,
+    GiB) powers of 1024, as in huggingface_hub's ``max_shard_size``.
+
+    Raises:
+        InvalidInputError: the text is not a positive size.
+    """
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_PATTERN.match(value)
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise InvalidInputError(
+                f"size {value!r} is not understood: write a number of bytes or a number "
+                "with a unit (KB, MB, GB, KiB, MiB, GiB), e.g. 500MB or 2GiB"
+            )
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise InvalidInputError(f"size {value!r} must be larger than zero")
+    return size
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """Return the torch dtype for a ``--dtype`` name, or None for ``auto``."""
+    key = name.strip().lower()
+    if key == "auto":
+        return None
+    if key not in DTYPE_BY_NAME:
+        raise InvalidInputError(f"dtype {name!r} is not one of auto, bf16, fp16, fp32")
+    return DTYPE_BY_NAME[key]
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything one merge needs; the CLI builds one, Python callers may too.
+
+    Attributes:
+        base: folder of the base model (safetensors shards, config.json).
+        adapter: folder of the PEFT LoRA adapter.
+        out: folder to create with the merged model.
+        dtype: ``auto`` (keep each tensor's dtype) or bf16 / fp16 / fp32.
+        max_shard_size: largest output shard, in bytes or as ``5GB``-style text.
+        max_memory: working-set budget for tensor data; big tensors are merged
+            in row chunks that fit in it.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where the merge math runs.
+        overwrite: replace an existing non-empty OUT.
+        quiet: no progress bar.
+    """
+
+    base: Path | str
+    adapter: Path | str
+    out: Path | str
+    dtype: str = "auto"
+    max_shard_size: int | str = "5GB"
+    max_memory: int | str = "1GiB"
+    device: str = "auto"
+    overwrite: bool = False
+    quiet: bool = False

@@ -1,0 +1,1 @@
+"""Step 3 of the flow: decide, before any tensor data is read, what every output tensor is."""

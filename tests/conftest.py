@@ -1,0 +1,154 @@
+"""Session-scoped, lazily built artefacts for the merge tests.
+
+Everything is built under tmp_path_factory from configs: nothing is ever downloaded. Each
+artefact (base checkpoint, adapter, lora-merge output, PEFT reference) is built at most once per
+session, the first time a test asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before transformers / huggingface_hub are imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from merge_cases import MergeCase
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from tiny_checkpoints import (
+    prompt_logits,
+    save_tiny_base_checkpoint,
+    save_tiny_lora_adapter,
+    stable_seed,
+)
+from transformers import AutoModelForCausalLM
+
+
+@dataclass(frozen=True)
+class CaseInputs:
+    base: Path
+    adapter: Path
+
+
+@dataclass(frozen=True)
+class PeftModuleSettings:
+    """What PEFT resolved for one LoRA module when loading the adapter from disk."""
+
+    scale: float
+    rank: int
+    fan_in_fan_out: bool
+
+
+@dataclass(frozen=True)
+class PeftReference:
+    """PEFT's view of a case, with the base loaded in the case's output dtype."""
+
+    merged_state_dict: dict[str, torch.Tensor]  # merge_and_unload().state_dict()
+    unmerged_logits: torch.Tensor  # prompt_logits() of the PeftModel, adapter not merged
+    module_settings: dict[
+        str, PeftModuleSettings
+    ]  # by module name, e.g. "model.layers.0.mlp.up_proj"
+
+
+class _BuildOnce:
+    """Calls `build(*args)` once per distinct arguments (a MergeCase counts by its id)."""
+
+    def __init__(self, build):
+        self._build = build
+        self._built = {}
+
+    def __call__(self, *args):
+        key = tuple(arg.id if isinstance(arg, MergeCase) else arg for arg in args)
+        if key not in self._built:
+            self._built[key] = self._build(*args)
+        return self._built[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_base_checkpoint(tmp_path_factory):
+    """tiny_base_checkpoint(family, dtype) -> directory of a sharded random tiny checkpoint."""
+
+    def build(family: str, dtype: torch.dtype) -> Path:
+        directory = tmp_path_factory.mktemp(f"base-{family}-{str(dtype).removeprefix('torch.')}")
+        return save_tiny_base_checkpoint(family, dtype, directory)
+
+    return _BuildOnce(build)
+
+
+@pytest.fixture(scope="session")
+def case_inputs(tmp_path_factory, tiny_base_checkpoint):
+    """case_inputs(case) -> the base checkpoint and the saved adapter of a merge case."""
+
+    def build(case: MergeCase) -> CaseInputs:
+        base = tiny_base_checkpoint(case.family, case.base_dtype)
+        adapter = save_tiny_lora_adapter(
+            base,
+            case.base_dtype,
+            case.lora_config(),
+            tmp_path_factory.mktemp(f"adapter-{case.id}"),
+            seed=stable_seed("adapter", case.id),
+            safe_serialization=case.adapter_safe_serialization,
+        )
+        return CaseInputs(base=base, adapter=adapter)
+
+    return _BuildOnce(build)
+
+
+@pytest.fixture(scope="session")
+def lora_merge_output(tmp_path_factory, case_inputs):
+    """lora_merge_output(case) -> the directory written by lora_merge.merge() for the case."""
+
+    def build(case: MergeCase) -> Path:
+        from lora_merge import MergeOptions, merge
+
+        inputs = case_inputs(case)
+        out = tmp_path_factory.mktemp(f"merged-{case.id}") / "merged"
+        merge(
+            MergeOptions(
+                base=inputs.base,
+                adapter=inputs.adapter,
+                out=out,
+                dtype=case.output_dtype_option,
+                max_shard_size=case.max_shard_size,
+                overwrite=False,
+                quiet=True,
+            )
+        )
+        return out
+
+    return _BuildOnce(build)
+
+
+@pytest.fixture(scope="session")
+def peft_reference(case_inputs):
+    """peft_reference(case) -> PEFT's unmerged logits, resolved settings and merged weights."""
+
+    def build(case: MergeCase) -> PeftReference:
+        inputs = case_inputs(case)
+        base_model = AutoModelForCausalLM.from_pretrained(inputs.base, dtype=case.output_dtype)
+        # autocast_adapter_dtype=True (the default) keeps the LoRA factors in float32.
+        peft_model = PeftModel.from_pretrained(base_model, inputs.adapter).eval()
+        module_settings = {
+            name.removeprefix("base_model.model."): PeftModuleSettings(
+                scale=module.scaling["default"],
+                rank=module.r["default"],
+                fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)),
+            )
+            for name, module in peft_model.named_modules()
+            if isinstance(module, LoraLayer)
+        }
+        unmerged_logits = prompt_logits(peft_model)
+        merged_model = peft_model.merge_and_unload()
+        merged_state_dict = {
+            name: tensor.detach().clone() for name, tensor in merged_model.state_dict().items()
+        }
+        return PeftReference(merged_state_dict, unmerged_logits, module_settings)
+
+    return _BuildOnce(build)

@@ -1,0 +1,159 @@
+"""Build tiny, fully offline Hugging Face checkpoints and PEFT LoRA adapters for the merge tests.
+
+Every model is created from a config (never downloaded), every random draw is seeded, and all
+parameters (including norms and biases, which Hugging Face initialises to constants) are
+re-drawn so that no tensor is trivially zero or one.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Embedding as LoraEmbedding
+from peft.utils import ModulesToSaveWrapper
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+TINY_VOCAB_SIZE = 256
+TINY_HIDDEN_SIZE = 64
+BASE_CHECKPOINT_SHARD_SIZE = "100KB"
+
+
+def _llama_config() -> PretrainedConfig:
+    return LlamaConfig(
+        hidden_size=TINY_HIDDEN_SIZE,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def _gpt2_config() -> PretrainedConfig:
+    # GPT-2 ties lm_head to wte, so its checkpoint has no lm_head.weight; its projections are
+    # transformers' Conv1D, which stores weights as (in_features, out_features).
+    return GPT2Config(
+        n_embd=TINY_HIDDEN_SIZE,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        vocab_size=TINY_VOCAB_SIZE,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def _qwen2_config() -> PretrainedConfig:
+    # Qwen2 has biases on q_proj/k_proj/v_proj (but not o_proj or the MLP).
+    return Qwen2Config(
+        hidden_size=TINY_HIDDEN_SIZE,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+TINY_MODEL_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "llama": _llama_config,
+    "gpt2": _gpt2_config,
+    "qwen2": _qwen2_config,
+}
+
+
+# A fixed prompt: 2 sequences of 12 random token ids.
+PROMPT_INPUT_IDS = torch.randint(
+    0, TINY_VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(1234)
+)
+
+
+def prompt_logits(model: torch.nn.Module) -> torch.Tensor:
+    """float32 logits of `model` on PROMPT_INPUT_IDS."""
+    with torch.no_grad():
+        return model(input_ids=PROMPT_INPUT_IDS).logits.float()
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed that depends only on `parts` (unlike hash(), which is salted per process)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def _is_norm_weight(parameter_name: str) -> bool:
+    return parameter_name.endswith(".weight") and (
+        "norm" in parameter_name or ".ln_" in parameter_name
+    )
+
+
+@torch.no_grad()
+def _redraw_all_parameters(model: PreTrainedModel, generator: torch.Generator) -> None:
+    """Give every parameter a seeded random value: norms near 1, everything else ~N(0, 0.02^2)."""
+    for name, parameter in model.named_parameters():
+        noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+        value = 1.0 + 0.1 * noise if _is_norm_weight(name) else 0.02 * noise
+        parameter.copy_(value.to(parameter.dtype))
+
+
+def save_tiny_base_checkpoint(family: str, dtype: torch.dtype, directory: Path) -> Path:
+    """Create a random tiny `family` model in `dtype` and save it, sharded, to `directory`."""
+    config = TINY_MODEL_CONFIGS[family]()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _redraw_all_parameters(
+        model, torch.Generator().manual_seed(stable_seed("base", family, str(dtype)))
+    )
+    model.save_pretrained(directory, max_shard_size=BASE_CHECKPOINT_SHARD_SIZE)
+    return directory
+
+
+@torch.no_grad()
+def _perturb_weights_saved_in_full(peft_model: PeftModel, generator: torch.Generator) -> None:
+    """Make full tensors that PEFT stores in the adapter differ from the base checkpoint.
+
+    PEFT saves modules_to_save copies (e.g. lm_head) and, when an embedding is a LoRA target,
+    the embedding's base weight. Right after get_peft_model they equal the base tensors, so a
+    merger that ignored them would go unnoticed; perturbing them (as training or a vocab resize
+    would) makes "the adapter's copy replaces the base tensor" observable.
+    """
+    for module in peft_model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            targets = list(module.modules_to_save["default"].parameters())
+        elif isinstance(module, LoraEmbedding):
+            targets = [module.base_layer.weight]
+        else:
+            continue
+        for tensor in targets:
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            tensor.copy_((tensor.float() + 0.01 * noise).to(tensor.dtype))
+
+
+def save_tiny_lora_adapter(
+    base_directory: Path,
+    base_dtype: torch.dtype,
+    lora_config: LoraConfig,
+    directory: Path,
+    *,
+    seed: int,
+    safe_serialization: bool,
+) -> Path:
+    """Attach a randomly initialised LoRA (B != 0) to the base; save the adapter to `directory`."""
+    model = AutoModelForCausalLM.from_pretrained(base_directory, dtype=base_dtype)
+    torch.manual_seed(seed)  # init_lora_weights=False draws A and B from torch's global RNG
+    peft_model = get_peft_model(model, lora_config)
+    _perturb_weights_saved_in_full(peft_model, torch.Generator().manual_seed(seed + 1))
+    peft_model.save_pretrained(directory, safe_serialization=safe_serialization)
+    return directory
