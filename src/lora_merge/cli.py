@@ -10,14 +10,15 @@ import json
 import os
 import signal
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from lora_merge import __version__
-from lora_merge.api import merge
+from lora_merge.api import merge, resolve_device
 from lora_merge.errors import (
     EXIT_INTERNAL,
     EXIT_SIGINT,
@@ -25,7 +26,7 @@ from lora_merge.errors import (
     LoraMergeError,
     MergeInterrupted,
 )
-from lora_merge.options import MergeOptions
+from lora_merge.options import MergeOptions, parse_dtype, parse_size
 
 DEBUG_ENV = "LORA_MERGE_DEBUG"
 
@@ -43,10 +44,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Option types shared as aliases, as huggingface_hub's CLI does.
-FolderArgument = Annotated[Path, typer.Argument(show_default=False)]
-SizeOption = Annotated[str, typer.Option(metavar="SIZE")]
-
 
 def _print_version(value: bool) -> None:
     if value:
@@ -54,45 +51,54 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """A Typer callback that validates with a library parser: bad values are usage errors (2)."""
+
+    def callback(value: str) -> str:
+        try:
+            parse(value)
+        except LoraMergeError as err:
+            raise typer.BadParameter(str(err)) from err
+        return value
+
+    return callback
+
+
+# Argument and option makers shared by the parameters, as huggingface_hub's CLI shares aliases.
+def _folder(metavar: str, help_text: str) -> Any:
+    return typer.Argument(metavar=metavar, help=help_text, show_default=False)
+
+
+def _size(help_text: str) -> Any:
+    return typer.Option(metavar="SIZE", callback=_checked(parse_size), help=help_text)
+
+
 @app.command(epilog=EPILOG)
 def merge_command(
-    base: Annotated[
-        Path,
-        typer.Argument(
-            metavar="BASE",
-            help="Base model folder (safetensors shards + config.json).",
-            show_default=False,
-        ),
-    ],
+    base: Annotated[Path, _folder("BASE", "Base model folder (safetensors shards + config.json).")],
     adapter: Annotated[
-        Path,
-        typer.Argument(
-            metavar="ADAPTER",
-            help="PEFT LoRA adapter folder (adapter_config.json + weights).",
-            show_default=False,
-        ),
+        Path, _folder("ADAPTER", "PEFT LoRA adapter folder (adapter_config.json + weights).")
     ],
-    out: Annotated[
-        Path,
-        typer.Argument(
-            metavar="OUT", help="Folder to create with the merged model.", show_default=False
-        ),
-    ],
+    out: Annotated[Path, _folder("OUT", "Folder to create with the merged model.")],
     dtype: Annotated[
-        str, typer.Option(help="Output dtype: auto (keep each tensor's), bf16, fp16 or fp32.")
-    ] = "auto",
-    max_shard_size: Annotated[
-        str, typer.Option(metavar="SIZE", help="Largest output shard: 5GB, 500MB, 2GiB or bytes.")
-    ] = "5GB",
-    max_memory: Annotated[
         str,
         typer.Option(
-            metavar="SIZE",
-            help="Working memory for tensor data; larger tensors are merged in row chunks.",
+            callback=_checked(parse_dtype),
+            help="Output dtype: auto (keep each tensor's own), bf16, fp16 or fp32.",
         ),
+    ] = "auto",
+    max_shard_size: Annotated[
+        str, _size("Largest output shard: 5GB, 500MB, 2GiB or bytes.")
+    ] = "5GB",
+    max_memory: Annotated[
+        str, _size("Working memory for tensor data; larger tensors are merged in row chunks.")
     ] = "1GiB",
     device: Annotated[
-        str, typer.Option(help="Where the merge math runs: auto, cpu, cuda or cuda:N.")
+        str,
+        typer.Option(
+            callback=_checked(resolve_device),
+            help="Where the merge math runs: auto (a GPU if there is one), cpu, cuda or cuda:N.",
+        ),
     ] = "auto",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")
