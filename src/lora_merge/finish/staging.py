@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import uuid
 from pathlib import Path
 
@@ -35,21 +36,35 @@ class StagingFolder:
     def __enter__(self) -> StagingFolder:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging_folders(self.out)
-        self.path.mkdir()
-        return self
+        try:
+            self.path.mkdir()
+            return self
+        except BaseException:
+            # A signal can land between mkdir and the with-block taking over.
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def __exit__(self, *exc_info: object) -> None:
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def commit(self) -> None:
-        """Move the finished folder to OUT, replacing an existing OUT (checked earlier)."""
+        """Move the finished folder to OUT, replacing an existing OUT (checked earlier).
+
+        SIGINT and SIGTERM are held back while the renames run, so an existing
+        OUT is never moved aside without the new one taking its place.
+        """
         previous = None
-        if self.out.exists():
-            previous = self.out.parent / staging_name(self.out, os.getpid(), "replaced")
-            os.rename(self.out, previous)
-        os.rename(self.path, self.out)
-        self._committed = True
+        held = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            if self.out.exists():
+                previous = self.out.parent / staging_name(self.out, os.getpid(), "replaced")
+                os.rename(self.out, previous)
+            os.rename(self.path, self.out)
+            self._committed = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
 

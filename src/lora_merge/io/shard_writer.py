@@ -110,7 +110,7 @@ class ShardWriter:
             )
         chunk = chunk.contiguous()
         if chunk.numel():
-            self.handle.write(chunk.view(torch.uint8).reshape(-1).numpy().data)
+            self.handle.write(chunk.reshape(-1).view(torch.uint8).numpy().data)
         self._advance(chunk.numel() * chunk.element_size())
 
     def append_raw(self, nbytes: int) -> None:

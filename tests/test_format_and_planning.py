@@ -1,0 +1,260 @@
+"""The pure pieces against independent oracles: safetensors I/O, shard planning, PEFT's pattern rule."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lora_merge.adapter.config import pattern_key_for
+from lora_merge.errors import InvalidInputError
+from lora_merge.io.reader import SafetensorsReader
+from lora_merge.io.safetensors_format import read_safetensors_header
+from lora_merge.io.shard_writer import ShardWriter, TensorSpec
+from lora_merge.options import parse_size
+from lora_merge.plan.shards import plan_output_shards, shard_file_names
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.uint8, torch.bool]
+
+
+def _random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    return torch.randint(0, 100, shape, generator=generator, dtype=dtype)
+
+
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tensors=st.lists(st.tuples(shapes, st.sampled_from(DTYPES)), min_size=1, max_size=6),
+    chunk_rows=st.integers(1, 3),
+)
+def test_shard_writer_output_reads_back_with_the_safetensors_library(
+    tmp_path_factory, tensors, chunk_rows
+):
+    """Header first, data streamed in row chunks: safetensors itself loads the same tensors."""
+    path = tmp_path_factory.mktemp("writer") / "out.safetensors"
+    expected = {
+        f"t{i}": _random_tensor(shape, dtype, i) for i, (shape, dtype) in enumerate(tensors)
+    }
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in expected.items()]
+    with ShardWriter(path, specs) as writer:
+        for tensor in expected.values():
+            if tensor.numel() == 0:
+                continue  # zero-byte tensors need no data; the writer moves past them
+            if tensor.dim() == 0:
+                writer.write(tensor)
+                continue
+            for start in range(0, tensor.shape[0], chunk_rows):
+                writer.write(tensor[start : start + chunk_rows])
+    loaded = load_file(path)
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name], tensor)
+    with safe_open(path, "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+    header_length = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert header_length % 8 == 0  # data buffer 8-byte aligned, as safetensors writes it
+
+
+@settings(max_examples=30, deadline=None)
+@given(tensors=st.lists(st.tuples(shapes, st.sampled_from(DTYPES)), min_size=1, max_size=6))
+def test_reader_returns_what_safetensors_saved_row_range_by_row_range(tmp_path_factory, tensors):
+    """Our pread-based reader and byte copier agree with safetensors' own save_file."""
+    path = tmp_path_factory.mktemp("reader") / "in.safetensors"
+    expected = {
+        f"t{i}": _random_tensor(shape, dtype, i) for i, (shape, dtype) in enumerate(tensors)
+    }
+    save_file(expected, path)
+    header = read_safetensors_header(path)
+    with SafetensorsReader({e.name: e for e in header.entries}) as reader:
+        for name, tensor in expected.items():
+            assert torch.equal(reader.read_rows(name), tensor)
+            if tensor.dim() and tensor.shape[0] >= 2:
+                assert torch.equal(reader.read_rows(name, 1, 2), tensor[1:2])
+        copy_path = path.with_suffix(".copy")
+        specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in expected.items()]
+        with ShardWriter(copy_path, specs) as writer:
+            for name, tensor in expected.items():
+                if tensor.numel():
+                    writer.append_raw(reader.copy_bytes(name, writer.handle))
+    copied = load_file(copy_path)
+    assert all(torch.equal(copied[n], t) for n, t in expected.items())
+
+
+def _write_raw(path: Path, header: object, data: bytes = b"", length: int | None = None) -> Path:
+    encoded = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    prefix = struct.pack("<Q", len(encoded) if length is None else length)
+    path.write_bytes(prefix + encoded + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "length", "reason"),
+    [
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 4,
+            None,
+            "past the end",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+            b"\0" * 8,
+            None,
+            "shape needs",
+        ),
+        (
+            {"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}},
+            b"\0" * 2,
+            None,
+            "unknown dtype",
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            None,
+            "overlap",
+        ),
+        (b"{not json", b"", None, "not valid JSON"),
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            10**12,
+            "implausibly large",
+        ),
+        (
+            {"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "invalid shape",
+        ),
+        ([1, 2], b"", None, "not a JSON object"),
+    ],
+    ids=[
+        "truncated",
+        "size-vs-shape",
+        "unknown-dtype",
+        "overlap",
+        "bad-json",
+        "huge-length",
+        "negative-shape",
+        "not-object",
+    ],
+)
+def test_corrupt_headers_are_refused_with_the_reason(tmp_path, header, data, length, reason):
+    """Headers are never trusted: each defect is a clear InvalidInputError."""
+    path = _write_raw(tmp_path / "bad.safetensors", header, data, length)
+    with pytest.raises(InvalidInputError, match=reason):
+        read_safetensors_header(path)
+
+
+@given(
+    sizes=st.lists(st.integers(0, 1000), max_size=40),
+    limit=st.integers(1, 3000),
+)
+def test_shard_plan_keeps_order_and_respects_the_limit(sizes, limit):
+    """Every tensor once, in order; a shard exceeds the limit only when it holds one tensor."""
+    named = [(f"t{i}", size) for i, size in enumerate(sizes)]
+    shards = plan_output_shards(named, limit)
+    assert [name for shard in shards for name in shard] == [name for name, _ in named]
+    size_of = dict(named)
+    for shard in shards:
+        total = sum(size_of[name] for name in shard)
+        assert total <= limit or len(shard) == 1
+    # greedy: the first tensor of each later shard did not fit in the previous one
+    for previous, current in itertools.pairwise(shards):
+        assert sum(size_of[n] for n in previous) + size_of[current[0]] > limit
+
+
+def test_shard_file_names_follow_the_hugging_face_convention():
+    """One shard is model.safetensors; more are model-0000i-of-0000N.safetensors."""
+    assert shard_file_names(1) == ["model.safetensors"]
+    assert shard_file_names(3)[2] == "model-00003-of-00003.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("2GiB", 2 * 2**30),
+        ("1048576", 2**20),
+        ("1.5 kb", 1500),
+        (7, 7),
+    ],
+)
+def test_sizes_parse_like_huggingface_hub(text, expected):
+    """Decimal units are powers of 1000, binary ones of 1024, bare numbers bytes."""
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "5XB", "-1", "0", "GB"])
+def test_bad_sizes_are_refused(text):
+    """Nonsense sizes raise the user-facing error."""
+    with pytest.raises(InvalidInputError):
+        parse_size(text)
+
+
+module_names = st.lists(
+    st.sampled_from(
+        [
+            "model",
+            "layers",
+            "0",
+            "1",
+            "12",
+            "self_attn",
+            "q_proj",
+            "v_proj",
+            "mlp",
+            "up_proj",
+            "proj",
+        ]
+    ),
+    min_size=1,
+    max_size=6,
+).map(".".join)
+pattern_keys = st.lists(
+    st.sampled_from(
+        [
+            "q_proj",
+            "v_proj",
+            "proj",
+            "layers.0.self_attn.q_proj",
+            r"layers\.1\..*",
+            "mlp.up_proj",
+            ".*_proj",
+            "0.q_proj",
+        ]
+    ),
+    max_size=4,
+    unique=True,
+)
+
+
+@given(patterns=pattern_keys, name=module_names)
+def test_pattern_resolution_is_pefts_get_pattern_key(patterns, name):
+    """rank_pattern / alpha_pattern keys resolve exactly as PEFT resolves them."""
+    ours = pattern_key_for(patterns, name)
+    peft = get_pattern_key(patterns, name)
+    # PEFT returns the module name itself when nothing matches.
+    assert (ours if ours is not None else name) == peft
