@@ -57,7 +57,14 @@ What the figures mean:
   inherits, through ``vfork``/``exec``, the peak RSS of the process that spawns
   it, so this script never imports torch and prints that floor (what ``true``
   measures) in the header; figures near it mean "tiny".
-* **wall ratio vs cp -r**: case wall / ``cp -r`` wall.
+* **wall ratio vs cp -r**: case wall / ``cp -r`` wall. GNU cp 9 copies with
+  ``copy_file_range``, in the kernel, page cache to page cache, so while the
+  inputs are cached and the output stays under the kernel's dirty-page
+  thresholds (``vm.dirty_background_ratio``) this floor measures memory
+  bandwidth rather than the disk; at larger shapes it becomes disk-bound.
+  Figures are noisy on small VMs: right after a build, the first ``cp -r``
+  of a run was once 9x slower than the next ones (4.8 s vs 0.55 s at 1b),
+  so use ``--repeat 3`` or more for figures you report.
 * **RSS ratio vs lora-merge**: PEFT peak RSS / lora-merge peak RSS.
 * **sampled peak anon MB**: with psutil installed, the whole child process
   tree is polled every ``--sample-interval`` seconds (default 0.1) and the sum
@@ -126,7 +133,8 @@ class RunFigures:
         wall_s: Seconds from spawning the child to its exit.
         max_rss_bytes: Kernel ``ru_maxrss`` of the child, in bytes.
         sampled_peak_tree_rss_bytes: Largest sampled RSS summed over the
-            process tree (``None`` without psutil or sampling).
+            process tree (``None`` without psutil, with sampling off, or if
+            the child exited before the first sample).
         sampled_peak_tree_anon_bytes: Same for RSS minus shared pages.
         flush_s: Seconds ``sync`` took right after the run (not in ``wall_s``).
         output_bytes: Size of the output folder's files, 0 if none.
@@ -188,7 +196,8 @@ class BenchmarkCase:
     def sampled_peak_anon_bytes(self) -> int | None:
         """Largest sampled anonymous RSS over the runs, if sampled."""
         samples = [run.sampled_peak_tree_anon_bytes for run in self.runs]
-        return None if None in samples else max(samples)
+        known = [sample for sample in samples if sample is not None]
+        return max(known) if known and len(known) == len(samples) else None
 
 
 class ProcessTreeMemorySampler:
@@ -205,6 +214,7 @@ class ProcessTreeMemorySampler:
             interval_s: Seconds between samples; 0 disables sampling.
         """
         self.enabled = psutil is not None and interval_s > 0
+        self.sample_count = 0
         self.peak_rss_bytes = 0
         self.peak_anon_bytes = 0
         self._pid = pid
@@ -246,6 +256,9 @@ class ProcessTreeMemorySampler:
                 continue
             total_rss += memory.rss
             total_anon += memory.rss - memory.shared
+        if total_rss == 0:  # Exited (zombie) before this sample.
+            return
+        self.sample_count += 1
         self.peak_rss_bytes = max(self.peak_rss_bytes, total_rss)
         self.peak_anon_bytes = max(self.peak_anon_bytes, total_anon)
 
@@ -327,13 +340,14 @@ def run_measured(
     if killer:
         killer.cancel()
     sampler.stop()
+    sampled = sampler.sample_count > 0
     _, wait_status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(wait_status)
     return RunFigures(
         wall_s=wall_s,
         max_rss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB.
-        sampled_peak_tree_rss_bytes=sampler.peak_rss_bytes if sampler.enabled else None,
-        sampled_peak_tree_anon_bytes=sampler.peak_anon_bytes if sampler.enabled else None,
+        sampled_peak_tree_rss_bytes=sampler.peak_rss_bytes if sampled else None,
+        sampled_peak_tree_anon_bytes=sampler.peak_anon_bytes if sampled else None,
         exit_code=process.returncode,
         timed_out=timed_out.is_set(),
         last_stderr_line=last_non_empty_line(stderr_path),
@@ -583,6 +597,18 @@ def format_mib(byte_count: int | None) -> str:
     return "n/a" if byte_count is None else f"{byte_count / MIB:,.0f}"
 
 
+def format_seconds(seconds: float) -> str:
+    """Formats a duration with 2 decimals, or 3 below one second.
+
+    Args:
+        seconds: Duration.
+
+    Returns:
+        For example ``"12.34"`` or ``"0.004"``.
+    """
+    return f"{seconds:.2f}" if seconds >= 1 else f"{seconds:.3f}"
+
+
 def describe_failure(run: RunFigures) -> str:
     """Formats a failed run for the table.
 
@@ -641,9 +667,11 @@ def markdown_table(cases: Sequence[BenchmarkCase]) -> str:
     """
     by_name = {case.name: case for case in cases}
     copy_case = by_name.get(CP_CASE)
-    copy_ok = copy_case is not None and copy_case.first_failure is None
+    if copy_case is not None and copy_case.first_failure is not None:
+        copy_case = None
     merge_case = by_name.get(LORA_MERGE_CASE)
-    merge_ok = merge_case is not None and merge_case.first_failure is None
+    if merge_case is not None and merge_case.first_failure is not None:
+        merge_case = None
     rows = [
         markdown_row(TABLE_COLUMNS),
         markdown_row(["---", *["---:"] * (len(TABLE_COLUMNS) - 1)]),
@@ -655,14 +683,14 @@ def markdown_table(cases: Sequence[BenchmarkCase]) -> str:
             rows.append(markdown_row(cells + [NOT_APPLICABLE] * (len(TABLE_COLUMNS) - len(cells))))
             continue
         wall_ratio = NOT_APPLICABLE
-        if copy_ok:
+        if copy_case is not None:
             wall_ratio = format_ratio(case.median_wall_s, copy_case.median_wall_s)
         rss_ratio = NOT_APPLICABLE
-        if case.name == PEFT_CASE and merge_ok:
+        if case.name == PEFT_CASE and merge_case is not None:
             rss_ratio = format_ratio(case.peak_rss_bytes, merge_case.peak_rss_bytes)
         cells = [
             case.name,
-            f"{case.median_wall_s:.2f}",
+            format_seconds(case.median_wall_s),
             format_mib(case.peak_rss_bytes),
             wall_ratio,
             rss_ratio,
@@ -726,9 +754,9 @@ def header_line(
         One Markdown line.
     """
     memory = environment["memory_bytes"]
-    memory_text = f", {memory / 2**30:.0f} GiB RAM" if memory else ""
+    memory_text = f", {memory / 2**30:.0f} GiB RAM" if isinstance(memory, int) else ""
     return (
-        f"**{shape.name}** ({shape.description}-shaped random bf16 Llama: "
+        f"**{shape.name}** ({shape.description} shape, random bf16 Llama: "
         f"hidden {shape.hidden_size}, intermediate {shape.intermediate_size}, "
         f"{shape.num_hidden_layers} layers, {shape.num_attention_heads} heads, "
         f"{shape.num_key_value_heads} kv heads, vocab {shape.vocab_size}), "
@@ -823,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             case.runs.append(run)
             outcome = "ok" if run.succeeded else describe_failure(run)
             print(
-                f"{run.wall_s:.2f} s, {format_mib(run.max_rss_bytes)} MB, {outcome}",
+                f"{format_seconds(run.wall_s)} s, {format_mib(run.max_rss_bytes)} MB, {outcome}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -34,8 +34,8 @@ def merge_with_peft(base_model: Path, adapter: Path, output: Path) -> None:
 
     warnings.filterwarnings("error", message="Found missing adapter keys")
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16)
-    model = PeftModel.from_pretrained(model, adapter)
-    merged = model.merge_and_unload()
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    merged = peft_model.merge_and_unload()
     merged.save_pretrained(output)
 
 

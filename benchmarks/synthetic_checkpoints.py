@@ -119,7 +119,7 @@ SHAPES: dict[str, LlamaShape] = {
     for shape in (
         LlamaShape(
             name="tiny",
-            description="tiny smoke-test Llama",
+            description="tiny smoke-test",
             hidden_size=256,
             intermediate_size=688,
             num_hidden_layers=2,
@@ -385,7 +385,7 @@ def write_safetensors_streaming(path: Path, specs: Sequence[TensorSpec], build_s
         file.write(safetensors_header(ordered))
         for spec in ordered:
             for chunk in generate_tensor_chunks(spec, build_seed):
-                file.write(chunk.view(torch.uint8).numpy())
+                file.write(chunk.view(torch.uint8).numpy().tobytes())
 
 
 def split_into_shards(specs: Sequence[TensorSpec], shard_count: int) -> list[list[TensorSpec]]:

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 from merge_cases import MergeCase
-from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from tiny_checkpoints import (
+    load_peft_model,
     prompt_logits,
     save_tiny_base_checkpoint,
     save_tiny_lora_adapter,
@@ -30,9 +30,13 @@ from tiny_checkpoints import (
 )
 from transformers import AutoModelForCausalLM
 
+from lora_merge import MergeOptions, merge
+
 
 @dataclass(frozen=True)
 class CaseInputs:
+    """The two input directories of a merge case."""
+
     base: Path
     adapter: Path
 
@@ -52,9 +56,9 @@ class PeftReference:
 
     merged_state_dict: dict[str, torch.Tensor]  # merge_and_unload().state_dict()
     unmerged_logits: torch.Tensor  # prompt_logits() of the PeftModel, adapter not merged
-    module_settings: dict[
-        str, PeftModuleSettings
-    ]  # by module name, e.g. "model.layers.0.mlp.up_proj"
+    float64_logits: torch.Tensor  # the same unmerged PeftModel evaluated entirely in float64
+    # keyed by module name, e.g. "model.layers.0.mlp.up_proj"
+    module_settings: dict[str, PeftModuleSettings]
 
 
 class _BuildOnce:
@@ -106,8 +110,6 @@ def lora_merge_output(tmp_path_factory, case_inputs):
     """lora_merge_output(case) -> the directory written by lora_merge.merge() for the case."""
 
     def build(case: MergeCase) -> Path:
-        from lora_merge import MergeOptions, merge
-
         inputs = case_inputs(case)
         out = tmp_path_factory.mktemp(f"merged-{case.id}") / "merged"
         merge(
@@ -126,6 +128,13 @@ def lora_merge_output(tmp_path_factory, case_inputs):
     return _BuildOnce(build)
 
 
+def unmerged_float64_logits(inputs: CaseInputs) -> torch.Tensor:
+    """Logits of base + adapter with every weight (LoRA factors included) upcast to float64."""
+    base_model = AutoModelForCausalLM.from_pretrained(inputs.base, dtype=torch.float64)
+    peft_model = load_peft_model(base_model, inputs.adapter).double()
+    return prompt_logits(peft_model, dtype=torch.float64)
+
+
 @pytest.fixture(scope="session")
 def peft_reference(case_inputs):
     """peft_reference(case) -> PEFT's unmerged logits, resolved settings and merged weights."""
@@ -133,8 +142,7 @@ def peft_reference(case_inputs):
     def build(case: MergeCase) -> PeftReference:
         inputs = case_inputs(case)
         base_model = AutoModelForCausalLM.from_pretrained(inputs.base, dtype=case.output_dtype)
-        # autocast_adapter_dtype=True (the default) keeps the LoRA factors in float32.
-        peft_model = PeftModel.from_pretrained(base_model, inputs.adapter).eval()
+        peft_model = load_peft_model(base_model, inputs.adapter)
         module_settings = {
             name.removeprefix("base_model.model."): PeftModuleSettings(
                 scale=module.scaling["default"],
@@ -149,6 +157,11 @@ def peft_reference(case_inputs):
         merged_state_dict = {
             name: tensor.detach().clone() for name, tensor in merged_model.state_dict().items()
         }
-        return PeftReference(merged_state_dict, unmerged_logits, module_settings)
+        return PeftReference(
+            merged_state_dict=merged_state_dict,
+            unmerged_logits=unmerged_logits,
+            float64_logits=unmerged_float64_logits(inputs),
+            module_settings=module_settings,
+        )
 
     return _BuildOnce(build)

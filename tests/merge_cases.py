@@ -19,12 +19,12 @@ class PeftAgreement(enum.Enum):
 
     # PEFT rounds once, from float32, exactly as lora-merge does: results must be bit-identical.
     BIT_IDENTICAL = "bit-identical"
-    # PEFT rounds more than once (or in lower precision) where lora-merge rounds once: every
-    # element must be at least as close to the exact float64 result as PEFT's.
-    NEVER_FURTHER_FROM_EXACT = "never further from exact"
-    # As above, and additionally at least one element must be strictly closer: the double
-    # rounding in PEFT is frequent enough on these tensors that one rounding must show.
-    STRICTLY_CLOSER_SOMEWHERE = "strictly closer somewhere"
+    # PEFT rounds twice (or computes at the output's own precision) where lora-merge rounds once
+    # from a wider type: every element must be at least as close to the exact (float64) merge as
+    # PEFT's, and at least one element of the tensor strictly closer. PEFT's extra rounding
+    # changes hundreds to thousands of elements per case here, so if none is closer, lora-merge
+    # is not doing the single rounding it promises.
+    CLOSER_TO_EXACT = "closer to exact"
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,20 @@ class MergeCase:
 
 ALL_LINEAR_ALPHA_OVER_R = {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_LINEAR_MODULES}
 
-# Why each case expects what it does from PEFT (established empirically, explained here):
-#  * Linear/Conv1D on a bf16 (or fp16) base: PEFT keeps the adapter in float32
-#    (autocast_adapter_dtype), computes delta = (B @ A) * s in float32 and does
-#    `weight.data += delta`, which PyTorch evaluates in float32 and rounds once to the weight's
-#    dtype: exactly lora-merge's recipe, so results are bit-identical.
-#  * float32 outputs: lora-merge computes in float64 and rounds once, while PEFT rounds the float32
-#    delta and then the float32 sum: PEFT can only be further from the exact value, never closer.
-#  * Embedding on a bf16 base: PEFT casts the delta to bf16 *before* adding it (two bf16
-#    roundings), so lora-merge is never worse and, on a 256x64 table, strictly better somewhere.
+# Why each case expects what it does from PEFT (PEFT's base is loaded in the output dtype; the
+# outcome was measured and the counts below are for these seeds):
+#  * Linear/Conv1D, 16-bit output: PEFT keeps the adapter in float32 (autocast_adapter_dtype),
+#    computes delta = (B @ A) * s in float32 and does `weight.data += delta`, which PyTorch
+#    evaluates in float32 and rounds once to the weight's dtype: lora-merge's recipe exactly,
+#    so the results are bit-identical.
+#  * bf16 base -> fp16 output: PEFT's load casts W to fp16 first. That cast is exact except for
+#    the 15 of ~107k weights below 2^-17 (where fp16 subnormals are coarser than bf16), and
+#    those pre-roundings (< 2^-25) are far below the fp16 ulp of W + delta: still bit-identical.
+#  * float32 output: lora-merge computes in float64 and rounds once, while PEFT rounds the
+#    float32 delta and then the float32 sum. 41119 of 73728 adapted elements differ from PEFT for
+#    the float32 base (879 for the bf16 base upcast to float32); all of them are closer to exact.
+#  * Embedding, bf16: PEFT casts the delta to bf16 *before* adding it (two bf16 roundings):
+#    4223 of 16384 elements differ, 4217 closer to exact and 6 equally close (ties).
 MERGE_CASES = [
     MergeCase(
         id="llama-bf16-alpha-over-r-sharded",
@@ -87,7 +92,7 @@ MERGE_CASES = [
         family="llama",
         base_dtype=torch.float32,
         lora=ALL_LINEAR_ALPHA_OVER_R,
-        peft_agreement=PeftAgreement.NEVER_FURTHER_FROM_EXACT,
+        peft_agreement=PeftAgreement.CLOSER_TO_EXACT,
     ),
     MergeCase(
         id="llama-bf16-rslora-bin-adapter",
@@ -137,7 +142,7 @@ MERGE_CASES = [
         base_dtype=torch.bfloat16,
         lora={"r": 8, "lora_alpha": 4, "target_modules": ["embed_tokens", "q_proj", "v_proj"]},
         peft_agreement=PeftAgreement.BIT_IDENTICAL,
-        peft_agreement_overrides=((r"embed_tokens", PeftAgreement.STRICTLY_CLOSER_SOMEWHERE),),
+        peft_agreement_overrides=((r"embed_tokens", PeftAgreement.CLOSER_TO_EXACT),),
     ),
     MergeCase(
         id="llama-bf16-modules-to-save-lm-head",
@@ -177,7 +182,7 @@ MERGE_CASES = [
         family="llama",
         base_dtype=torch.bfloat16,
         lora=ALL_LINEAR_ALPHA_OVER_R,
-        peft_agreement=PeftAgreement.NEVER_FURTHER_FROM_EXACT,
+        peft_agreement=PeftAgreement.CLOSER_TO_EXACT,
         output_dtype_option="fp32",
     ),
     MergeCase(

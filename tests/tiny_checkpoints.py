@@ -7,8 +7,10 @@ re-drawn so that no tensor is trivially zero or one.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +26,10 @@ from transformers import (
     Qwen2Config,
 )
 
+EXPECTED_PEFT_WARNINGS = (
+    "The following alpha_pattern keys did not match any targeted module",
+    "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`",
+)
 TINY_VOCAB_SIZE = 256
 TINY_HIDDEN_SIZE = 64
 BASE_CHECKPOINT_SHARD_SIZE = "100KB"
@@ -83,10 +89,10 @@ PROMPT_INPUT_IDS = torch.randint(
 )
 
 
-def prompt_logits(model: torch.nn.Module) -> torch.Tensor:
-    """float32 logits of `model` on PROMPT_INPUT_IDS."""
+def prompt_logits(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Logits of `model` on PROMPT_INPUT_IDS, converted to `dtype`."""
     with torch.no_grad():
-        return model(input_ids=PROMPT_INPUT_IDS).logits.float()
+        return model(input_ids=PROMPT_INPUT_IDS).logits.to(dtype)
 
 
 def stable_seed(*parts: object) -> int:
@@ -141,6 +147,23 @@ def _perturb_weights_saved_in_full(peft_model: PeftModel, generator: torch.Gener
             tensor.copy_((tensor.float() + 0.01 * noise).to(tensor.dtype))
 
 
+@contextlib.contextmanager
+def ignoring_expected_peft_warnings() -> Iterator[None]:
+    """Silence what the cases trigger on purpose: a pattern key that matches nothing, and PEFT
+    announcing that it saves a targeted embedding's base weight."""
+    with warnings.catch_warnings():
+        for expected_message in EXPECTED_PEFT_WARNINGS:
+            warnings.filterwarnings("ignore", message=expected_message)
+        yield
+
+
+def load_peft_model(base_model: PreTrainedModel, adapter_directory: Path) -> PeftModel:
+    """PeftModel.from_pretrained with its defaults (autocast_adapter_dtype=True keeps the LoRA
+    factors in float32), in eval mode."""
+    with ignoring_expected_peft_warnings():
+        return PeftModel.from_pretrained(base_model, adapter_directory).eval()
+
+
 def save_tiny_lora_adapter(
     base_directory: Path,
     base_dtype: torch.dtype,
@@ -153,7 +176,8 @@ def save_tiny_lora_adapter(
     """Attach a randomly initialised LoRA (B != 0) to the base; save the adapter to `directory`."""
     model = AutoModelForCausalLM.from_pretrained(base_directory, dtype=base_dtype)
     torch.manual_seed(seed)  # init_lora_weights=False draws A and B from torch's global RNG
-    peft_model = get_peft_model(model, lora_config)
-    _perturb_weights_saved_in_full(peft_model, torch.Generator().manual_seed(seed + 1))
-    peft_model.save_pretrained(directory, safe_serialization=safe_serialization)
+    with ignoring_expected_peft_warnings():
+        peft_model = get_peft_model(model, lora_config)
+        _perturb_weights_saved_in_full(peft_model, torch.Generator().manual_seed(seed + 1))
+        peft_model.save_pretrained(directory, safe_serialization=safe_serialization)
     return directory

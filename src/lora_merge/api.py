@@ -27,7 +27,7 @@ from lora_merge.io.reader import SafetensorsReader
 from lora_merge.options import MergeOptions, parse_dtype, parse_size
 from lora_merge.plan.planner import build_merge_plan
 from lora_merge.plan.shards import plan_output_shards, shard_file_names
-from lora_merge.stream.executor import write_shard
+from lora_merge.stream.executor import tile_budget_for, write_shard
 
 # Room left on OUT's disk beyond the shards (config, tokenizer, filesystem slack).
 DISK_SPACE_MARGIN_BYTES = 64 * 2**20
@@ -80,8 +80,10 @@ def merge(options: MergeOptions) -> MergeSummary:
     started = time.perf_counter()
     output_dtype = parse_dtype(options.dtype)
     max_shard_size = parse_size(options.max_shard_size)
-    chunk_budget = int(parse_size(options.max_memory) * CHUNK_SHARE_OF_BUDGET)
     device = resolve_device(options.device)
+    tile_budget = tile_budget_for(
+        device, int(parse_size(options.max_memory) * CHUNK_SHARE_OF_BUDGET)
+    )
 
     base = resolve_base(options.base)
     adapter_folder = resolve_adapter(options.adapter)
@@ -122,7 +124,7 @@ def merge(options: MergeOptions) -> MergeSummary:
                 base_reader,
                 adapter,
                 device,
-                chunk_budget,
+                tile_budget,
                 progress.update,
             )
         if len(file_names) > 1:

@@ -16,6 +16,9 @@ so the result could be off by more than half a unit in the last place.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 
@@ -31,69 +34,97 @@ def compute_dtype_for(output_dtype: torch.dtype) -> torch.dtype:
     return torch.float64
 
 
-def lora_delta_rows(
+@dataclass(frozen=True)
+class LoraFactors:
+    """A and B of one module, ready for :func:`merge_lora_rows`.
+
+    Attributes:
+        lora_a: A (r, in) in the compute dtype, possibly pre-multiplied by the scale.
+        lora_b: B (out, r) in the compute dtype.
+        scale: the factor still to apply to ``B @ A`` (1.0 when folded into A).
+        transposed: the stored weight is ``(B @ A).T``-shaped (Conv1D, embeddings).
+    """
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+    transposed: bool
+
+
+def prepare_lora_factors(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
     transposed: bool,
-    start: int,
-    stop: int,
     compute_dtype: torch.dtype,
+) -> LoraFactors:
+    """Convert A and B to the compute dtype, folding the scale into A when that is exact.
+
+    PEFT computes ``(B @ A) * scale``. When the scale is a power of two (alpha = 2r,
+    the most common setting, gives 2.0) multiplying A by it first changes no bit of
+    any product or partial sum, provided nothing overflows, which is checked; it
+    saves one pass over every merged weight. Other scales are applied after the
+    product, as PEFT does.
+    """
+    lora_a = lora_a.to(compute_dtype)
+    lora_b = lora_b.to(compute_dtype)
+    mantissa, _ = math.frexp(scale)
+    if scale >= 1.0 and mantissa == 0.5:  # a power of two >= 1: exact unless it overflows
+        folded = lora_a * scale
+        if bool(torch.isfinite(folded).all()) or not bool(torch.isfinite(lora_a).all()):
+            return LoraFactors(folded, lora_b, 1.0, transposed)
+    return LoraFactors(lora_a, lora_b, scale, transposed)
+
+
+def lora_delta_rows(
+    factors: LoraFactors, start: int, stop: int, workspace: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Rows ``start:stop`` of the stored-layout delta ``scale * B @ A`` (or its transpose).
 
     Args:
-        lora_a: A, shape (r, in).
-        lora_b: B, shape (out, r).
-        scale: alpha / r or alpha / sqrt(r).
-        transposed: the weight is stored as (in, out) (Conv1D, embeddings), so the
-            delta is ``(B @ A).T`` and its rows are columns of ``B @ A``.
+        factors: A, B, the scale and the layout (see :func:`prepare_lora_factors`).
         start / stop: row range of the stored weight.
-        compute_dtype: float32 or float64.
+        workspace: optional buffer for the product, shaped ``(stop - start, in)``,
+            or ``(out, stop - start)`` when transposed; reusing one avoids
+            allocating (and page-faulting) a fresh buffer per tile.
 
     Returns:
-        A new tensor of ``compute_dtype`` with ``stop - start`` rows. The product
-        is taken as PEFT takes it (``B @ A``, then ``* scale``) so that the
-        float32 result is the same number.
+        ``stop - start`` rows in the compute dtype. The product is taken as PEFT
+        takes it (``B @ A``, then ``* scale``) so that the float32 result is the
+        same number.
     """
-    if transposed:
-        product = torch.matmul(lora_b.to(compute_dtype), lora_a[:, start:stop].to(compute_dtype)).T
+    if factors.transposed:
+        product = torch.mm(factors.lora_b, factors.lora_a[:, start:stop], out=workspace).T
     else:
-        product = torch.matmul(lora_b[start:stop].to(compute_dtype), lora_a.to(compute_dtype))
-    return product.mul_(scale)
-
-
-def add_and_round(
-    base_rows: torch.Tensor, delta_rows: torch.Tensor, output_dtype: torch.dtype
-) -> torch.Tensor:
-    """``base + delta`` in ``delta``'s dtype, then one rounding to ``output_dtype``.
-
-    ``delta_rows`` is consumed (used as the accumulator).
-    """
-    return delta_rows.add_(base_rows.to(delta_rows.dtype)).to(output_dtype)
+        product = torch.mm(factors.lora_b[start:stop], factors.lora_a, out=workspace)
+    if factors.scale != 1.0:
+        product.mul_(factors.scale)
+    return product
 
 
 def merge_lora_rows(
     base_rows: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scale: float,
-    transposed: bool,
+    factors: LoraFactors,
     start: int,
-    stop: int,
-    output_dtype: torch.dtype,
+    out: torch.Tensor,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows ``start:stop`` of ``W + scale * B @ A``, rounded once to ``output_dtype``.
+    """Write rows of ``W + scale * B @ A``, rounded once, into ``out``.
 
     Args:
-        base_rows: rows ``start:stop`` of the stored weight W.
-        lora_a / lora_b / scale / transposed: as in :func:`lora_delta_rows`.
-        start / stop: the row range ``base_rows`` covers.
-        output_dtype: dtype of the result.
+        base_rows: rows ``start:start + len(base_rows)`` of the stored weight W.
+        factors: from :func:`prepare_lora_factors`.
+        start: the first row ``base_rows`` covers.
+        out: the result, shaped like ``base_rows``, in the output dtype.
+        workspace: optional reusable buffer for the product (see :func:`lora_delta_rows`).
+
+    Returns:
+        ``out``.
     """
-    compute_dtype = compute_dtype_for(output_dtype)
-    delta = lora_delta_rows(lora_a, lora_b, scale, transposed, start, stop, compute_dtype)
-    return add_and_round(base_rows, delta, output_dtype)
+    delta = lora_delta_rows(factors, start, start + base_rows.shape[0], workspace)
+    # One kernel: the stored dtype is widened exactly, added in the compute
+    # dtype and the sum rounded once into the output dtype.
+    return torch.add(delta, base_rows, out=out)
 
 
 def merge_lora_bias(
@@ -102,4 +133,4 @@ def merge_lora_bias(
     """``bias + scale * lora_B.bias``, rounded once (PEFT ``lora_bias=True``)."""
     compute_dtype = compute_dtype_for(output_dtype)
     delta = lora_bias.to(compute_dtype).mul(scale)
-    return add_and_round(base_bias, delta, output_dtype)
+    return delta.add_(base_bias).to(output_dtype)

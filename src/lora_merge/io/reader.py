@@ -7,9 +7,10 @@ rows i..j) so the planner and the stream do not care where a tensor comes from.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import torch
 
@@ -28,24 +29,30 @@ class TensorSource(Protocol):
 
     def shape(self, key: str) -> tuple[int, ...]: ...
 
-    def read_rows(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` of the first dimension (the whole tensor by default)."""
+    def read_rows(
+        self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``start:stop`` of the first dimension (the whole tensor by default).
+
+        ``buffer`` (uint8, at least the bytes asked for) may be reused between
+        calls to avoid allocating; the result may then be a view of it.
+        """
         ...
 
 
 class SafetensorsReader:
     """Reads tensors from one or more safetensors files, a row range at a time.
 
-    Like mergekit's lazy loader it keeps one file open and switches only when a
-    key lives in another file, so a model read in file order opens each shard
-    once. Reads are ``readinto`` calls into a fresh buffer of exactly the bytes
-    asked for: no mmap, so the pages read do not stay in our resident set.
+    Reads are positional (``os.preadv``) into a fresh buffer of exactly the
+    bytes asked for: no mmap, so the pages read do not stay in our resident set,
+    and no shared file position, so a reading thread and a copying thread can
+    use one reader at once. Each file is opened once, on first use.
     """
 
     def __init__(self, entries: Mapping[str, TensorEntry]) -> None:
         self._entries = dict(entries)
-        self._open_path: Path | None = None
-        self._handle: BinaryIO | None = None
+        self._descriptors: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -54,11 +61,11 @@ class SafetensorsReader:
         self.close()
 
     def close(self) -> None:
-        """Close the open file, if any."""
-        if self._handle is not None:
-            self._handle.close()
-        self._handle = None
-        self._open_path = None
+        """Close every file opened so far."""
+        with self._lock:
+            for descriptor in self._descriptors.values():
+                os.close(descriptor)
+            self._descriptors.clear()
 
     def keys(self) -> Iterable[str]:
         return self._entries.keys()
@@ -73,7 +80,9 @@ class SafetensorsReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key].shape
 
-    def read_rows(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def read_rows(
+        self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
         entry = self._entries[key]
         rows = entry.shape[0] if entry.shape else 1
         stop = rows if stop is None else stop
@@ -83,78 +92,67 @@ class SafetensorsReader:
             shape = (stop - start, *entry.shape[1:])
         else:
             offset, nbytes, shape = entry.start, entry.nbytes, ()
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            self._read_exactly(entry, offset, buffer.numpy().data)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = buffer[:nbytes]
+        target = buffer.numpy().data
+        done = 0
+        while done < nbytes:
+            count = os.preadv(self._descriptor(entry.path), [target[done:]], offset + done)
+            if not count:
+                raise _shrunk(entry)
+            done += count
         if entry.dtype == torch.uint8:
             return buffer.reshape(shape)
         return buffer.view(entry.dtype).reshape(shape)
 
-    def copy_bytes(self, key: str, destination: BinaryIO) -> int:
-        """Append the raw bytes of a tensor to ``destination``; return the count.
+    def copy_bytes(self, key: str, destination: int, destination_offset: int) -> int:
+        """Copy the raw bytes of a tensor into a file descriptor at an offset; return the count.
 
-        Uses ``os.copy_file_range`` (in-kernel, no copy through Python) where the
-        OS has it, else a buffered copy.
+        Uses ``os.copy_file_range`` (in-kernel, the data never enters Python)
+        where the OS has it, else a positional buffered copy.
         """
         entry = self._entries[key]
-        handle = self._switch_to(entry.path)
-        destination.flush()
+        source = self._descriptor(entry.path)
         copied = 0
         if hasattr(os, "copy_file_range"):
             try:
-                copied = _copy_file_range(handle, destination, entry.start, entry.nbytes)
+                while copied < entry.nbytes:
+                    count = os.copy_file_range(
+                        source,
+                        destination,
+                        entry.nbytes - copied,
+                        entry.start + copied,
+                        destination_offset + copied,
+                    )
+                    if count == 0:
+                        raise _shrunk(entry)
+                    copied += count
             except OSError:
-                copied = 0  # e.g. EXDEV on old kernels or EINVAL on some filesystems
-                destination.seek(0, os.SEEK_END)
-        if copied < entry.nbytes:
-            handle.seek(entry.start + copied)
-            remaining = entry.nbytes - copied
-            while remaining:
-                chunk = handle.read(min(COPY_CHUNK_BYTES, remaining))
-                if not chunk:
-                    raise _shrunk(entry)
-                destination.write(chunk)
-                remaining -= len(chunk)
+                pass  # e.g. EXDEV on old kernels or EINVAL on some filesystems: copy below
+        while copied < entry.nbytes:
+            chunk = os.pread(
+                source, min(COPY_CHUNK_BYTES, entry.nbytes - copied), entry.start + copied
+            )
+            if not chunk:
+                raise _shrunk(entry)
+            copied += os.pwrite(destination, chunk, destination_offset + copied)
         return entry.nbytes
 
-    def _read_exactly(self, entry: TensorEntry, offset: int, target: memoryview) -> None:
-        handle = self._switch_to(entry.path)
-        handle.seek(offset)
-        done = 0
-        while done < len(target):
-            count = handle.readinto(target[done:])  # type: ignore[attr-defined]
-            if not count:
-                raise _shrunk(entry)
-            done += count
-
-    def _switch_to(self, path: Path) -> BinaryIO:
-        if self._open_path != path or self._handle is None:
-            self.close()
-            try:
-                self._handle = open(path, "rb")  # noqa: SIM115 - kept open across calls
-            except OSError as err:
-                raise InvalidInputError(f"cannot read {path}: {err.strerror or err}") from err
-            self._open_path = path
-        return self._handle
-
-
-def _copy_file_range(source: BinaryIO, destination: BinaryIO, start: int, nbytes: int) -> int:
-    """Copy with the kernel; returns the bytes copied (may stop early at EOF)."""
-    destination_offset = destination.tell()
-    copied = 0
-    while copied < nbytes:
-        count = os.copy_file_range(
-            source.fileno(),
-            destination.fileno(),
-            nbytes - copied,
-            start + copied,
-            destination_offset + copied,
-        )
-        if count == 0:
-            break
-        copied += count
-    destination.seek(destination_offset + copied)
-    return copied
+    def _descriptor(self, path: Path) -> int:
+        descriptor = self._descriptors.get(path)
+        if descriptor is None:
+            with self._lock:
+                descriptor = self._descriptors.get(path)
+                if descriptor is None:
+                    try:
+                        descriptor = os.open(path, os.O_RDONLY)
+                    except OSError as err:
+                        raise InvalidInputError(
+                            f"cannot read {path}: {err.strerror or err}"
+                        ) from err
+                    self._descriptors[path] = descriptor
+        return descriptor
 
 
 def _shrunk(entry: TensorEntry) -> InvalidInputError:
@@ -179,6 +177,8 @@ class InMemoryTensors:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensors[key].shape)
 
-    def read_rows(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def read_rows(
+        self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
         tensor = self._tensors[key]
         return tensor if tensor.dim() == 0 else tensor[start:stop]

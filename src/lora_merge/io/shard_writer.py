@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
+from lora_merge.io.reader import SafetensorsReader
 from lora_merge.io.safetensors_format import (
     METADATA_KEY,
     SAFETENSORS_NAME_BY_TORCH_DTYPE,
@@ -60,13 +61,19 @@ def encode_safetensors_header(
     return struct.pack("<Q", len(encoded)) + encoded
 
 
+# Writes are issued in pieces of this size: measured here, copying from a
+# cache-resident source into the page cache runs ~4x faster in pieces of up
+# to a few hundred KiB than in one large write.
+WRITE_PIECE_BYTES = 256 * 2**10
+
+
 class ShardWriter:
     """Streams the data of one safetensors file, tensor after tensor, in plan order.
 
     Use as a context manager. Call :meth:`write` with consecutive row chunks of
-    the current tensor (or :meth:`append_raw` for bytes copied elsewhere); the
-    writer checks that each tensor gets exactly its planned bytes and moves on to
-    the next by itself.
+    the current tensor, or :meth:`copy_from` to copy a stored tensor's bytes;
+    the writer checks that each tensor gets exactly its planned bytes and moves
+    on to the next by itself. Writes are positional on a raw descriptor.
     """
 
     def __init__(self, path: Path, specs: Sequence[TensorSpec]) -> None:
@@ -74,28 +81,25 @@ class ShardWriter:
         self._specs = list(specs)
         self._index = 0
         self._written_in_tensor = 0
-        self._handle: BinaryIO | None = None
+        self._descriptor: int | None = None
+        self._position = 0
 
     def __enter__(self) -> ShardWriter:
-        self._handle = open(self.path, "wb")
-        self._handle.write(encode_safetensors_header(self._specs))
+        self._descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        header = encode_safetensors_header(self._specs)
+        self._pwrite_all(memoryview(header))
         self._skip_empty_tensors()
         return self
 
     def __exit__(self, exc_type: object, *exc_info: object) -> None:
-        assert self._handle is not None
-        self._handle.close()
+        assert self._descriptor is not None
+        os.close(self._descriptor)
+        self._descriptor = None
         if exc_type is None and self._index != len(self._specs):
             missing = self._specs[self._index].name
             raise RuntimeError(
                 f"shard {self.path.name} closed before tensor {missing!r} was written"
             )
-
-    @property
-    def handle(self) -> BinaryIO:
-        """The open file, positioned where the current tensor's next bytes go."""
-        assert self._handle is not None, "ShardWriter used outside its with-block"
-        return self._handle
 
     @property
     def current(self) -> TensorSpec:
@@ -110,12 +114,25 @@ class ShardWriter:
             )
         chunk = chunk.contiguous()
         if chunk.numel():
-            self.handle.write(chunk.reshape(-1).view(torch.uint8).numpy().data)
+            self._pwrite_all(chunk.reshape(-1).view(torch.uint8).numpy().data)
         self._advance(chunk.numel() * chunk.element_size())
 
-    def append_raw(self, nbytes: int) -> None:
-        """Record that ``nbytes`` of the current tensor were written to :attr:`handle` directly."""
-        self._advance(nbytes)
+    def copy_from(self, reader: SafetensorsReader, key: str) -> int:
+        """Append the stored bytes of ``key`` (the whole current tensor) without decoding them."""
+        assert self._descriptor is not None, "ShardWriter used outside its with-block"
+        copied = reader.copy_bytes(key, self._descriptor, self._position)
+        self._position += copied
+        self._advance(copied)
+        return copied
+
+    def _pwrite_all(self, data: memoryview) -> None:
+        assert self._descriptor is not None, "ShardWriter used outside its with-block"
+        done = 0
+        while done < len(data):
+            done += os.pwrite(
+                self._descriptor, data[done : done + WRITE_PIECE_BYTES], self._position + done
+            )
+        self._position += done
 
     def _advance(self, nbytes: int) -> None:
         self._written_in_tensor += nbytes

@@ -1,22 +1,63 @@
 """Run a merge plan: stream every output tensor from its source into its shard.
 
-Untouched tensors whose dtype does not change are copied as bytes. Every other
-tensor is processed in row chunks sized from the memory budget, so no step ever
-holds more than a chunk of a large tensor, whatever the model size.
+Untouched tensors whose dtype does not change are copied as bytes, in the
+kernel. Every other tensor is processed in row tiles: read a tile, merge it,
+write it, move on. On the CPU the tiles are sized to stay in the L2 cache and
+the same buffers are reused for every tile. Measured on a TinyLlama-shaped
+merge (2 cores): whole-tensor passes were 5x slower than tiles, fresh buffers
+per tile cost as much again in page faults, and a background writer thread
+made things slower (it fights the math for the two cores and pulls every tile
+across caches). On a GPU, tiles are as large as the memory budget allows, to
+amortise transfers. No step ever holds more than one tile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from lora_merge.compute.lora import compute_dtype_for, merge_lora_bias, merge_lora_rows
+from lora_merge.compute.lora import (
+    compute_dtype_for,
+    merge_lora_bias,
+    merge_lora_rows,
+    prepare_lora_factors,
+)
 from lora_merge.io.reader import SafetensorsReader, TensorSource
 from lora_merge.io.safetensors_format import dtype_itemsize
 from lora_merge.io.shard_writer import ShardWriter
 from lora_merge.plan.planner import LoraBias, LoraProduct, PlannedTensor
+
+# Bytes of merge workspace (the float32/float64 accumulator) per CPU tile. With
+# the rows read and the rows written it stays within a 2 MiB L2 cache.
+CPU_TILE_WORKSPACE_BYTES = 2**19
+
+
+def tile_budget_for(device: torch.device, memory_budget: int) -> int:
+    """Workspace bytes per tile: cache-sized on the CPU, budget-sized on a GPU."""
+    if device.type == "cpu":
+        return min(CPU_TILE_WORKSPACE_BYTES, memory_budget)
+    return memory_budget // 4
+
+
+class TileBuffers:
+    """The two byte buffers a shard's tiles reuse: one for rows read, one for rows written.
+
+    Each tile is written before the next is read, so one of each suffices.
+    """
+
+    def __init__(self, tile_bytes: int) -> None:
+        self.tile_bytes = tile_bytes
+        self.read = torch.empty(tile_bytes, dtype=torch.uint8)
+        self._output = torch.empty(tile_bytes, dtype=torch.uint8)
+
+    def output(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """The output buffer viewed as ``shape`` of ``dtype``."""
+        nbytes = dtype_itemsize(dtype) * int(torch.Size(shape).numel())
+        if nbytes > self._output.numel():  # a single row wider than a tile
+            self._output = torch.empty(nbytes, dtype=torch.uint8)
+        return self._output[:nbytes].view(dtype).view(shape)
 
 
 def write_shard(
@@ -25,7 +66,7 @@ def write_shard(
     base: SafetensorsReader,
     adapter: TensorSource,
     device: torch.device,
-    chunk_budget: int,
+    tile_budget: int,
     on_bytes: Callable[[int], None],
 ) -> None:
     """Write one output shard.
@@ -36,69 +77,79 @@ def write_shard(
         base: reader of the base checkpoint.
         adapter: the adapter's tensors.
         device: where the merge arithmetic runs.
-        chunk_budget: bytes of working memory one chunk may use.
+        tile_budget: bytes of merge workspace one tile may use (see :func:`tile_budget_for`).
         on_bytes: called with the number of output bytes after each write (progress).
     """
+    buffers = TileBuffers(tile_budget)
     with ShardWriter(path, [t.spec for t in tensors]) as writer:
         for tensor in tensors:
             if tensor.spec.nbytes == 0:
                 continue
             if tensor.is_byte_copy:
-                on_bytes(base.copy_bytes(tensor.source_key, writer.handle))
-                writer.append_raw(tensor.spec.nbytes)
+                on_bytes(writer.copy_from(base, tensor.source_key))
                 continue
             source: TensorSource = base if tensor.source == "base" else adapter
-            for chunk in _merged_chunks(tensor, source, adapter, device, chunk_budget):
-                writer.write(chunk)
-                on_bytes(chunk.numel() * chunk.element_size())
+            for tile in _output_tiles(tensor, source, adapter, device, buffers):
+                writer.write(tile)
+                on_bytes(tile.numel() * tile.element_size())
 
 
-def _merged_chunks(
+def _output_tiles(
     tensor: PlannedTensor,
     source: TensorSource,
     adapter: TensorSource,
     device: torch.device,
-    chunk_budget: int,
-):
-    spec = tensor.spec
-    delta = tensor.delta
+    buffers: TileBuffers,
+) -> Iterator[torch.Tensor]:
+    """The output tensor's values, as consecutive row tiles in CPU buffers from ``buffers``."""
+    spec, delta = tensor.spec, tensor.delta
     if isinstance(delta, LoraBias) or not spec.shape:
-        # Biases and scalars are small: one piece.
+        # Biases and scalars are small: one piece, in fresh memory.
         values = source.read_rows(tensor.source_key)
         if isinstance(delta, LoraBias):
-            lora_bias = adapter.read_rows(delta.bias_key)
-            yield merge_lora_bias(
-                values.to(device), lora_bias.to(device), delta.scale, spec.dtype
-            ).cpu()
+            lora_bias = adapter.read_rows(delta.bias_key).to(device)
+            yield merge_lora_bias(values.to(device), lora_bias, delta.scale, spec.dtype).cpu()
         else:
             yield values.to(spec.dtype)
         return
 
     rows = spec.shape[0]
-    row_elements = spec.nbytes // dtype_itemsize(spec.dtype) // rows if rows else 0
-    lora_a = lora_b = None
-    working_bytes_per_element = dtype_itemsize(tensor.source_dtype) + dtype_itemsize(spec.dtype)
+    row_shape = spec.shape[1:]
+    row_elements = max(1, int(torch.Size(row_shape).numel()))
+    widest = max(dtype_itemsize(tensor.source_dtype), dtype_itemsize(spec.dtype))
     if isinstance(delta, LoraProduct):
-        lora_a = adapter.read_rows(delta.a_key).to(device)
-        lora_b = adapter.read_rows(delta.b_key).to(device)
-        # the delta accumulator, and the source rows converted to its dtype
-        working_bytes_per_element += 2 * dtype_itemsize(compute_dtype_for(spec.dtype))
-    rows_per_chunk = max(1, chunk_budget // max(1, row_elements * working_bytes_per_element))
-    for start in range(0, rows, rows_per_chunk):
-        stop = min(rows, start + rows_per_chunk)
-        values = source.read_rows(tensor.source_key, start, stop)
-        if isinstance(delta, LoraProduct):
-            assert lora_a is not None and lora_b is not None
-            merged = merge_lora_rows(
-                values.to(device),
-                lora_a,
-                lora_b,
-                delta.scale,
-                delta.transposed,
-                start,
-                stop,
-                spec.dtype,
-            )
-            yield merged.cpu()
+        compute_dtype = compute_dtype_for(spec.dtype)
+        widest = max(widest, dtype_itemsize(compute_dtype))
+    tile_rows = max(1, buffers.tile_bytes // (row_elements * widest))
+
+    if not isinstance(delta, LoraProduct):
+        # A dtype conversion, or an adapter tensor replacing the base's.
+        for start in range(0, rows, tile_rows):
+            stop = min(rows, start + tile_rows)
+            values = source.read_rows(tensor.source_key, start, stop, buffers.read)
+            yield buffers.output(spec.dtype, tuple(values.shape)).copy_(values)
+        return
+
+    factors = prepare_lora_factors(
+        adapter.read_rows(delta.a_key).to(device),
+        adapter.read_rows(delta.b_key).to(device),
+        delta.scale,
+        delta.transposed,
+        compute_dtype,
+    )
+    workspace_rows = factors.lora_b.shape[0] if delta.transposed else tile_rows
+    workspace_columns = tile_rows if delta.transposed else factors.lora_a.shape[1]
+    workspace = torch.empty((workspace_rows, workspace_columns), dtype=compute_dtype, device=device)
+    on_cpu = device.type == "cpu"
+    for start in range(0, rows, tile_rows):
+        stop = min(rows, start + tile_rows)
+        values = source.read_rows(tensor.source_key, start, stop, buffers.read).to(device)
+        count = stop - start
+        tile_workspace = workspace[:, :count] if delta.transposed else workspace[:count]
+        if on_cpu:
+            out = buffers.output(spec.dtype, tuple(values.shape))
+            yield merge_lora_rows(values, factors, start, out, tile_workspace)
         else:
-            yield values.to(spec.dtype)
+            merged = torch.empty(values.shape, dtype=spec.dtype, device=device)
+            merge_lora_rows(values, factors, start, merged, tile_workspace)
+            yield buffers.output(spec.dtype, tuple(values.shape)).copy_(merged)
