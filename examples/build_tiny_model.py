@@ -36,7 +36,15 @@ def build(folder: Path) -> None:
     lora = LoraConfig(
         r=8,
         lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
         init_lora_weights=False,  # random B, as after training; PEFT's default starts at B = 0
     )
     get_peft_model(model, lora).save_pretrained(folder / "adapter")
