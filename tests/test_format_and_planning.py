@@ -46,21 +46,22 @@ shapes = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
 def test_shard_writer_output_reads_back_with_the_safetensors_library(
     tmp_path_factory, tensors, chunk_rows
 ):
-    """Header first, data streamed in row chunks: safetensors itself loads the same tensors."""
+    """Header first, then each tensor's slot filled in row chunks, last tensor first: safetensors loads them back."""
     path = tmp_path_factory.mktemp("writer") / "out.safetensors"
     expected = {
         f"t{i}": _random_tensor(shape, dtype, i) for i, (shape, dtype) in enumerate(tensors)
     }
     specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in expected.items()]
     with ShardWriter(path, specs) as writer:
-        for tensor in expected.values():
+        for name, tensor in reversed(expected.items()):
             if tensor.numel() == 0:
-                continue  # zero-byte tensors need no data; the writer moves past them
+                continue  # zero-byte tensors need no data
+            slot = writer.tensor(name)
             if tensor.dim() == 0:
-                writer.write(tensor)
+                slot.write(tensor)
                 continue
             for start in range(0, tensor.shape[0], chunk_rows):
-                writer.write(tensor[start : start + chunk_rows])
+                slot.write(tensor[start : start + chunk_rows])
     loaded = load_file(path)
     assert loaded.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -92,7 +93,7 @@ def test_reader_returns_what_safetensors_saved_row_range_by_row_range(tmp_path_f
         with ShardWriter(copy_path, specs) as writer:
             for name, tensor in expected.items():
                 if tensor.numel():
-                    writer.copy_from(reader, name)
+                    writer.tensor(name).copy_from(reader, name)
     copied = load_file(copy_path)
     assert all(torch.equal(copied[n], t) for n, t in expected.items())
 
@@ -258,3 +259,19 @@ def test_pattern_resolution_is_pefts_get_pattern_key(patterns, name):
     peft = get_pattern_key(patterns, name)
     # PEFT returns the module name itself when nothing matches.
     assert (ours if ours is not None else name) == peft
+
+
+def test_shard_writer_refuses_missing_and_extra_bytes(tmp_path):
+    """A tensor left unwritten, or written past its planned size, is a bug caught at the writer."""
+    specs = [TensorSpec("a", torch.float32, (2,)), TensorSpec("b", torch.float32, (1,))]
+    with (
+        pytest.raises(RuntimeError, match="before tensor 'b'"),
+        ShardWriter(tmp_path / "x", specs) as writer,
+    ):
+        writer.tensor("a").write(torch.zeros(2))
+    with ShardWriter(tmp_path / "y", specs) as writer:
+        slot = writer.tensor("b")
+        with pytest.raises(RuntimeError, match="more bytes"):
+            slot.write(torch.zeros(2))
+        slot.write(torch.zeros(1))
+        writer.tensor("a").write(torch.zeros(2))

@@ -51,9 +51,15 @@ class StagingFolder:
     def commit(self) -> None:
         """Move the finished folder to OUT, replacing an existing OUT (checked earlier).
 
-        SIGINT and SIGTERM are held back while the renames run, so an existing
-        OUT is never moved aside without the new one taking its place.
+        Every file is flushed to disk first (``fsync``), then the folder: a
+        rename can reach the disk before the data it names, and after a power
+        cut OUT would exist with empty or torn shards. SIGINT and SIGTERM are
+        held back while the renames run, so an existing OUT is never moved aside
+        without the new one taking its place.
         """
+        for path in sorted(self.path.iterdir()):
+            _fsync(path)
+        _fsync(self.path)
         previous = None
         held = {signal.SIGINT, signal.SIGTERM}
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, held)
@@ -65,6 +71,7 @@ class StagingFolder:
             self._committed = True
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _fsync(self.out.parent)
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
 
@@ -89,3 +96,12 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

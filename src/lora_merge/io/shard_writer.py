@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,83 +69,97 @@ WRITE_PIECE_BYTES = 256 * 2**10
 
 
 class ShardWriter:
-    """Streams the data of one safetensors file, tensor after tensor, in plan order.
+    """One safetensors file whose header is written first and whose tensors are filled in after.
 
-    Use as a context manager. Call :meth:`write` with consecutive row chunks of
-    the current tensor, or :meth:`copy_from` to copy a stored tensor's bytes;
-    the writer checks that each tensor gets exactly its planned bytes and moves
-    on to the next by itself. Writes are positional on a raw descriptor.
+    The header fixes every tensor's byte range, so tensors can be written in any
+    order, by several threads at once: :meth:`tensor` hands out a
+    :class:`TensorSlot` per tensor, and writes are positional (``os.pwrite``) on a
+    shared raw descriptor. Leaving the ``with`` block checks that every tensor
+    received exactly its planned bytes.
     """
 
     def __init__(self, path: Path, specs: Sequence[TensorSpec]) -> None:
         self.path = path
-        self._specs = list(specs)
-        self._index = 0
-        self._written_in_tensor = 0
+        self._specs = {spec.name: spec for spec in specs}
+        self._header = encode_safetensors_header(specs)
+        self._offsets: dict[str, int] = {}
+        offset = len(self._header)
+        for spec in specs:
+            self._offsets[spec.name] = offset
+            offset += spec.nbytes
+        self._completed: set[str] = {spec.name for spec in specs if spec.nbytes == 0}
+        self._lock = threading.Lock()
         self._descriptor: int | None = None
-        self._position = 0
 
     def __enter__(self) -> ShardWriter:
         self._descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        header = encode_safetensors_header(self._specs)
-        self._pwrite_all(memoryview(header))
-        self._skip_empty_tensors()
+        pwrite_all(self._descriptor, memoryview(self._header), 0)
         return self
 
     def __exit__(self, exc_type: object, *exc_info: object) -> None:
         assert self._descriptor is not None
         os.close(self._descriptor)
         self._descriptor = None
-        if exc_type is None and self._index != len(self._specs):
-            missing = self._specs[self._index].name
+        missing = [name for name in self._specs if name not in self._completed]
+        if exc_type is None and missing:
             raise RuntimeError(
-                f"shard {self.path.name} closed before tensor {missing!r} was written"
+                f"shard {self.path.name} closed before tensor {missing[0]!r} was written"
             )
 
-    @property
-    def current(self) -> TensorSpec:
-        """The tensor whose bytes are expected next."""
-        return self._specs[self._index]
+    def tensor(self, name: str) -> TensorSlot:
+        """The slot to write tensor ``name`` into, front to back."""
+        assert self._descriptor is not None, "ShardWriter used outside its with-block"
+        return TensorSlot(self, self._specs[name], self._descriptor, self._offsets[name])
 
-    def write(self, chunk: torch.Tensor) -> None:
-        """Append a chunk of the current tensor (already in its output dtype)."""
-        if chunk.dtype != self.current.dtype:
+    def _complete(self, name: str) -> None:
+        with self._lock:
+            self._completed.add(name)
+
+
+class TensorSlot:
+    """The byte range of one tensor in a shard, filled by consecutive writes."""
+
+    def __init__(self, shard: ShardWriter, spec: TensorSpec, descriptor: int, offset: int) -> None:
+        self.spec = spec
+        self._shard = shard
+        self._descriptor = descriptor
+        self._position = offset
+        self._remaining = spec.nbytes
+
+    def write(self, chunk: torch.Tensor) -> int:
+        """Append the next rows of the tensor (already in its output dtype); return the bytes."""
+        if chunk.dtype != self.spec.dtype:
             raise RuntimeError(
-                f"{self.current.name}: chunk is {chunk.dtype}, planned {self.current.dtype}"
+                f"{self.spec.name}: chunk is {chunk.dtype}, planned {self.spec.dtype}"
             )
-        chunk = chunk.contiguous()
-        if chunk.numel():
-            self._pwrite_all(chunk.reshape(-1).view(torch.uint8).numpy().data)
-        self._advance(chunk.numel() * chunk.element_size())
+        nbytes = chunk.numel() * chunk.element_size()
+        self._check_room(nbytes)
+        if nbytes:
+            data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy().data
+            pwrite_all(self._descriptor, data, self._position)
+        self._advance(nbytes)
+        return nbytes
 
     def copy_from(self, reader: SafetensorsReader, key: str) -> int:
-        """Append the stored bytes of ``key`` (the whole current tensor) without decoding them."""
-        assert self._descriptor is not None, "ShardWriter used outside its with-block"
+        """Fill the whole tensor with the stored bytes of ``key``, without decoding them."""
+        self._check_room(reader.entry(key).nbytes)
         copied = reader.copy_bytes(key, self._descriptor, self._position)
-        self._position += copied
         self._advance(copied)
         return copied
 
-    def _pwrite_all(self, data: memoryview) -> None:
-        assert self._descriptor is not None, "ShardWriter used outside its with-block"
-        done = 0
-        while done < len(data):
-            done += os.pwrite(
-                self._descriptor, data[done : done + WRITE_PIECE_BYTES], self._position + done
-            )
-        self._position += done
+    def _check_room(self, nbytes: int) -> None:
+        if nbytes > self._remaining:
+            raise RuntimeError(f"{self.spec.name}: more bytes written than planned")
 
     def _advance(self, nbytes: int) -> None:
-        self._written_in_tensor += nbytes
-        expected = self.current.nbytes
-        if self._written_in_tensor > expected:
-            raise RuntimeError(f"{self.current.name}: more bytes written than planned")
-        if self._written_in_tensor == expected:
-            self._index += 1
-            self._written_in_tensor = 0
-            self._skip_empty_tensors()
+        self._position += nbytes
+        self._remaining -= nbytes
+        if self._remaining == 0:
+            self._shard._complete(self.spec.name)
 
-    def _skip_empty_tensors(self) -> None:
-        # A zero-byte tensor is complete as soon as it becomes current.
-        while self._index < len(self._specs) and self._specs[self._index].nbytes == 0:
-            self._index += 1
+
+def pwrite_all(descriptor: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``, in pieces of :data:`WRITE_PIECE_BYTES`."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(descriptor, data[done : done + WRITE_PIECE_BYTES], offset + done)

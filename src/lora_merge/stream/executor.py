@@ -13,7 +13,10 @@ amortise transfers. No step ever holds more than one tile.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,6 +74,10 @@ def write_shard(
 ) -> None:
     """Write one output shard.
 
+    On the CPU, tensors are spread over one thread per core, each running torch
+    single-threaded on its own cache-sized tiles, so one core's reads and
+    writes overlap the other's arithmetic. On a GPU one thread feeds it.
+
     Args:
         path: the shard file to create.
         tensors: its tensors, in order.
@@ -78,20 +85,51 @@ def write_shard(
         adapter: the adapter's tensors.
         device: where the merge arithmetic runs.
         tile_budget: bytes of merge workspace one tile may use (see :func:`tile_budget_for`).
-        on_bytes: called with the number of output bytes after each write (progress).
+        on_bytes: called with the number of output bytes after each write (progress);
+            it may be called from several threads.
     """
-    buffers = TileBuffers(tile_budget)
-    with ShardWriter(path, [t.spec for t in tensors]) as writer:
-        for tensor in tensors:
-            if tensor.spec.nbytes == 0:
-                continue
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    with (
+        ShardWriter(path, [t.spec for t in tensors]) as writer,
+        _single_threaded_torch(workers > 1),
+    ):
+        stop = threading.Event()
+
+        def write_tensor(tensor: PlannedTensor) -> None:
+            if stop.is_set():
+                return
+            slot = writer.tensor(tensor.spec.name)
             if tensor.is_byte_copy:
-                on_bytes(writer.copy_from(base, tensor.source_key))
-                continue
+                on_bytes(slot.copy_from(base, tensor.source_key))
+                return
             source: TensorSource = base if tensor.source == "base" else adapter
-            for tile in _output_tiles(tensor, source, adapter, device, buffers):
-                writer.write(tile)
-                on_bytes(tile.numel() * tile.element_size())
+            for tile in _output_tiles(tensor, source, adapter, device, TileBuffers(tile_budget)):
+                on_bytes(slot.write(tile))
+                if stop.is_set():
+                    return
+
+        work = [t for t in tensors if t.spec.nbytes]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-merge") as pool:
+            try:
+                for _ in pool.map(write_tensor, work):
+                    pass
+            except BaseException:
+                stop.set()  # Ctrl-C or a failure: the other threads stop at their next tile
+                pool.shutdown(cancel_futures=True)
+                raise
+
+
+@contextmanager
+def _single_threaded_torch(enabled: bool) -> Iterator[None]:
+    """Run torch ops single-threaded inside the block (our threads are the parallelism)."""
+    previous = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_num_threads(previous)
 
 
 def _output_tiles(
