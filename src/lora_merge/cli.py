@@ -156,12 +156,22 @@ def merge_command(
     if not quiet:
         typer.echo(
             f"merged {summary.lora_modules} LoRA modules into {summary.tensors} tensors "
-            f"({summary.copied} copied unchanged), wrote {summary.bytes_written / 1e9:.2f} GB in "
-            f"{summary.shards} shard(s) to {summary.out} in {summary.seconds:.1f} s",
+            f"({summary.copied} copied unchanged, {summary.replaced} replaced by the adapter's), "
+            f"wrote {_human_bytes(summary.bytes_written)} in {summary.shards} shard(s) to "
+            f"{summary.out} in {summary.seconds:.1f} s",
             err=True,
         )
     if json_summary:
         typer.echo(json.dumps(summary.to_dict()))
+
+
+def _human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
