@@ -30,8 +30,13 @@ _UNSUPPORTED_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".token_adapter.trainable_tokens_delta", "trainable tokens (trainable_token_indices)"),
 )
 # A saved copy of a wrapped layer (e.g. a resized embedding PEFT stores with
-# save_embedding_layers=True) replaces the base tensor of that module.
-_BASE_LAYER_INFIX = ".base_layer."
+# save_embedding_layers=True) replaces the base tensor of that module, and so
+# does the trained copy of a modules_to_save layer. PEFT saves the latter as
+# ``X.weight``, and, when the vocabulary was resized, also as
+# ``X.modules_to_save.weight`` beside ``X.original_module.weight``, the
+# untrained (resized) original, which a merge must not use.
+_REPLACEMENT_INFIXES = (".base_layer.", ".modules_to_save.")
+_UNTRAINED_ORIGINAL_INFIX = ".original_module."
 
 
 @dataclass
@@ -87,9 +92,17 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
                 raise InvalidInputError(
                     f"adapter key {key!r} is {feature}, which lora-merge does not support yet"
                 )
+        if _UNTRAINED_ORIGINAL_INFIX in name:
+            continue
         role = next(((s, r) for s, r in _LORA_SUFFIXES if name.endswith(s)), None)
         if role is None:
-            contents.replacements[name.replace(_BASE_LAYER_INFIX, ".")] = key
+            target = name
+            for infix in _REPLACEMENT_INFIXES:
+                target = target.replace(infix, ".")
+            # X.modules_to_save.weight and X.weight are the same trained copy; the
+            # explicit one wins whatever the order the file lists them in.
+            if target not in contents.replacements or target != name:
+                contents.replacements[target] = key
             continue
         suffix, kind = role
         module = name[: -len(suffix)]

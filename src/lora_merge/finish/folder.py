@@ -12,11 +12,13 @@ from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_INDEX_FILE
 
 from lora_merge.io.shard_writer import TensorSpec
 
-# Files a merged model needs besides weights. The adapter's copy wins over the
-# base's: an adapter trained with added tokens ships its tokenizer. Adapter
-# weights, pickles and training state are never copied.
-SIDE_FILE_NAMES = (
-    "generation_config.json",
+# Files a merged model needs besides weights. The tokenizer files travel as a
+# set: if the adapter folder has any of them (an adapter trained with added
+# tokens ships its tokenizer), all come from the adapter, so that a stale base
+# file (an old special_tokens_map.json, say) never sits beside the adapter's
+# tokenizer. Other files are taken from the adapter if it has them, else from
+# the base. Adapter weights, pickles and training state are never copied.
+TOKENIZER_FILE_NAMES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -29,6 +31,9 @@ SIDE_FILE_NAMES = (
     "merges.txt",
     "spiece.model",
     "sentencepiece.bpe.model",
+)
+OTHER_SIDE_FILE_NAMES = (
+    "generation_config.json",
     "preprocessor_config.json",
     "processor_config.json",
 )
@@ -73,13 +78,23 @@ def write_config(
 
 
 def copy_side_files(folder: Path, base: Path, adapter: Path) -> list[str]:
-    """Copy tokenizer and generation files, the adapter's taking precedence; return their names."""
+    """Copy tokenizer and generation files into ``folder``; return their names.
+
+    The tokenizer set comes whole from the adapter when it has any tokenizer
+    file, else from the base; other files individually, the adapter's first.
+    """
+    tokenizer_source = base
+    if any((adapter / name).is_file() for name in TOKENIZER_FILE_NAMES):
+        tokenizer_source = adapter
+    sources: list[tuple[str, tuple[Path, ...]]] = [
+        (name, (tokenizer_source,)) for name in TOKENIZER_FILE_NAMES
+    ]
+    sources += [(name, (adapter, base)) for name in OTHER_SIDE_FILE_NAMES]
     copied = []
-    for name in SIDE_FILE_NAMES:
-        for source_folder in (adapter, base):
-            source = source_folder / name
-            if source.is_file():
-                shutil.copyfile(source, folder / name)
+    for name, folders in sources:
+        for source_folder in folders:
+            if (source_folder / name).is_file():
+                shutil.copyfile(source_folder / name, folder / name)
                 copied.append(name)
                 break
     return copied
