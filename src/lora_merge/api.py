@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,10 +24,15 @@ from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.errors import InvalidInputError, OutputError
 from lora_merge.finish.folder import copy_side_files, write_config, write_index
 from lora_merge.finish.staging import StagingFolder
-from lora_merge.inputs.resolve import check_output_location, resolve_adapter, resolve_base
-from lora_merge.io.reader import SafetensorsReader
+from lora_merge.inputs.resolve import (
+    BaseCheckpoint,
+    check_output_location,
+    resolve_adapter,
+    resolve_base,
+)
+from lora_merge.io.reader import SafetensorsReader, TensorSource
 from lora_merge.options import MergeOptions, parse_dtype, parse_size
-from lora_merge.plan.planner import build_merge_plan
+from lora_merge.plan.planner import MergePlan, build_merge_plan
 from lora_merge.plan.shards import plan_output_shards, shard_file_names
 from lora_merge.stream.executor import tile_budget_for, write_shard
 
@@ -64,6 +71,17 @@ class MergeSummary:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class _RunSettings:
+    """MergeOptions parsed and checked once."""
+
+    output_dtype: torch.dtype | None
+    max_shard_size: int
+    tile_budget: int
+    device: torch.device
+    show_progress: bool
+
+
 def merge(options: MergeOptions) -> MergeSummary:
     """Merge a LoRA adapter into its base model and write a standalone model folder.
 
@@ -78,11 +96,15 @@ def merge(options: MergeOptions) -> MergeSummary:
             written to OUT in that case and the inputs are never modified.
     """
     started = time.perf_counter()
-    output_dtype = parse_dtype(options.dtype)
-    max_shard_size = parse_size(options.max_shard_size)
     device = resolve_device(options.device)
-    tile_budget = tile_budget_for(
-        device, int(parse_size(options.max_memory) * CHUNK_SHARE_OF_BUDGET)
+    settings = _RunSettings(
+        output_dtype=parse_dtype(options.dtype),
+        max_shard_size=parse_size(options.max_shard_size),
+        tile_budget=tile_budget_for(
+            device, int(parse_size(options.max_memory) * CHUNK_SHARE_OF_BUDGET)
+        ),
+        device=device,
+        show_progress=not options.quiet and sys.stderr.isatty(),
     )
 
     base = resolve_base(options.base)
@@ -90,19 +112,35 @@ def merge(options: MergeOptions) -> MergeSummary:
     out = check_output_location(
         options.out, [base.folder, adapter_folder.folder], options.overwrite
     )
-
     config = read_adapter_config(adapter_folder.config_path)
-    adapter = open_adapter_weights(adapter_folder.weights_path)
-    contents = classify_adapter_keys(list(adapter.keys()))
-    if config.use_dora:
-        raise InvalidInputError(
-            f"{adapter_folder.config_path} has use_dora=true; DoRA adapters are not supported yet"
-        )
-    plan = build_merge_plan(base, config, contents, adapter, output_dtype)
+    with closing(open_adapter_weights(adapter_folder.weights_path)) as adapter:
+        contents = classify_adapter_keys(list(adapter.keys()))
+        plan = build_merge_plan(base, config, contents, adapter, settings.output_dtype)
+        shards = _write_output(plan, base, adapter, adapter_folder.folder, out, settings)
+    return MergeSummary(
+        out=str(out),
+        tensors=len(plan.tensors),
+        lora_modules=plan.lora_modules,
+        replaced=plan.replaced,
+        copied=sum(t.is_byte_copy for t in plan.tensors),
+        shards=shards,
+        bytes_written=plan.total_bytes,
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
+
+def _write_output(
+    plan: MergePlan,
+    base: BaseCheckpoint,
+    adapter: TensorSource,
+    adapter_folder: Path,
+    out: Path,
+    settings: _RunSettings,
+) -> int:
+    """Stream the planned tensors into shards and finish OUT; return the shard count."""
     by_name = {t.spec.name: t for t in plan.tensors}
     shard_names = plan_output_shards(
-        [(t.spec.name, t.spec.nbytes) for t in plan.tensors], max_shard_size
+        [(t.spec.name, t.spec.nbytes) for t in plan.tensors], settings.max_shard_size
     )
     file_names = shard_file_names(len(shard_names))
     _check_free_space(out, plan.total_bytes)
@@ -114,8 +152,14 @@ def merge(options: MergeOptions) -> MergeSummary:
         unit_divisor=1024,
         desc="merging",
         file=sys.stderr,
-        disable=options.quiet or not sys.stderr.isatty(),
+        disable=not settings.show_progress,
     )
+    progress_lock = threading.Lock()
+
+    def on_bytes(count: int) -> None:  # called from the stream's worker threads
+        with progress_lock:
+            progress.update(count)
+
     with StagingFolder(out) as staging, SafetensorsReader(base.entries) as base_reader, progress:
         for file_name, names in zip(file_names, shard_names, strict=True):
             write_shard(
@@ -123,9 +167,9 @@ def merge(options: MergeOptions) -> MergeSummary:
                 [by_name[name] for name in names],
                 base_reader,
                 adapter,
-                device,
-                tile_budget,
-                progress.update,
+                settings.device,
+                settings.tile_budget,
+                on_bytes,
             )
         if len(file_names) > 1:
             write_index(
@@ -135,20 +179,10 @@ def merge(options: MergeOptions) -> MergeSummary:
                     for f, names in zip(file_names, shard_names, strict=True)
                 ],
             )
-        write_config(staging.path, base.config, output_dtype, plan.vocab_size)
-        copy_side_files(staging.path, base.folder, adapter_folder.folder)
+        write_config(staging.path, base.config, settings.output_dtype, plan.vocab_size)
+        copy_side_files(staging.path, base.folder, adapter_folder)
         staging.commit()
-
-    return MergeSummary(
-        out=str(out),
-        tensors=len(plan.tensors),
-        lora_modules=plan.lora_modules,
-        replaced=plan.replaced,
-        copied=sum(t.is_byte_copy for t in plan.tensors),
-        shards=len(file_names),
-        bytes_written=plan.total_bytes,
-        seconds=round(time.perf_counter() - started, 3),
-    )
+    return len(file_names)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -37,7 +37,6 @@ class LoraAdapterConfig:
         rank_pattern: regex -> rank overrides (kept for reporting; shapes are authoritative).
         alpha_pattern: regex -> alpha overrides, first match wins.
         fan_in_fan_out: PEFT's flag for weights stored (in, out), e.g. GPT-2's Conv1D.
-        use_dora: DoRA (weight-decomposed) adapter.
         base_model_name_or_path: the base the adapter was trained on, if recorded.
     """
 
@@ -47,7 +46,6 @@ class LoraAdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
-    use_dora: bool = False
     base_model_name_or_path: str | None = None
 
     def scale_for(self, module_name: str, rank: int) -> float:
@@ -121,6 +119,8 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
             raise InvalidInputError(
                 f"{path}: pattern {pattern!r} is not a valid regex ({err})"
             ) from err
+    if raw.get("use_dora"):
+        raise InvalidInputError(f"{path} has use_dora=true; DoRA adapters are not supported yet")
     base_name = raw.get("base_model_name_or_path")
     return LoraAdapterConfig(
         r=r,
@@ -129,7 +129,6 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         rank_pattern=dict(rank_pattern),
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        use_dora=bool(raw.get("use_dora", False)),
         base_model_name_or_path=base_name if isinstance(base_name, str) else None,
     )
 

@@ -25,6 +25,8 @@ class TensorSource(Protocol):
 
     def keys(self) -> Iterable[str]: ...
 
+    def close(self) -> None: ...
+
     def dtype(self, key: str) -> torch.dtype: ...
 
     def shape(self, key: str) -> tuple[int, ...]: ...
@@ -167,6 +169,9 @@ class InMemoryTensors:
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._tensors = dict(tensors)
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def keys(self) -> Iterable[str]:
         return self._tensors.keys()

@@ -94,6 +94,7 @@ def write_shard(
         _single_threaded_torch(workers > 1),
     ):
         stop = threading.Event()
+        per_thread = threading.local()
 
         def write_tensor(tensor: PlannedTensor) -> None:
             if stop.is_set():
@@ -103,7 +104,9 @@ def write_shard(
                 on_bytes(slot.copy_from(base, tensor.source_key))
                 return
             source: TensorSource = base if tensor.source == "base" else adapter
-            for tile in _output_tiles(tensor, source, adapter, device, TileBuffers(tile_budget)):
+            if not hasattr(per_thread, "buffers"):
+                per_thread.buffers = TileBuffers(tile_budget)
+            for tile in _output_tiles(tensor, source, adapter, device, per_thread.buffers):
                 on_bytes(slot.write(tile))
                 if stop.is_set():
                     return
