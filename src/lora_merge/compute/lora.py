@@ -122,9 +122,12 @@ def merge_lora_rows(
         ``out``.
     """
     delta = lora_delta_rows(factors, start, start + base_rows.shape[0], workspace)
-    # One kernel: the stored dtype is widened exactly, added in the compute
-    # dtype and the sum rounded once into the output dtype.
-    return torch.add(delta, base_rows, out=out)
+    # The stored dtype is widened exactly inside the add; the sum is then
+    # rounded once into the output dtype. Two kernels rather than one
+    # ``torch.add(..., out=<16-bit>)``: that mixed-dtype form is ~6x slower on
+    # CPU (2.2 vs 0.37 ns per element measured) and gives the same bits.
+    delta.add_(base_rows)
+    return out.copy_(delta)
 
 
 def merge_lora_bias(

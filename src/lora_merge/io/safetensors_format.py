@@ -86,7 +86,7 @@ class SafetensorsHeader:
 
 def dtype_itemsize(dtype: torch.dtype) -> int:
     """Bytes per element of a torch dtype."""
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
