@@ -486,6 +486,7 @@ def test_json_summary_is_one_object_consistent_with_out(handmade_inputs, tmp_pat
         "replaced",
         "copied",
         "shards",
+        "resumed_shards",
         "bytes_written",
         "seconds",
     }
@@ -498,6 +499,7 @@ def test_json_summary_is_one_object_consistent_with_out(handmade_inputs, tmp_pat
     assert summary["replaced"] == 0
     assert summary["copied"] == len(unchanged) == len(out_tensors) - HANDMADE_LORA_MODULES
     assert summary["shards"] == out_shards > 1
+    assert summary["resumed_shards"] == 0
     assert (out / "model.safetensors.index.json").is_file()
     assert summary["bytes_written"] == sum(
         t.numel() * t.element_size() for t in out_tensors.values()

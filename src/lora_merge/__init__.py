@@ -7,8 +7,7 @@ Python API::
     summary = merge(MergeOptions(base="./base", adapter="./adapter", out="./merged"))
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
+from lora_merge._version import __version__
 from lora_merge.api import MergeSummary, merge
 from lora_merge.errors import (
     AdapterMismatchError,
@@ -18,11 +17,6 @@ from lora_merge.errors import (
     OutputError,
 )
 from lora_merge.options import MergeOptions
-
-try:
-    __version__ = version("lora-merge")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "AdapterMismatchError",

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from lora_merge._version import __version__
 from lora_merge.adapter.config import read_adapter_config
 from lora_merge.adapter.keys import classify_adapter_keys
 from lora_merge.adapter.weights import open_adapter_weights
@@ -25,6 +26,7 @@ from lora_merge.errors import InvalidInputError, OutputError
 from lora_merge.finish.folder import copy_side_files, write_config, write_index
 from lora_merge.finish.staging import StagingFolder
 from lora_merge.inputs.resolve import (
+    AdapterFolder,
     BaseCheckpoint,
     check_output_location,
     resolve_adapter,
@@ -32,6 +34,7 @@ from lora_merge.inputs.resolve import (
 )
 from lora_merge.io.reader import SafetensorsReader, TensorSource
 from lora_merge.options import MergeOptions, parse_dtype, parse_size
+from lora_merge.plan.fingerprint import merge_fingerprint
 from lora_merge.plan.planner import MergePlan, build_merge_plan
 from lora_merge.plan.shards import plan_output_shards, shard_file_names
 from lora_merge.stream.executor import tile_budget_for, write_shard
@@ -53,7 +56,8 @@ class MergeSummary:
         lora_modules: LoRA modules merged.
         replaced: base tensors replaced by adapter tensors.
         copied: tensors copied byte for byte.
-        shards: safetensors files written.
+        shards: safetensors files in OUT.
+        resumed_shards: shards kept from an interrupted run (``--resume``).
         bytes_written: tensor data bytes written.
         seconds: wall time of the merge.
     """
@@ -64,6 +68,7 @@ class MergeSummary:
     replaced: int
     copied: int
     shards: int
+    resumed_shards: int
     bytes_written: int
     seconds: float
 
@@ -80,6 +85,8 @@ class _RunSettings:
     tile_budget: int
     device: torch.device
     show_progress: bool
+    resume: bool
+    allow_nonfinite: bool
 
 
 def merge(options: MergeOptions) -> MergeSummary:
@@ -105,6 +112,8 @@ def merge(options: MergeOptions) -> MergeSummary:
         ),
         device=device,
         show_progress=not options.quiet and sys.stderr.isatty(),
+        resume=options.resume,
+        allow_nonfinite=options.allow_nonfinite,
     )
 
     base = resolve_base(options.base)
@@ -116,7 +125,7 @@ def merge(options: MergeOptions) -> MergeSummary:
     with closing(open_adapter_weights(adapter_folder.weights_path)) as adapter:
         contents = classify_adapter_keys(list(adapter.keys()))
         plan = build_merge_plan(base, config, contents, adapter, settings.output_dtype)
-        shards = _write_output(plan, base, adapter, adapter_folder.folder, out, settings)
+        shards, resumed = _write_output(plan, base, adapter, adapter_folder, out, settings)
     return MergeSummary(
         out=str(out),
         tensors=len(plan.tensors),
@@ -124,6 +133,7 @@ def merge(options: MergeOptions) -> MergeSummary:
         replaced=plan.replaced,
         copied=sum(t.is_byte_copy for t in plan.tensors),
         shards=shards,
+        resumed_shards=resumed,
         bytes_written=plan.total_bytes,
         seconds=round(time.perf_counter() - started, 3),
     )
@@ -133,17 +143,31 @@ def _write_output(
     plan: MergePlan,
     base: BaseCheckpoint,
     adapter: TensorSource,
-    adapter_folder: Path,
+    adapter_folder: AdapterFolder,
     out: Path,
     settings: _RunSettings,
-) -> int:
-    """Stream the planned tensors into shards and finish OUT; return the shard count."""
+) -> tuple[int, int]:
+    """Stream the planned tensors into shards and finish OUT.
+
+    Returns:
+        The number of shards, and how many of them a resumed run kept.
+    """
     by_name = {t.spec.name: t for t in plan.tensors}
-    shard_names = plan_output_shards(
+    names_per_shard = plan_output_shards(
         [(t.spec.name, t.spec.nbytes) for t in plan.tensors], settings.max_shard_size
     )
-    file_names = shard_file_names(len(shard_names))
+    shards = [
+        (file_name, [by_name[name] for name in names])
+        for file_name, names in zip(
+            shard_file_names(len(names_per_shard)), names_per_shard, strict=True
+        )
+    ]
     _check_free_space(out, plan.total_bytes)
+    fingerprint = None
+    if settings.resume:
+        inputs = [entry.path for entry in base.entries.values()]
+        inputs += [adapter_folder.config_path, adapter_folder.weights_path]
+        fingerprint = merge_fingerprint(shards, inputs, __version__)
 
     progress = tqdm(
         total=plan.total_bytes,
@@ -160,29 +184,34 @@ def _write_output(
         with progress_lock:
             progress.update(count)
 
-    with StagingFolder(out) as staging, SafetensorsReader(base.entries) as base_reader, progress:
-        for file_name, names in zip(file_names, shard_names, strict=True):
+    kept = 0
+    with (
+        StagingFolder(out, fingerprint) as staging,
+        SafetensorsReader(base.entries) as base_reader,
+        progress,
+    ):
+        for file_name, tensors in shards:
+            if staging.has_verified_shard(file_name):
+                kept += 1
+                on_bytes(sum(t.spec.nbytes for t in tensors))
+                continue
             write_shard(
                 staging.path / file_name,
-                [by_name[name] for name in names],
+                tensors,
                 base_reader,
                 adapter,
                 settings.device,
                 settings.tile_budget,
                 on_bytes,
+                settings.allow_nonfinite,
             )
-        if len(file_names) > 1:
-            write_index(
-                staging.path,
-                [
-                    (f, [by_name[n].spec for n in names])
-                    for f, names in zip(file_names, shard_names, strict=True)
-                ],
-            )
+            staging.record_shard(file_name)
+        if len(shards) > 1:
+            write_index(staging.path, [(f, [t.spec for t in tensors]) for f, tensors in shards])
         write_config(staging.path, base.config, settings.output_dtype, plan.vocab_size)
-        copy_side_files(staging.path, base.folder, adapter_folder)
+        copy_side_files(staging.path, base.folder, adapter_folder.folder)
         staging.commit()
-    return len(file_names)
+    return len(shards), kept
 
 
 def resolve_device(name: str) -> torch.device:

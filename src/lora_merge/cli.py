@@ -35,7 +35,8 @@ Exit codes: 0 merged; 1 internal error (a bug: please report it, rerun with
 LORA_MERGE_DEBUG=1 for a traceback); 2 bad command line; 3 BASE, ADAPTER or a
 weights file not found; 4 invalid or unsupported input; 5 adapter does not fit
 the base; 6 OUT refused (exists, inside an input, disk too small);
-130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+7 NaN/Inf in the adapter or produced by the merge; 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM).
 """
 
 app = typer.Typer(
@@ -106,6 +107,21 @@ def merge_command(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Make this run resumable (a checksummed journal of finished shards) and "
+            "continue an interrupted --resume run of the same merge, keeping its verified shards.",
+        ),
+    ] = False,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--allow-nonfinite",
+            help="Write NaN/Inf produced by the merge instead of refusing (exit 7).",
+        ),
+    ] = False,
     json_summary: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout when done.")
     ] = False,
@@ -133,6 +149,8 @@ def merge_command(
         device=device,
         overwrite=overwrite,
         quiet=quiet,
+        resume=resume,
+        allow_nonfinite=allow_nonfinite,
     )
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
@@ -156,7 +174,13 @@ def merge_command(
     if not quiet:
         typer.echo(
             f"merged {summary.lora_modules} LoRA modules into {summary.tensors} tensors "
-            f"({summary.copied} copied unchanged, {summary.replaced} replaced by the adapter's), "
+            f"({summary.copied} copied unchanged, {summary.replaced} replaced by the adapter's"
+            + (
+                f", {summary.resumed_shards} shard(s) kept from the interrupted run"
+                if summary.resumed_shards
+                else ""
+            )
+            + "), "
             f"wrote {_human_bytes(summary.bytes_written)} in {summary.shards} shard(s) to "
             f"{summary.out} in {summary.seconds:.1f} s",
             err=True,

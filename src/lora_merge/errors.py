@@ -15,6 +15,7 @@ EXIT_INPUT_NOT_FOUND = 3
 EXIT_INVALID_INPUT = 4
 EXIT_ADAPTER_MISMATCH = 5
 EXIT_OUTPUT_REFUSED = 6
+EXIT_NONFINITE = 7
 EXIT_SIGINT = 130  # 128 + SIGINT, the shell convention
 EXIT_SIGTERM = 143  # 128 + SIGTERM
 
@@ -51,6 +52,12 @@ class OutputError(LoraMergeError):
     """OUT cannot be written: it exists, it lies inside an input, or the disk is too small."""
 
     exit_code = EXIT_OUTPUT_REFUSED
+
+
+class NonFiniteError(LoraMergeError):
+    """NaN or Inf in the adapter, or produced by the merge (refused unless --allow-nonfinite)."""
+
+    exit_code = EXIT_NONFINITE
 
 
 class MergeInterrupted(LoraMergeError):

@@ -86,6 +86,9 @@ class MergeOptions:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where the merge math runs.
         overwrite: replace an existing non-empty OUT.
         quiet: no progress bar.
+        resume: keep a checksummed journal so an interrupted run can be resumed,
+            and resume an interrupted ``resume`` run of the same merge.
+        allow_nonfinite: write NaN/Inf produced by the merge instead of refusing.
     """
 
     base: Path | str
@@ -97,3 +100,5 @@ class MergeOptions:
     device: str = "auto"
     overwrite: bool = False
     quiet: bool = False
+    resume: bool = False
+    allow_nonfinite: bool = False

@@ -81,7 +81,7 @@ def resolve_base(base: Path | str) -> BaseCheckpoint:
 
     entries: dict[str, TensorEntry] = {}
     for shard_name, expected_keys in shard_names.items():
-        header = read_safetensors_header(folder / shard_name)
+        header = read_safetensors_header(check_stays_inside(folder, shard_name))
         for entry in header.entries:
             if entry.name in entries:
                 raise InvalidInputError(
@@ -117,7 +117,8 @@ def resolve_adapter(adapter: Path | str) -> AdapterFolder:
         )
     for name in (ADAPTER_SAFETENSORS_NAME, ADAPTER_PICKLE_NAME):
         if (folder / name).is_file():
-            return AdapterFolder(folder=folder, config_path=config_path, weights_path=folder / name)
+            weights_path = check_stays_inside(folder, name)
+            return AdapterFolder(folder=folder, config_path=config_path, weights_path=weights_path)
     raise InputNotFoundError(
         f"ADAPTER {folder} has no {ADAPTER_SAFETENSORS_NAME} or {ADAPTER_PICKLE_NAME}"
     )
@@ -188,6 +189,27 @@ def _shards_from_index(index_path: Path) -> dict[str, set[str]]:
                 "the download is incomplete"
             )
     return shards
+
+
+def check_stays_inside(folder: Path, name: str) -> Path:
+    """``folder / name``, after checking that following symlinks does not leave ``folder``.
+
+    The one exception is the Hugging Face cache layout, where
+    ``models--org--name/snapshots/<rev>/file`` links to ``models--org--name/blobs/<hash>``.
+
+    Raises:
+        InvalidInputError: the file resolves outside the folder.
+    """
+    path = folder / name
+    target = path.resolve()
+    if target.is_relative_to(folder):
+        return path
+    if folder.parent.name == "snapshots" and target.is_relative_to(folder.parent.parent / "blobs"):
+        return path
+    raise InvalidInputError(
+        f"{path} is a link to {target}, outside {folder}; refusing to read files outside the "
+        "model folder (copy the file in instead of linking it)"
+    )
 
 
 def _read_json(path: Path) -> object:

@@ -6,6 +6,7 @@ rows i..j) so the planner and the stream do not care where a tensor comes from.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -18,6 +19,13 @@ from lora_merge.errors import InvalidInputError
 from lora_merge.io.safetensors_format import TensorEntry
 
 COPY_CHUNK_BYTES = 16 * 2**20
+_COPY_FILE_RANGE_UNSUPPORTED = (
+    errno.EXDEV,
+    errno.EINVAL,
+    errno.ENOSYS,
+    errno.EOPNOTSUPP,
+    errno.EBADF,
+)
 
 
 class TensorSource(Protocol):
@@ -130,8 +138,11 @@ class SafetensorsReader:
                     if count == 0:
                         raise _shrunk(entry)
                     copied += count
-            except OSError:
-                pass  # e.g. EXDEV on old kernels or EINVAL on some filesystems: copy below
+            except OSError as err:
+                # EXDEV on old kernels, EINVAL/ENOSYS/EOPNOTSUPP on some filesystems:
+                # copy below instead. A full disk is not something to retry.
+                if err.errno not in _COPY_FILE_RANGE_UNSUPPORTED:
+                    raise
         while copied < entry.nbytes:
             chunk = os.pread(
                 source, min(COPY_CHUNK_BYTES, entry.nbytes - copied), entry.start + copied

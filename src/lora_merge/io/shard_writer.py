@@ -7,17 +7,20 @@ order, chunk by chunk, without ever holding a whole tensor or shard.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lora_merge.errors import OutputError
 from lora_merge.io.reader import SafetensorsReader
 from lora_merge.io.safetensors_format import (
     METADATA_KEY,
@@ -92,8 +95,9 @@ class ShardWriter:
         self._descriptor: int | None = None
 
     def __enter__(self) -> ShardWriter:
-        self._descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        pwrite_all(self._descriptor, memoryview(self._header), 0)
+        with write_errors_as_output_errors(self.path):
+            self._descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            pwrite_all(self._descriptor, memoryview(self._header), 0)
         return self
 
     def __exit__(self, exc_type: object, *exc_info: object) -> None:
@@ -136,14 +140,16 @@ class TensorSlot:
         self._check_room(nbytes)
         if nbytes:
             data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy().data
-            pwrite_all(self._descriptor, data, self._position)
+            with write_errors_as_output_errors(self._shard.path):
+                pwrite_all(self._descriptor, data, self._position)
         self._advance(nbytes)
         return nbytes
 
     def copy_from(self, reader: SafetensorsReader, key: str) -> int:
         """Fill the whole tensor with the stored bytes of ``key``, without decoding them."""
         self._check_room(reader.entry(key).nbytes)
-        copied = reader.copy_bytes(key, self._descriptor, self._position)
+        with write_errors_as_output_errors(self._shard.path):
+            copied = reader.copy_bytes(key, self._descriptor, self._position)
         self._advance(copied)
         return copied
 
@@ -177,3 +183,19 @@ def pwrite_all(descriptor: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(descriptor, data[done : done + WRITE_PIECE_BYTES], offset + done)
+
+
+@contextmanager
+def write_errors_as_output_errors(path: Path) -> Iterator[None]:
+    """Turn a failed write (full disk, quota, I/O error) into the user-facing OutputError."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "the disk is full"
+        else:
+            reason = err.strerror or str(err)
+        raise OutputError(
+            f"writing {path.name} failed: {reason}; nothing was written to OUT "
+            "(free some space or choose another OUT)"
+        ) from err

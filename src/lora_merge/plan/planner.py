@@ -243,6 +243,13 @@ def _plan_lora_product(
     scale = config.scale_for(module.module, rank)
     if module.is_embedding:
         # lora_embedding_A is (r, vocab) and B (dim, r): PEFT's delta is (B @ A).T.
+        if weight_shape[1:] == (out_features,) and weight_shape[0] != in_features:
+            raise AdapterMismatchError(
+                f"adapter key {module.a_key!r} covers a vocabulary of {in_features} tokens but "
+                f"base {weight_key!r} has {weight_shape[0]} rows: the adapter was trained after "
+                "resizing the vocabulary; save it with the resized embeddings (PEFT "
+                "save_embedding_layers=True or modules_to_save) or merge it into the resized base"
+            )
         if weight_shape != (in_features, out_features):
             raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
         transposed = True

@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 
 from lora_merge.compute.lora import (
+    all_finite,
     compute_dtype_for,
     merge_lora_bias,
     merge_lora_rows,
     prepare_lora_factors,
 )
+from lora_merge.errors import NonFiniteError
 from lora_merge.io.reader import SafetensorsReader, TensorSource
 from lora_merge.io.safetensors_format import dtype_itemsize
 from lora_merge.io.shard_writer import ShardWriter
@@ -71,6 +73,7 @@ def write_shard(
     device: torch.device,
     tile_budget: int,
     on_bytes: Callable[[int], None],
+    allow_nonfinite: bool = False,
 ) -> None:
     """Write one output shard.
 
@@ -87,6 +90,11 @@ def write_shard(
         tile_budget: bytes of merge workspace one tile may use (see :func:`tile_budget_for`).
         on_bytes: called with the number of output bytes after each write (progress);
             it may be called from several threads.
+        allow_nonfinite: write NaN/Inf produced by the merge instead of refusing
+            (tensors copied unchanged from the base are never inspected).
+
+    Raises:
+        NonFiniteError: a merged, replaced or converted tensor has NaN or Inf.
     """
     workers = torch.get_num_threads() if device.type == "cpu" else 1
     with (
@@ -107,6 +115,8 @@ def write_shard(
             if not hasattr(per_thread, "buffers"):
                 per_thread.buffers = TileBuffers(tile_budget)
             for tile in _output_tiles(tensor, source, adapter, device, per_thread.buffers):
+                if not allow_nonfinite and not all_finite(tile):
+                    raise NonFiniteError(_nonfinite_message(tensor, adapter))
                 on_bytes(slot.write(tile))
                 if stop.is_set():
                     return
@@ -133,6 +143,27 @@ def _single_threaded_torch(enabled: bool) -> Iterator[None]:
     finally:
         if enabled:
             torch.set_num_threads(previous)
+
+
+def _nonfinite_message(tensor: PlannedTensor, adapter: TensorSource) -> str:
+    """Say where NaN/Inf in an output tensor came from, and what to do."""
+    name, delta = tensor.spec.name, tensor.delta
+    suspects = [tensor.source_key] if tensor.source == "adapter" else []
+    if isinstance(delta, LoraProduct):
+        suspects += [delta.a_key, delta.b_key]
+    elif isinstance(delta, LoraBias):
+        suspects.append(delta.bias_key)
+    broken = [key for key in suspects if not all_finite(adapter.read_rows(key))]
+    if broken:
+        cause = f"adapter tensor {broken[0]!r} contains NaN or Inf: the adapter is broken"
+    elif delta is not None:
+        cause = (
+            f"merging into {name!r} produced NaN or Inf: the base tensor holds NaN/Inf or "
+            f"the sum overflows {tensor.spec.dtype}"
+        )
+    else:
+        cause = f"converting {name!r} to {tensor.spec.dtype} produced NaN or Inf (values out of its range)"
+    return f"{cause}; refusing to write it (pass --allow-nonfinite to write it anyway)"
 
 
 def _output_tiles(

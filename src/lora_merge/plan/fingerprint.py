@@ -1,0 +1,50 @@
+"""A digest of everything that decides a merge's output bytes, for resuming safely.
+
+Two runs with the same fingerprint write the same shards, so a resumed run may
+keep the shards an interrupted one finished. It covers the plan (every output
+tensor, its source and delta, its shard), the identity of every input file
+(size and modification time, cheap to read) and the lora-merge version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from lora_merge.plan.planner import PlannedTensor
+
+
+def merge_fingerprint(
+    shards: Sequence[tuple[str, Sequence[PlannedTensor]]],
+    input_files: Iterable[Path],
+    version: str,
+) -> str:
+    """sha256 over the shard plan, the input files' sizes and mtimes, and the version."""
+    description = {
+        "version": version,
+        "inputs": sorted(
+            (str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in set(input_files)
+        ),
+        "shards": [
+            [file_name, [_describe(tensor) for tensor in tensors]] for file_name, tensors in shards
+        ],
+    }
+    encoded = json.dumps(description, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _describe(tensor: PlannedTensor) -> dict[str, object]:
+    return {
+        "name": tensor.spec.name,
+        "dtype": str(tensor.spec.dtype),
+        "shape": list(tensor.spec.shape),
+        "source": tensor.source,
+        "source_key": tensor.source_key,
+        "source_dtype": str(tensor.source_dtype),
+        "delta": None
+        if tensor.delta is None
+        else [type(tensor.delta).__name__, asdict(tensor.delta)],
+    }
