@@ -108,3 +108,31 @@ def write_adapter(
     save_file(tensors, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config(**config_overrides)))
     return tensors
+
+
+def write_big_base_and_adapter(
+    root: Path, tensors: int = 24, side: int = 1024
+) -> tuple[Path, Path]:
+    """A float32 base big enough (~100 MB by default) that a signal lands mid-write.
+
+    One LoRA module on the first tensor; the rest are converted when ``--dtype``
+    asks for it, which keeps the merge busy for a fraction of a second.
+    """
+    base, adapter = root / "base", root / "adapter"
+    base.mkdir(parents=True)
+    adapter.mkdir(parents=True)
+    weights = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.full((side, side), 0.5)
+        for i in range(tensors)
+    }
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
+    lora = {
+        "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.ones(2, side),
+        "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.ones(side, 2),
+    }
+    save_file(lora, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2})
+    )
+    return base, adapter

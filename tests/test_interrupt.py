@@ -7,7 +7,6 @@ folder appears, queues the signal, and lets it continue (SIGCONT).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,36 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from handmade_checkpoints import write_big_base_and_adapter
 
 LORA_MERGE = str(Path(sys.executable).parent / "lora-merge")
-TENSORS = 24
-SIDE = 1024  # 24 x 4 MiB of float32: long enough to cast that the signal lands mid-write
 
 
 @pytest.fixture(scope="module")
 def big_enough_inputs(tmp_path_factory) -> tuple[Path, Path]:
     """A ~100 MB float32 base and an adapter on one of its tensors."""
-    root = tmp_path_factory.mktemp("interrupt")
-    base, adapter = root / "base", root / "adapter"
-    base.mkdir()
-    adapter.mkdir()
-    tensors = {
-        f"model.layers.{i}.mlp.up_proj.weight": torch.full((SIDE, SIDE), 0.5)
-        for i in range(TENSORS)
-    }
-    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
-    (base / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
-    lora = {
-        "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.ones(2, SIDE),
-        "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.ones(SIDE, 2),
-    }
-    save_file(lora, adapter / "adapter_model.safetensors")
-    (adapter / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2})
-    )
-    return base, adapter
+    return write_big_base_and_adapter(tmp_path_factory.mktemp("interrupt"))
 
 
 def _wait_for_staging(parent: Path, process: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -102,6 +102,19 @@ def merge(options: MergeOptions) -> MergeSummary:
         LoraMergeError: for every problem with the inputs or OUT; nothing is
             written to OUT in that case and the inputs are never modified.
     """
+    try:
+        return _merge(options)
+    except PermissionError as err:
+        # Whatever step met it, a permission problem is the user's to fix: name the path.
+        path = Path(err.filename or "?")
+        out_parent = Path(options.out).expanduser().absolute().parent
+        error = OutputError if path.is_relative_to(out_parent) else InvalidInputError
+        raise error(
+            f"cannot access {path}: permission denied; check the file's permissions"
+        ) from err
+
+
+def _merge(options: MergeOptions) -> MergeSummary:
     started = time.perf_counter()
     device = resolve_device(options.device)
     settings = _RunSettings(
