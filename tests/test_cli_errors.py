@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -108,6 +109,37 @@ def _only_pickled_weights(base: Path) -> None:
     torch.save({"x": torch.zeros(1)}, base / "pytorch_model.bin")
 
 
+def _write_raw_header(
+    path: Path, header: bytes, length: int | None = None, data: bytes = b""
+) -> None:
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
+
+
+def _corrupt_header(base: Path, kind: str) -> None:
+    shard = base / "model-00002-of-00002.safetensors"
+    keys = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    name = next(k for k, f in keys.items() if f == shard.name)
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    if kind == "length":
+        _write_raw_header(shard, b"{}", length=2**40)
+    elif kind == "json":
+        _write_raw_header(shard, b'{"a": [1, 2', data=b"\0" * 8)
+    elif kind == "overlap":
+        other = {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}
+        _write_raw_header(shard, json.dumps({name: entry, "x": other}).encode(), data=b"\0" * 12)
+    elif kind == "past-end":
+        _write_raw_header(shard, json.dumps({name: entry}).encode(), data=b"\0" * 4)
+    elif kind == "dtype":
+        _write_raw_header(
+            shard, json.dumps({name: {**entry, "dtype": "Q4_K"}}).encode(), data=b"\0" * 8
+        )
+
+
+def _vocabulary_resized_before_training(tensors: dict) -> None:
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.randn(4, 160)
+    tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.randn(64, 4)
+
+
 # (id, how to break the inputs, expected exit code, words the message must contain)
 BROKEN_INPUTS = [
     (
@@ -157,6 +189,66 @@ BROKEN_INPUTS = [
         lambda b, a: _edit_config(a, peft_type="LOHA"),
         EXIT_INVALID_INPUT,
         ["LoHa", "not support"],
+    ),
+    (
+        "adapter-is-ia3",
+        lambda b, a: _edit_config(a, peft_type="IA3"),
+        EXIT_INVALID_INPUT,
+        ["IA3", "not support"],
+    ),
+    (
+        "adapter-config-without-peft-type",
+        lambda b, a: _edit_config(a, peft_type=None),
+        EXIT_INVALID_INPUT,
+        ["no 'peft_type'"],
+    ),
+    (
+        "adapter-config-not-an-object",
+        lambda b, a: _write(a / "adapter_config.json", "[1, 2]"),
+        EXIT_INVALID_INPUT,
+        ["not a JSON object"],
+    ),
+    (
+        "adapter-weights-corrupt",
+        lambda b, a: _write(a / "adapter_model.safetensors", "garbage"),
+        EXIT_INVALID_INPUT,
+        ["adapter_model.safetensors", "not a valid safetensors"],
+    ),
+    (
+        "vocabulary-mismatch",
+        lambda b, a: _replace_adapter_tensors(a, _vocabulary_resized_before_training),
+        EXIT_ADAPTER_MISMATCH,
+        ["160 tokens", "128 rows", "resiz"],
+    ),
+    (
+        "header-length-absurd",
+        lambda b, a: _corrupt_header(b, "length"),
+        EXIT_INVALID_INPUT,
+        ["implausibly large"],
+    ),
+    (
+        "header-bad-json",
+        lambda b, a: _corrupt_header(b, "json"),
+        EXIT_INVALID_INPUT,
+        ["not valid JSON"],
+    ),
+    (
+        "header-overlapping-offsets",
+        lambda b, a: _corrupt_header(b, "overlap"),
+        EXIT_INVALID_INPUT,
+        ["overlap"],
+    ),
+    (
+        "header-offsets-past-end",
+        lambda b, a: _corrupt_header(b, "past-end"),
+        EXIT_INVALID_INPUT,
+        ["past the end"],
+    ),
+    (
+        "header-unknown-dtype",
+        lambda b, a: _corrupt_header(b, "dtype"),
+        EXIT_INVALID_INPUT,
+        ["unknown dtype", "Q4_K"],
     ),
     (
         "adapter-is-prompt-tuning",

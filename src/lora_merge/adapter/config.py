@@ -69,7 +69,7 @@ def pattern_key_for(patterns: Iterable[str], module_name: str) -> str | None:
     ``"v_proj"`` matches ``model.layers.0.self_attn.v_proj`` but ``"proj"`` does not.
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if re.match(_anchored(key), module_name):
             return key
     return None
 
@@ -81,15 +81,24 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         InvalidInputError: invalid JSON, not a LoRA adapter, or fields that make no sense.
     """
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InvalidInputError(f"{path} is not valid JSON ({err})") from err
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise InvalidInputError(f"cannot read {path}: {err}") from err
+    try:
+        raw = json.loads(text)
+    except RecursionError as err:
+        raise InvalidInputError(f"{path} is not valid JSON (nested too deeply)") from err
+    except ValueError as err:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise InvalidInputError(f"{path} is not valid JSON ({err})") from err
     if not isinstance(raw, dict):
         raise InvalidInputError(f"{path} is not a JSON object")
 
     peft_type = raw.get("peft_type")
+    if peft_type is None:
+        raise InvalidInputError(
+            f"{path} has no 'peft_type': it is not a PEFT adapter config (point ADAPTER at the "
+            "folder PEFT's save_pretrained() wrote)"
+        )
     if peft_type != "LORA":
         name = _PEFT_TYPE_NAMES.get(str(peft_type), repr(peft_type))
         raise InvalidInputError(
@@ -115,7 +124,9 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
     for pattern in (*rank_pattern, *alpha_pattern):
         try:
             re.compile(pattern)
-        except re.error as err:
+            # As pattern_key_for uses it: "(?i)x" alone is valid, wrapped it is not.
+            re.compile(_anchored(pattern))
+        except (re.error, OverflowError, RecursionError) as err:
             raise InvalidInputError(
                 f"{path}: pattern {pattern!r} is not a valid regex ({err})"
             ) from err
@@ -137,5 +148,15 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _anchored(pattern: str) -> str:
+    """PEFT's ``get_pattern_key`` regex for one pattern key."""
+    return rf"(.*\.)?({pattern})$"
+
+
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float, e.g. 10**400
+        return False

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import reprlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,14 @@ SAFETENSORS_NAME_BY_TORCH_DTYPE = {v: k for k, v in TORCH_DTYPE_BY_SAFETENSORS_N
 
 HEADER_LENGTH_BYTES = 8
 METADATA_KEY = "__metadata__"
+# Torch computes element counts and strides in int64: a shape whose dimensions
+# (zeros counted as ones) multiply past this cannot be a torch tensor, even empty.
+MAX_ELEMENTS = 2**63 - 1
+
+# Values quoted in error messages are shortened: a header may hold megabytes of them.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxdict = 8
 
 
 @dataclass(frozen=True)
@@ -114,14 +123,13 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
             raw_header = handle.read(header_length)
     except OSError as err:
         raise InvalidInputError(f"cannot read {path}: {err.strerror or err}") from err
-    try:
-        header = json.loads(raw_header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _corrupt(path, f"its header is not valid JSON ({err})") from err
+    header = _decode_header(path, raw_header)
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
 
-    metadata = header.pop(METADATA_KEY, None) or {}
+    metadata = header.pop(METADATA_KEY, None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -135,8 +143,71 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     entries.sort(key=lambda entry: entry.start)
     for previous, current in itertools.pairwise(entries):
         if current.start < previous.start + previous.nbytes:
-            raise _corrupt(path, f"tensors {previous.name!r} and {current.name!r} overlap")
+            raise _corrupt(
+                path, f"tensors {_SHORT.repr(previous.name)} and {_SHORT.repr(current.name)} overlap"
+            )
     return SafetensorsHeader(path=path, entries=tuple(entries), metadata=metadata)
+
+
+class _DuplicateKeyError(ValueError):
+    """A JSON object of the header names one key twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _NotUnicodeError(ValueError):
+    """A string of the header holds a lone surrogate escape such as ``\\ud800``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def _decode_header(path: Path, raw_header: bytes) -> object:
+    """The header's JSON value: strict UTF-8, no repeated keys, no lone surrogates.
+
+    ``json.loads`` alone would guess UTF-16/32 encodings, keep the last of two
+    equal keys (so the first escapes every check), accept ``"\\ud800"`` escapes
+    that the safetensors library refuses, and raise ``ValueError`` (integers of
+    more than 4300 digits) or ``RecursionError`` (deep nesting) besides
+    ``JSONDecodeError``.
+    """
+    try:
+        return json.loads(raw_header.decode("utf-8"), object_pairs_hook=_checked_object)
+    except UnicodeDecodeError as err:
+        raise _corrupt(path, f"its header is not UTF-8 ({err})") from err
+    except _DuplicateKeyError as err:
+        raise _corrupt(path, f"its header names {_SHORT.repr(err.key)} twice") from err
+    except _NotUnicodeError as err:
+        raise _corrupt(
+            path, f"its header holds {_SHORT.repr(err.text)}, which is not valid Unicode"
+        ) from err
+    except RecursionError as err:
+        raise _corrupt(path, "its header is not valid JSON (nested too deeply)") from err
+    except ValueError as err:  # JSONDecodeError, or an integer too long to convert
+        raise _corrupt(path, f"its header is not valid JSON ({_SHORT.repr(str(err))})") from err
+
+
+def _checked_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        for text in (key, value):
+            if isinstance(text, str) and not _is_unicode(text):
+                raise _NotUnicodeError(text)
+        result[key] = value
+    return result
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_entry(
@@ -147,26 +218,33 @@ def _parse_entry(
     dtype_name = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if dtype_name not in TORCH_DTYPE_BY_SAFETENSORS_NAME:
-        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype_name!r}")
+    quoted = _SHORT.repr(name)
+    if not isinstance(dtype_name, str) or dtype_name not in TORCH_DTYPE_BY_SAFETENSORS_NAME:
+        raise _corrupt(path, f"tensor {quoted} has unknown dtype {_SHORT.repr(dtype_name)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _corrupt(path, f"tensor {quoted} has an invalid shape {_SHORT.repr(shape)}")
+    if not _fits_torch(shape):
+        raise _corrupt(
+            path,
+            f"tensor {quoted} has shape {_SHORT.repr(shape)}, too large for any tensor "
+            f"(its dimensions multiply past {MAX_ELEMENTS})",
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_count(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _corrupt(path, f"tensor {quoted} has invalid data_offsets {_SHORT.repr(offsets)}")
     dtype = TORCH_DTYPE_BY_SAFETENSORS_NAME[dtype_name]
     expected = math.prod(shape) * dtype_itemsize(dtype)
     begin, end = offsets
     if end - begin != expected:
         raise _corrupt(
-            path, f"tensor {name!r} spans {end - begin} bytes but its shape needs {expected}"
+            path, f"tensor {quoted} spans {end - begin} bytes but its shape needs {expected}"
         )
     if end > data_size:
-        raise _corrupt(path, f"tensor {name!r} runs past the end of the file (truncated?)")
+        raise _corrupt(path, f"tensor {quoted} runs past the end of the file (truncated?)")
     return TensorEntry(
         name=name,
         path=path,
@@ -175,6 +253,20 @@ def _parse_entry(
         start=data_start + begin,
         nbytes=expected,
     )
+
+
+def _fits_torch(shape: list[int]) -> bool:
+    """Whether the dimensions, zeros counted as ones, multiply to at most ``MAX_ELEMENTS``.
+
+    Stops at the first partial product past the limit, so a header of thousands
+    of 4000-digit dimensions costs microseconds, not hours of big-int products.
+    """
+    product = 1
+    for dimension in shape:
+        product *= max(dimension, 1)
+        if product > MAX_ELEMENTS:
+            return False
+    return True
 
 
 def _is_count(value: object) -> bool:
