@@ -11,15 +11,13 @@ import os
 import pickle
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from handmade_checkpoints import adapter_tensors, write_adapter, write_base
-
-LORA_MERGE = str(Path(sys.executable).parent / "lora-merge")
+from merge_process import LORA_MERGE
 
 EXIT_USAGE = 2
 EXIT_INPUT_NOT_FOUND = 3

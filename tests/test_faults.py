@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +25,9 @@ from handmade_checkpoints import (
     write_base,
     write_big_base_and_adapter,
 )
+from merge_process import LORA_MERGE, resume, start_merge_frozen_mid_write
 from safetensors.torch import load_file, save_file
 
-LORA_MERGE = str(Path(sys.executable).parent / "lora-merge")
 EXIT_INVALID_INPUT = 4
 EXIT_OUTPUT_REFUSED = 6
 EXIT_NONFINITE = 7
@@ -234,23 +233,10 @@ def test_base_shard_shrinking_mid_merge_is_a_clean_error(tmp_path):
     """A base file truncated while it is read gives exit 4 and a message, not a crash or garbage."""
     base, adapter = write_big_base_and_adapter(tmp_path / "inputs")
     out = tmp_path / "merged"
-    process = subprocess.Popen(
-        [LORA_MERGE, str(base), str(adapter), str(out), "--dtype", "bf16", "--max-memory", "2MB"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".merged.lora-merge-partial-*")):
-        assert time.monotonic() < deadline and process.poll() is None, (
-            "the merge never started writing"
-        )
-        time.sleep(0.001)
-    os.kill(process.pid, signal.SIGSTOP)
+    process = start_merge_frozen_mid_write(base, adapter, out)
     shard = base / "model.safetensors"
     os.truncate(shard, shard.stat().st_size // 2)
-    os.kill(process.pid, signal.SIGCONT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = resume(process)
 
     assert process.returncode == EXIT_INVALID_INPUT, stderr
     line = stderr.strip().splitlines()[-1]
@@ -379,19 +365,7 @@ def test_disk_filling_up_mid_write_is_a_clean_error(tmp_path, small_filesystem):
         tmp_path / "inputs", tensors=6, side=1024
     )  # 12 MB as bf16
     out = small_filesystem / "merged"
-    process = subprocess.Popen(
-        [LORA_MERGE, str(base), str(adapter), str(out), "--dtype", "bf16", "--max-memory", "2MB"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not list(small_filesystem.glob(".merged.lora-merge-partial-*")):
-        assert time.monotonic() < deadline and process.poll() is None, (
-            "the merge never started writing"
-        )
-        time.sleep(0.001)
-    os.kill(process.pid, signal.SIGSTOP)
+    process = start_merge_frozen_mid_write(base, adapter, out)
     filler = os.open(small_filesystem / "filler", os.O_WRONLY | os.O_CREAT)
     try:  # take all the space that is left
         while os.write(filler, b"\0" * 2**16):
@@ -400,8 +374,7 @@ def test_disk_filling_up_mid_write_is_a_clean_error(tmp_path, small_filesystem):
         pass
     finally:
         os.close(filler)
-    os.kill(process.pid, signal.SIGCONT)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = resume(process)
 
     assert process.returncode == EXIT_OUTPUT_REFUSED, stderr
     assert "disk is full" in stderr.strip().splitlines()[-1]

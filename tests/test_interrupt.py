@@ -10,31 +10,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from handmade_checkpoints import write_big_base_and_adapter
-
-LORA_MERGE = str(Path(sys.executable).parent / "lora-merge")
+from merge_process import LORA_MERGE, resume, start_merge_frozen_mid_write
 
 
 @pytest.fixture(scope="module")
 def big_enough_inputs(tmp_path_factory) -> tuple[Path, Path]:
     """A ~100 MB float32 base and an adapter on one of its tensors."""
     return write_big_base_and_adapter(tmp_path_factory.mktemp("interrupt"))
-
-
-def _wait_for_staging(parent: Path, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.name.startswith(".merged.lora-merge-partial-") for p in parent.iterdir()):
-            return
-        if process.poll() is not None:
-            pytest.fail(f"lora-merge ended before writing started: {process.communicate()}")
-        time.sleep(0.001)
-    pytest.fail("lora-merge never started writing")
 
 
 @pytest.mark.parametrize(
@@ -47,20 +33,9 @@ def test_signal_mid_write_removes_partial_output(
     """The staging folder is deleted, OUT never appears, the exit code says which signal."""
     base, adapter = big_enough_inputs
     out = tmp_path / "merged"
-    process = subprocess.Popen(
-        [LORA_MERGE, str(base), str(adapter), str(out), "--dtype", "bf16", "--max-memory", "2MB"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for_staging(tmp_path, process)
-    os.kill(process.pid, signal.SIGSTOP)
-    assert not out.exists(), (
-        "the merge finished before it could be interrupted; make the input larger"
-    )
+    process = start_merge_frozen_mid_write(base, adapter, out)
     os.kill(process.pid, sent)
-    os.kill(process.pid, signal.SIGCONT)
-    stdout, stderr = process.communicate(timeout=60)
+    stdout, stderr = resume(process)
 
     assert process.returncode == exit_code, stderr
     assert stderr.strip().splitlines() == [
@@ -75,14 +50,9 @@ def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(big_enough_inputs, tm
     """SIGKILL cannot be handled; the next run with the same OUT removes the dead run's staging folder."""
     base, adapter = big_enough_inputs
     out = tmp_path / "merged"
-    process = subprocess.Popen(
-        [LORA_MERGE, str(base), str(adapter), str(out), "--dtype", "bf16", "--max-memory", "2MB"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_for_staging(tmp_path, process)
+    process = start_merge_frozen_mid_write(base, adapter, out)
     process.kill()
-    process.wait()
+    process.communicate()
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.lora-merge-partial-")]
     assert leftovers and not out.exists()
 

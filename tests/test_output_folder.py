@@ -15,7 +15,6 @@ import re
 import select
 import struct
 import subprocess
-import sys
 import termios
 import time
 import warnings
@@ -26,6 +25,7 @@ import pytest
 import torch
 from handmade_checkpoints import adapter_tensors, write_adapter, write_base
 from merge_oracle import read_safetensors_directory
+from merge_process import LORA_MERGE
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file
@@ -40,7 +40,6 @@ from transformers import (
 
 from lora_merge import MergeOptions, merge
 
-LORA_MERGE = str(Path(sys.executable).parent / "lora-merge")
 ADAPTER_PREFIX = "base_model.model."
 
 # The user adds 8 special tokens and 8 ordinary words: 256 -> 272 rows.
