@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-LINTED := src tests benchmarks examples
+LINTED := src tests benchmarks examples fuzz
 
 .PHONY: install demo test lint bench clean
 

@@ -25,6 +25,7 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
 ADAPTER_PICKLE_NAME = "adapter_model.bin"
 PICKLED_BASE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX on Linux and macOS: longer names cannot be files
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,12 @@ def _shards_from_index(index_path: Path) -> dict[str, set[str]]:
         raise InvalidInputError(f"{index_path} has no weight_map; the checkpoint is incomplete")
     shards: dict[str, set[str]] = {}
     for key, name in weight_map.items():
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        if (
+            not isinstance(name, str)
+            or Path(name).name != name
+            or name in ("", ".", "..")
+            or len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES
+        ):
             raise InvalidInputError(
                 f"{index_path} maps {key!r} to {name!r}, which is not a file name in BASE; "
                 "refusing to follow paths read from the index"
@@ -218,8 +224,12 @@ def _read_json(path: Path) -> object:
             return json.load(handle)
     except json.JSONDecodeError as err:
         raise InvalidInputError(f"{path} is not valid JSON ({err})") from err
-    except (OSError, UnicodeDecodeError) as err:
+    except (UnicodeDecodeError, OSError) as err:
         raise InvalidInputError(f"cannot read {path}: {err}") from err
+    except (RecursionError, ValueError) as err:
+        # Nesting deeper than Python's JSON parser recurses, or an integer with
+        # more digits than int() accepts: not a file anyone meant to write.
+        raise InvalidInputError(f"{path} is not usable JSON ({type(err).__name__})") from err
 
 
 def _read_json_if_present(path: Path) -> dict[str, object]:

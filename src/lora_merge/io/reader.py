@@ -96,6 +96,9 @@ class SafetensorsReader:
         entry = self._entries[key]
         rows = entry.shape[0] if entry.shape else 1
         stop = rows if stop is None else stop
+        if not 0 <= start <= stop <= rows:
+            # A caller bug, never user input: refuse rather than read a neighbour's bytes.
+            raise ValueError(f"rows {start}:{stop} are outside {key!r}, which has {rows}")
         if entry.shape:
             offset = entry.start + start * entry.row_nbytes
             nbytes = (stop - start) * entry.row_nbytes

@@ -140,11 +140,14 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     entries = [
         _parse_entry(path, name, info, data_start, data_size) for name, info in header.items()
     ]
-    entries.sort(key=lambda entry: entry.start)
+    # By (start, size), as the safetensors library sorts: an empty tensor at the offset
+    # where the next one starts is not an overlap, whatever order the JSON lists them in.
+    entries.sort(key=lambda entry: (entry.start, entry.nbytes))
     for previous, current in itertools.pairwise(entries):
         if current.start < previous.start + previous.nbytes:
             raise _corrupt(
-                path, f"tensors {_SHORT.repr(previous.name)} and {_SHORT.repr(current.name)} overlap"
+                path,
+                f"tensors {_SHORT.repr(previous.name)} and {_SHORT.repr(current.name)} overlap",
             )
     return SafetensorsHeader(path=path, entries=tuple(entries), metadata=metadata)
 
