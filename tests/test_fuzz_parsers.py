@@ -722,26 +722,29 @@ INDEX_MUTATIONS = (
     "config",
     "single_file",
 )
-SHARD_NAME_VALUES = st.sampled_from(
-    [
-        "",
-        ".",
-        "..",
-        "../model-00001-of-00002.safetensors",
-        "/etc/passwd",
-        "sub/model-00001-of-00002.safetensors",
-        "model-00001-of-00002.safetensors/",
-        "./model-00001-of-00002.safetensors",
-        "config.json",
-        INDEX_NAME,
-        "missing.safetensors",
-        "a\x00b",
-        "~",
-        "\\x.safetensors",
-        "subdir",
-        SHARD_NAMES[1],
-    ]
-) | st.text(max_size=40)  # at most 160 UTF-8 bytes; longer names: test_index_naming_a_shard_longer_than_the_file_system_allows_is_refused
+SHARD_NAME_VALUES = (
+    st.sampled_from(
+        [
+            "",
+            ".",
+            "..",
+            "../model-00001-of-00002.safetensors",
+            "/etc/passwd",
+            "sub/model-00001-of-00002.safetensors",
+            "model-00001-of-00002.safetensors/",
+            "./model-00001-of-00002.safetensors",
+            "config.json",
+            INDEX_NAME,
+            "missing.safetensors",
+            "a\x00b",
+            "~",
+            "\\x.safetensors",
+            "subdir",
+            SHARD_NAMES[1],
+        ]
+    )
+    | st.text(max_size=40)
+)  # at most 160 UTF-8 bytes; longer names: test_index_naming_a_shard_longer_than_the_file_system_allows_is_refused
 
 
 @st.composite
@@ -795,7 +798,9 @@ def base_folders(draw: st.DrawFn) -> dict[str, bytes | None]:
         name = draw(st.sampled_from(["subdir", "sub.safetensors"]))
         files[name] = None
         weight_map[draw(st.sampled_from(keys))] = name
-    elif kind == "config":  # shallow values; deep ones: test_index_and_config_that_json_cannot_hold_are_refused
+    elif (
+        kind == "config"
+    ):  # shallow values; deep ones: test_index_and_config_that_json_cannot_hold_are_refused
         files["config.json"] = json.dumps(draw(JSON_VALUES)).encode()
     text = json.dumps(index).encode()
     if kind == "bytes":

@@ -19,8 +19,8 @@ from merge_process import LORA_MERGE, resume, start_merge_frozen_mid_write
 
 @pytest.fixture(scope="module")
 def big_enough_inputs(tmp_path_factory) -> tuple[Path, Path]:
-    """A ~100 MB float32 base and an adapter on one of its tensors."""
-    return write_big_base_and_adapter(tmp_path_factory.mktemp("interrupt"))
+    """A ~200 MB float32 base (so that even a loaded machine catches the merge mid-write)."""
+    return write_big_base_and_adapter(tmp_path_factory.mktemp("interrupt"), tensors=48)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,9 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import closing
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,12 +21,14 @@ import torch
 from tqdm import tqdm
 
 from lora_merge._version import __version__
-from lora_merge.adapter.config import read_adapter_config
+from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
 from lora_merge.adapter.keys import classify_adapter_keys
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.errors import InvalidInputError, OutputError
 from lora_merge.finish.folder import copy_side_files, write_config, write_index
 from lora_merge.finish.staging import StagingFolder
+from lora_merge.finish.verify import verify_output
+from lora_merge.inputs.hub import resolve_model_location
 from lora_merge.inputs.resolve import (
     AdapterFolder,
     BaseCheckpoint,
@@ -35,7 +39,7 @@ from lora_merge.inputs.resolve import (
 from lora_merge.io.reader import SafetensorsReader, TensorSource
 from lora_merge.options import MergeOptions, parse_dtype, parse_size
 from lora_merge.plan.fingerprint import merge_fingerprint
-from lora_merge.plan.planner import MergePlan, build_merge_plan
+from lora_merge.plan.planner import LoraProduct, MergePlan, PlannedTensor, build_merge_plan
 from lora_merge.plan.shards import plan_output_shards, shard_file_names
 from lora_merge.stream.executor import tile_budget_for, write_shard
 
@@ -87,6 +91,7 @@ class _RunSettings:
     show_progress: bool
     resume: bool
     allow_nonfinite: bool
+    verify: bool
 
 
 def merge(options: MergeOptions) -> MergeSummary:
@@ -114,8 +119,118 @@ def merge(options: MergeOptions) -> MergeSummary:
         ) from err
 
 
-def _merge(options: MergeOptions) -> MergeSummary:
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class MergePreview:
+    """What a merge would do, decided without writing anything (``--dry-run``).
+
+    Attributes:
+        base / adapter / out: the resolved folders.
+        base_shards: safetensors files read from BASE.
+        base_bytes: tensor bytes in BASE.
+        rank / alpha / rslora: the adapter config's defaults.
+        rank_pattern_keys / alpha_pattern_keys: pattern counts in the config.
+        lora_modules_by_layer: LoRA modules merged, by layer kind.
+        scales: distinct scales and how many modules use each.
+        replaced: base tensors replaced by adapter tensors.
+        copied: tensors copied byte for byte.
+        dtypes_in / dtypes_out: tensor counts by dtype, before and after.
+        output_shards: output file name -> tensor bytes.
+        output_bytes: tensor bytes written.
+        vocab_size: the new vocabulary size, when the adapter resizes it.
+        working_memory_bytes: tile buffers and LoRA matrices the stream holds at once.
+        disk_free_bytes: free space where OUT goes.
+    """
+
+    base: str
+    adapter: str
+    out: str
+    base_shards: int
+    base_bytes: int
+    rank: int
+    alpha: float
+    rslora: bool
+    rank_pattern_keys: int
+    alpha_pattern_keys: int
+    lora_modules_by_layer: dict[str, int]
+    scales: dict[str, int]
+    replaced: int
+    copied: int
+    dtypes_in: dict[str, int]
+    dtypes_out: dict[str, int]
+    output_shards: dict[str, int]
+    output_bytes: int
+    vocab_size: int | None
+    working_memory_bytes: int
+    disk_free_bytes: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def preview_merge(options: MergeOptions) -> MergePreview:
+    """Resolve the inputs, read headers and the adapter, plan the merge; write nothing.
+
+    Raises:
+        LoraMergeError: everything :func:`merge` would refuse before writing,
+            including a disk too small for OUT.
+    """
+    with _prepare(options) as prepared:
+        plan, settings = prepared.plan, prepared.settings
+        shards = _shard_layout(plan, settings.max_shard_size)
+        _check_free_space(prepared.out, plan.total_bytes)
+        products = [t.delta for t in plan.tensors if isinstance(t.delta, LoraProduct)]
+        largest_lora = (
+            max(
+                (prepared.adapter.shape(p.a_key), prepared.adapter.shape(p.b_key)) for p in products
+            )
+            if products
+            else ((0, 0), (0, 0))
+        )
+        lora_bytes = 8 * sum(a * b for a, b in largest_lora)
+        workers = torch.get_num_threads() if settings.device.type == "cpu" else 1
+        return MergePreview(
+            base=str(prepared.base.folder),
+            adapter=str(prepared.adapter_folder.folder),
+            out=str(prepared.out),
+            base_shards=len({e.path for e in prepared.base.entries.values()}),
+            base_bytes=sum(e.nbytes for e in prepared.base.entries.values()),
+            rank=prepared.config.r,
+            alpha=prepared.config.lora_alpha,
+            rslora=prepared.config.use_rslora,
+            rank_pattern_keys=len(prepared.config.rank_pattern),
+            alpha_pattern_keys=len(prepared.config.alpha_pattern),
+            lora_modules_by_layer=dict(Counter(p.layer for p in products)),
+            scales={f"{scale:g}": n for scale, n in Counter(p.scale for p in products).items()},
+            replaced=plan.replaced,
+            copied=sum(t.is_byte_copy for t in plan.tensors),
+            dtypes_in=dict(
+                Counter(str(t.source_dtype).removeprefix("torch.") for t in plan.tensors)
+            ),
+            dtypes_out=dict(
+                Counter(str(t.spec.dtype).removeprefix("torch.") for t in plan.tensors)
+            ),
+            output_shards={f: sum(t.spec.nbytes for t in tensors) for f, tensors in shards},
+            output_bytes=plan.total_bytes,
+            vocab_size=plan.vocab_size,
+            working_memory_bytes=workers * 3 * settings.tile_budget + lora_bytes,
+            disk_free_bytes=_free_space(prepared.out),
+        )
+
+
+@dataclass
+class _Prepared:
+    settings: _RunSettings
+    base: BaseCheckpoint
+    adapter_folder: AdapterFolder
+    adapter: TensorSource
+    out: Path
+    config: LoraAdapterConfig
+    plan: MergePlan
+
+
+@contextmanager
+def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
+    """Every check and decision that comes before writing, shared by merge and preview."""
     device = resolve_device(options.device)
     settings = _RunSettings(
         output_dtype=parse_dtype(options.dtype),
@@ -127,10 +242,15 @@ def _merge(options: MergeOptions) -> MergeSummary:
         show_progress=not options.quiet and sys.stderr.isatty(),
         resume=options.resume,
         allow_nonfinite=options.allow_nonfinite,
+        verify=options.verify,
     )
-
-    base = resolve_base(options.base)
-    adapter_folder = resolve_adapter(options.adapter)
+    # A local folder wins; otherwise BASE / ADAPTER may be Hub repo ids (org/name[@rev]).
+    base = resolve_base(
+        resolve_model_location(options.base, "BASE", kind="model", quiet=options.quiet)
+    )
+    adapter_folder = resolve_adapter(
+        resolve_model_location(options.adapter, "ADAPTER", kind="adapter", quiet=options.quiet)
+    )
     out = check_output_location(
         options.out, [base.folder, adapter_folder.folder], options.overwrite
     )
@@ -138,9 +258,23 @@ def _merge(options: MergeOptions) -> MergeSummary:
     with closing(open_adapter_weights(adapter_folder.weights_path)) as adapter:
         contents = classify_adapter_keys(list(adapter.keys()))
         plan = build_merge_plan(base, config, contents, adapter, settings.output_dtype)
-        shards, resumed = _write_output(plan, base, adapter, adapter_folder, out, settings)
+        yield _Prepared(settings, base, adapter_folder, adapter, out, config, plan)
+
+
+def _merge(options: MergeOptions) -> MergeSummary:
+    started = time.perf_counter()
+    with _prepare(options) as prepared:
+        plan = prepared.plan
+        shards, resumed = _write_output(
+            plan,
+            prepared.base,
+            prepared.adapter,
+            prepared.adapter_folder,
+            prepared.out,
+            prepared.settings,
+        )
     return MergeSummary(
-        out=str(out),
+        out=str(prepared.out),
         tensors=len(plan.tensors),
         lora_modules=plan.lora_modules,
         replaced=plan.replaced,
@@ -150,6 +284,19 @@ def _merge(options: MergeOptions) -> MergeSummary:
         bytes_written=plan.total_bytes,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _shard_layout(plan: MergePlan, max_shard_size: int) -> list[tuple[str, list[PlannedTensor]]]:
+    """Output file names and the planned tensors of each, in write order."""
+    by_name = {t.spec.name: t for t in plan.tensors}
+    names_per_shard = plan_output_shards(
+        [(t.spec.name, t.spec.nbytes) for t in plan.tensors], max_shard_size
+    )
+    file_names = shard_file_names(len(names_per_shard))
+    return [
+        (file_name, [by_name[name] for name in names])
+        for file_name, names in zip(file_names, names_per_shard, strict=True)
+    ]
 
 
 def _write_output(
@@ -165,16 +312,7 @@ def _write_output(
     Returns:
         The number of shards, and how many of them a resumed run kept.
     """
-    by_name = {t.spec.name: t for t in plan.tensors}
-    names_per_shard = plan_output_shards(
-        [(t.spec.name, t.spec.nbytes) for t in plan.tensors], settings.max_shard_size
-    )
-    shards = [
-        (file_name, [by_name[name] for name in names])
-        for file_name, names in zip(
-            shard_file_names(len(names_per_shard)), names_per_shard, strict=True
-        )
-    ]
+    shards = _shard_layout(plan, settings.max_shard_size)
     _check_free_space(out, plan.total_bytes)
     fingerprint = None
     if settings.resume:
@@ -219,6 +357,8 @@ def _write_output(
                 settings.allow_nonfinite,
             )
             staging.record_shard(file_name)
+        if settings.verify:
+            verify_output(staging.path, shards, base.entries, adapter)
         if len(shards) > 1:
             write_index(staging.path, [(f, [t.spec for t in tensors]) for f, tensors in shards])
         write_config(staging.path, base.config, settings.output_dtype, plan.vocab_size)
@@ -257,11 +397,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _check_free_space(out: Path, needed: int) -> None:
+def _free_space(out: Path) -> int:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    free = shutil.disk_usage(parent).free
+    return shutil.disk_usage(parent).free
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    free = _free_space(out)
+    parent = out.parent
     if free < needed + DISK_SPACE_MARGIN_BYTES:
         raise OutputError(
             f"OUT needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free on the disk "

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from lora_merge import __version__
-from lora_merge.api import merge, resolve_device
+from lora_merge.api import MergePreview, merge, preview_merge, resolve_device
 from lora_merge.errors import (
     EXIT_INTERNAL,
     EXIT_SIGINT,
@@ -35,8 +35,8 @@ Exit codes: 0 merged; 1 internal error (a bug: please report it, rerun with
 LORA_MERGE_DEBUG=1 for a traceback); 2 bad command line; 3 BASE, ADAPTER or a
 weights file not found; 4 invalid or unsupported input; 5 adapter does not fit
 the base; 6 OUT refused (exists, inside an input, disk too small);
-7 NaN/Inf in the adapter or produced by the merge; 130 interrupted
-(Ctrl-C); 143 terminated (SIGTERM).
+7 NaN/Inf in the adapter or produced by the merge; 8 --verify found
+the output wrong; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 app = typer.Typer(
@@ -122,6 +122,23 @@ def merge_command(
             help="Write NaN/Inf produced by the merge instead of refusing (exit 7).",
         ),
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Before OUT appears, reopen it: every tensor present with its planned dtype and "
+            "shape, copied tensors byte-identical to BASE, sampled merged rows equal to a float64 "
+            "recomputation (exit 8 if not).",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check everything and print the plan (modules, scales, dtypes, shards, memory, "
+            "disk) on stdout; write nothing.",
+        ),
+    ] = False,
     json_summary: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout when done.")
     ] = False,
@@ -151,9 +168,16 @@ def merge_command(
         quiet=quiet,
         resume=resume,
         allow_nonfinite=allow_nonfinite,
+        verify=verify,
     )
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
+        if dry_run:
+            preview = preview_merge(options)
+            typer.echo(
+                json.dumps(preview.to_dict()) if json_summary else _describe_preview(preview)
+            )
+            return
         summary = merge(options)
     except KeyboardInterrupt:
         _fail(MergeInterrupted("SIGINT", EXIT_SIGINT))
@@ -187,6 +211,48 @@ def merge_command(
         )
     if json_summary:
         typer.echo(json.dumps(summary.to_dict()))
+
+
+def _describe_preview(preview: MergePreview) -> str:
+    """The --dry-run report, one aspect per line."""
+    layers = ", ".join(f"{n} {kind}" for kind, n in sorted(preview.lora_modules_by_layer.items()))
+    scales = ", ".join(f"{scale} ({n} modules)" for scale, n in sorted(preview.scales.items()))
+    dtypes_in = ", ".join(f"{n} {dtype}" for dtype, n in sorted(preview.dtypes_in.items()))
+    dtypes_out = ", ".join(f"{n} {dtype}" for dtype, n in sorted(preview.dtypes_out.items()))
+    shards = ", ".join(f"{name} ({_human_bytes(n)})" for name, n in preview.output_shards.items())
+    rows = [
+        (
+            "base",
+            f"{preview.base} ({preview.base_shards} file(s), {_human_bytes(preview.base_bytes)})",
+        ),
+        (
+            "adapter",
+            f"{preview.adapter} (r={preview.rank}, alpha={preview.alpha:g}"
+            f"{', rsLoRA' if preview.rslora else ''}; rank_pattern: {preview.rank_pattern_keys} "
+            f"key(s), alpha_pattern: {preview.alpha_pattern_keys} key(s))",
+        ),
+        ("modules", f"{sum(preview.lora_modules_by_layer.values())} LoRA ({layers or 'none'})"),
+        ("scales", f"{len(preview.scales)} distinct: {scales or 'none'}"),
+        (
+            "tensors",
+            f"{preview.copied} copied unchanged, {preview.replaced} replaced by the adapter's",
+        ),
+        ("dtype", f"{dtypes_in} -> {dtypes_out}"),
+        (
+            "vocab",
+            "unchanged" if preview.vocab_size is None else f"resized to {preview.vocab_size}",
+        ),
+        (
+            "output",
+            f"{preview.out}: {len(preview.output_shards)} shard(s), {_human_bytes(preview.output_bytes)}: {shards}",
+        ),
+        ("memory", f"~{_human_bytes(preview.working_memory_bytes)} of tensor data in flight"),
+        (
+            "disk",
+            f"needs {_human_bytes(preview.output_bytes)}, {_human_bytes(preview.disk_free_bytes)} free",
+        ),
+    ]
+    return "\n".join(["dry run: nothing was written"] + [f"{k:<8} {v}" for k, v in rows])
 
 
 def _human_bytes(count: int) -> str:

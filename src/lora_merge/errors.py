@@ -16,6 +16,7 @@ EXIT_INVALID_INPUT = 4
 EXIT_ADAPTER_MISMATCH = 5
 EXIT_OUTPUT_REFUSED = 6
 EXIT_NONFINITE = 7
+EXIT_VERIFICATION_FAILED = 8
 EXIT_SIGINT = 130  # 128 + SIGINT, the shell convention
 EXIT_SIGTERM = 143  # 128 + SIGTERM
 
@@ -58,6 +59,12 @@ class NonFiniteError(LoraMergeError):
     """NaN or Inf in the adapter, or produced by the merge (refused unless --allow-nonfinite)."""
 
     exit_code = EXIT_NONFINITE
+
+
+class VerificationError(LoraMergeError):
+    """``--verify`` found the written output disagreeing with the plan or the inputs."""
+
+    exit_code = EXIT_VERIFICATION_FAILED
 
 
 class MergeInterrupted(LoraMergeError):

@@ -89,6 +89,7 @@ class MergeOptions:
         resume: keep a checksummed journal so an interrupted run can be resumed,
             and resume an interrupted ``resume`` run of the same merge.
         allow_nonfinite: write NaN/Inf produced by the merge instead of refusing.
+        verify: reopen the written shards and check them before OUT appears.
     """
 
     base: Path | str
@@ -102,3 +103,4 @@ class MergeOptions:
     quiet: bool = False
     resume: bool = False
     allow_nonfinite: bool = False
+    verify: bool = False

@@ -142,6 +142,8 @@ class StagingFolder:
                 os.rename(self.out, previous)
             os.rename(self.path, self.out)
             self._committed = True
+            while signal.sigtimedwait(held, 0) is not None:
+                pass  # consume SIGINT/SIGTERM that arrived during the renames
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _fsync(self.out.parent)

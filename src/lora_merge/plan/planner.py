@@ -33,12 +33,14 @@ class LoraProduct:
         scale: alpha / r (or alpha / sqrt(r) for rsLoRA).
         transposed: the stored weight is ``(B @ A).T``-shaped: GPT-2 Conv1D
             (fan_in_fan_out) and embeddings (``lora_embedding_A`` is (r, vocab)).
+        layer: the kind of layer, for reports: "linear", "conv1d" or "embedding".
     """
 
     a_key: str
     b_key: str
     scale: float
     transposed: bool
+    layer: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,10 @@ def _plan_lora_product(
         transposed = True  # transformers' Conv1D stores (in, out)
     else:
         raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
-    return LoraProduct(a_key=module.a_key, b_key=module.b_key, scale=scale, transposed=transposed)
+    layer = "embedding" if module.is_embedding else ("conv1d" if transposed else "linear")
+    return LoraProduct(
+        a_key=module.a_key, b_key=module.b_key, scale=scale, transposed=transposed, layer=layer
+    )
 
 
 def _resized_vocabulary(

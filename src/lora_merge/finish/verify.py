@@ -1,0 +1,169 @@
+"""``--verify``: reopen the written shards and check them against the plan and the inputs.
+
+Runs on the staging folder, before the rename, so a failed check means OUT never
+appears. It reads OUT with the safetensors library itself (not our reader or
+writer), so it is an independent look at what was written:
+
+- every planned tensor is present exactly once, with the planned dtype and shape;
+- tensors copied from BASE are byte-identical to BASE (sha256 of both byte ranges);
+- for every merged tensor, a sample of rows equals a float64 recomputation
+  ``W + scale * B @ A`` rounded once to the output dtype, to within one unit in
+  the last place plus the rounding error of the merge's own float32 arithmetic
+  (a standard bound, ``(r + 2) * u * (|W| + |scale| * |B| @ |A|)``, with ``u``
+  half the compute dtype's epsilon). The bound matters where W and the delta
+  nearly cancel: there the float32 sum can be many output ulps from the exact one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lora_merge.compute.lora import compute_dtype_for
+from lora_merge.errors import VerificationError
+from lora_merge.io.reader import TensorSource
+from lora_merge.io.safetensors_format import SAFETENSORS_NAME_BY_TORCH_DTYPE, TensorEntry
+from lora_merge.plan.planner import LoraProduct, PlannedTensor
+
+SAMPLED_ROWS = 4
+HASH_CHUNK_BYTES = 8 * 2**20
+
+
+def verify_output(
+    folder: Path,
+    shards: Sequence[tuple[str, Sequence[PlannedTensor]]],
+    base_entries: dict[str, TensorEntry],
+    adapter: TensorSource,
+) -> int:
+    """Check the shards in ``folder``; return the number of tensors checked.
+
+    Raises:
+        VerificationError: the first disagreement found, naming the tensor.
+    """
+    checked = 0
+    for file_name, tensors in shards:
+        path = folder / file_name
+        with safe_open(path, framework="pt") as handle:
+            keys = set(handle.keys())
+            planned = {t.spec.name for t in tensors}
+            if keys != planned:
+                extra, missing = sorted(keys - planned), sorted(planned - keys)
+                raise VerificationError(
+                    f"{file_name} holds {extra[:3]} not planned and lacks {missing[:3]}"
+                )
+            for tensor in tensors:
+                _check_tensor(handle, path, tensor, base_entries, adapter)
+                checked += 1
+    return checked
+
+
+def _check_tensor(
+    handle,
+    path: Path,
+    tensor: PlannedTensor,
+    base_entries: dict[str, TensorEntry],
+    adapter: TensorSource,
+) -> None:
+    name, spec = tensor.spec.name, tensor.spec
+    written = handle.get_slice(name)
+    planned_dtype = SAFETENSORS_NAME_BY_TORCH_DTYPE[spec.dtype]
+    if tuple(written.get_shape()) != spec.shape or planned_dtype != written.get_dtype():
+        raise VerificationError(
+            f"{name} in {path.name} is {written.get_dtype()} {tuple(written.get_shape())}, "
+            f"planned {spec.dtype} {spec.shape}"
+        )
+    if tensor.is_byte_copy:
+        source = base_entries[tensor.source_key]
+        if _range_digest(source.path, source.start, source.nbytes) != _written_digest(
+            path, name, spec.nbytes
+        ):
+            raise VerificationError(f"{name} in {path.name} differs from BASE's bytes")
+        return
+    if isinstance(tensor.delta, LoraProduct) and spec.shape:
+        _check_sampled_rows(handle, name, tensor, tensor.delta, base_entries, adapter)
+
+
+def _check_sampled_rows(
+    handle,
+    name: str,
+    tensor: PlannedTensor,
+    delta: LoraProduct,
+    base_entries: dict[str, TensorEntry],
+    adapter: TensorSource,
+) -> None:
+    rows = tensor.spec.shape[0]
+    picks = sorted(
+        {0, rows - 1, *torch.randint(0, rows, (SAMPLED_ROWS,), generator=_generator(name)).tolist()}
+    )
+    lora_a = adapter.read_rows(delta.a_key).double()
+    lora_b = adapter.read_rows(delta.b_key).double()
+    written = handle.get_slice(name)
+    rank = lora_a.shape[0]
+    unit_roundoff = torch.finfo(compute_dtype_for(tensor.spec.dtype)).eps / 2
+    for row in picks:
+        base_row = _source_row(tensor, row, base_entries, adapter).double()
+        if delta.transposed:
+            product, magnitude = lora_b @ lora_a[:, row], lora_b.abs() @ lora_a[:, row].abs()
+        else:
+            product, magnitude = lora_b[row] @ lora_a, lora_b[row].abs() @ lora_a.abs()
+        expected = (base_row + delta.scale * product).to(tensor.spec.dtype)
+        actual = written[row : row + 1][0]
+        arithmetic_error = (
+            (rank + 2) * unit_roundoff * (base_row.abs() + abs(delta.scale) * magnitude)
+        )
+        # One ulp of the larger of the two: they may sit on either side of a power of two.
+        spacing = _ulp(torch.maximum(actual.abs(), expected.abs())) + arithmetic_error
+        if not bool(((actual.double() - expected.double()).abs() <= spacing).all()):
+            raise VerificationError(
+                f"row {row} of {name} differs from a float64 recomputation of W + scale * B @ A "
+                "by more than one unit in the last place plus the float32 rounding bound"
+            )
+
+
+def _source_row(
+    tensor: PlannedTensor, row: int, base_entries: dict[str, TensorEntry], adapter: TensorSource
+) -> torch.Tensor:
+    if tensor.source == "adapter":
+        return adapter.read_rows(tensor.source_key, row, row + 1)[0]
+    entry = base_entries[tensor.source_key]
+    with safe_open(entry.path, framework="pt") as handle:
+        return handle.get_slice(tensor.source_key)[row : row + 1][0]
+
+
+def _ulp(values: torch.Tensor) -> torch.Tensor:
+    """Spacing of the dtype of ``values`` at each value (in float64)."""
+    info = torch.finfo(values.dtype)
+    magnitude = values.double().abs().clamp_min(info.tiny)
+    return torch.exp2(torch.floor(torch.log2(magnitude))) * info.eps
+
+
+def _range_digest(path: Path, start: int, nbytes: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        remaining = nbytes
+        while remaining:
+            chunk = handle.read(min(HASH_CHUNK_BYTES, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest.hexdigest()
+
+
+def _written_digest(path: Path, name: str, nbytes: int) -> str:
+    """sha256 of a tensor's bytes in ``path``, located by the file's own header."""
+    with open(path, "rb") as raw:
+        (length,) = struct.unpack("<Q", raw.read(8))
+        header = json.loads(raw.read(length))
+    return _range_digest(path, 8 + length + header[name]["data_offsets"][0], nbytes)
+
+
+def _generator(name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
