@@ -14,7 +14,6 @@ checksum still matches, and writes the rest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,11 +21,11 @@ import signal
 import uuid
 from pathlib import Path
 
+from lora_merge.io.hashing import sha256_of
 from lora_merge.io.shard_writer import write_errors_as_output_errors
 
 STAGING_MARKER = ".lora-merge-partial-"
 JOURNAL_NAME = ".lora-merge-journal.json"
-HASH_CHUNK_BYTES = 8 * 2**20
 
 
 def staging_name(out: Path, pid: int, token: str) -> str:
@@ -80,7 +79,9 @@ class StagingFolder:
         path = self.path / file_name
         if recorded is None or not path.is_file():
             return False
-        if path.stat().st_size == recorded.get("size") and _sha256(path) == recorded.get("sha256"):
+        if path.stat().st_size == recorded.get("size") and sha256_of(path) == recorded.get(
+            "sha256"
+        ):
             return True
         path.unlink()
         del self._journal[file_name]
@@ -92,7 +93,7 @@ class StagingFolder:
             return
         path = self.path / file_name
         _fsync(path)
-        self._journal[file_name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        self._journal[file_name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
         journal = {"fingerprint": self.fingerprint, "shards": self._journal}
         temporary = self.path / f"{JOURNAL_NAME}.tmp"
         temporary.write_text(json.dumps(journal, indent=1, sort_keys=True))
@@ -176,14 +177,6 @@ def _read_journal(path: Path) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return journal if isinstance(journal, dict) else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _process_alive(pid: int) -> bool:

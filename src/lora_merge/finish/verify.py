@@ -27,12 +27,12 @@ from safetensors import safe_open
 
 from lora_merge.compute.lora import compute_dtype_for
 from lora_merge.errors import VerificationError
+from lora_merge.io.hashing import sha256_of
 from lora_merge.io.reader import TensorSource
 from lora_merge.io.safetensors_format import SAFETENSORS_NAME_BY_TORCH_DTYPE, TensorEntry
 from lora_merge.plan.planner import LoraProduct, PlannedTensor
 
 SAMPLED_ROWS = 4
-HASH_CHUNK_BYTES = 8 * 2**20
 
 
 def verify_output(
@@ -80,7 +80,7 @@ def _check_tensor(
         )
     if tensor.is_byte_copy:
         source = base_entries[tensor.source_key]
-        if _range_digest(source.path, source.start, source.nbytes) != _written_digest(
+        if sha256_of(source.path, source.start, source.nbytes) != _written_digest(
             path, name, spec.nbytes
         ):
             raise VerificationError(f"{name} in {path.name} differs from BASE's bytes")
@@ -143,26 +143,12 @@ def _ulp(values: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(magnitude))) * info.eps
 
 
-def _range_digest(path: Path, start: int, nbytes: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        remaining = nbytes
-        while remaining:
-            chunk = handle.read(min(HASH_CHUNK_BYTES, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            remaining -= len(chunk)
-    return digest.hexdigest()
-
-
 def _written_digest(path: Path, name: str, nbytes: int) -> str:
     """sha256 of a tensor's bytes in ``path``, located by the file's own header."""
     with open(path, "rb") as raw:
         (length,) = struct.unpack("<Q", raw.read(8))
         header = json.loads(raw.read(length))
-    return _range_digest(path, 8 + length + header[name]["data_offsets"][0], nbytes)
+    return sha256_of(path, 8 + length + header[name]["data_offsets"][0], nbytes)
 
 
 def _generator(name: str) -> torch.Generator:
