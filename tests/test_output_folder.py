@@ -488,6 +488,13 @@ def test_json_summary_is_one_object_consistent_with_out(handmade_inputs, tmp_pat
         "resumed_shards",
         "bytes_written",
         "seconds",
+        "base",
+        "adapter",
+        "files",
+        "lora_modules_by_layer",
+        "plan_seconds",
+        "write_seconds",
+        "warnings",
     }
     base_tensors = read_safetensors_directory(base)
     out_tensors, out_shards = out_contents(out)

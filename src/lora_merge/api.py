@@ -11,10 +11,11 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,11 +25,12 @@ from lora_merge._version import __version__
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
 from lora_merge.adapter.keys import classify_adapter_keys
 from lora_merge.adapter.weights import open_adapter_weights
-from lora_merge.errors import InvalidInputError, OutputError
+from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError
 from lora_merge.finish.folder import copy_side_files, write_config, write_index
 from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.hub import resolve_model_location
+from lora_merge.inputs.identity import base_mismatch_warning
 from lora_merge.inputs.resolve import (
     AdapterFolder,
     BaseCheckpoint,
@@ -64,6 +66,11 @@ class MergeSummary:
         resumed_shards: shards kept from an interrupted run (``--resume``).
         bytes_written: tensor data bytes written.
         seconds: wall time of the merge.
+        base / adapter: the resolved input folders.
+        files: the files written to OUT.
+        lora_modules_by_layer: LoRA modules merged, by layer kind.
+        plan_seconds / write_seconds: time spent planning, and streaming and finishing OUT.
+        warnings: what the run warned about (also issued as ``LoraMergeWarning``).
     """
 
     out: str
@@ -75,6 +82,13 @@ class MergeSummary:
     resumed_shards: int
     bytes_written: int
     seconds: float
+    base: str = ""
+    adapter: str = ""
+    files: list[str] = field(default_factory=list)
+    lora_modules_by_layer: dict[str, int] = field(default_factory=dict)
+    plan_seconds: float = 0.0
+    write_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -226,6 +240,7 @@ class _Prepared:
     out: Path
     config: LoraAdapterConfig
     plan: MergePlan
+    warnings: list[str]
 
 
 @contextmanager
@@ -258,13 +273,25 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
     with closing(open_adapter_weights(adapter_folder.weights_path)) as adapter:
         contents = classify_adapter_keys(list(adapter.keys()))
         plan = build_merge_plan(base, config, contents, adapter, settings.output_dtype)
-        yield _Prepared(settings, base, adapter_folder, adapter, out, config, plan)
+        notes = [
+            note
+            for note in (
+                base_mismatch_warning(
+                    config.base_model_name_or_path, str(options.base), base.folder, base.config
+                ),
+            )
+            if note
+        ]
+        for note in notes:
+            warnings.warn(note, LoraMergeWarning, stacklevel=2)
+        yield _Prepared(settings, base, adapter_folder, adapter, out, config, plan, notes)
 
 
 def _merge(options: MergeOptions) -> MergeSummary:
     started = time.perf_counter()
     with _prepare(options) as prepared:
         plan = prepared.plan
+        planned = time.perf_counter()
         shards, resumed = _write_output(
             plan,
             prepared.base,
@@ -273,6 +300,8 @@ def _merge(options: MergeOptions) -> MergeSummary:
             prepared.out,
             prepared.settings,
         )
+    finished = time.perf_counter()
+    products = [t.delta for t in plan.tensors if isinstance(t.delta, LoraProduct)]
     return MergeSummary(
         out=str(prepared.out),
         tensors=len(plan.tensors),
@@ -282,7 +311,14 @@ def _merge(options: MergeOptions) -> MergeSummary:
         shards=shards,
         resumed_shards=resumed,
         bytes_written=plan.total_bytes,
-        seconds=round(time.perf_counter() - started, 3),
+        seconds=round(finished - started, 3),
+        base=str(prepared.base.folder),
+        adapter=str(prepared.adapter_folder.folder),
+        files=sorted(p.name for p in prepared.out.iterdir()),
+        lora_modules_by_layer=dict(Counter(p.layer for p in products)),
+        plan_seconds=round(planned - started, 3),
+        write_seconds=round(finished - planned, 3),
+        warnings=prepared.warnings,
     )
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -24,11 +25,13 @@ from lora_merge.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     LoraMergeError,
+    LoraMergeWarning,
     MergeInterrupted,
 )
 from lora_merge.options import MergeOptions, parse_dtype, parse_size
 
 DEBUG_ENV = "LORA_MERGE_DEBUG"
+_default_showwarning = warnings.showwarning
 
 EPILOG = """\
 Exit codes: 0 merged; 1 internal error (a bug: please report it, rerun with
@@ -170,6 +173,7 @@ def merge_command(
         allow_nonfinite=allow_nonfinite,
         verify=verify,
     )
+    warnings.showwarning = _print_warning
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         if dry_run:
@@ -262,6 +266,14 @@ def _human_bytes(count: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings from lora-merge as one line on stderr; others as Python prints them."""
+    if issubclass(category, LoraMergeWarning):
+        typer.echo(f"lora-merge: warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:

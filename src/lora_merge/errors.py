@@ -73,3 +73,7 @@ class MergeInterrupted(LoraMergeError):
     def __init__(self, signal_name: str, exit_code: int) -> None:
         super().__init__(f"interrupted by {signal_name}; no output was written")
         self.exit_code = exit_code
+
+
+class LoraMergeWarning(UserWarning):
+    """Something a user should know that does not stop the merge (printed on stderr by the CLI)."""
