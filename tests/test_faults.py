@@ -173,14 +173,20 @@ def _kill_after_first_journaled_shard(base: Path, adapter: Path, out: Path) -> P
     return journals[0].parent
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_digests(sharded_inputs, tmp_path_factory) -> dict[str, str]:
+    """The files of the same merge run without interruption, by sha256."""
+    base, adapter = sharded_inputs
+    reference = tmp_path_factory.mktemp("reference") / "merged"
+    assert run_cli(base, adapter, reference, *RESUMABLE).returncode == 0
+    return digest(reference)
+
+
 def test_resume_after_sigkill_keeps_finished_shards_and_matches_an_uninterrupted_run(
-    sharded_inputs, tmp_path
+    sharded_inputs, uninterrupted_digests, tmp_path
 ):
     """SIGKILL mid-merge, then --resume: verified shards are kept, the result is byte-identical."""
     base, adapter = sharded_inputs
-    reference = tmp_path / "reference"
-    assert run_cli(base, adapter, reference, *RESUMABLE).returncode == 0
-
     out = tmp_path / "merged"
     leftover = _kill_after_first_journaled_shard(base, adapter, out)
     kept = json.loads((leftover / JOURNAL).read_text())["shards"]
@@ -190,17 +196,15 @@ def test_resume_after_sigkill_keeps_finished_shards_and_matches_an_uninterrupted
     summary = json.loads(result.stdout)
     assert summary["resumed_shards"] == len(kept) >= 1
     assert summary["shards"] > summary["resumed_shards"]
-    assert digest(out) == digest(reference)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "reference"]
+    assert digest(out) == uninterrupted_digests
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
 def test_resume_rewrites_a_journaled_shard_whose_checksum_no_longer_matches(
-    sharded_inputs, tmp_path
+    sharded_inputs, uninterrupted_digests, tmp_path
 ):
     """A kept shard is trusted only after its sha256 is checked: a damaged one is written again."""
     base, adapter = sharded_inputs
-    reference = tmp_path / "reference"
-    assert run_cli(base, adapter, reference, *RESUMABLE).returncode == 0
     out = tmp_path / "merged"
     leftover = _kill_after_first_journaled_shard(base, adapter, out)
     damaged = leftover / next(iter(json.loads((leftover / JOURNAL).read_text())["shards"]))
@@ -211,7 +215,7 @@ def test_resume_rewrites_a_journaled_shard_whose_checksum_no_longer_matches(
     result = run_cli(base, adapter, out, *RESUMABLE)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["resumed_shards"] == 0
-    assert digest(out) == digest(reference)
+    assert digest(out) == uninterrupted_digests
 
 
 def test_without_resume_a_dead_runs_leftovers_are_discarded(sharded_inputs, tmp_path):
