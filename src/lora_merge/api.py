@@ -47,9 +47,9 @@ from lora_merge.stream.executor import tile_budget_for, write_shard
 
 # Room left on OUT's disk beyond the shards (config, tokenizer, filesystem slack).
 DISK_SPACE_MARGIN_BYTES = 64 * 2**20
-# One chunk may use this share of --max-memory; the rest covers the adapter
-# matrices and the output buffer in flight.
-CHUNK_SHARE_OF_BUDGET = 0.5
+# The share of --max-memory the stream's tiles may use (see tile_budget_for);
+# the rest covers the adapter matrices and torch's own allocations.
+TILE_SHARE_OF_BUDGET = 0.5
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         output_dtype=parse_dtype(options.dtype),
         max_shard_size=parse_size(options.max_shard_size),
         tile_budget=tile_budget_for(
-            device, int(parse_size(options.max_memory) * CHUNK_SHARE_OF_BUDGET)
+            device, int(parse_size(options.max_memory) * TILE_SHARE_OF_BUDGET)
         ),
         device=device,
         show_progress=not options.quiet and sys.stderr.isatty(),

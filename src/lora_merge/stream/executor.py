@@ -7,8 +7,10 @@ the same buffers are reused for every tile. Measured on a TinyLlama-shaped
 merge (2 cores): whole-tensor passes were 5x slower than tiles, fresh buffers
 per tile cost as much again in page faults, and a background writer thread
 made things slower (it fights the math for the two cores and pulls every tile
-across caches). On a GPU, tiles are as large as the memory budget allows, to
-amortise transfers. No step ever holds more than one tile.
+across caches); instead whole tensors are spread over one thread per core,
+each reading, merging and writing its own tiles. On a GPU, tiles are as large
+as the memory budget allows, to amortise transfers. No thread ever holds more
+than one tile of a tensor, so memory does not grow with the model.
 """
 
 from __future__ import annotations
