@@ -41,7 +41,7 @@ from lora_merge.inputs.resolve import (
 from lora_merge.io.reader import SafetensorsReader, TensorSource
 from lora_merge.options import MergeOptions, parse_dtype, parse_size
 from lora_merge.plan.fingerprint import merge_fingerprint
-from lora_merge.plan.planner import LoraProduct, MergePlan, PlannedTensor, build_merge_plan
+from lora_merge.plan.planner import MergePlan, PlannedTensor, build_merge_plan
 from lora_merge.plan.shards import plan_output_shards, shard_file_names
 from lora_merge.stream.executor import tile_budget_for, write_shard
 
@@ -192,7 +192,7 @@ def preview_merge(options: MergeOptions) -> MergePreview:
         plan, settings = prepared.plan, prepared.settings
         shards = _shard_layout(plan, settings.max_shard_size)
         _check_free_space(prepared.out, plan.total_bytes)
-        products = [t.delta for t in plan.tensors if isinstance(t.delta, LoraProduct)]
+        products = plan.lora_products
         largest_lora = (
             max(
                 (prepared.adapter.shape(p.a_key), prepared.adapter.shape(p.b_key)) for p in products
@@ -213,10 +213,10 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             rslora=prepared.config.use_rslora,
             rank_pattern_keys=len(prepared.config.rank_pattern),
             alpha_pattern_keys=len(prepared.config.alpha_pattern),
-            lora_modules_by_layer=dict(Counter(p.layer for p in products)),
+            lora_modules_by_layer=plan.lora_modules_by_layer,
             scales={f"{scale:g}": n for scale, n in Counter(p.scale for p in products).items()},
             replaced=plan.replaced,
-            copied=sum(t.is_byte_copy for t in plan.tensors),
+            copied=plan.copied,
             dtypes_in=dict(
                 Counter(str(t.source_dtype).removeprefix("torch.") for t in plan.tensors)
             ),
@@ -301,13 +301,12 @@ def _merge(options: MergeOptions) -> MergeSummary:
             prepared.settings,
         )
     finished = time.perf_counter()
-    products = [t.delta for t in plan.tensors if isinstance(t.delta, LoraProduct)]
     return MergeSummary(
         out=str(prepared.out),
         tensors=len(plan.tensors),
         lora_modules=plan.lora_modules,
         replaced=plan.replaced,
-        copied=sum(t.is_byte_copy for t in plan.tensors),
+        copied=plan.copied,
         shards=shards,
         resumed_shards=resumed,
         bytes_written=plan.total_bytes,
@@ -315,7 +314,7 @@ def _merge(options: MergeOptions) -> MergeSummary:
         base=str(prepared.base.folder),
         adapter=str(prepared.adapter_folder.folder),
         files=sorted(p.name for p in prepared.out.iterdir()),
-        lora_modules_by_layer=dict(Counter(p.layer for p in products)),
+        lora_modules_by_layer=plan.lora_modules_by_layer,
         plan_seconds=round(planned - started, 3),
         write_seconds=round(finished - planned, 3),
         warnings=prepared.warnings,

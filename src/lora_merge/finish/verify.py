@@ -49,6 +49,7 @@ def verify_output(
     checked = 0
     for file_name, tensors in shards:
         path = folder / file_name
+        data_offsets = _data_offsets(path)
         with safe_open(path, framework="pt") as handle:
             keys = set(handle.keys())
             planned = {t.spec.name for t in tensors}
@@ -58,7 +59,7 @@ def verify_output(
                     f"{file_name} holds {extra[:3]} not planned and lacks {missing[:3]}"
                 )
             for tensor in tensors:
-                _check_tensor(handle, path, tensor, base_entries, adapter)
+                _check_tensor(handle, path, data_offsets, tensor, base_entries, adapter)
                 checked += 1
     return checked
 
@@ -66,6 +67,7 @@ def verify_output(
 def _check_tensor(
     handle,
     path: Path,
+    data_offsets: dict[str, int],
     tensor: PlannedTensor,
     base_entries: dict[str, TensorEntry],
     adapter: TensorSource,
@@ -80,9 +82,8 @@ def _check_tensor(
         )
     if tensor.is_byte_copy:
         source = base_entries[tensor.source_key]
-        if sha256_of(source.path, source.start, source.nbytes) != _written_digest(
-            path, name, spec.nbytes
-        ):
+        written_digest = sha256_of(path, data_offsets[name], spec.nbytes)
+        if sha256_of(source.path, source.start, source.nbytes) != written_digest:
             raise VerificationError(f"{name} in {path.name} differs from BASE's bytes")
         return
     if isinstance(tensor.delta, LoraProduct) and spec.shape:
@@ -106,8 +107,9 @@ def _check_sampled_rows(
     written = handle.get_slice(name)
     rank = lora_a.shape[0]
     unit_roundoff = torch.finfo(compute_dtype_for(tensor.spec.dtype)).eps / 2
+    base_rows = _source_rows(tensor, picks, base_entries, adapter)
     for row in picks:
-        base_row = _source_row(tensor, row, base_entries, adapter).double()
+        base_row = base_rows[row].double()
         if delta.transposed:
             product, magnitude = lora_b @ lora_a[:, row], lora_b.abs() @ lora_a[:, row].abs()
         else:
@@ -126,14 +128,19 @@ def _check_sampled_rows(
             )
 
 
-def _source_row(
-    tensor: PlannedTensor, row: int, base_entries: dict[str, TensorEntry], adapter: TensorSource
-) -> torch.Tensor:
+def _source_rows(
+    tensor: PlannedTensor,
+    picks: list[int],
+    base_entries: dict[str, TensorEntry],
+    adapter: TensorSource,
+) -> dict[int, torch.Tensor]:
+    """The sampled rows of the tensor's starting values, reading its file once."""
     if tensor.source == "adapter":
-        return adapter.read_rows(tensor.source_key, row, row + 1)[0]
+        return {row: adapter.read_rows(tensor.source_key, row, row + 1)[0] for row in picks}
     entry = base_entries[tensor.source_key]
     with safe_open(entry.path, framework="pt") as handle:
-        return handle.get_slice(tensor.source_key)[row : row + 1][0]
+        stored = handle.get_slice(tensor.source_key)
+        return {row: stored[row : row + 1][0] for row in picks}
 
 
 def _ulp(values: torch.Tensor) -> torch.Tensor:
@@ -143,12 +150,13 @@ def _ulp(values: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(magnitude))) * info.eps
 
 
-def _written_digest(path: Path, name: str, nbytes: int) -> str:
-    """sha256 of a tensor's bytes in ``path``, located by the file's own header."""
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Absolute start of each tensor's bytes, from the file's own header (read once per shard)."""
     with open(path, "rb") as raw:
         (length,) = struct.unpack("<Q", raw.read(8))
         header = json.loads(raw.read(length))
-    return sha256_of(path, 8 + length + header[name]["data_offsets"][0], nbytes)
+    header.pop("__metadata__", None)
+    return {name: 8 + length + info["data_offsets"][0] for name, info in header.items()}
 
 
 def _generator(name: str) -> torch.Generator:

@@ -7,6 +7,7 @@ knows every shard's header in advance.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -95,6 +96,21 @@ class MergePlan:
     @property
     def total_bytes(self) -> int:
         return sum(t.spec.nbytes for t in self.tensors)
+
+    @property
+    def lora_products(self) -> list[LoraProduct]:
+        """The LoRA products the plan adds, one per merged weight."""
+        return [t.delta for t in self.tensors if isinstance(t.delta, LoraProduct)]
+
+    @property
+    def copied(self) -> int:
+        """Tensors copied byte for byte from the base."""
+        return sum(t.is_byte_copy for t in self.tensors)
+
+    @property
+    def lora_modules_by_layer(self) -> dict[str, int]:
+        """LoRA modules merged, counted by layer kind (linear, conv1d, embedding)."""
+        return dict(Counter(p.layer for p in self.lora_products))
 
 
 def build_merge_plan(
