@@ -158,7 +158,11 @@ def test_verify_failure_is_documented_as_exit_8() -> None:
 
 
 def test_same_inputs_give_byte_identical_outputs(inputs, tmp_path):
-    """Two runs (tensors written by several threads, in any order) produce the same bytes."""
+    """Two runs (tensors written by several threads, in any order) produce the same bytes.
+
+    That includes the model card (the command line with OUT's path written as
+    ``OUT``, the inputs' sha256) and the shards' metadata.
+    """
     base, adapter = inputs
     for name in ("first", "second"):
         result = run_cli(
@@ -166,6 +170,7 @@ def test_same_inputs_give_byte_identical_outputs(inputs, tmp_path):
         )
         assert result.returncode == 0, result.stderr
     assert digests(tmp_path / "first") == digests(tmp_path / "second")
+    assert "README.md" in digests(tmp_path / "first")
     assert len(digests(tmp_path / "first")) > 3
 
 

@@ -68,7 +68,7 @@ def test_shard_writer_output_reads_back_with_the_safetensors_library(
         assert loaded[name].dtype == tensor.dtype
         assert torch.equal(loaded[name], tensor)
     with safe_open(path, "pt") as handle:
-        assert handle.metadata() == {"format": "pt"}
+        assert handle.metadata() == {"format": "pt"}  # the default when none is given
     header_length = struct.unpack("<Q", path.read_bytes()[:8])[0]
     assert header_length % 8 == 0  # data buffer 8-byte aligned, as safetensors writes it
 

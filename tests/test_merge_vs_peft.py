@@ -7,6 +7,7 @@ set of files.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -236,7 +237,7 @@ def test_output_has_the_base_checkpoint_tensor_names_and_shapes(
 
 
 @parametrize_cases(SHARDED_CASES)
-def test_sharded_output_has_a_consistent_index(case, lora_merge_output):
+def test_sharded_output_has_a_consistent_index(case, case_inputs, lora_merge_output):
     """With a small max_shard_size the output is several shards whose index maps every tensor to
     the one shard that holds it, with the exact total byte size, and each shard respects the
     limit unless it holds a single oversized tensor."""
@@ -253,7 +254,7 @@ def test_sharded_output_has_a_consistent_index(case, lora_merge_output):
     for number, file_name in enumerate(shard_files, start=1):
         assert file_name == f"model-{number:05d}-of-{len(shard_files):05d}.safetensors"
         with safe_open(out / file_name, framework="pt") as shard:
-            assert shard.metadata() == {"format": "pt"}
+            assert_provenance_metadata(shard.metadata(), case_inputs(case))
             keys = shard.keys()
             tensor_bytes = [shard.get_tensor(key).nbytes for key in keys]
         for key in keys:
@@ -268,13 +269,13 @@ def test_sharded_output_has_a_consistent_index(case, lora_merge_output):
 
 
 @parametrize_cases(SINGLE_FILE_CASES)
-def test_unsharded_output_is_a_single_model_safetensors(case, lora_merge_output):
+def test_unsharded_output_is_a_single_model_safetensors(case, case_inputs, lora_merge_output):
     """With a large max_shard_size everything goes to model.safetensors and no index is written."""
     out = lora_merge_output(case)
     assert sorted(path.name for path in out.glob("*.safetensors")) == ["model.safetensors"]
     assert not (out / "model.safetensors.index.json").exists()
     with safe_open(out / "model.safetensors", framework="pt") as single_file:
-        assert single_file.metadata() == {"format": "pt"}
+        assert_provenance_metadata(single_file.metadata(), case_inputs(case))
 
 
 @parametrize_cases(MERGE_CASES)
@@ -323,9 +324,25 @@ def test_cli_writes_the_same_files_as_the_library(tmp_path, case_inputs, lora_me
     library_files = sorted(path.name for path in library_out.iterdir())
     assert sorted(path.name for path in cli_out.iterdir()) == library_files
     for file_name in library_files:
+        if file_name == "README.md":
+            continue  # the model card records the command line, checked below
         assert (cli_out / file_name).read_bytes() == (library_out / file_name).read_bytes(), (
             file_name
         )
+    cli_card, library_card = ((out / "README.md").read_text() for out in (cli_out, library_out))
+    assert f"lora-merge {inputs.base} {inputs.adapter} OUT --dtype" in cli_card
+    assert "the Python API" in library_card
+    differing = set(cli_card.splitlines()) ^ set(library_card.splitlines())
+    assert len(differing) == 2, differing  # only the command line
+
+
+def assert_provenance_metadata(metadata: dict[str, str], inputs) -> None:
+    """Each shard's header says its format and what was merged, by which version."""
+    assert metadata["format"] == "pt"
+    assert metadata["lora_merge.version"] == importlib.metadata.version("lora-merge")
+    assert metadata["lora_merge.base"] == str(inputs.base)
+    assert metadata["lora_merge.adapter"] == str(inputs.adapter)
+    assert "B @ A" in metadata["lora_merge.method"]
 
 
 def test_cases_cover_every_peft_agreement_kind():

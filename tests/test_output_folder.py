@@ -274,7 +274,13 @@ def test_resized_out_has_the_adapters_tokenizer_files(resized_vocabulary) -> Non
     tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     assert tokenizer_files <= {p.name for p in resized_vocabulary.adapter.iterdir()}
     assert sorted(p.name for p in resized_vocabulary.out.iterdir()) == sorted(
-        {"config.json", "generation_config.json", "model.safetensors", *tokenizer_files}
+        {
+            "README.md",
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            *tokenizer_files,
+        }
     )
     for name in sorted(tokenizer_files):
         adapter_bytes = (resized_vocabulary.adapter / name).read_bytes()
@@ -331,7 +337,7 @@ def test_out_holds_exactly_the_model_files(tmp_path: Path, adapter_format: str) 
 
     assert summary.lora_modules == HANDMADE_LORA_MODULES
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == sorted(
-        ["config.json", "model.safetensors", *BASE_SIDE_FILES]
+        ["README.md", "config.json", "model.safetensors", *BASE_SIDE_FILES]
     )
     for name, text in BASE_SIDE_FILES.items():
         assert (out / name).read_text() == text, name
@@ -495,6 +501,8 @@ def test_json_summary_is_one_object_consistent_with_out(handmade_inputs, tmp_pat
         "plan_seconds",
         "write_seconds",
         "warnings",
+        "pushed_to",
+        "commit_url",
     }
     base_tensors = read_safetensors_directory(base)
     out_tensors, out_shards = out_contents(out)

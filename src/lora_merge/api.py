@@ -15,18 +15,35 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_INDEX_FILE
 from tqdm import tqdm
 
 from lora_merge._version import __version__
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
 from lora_merge.adapter.keys import classify_adapter_keys
 from lora_merge.adapter.weights import open_adapter_weights
+from lora_merge.compute.lora import MERGE_ARITHMETIC
 from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError
-from lora_merge.finish.folder import copy_side_files, write_config, write_index
+from lora_merge.finish.folder import (
+    DTYPE_NAME_IN_CONFIG,
+    copy_side_files,
+    write_config,
+    write_index,
+)
+from lora_merge.finish.provenance import (
+    InputIdentity,
+    MergeRecord,
+    declared_base_model,
+    input_files,
+    shard_metadata,
+    start_hashing,
+    write_model_card,
+)
+from lora_merge.finish.publish import check_push_target, push_folder
 from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.hub import resolve_model_location
@@ -71,6 +88,7 @@ class MergeSummary:
         lora_modules_by_layer: LoRA modules merged, by layer kind.
         plan_seconds / write_seconds: time spent planning, and streaming and finishing OUT.
         warnings: what the run warned about (also issued as ``LoraMergeWarning``).
+        pushed_to / commit_url: the Hub repo OUT was uploaded to and the commit, if pushed.
     """
 
     out: str
@@ -89,6 +107,8 @@ class MergeSummary:
     plan_seconds: float = 0.0
     write_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    pushed_to: str | None = None
+    commit_url: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -106,6 +126,7 @@ class _RunSettings:
     resume: bool
     allow_nonfinite: bool
     verify: bool
+    hash_inputs: bool
 
 
 def merge(options: MergeOptions) -> MergeSummary:
@@ -122,7 +143,7 @@ def merge(options: MergeOptions) -> MergeSummary:
             written to OUT in that case and the inputs are never modified.
     """
     try:
-        return _merge(options)
+        summary = _merge(options)
     except PermissionError as err:
         # Whatever step met it, a permission problem is the user's to fix: name the path.
         path = Path(err.filename or "?")
@@ -131,6 +152,16 @@ def merge(options: MergeOptions) -> MergeSummary:
         raise error(
             f"cannot access {path}: permission denied; check the file's permissions"
         ) from err
+    if options.push_to_hub is None:
+        return summary
+    commit_url = push_folder(
+        Path(summary.out),
+        options.push_to_hub,
+        private=options.private,
+        revision=options.hub_revision,
+        message=f"Upload model merged by lora-merge {__version__}",
+    )
+    return replace(summary, pushed_to=options.push_to_hub, commit_url=commit_url)
 
 
 @dataclass(frozen=True)
@@ -241,6 +272,7 @@ class _Prepared:
     config: LoraAdapterConfig
     plan: MergePlan
     warnings: list[str]
+    record: MergeRecord
 
 
 @contextmanager
@@ -258,7 +290,10 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         resume=options.resume,
         allow_nonfinite=options.allow_nonfinite,
         verify=options.verify,
+        hash_inputs=options.hash_inputs,
     )
+    if options.push_to_hub is not None:
+        check_push_target(options.push_to_hub)
     # A local folder wins; otherwise BASE / ADAPTER may be Hub repo ids (org/name[@rev]).
     base = resolve_base(
         resolve_model_location(options.base, "BASE", kind="model", quiet=options.quiet)
@@ -284,7 +319,8 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         ]
         for note in notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
-        yield _Prepared(settings, base, adapter_folder, adapter, out, config, plan, notes)
+        record = _merge_record(options, base, adapter_folder, config, plan, settings, notes)
+        yield _Prepared(settings, base, adapter_folder, adapter, out, config, plan, notes, record)
 
 
 def _merge(options: MergeOptions) -> MergeSummary:
@@ -299,6 +335,7 @@ def _merge(options: MergeOptions) -> MergeSummary:
             prepared.adapter_folder,
             prepared.out,
             prepared.settings,
+            prepared.record,
         )
     finished = time.perf_counter()
     return MergeSummary(
@@ -341,6 +378,7 @@ def _write_output(
     adapter_folder: AdapterFolder,
     out: Path,
     settings: _RunSettings,
+    record: MergeRecord,
 ) -> tuple[int, int]:
     """Stream the planned tensors into shards and finish OUT.
 
@@ -354,6 +392,8 @@ def _write_output(
         inputs = [entry.path for entry in base.entries.values()]
         inputs += [adapter_folder.config_path, adapter_folder.weights_path]
         fingerprint = merge_fingerprint(shards, inputs, __version__)
+    metadata = shard_metadata(record)
+    hashes = start_hashing(_input_files(base, adapter_folder), settings.hash_inputs)
 
     progress = tqdm(
         total=plan.total_bytes,
@@ -390,6 +430,7 @@ def _write_output(
                 settings.tile_budget,
                 on_bytes,
                 settings.allow_nonfinite,
+                metadata,
             )
             staging.record_shard(file_name)
         if settings.verify:
@@ -398,8 +439,60 @@ def _write_output(
             write_index(staging.path, [(f, [t.spec for t in tensors]) for f, tensors in shards])
         write_config(staging.path, base.config, settings.output_dtype, plan.vocab_size)
         copy_side_files(staging.path, base.folder, adapter_folder.folder)
+        write_model_card(staging.path, record, hashes.result())
         staging.commit()
     return len(shards), kept
+
+
+def _merge_record(
+    options: MergeOptions,
+    base: BaseCheckpoint,
+    adapter_folder: AdapterFolder,
+    config: LoraAdapterConfig,
+    plan: MergePlan,
+    settings: _RunSettings,
+    notes: list[str],
+) -> MergeRecord:
+    """What OUT's model card and shard metadata say about this merge."""
+    base_identity = InputIdentity.of("base", str(options.base), base.folder)
+    output_dtype = settings.output_dtype
+    return MergeRecord(
+        base=base_identity,
+        adapter=InputIdentity.of("adapter", str(options.adapter), adapter_folder.folder),
+        declared_base=declared_base_model(
+            base_identity, config.base_model_name_or_path, mismatch=bool(notes)
+        ),
+        method=MERGE_ARITHMETIC,
+        scales={
+            f"{scale:g}": n
+            for scale, n in sorted(Counter(p.scale for p in plan.lora_products).items())
+        },
+        lora_modules_by_layer=plan.lora_modules_by_layer,
+        output_dtype=(
+            DTYPE_NAME_IN_CONFIG[output_dtype]
+            if output_dtype is not None
+            else "as in BASE (--dtype auto)"
+        ),
+        version=__version__,
+        command=options.command,
+    )
+
+
+def _input_files(
+    base: BaseCheckpoint, adapter_folder: AdapterFolder
+) -> list[tuple[str, str, Path]]:
+    """Every file the merge reads, for the model card: configs, index, weights."""
+    base_files = [
+        base.folder / name
+        for name in (CONFIG_NAME, SAFETENSORS_INDEX_FILE)
+        if (base.folder / name).is_file()
+    ]
+    base_files += sorted({entry.path for entry in base.entries.values()})
+    return input_files("base", base.folder, base_files) + input_files(
+        "adapter",
+        adapter_folder.folder,
+        [adapter_folder.config_path, adapter_folder.weights_path],
+    )
 
 
 def resolve_device(name: str) -> torch.device:

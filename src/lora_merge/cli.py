@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import sys
 import traceback
 import warnings
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from lora_merge.errors import (
     LoraMergeWarning,
     MergeInterrupted,
 )
+from lora_merge.finish.publish import check_push_target
 from lora_merge.options import MergeOptions, parse_dtype, parse_size
 
 DEBUG_ENV = "LORA_MERGE_DEBUG"
@@ -39,7 +42,8 @@ LORA_MERGE_DEBUG=1 for a traceback); 2 bad command line; 3 BASE, ADAPTER or a
 weights file not found; 4 invalid or unsupported input; 5 adapter does not fit
 the base; 6 OUT refused (exists, inside an input, disk too small);
 7 NaN/Inf in the adapter or produced by the merge; 8 --verify found
-the output wrong; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+the output wrong; 9 --push-to-hub failed (OUT is complete and kept);
+130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 app = typer.Typer(
@@ -66,6 +70,16 @@ def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
         return value
 
     return callback
+
+
+def _checked_optional(check: Callable[[str], object]) -> Callable[[str | None], str | None]:
+    """Like :func:`_checked` for an option that may be left out."""
+    callback = _checked(check)
+
+    def optional(value: str | None) -> str | None:
+        return None if value is None else callback(value)
+
+    return optional
 
 
 # Argument and option makers shared by the parameters, as huggingface_hub's CLI shares aliases.
@@ -142,6 +156,37 @@ def merge_command(
             "disk) on stdout; write nothing.",
         ),
     ] = False,
+    hash_inputs: Annotated[
+        bool,
+        typer.Option(
+            "--hash-inputs/--no-hash-inputs",
+            help="Record the sha256 of every input file in OUT's model card (README.md); "
+            "hashing runs beside the merge, and files from the Hub cache are not read again.",
+        ),
+    ] = True,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub",
+            metavar="REPO",
+            callback=_checked_optional(check_push_target),
+            help="After a successful merge, upload OUT to this Hub model repo (created if "
+            "needed; token from HF_TOKEN or `hf auth login`). A failed upload is exit 9, OUT kept.",
+            show_default=False,
+        ),
+    ] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the --push-to-hub repo private.")
+    ] = False,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            "--revision",
+            metavar="BRANCH",
+            help="Branch of the --push-to-hub repo to commit to (created if needed).",
+            show_default=False,
+        ),
+    ] = None,
     json_summary: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout when done.")
     ] = False,
@@ -172,7 +217,14 @@ def merge_command(
         resume=resume,
         allow_nonfinite=allow_nonfinite,
         verify=verify,
+        hash_inputs=hash_inputs,
+        push_to_hub=push_to_hub,
+        private=private,
+        hub_revision=revision,
+        command=_command_line(out),
     )
+    if (private or revision is not None) and push_to_hub is None:
+        raise typer.BadParameter("--private and --revision only apply with --push-to-hub")
     warnings.showwarning = _print_warning
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
@@ -210,11 +262,22 @@ def merge_command(
             )
             + "), "
             f"wrote {_human_bytes(summary.bytes_written)} in {summary.shards} shard(s) to "
-            f"{summary.out} in {summary.seconds:.1f} s",
+            f"{summary.out} in {summary.seconds:.1f} s"
+            + (f"; pushed to {summary.commit_url}" if summary.commit_url else ""),
             err=True,
         )
     if json_summary:
         typer.echo(json.dumps(summary.to_dict()))
+
+
+def _command_line(out: Path) -> str:
+    """This run's command line for the model card, with OUT's path written as ``OUT``.
+
+    Where OUT was written is not part of what it holds: two runs that differ only
+    in that give byte-identical folders, and no local path goes to the Hub with it.
+    """
+    arguments = ["OUT" if Path(argument) == out else argument for argument in sys.argv[1:]]
+    return shlex.join(["lora-merge", *arguments])
 
 
 def _describe_preview(preview: MergePreview) -> str:

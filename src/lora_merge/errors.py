@@ -17,6 +17,7 @@ EXIT_ADAPTER_MISMATCH = 5
 EXIT_OUTPUT_REFUSED = 6
 EXIT_NONFINITE = 7
 EXIT_VERIFICATION_FAILED = 8
+EXIT_PUSH_FAILED = 9  # OUT is complete; only the upload to the Hub failed
 EXIT_SIGINT = 130  # 128 + SIGINT, the shell convention
 EXIT_SIGTERM = 143  # 128 + SIGTERM
 
@@ -65,6 +66,12 @@ class VerificationError(LoraMergeError):
     """``--verify`` found the written output disagreeing with the plan or the inputs."""
 
     exit_code = EXIT_VERIFICATION_FAILED
+
+
+class PushError(LoraMergeError):
+    """``--push-to-hub`` failed after OUT was written (OUT is kept)."""
+
+    exit_code = EXIT_PUSH_FAILED
 
 
 class MergeInterrupted(LoraMergeError):

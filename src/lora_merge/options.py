@@ -90,6 +90,12 @@ class MergeOptions:
             and resume an interrupted ``resume`` run of the same merge.
         allow_nonfinite: write NaN/Inf produced by the merge instead of refusing.
         verify: reopen the written shards and check them before OUT appears.
+        hash_inputs: record the sha256 of every input file in OUT's model card
+            (computed on a background thread; Hub cache files are not read again).
+        push_to_hub: a Hub repo id to upload OUT to once it is complete.
+        private: create that repo private (when it does not exist yet).
+        hub_revision: the branch of that repo to commit to (created if needed).
+        command: the command line, recorded in the model card (None from Python).
     """
 
     base: Path | str
@@ -104,3 +110,8 @@ class MergeOptions:
     resume: bool = False
     allow_nonfinite: bool = False
     verify: bool = False
+    hash_inputs: bool = True
+    push_to_hub: str | None = None
+    private: bool = False
+    hub_revision: str | None = None
+    command: str | None = None

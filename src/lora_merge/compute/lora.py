@@ -21,6 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+# The arithmetic, in one line, for the model card and shard metadata.
+MERGE_ARITHMETIC = (
+    "W + scale * B @ A per module (PEFT's merge), computed in float32 (float64 for "
+    "32-bit outputs) and rounded once to the output dtype"
+)
+
 
 def compute_dtype_for(output_dtype: torch.dtype) -> torch.dtype:
     """The dtype the merge is computed in before the one final rounding.

@@ -122,6 +122,18 @@ def resolve_model_location(spec: str | Path, role: str, *, kind: str, quiet: boo
     return Path(folder)
 
 
+def hub_snapshot_of(folder: Path) -> tuple[str, str] | None:
+    """The repo id and commit of a folder that is a snapshot in huggingface_hub's cache.
+
+    The cache layout is ``.../models--org--name/snapshots/<commit>/``; any other
+    folder gives None.
+    """
+    repo_folder = folder.parent.parent
+    if folder.parent.name != "snapshots" or not repo_folder.name.startswith("models--"):
+        return None
+    return repo_folder.name.removeprefix("models--").replace("--", "/"), folder.name
+
+
 def _existing_local_path(spec: str | Path) -> Path | None:
     try:
         path = Path(spec).expanduser()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_merge.inputs.hub import hub_snapshot_of
+
 
 def base_mismatch_warning(
     adapter_base: str | None, base_spec: str, base_folder: Path, base_config: dict[str, object]
@@ -24,10 +26,9 @@ def base_mismatch_warning(
     if not adapter_base:
         return None
     names = {base_spec, str(base_folder), str(base_config.get("_name_or_path") or "")}
-    if base_folder.parent.name == "snapshots" and base_folder.parent.parent.name.startswith(
-        "models--"
-    ):
-        names.add(base_folder.parent.parent.name.removeprefix("models--").replace("--", "/"))
+    snapshot = hub_snapshot_of(base_folder)
+    if snapshot is not None:
+        names.add(snapshot[0])
     if _last_component(adapter_base) in {_last_component(name) for name in names if name}:
         return None
     return (

@@ -81,10 +81,12 @@ class ShardWriter:
     received exactly its planned bytes.
     """
 
-    def __init__(self, path: Path, specs: Sequence[TensorSpec]) -> None:
+    def __init__(
+        self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None
+    ) -> None:
         self.path = path
         self._specs = {spec.name: spec for spec in specs}
-        self._header = encode_safetensors_header(specs)
+        self._header = encode_safetensors_header(specs, metadata)
         self._offsets: dict[str, int] = {}
         offset = len(self._header)
         for spec in specs:

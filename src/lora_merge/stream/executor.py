@@ -76,6 +76,7 @@ def write_shard(
     tile_budget: int,
     on_bytes: Callable[[int], None],
     allow_nonfinite: bool = False,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Write one output shard.
 
@@ -94,13 +95,14 @@ def write_shard(
             it may be called from several threads.
         allow_nonfinite: write NaN/Inf produced by the merge instead of refusing
             (tensors copied unchanged from the base are never inspected).
+        metadata: the header's ``__metadata__`` (default: just the format).
 
     Raises:
         NonFiniteError: a merged, replaced or converted tensor has NaN or Inf.
     """
     workers = torch.get_num_threads() if device.type == "cpu" else 1
     with (
-        ShardWriter(path, [t.spec for t in tensors]) as writer,
+        ShardWriter(path, [t.spec for t in tensors], metadata) as writer,
         _single_threaded_torch(workers > 1),
     ):
         stop = threading.Event()

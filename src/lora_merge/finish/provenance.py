@@ -1,0 +1,242 @@
+"""What went into a merge, recorded in OUT: a model card and safetensors metadata.
+
+OUT's ``README.md`` is a model card the Hub understands (YAML front matter with
+``base_model``, ``base_model_relation``, ``library_name`` and ``tags``) whose
+body says what was merged: the inputs (Hub repo and commit, or the path given),
+the sha256 of every input file, the scales, the arithmetic, the dtype, the
+lora-merge version and the command line. Each shard's header records the same
+in a few ``lora_merge.*`` keys. Nothing here depends on the clock or the host,
+so two runs with the same inputs and options write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.constants import REPOCARD_NAME
+
+from lora_merge.inputs.hub import hub_snapshot_of
+from lora_merge.io.hashing import sha256_of
+from lora_merge.io.shard_writer import OUTPUT_METADATA
+
+HUB_URL = "https://huggingface.co"
+# The cache names a file's blob by its etag, which for files stored with Git LFS
+# (every weights file) is the sha256 of the content: no need to read it again.
+_SHA256_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+_NAMESPACED_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class InputIdentity:
+    """One input of the merge (BASE or ADAPTER) as the user named it.
+
+    Attributes:
+        role: ``"base"`` or ``"adapter"``.
+        spec: what was given: a path, or ``org/name[@revision]``.
+        folder: the local folder read.
+        repo_id / commit: the Hub repo and the commit the folder is a snapshot of, if any.
+    """
+
+    role: str
+    spec: str
+    folder: Path
+    repo_id: str | None = None
+    commit: str | None = None
+
+    @classmethod
+    def of(cls, role: str, spec: str, folder: Path) -> InputIdentity:
+        snapshot = hub_snapshot_of(folder)
+        repo_id, commit = snapshot if snapshot is not None else (None, None)
+        return cls(role=role, spec=spec, folder=folder, repo_id=repo_id, commit=commit)
+
+    @property
+    def label(self) -> str:
+        """``org/name@commit`` for a Hub snapshot, else the path as given."""
+        return f"{self.repo_id}@{self.commit}" if self.repo_id else self.spec
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file read by the merge, with its size and sha256 (None when not computed)."""
+
+    role: str
+    name: str
+    size: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """Everything the card states besides the file hashes.
+
+    Attributes:
+        base / adapter: the inputs.
+        declared_base: the Hub id to list as ``base_model`` (None: not known).
+        method: the arithmetic, one line.
+        scales: distinct LoRA scales, formatted, and how many modules use each.
+        lora_modules_by_layer: modules merged per layer kind.
+        output_dtype: the dtype written, or a note that each tensor kept its own.
+        version: lora-merge's version.
+        command: the command line, or None for a Python API call.
+    """
+
+    base: InputIdentity
+    adapter: InputIdentity
+    declared_base: str | None
+    method: str
+    scales: Mapping[str, int]
+    lora_modules_by_layer: Mapping[str, int]
+    output_dtype: str
+    version: str
+    command: str | None
+
+
+def declared_base_model(
+    base: InputIdentity, adapter_base: str | None, mismatch: bool
+) -> str | None:
+    """The Hub id the card names as ``base_model``.
+
+    BASE's own repo id when it came from the Hub; otherwise the adapter's
+    ``base_model_name_or_path`` when it is an ``org/name`` id that does not exist
+    as a local path and the run did not warn that it names another model.
+    """
+    if base.repo_id:
+        return base.repo_id
+    if (
+        adapter_base
+        and not mismatch
+        and _NAMESPACED_REPO_ID.fullmatch(adapter_base)
+        and not os.path.exists(adapter_base)
+    ):
+        return adapter_base
+    return None
+
+
+def shard_metadata(record: MergeRecord) -> dict[str, str]:
+    """The ``__metadata__`` of every output shard: the format plus a few provenance keys."""
+    return {
+        **OUTPUT_METADATA,
+        "lora_merge.version": record.version,
+        "lora_merge.base": record.base.label,
+        "lora_merge.adapter": record.adapter.label,
+        "lora_merge.method": record.method,
+    }
+
+
+def input_files(role: str, folder: Path, paths: Iterable[Path]) -> list[tuple[str, str, Path]]:
+    """``(role, name relative to the input folder, path)`` for each distinct input file."""
+    seen: dict[Path, None] = dict.fromkeys(paths)
+    return [(role, _relative_name(path, folder), path) for path in seen]
+
+
+def start_hashing(files: Sequence[tuple[str, str, Path]], enabled: bool) -> Future[list[InputFile]]:
+    """Hash the input files on a background thread while the merge runs.
+
+    The thread reads files the merge reads too (mostly from the page cache) and
+    hashlib releases the GIL, so on a machine with a spare core this costs little
+    wall time. Files in huggingface_hub's cache are not read at all: their blob's
+    name is their sha256.
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-merge-hash")
+    future = pool.submit(_hash_all, files, enabled)
+    pool.shutdown(wait=False)
+    return future
+
+
+def write_model_card(folder: Path, record: MergeRecord, files: Sequence[InputFile]) -> None:
+    """Write OUT's ``README.md`` (front matter for the Hub, then what was merged)."""
+    (folder / REPOCARD_NAME).write_text(model_card(record, files), encoding="utf-8")
+
+
+def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
+    """The model card text."""
+    front_matter = []
+    if record.declared_base:
+        front_matter += ["base_model:", f"- {_yaml_string(record.declared_base)}"]
+        # One base and no adapter tag: the Hub lists this model as a fine-tune of it.
+        front_matter.append("base_model_relation: finetune")
+    front_matter += ["library_name: transformers", "tags:", "- lora-merge", "- merged-lora"]
+
+    layers = ", ".join(f"{n} {kind}" for kind, n in sorted(record.lora_modules_by_layer.items()))
+    scales = ", ".join(f"{scale} ({n} modules)" for scale, n in sorted(record.scales.items()))
+    rows = [
+        ("base", _input_cell(record.base)),
+        ("adapter", _input_cell(record.adapter)),
+        ("merge", record.method),
+        ("LoRA modules", f"{sum(record.lora_modules_by_layer.values())} ({layers or 'none'})"),
+        ("scales", scales or "none"),
+        ("output dtype", record.output_dtype),
+        ("lora-merge", record.version),
+    ]
+    lines = ["---", *front_matter, "---", "", "# Merged model", ""]
+    lines.append(
+        f"The LoRA adapter {_input_link(record.adapter)} merged into "
+        f"{_input_link(record.base)} with lora-merge {record.version}: a standalone "
+        "model that loads without PEFT."
+    )
+    lines += ["", "## How it was made", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {_cell(value)} |" for key, value in rows]
+    lines += [
+        "",
+        "Command:",
+        "",
+        "```",
+        record.command or "(lora_merge.merge, the Python API)",
+        "```",
+    ]
+    lines += ["", "## Input files", "", "| input | file | bytes | sha256 |", "|---|---|---|---|"]
+    lines += [
+        f"| {f.role} | `{_cell(f.name)}` | {f.size} | "
+        f"{f'`{f.sha256}`' if f.sha256 else 'not computed (--no-hash-inputs)'} |"
+        for f in files
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _hash_all(files: Sequence[tuple[str, str, Path]], enabled: bool) -> list[InputFile]:
+    return [
+        InputFile(role, name, path.stat().st_size, _sha256(path) if enabled else None)
+        for role, name, path in files
+    ]
+
+
+def _sha256(path: Path) -> str:
+    blob = Path(os.path.realpath(path))
+    if blob.parent.name == "blobs" and _SHA256_BLOB_NAME.fullmatch(blob.name):
+        return blob.name
+    return sha256_of(path)
+
+
+def _relative_name(path: Path, folder: Path) -> str:
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _input_cell(source: InputIdentity) -> str:
+    if source.repo_id:
+        return f"`{source.repo_id}` at commit `{source.commit}`"
+    return f"`{source.spec}` (local folder)"
+
+
+def _input_link(source: InputIdentity) -> str:
+    if source.repo_id:
+        return f"[{source.repo_id}]({HUB_URL}/{source.repo_id})"
+    return f"`{source.spec}`"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _yaml_string(text: str) -> str:
+    """A YAML scalar for ``text``: a JSON string is a valid double-quoted YAML string."""
+    return json.dumps(text)

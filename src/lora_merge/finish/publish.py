@@ -1,0 +1,82 @@
+"""``--push-to-hub``: upload the finished OUT folder to a Hub repo.
+
+huggingface_hub does the work (token from HF_TOKEN or ``hf auth login``,
+endpoint from HF_ENDPOINT; with hf_xet installed the upload is chunked,
+deduplicated and resumable, and large folders are split into several commits).
+This module creates the repo and the branch when they do not exist and turns
+huggingface_hub's exceptions into one :class:`~lora_merge.errors.PushError`
+that says OUT is complete and how to retry the upload alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from lora_merge.errors import InvalidInputError, PushError
+
+
+def check_push_target(repo_id: str) -> None:
+    """Refuse a repo id the Hub would refuse, and a push that cannot happen offline.
+
+    Raises:
+        InvalidInputError: ``repo_id`` is not ``org/name`` (or ``name``), or HF_HUB_OFFLINE is set.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise InvalidInputError(
+            f"--push-to-hub {repo_id!r} is not a Hub repo id: use org/name or name ({err})"
+        ) from err
+    if constants.HF_HUB_OFFLINE:
+        raise InvalidInputError(
+            "--push-to-hub needs the network but HF_HUB_OFFLINE is set; unset it or drop --push-to-hub"
+        )
+
+
+def push_folder(
+    folder: Path, repo_id: str, *, private: bool, revision: str | None, message: str
+) -> str:
+    """Upload every file of ``folder`` to the model repo ``repo_id`` in one call.
+
+    Args:
+        folder: the finished OUT folder.
+        repo_id: ``org/name``; created (private if asked) when it does not exist.
+        private: make a repo that this call creates private (an existing repo keeps its visibility).
+        revision: the branch to commit to, created from the default branch if needed;
+            None for the default branch.
+        message: the commit message.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        PushError: the Hub refused or could not be reached; ``folder`` stays as it is.
+    """
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            commit_message=message,
+        )
+    except Exception as err:  # huggingface_hub raises HTTP, network and validation errors alike
+        retry = f"hf upload {repo_id} {folder}" + (f" --revision {revision}" if revision else "")
+        raise PushError(
+            f"the merged model is complete in {folder}, but pushing it to {repo_id!r} failed: "
+            f"{type(err).__name__}: {_first_line(err)}; check HF_TOKEN and the repo name, then "
+            f"upload it with: {retry}"
+        ) from err
+    return str(commit.commit_url)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no details"
