@@ -57,7 +57,10 @@ def push_folder(
     """
     api = HfApi()
     try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        # private=None (not False) when not asked: a new repo then gets its owner's default visibility.
+        api.create_repo(
+            repo_id, repo_type="model", private=True if private else None, exist_ok=True
+        )
         if revision is not None:
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         commit = api.upload_folder(
