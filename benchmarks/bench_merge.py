@@ -86,6 +86,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -448,13 +449,16 @@ def child_environment(extra_python_path: Path | None = None) -> dict[str, str]:
     return env
 
 
-def build_inputs(workdir: Path, shape_name: str, seed: int) -> tuple[Path, Path]:
+def build_inputs(
+    workdir: Path, shape_name: str, seed: int, targets: str = "all-linear"
+) -> tuple[Path, Path]:
     """Builds or reuses the base model and adapter, in a subprocess.
 
     Args:
         workdir: Benchmark work folder.
         shape_name: Key of ``synthetic_checkpoints.SHAPES``.
         seed: Build seed.
+        targets: Adapter variant (key of ``synthetic_checkpoints.LORA_TARGETS``).
 
     Returns:
         ``(base_model_folder, adapter_folder)``.
@@ -471,6 +475,8 @@ def build_inputs(workdir: Path, shape_name: str, seed: int) -> tuple[Path, Path]
         str(workdir),
         "--seed",
         str(seed),
+        "--targets",
+        targets,
     ]
     completed = subprocess.run(
         command, stdout=subprocess.PIPE, text=True, env=child_environment(), check=False
@@ -481,7 +487,9 @@ def build_inputs(workdir: Path, shape_name: str, seed: int) -> tuple[Path, Path]
     return Path(paths["base"]), Path(paths["adapter"])
 
 
-def check_disk_space(workdir: Path, shape: synthetic_checkpoints.LlamaShape, seed: int) -> None:
+def check_disk_space(
+    workdir: Path, shape: synthetic_checkpoints.LlamaShape, seed: int, targets: str = "all-linear"
+) -> None:
     """Exits with a message if the work folder's disk lacks room for the run.
 
     Room is needed for the inputs not built yet plus one merged model (one
@@ -491,18 +499,20 @@ def check_disk_space(workdir: Path, shape: synthetic_checkpoints.LlamaShape, see
         workdir: Benchmark work folder.
         shape: Model shape.
         seed: Build seed.
+        targets: Adapter variant.
 
     Raises:
         SystemExit: If there is not enough free space.
     """
     base_bytes = sum(spec.byte_size for spec in synthetic_checkpoints.base_tensor_specs(shape))
     adapter_bytes = sum(
-        spec.byte_size for spec in synthetic_checkpoints.adapter_tensor_specs(shape)
+        spec.byte_size
+        for spec in synthetic_checkpoints.adapter_tensor_specs(shape, targets=targets)
     )
     needed = base_bytes
     if not synthetic_checkpoints.base_model_folder(workdir, shape, seed).is_dir():
         needed += base_bytes
-    if not synthetic_checkpoints.adapter_folder(workdir, shape, seed).is_dir():
+    if not synthetic_checkpoints.adapter_folder(workdir, shape, seed, targets).is_dir():
         needed += adapter_bytes
     free = shutil.disk_usage(workdir).free
     if free < needed * DISK_SPACE_MARGIN:
@@ -545,19 +555,26 @@ def make_cases(
     ]
     if not args.skip_lora_merge:
         source_dir = REPO_ROOT / "src"
-        output = outputs / "lora-merge"
-        argv = [
-            sys.executable,
-            "-m",
-            "lora_merge",
-            str(base),
-            str(adapter),
-            str(output),
-            "--quiet",
-            "--overwrite",
-        ]
         env = child_environment(source_dir if source_dir.is_dir() else None)
-        cases.append(BenchmarkCase(LORA_MERGE_CASE, argv, output, env))
+        variants = [(LORA_MERGE_CASE, args.lora_merge_args)]
+        variants += [
+            (f"{LORA_MERGE_CASE} {label}", f"{args.lora_merge_args} {extra}")
+            for label, _, extra in (variant.partition(":") for variant in args.variant)
+        ]
+        for number, (name, extra) in enumerate(variants):
+            output = outputs / f"lora-merge-{number}"
+            argv = [
+                sys.executable,
+                "-m",
+                "lora_merge",
+                str(base),
+                str(adapter),
+                str(output),
+                "--quiet",
+                "--overwrite",
+                *shlex.split(extra),
+            ]
+            cases.append(BenchmarkCase(name, argv, output, env))
     if not args.skip_peft:
         output = outputs / "peft"
         argv = [sys.executable, str(PEFT_REFERENCE_SCRIPT), str(base), str(adapter), str(output)]
@@ -755,6 +772,7 @@ def header_line(
     environment: dict[str, object],
     repeat: int,
     rss_floor_bytes: int,
+    targets: str = "all-linear",
 ) -> str:
     """Renders the line printed above the table.
 
@@ -764,6 +782,7 @@ def header_line(
         environment: Output of ``environment_summary``.
         repeat: Number of runs per case.
         rss_floor_bytes: RSS floor of the method.
+        targets: Adapter variant.
 
     Returns:
         One Markdown line.
@@ -776,7 +795,8 @@ def header_line(
         f"{shape.num_hidden_layers} layers, {shape.num_attention_heads} heads, "
         f"{shape.num_key_value_heads} kv heads, vocab {shape.vocab_size}), "
         f"base {base_bytes:,} bytes ({base_bytes / 1e9:.2f} GB); "
-        f"LoRA r={synthetic_checkpoints.LORA_RANK} on all 7 projections; "
+        f"LoRA r={synthetic_checkpoints.LORA_RANK} on "
+        f"{', '.join(synthetic_checkpoints.LORA_TARGETS[targets])} of every layer; "
         f"{environment['usable_cpu_count']} CPU cores{memory_text}; "
         f"torch {environment['torch']}, transformers {environment['transformers']}, "
         f"peft {environment['peft']}, Python {environment['python']}; "
@@ -816,6 +836,25 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-peft", action="store_true", help="do not run the PEFT case")
     parser.add_argument(
+        "--targets",
+        choices=sorted(synthetic_checkpoints.LORA_TARGETS),
+        default="all-linear",
+        help="which projections of every layer carry LoRA (q-v: q_proj and v_proj only)",
+    )
+    parser.add_argument(
+        "--lora-merge-args",
+        default="",
+        help="extra options for every lora-merge run, e.g. '--max-memory 256MB'",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:OPTIONS",
+        help="an extra lora-merge case with more options, measured in the same run, e.g. "
+        "'no hashing:--no-hash-inputs' (repeatable)",
+    )
+    parser.add_argument(
         "--timeout", type=float, help="seconds after which a run is killed (default: none)"
     )
     parser.add_argument(
@@ -843,12 +882,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = synthetic_checkpoints.SHAPES[args.shape]
     workdir = args.workdir.resolve()
     prepare_workdir(workdir)
-    check_disk_space(workdir, shape, args.seed)
+    check_disk_space(workdir, shape, args.seed, args.targets)
     log_dir = workdir / "logs"
     outputs = workdir / "outputs"
 
     print(f"building or reusing {args.shape} inputs in {workdir}", file=sys.stderr, flush=True)
-    base, adapter = build_inputs(workdir, args.shape, args.seed)
+    base, adapter = build_inputs(workdir, args.shape, args.seed, args.targets)
     input_files = files_under([base, adapter])
     base_bytes = tree_size_bytes(base)
     rss_floor_bytes = measure_rss_floor(log_dir)
@@ -872,7 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     environment = environment_summary()
-    print(header_line(shape, base_bytes, environment, args.repeat, rss_floor_bytes))
+    print(header_line(shape, base_bytes, environment, args.repeat, rss_floor_bytes, args.targets))
     print()
     print(markdown_table(cases))
     if any(case.first_failure for case in cases):

@@ -67,6 +67,9 @@ NUMBER_OF_BASE_SHARDS = 3
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 LORA_TARGET_MODULES = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# Adapter variants: which projections of every layer carry LoRA. "q-v" is the
+# original LoRA paper's (and many tutorials') choice: most bytes stay untouched.
+LORA_TARGETS = {"all-linear": LORA_TARGET_MODULES, "q-v": ("q_proj", "v_proj")}
 
 #: Bytes per value of the safetensors dtypes used here.
 SAFETENSORS_DTYPE_SIZES: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4}
@@ -272,12 +275,15 @@ def base_tensor_specs(shape: LlamaShape) -> list[TensorSpec]:
     return specs
 
 
-def adapter_tensor_specs(shape: LlamaShape, rank: int = LORA_RANK) -> list[TensorSpec]:
-    """Lists the LoRA tensors of an adapter on all projections of all layers.
+def adapter_tensor_specs(
+    shape: LlamaShape, rank: int = LORA_RANK, targets: str = "all-linear"
+) -> list[TensorSpec]:
+    """Lists the LoRA tensors of an adapter on the target projections of all layers.
 
     Args:
         shape: The base model shape.
         rank: LoRA rank ``r``.
+        targets: Key of ``LORA_TARGETS``.
 
     Returns:
         Specs named like PEFT names them
@@ -288,7 +294,7 @@ def adapter_tensor_specs(shape: LlamaShape, rank: int = LORA_RANK) -> list[Tenso
     projections = linear_shapes(shape)
     specs = []
     for layer_index in range(shape.num_hidden_layers):
-        for projection in LORA_TARGET_MODULES:
+        for projection in LORA_TARGETS[targets]:
             out_features, in_features = projections[projection]
             prefix = f"base_model.model.{projection_module_path(layer_index, projection)}"
             specs.append(
@@ -443,7 +449,9 @@ def write_llama_config(folder: Path, shape: LlamaShape) -> None:
     config.save_pretrained(folder)
 
 
-def adapter_config(rank: int = LORA_RANK, lora_alpha: int = LORA_ALPHA) -> dict[str, object]:
+def adapter_config(
+    rank: int = LORA_RANK, lora_alpha: int = LORA_ALPHA, targets: str = "all-linear"
+) -> dict[str, object]:
     """Returns an ``adapter_config.json`` as PEFT 0.21.2 writes it.
 
     The field list was taken from ``get_peft_model(...).save_pretrained`` on a
@@ -453,6 +461,7 @@ def adapter_config(rank: int = LORA_RANK, lora_alpha: int = LORA_ALPHA) -> dict[
     Args:
         rank: LoRA rank ``r``.
         lora_alpha: LoRA alpha (scaling is ``lora_alpha / r``).
+        targets: Key of ``LORA_TARGETS``.
 
     Returns:
         The JSON-serialisable config.
@@ -490,7 +499,7 @@ def adapter_config(rank: int = LORA_RANK, lora_alpha: int = LORA_ALPHA) -> dict[
         "r": rank,
         "rank_pattern": {},
         "revision": None,
-        "target_modules": sorted(LORA_TARGET_MODULES),
+        "target_modules": sorted(LORA_TARGETS[targets]),
         "target_parameters": None,
         "task_type": "CAUSAL_LM",
         "trainable_token_indices": None,
@@ -591,7 +600,9 @@ def build_base_model(folder: Path, shape: LlamaShape, build_seed: int, log: bool
     return folder
 
 
-def build_lora_adapter(folder: Path, shape: LlamaShape, build_seed: int, log: bool = True) -> Path:
+def build_lora_adapter(
+    folder: Path, shape: LlamaShape, build_seed: int, log: bool = True, targets: str = "all-linear"
+) -> Path:
     """Builds (or reuses) a PEFT LoRA adapter folder for a Llama shape.
 
     Args:
@@ -599,11 +610,13 @@ def build_lora_adapter(folder: Path, shape: LlamaShape, build_seed: int, log: bo
         shape: The base model shape.
         build_seed: Seed of the random LoRA weights.
         log: Whether to print progress to stderr.
+        targets: Key of ``LORA_TARGETS``.
 
     Returns:
         ``folder``.
     """
     manifest = {
+        "targets": targets,
         "kind": "lora_adapter",
         "generator_version": GENERATOR_VERSION,
         "seed": build_seed,
@@ -614,10 +627,12 @@ def build_lora_adapter(folder: Path, shape: LlamaShape, build_seed: int, log: bo
     if _is_cached(folder, manifest):
         return folder
     partial = _fresh_partial_folder(folder)
-    config_text = json.dumps(adapter_config(), indent=2, sort_keys=True) + "\n"
+    config_text = json.dumps(adapter_config(targets=targets), indent=2, sort_keys=True) + "\n"
     (partial / "adapter_config.json").write_text(config_text)
     write_safetensors_streaming(
-        partial / "adapter_model.safetensors", adapter_tensor_specs(shape), build_seed
+        partial / "adapter_model.safetensors",
+        adapter_tensor_specs(shape, targets=targets),
+        build_seed,
     )
     _publish(partial, folder, manifest)
     if log:
@@ -639,33 +654,41 @@ def base_model_folder(workdir: Path, shape: LlamaShape, seed: int) -> Path:
     return workdir / "models" / f"llama-{shape.name}-seed{seed}"
 
 
-def adapter_folder(workdir: Path, shape: LlamaShape, seed: int) -> Path:
+def adapter_folder(
+    workdir: Path, shape: LlamaShape, seed: int, targets: str = "all-linear"
+) -> Path:
     """Returns where the benchmark keeps the LoRA adapter of a shape and seed.
 
     Args:
         workdir: Benchmark work folder.
         shape: The model shape.
         seed: Build seed of the base model.
+        targets: Key of ``LORA_TARGETS``.
 
     Returns:
-        ``<workdir>/adapters/lora-r16-all-linear-llama-<shape>-seed<seed>``.
+        ``<workdir>/adapters/lora-r16-<targets>-llama-<shape>-seed<seed>``.
     """
-    return workdir / "adapters" / f"lora-r{LORA_RANK}-all-linear-llama-{shape.name}-seed{seed}"
+    return workdir / "adapters" / f"lora-r{LORA_RANK}-{targets}-llama-{shape.name}-seed{seed}"
 
 
-def build_benchmark_inputs(workdir: Path, shape: LlamaShape, seed: int) -> tuple[Path, Path]:
+def build_benchmark_inputs(
+    workdir: Path, shape: LlamaShape, seed: int, targets: str = "all-linear"
+) -> tuple[Path, Path]:
     """Builds (or reuses) the base model and adapter for a benchmark run.
 
     Args:
         workdir: Benchmark work folder.
         shape: The model shape.
         seed: Build seed of the base model (the adapter uses ``seed + 1``).
+        targets: Key of ``LORA_TARGETS``: which projections carry LoRA.
 
     Returns:
         ``(base_model_folder, adapter_folder)``.
     """
     base = build_base_model(base_model_folder(workdir, shape, seed), shape, seed)
-    adapter = build_lora_adapter(adapter_folder(workdir, shape, seed), shape, seed + 1)
+    adapter = build_lora_adapter(
+        adapter_folder(workdir, shape, seed, targets), shape, seed + 1, targets=targets
+    )
     return base, adapter
 
 
@@ -682,8 +705,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--targets", choices=sorted(LORA_TARGETS), default="all-linear")
     args = parser.parse_args(argv)
-    base, adapter = build_benchmark_inputs(args.workdir.resolve(), SHAPES[args.shape], args.seed)
+    base, adapter = build_benchmark_inputs(
+        args.workdir.resolve(), SHAPES[args.shape], args.seed, args.targets
+    )
     print(json.dumps({"base": str(base), "adapter": str(adapter)}))
     return 0
 

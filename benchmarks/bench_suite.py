@@ -1,0 +1,188 @@
+"""The benchmark table of the README: every shape and adapter variant, one table.
+
+How to run (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_suite.py                    # everything, --repeat 3
+    .venv/bin/python benchmarks/bench_suite.py --only 1b-all 1b-qv --repeat 1
+
+Each row is one run of ``bench_merge.py`` (see its docstring for what is
+measured and how: inputs read into the page cache before every run, ``sync``
+after it, medians over the repeats, ``ru_maxrss`` of each child). In every row
+``cp -r`` of the same base, lora-merge and PEFT run interleaved in the same
+invocation, so each ratio compares figures taken side by side. PEFT is skipped
+where it would need more RAM than this machine has (it loads the whole model,
+plus the output it saves): the row says so.
+
+Rows (synthetic random-weight bf16 Llama checkpoints, LoRA r=16, alpha=32):
+
+* ``1b-all``: TinyLlama-1.1B shape, LoRA on all 7 linear projections; also
+  lora-merge with ``--no-hash-inputs`` (the cost of the model card's sha256).
+* ``1b-qv``: the same base, LoRA on q_proj and v_proj only (most bytes untouched).
+* ``3b-all``: OpenLLaMA-3B shape (hidden 3200, 26 layers, 6.4 GB).
+* ``7b-all``: Llama-2-7B shape (hidden 4096, 32 layers, 13.5 GB); also with
+  ``--max-memory 256MB``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS_DIR))
+
+import bench_merge  # noqa: E402  (needs BENCHMARKS_DIR on sys.path)
+import synthetic_checkpoints  # noqa: E402
+
+# PEFT holds the whole model in memory and save_pretrained adds buffers on top;
+# measured at 1b: peak RSS 2.6 GB for a 2.2 GB model. Skip it where that would
+# come near the machine's RAM.
+PEFT_RAM_FACTOR = 1.6
+
+
+@dataclass(frozen=True)
+class SuiteRow:
+    key: str
+    label: str
+    shape: str
+    targets: str
+    variants: tuple[str, ...] = ()
+
+
+ROWS = (
+    SuiteRow(
+        "1b-all", "1.1B all-linear r=16", "1b", "all-linear", ("no input hashes:--no-hash-inputs",)
+    ),
+    SuiteRow("1b-qv", "1.1B q/v only r=16", "1b", "q-v"),
+    SuiteRow("3b-all", "3B all-linear r=16", "3b", "all-linear"),
+    SuiteRow(
+        "7b-all",
+        "7B all-linear r=16",
+        "7b",
+        "all-linear",
+        ("--max-memory 256MB:--max-memory 256MB",),
+    ),
+)
+
+COLUMNS = (
+    "case",
+    "lora-merge wall s",
+    "cp -r wall s",
+    "ratio",
+    "on-disk ratio",
+    "lora-merge peak RSS MB",
+    "PEFT wall s",
+    "PEFT peak RSS MB",
+)
+
+
+def total_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def run_row(row: SuiteRow, args: argparse.Namespace, scratch: Path) -> dict[str, object]:
+    """Run bench_merge.py for one row; return its JSON report (plus the PEFT decision)."""
+    shape = synthetic_checkpoints.SHAPES[row.shape]
+    base_bytes = sum(spec.byte_size for spec in synthetic_checkpoints.base_tensor_specs(shape))
+    peft_needs = int(base_bytes * PEFT_RAM_FACTOR)
+    skip_peft = args.skip_peft or peft_needs > total_ram_bytes()
+    report_path = scratch / f"{row.key}.json"
+    argv = [
+        "--shape",
+        row.shape,
+        "--targets",
+        row.targets,
+        "--repeat",
+        str(args.repeat),
+        "--json",
+        str(report_path),
+        "--workdir",
+        str(args.workdir),
+    ]
+    for variant in row.variants:
+        argv += ["--variant", variant]
+    if skip_peft:
+        argv.append("--skip-peft")
+    print(f"== {row.label}", file=sys.stderr, flush=True)
+    bench_merge.main(argv)
+    report = json.loads(report_path.read_text())
+    report["peft_skipped_because"] = (
+        None
+        if not skip_peft
+        else (
+            "--skip-peft" if args.skip_peft else f"skipped: needs > {peft_needs / 1e9:.0f} GB RAM"
+        )
+    )
+    return report
+
+
+def table_rows(row: SuiteRow, report: dict[str, object]) -> list[list[str]]:
+    cases = {case["name"]: case for case in report["cases"]}  # type: ignore[index]
+    copy = cases[bench_merge.CP_CASE]
+    peft = cases.get(bench_merge.PEFT_CASE)
+    lines = []
+    for name, case in cases.items():
+        if not name.startswith(bench_merge.LORA_MERGE_CASE):
+            continue
+        failed = any(run["exit_code"] != 0 for run in case["runs"])
+        label = row.label + name.removeprefix(bench_merge.LORA_MERGE_CASE)
+        if failed:
+            lines.append([label, "FAILED", *[bench_merge.NOT_APPLICABLE] * (len(COLUMNS) - 2)])
+            continue
+        peft_cells = [str(report["peft_skipped_because"]), bench_merge.NOT_APPLICABLE]
+        if peft is not None and name == bench_merge.LORA_MERGE_CASE:
+            peft_cells = [
+                f"{peft['median_wall_s']:.2f}",
+                bench_merge.format_mib(peft["peak_rss_bytes"]),
+            ]
+        elif name != bench_merge.LORA_MERGE_CASE:
+            peft_cells = [bench_merge.NOT_APPLICABLE] * 2
+        lines.append(
+            [
+                label,
+                f"{case['median_wall_s']:.2f}",
+                f"{copy['median_wall_s']:.2f}",
+                f"{case['median_wall_s'] / copy['median_wall_s']:.2f}x",
+                f"{case['median_on_disk_s'] / copy['median_on_disk_s']:.2f}x",
+                bench_merge.format_mib(case["peak_rss_bytes"]),
+                *peft_cells,
+            ]
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=[row.key for row in ROWS])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=bench_merge.DEFAULT_WORKDIR)
+    parser.add_argument("--json", type=Path, help="write every row's raw report here")
+    args = parser.parse_args(argv)
+    rows = [row for row in ROWS if not args.only or row.key in args.only]
+    lines = [bench_merge.markdown_row(COLUMNS), bench_merge.markdown_row(["---"] * len(COLUMNS))]
+    reports = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for row in rows:
+            report = run_row(row, args, Path(scratch))
+            reports[row.key] = report
+            lines += [bench_merge.markdown_row(cells) for cells in table_rows(row, report)]
+    environment = bench_merge.environment_summary()
+    print(
+        f"\nmedian of {args.repeat} run(s) per case; inputs in the page cache before each run; "
+        f"{json.dumps(environment)}"
+    )
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(reports, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
