@@ -407,6 +407,18 @@ def read_files_once(paths: Iterable[Path]) -> None:
                 pass
 
 
+def drop_page_cache() -> None:
+    """Empties the kernel's page cache (needs root), so that inputs come from the disk.
+
+    Raises:
+        SystemExit: If this process may not drop the cache.
+    """
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as err:
+        raise SystemExit(f"--cold needs root to drop the page cache: {err}") from err
+
+
 def tree_size_bytes(folder: Path) -> int:
     """Returns the total size of the files under a folder, 0 if it is missing.
 
@@ -602,8 +614,12 @@ def run_case_once(
         The run's figures.
     """
     remove_output(case.output)
-    read_files_once(input_files)
-    os.sync()
+    if args.cold:
+        os.sync()
+        drop_page_cache()
+    else:
+        read_files_once(input_files)
+        os.sync()
     log_stem = log_dir / f"{case.name.split()[0]}-{repeat_index}"
     figures = run_measured(case.argv, case.env, log_stem, args.timeout, args.sample_interval)
     flush_started = time.perf_counter()
@@ -835,6 +851,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--skip-lora-merge", action="store_true", help="do not run the lora-merge case"
     )
     parser.add_argument("--skip-peft", action="store_true", help="do not run the PEFT case")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before every run (needs root) instead of reading the "
+        "inputs into it: inputs then come from the disk",
+    )
     parser.add_argument(
         "--targets",
         choices=sorted(synthetic_checkpoints.LORA_TARGETS),

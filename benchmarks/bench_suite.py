@@ -109,6 +109,8 @@ def run_row(row: SuiteRow, args: argparse.Namespace, scratch: Path) -> dict[str,
         argv += ["--variant", variant]
     if skip_peft:
         argv.append("--skip-peft")
+    if args.cold:
+        argv.append("--cold")
     print(f"== {row.label}", file=sys.stderr, flush=True)
     bench_merge.main(argv)
     report = json.loads(report_path.read_text())
@@ -162,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=[row.key for row in ROWS])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page cache before every run (root)"
+    )
     parser.add_argument("--workdir", type=Path, default=bench_merge.DEFAULT_WORKDIR)
     parser.add_argument("--json", type=Path, help="write every row's raw report here")
     args = parser.parse_args(argv)
@@ -175,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lines += [bench_merge.markdown_row(cells) for cells in table_rows(row, report)]
     environment = bench_merge.environment_summary()
     print(
-        f"\nmedian of {args.repeat} run(s) per case; inputs in the page cache before each run; "
+        f"\nmedian of {args.repeat} run(s) per case; "
+        f"{'page cache dropped' if args.cold else 'inputs read into the page cache'} before each run; "
         f"{json.dumps(environment)}"
     )
     print("\n".join(lines))

@@ -108,9 +108,16 @@ def write_shard(
         stop = threading.Event()
         per_thread = threading.local()
 
-        def write_tensor(tensor: PlannedTensor) -> None:
+        work = [t for t in tensors if t.spec.nbytes]
+
+        def write_tensor(index: int) -> None:
             if stop.is_set():
                 return
+            tensor = work[index]
+            # The tensor the next free thread takes after this batch: have the disk read it now.
+            upcoming = index + workers
+            if upcoming < len(work) and work[upcoming].source == "base":
+                base.prefetch(work[upcoming].source_key)
             slot = writer.tensor(tensor.spec.name)
             if tensor.is_byte_copy:
                 on_bytes(slot.copy_from(base, tensor.source_key))
@@ -125,10 +132,9 @@ def write_shard(
                 if stop.is_set():
                     return
 
-        work = [t for t in tensors if t.spec.nbytes]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-merge") as pool:
             try:
-                for _ in pool.map(write_tensor, work):
+                for _ in pool.map(write_tensor, range(len(work))):
                     pass
             except BaseException:
                 stop.set()  # Ctrl-C or a failure: the other threads stop at their next tile
