@@ -13,8 +13,8 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,8 +23,10 @@ from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_INDEX_FILE
 from tqdm import tqdm
 
 from lora_merge._version import __version__
+from lora_merge.adapter.combined import AdapterInput, CombinedAdapter, refuse_dora
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
 from lora_merge.adapter.keys import classify_adapter_keys
+from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.lora import MERGE_ARITHMETIC
 from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError
@@ -89,6 +91,8 @@ class MergeSummary:
         plan_seconds / write_seconds: time spent planning, and streaming and finishing OUT.
         warnings: what the run warned about (also issued as ``LoraMergeWarning``).
         pushed_to / commit_url: the Hub repo OUT was uploaded to and the commit, if pushed.
+        adapters: every adapter combined (``adapter`` is the first), and
+            ``combine`` the method, when several adapters (or combination options) were given.
     """
 
     out: str
@@ -109,9 +113,14 @@ class MergeSummary:
     warnings: list[str] = field(default_factory=list)
     pushed_to: str | None = None
     commit_url: str | None = None
+    adapters: list[str] = field(default_factory=list)
+    combine: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        summary = asdict(self)
+        if self.combine is None:  # a single-adapter merge keeps its documented fields
+            del summary["adapters"], summary["combine"]
+        return summary
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,7 @@ class MergePreview:
         vocab_size: the new vocabulary size, when the adapter resizes it.
         working_memory_bytes: tile buffers and LoRA matrices the stream holds at once.
         disk_free_bytes: free space where OUT goes.
+        adapters / combine: every adapter and the method, when adapters are combined.
     """
 
     base: str
@@ -207,9 +217,14 @@ class MergePreview:
     vocab_size: int | None
     working_memory_bytes: int
     disk_free_bytes: int
+    adapters: list[str] = field(default_factory=list)
+    combine: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        preview = asdict(self)
+        if self.combine is None:  # a single-adapter plan keeps its documented fields
+            del preview["adapters"], preview["combine"]
+        return preview
 
 
 def preview_merge(options: MergeOptions) -> MergePreview:
@@ -259,6 +274,8 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             vocab_size=plan.vocab_size,
             working_memory_bytes=workers * 3 * settings.tile_budget + lora_bytes,
             disk_free_bytes=_free_space(prepared.out),
+            adapters=[str(folder.folder) for folder in prepared.adapter_folders],
+            combine=prepared.recipe.method_name if prepared.recipe else None,
         )
 
 
@@ -273,6 +290,8 @@ class _Prepared:
     plan: MergePlan
     warnings: list[str]
     record: MergeRecord
+    recipe: CombineRecipe | None = None
+    adapter_folders: list[AdapterFolder] = field(default_factory=list)
 
 
 @contextmanager
@@ -298,29 +317,92 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
     base = resolve_base(
         resolve_model_location(options.base, "BASE", kind="model", quiet=options.quiet)
     )
-    adapter_folder = resolve_adapter(
-        resolve_model_location(options.adapter, "ADAPTER", kind="adapter", quiet=options.quiet)
-    )
+    recipe = _combine_recipe(options)
+    adapter_folders = [
+        resolve_adapter(
+            resolve_model_location(spec, "ADAPTER", kind="adapter", quiet=options.quiet)
+        )
+        for spec in options.adapters
+    ]
+    adapter_folder = adapter_folders[0]
     out = check_output_location(
-        options.out, [base.folder, adapter_folder.folder], options.overwrite
+        options.out, [base.folder, *(f.folder for f in adapter_folders)], options.overwrite
     )
-    config = read_adapter_config(adapter_folder.config_path)
-    with closing(open_adapter_weights(adapter_folder.weights_path)) as adapter:
-        contents = classify_adapter_keys(list(adapter.keys()))
+    configs = [read_adapter_config(folder.config_path) for folder in adapter_folders]
+    with ExitStack() as opened:
+        sources = [
+            opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
+            for folder in adapter_folders
+        ]
+        adapter: TensorSource
+        if recipe is None:
+            config, adapter = configs[0], sources[0]
+            contents = classify_adapter_keys(list(adapter.keys()))
+        else:
+            combined = _combined_adapter(adapter_folders, configs, sources, recipe)
+            config, contents, adapter = combined.config, combined.contents, combined
         plan = build_merge_plan(base, config, contents, adapter, settings.output_dtype)
         notes = [
             note
             for note in (
                 base_mismatch_warning(
-                    config.base_model_name_or_path, str(options.base), base.folder, base.config
-                ),
+                    adapter_config.base_model_name_or_path,
+                    str(options.base),
+                    base.folder,
+                    base.config,
+                )
+                for adapter_config in configs
             )
             if note
         ]
         for note in notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
-        record = _merge_record(options, base, adapter_folder, config, plan, settings, notes)
-        yield _Prepared(settings, base, adapter_folder, adapter, out, config, plan, notes, record)
+        record = _merge_record(
+            options, base, adapter_folders, config, plan, settings, notes, recipe
+        )
+        yield _Prepared(
+            settings,
+            base,
+            adapter_folder,
+            adapter,
+            out,
+            config,
+            plan,
+            notes,
+            record,
+            recipe,
+            adapter_folders,
+        )
+
+
+def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
+    """The checked combination, or None for one adapter merged as it is."""
+    if not options.combines:
+        return None
+    return build_combine_recipe(
+        len(options.adapters),
+        combine=options.combine,
+        weights=options.weights,
+        density=options.density,
+        majority_sign_method=options.majority_sign_method,
+        svd_rank=options.svd_rank,
+        svd_clamp=options.svd_clamp,
+        seed=options.seed,
+    )
+
+
+def _combined_adapter(
+    folders: list[AdapterFolder],
+    configs: list[LoraAdapterConfig],
+    sources: list[TensorSource],
+    recipe: CombineRecipe,
+) -> CombinedAdapter:
+    inputs = []
+    for folder, config, source in zip(folders, configs, sources, strict=True):
+        keys = list(source.keys())
+        refuse_dora(str(folder.folder), config, keys)
+        inputs.append(AdapterInput(str(folder.folder), config, classify_adapter_keys(keys), source))
+    return CombinedAdapter(inputs, recipe)
 
 
 def _merge(options: MergeOptions) -> MergeSummary:
@@ -336,6 +418,8 @@ def _merge(options: MergeOptions) -> MergeSummary:
             prepared.out,
             prepared.settings,
             prepared.record,
+            prepared.recipe,
+            prepared.adapter_folders,
         )
     finished = time.perf_counter()
     return MergeSummary(
@@ -355,6 +439,8 @@ def _merge(options: MergeOptions) -> MergeSummary:
         plan_seconds=round(planned - started, 3),
         write_seconds=round(finished - planned, 3),
         warnings=prepared.warnings,
+        adapters=[str(folder.folder) for folder in prepared.adapter_folders],
+        combine=prepared.recipe.method_name if prepared.recipe else None,
     )
 
 
@@ -379,8 +465,13 @@ def _write_output(
     out: Path,
     settings: _RunSettings,
     record: MergeRecord,
+    recipe: CombineRecipe | None = None,
+    adapter_folders: Sequence[AdapterFolder] = (),
 ) -> tuple[int, int]:
     """Stream the planned tensors into shards and finish OUT.
+
+    With several adapters, ``adapter_folder`` is the first (whose tokenizer
+    files win) and ``recipe`` says how they were combined.
 
     Returns:
         The number of shards, and how many of them a resumed run kept.
@@ -390,10 +481,15 @@ def _write_output(
     fingerprint = None
     if settings.resume:
         inputs = [entry.path for entry in base.entries.values()]
-        inputs += [adapter_folder.config_path, adapter_folder.weights_path]
-        fingerprint = merge_fingerprint(shards, inputs, __version__)
+        for folder in adapter_folders or [adapter_folder]:
+            inputs += [folder.config_path, folder.weights_path]
+        fingerprint = merge_fingerprint(
+            shards, inputs, __version__, recipe.describe() if recipe else ""
+        )
     metadata = shard_metadata(record)
-    hashes = start_hashing(_input_files(base, adapter_folder), settings.hash_inputs)
+    hashes = start_hashing(
+        _input_files(base, adapter_folders or [adapter_folder]), settings.hash_inputs
+    )
 
     progress = tqdm(
         total=plan.total_bytes,
@@ -447,22 +543,34 @@ def _write_output(
 def _merge_record(
     options: MergeOptions,
     base: BaseCheckpoint,
-    adapter_folder: AdapterFolder,
+    adapter_folders: list[AdapterFolder],
     config: LoraAdapterConfig,
     plan: MergePlan,
     settings: _RunSettings,
     notes: list[str],
+    recipe: CombineRecipe | None = None,
 ) -> MergeRecord:
-    """What OUT's model card and shard metadata say about this merge."""
+    """What OUT's model card and shard metadata say about this merge.
+
+    With several adapters the card's adapter is the first; the method line
+    names them all and how they were combined.
+    """
     base_identity = InputIdentity.of("base", str(options.base), base.folder)
     output_dtype = settings.output_dtype
+    method = MERGE_ARITHMETIC
+    if recipe is not None:
+        method += (
+            f"; B @ A is the combination of {', '.join(map(str, options.adapters))} by "
+            f"--combine {recipe.method_name}, weights "
+            f"{','.join(f'{w:g}' for w in recipe.weights)}"
+        )
     return MergeRecord(
         base=base_identity,
-        adapter=InputIdentity.of("adapter", str(options.adapter), adapter_folder.folder),
+        adapter=InputIdentity.of("adapter", str(options.adapters[0]), adapter_folders[0].folder),
         declared_base=declared_base_model(
             base_identity, config.base_model_name_or_path, mismatch=bool(notes)
         ),
-        method=MERGE_ARITHMETIC,
+        method=method,
         scales={
             f"{scale:g}": n
             for scale, n in sorted(Counter(p.scale for p in plan.lora_products).items())
@@ -479,20 +587,21 @@ def _merge_record(
 
 
 def _input_files(
-    base: BaseCheckpoint, adapter_folder: AdapterFolder
+    base: BaseCheckpoint, adapter_folders: Sequence[AdapterFolder]
 ) -> list[tuple[str, str, Path]]:
-    """Every file the merge reads, for the model card: configs, index, weights."""
+    """Every file the merge reads, for the model card: configs, index, weights
+    (several adapters' files are listed as ``adapter 1``, ``adapter 2``...)."""
     base_files = [
         base.folder / name
         for name in (CONFIG_NAME, SAFETENSORS_INDEX_FILE)
         if (base.folder / name).is_file()
     ]
     base_files += sorted({entry.path for entry in base.entries.values()})
-    return input_files("base", base.folder, base_files) + input_files(
-        "adapter",
-        adapter_folder.folder,
-        [adapter_folder.config_path, adapter_folder.weights_path],
-    )
+    files = input_files("base", base.folder, base_files)
+    for number, folder in enumerate(adapter_folders, start=1):
+        role = "adapter" if len(adapter_folders) == 1 else f"adapter {number}"
+        files += input_files(role, folder.folder, [folder.config_path, folder.weights_path])
+    return files
 
 
 def resolve_device(name: str) -> torch.device:

@@ -94,8 +94,13 @@ def _size(help_text: str) -> Any:
 @app.command(epilog=EPILOG)
 def merge_command(
     base: Annotated[Path, _folder("BASE", "Base model folder (safetensors shards + config.json).")],
-    adapter: Annotated[
-        Path, _folder("ADAPTER", "PEFT LoRA adapter folder (adapter_config.json + weights).")
+    adapters: Annotated[
+        list[Path],
+        _folder(
+            "ADAPTER",
+            "PEFT LoRA adapter folder (adapter_config.json + weights); several adapters are "
+            "combined into one model (see --combine).",
+        ),
     ],
     out: Annotated[Path, _folder("OUT", "Folder to create with the merged model.")],
     dtype: Annotated[
@@ -190,6 +195,58 @@ def merge_command(
     json_summary: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary on stdout when done.")
     ] = False,
+    combine: Annotated[
+        str | None,
+        typer.Option(
+            metavar="METHOD",
+            help="How several adapters are combined: cat (default: exactly the weighted sum "
+            "of the adapters' deltas); PEFT's linear, ties, dare_linear, dare_ties, "
+            "magnitude_prune (A and B combined separately, equal ranks); svd, ties_svd, "
+            "dare_linear_svd, dare_ties_svd, magnitude_prune_svd (on full deltas, then a "
+            "truncated SVD); ties_full, dare_linear_full, dare_ties_full, magnitude_prune_full "
+            "(the TIES/DARE papers' task arithmetic on full deltas, no SVD).",
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            metavar="W1,W2,...",
+            help="One weight per adapter, in order, e.g. 0.7,0.3 (default 1 each; negative "
+            "weights subtract).",
+        ),
+    ] = None,
+    density: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of values kept, in (0, 1]: required by the ties, dare and "
+            "magnitude_prune methods.",
+        ),
+    ] = None,
+    majority_sign_method: Annotated[
+        str | None,
+        typer.Option(
+            metavar="total|frequency",
+            help="TIES sign election: by summed values (total, default) or by count (frequency).",
+        ),
+    ] = None,
+    svd_rank: Annotated[
+        int | None,
+        typer.Option(help="Rank of an *_svd combination (default: the largest adapter rank)."),
+    ] = None,
+    svd_clamp: Annotated[
+        float | None,
+        typer.Option(
+            metavar="QUANTILE",
+            help="Clamp *_svd factors at this quantile of their values, e.g. 0.99 (PEFT svd_clamp).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the dare methods' masks (default 0): the same seed gives the same "
+            "masks on any device and thread count.",
+        ),
+    ] = None,
     version: Annotated[
         bool | None,
         typer.Option(
@@ -197,16 +254,18 @@ def merge_command(
         ),
     ] = None,
 ) -> None:
-    """Merge a LoRA ADAPTER into BASE and write a standalone model to OUT.
+    """Merge a LoRA ADAPTER (or several, combined) into BASE and write a standalone model to OUT.
 
     Reads the base tensor by tensor, adds scale * B @ A in float32 (float64 for
     fp32 outputs) with one rounding at the end, and writes safetensors shards as
     it goes, so memory stays bounded whatever the model size. OUT appears only
     when complete.
     """
+    if not adapters:
+        raise typer.BadParameter("give BASE, at least one ADAPTER, then OUT", param_hint="ADAPTER")
     options = MergeOptions(
         base=base,
-        adapter=adapter,
+        adapter=adapters[0] if len(adapters) == 1 else adapters,
         out=out,
         dtype=dtype,
         max_shard_size=max_shard_size,
@@ -222,6 +281,13 @@ def merge_command(
         private=private,
         hub_revision=revision,
         command=_command_line(out),
+        combine=combine,
+        weights=weights,
+        density=density,
+        majority_sign_method=majority_sign_method,
+        svd_rank=svd_rank,
+        svd_clamp=svd_clamp,
+        seed=seed,
     )
     if (private or revision is not None) and push_to_hub is None:
         raise typer.BadParameter("--private and --revision only apply with --push-to-hub")
@@ -297,6 +363,17 @@ def _describe_preview(preview: MergePreview) -> str:
             f"{preview.adapter} (r={preview.rank}, alpha={preview.alpha:g}"
             f"{', rsLoRA' if preview.rslora else ''}; rank_pattern: {preview.rank_pattern_keys} "
             f"key(s), alpha_pattern: {preview.alpha_pattern_keys} key(s))",
+        ),
+        *(
+            [
+                (
+                    "combine",
+                    f"{len(preview.adapters)} adapter(s) by {preview.combine}: "
+                    + ", ".join(preview.adapters),
+                )
+            ]
+            if preview.combine
+            else []
         ),
         ("modules", f"{sum(preview.lora_modules_by_layer.values())} LoRA ({layers or 'none'})"),
         ("scales", f"{len(preview.scales)} distinct: {scales or 'none'}"),

@@ -32,6 +32,12 @@ class LoraMergeError(Exception):
     exit_code: int = EXIT_INTERNAL
 
 
+class UsageError(LoraMergeError):
+    """Options that contradict each other (e.g. two weights for three adapters)."""
+
+    exit_code = EXIT_USAGE
+
+
 class InputNotFoundError(LoraMergeError):
     """BASE, ADAPTER, a weights file or a shard named in an index is missing."""
 

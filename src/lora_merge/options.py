@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,8 @@ class MergeOptions:
 
     Attributes:
         base: folder of the base model (safetensors shards, config.json).
-        adapter: folder of the PEFT LoRA adapter.
+        adapter: folder of the PEFT LoRA adapter, or a sequence of several adapter
+            folders to combine into one model (see ``combine``).
         out: folder to create with the merged model.
         dtype: ``auto`` (keep each tensor's dtype) or bf16 / fp16 / fp32.
         max_shard_size: largest output shard, in bytes or as ``5GB``-style text.
@@ -96,10 +98,19 @@ class MergeOptions:
         private: create that repo private (when it does not exist yet).
         hub_revision: the branch of that repo to commit to (created if needed).
         command: the command line, recorded in the model card (None from Python).
+        combine: how several adapters are combined (``cat`` by default; see the
+            README's table of methods). Setting it, or ``weights``, with one
+            adapter merges that adapter through the same path.
+        weights: one weight per adapter, as ``"0.7,0.3"`` or a sequence (default 1.0 each).
+        density: fraction of values kept by the ties, dare and magnitude_prune methods.
+        majority_sign_method: TIES sign election, ``total`` (default) or ``frequency``.
+        svd_rank: rank of an ``*_svd`` combination (default: the largest adapter rank).
+        svd_clamp: quantile in (0, 1] at which ``*_svd`` factors are clamped.
+        seed: seed of the dare methods' random masks (default 0).
     """
 
     base: Path | str
-    adapter: Path | str
+    adapter: Path | str | Sequence[Path | str]
     out: Path | str
     dtype: str = "auto"
     max_shard_size: int | str = "5GB"
@@ -115,3 +126,33 @@ class MergeOptions:
     private: bool = False
     hub_revision: str | None = None
     command: str | None = None
+    combine: str | None = None
+    weights: str | Sequence[float] | None = None
+    density: float | None = None
+    majority_sign_method: str | None = None
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    seed: int | None = None
+
+    @property
+    def adapters(self) -> list[Path | str]:
+        """The adapter(s), as a list."""
+        if isinstance(self.adapter, Path | str):
+            return [self.adapter]
+        return list(self.adapter)
+
+    @property
+    def combines(self) -> bool:
+        """Several adapters, or combination options: the adapters go through a combination."""
+        return len(self.adapters) > 1 or any(
+            value is not None
+            for value in (
+                self.combine,
+                self.weights,
+                self.density,
+                self.majority_sign_method,
+                self.svd_rank,
+                self.svd_clamp,
+                self.seed,
+            )
+        )

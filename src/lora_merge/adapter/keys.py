@@ -48,6 +48,8 @@ class LoraModuleKeys:
         a_key / b_key: keys of the down (A) and up (B) projections.
         bias_key: key of ``lora_B.bias`` (PEFT ``lora_bias=True``), if any.
         is_embedding: stored as ``lora_embedding_A/B`` (an ``nn.Embedding`` target).
+        dense: ``a_key`` holds the whole (out, in) delta, not a rank-r factor
+            (combined adapters' ``*_full`` methods); ``b_key`` is then unused.
     """
 
     module: str
@@ -55,6 +57,7 @@ class LoraModuleKeys:
     b_key: str | None = None
     bias_key: str | None = None
     is_embedding: bool = False
+    dense: bool = False
 
 
 @dataclass

@@ -45,21 +45,22 @@ class LoraFactors:
     """A and B of one module, ready for :func:`merge_lora_rows`.
 
     Attributes:
-        lora_a: A (r, in) in the compute dtype, possibly pre-multiplied by the scale.
-        lora_b: B (out, r) in the compute dtype.
+        lora_a: A (r, in) in the compute dtype, possibly pre-multiplied by the scale;
+            or, when ``lora_b`` is None, the whole delta (out, in).
+        lora_b: B (out, r) in the compute dtype, or None for a whole delta.
         scale: the factor still to apply to ``B @ A`` (1.0 when folded into A).
         transposed: the stored weight is ``(B @ A).T``-shaped (Conv1D, embeddings).
     """
 
     lora_a: torch.Tensor
-    lora_b: torch.Tensor
+    lora_b: torch.Tensor | None
     scale: float
     transposed: bool
 
 
 def prepare_lora_factors(
     lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
+    lora_b: torch.Tensor | None,
     scale: float,
     transposed: bool,
     compute_dtype: torch.dtype,
@@ -73,7 +74,7 @@ def prepare_lora_factors(
     product, as PEFT does.
     """
     lora_a = lora_a.to(compute_dtype)
-    lora_b = lora_b.to(compute_dtype)
+    lora_b = None if lora_b is None else lora_b.to(compute_dtype)
     mantissa, _ = math.frexp(scale)
     if scale >= 1.0 and mantissa == 0.5:  # a power of two >= 1: exact unless it overflows
         folded = lora_a * scale
@@ -99,13 +100,23 @@ def lora_delta_rows(
         takes it (``B @ A``, then ``* scale``) so that the float32 result is the
         same number.
     """
-    if factors.transposed:
+    if factors.lora_b is None:  # a whole delta: its rows, copied so the caller may add in place
+        rows = factors.lora_a[:, start:stop].T if factors.transposed else factors.lora_a[start:stop]
+        product = rows.clone() if workspace is None else _copy_rows(rows, workspace, factors)
+    elif factors.transposed:
         product = torch.mm(factors.lora_b, factors.lora_a[:, start:stop], out=workspace).T
     else:
         product = torch.mm(factors.lora_b[start:stop], factors.lora_a, out=workspace)
     if factors.scale != 1.0:
         product.mul_(factors.scale)
     return product
+
+
+def _copy_rows(rows: torch.Tensor, workspace: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
+    """``rows`` copied into the workspace (laid out as the product's would be)."""
+    if factors.transposed:
+        return workspace.copy_(rows.T).T
+    return workspace.copy_(rows)
 
 
 def merge_lora_rows(

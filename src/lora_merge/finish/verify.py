@@ -103,9 +103,14 @@ def _check_sampled_rows(
         {0, rows - 1, *torch.randint(0, rows, (SAMPLED_ROWS,), generator=_generator(name)).tolist()}
     )
     lora_a = adapter.read_rows(delta.a_key).double()
-    lora_b = adapter.read_rows(delta.b_key).double()
+    # A whole delta (a combination kept at full rank) is B @ A with B the identity.
+    lora_b = (
+        torch.eye(lora_a.shape[0], dtype=torch.float64)
+        if delta.dense
+        else adapter.read_rows(delta.b_key).double()
+    )
     written = handle.get_slice(name)
-    rank = lora_a.shape[0]
+    rank = 0 if delta.dense else lora_a.shape[0]
     unit_roundoff = torch.finfo(compute_dtype_for(tensor.spec.dtype)).eps / 2
     base_rows = _source_rows(tensor, picks, base_entries, adapter)
     for row in picks:

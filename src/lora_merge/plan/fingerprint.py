@@ -21,9 +21,11 @@ def merge_fingerprint(
     shards: Sequence[tuple[str, Sequence[PlannedTensor]]],
     input_files: Iterable[Path],
     version: str,
+    recipe: str = "",
 ) -> str:
-    """sha256 over the shard plan, the input files' sizes and mtimes, and the version."""
-    description = {
+    """sha256 over the shard plan, the input files' sizes and mtimes, the version, and
+    how several adapters were combined (``recipe``: weights, method, seed...)."""
+    description: dict[str, object] = {
         "version": version,
         "inputs": sorted(
             (str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in set(input_files)
@@ -32,6 +34,8 @@ def merge_fingerprint(
             [file_name, [_describe(tensor) for tensor in tensors]] for file_name, tensors in shards
         ],
     }
+    if recipe:
+        description["recipe"] = recipe
     encoded = json.dumps(description, sort_keys=True, default=str).encode()
     return hashlib.sha256(encoded).hexdigest()
 

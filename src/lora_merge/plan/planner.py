@@ -35,6 +35,8 @@ class LoraProduct:
         transposed: the stored weight is ``(B @ A).T``-shaped: GPT-2 Conv1D
             (fan_in_fan_out) and embeddings (``lora_embedding_A`` is (r, vocab)).
         layer: the kind of layer, for reports: "linear", "conv1d" or "embedding".
+        dense: ``a_key`` is the whole delta in ``B @ A``'s (out, in) layout and
+            ``b_key`` is not read (a combination kept at full rank).
     """
 
     a_key: str
@@ -42,6 +44,7 @@ class LoraProduct:
     scale: float
     transposed: bool
     layer: str = "linear"
+    dense: bool = False
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,12 @@ def _plan_lora_product(
         raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
     layer = "embedding" if module.is_embedding else ("conv1d" if transposed else "linear")
     return LoraProduct(
-        a_key=module.a_key, b_key=module.b_key, scale=scale, transposed=transposed, layer=layer
+        a_key=module.a_key,
+        b_key=module.b_key,
+        scale=scale,
+        transposed=transposed,
+        layer=layer,
+        dense=module.dense,
     )
 
 

@@ -160,7 +160,7 @@ def _nonfinite_message(tensor: PlannedTensor, adapter: TensorSource) -> str:
     name, delta = tensor.spec.name, tensor.delta
     suspects = [tensor.source_key] if tensor.source == "adapter" else []
     if isinstance(delta, LoraProduct):
-        suspects += [delta.a_key, delta.b_key]
+        suspects += [delta.a_key] if delta.dense else [delta.a_key, delta.b_key]
     elif isinstance(delta, LoraBias):
         suspects.append(delta.bias_key)
     broken = [key for key in suspects if not all_finite(adapter.read_rows(key))]
@@ -214,12 +214,13 @@ def _output_tiles(
 
     factors = prepare_lora_factors(
         adapter.read_rows(delta.a_key).to(device),
-        adapter.read_rows(delta.b_key).to(device),
+        None if delta.dense else adapter.read_rows(delta.b_key).to(device),
         delta.scale,
         delta.transposed,
         compute_dtype,
     )
-    workspace_rows = factors.lora_b.shape[0] if delta.transposed else tile_rows
+    out_features = factors.lora_a.shape[0] if factors.lora_b is None else factors.lora_b.shape[0]
+    workspace_rows = out_features if delta.transposed else tile_rows
     workspace_columns = tile_rows if delta.transposed else factors.lora_a.shape[1]
     workspace = torch.empty((workspace_rows, workspace_columns), dtype=compute_dtype, device=device)
     on_cpu = device.type == "cpu"

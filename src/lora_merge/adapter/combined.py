@@ -1,0 +1,386 @@
+"""Several adapters seen as one: the planner and the stream read a combined adapter
+exactly as they read a single one.
+
+:class:`CombinedAdapter` is a ``TensorSource`` whose LoRA factors are computed
+from the adapters' own, one module at a time, when the stream first reads them
+(each worker thread keeps only the module it is merging), with its own
+``adapter_config``-like object whose scale is 1 (every adapter's own scale,
+alpha/r or rsLoRA, per its patterns, is already inside the combined factors).
+This deliberately differs from PEFT's ``add_weighted_adapter``, whose combined
+adapter inherits ``use_rslora`` from the first adapter and so multiplies the
+combination by √r (PEFT PR #3473).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lora_merge.adapter.config import LoraAdapterConfig
+from lora_merge.adapter.keys import PEFT_PREFIX, AdapterContents, LoraModuleKeys
+from lora_merge.adapter.recipe import CombineRecipe
+from lora_merge.compute.combine import (
+    combine_task_tensors,
+    factor_weights,
+    truncated_svd,
+    truncated_svd_of_product,
+)
+from lora_merge.errors import AdapterMismatchError, InvalidInputError
+from lora_merge.io.reader import TensorSource
+
+_DORA_KEY_MARK = "lora_magnitude_vector"
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    """One adapter of a combination, opened.
+
+    Attributes:
+        label: how messages name it (its folder).
+        config: its adapter_config.json.
+        contents: its keys, sorted by role.
+        source: its tensors.
+    """
+
+    label: str
+    config: LoraAdapterConfig
+    contents: AdapterContents
+    source: TensorSource
+
+
+@dataclass(frozen=True)
+class CombinedAdapterConfig(LoraAdapterConfig):
+    """The combined adapter's config: its factors already carry every scale."""
+
+    def scale_for(self, module_name: str, rank: int) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class _ModulePart:
+    """One adapter's share of a module: which adapter, its keys, rank and scale."""
+
+    index: int
+    keys: LoraModuleKeys
+    rank: int
+    scale: float
+
+
+def refuse_dora(label: str, config: LoraAdapterConfig, keys: Iterable[str]) -> None:
+    """DoRA rescales each output column by a norm of the *merged* weight, which a sum of
+    adapters does not have; PEFT's add_weighted_adapter ignores the magnitudes. Refuse.
+
+    Raises:
+        InvalidInputError: the adapter is a DoRA adapter.
+    """
+    dora_key = next((key for key in keys if _DORA_KEY_MARK in key), None)
+    if getattr(config, "use_dora", False) or dora_key is not None:
+        raise InvalidInputError(
+            f"adapter {label} is a DoRA adapter{f' (key {dora_key!r})' if dora_key else ''}; "
+            "DoRA adapters cannot be combined with others (their magnitude vectors apply to "
+            "one adapter's merged weight): merge it on its own first, then combine the others "
+            "into that output"
+        )
+
+
+class CombinedAdapter:
+    """Several adapters combined by a :class:`CombineRecipe`, as one ``TensorSource``.
+
+    Attributes:
+        config: the combined adapter's config (scale 1 everywhere).
+        contents: the combined keys: one LoRA module per module any adapter
+            targets, and every adapter's replacement tensors.
+    """
+
+    def __init__(self, adapters: Sequence[AdapterInput], recipe: CombineRecipe) -> None:
+        """Check that the adapters fit together and work out every combined shape.
+
+        Raises:
+            InvalidInputError: a DoRA adapter, a LoRA bias, or ranks the method cannot combine.
+            AdapterMismatchError: two adapters disagree on a module's shape or on a
+                full tensor they both replace.
+        """
+        self._adapters = list(adapters)
+        self._recipe = recipe
+        self._parts: dict[str, list[_ModulePart]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._factor_keys: dict[str, tuple[str, int]] = {}  # key -> (module, 0 for A / 1 for B)
+        self._replacement_owner: dict[str, int] = {}  # key -> adapter index
+        self._local = threading.local()
+        self.contents = AdapterContents()
+
+        for index, adapter in enumerate(self._adapters):
+            self._add_module_parts(index, adapter)
+            self._add_replacements(index, adapter)
+        fan_in_fan_out = {a.config.fan_in_fan_out for a in self._adapters}
+        if len(fan_in_fan_out) > 1:
+            raise InvalidInputError(
+                "the adapters disagree on fan_in_fan_out in adapter_config.json; adapters of "
+                "one base model must agree (GPT-2 style Conv1D layers need true)"
+            )
+        # PEFT's default svd_rank: the largest rank any adapter's config allows.
+        largest_configured_rank = max(
+            max([a.config.r, *a.config.rank_pattern.values()]) for a in self._adapters
+        )
+        svd_rank = recipe.svd_rank or largest_configured_rank
+        for module, parts in self._parts.items():
+            out_features, in_features = self._check_module_shapes(module, parts)
+            rank = self._combined_rank(module, parts, svd_rank, out_features, in_features)
+            is_embedding = parts[0].keys.is_embedding
+            suffix_a, suffix_b = (
+                (".lora_embedding_A", ".lora_embedding_B")
+                if is_embedding
+                else (".lora_A.weight", ".lora_B.weight")
+            )
+            a_key, b_key = f"{PEFT_PREFIX}{module}{suffix_a}", f"{PEFT_PREFIX}{module}{suffix_b}"
+            self._shapes[a_key] = (rank, in_features)
+            self._shapes[b_key] = (out_features, rank)
+            self._factor_keys[a_key] = (module, 0)
+            self._factor_keys[b_key] = (module, 1)
+            self.contents.lora_modules[module] = LoraModuleKeys(
+                module=module,
+                a_key=a_key,
+                b_key=b_key,
+                is_embedding=is_embedding,
+                dense=recipe.method.form == "full",
+            )
+        first = self._adapters[0].config
+        largest = max(
+            (shape[0] for key, shape in self._shapes.items() if self._is_a(key)), default=1
+        )
+        self.config = CombinedAdapterConfig(
+            r=largest,
+            lora_alpha=float(largest),
+            use_rslora=False,
+            fan_in_fan_out=first.fan_in_fan_out,
+            base_model_name_or_path=first.base_model_name_or_path,
+        )
+
+    # TensorSource
+
+    def keys(self) -> Iterable[str]:
+        return [*self._factor_keys, *self._replacement_owner]
+
+    def close(self) -> None:
+        """The adapters' own sources are closed by whoever opened them."""
+
+    def dtype(self, key: str) -> torch.dtype:
+        if key in self._factor_keys:
+            # PEFT combines float32 factors (its adapters load as float32); the
+            # other forms are computed in float64 so only the merge rounds.
+            return torch.float32 if self._recipe.method.form == "factors" else torch.float64
+        return self._owner(key).dtype(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key in self._factor_keys:
+            return self._shapes[key]
+        return self._owner(key).shape(key)
+
+    def read_rows(
+        self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if key not in self._factor_keys:
+            return self._owner(key).read_rows(key, start, stop, buffer)
+        module, which = self._factor_keys[key]
+        factors = self._module_factors(module)
+        if factors[which] is None:  # B of a full-rank delta: the identity, never used to merge
+            return torch.eye(self._shapes[key][0], dtype=torch.float64)[start:stop]
+        tensor = factors[which]
+        assert tensor is not None
+        return tensor[start:stop]
+
+    # internals
+
+    def _add_module_parts(self, index: int, adapter: AdapterInput) -> None:
+        """Record the adapter's share (keys, rank, own scale) of every module it targets."""
+        for module, keys in adapter.contents.lora_modules.items():
+            if keys.bias_key is not None:
+                raise InvalidInputError(
+                    f"adapter {adapter.label} has a LoRA bias ({keys.bias_key!r}); "
+                    "adapters with lora_bias=True cannot be combined (PEFT's "
+                    "add_weighted_adapter does not combine biases either)"
+                )
+            assert keys.a_key is not None
+            rank = adapter.source.shape(keys.a_key)[0]
+            scale = adapter.config.scale_for(module, rank)
+            self._parts.setdefault(module, []).append(_ModulePart(index, keys, rank, scale))
+
+    def _add_replacements(self, index: int, adapter: AdapterInput) -> None:
+        """Take over the adapter's full replacement tensors; two for one tensor are refused."""
+        for target, key in adapter.contents.replacements.items():
+            if target in self.contents.replacements:
+                other = self._adapters[self._replacement_owner[self.contents.replacements[target]]]
+                raise AdapterMismatchError(
+                    f"adapters {other.label} and {adapter.label} both replace {target!r} "
+                    "with a full tensor (modules_to_save, or the embedding PEFT saves when "
+                    "an adapter targets it); only one adapter of a combination may replace "
+                    "a given tensor (PEFT refuses two modules_to_save too). If the "
+                    "vocabulary was not resized, save the adapters with "
+                    "save_embedding_layers=False"
+                )
+            self.contents.replacements[target] = key
+            self._replacement_owner[key] = index
+
+    def _is_a(self, key: str) -> bool:
+        return self._factor_keys.get(key, ("", 1))[1] == 0
+
+    def _owner(self, key: str) -> TensorSource:
+        return self._adapters[self._replacement_owner[key]].source
+
+    def _check_module_shapes(self, module: str, parts: list[_ModulePart]) -> tuple[int, int]:
+        """(out, in) of the module, the same for every adapter that targets it."""
+        seen: list[tuple[_ModulePart, tuple[int, int], bool]] = []
+        for part in parts:
+            source = self._adapters[part.index].source
+            assert part.keys.a_key is not None and part.keys.b_key is not None
+            a_shape, b_shape = source.shape(part.keys.a_key), source.shape(part.keys.b_key)
+            if len(a_shape) != 2 or len(b_shape) != 2:
+                raise InvalidInputError(
+                    f"adapter {self._adapters[part.index].label} module {module!r} has LoRA "
+                    f"matrices of shapes {a_shape} and {b_shape}; only Linear, Conv1D and "
+                    "Embedding LoRA layers can be combined"
+                )
+            features = (b_shape[0], a_shape[1])
+            for other, other_features, other_embedding in seen:
+                if features != other_features or part.keys.is_embedding != other_embedding:
+                    raise AdapterMismatchError(
+                        f"adapters {self._adapters[other.index].label} and "
+                        f"{self._adapters[part.index].label} disagree on module {module!r}: "
+                        f"(out, in) = {other_features} vs {features}; adapters combined into "
+                        "one model must have been trained on the same base model"
+                    )
+            seen.append((part, features, part.keys.is_embedding))
+        return seen[0][1]
+
+    def _combined_rank(
+        self,
+        module: str,
+        parts: list[_ModulePart],
+        svd_rank: int,
+        out_features: int,
+        in_features: int,
+    ) -> int:
+        form = self._recipe.method.form
+        if form == "cat":
+            return sum(part.rank for part in parts)
+        if form == "svd":
+            return min(svd_rank, out_features, in_features)
+        if form == "full":
+            return out_features  # A holds the whole (out, in) delta
+        ranks = {part.rank for part in parts}
+        if len(ranks) > 1:
+            labels = ", ".join(f"{self._adapters[p.index].label} (r={p.rank})" for p in parts)
+            raise InvalidInputError(
+                f"--combine {self._recipe.method_name} combines A and B separately, so every "
+                f"adapter needs the same rank, but module {module!r} has {labels}; use "
+                "--combine cat (exact) or an *_svd method"
+            )
+        return parts[0].rank
+
+    def _module_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A and B of the combined module, computed once per module and thread.
+
+        Each stream thread reads A then B of the module it merges; keeping the
+        last module per thread (not a cache shared between threads) bounds
+        memory to one module per thread.
+        """
+        if getattr(self._local, "module", None) != module:
+            self._local.factors = self._compute_factors(module)
+            self._local.module = module
+        factors: tuple[torch.Tensor, torch.Tensor | None] = self._local.factors
+        return factors
+
+    def _compute_factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        recipe, method = self._recipe, self._recipe.method
+        parts = self._parts[module]
+        factors_a, factors_b = [], []
+        for part in parts:
+            source = self._adapters[part.index].source
+            assert part.keys.a_key is not None and part.keys.b_key is not None
+            factors_a.append(source.read_rows(part.keys.a_key))
+            factors_b.append(source.read_rows(part.keys.b_key))
+        weights = [recipe.weights[part.index] for part in parts]
+        generator = mask_generator(recipe.seed, module) if method.is_random else None
+
+        # A clamp depends on the signs LAPACK gives the singular vectors (PEFT clamps at a
+        # quantile of the signed entries), so with one the SVD is taken of the full delta, as
+        # PEFT does; without, of the low-rank product (same result, bounded memory).
+        low_rank_svd = (
+            method.form == "svd" and method.operator == "linear" and recipe.svd_clamp is None
+        )
+        if method.form == "cat" or low_rank_svd:
+            # [w₁s₁A₁; w₂s₂A₂] and [B₁ B₂]: their product is Σ wᵢsᵢBᵢAᵢ exactly (PEFT "cat").
+            lora_a = torch.cat(
+                [
+                    a.double() * (w * p.scale)
+                    for a, w, p in zip(factors_a, weights, parts, strict=True)
+                ]
+            )
+            lora_b = torch.cat([b.double() for b in factors_b], dim=1)
+            if method.form == "cat":
+                return lora_a, lora_b
+            # Plain svd: the truncated SVD of that product, without forming (out, in).
+            return truncated_svd_of_product(lora_b, lora_a, self._rank_of(module), recipe.svd_clamp)
+
+        if method.form == "factors":
+            # PEFT _generalized_task_arithmetic_weighted_adapter: √|wᵢsᵢ| on each factor,
+            # the sign on A; float32 throughout as PEFT's float32 adapters.
+            split = [factor_weights(w * p.scale) for w, p in zip(weights, parts, strict=True)]
+            weights_a = torch.tensor([s[0] for s in split], dtype=torch.float32)
+            weights_b = torch.tensor([s[1] for s in split], dtype=torch.float32)
+            lora_a = combine_task_tensors(
+                method.operator,
+                [a.float() for a in factors_a],
+                weights_a,
+                recipe.density,
+                recipe.sign_method,
+                generator,
+            )
+            lora_b = combine_task_tensors(
+                method.operator,
+                [b.float() for b in factors_b],
+                weights_b,
+                recipe.density,
+                recipe.sign_method,
+                generator,
+            )
+            return lora_a, lora_b
+
+        # svd and full: the operator on each adapter's whole delta ΔWᵢ = sᵢ Bᵢ Aᵢ (out, in).
+        deltas = [
+            (b.double() @ a.double()) * p.scale
+            for a, b, p in zip(factors_a, factors_b, parts, strict=True)
+        ]
+        combined = combine_task_tensors(
+            method.operator,
+            deltas,
+            torch.tensor(weights, dtype=torch.float64),
+            recipe.density,
+            recipe.sign_method,
+            generator,
+        )
+        del deltas
+        if method.form == "full":
+            return combined, None
+        return truncated_svd(combined, self._rank_of(module), recipe.svd_clamp)
+
+    def _rank_of(self, module: str) -> int:
+        keys = self.contents.lora_modules[module]
+        assert keys.a_key is not None
+        return self._shapes[keys.a_key][0]
+
+
+def mask_generator(seed: int, module: str) -> torch.Generator:
+    """DARE's random source for one module: a CPU generator seeded from (seed, module name).
+
+    The seed is the first 8 bytes (little-endian, top bit cleared) of
+    ``blake2b(f"{seed}:{module}", digest_size=8)``, so each module's masks depend
+    only on the seed and its name: not on the order modules are merged in, the
+    number of threads, or the device.
+    """
+    digest = hashlib.blake2b(f"{seed}:{module}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
