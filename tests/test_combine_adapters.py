@@ -490,6 +490,7 @@ def test_cli_takes_several_adapters_and_refuses_bad_weights_with_exit_2(bf16_inp
     assert summary["lora_modules"] == 12
     card = (out / "README.md").read_text()  # the model card names every adapter and the method
     assert "by --combine cat, weights 0.7,-0.4" in card and "| adapter 2 |" in card
+    assert f"The LoRA adapters `{adapters[0]}`, `{adapters[1]}`, combined, merged into" in card
     plan = runner.invoke(
         app, [str(base), *map(str, adapters), str(tmp_path / "dry"), "--dry-run", "--json"]
     )

@@ -583,6 +583,10 @@ def _merge_record(
         ),
         version=__version__,
         command=options.command,
+        other_adapters=tuple(
+            InputIdentity.of("adapter", str(spec), folder.folder)
+            for spec, folder in zip(options.adapters[1:], adapter_folders[1:], strict=True)
+        ),
     )
 
 

@@ -84,6 +84,7 @@ class MergeRecord:
         output_dtype: the dtype written, or a note that each tensor kept its own.
         version: lora-merge's version.
         command: the command line, or None for a Python API call.
+        other_adapters: the further adapters combined with ``adapter`` (``--combine``).
     """
 
     base: InputIdentity
@@ -95,6 +96,7 @@ class MergeRecord:
     output_dtype: str
     version: str
     command: str | None
+    other_adapters: tuple[InputIdentity, ...] = ()
 
 
 def declared_base_model(
@@ -167,7 +169,11 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
     scales = ", ".join(f"{scale} ({n} modules)" for scale, n in sorted(record.scales.items()))
     rows = [
         ("base", _input_cell(record.base)),
-        ("adapter", _input_cell(record.adapter)),
+        ("adapter 1" if record.other_adapters else "adapter", _input_cell(record.adapter)),
+        *(
+            (f"adapter {number}", _input_cell(other))
+            for number, other in enumerate(record.other_adapters, start=2)
+        ),
         ("merge", record.method),
         ("LoRA modules", f"{sum(record.lora_modules_by_layer.values())} ({layers or 'none'})"),
         ("scales", scales or "none"),
@@ -175,8 +181,14 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
         ("lora-merge", record.version),
     ]
     lines = ["---", *front_matter, "---", "", "# Merged model", ""]
+    adapters = [_input_link(a) for a in (record.adapter, *record.other_adapters)]
+    subject = (
+        f"The LoRA adapter {adapters[0]}"
+        if len(adapters) == 1
+        else f"The LoRA adapters {', '.join(adapters)}, combined,"
+    )
     lines.append(
-        f"The LoRA adapter {_input_link(record.adapter)} merged into "
+        f"{subject} merged into "
         f"{_input_link(record.base)} with lora-merge {record.version}: a standalone "
         "model that loads without PEFT."
     )
