@@ -29,7 +29,8 @@ from lora_merge.adapter.keys import classify_adapter_keys
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.lora import MERGE_ARITHMETIC
-from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError
+from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError, UsageError
+from lora_merge.finish.adapter_output import write_normalized_adapter
 from lora_merge.finish.folder import (
     DTYPE_NAME_IN_CONFIG,
     copy_side_files,
@@ -50,6 +51,7 @@ from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.hub import resolve_model_location
 from lora_merge.inputs.identity import base_mismatch_warning
+from lora_merge.inputs.quantized import merged_output_dtype
 from lora_merge.inputs.resolve import (
     AdapterFolder,
     BaseCheckpoint,
@@ -57,10 +59,19 @@ from lora_merge.inputs.resolve import (
     resolve_adapter,
     resolve_base,
 )
-from lora_merge.io.reader import SafetensorsReader, TensorSource
-from lora_merge.options import MergeOptions, parse_dtype, parse_size
+from lora_merge.io.dequantizing_reader import DequantizingReader
+from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
+from lora_merge.io.shard_writer import TensorSpec
+from lora_merge.options import (
+    MergeOptions,
+    parse_dtype,
+    parse_quant_type,
+    parse_save_method,
+    parse_size,
+)
 from lora_merge.plan.fingerprint import merge_fingerprint
 from lora_merge.plan.planner import MergePlan, PlannedTensor, build_merge_plan
+from lora_merge.plan.requantize import plan_requantization, requantized_config
 from lora_merge.plan.shards import plan_output_shards, shard_file_names
 from lora_merge.stream.executor import tile_budget_for, write_shard
 
@@ -136,6 +147,9 @@ class _RunSettings:
     allow_nonfinite: bool
     verify: bool
     hash_inputs: bool
+    save_method: str = "merged_16bit"
+    quant_type: str = "nf4"
+    double_quant: bool = False
 
 
 def merge(options: MergeOptions) -> MergeSummary:
@@ -194,6 +208,8 @@ class MergePreview:
         working_memory_bytes: tile buffers and LoRA matrices the stream holds at once.
         disk_free_bytes: free space where OUT goes.
         adapters / combine: every adapter and the method, when adapters are combined.
+        quantization: how BASE is quantized (bitsandbytes), or None.
+        save_method: merged_16bit, merged_4bit or lora.
     """
 
     base: str
@@ -219,6 +235,8 @@ class MergePreview:
     disk_free_bytes: int
     adapters: list[str] = field(default_factory=list)
     combine: str | None = None
+    quantization: str | None = None
+    save_method: str = "merged_16bit"
 
     def to_dict(self) -> dict[str, object]:
         preview = asdict(self)
@@ -276,6 +294,13 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             disk_free_bytes=_free_space(prepared.out),
             adapters=[str(folder.folder) for folder in prepared.adapter_folders],
             combine=prepared.recipe.method_name if prepared.recipe else None,
+            quantization=(
+                None
+                if prepared.base.quantization is None
+                else f"{prepared.base.quantization.describe()}, "
+                f"{len(prepared.base.quantization.weights)} weights"
+            ),
+            save_method=settings.save_method,
         )
 
 
@@ -310,6 +335,9 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         allow_nonfinite=options.allow_nonfinite,
         verify=options.verify,
         hash_inputs=options.hash_inputs,
+        save_method=parse_save_method(options.save_method),
+        quant_type=parse_quant_type(options.quant_type),
+        double_quant=options.double_quant,
     )
     if options.push_to_hub is not None:
         check_push_target(options.push_to_hub)
@@ -318,6 +346,11 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         resolve_model_location(options.base, "BASE", kind="model", quiet=options.quiet)
     )
     recipe = _combine_recipe(options)
+    if recipe is not None and settings.save_method == "lora":
+        raise UsageError(
+            "--save-method lora writes one adapter as it is; it cannot be combined with "
+            "several adapters or --combine options (merge them into a model instead)"
+        )
     adapter_folders = [
         resolve_adapter(
             resolve_model_location(spec, "ADAPTER", kind="adapter", quiet=options.quiet)
@@ -328,6 +361,12 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
     out = check_output_location(
         options.out, [base.folder, *(f.folder for f in adapter_folders)], options.overwrite
     )
+    if base.quantization is not None and settings.output_dtype is None:
+        # A quantized base has no dtype of its own to keep: default to the dtype
+        # the model computed in (bnb_4bit_compute_dtype, or config.json's dtype for 8-bit).
+        settings = replace(
+            settings, output_dtype=merged_output_dtype(base.quantization, base.config)
+        )
     configs = [read_adapter_config(folder.config_path) for folder in adapter_folders]
     with ExitStack() as opened:
         sources = [
@@ -342,6 +381,10 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
             combined = _combined_adapter(adapter_folders, configs, sources, recipe)
             config, contents, adapter = combined.config, combined.contents, combined
         plan = build_merge_plan(base, config, contents, adapter, settings.output_dtype)
+        if settings.save_method == "merged_4bit":
+            plan = plan_requantization(
+                plan, base, options.quant_type, options.double_quant, options.quant_blocksize
+            )
         notes = [
             note
             for note in (
@@ -421,16 +464,21 @@ def _merge(options: MergeOptions) -> MergeSummary:
             prepared.recipe,
             prepared.adapter_folders,
         )
+        written = [t.spec for t in plan.tensors]
+        if prepared.settings.save_method == "lora":  # the adapter's tensors, not the model's
+            adapter = prepared.adapter
+            keys = list(adapter.keys())
+            written = [TensorSpec(k, adapter.dtype(k), adapter.shape(k)) for k in keys]
     finished = time.perf_counter()
     return MergeSummary(
         out=str(prepared.out),
-        tensors=len(plan.tensors),
+        tensors=len(written),
         lora_modules=plan.lora_modules,
         replaced=plan.replaced,
         copied=plan.copied,
         shards=shards,
         resumed_shards=resumed,
-        bytes_written=plan.total_bytes,
+        bytes_written=sum(spec.nbytes for spec in written),
         seconds=round(finished - started, 3),
         base=str(prepared.base.folder),
         adapter=str(prepared.adapter_folder.folder),
@@ -447,12 +495,17 @@ def _merge(options: MergeOptions) -> MergeSummary:
 def _shard_layout(plan: MergePlan, max_shard_size: int) -> list[tuple[str, list[PlannedTensor]]]:
     """Output file names and the planned tensors of each, in write order."""
     by_name = {t.spec.name: t for t in plan.tensors}
+    # A 4-bit weight's scales and quant state go in its shard (they are written with it).
+    group: dict[str, list[PlannedTensor]] = {}
+    for tensor in plan.tensors:
+        group.setdefault(tensor.written_with or tensor.spec.name, []).append(tensor)
     names_per_shard = plan_output_shards(
-        [(t.spec.name, t.spec.nbytes) for t in plan.tensors], max_shard_size
+        [(name, sum(t.spec.nbytes for t in members)) for name, members in group.items()],
+        max_shard_size,
     )
     file_names = shard_file_names(len(names_per_shard))
     return [
-        (file_name, [by_name[name] for name in names])
+        (file_name, [member for name in names for member in group[by_name[name].spec.name]])
         for file_name, names in zip(file_names, names_per_shard, strict=True)
     ]
 
@@ -487,8 +540,10 @@ def _write_output(
             shards, inputs, __version__, recipe.describe() if recipe else ""
         )
     metadata = shard_metadata(record)
+    # --save-method lora writes no model card, so it needs no input hashes.
     hashes = start_hashing(
-        _input_files(base, adapter_folders or [adapter_folder]), settings.hash_inputs
+        _input_files(base, adapter_folders or [adapter_folder]),
+        settings.hash_inputs and settings.save_method != "lora",
     )
 
     progress = tqdm(
@@ -509,9 +564,14 @@ def _write_output(
     kept = 0
     with (
         StagingFolder(out, fingerprint) as staging,
-        SafetensorsReader(base.entries) as base_reader,
+        _open_base(base, settings.device) as base_reader,
         progress,
     ):
+        if settings.save_method == "lora":
+            write_normalized_adapter(staging.path, adapter_folder, adapter)
+            on_bytes(plan.total_bytes)
+            staging.commit()
+            return 1, 0
         for file_name, tensors in shards:
             if staging.has_verified_shard(file_name):
                 kept += 1
@@ -530,10 +590,18 @@ def _write_output(
             )
             staging.record_shard(file_name)
         if settings.verify:
-            verify_output(staging.path, shards, base.entries, adapter)
+            verify_output(staging.path, shards, base.entries, adapter, base_reader)
         if len(shards) > 1:
             write_index(staging.path, [(f, [t.spec for t in tensors]) for f, tensors in shards])
-        write_config(staging.path, base.config, settings.output_dtype, plan.vocab_size)
+        config = {k: v for k, v in base.config.items() if k != "quantization_config"}
+        if settings.save_method == "merged_4bit":
+            config["quantization_config"] = requantized_config(
+                base, settings.quant_type, settings.double_quant, settings.output_dtype
+            )
+        elif base.quantization is None:
+            config = base.config
+        # else: the output holds plain tensors; transformers must not look for quant states.
+        write_config(staging.path, config, settings.output_dtype, plan.vocab_size)
         copy_side_files(staging.path, base.folder, adapter_folder.folder)
         write_model_card(staging.path, record, hashes.result())
         staging.commit()
@@ -570,7 +638,7 @@ def _merge_record(
         declared_base=declared_base_model(
             base_identity, config.base_model_name_or_path, mismatch=bool(notes)
         ),
-        method=method,
+        method=_merge_method(method, base, settings.save_method),
         scales={
             f"{scale:g}": n
             for scale, n in sorted(Counter(p.scale for p in plan.lora_products).items())
@@ -590,6 +658,18 @@ def _merge_record(
     )
 
 
+def _merge_method(method: str, base: BaseCheckpoint, save_method: str) -> str:
+    """The model card's description of the arithmetic, quantization included."""
+    if base.quantization is not None:
+        method += (
+            f"; W dequantized from BASE's {base.quantization.describe()} weights "
+            "exactly as bitsandbytes dequantizes them"
+        )
+    if save_method == "merged_4bit":
+        method += "; then re-quantized to 4 bits with bitsandbytes (a second rounding)"
+    return method
+
+
 def _input_files(
     base: BaseCheckpoint, adapter_folders: Sequence[AdapterFolder]
 ) -> list[tuple[str, str, Path]]:
@@ -606,6 +686,16 @@ def _input_files(
         role = "adapter" if len(adapter_folders) == 1 else f"adapter {number}"
         files += input_files(role, folder.folder, [folder.config_path, folder.weights_path])
     return files
+
+
+@contextmanager
+def _open_base(base: BaseCheckpoint, device: torch.device) -> Iterator[StoredTensorSource]:
+    """The base's reader: quantized weights come out dequantized (on ``device``)."""
+    with SafetensorsReader(base.entries) as stored:
+        if base.quantization is None:
+            yield stored
+        else:
+            yield DequantizingReader(stored, base.tensors, device)
 
 
 def resolve_device(name: str) -> torch.device:

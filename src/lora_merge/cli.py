@@ -31,7 +31,13 @@ from lora_merge.errors import (
     MergeInterrupted,
 )
 from lora_merge.finish.publish import check_push_target
-from lora_merge.options import MergeOptions, parse_dtype, parse_size
+from lora_merge.options import (
+    MergeOptions,
+    parse_dtype,
+    parse_quant_type,
+    parse_save_method,
+    parse_size,
+)
 
 DEBUG_ENV = "LORA_MERGE_DEBUG"
 _default_showwarning = warnings.showwarning
@@ -247,6 +253,33 @@ def merge_command(
             "masks on any device and thread count.",
         ),
     ] = None,
+    save_method: Annotated[
+        str,
+        typer.Option(
+            callback=_checked(parse_save_method),
+            help="merged_16bit: a plain model (a bitsandbytes 4/8-bit BASE is dequantized, "
+            "exactly as bitsandbytes does, and merged with one rounding; dtype defaults to "
+            "bnb_4bit_compute_dtype). merged_4bit: the merged weights re-quantized with "
+            "bitsandbytes in BASE's 4-bit format (or --quant-type/--double-quant for a 16-bit "
+            "BASE); this rounds twice and costs quality. lora: write only the adapter, "
+            "normalized (safetensors, PEFT layout, config copied).",
+        ),
+    ] = "merged_16bit",
+    quant_type: Annotated[
+        str,
+        typer.Option(
+            callback=_checked(parse_quant_type),
+            help="merged_4bit from a 16-bit BASE: nf4 or fp4 (a 4-bit BASE keeps its own).",
+        ),
+    ] = "nf4",
+    double_quant: Annotated[
+        bool,
+        typer.Option(
+            "--double-quant",
+            help="merged_4bit from a 16-bit BASE: also quantize the block scales "
+            "(bnb_4bit_use_double_quant).",
+        ),
+    ] = False,
     version: Annotated[
         bool | None,
         typer.Option(
@@ -288,6 +321,9 @@ def merge_command(
         svd_rank=svd_rank,
         svd_clamp=svd_clamp,
         seed=seed,
+        save_method=save_method,
+        quant_type=quant_type,
+        double_quant=double_quant,
     )
     if (private or revision is not None) and push_to_hub is None:
         raise typer.BadParameter("--private and --revision only apply with --push-to-hub")
@@ -376,6 +412,11 @@ def _describe_preview(preview: MergePreview) -> str:
             else []
         ),
         ("modules", f"{sum(preview.lora_modules_by_layer.values())} LoRA ({layers or 'none'})"),
+        *(
+            [("quant", f"{preview.quantization}, dequantized ({preview.save_method})")]
+            if preview.quantization
+            else []
+        ),
         ("scales", f"{len(preview.scales)} distinct: {scales or 'none'}"),
         (
             "tensors",

@@ -72,6 +72,28 @@ def parse_dtype(name: str) -> torch.dtype | None:
     return DTYPE_BY_NAME[key]
 
 
+# --save-method values (Unsloth's names). merged_16bit: a plain model, quantized
+# weights dequantized; merged_4bit: re-quantized with bitsandbytes; lora: the adapter only.
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def parse_save_method(name: str) -> str:
+    """Check a ``--save-method`` value; return it normalised."""
+    key = name.strip().lower()
+    if key not in SAVE_METHODS:
+        raise InvalidInputError(f"save method {name!r} is not one of {', '.join(SAVE_METHODS)}")
+    return key
+
+
+def parse_quant_type(name: str) -> str:
+    """Check a ``--quant-type`` value (``nf4`` or ``fp4``); return it normalised."""
+    key = name.strip().lower()
+    if key not in QUANT_TYPES:
+        raise InvalidInputError(f"quant type {name!r} is not one of {', '.join(QUANT_TYPES)}")
+    return key
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """Everything one merge needs; the CLI builds one, Python callers may too.
@@ -107,6 +129,11 @@ class MergeOptions:
         svd_rank: rank of an ``*_svd`` combination (default: the largest adapter rank).
         svd_clamp: quantile in (0, 1] at which ``*_svd`` factors are clamped.
         seed: seed of the dare methods' random masks (default 0).
+        save_method: ``merged_16bit`` (a plain model; a quantized base is
+            dequantized), ``merged_4bit`` (re-quantized with bitsandbytes, rounding
+            twice) or ``lora`` (only the adapter, normalized).
+        quant_type / double_quant / quant_blocksize: the 4-bit format for
+            ``merged_4bit`` from an unquantized base (a 4-bit base's own format wins).
     """
 
     base: Path | str
@@ -133,6 +160,10 @@ class MergeOptions:
     svd_rank: int | None = None
     svd_clamp: float | None = None
     seed: int | None = None
+    save_method: str = "merged_16bit"
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    quant_blocksize: int = 64
 
     @property
     def adapters(self) -> list[Path | str]:

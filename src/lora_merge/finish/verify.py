@@ -40,8 +40,13 @@ def verify_output(
     shards: Sequence[tuple[str, Sequence[PlannedTensor]]],
     base_entries: dict[str, TensorEntry],
     adapter: TensorSource,
+    base: TensorSource | None = None,
 ) -> int:
     """Check the shards in ``folder``; return the number of tensors checked.
+
+    ``base`` reads the rows of weights the base stores quantized (dequantized,
+    see :class:`~lora_merge.io.dequantizing_reader.DequantizingReader`); stored
+    tensors are read from the files with the safetensors library.
 
     Raises:
         VerificationError: the first disagreement found, naming the tensor.
@@ -59,7 +64,7 @@ def verify_output(
                     f"{file_name} holds {extra[:3]} not planned and lacks {missing[:3]}"
                 )
             for tensor in tensors:
-                _check_tensor(handle, path, data_offsets, tensor, base_entries, adapter)
+                _check_tensor(handle, path, data_offsets, tensor, base_entries, adapter, base)
                 checked += 1
     return checked
 
@@ -71,6 +76,7 @@ def _check_tensor(
     tensor: PlannedTensor,
     base_entries: dict[str, TensorEntry],
     adapter: TensorSource,
+    base: TensorSource | None,
 ) -> None:
     name, spec = tensor.spec.name, tensor.spec
     written = handle.get_slice(name)
@@ -86,8 +92,9 @@ def _check_tensor(
         if sha256_of(source.path, source.start, source.nbytes) != written_digest:
             raise VerificationError(f"{name} in {path.name} differs from BASE's bytes")
         return
-    if isinstance(tensor.delta, LoraProduct) and spec.shape:
-        _check_sampled_rows(handle, name, tensor, tensor.delta, base_entries, adapter)
+    # (A re-quantized weight holds 4-bit codes: its values are checked by loading OUT, in the tests.)
+    if isinstance(tensor.delta, LoraProduct) and spec.shape and tensor.requantize is None:
+        _check_sampled_rows(handle, name, tensor, tensor.delta, base_entries, adapter, base)
 
 
 def _check_sampled_rows(
@@ -97,6 +104,7 @@ def _check_sampled_rows(
     delta: LoraProduct,
     base_entries: dict[str, TensorEntry],
     adapter: TensorSource,
+    base: TensorSource | None,
 ) -> None:
     rows = tensor.spec.shape[0]
     picks = sorted(
@@ -112,7 +120,7 @@ def _check_sampled_rows(
     written = handle.get_slice(name)
     rank = 0 if delta.dense else lora_a.shape[0]
     unit_roundoff = torch.finfo(compute_dtype_for(tensor.spec.dtype)).eps / 2
-    base_rows = _source_rows(tensor, picks, base_entries, adapter)
+    base_rows = _source_rows(tensor, picks, base_entries, adapter, base)
     for row in picks:
         base_row = base_rows[row].double()
         if delta.transposed:
@@ -138,10 +146,15 @@ def _source_rows(
     picks: list[int],
     base_entries: dict[str, TensorEntry],
     adapter: TensorSource,
+    base: TensorSource | None,
 ) -> dict[int, torch.Tensor]:
     """The sampled rows of the tensor's starting values, reading its file once."""
     if tensor.source == "adapter":
         return {row: adapter.read_rows(tensor.source_key, row, row + 1)[0] for row in picks}
+    if tensor.dequantized:
+        if base is None:
+            raise ValueError(f"{tensor.spec.name} is stored quantized: pass the base reader")
+        return {row: base.read_rows(tensor.source_key, row, row + 1)[0].cpu() for row in picks}
     entry = base_entries[tensor.source_key]
     with safe_open(entry.path, framework="pt") as handle:
         stored = handle.get_slice(tensor.source_key)

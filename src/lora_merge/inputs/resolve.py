@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub.constants import (
@@ -19,6 +19,12 @@ from huggingface_hub.constants import (
 )
 
 from lora_merge.errors import InputNotFoundError, InvalidInputError, OutputError
+from lora_merge.inputs.quantized import (
+    BitsAndBytesBase,
+    LogicalTensor,
+    logical_tensors,
+    read_bitsandbytes_base,
+)
 from lora_merge.io.safetensors_format import TensorEntry, read_safetensors_header
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -34,13 +40,23 @@ class BaseCheckpoint:
 
     Attributes:
         folder: the base folder (absolute).
-        entries: tensor name -> location, in file order (shard by shard, then offset).
+        entries: stored tensor name -> location, in file order (shard by shard, then offset).
         config: the parsed config.json, or an empty dict when the folder has none.
+        quantization: the bitsandbytes-quantized weights, or None for an unquantized base.
+        tensors: the tensors as the model sees them (quantized weights as their
+            dequantized dtype and shape, auxiliary quantization tensors left out),
+            in file order: what the planner plans.
     """
 
     folder: Path
     entries: dict[str, TensorEntry]
     config: dict[str, object]
+    quantization: BitsAndBytesBase | None = None
+    tensors: dict[str, LogicalTensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tensors:  # built by hand from entries alone
+            object.__setattr__(self, "tensors", logical_tensors(self.entries, self.quantization))
 
 
 @dataclass(frozen=True)
@@ -98,8 +114,13 @@ def resolve_base(base: Path | str) -> BaseCheckpoint:
                     f"{SAFETENSORS_INDEX_FILE} says {missing[0]!r} is in {shard_name}, but it is "
                     "not there; the checkpoint is inconsistent (re-download it)"
                 )
+    config = _read_json_if_present(folder / CONFIG_NAME)
+    quantization = read_bitsandbytes_base(entries, config)
     return BaseCheckpoint(
-        folder=folder, entries=entries, config=_read_json_if_present(folder / CONFIG_NAME)
+        folder=folder,
+        entries=entries,
+        config=config,
+        quantization=quantization,
     )
 
 

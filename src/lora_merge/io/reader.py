@@ -51,6 +51,16 @@ class TensorSource(Protocol):
         ...
 
 
+class StoredTensorSource(TensorSource, Protocol):
+    """A tensor source backed by files, whose stored tensors can be copied byte for byte."""
+
+    def entry(self, key: str) -> TensorEntry: ...
+
+    def prefetch(self, key: str) -> None: ...
+
+    def copy_bytes(self, key: str, destination: int, destination_offset: int) -> int: ...
+
+
 class SafetensorsReader:
     """Reads tensors from one or more safetensors files, a row range at a time.
 

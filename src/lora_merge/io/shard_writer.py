@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lora_merge.errors import OutputError
-from lora_merge.io.reader import SafetensorsReader
+from lora_merge.io.reader import StoredTensorSource
 from lora_merge.io.safetensors_format import (
     METADATA_KEY,
     SAFETENSORS_NAME_BY_TORCH_DTYPE,
@@ -147,7 +147,7 @@ class TensorSlot:
         self._advance(nbytes)
         return nbytes
 
-    def copy_from(self, reader: SafetensorsReader, key: str) -> int:
+    def copy_from(self, reader: StoredTensorSource, key: str) -> int:
         """Fill the whole tensor with the stored bytes of ``key``, without decoding them."""
         self._check_room(reader.entry(key).nbytes)
         with write_errors_as_output_errors(self._shard.path):

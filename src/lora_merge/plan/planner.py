@@ -21,6 +21,7 @@ from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.plan.architectures import VOCAB_TENSOR_SUFFIXES, is_conv1d_module
+from lora_merge.plan.four_bit_format import FourBitFormat
 
 SourceName = Literal["base", "adapter"]
 
@@ -64,8 +65,15 @@ class PlannedTensor:
         source: where the starting values are read: the base, or a full tensor
             in the adapter that replaces the base's.
         source_key: the key in that source.
-        source_dtype: dtype of the stored starting values.
+        source_dtype: dtype of the starting values as read (a quantized weight's
+            dequantized dtype).
         delta: what to add, if anything.
+        dequantized: the base stores this weight quantized (bitsandbytes); reading
+            it dequantizes, so it is never a byte copy.
+        requantize: write the merged weight 4-bit in this format (``spec`` is then
+            the packed codes); ``--save-method merged_4bit``.
+        written_with: this tensor is part of the 4-bit group of that weight and is
+            written with it (absmax, quant map, quant state).
     """
 
     spec: TensorSpec
@@ -73,11 +81,21 @@ class PlannedTensor:
     source_key: str
     source_dtype: torch.dtype
     delta: LoraProduct | LoraBias | None = None
+    dequantized: bool = False
+    requantize: FourBitFormat | None = None
+    written_with: str | None = None
 
     @property
     def is_byte_copy(self) -> bool:
-        """Untouched and same dtype: copy the stored bytes, never decode them."""
-        return self.source == "base" and self.delta is None and self.source_dtype == self.spec.dtype
+        """Untouched, stored as is and same dtype: copy the stored bytes, never decode them."""
+        return (
+            self.source == "base"
+            and self.delta is None
+            and not self.dequantized
+            and self.requantize is None
+            and self.written_with is None
+            and self.source_dtype == self.spec.dtype
+        )
 
 
 @dataclass
@@ -135,7 +153,8 @@ def build_merge_plan(
     Raises:
         AdapterMismatchError: an adapter tensor matches no base tensor or does not fit it.
     """
-    base_names = BaseNames(base.entries)
+    base_tensors = base.tensors  # quantized weights appear dequantized; their parts are hidden
+    base_names = BaseNames(base_tensors)
     vocab_size = base.config.get("vocab_size")
     model_type = base.config.get("model_type")
 
@@ -143,7 +162,7 @@ def build_merge_plan(
     new_vocab_size: int | None = None
     for adapter_name, adapter_key in contents.replacements.items():
         base_key = base_names.locate(adapter_name, adapter_key)
-        base_shape = base.entries[base_key].shape
+        base_shape = base_tensors[base_key].shape
         shape = adapter.shape(adapter_key)
         if shape != base_shape:
             resized = _resized_vocabulary(base_key, base_shape, shape, vocab_size)
@@ -159,7 +178,7 @@ def build_merge_plan(
 
     def shape_of(base_key: str) -> tuple[int, ...]:
         key = replacements.get(base_key)
-        return adapter.shape(key) if key is not None else base.entries[base_key].shape
+        return adapter.shape(key) if key is not None else base_tensors[base_key].shape
 
     deltas: dict[str, LoraProduct | LoraBias] = {}
     for module in contents.lora_modules.values():
@@ -181,7 +200,7 @@ def build_merge_plan(
         lora_modules=len(contents.lora_modules),
         replaced=len(replacements),
     )
-    for name, entry in base.entries.items():
+    for name, entry in base_tensors.items():
         replacement = replacements.get(name)
         source_dtype = adapter.dtype(replacement) if replacement else entry.dtype
         dtype = entry.dtype
@@ -194,6 +213,7 @@ def build_merge_plan(
                 source_key=replacement or name,
                 source_dtype=source_dtype,
                 delta=deltas.get(name),
+                dequantized=entry.quantized is not None and not replacement,
             )
         )
     return plan

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,10 +32,11 @@ from lora_merge.compute.lora import (
     prepare_lora_factors,
 )
 from lora_merge.errors import NonFiniteError
-from lora_merge.io.reader import SafetensorsReader, TensorSource
+from lora_merge.io.reader import StoredTensorSource, TensorSource
 from lora_merge.io.safetensors_format import dtype_itemsize
-from lora_merge.io.shard_writer import ShardWriter
+from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 from lora_merge.plan.planner import LoraBias, LoraProduct, PlannedTensor
+from lora_merge.stream.requantize import write_requantized
 
 # Bytes of merge workspace (the float32/float64 accumulator) per CPU tile. With
 # the rows read and the rows written it stays within a 2 MiB L2 cache.
@@ -70,7 +72,7 @@ class TileBuffers:
 def write_shard(
     path: Path,
     tensors: Sequence[PlannedTensor],
-    base: SafetensorsReader,
+    base: StoredTensorSource,
     adapter: TensorSource,
     device: torch.device,
     tile_budget: int,
@@ -108,7 +110,8 @@ def write_shard(
         stop = threading.Event()
         per_thread = threading.local()
 
-        work = [t for t in tensors if t.spec.nbytes]
+        # A 4-bit group's scales and quant state are written with its weight.
+        work = [t for t in tensors if t.spec.nbytes and t.written_with is None]
 
         def write_tensor(index: int) -> None:
             if stop.is_set():
@@ -125,6 +128,22 @@ def write_shard(
             source: TensorSource = base if tensor.source == "base" else adapter
             if not hasattr(per_thread, "buffers"):
                 per_thread.buffers = TileBuffers(tile_budget)
+            if tensor.requantize is not None:  # merged_4bit: the weight and its 4-bit group
+                target = tensor.requantize
+                merged = replace(
+                    tensor,
+                    spec=TensorSpec(tensor.spec.name, target.dtype, target.shape),
+                    requantize=None,
+                )
+                tiles = _output_tiles(merged, source, adapter, device, per_thread.buffers)
+                write_requantized(
+                    _checked_finite(tiles, merged, adapter, allow_nonfinite, stop),
+                    target,
+                    tensor.spec.name,
+                    writer,
+                    on_bytes,
+                )
+                return
             for tile in _output_tiles(tensor, source, adapter, device, per_thread.buffers):
                 if not allow_nonfinite and not all_finite(tile):
                     raise NonFiniteError(_nonfinite_message(tensor, adapter))
@@ -153,6 +172,23 @@ def _single_threaded_torch(enabled: bool) -> Iterator[None]:
     finally:
         if enabled:
             torch.set_num_threads(previous)
+
+
+def _checked_finite(
+    tiles: Iterator[torch.Tensor],
+    tensor: PlannedTensor,
+    adapter: TensorSource,
+    allow_nonfinite: bool,
+    stop: threading.Event,
+) -> Iterator[torch.Tensor]:
+    """``tiles``, refusing NaN/Inf as the plain write path does; cut short once ``stop`` is set
+    (the run is failing or interrupted, and its output will be removed)."""
+    for tile in tiles:
+        if not allow_nonfinite and not all_finite(tile):
+            raise NonFiniteError(_nonfinite_message(tensor, adapter))
+        yield tile
+        if stop.is_set():
+            return
 
 
 def _nonfinite_message(tensor: PlannedTensor, adapter: TensorSource) -> str:
