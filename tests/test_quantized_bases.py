@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
 from lora_merge import MergeOptions, merge
 from lora_merge.api import preview_merge
-from lora_merge.errors import InvalidInputError
+from lora_merge.errors import InvalidInputError, UsageError
 from lora_merge.inputs.resolve import resolve_base
 from lora_merge.io.dequantizing_reader import DequantizingReader
 from lora_merge.io.reader import SafetensorsReader
@@ -647,3 +647,20 @@ def test_16bit_weights_with_a_bitsandbytes_config_merge_as_an_ordinary_base(chec
         json.loads((out / "config.json").read_text())["quantization_config"]
         == config["quantization_config"]
     )
+
+
+def test_save_method_lora_refuses_a_combination(checkpoints, tmp_path):
+    """--save-method lora writes one adapter as it is: several adapters are a usage error."""
+    out = tmp_path / "out"
+    with pytest.raises(UsageError) as refusal:
+        merge(
+            MergeOptions(
+                base=checkpoints.base,
+                adapter=[checkpoints.adapter, checkpoints.adapter],
+                out=out,
+                save_method="lora",
+                quiet=True,
+            )
+        )
+    assert refusal.value.exit_code == 2 and "--save-method lora" in str(refusal.value)
+    assert not out.exists()
