@@ -461,6 +461,43 @@ def child_environment(extra_python_path: Path | None = None) -> dict[str, str]:
     return env
 
 
+def build_quantized_base(base: Path, quant_type: str) -> Path:
+    """Builds (or reuses) a bitsandbytes 4-bit copy of ``base`` with double quantization.
+
+    Uses ``tests/bnb_checkpoints.py``, which writes the layout transformers saves
+    (a test checks it byte for byte against transformers' own output).
+
+    Args:
+        base: The 16-bit base model folder.
+        quant_type: ``nf4`` or ``fp4``.
+
+    Returns:
+        The quantized model folder, ``<base>-<quant_type>``.
+
+    Raises:
+        SystemExit: If the build fails.
+    """
+    quantized = base.with_name(f"{base.name}-{quant_type}")
+    if (quantized / "config.json").is_file():
+        return quantized
+    partial = quantized.with_name(quantized.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "tests" / "bnb_checkpoints.py"),
+        str(base),
+        str(partial),
+        "--quant-type",
+        quant_type,
+        "--double-quant",
+    ]
+    print(f"  quantizing {base.name} to {quant_type}", file=sys.stderr, flush=True)
+    if subprocess.run(command, env=child_environment(), check=False).returncode != 0:
+        raise SystemExit(f"quantizing {base} to {quant_type} failed")
+    partial.rename(quantized)
+    return quantized
+
+
 def build_inputs(
     workdir: Path, shape_name: str, seed: int, targets: str = "all-linear"
 ) -> tuple[Path, Path]:
@@ -546,7 +583,11 @@ def prepare_workdir(workdir: Path) -> None:
 
 
 def make_cases(
-    base: Path, adapter: Path, outputs: Path, args: argparse.Namespace
+    base: Path,
+    adapter: Path,
+    outputs: Path,
+    args: argparse.Namespace,
+    copy_source: Path | None = None,
 ) -> list[BenchmarkCase]:
     """Lists the cases to measure, in run order.
 
@@ -555,14 +596,17 @@ def make_cases(
         adapter: Adapter folder.
         outputs: Folder holding the cases' output folders.
         args: Parsed command-line arguments.
+        copy_source: The folder ``cp -r`` copies (default ``base``); for a quantized
+            base, the 16-bit model: a folder the size of the merged output.
 
     Returns:
         The cases.
     """
     plain_env = child_environment()
+    copied = copy_source or base
     cases = [
         BenchmarkCase(
-            CP_CASE, ["cp", "-r", str(base), str(outputs / "cp")], outputs / "cp", plain_env
+            CP_CASE, ["cp", "-r", str(copied), str(outputs / "cp")], outputs / "cp", plain_env
         )
     ]
     if not args.skip_lora_merge:
@@ -852,6 +896,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-peft", action="store_true", help="do not run the PEFT case")
     parser.add_argument(
+        "--quantize",
+        choices=["nf4", "fp4"],
+        help="merge into a bitsandbytes 4-bit (double quant) copy of the base; cp -r then "
+        "copies the 16-bit base, a folder the size of the merged output",
+    )
+    parser.add_argument(
         "--cold",
         action="store_true",
         help="drop the page cache before every run (needs root) instead of reading the "
@@ -910,10 +960,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"building or reusing {args.shape} inputs in {workdir}", file=sys.stderr, flush=True)
     base, adapter = build_inputs(workdir, args.shape, args.seed, args.targets)
+    copy_source = None
+    if args.quantize:
+        copy_source, base = base, build_quantized_base(base, args.quantize)
+        args.skip_peft = True  # PEFT cannot save a model merged into a 4-bit base (see README)
     input_files = files_under([base, adapter])
     base_bytes = tree_size_bytes(base)
     rss_floor_bytes = measure_rss_floor(log_dir)
-    cases = make_cases(base, adapter, outputs, args)
+    cases = make_cases(base, adapter, outputs, args, copy_source)
 
     for repeat_index in range(args.repeat):
         for case in cases:

@@ -18,6 +18,8 @@ Rows (synthetic random-weight bf16 Llama checkpoints, LoRA r=16, alpha=32):
 * ``1b-all``: TinyLlama-1.1B shape, LoRA on all 7 linear projections; also
   lora-merge with ``--no-hash-inputs`` (the cost of the model card's sha256).
 * ``1b-qv``: the same base, LoRA on q_proj and v_proj only (most bytes untouched).
+* ``1b-nf4``: the 1b base quantized to NF4 with double quantization (bitsandbytes),
+  merged into bf16; ``cp -r`` copies the bf16 base, a folder the size of the output.
 * ``3b-all``: OpenLLaMA-3B shape (hidden 3200, 26 layers, 6.4 GB).
 * ``7b-all``: Llama-2-7B shape (hidden 4096, 32 layers, 13.5 GB); also with
   ``--max-memory 256MB``.
@@ -53,6 +55,7 @@ class SuiteRow:
     shape: str
     targets: str
     variants: tuple[str, ...] = ()
+    quantize: str | None = None
 
 
 ROWS = (
@@ -60,6 +63,7 @@ ROWS = (
         "1b-all", "1.1B all-linear r=16", "1b", "all-linear", ("no input hashes:--no-hash-inputs",)
     ),
     SuiteRow("1b-qv", "1.1B q/v only r=16", "1b", "q-v"),
+    SuiteRow("1b-nf4", "NF4 1.1B -> bf16, all-linear r=16", "1b", "all-linear", quantize="nf4"),
     SuiteRow("3b-all", "3B all-linear r=16", "3b", "all-linear"),
     SuiteRow(
         "7b-all",
@@ -91,7 +95,7 @@ def run_row(row: SuiteRow, args: argparse.Namespace, scratch: Path) -> dict[str,
     shape = synthetic_checkpoints.SHAPES[row.shape]
     base_bytes = sum(spec.byte_size for spec in synthetic_checkpoints.base_tensor_specs(shape))
     peft_needs = int(base_bytes * PEFT_RAM_FACTOR)
-    skip_peft = args.skip_peft or peft_needs > total_ram_bytes()
+    skip_peft = args.skip_peft or peft_needs > total_ram_bytes() or row.quantize is not None
     report_path = scratch / f"{row.key}.json"
     argv = [
         "--shape",
@@ -109,18 +113,21 @@ def run_row(row: SuiteRow, args: argparse.Namespace, scratch: Path) -> dict[str,
         argv += ["--variant", variant]
     if skip_peft:
         argv.append("--skip-peft")
+    if row.quantize:
+        argv += ["--quantize", row.quantize]
     if args.cold:
         argv.append("--cold")
     print(f"== {row.label}", file=sys.stderr, flush=True)
     bench_merge.main(argv)
     report = json.loads(report_path.read_text())
-    report["peft_skipped_because"] = (
-        None
-        if not skip_peft
-        else (
-            "--skip-peft" if args.skip_peft else f"skipped: needs > {peft_needs / 1e9:.0f} GB RAM"
-        )
-    )
+    reason = None
+    if args.skip_peft:
+        reason = "--skip-peft"
+    elif row.quantize:
+        reason = "fails: transformers cannot save a PEFT model merged into 4-bit"
+    elif skip_peft:
+        reason = f"skipped: needs > {peft_needs / 1e9:.0f} GB RAM"
+    report["peft_skipped_because"] = reason
     return report
 
 
