@@ -76,18 +76,29 @@ class LoraFactors:
     scale: float
     is_embedding: bool
     fan_in_fan_out: bool
+    dora_magnitude: torch.Tensor | None = None  # DoRA's lora_magnitude_vector, if any
 
     @property
     def rank(self) -> int:
         return self.lora_a.shape[0]
 
+    @property
+    def transposed(self) -> bool:
+        """The stored weight holds (B @ A).T: embeddings and GPT-2 Conv1D."""
+        return self.is_embedding or self.fan_in_fan_out
+
     def delta_and_magnitude(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact (float64) B @ A laid out like the base weight, and |B| @ |A| laid out the same."""
-        a, b = self.lora_a.double(), self.lora_b.double()
+        """Exact (float64) B @ A laid out like the base weight, and |B| @ |A| laid out the same.
+
+        Convolutions: A (r, in, *kernel) and B (out, r, 1, ...) as 2-D matrices; the caller
+        reshapes the (out, in * kernel) product to the weight's shape.
+        """
+        a = self.lora_a.double().reshape(self.rank, -1)
+        b = self.lora_b.double().reshape(-1, self.rank)
         delta, magnitude = b @ a, b.abs() @ a.abs()
         # Embedding A is (r, vocab) and B is (dim, r), so B @ A is (dim, vocab) but the embedding
         # weight is (vocab, dim). GPT-2 Conv1D weights are stored (in, out), transposed too.
-        if self.is_embedding or self.fan_in_fan_out:
+        if self.lora_a.dim() == 2 and self.transposed:
             delta, magnitude = delta.T, magnitude.T
         return delta, magnitude
 
@@ -101,13 +112,16 @@ def resolve_lora_factors(
         ".lora_B.weight": ("B", False),
         ".lora_embedding_A": ("A", True),
         ".lora_embedding_B": ("B", True),
+        ".lora_magnitude_vector": ("M", False),
     }
     pieces: dict[str, dict[str, object]] = {}
     for key, tensor in adapter_tensors.items():
         for suffix, (factor, is_embedding) in factor_suffixes.items():
             if key.endswith(suffix):
                 module_name = key.removeprefix(ADAPTER_KEY_PREFIX).removesuffix(suffix)
-                pieces.setdefault(module_name, {"is_embedding": is_embedding})[factor] = tensor
+                piece = pieces.setdefault(module_name, {"is_embedding": False})
+                piece[factor] = tensor
+                piece["is_embedding"] = bool(piece["is_embedding"]) or is_embedding
     factors = {}
     for module_name, piece in pieces.items():
         lora_a, lora_b = piece["A"], piece["B"]
@@ -122,9 +136,26 @@ def resolve_lora_factors(
             lora_b=lora_b,
             scale=scale,
             is_embedding=bool(piece["is_embedding"]),
-            fan_in_fan_out=bool(adapter_config.get("fan_in_fan_out")),
+            fan_in_fan_out=bool(adapter_config.get("fan_in_fan_out")) and lora_a.dim() == 2,
+            dora_magnitude=piece.get("M"),
         )
     return factors
+
+
+def trainable_token_rows(
+    adapter_config: dict, adapter_tensors: dict[str, torch.Tensor]
+) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """Embedding weight name -> (token ids, their new rows), from trainable_token_indices."""
+    suffix = ".token_adapter.trainable_tokens_delta"
+    rows = {}
+    for key, tensor in adapter_tensors.items():
+        if key.endswith(suffix):
+            module_name = key.removeprefix(ADAPTER_KEY_PREFIX).removesuffix(suffix)
+            indices = adapter_config["trainable_token_indices"]
+            if isinstance(indices, dict):
+                indices = first_matching_pattern_value(indices, module_name)
+            rows[f"{module_name}.weight"] = (list(indices), tensor)
+    return rows
 
 
 def full_tensor_replacements(adapter_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,7 +163,7 @@ def full_tensor_replacements(adapter_tensors: dict[str, torch.Tensor]) -> dict[s
     base layers), keyed by the base checkpoint's tensor name."""
     replacements = {}
     for key, tensor in adapter_tensors.items():
-        if "lora_" in key:
+        if "lora_" in key or "token_adapter" in key:
             continue
         base_name = key.removeprefix(ADAPTER_KEY_PREFIX).replace(".base_layer.", ".")
         replacements[base_name] = tensor
@@ -147,12 +178,20 @@ class ExpectedTensor:
     lora: LoraFactors | None  # None: the tensor passes through unchanged except for a dtype cast
     exact: torch.Tensor | None = None  # float64 source + scale * delta
     magnitude: torch.Tensor | None = None  # |source| + scale * |B| @ |A|, for error bounds
+    # DoRA: the number of squares in each norm (the norm's rounding error grows with it)
+    norm_length: int = 0
 
     def rounding_error_bound(self, unit_roundoff: float) -> torch.Tensor:
         """Bound on |computed - exact| for a length-r dot product, a scaling and an addition
-        evaluated with `unit_roundoff`, plus our own float64 evaluation error."""
+        evaluated with `unit_roundoff`, plus our own float64 evaluation error; for DoRA, plus
+        the error of a norm of `norm_length` squares and of the division and scaling."""
         assert self.lora is not None and self.magnitude is not None
-        return (self.lora.rank + 2) * (unit_roundoff + FLOAT64_UNIT_ROUNDOFF) * self.magnitude
+        unit = unit_roundoff + FLOAT64_UNIT_ROUNDOFF
+        bound = (self.lora.rank + 2) * unit * self.magnitude
+        if self.norm_length:
+            assert self.exact is not None
+            bound = bound + (self.norm_length + 4) * unit * self.exact.abs()
+        return bound
 
 
 def expected_merged_checkpoint(
@@ -171,21 +210,74 @@ def expected_merged_checkpoint(
         "adapter adapts modules the base does not have"
     )
 
+    lora_bias_by_name = {
+        f"{name}.bias": (factors, adapter_tensors[f"{ADAPTER_KEY_PREFIX}{name}.lora_B.bias"])
+        for name, factors in resolve_lora_factors(adapter_config, adapter_tensors).items()
+        if f"{ADAPTER_KEY_PREFIX}{name}.lora_B.bias" in adapter_tensors
+    }
+
+    token_rows = trainable_token_rows(adapter_config, adapter_tensors)
+
     expected = {}
     for name, base_tensor in base_tensors.items():
+        if name in token_rows:  # PEFT trainable tokens: whole rows replaced, cast once
+            indices, rows = token_rows[name]
+            # float32 holds the base's 16-bit values and the new rows exactly: the cast to the
+            # output dtype is then the one rounding of each.
+            source = replacements.get(name, base_tensor).float()
+            source[indices] = rows.float()
+            expected[name] = ExpectedTensor(source=source, lora=None)
+            continue
+        if name in lora_bias_by_name:  # PEFT lora_bias=True: bias + scale * lora_B.bias
+            lora, lora_bias = lora_bias_by_name[name]
+            source = replacements.get(name, base_tensor)
+            expected[name] = ExpectedTensor(
+                source=source,
+                lora=lora,
+                exact=source.double() + lora.scale * lora_bias.double(),
+                magnitude=source.double().abs() + lora.scale * lora_bias.double().abs(),
+            )
+            continue
         source = replacements.get(name, base_tensor)
         lora = lora_by_weight_name.get(name)
         if lora is None:
             expected[name] = ExpectedTensor(source=source, lora=None)
             continue
         delta, delta_magnitude = lora.delta_and_magnitude()
-        assert delta.shape == source.shape, (
+        assert delta.numel() == source.numel(), (
             f"{name}: delta {tuple(delta.shape)} vs weight {tuple(source.shape)}"
         )
+        delta, delta_magnitude = delta.reshape(source.shape), delta_magnitude.reshape(source.shape)
+        exact = source.double() + lora.scale * delta
+        magnitude = source.double().abs() + lora.scale * delta_magnitude
+        norm_length = 0
+        if lora.dora_magnitude is not None:
+            exact, factor, norm_length = dora_rescaled(exact, lora)
+            magnitude = magnitude * factor.abs()
         expected[name] = ExpectedTensor(
             source=source,
             lora=lora,
-            exact=source.double() + lora.scale * delta,
-            magnitude=source.double().abs() + lora.scale * delta_magnitude,
+            exact=exact,
+            magnitude=magnitude,
+            norm_length=norm_length,
         )
     return expected
+
+
+def dora_rescaled(
+    merged: torch.Tensor, lora: LoraFactors
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """DoRA (Liu et al. 2024, as PEFT merges it): m / ||V|| * V with V = W + s * B @ A and the
+    norm of each output feature's weights: a row of the stored weight (Linear; a convolution's
+    output channel with all its input channels and kernel taps), or a column (embeddings, whose
+    norm spans the vocabulary, and GPT-2 Conv1D). Returns the result, the factor broadcast to
+    the weight's shape, and how many squares each norm sums."""
+    assert lora.dora_magnitude is not None
+    m = lora.dora_magnitude.double().reshape(-1)  # convolutions store (1, out, 1, ...)
+    if lora.transposed and merged.dim() == 2:
+        norms = merged.norm(dim=0)
+        factor = (m / norms).reshape(1, -1).expand_as(merged)
+        return merged * factor, factor, merged.shape[0]
+    flat = merged.reshape(merged.shape[0], -1)
+    factor = (m / flat.norm(dim=1)).reshape(-1, 1).expand_as(flat).reshape(merged.shape)
+    return merged * factor, factor, flat.shape[1]

@@ -82,9 +82,9 @@ def _untargetable_module(tensors: dict) -> None:
     tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"] = torch.randn(32, 4)
 
 
-def _dora(tensors: dict) -> None:
+def _dora_magnitude_of_wrong_length(tensors: dict) -> None:
     tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.ones(
-        64
+        48
     )
 
 
@@ -262,10 +262,10 @@ BROKEN_INPUTS = [
         ["lora_alpha"],
     ),
     (
-        "dora-not-yet",
-        lambda b, a: _replace_adapter_tensors(a, _dora),
-        EXIT_INVALID_INPUT,
-        ["DoRA", "not support"],
+        "dora-magnitude-does-not-fit",
+        lambda b, a: _replace_adapter_tensors(a, _dora_magnitude_of_wrong_length),
+        EXIT_ADAPTER_MISMATCH,
+        ["lora_magnitude_vector", "(48,)", "64 output features", "DoRA"],
     ),
     (
         "shape-mismatch",

@@ -549,6 +549,21 @@ def test_dora_adapters_are_refused_in_a_combination(bf16_inputs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_trainable_tokens_are_refused_in_a_combination(bf16_inputs, tmp_path):
+    """Rows replaced outright cannot be summed with another adapter's: refused, named."""
+    base, adapters = bf16_inputs
+
+    def with_token_rows(tensors, config):
+        key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+        tensors[key] = torch.zeros(2, 64)
+        return tensors, {**config, "trainable_token_indices": [1, 2]}
+
+    tokens = _rewrite_adapter(adapters[1], tmp_path / "tokens", with_token_rows)
+    with pytest.raises(InvalidInputError, match=r"trainable tokens .* cannot be combined"):
+        merge(MergeOptions(base=base, adapter=[adapters[0], tokens], out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_dare_masks_keep_the_density_and_depend_only_on_seed_and_module():
     """Statistical check of the pure DARE step: about `density` of the entries survive,
     rescaled by 1/density; the same (seed, module) gives the same mask, another does not."""

@@ -107,22 +107,22 @@ def test_verify_passes_on_a_correct_merge(inputs, tmp_path):
 def test_verify_catches_a_wrong_merged_row(inputs, tmp_path, monkeypatch):
     """A merge kernel that is off by a little in one row is caught, and OUT never appears."""
     base, adapter = inputs
-    original = executor.merge_lora_rows
+    original = executor.merged_rows
 
-    def slightly_wrong(base_rows, factors, start, out, workspace=None):
-        merged = original(base_rows, factors, start, out, workspace)
+    def slightly_wrong(base_rows, factors, start, workspace=None):
+        merged = original(base_rows, factors, start, workspace)
         if start == 0:
             merged[0] += 0.25
         return merged
 
-    monkeypatch.setattr(executor, "merge_lora_rows", slightly_wrong)
+    monkeypatch.setattr(executor, "merged_rows", slightly_wrong)
     options = MergeOptions(
         base=base, adapter=adapter, out=tmp_path / "merged", quiet=True, verify=True
     )
     with pytest.raises(VerificationError, match="row 0 of"):
         merge(options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
-    monkeypatch.setattr(executor, "merge_lora_rows", original)
+    monkeypatch.setattr(executor, "merged_rows", original)
     merge(options)  # the same merge, kernel restored, verifies
 
 

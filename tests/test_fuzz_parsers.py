@@ -208,11 +208,8 @@ _LORA_KEY_SUFFIXES = {
     "a": (".lora_A.weight", ".lora_embedding_A"),
     "b": (".lora_B.weight", ".lora_embedding_B"),
 }
-_UNSUPPORTED_KEY_SUFFIXES = (
-    ".lora_magnitude_vector",
-    ".lora_magnitude_vector.weight",
-    ".token_adapter.trainable_tokens_delta",
-)
+_MAGNITUDE_KEY_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+_TRAINABLE_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
 def check_keys(keys: list[str]) -> AdapterContents | None:
@@ -222,8 +219,9 @@ def check_keys(keys: list[str]) -> AdapterContents | None:
     except LoraMergeError:
         return None
     given_keys = set(keys)
-    for key in keys:
-        assert not strip_peft_prefix(key).endswith(_UNSUPPORTED_KEY_SUFFIXES)
+    for module, key in contents.trainable_tokens.items():
+        assert key in given_keys
+        assert strip_peft_prefix(key) == module + _TRAINABLE_TOKENS_SUFFIX
     for module, lora in contents.lora_modules.items():
         assert lora.module == module
         assert lora.a_key in given_keys and lora.b_key in given_keys
@@ -231,6 +229,10 @@ def check_keys(keys: list[str]) -> AdapterContents | None:
         assert strip_peft_prefix(lora.b_key) in {module + s for s in _LORA_KEY_SUFFIXES["b"]}
         if lora.bias_key is not None:
             assert strip_peft_prefix(lora.bias_key) == module + ".lora_B.bias"
+        if lora.magnitude_key is not None:
+            assert strip_peft_prefix(lora.magnitude_key) in {
+                module + s for s in _MAGNITUDE_KEY_SUFFIXES
+            }
     for target, key in contents.replacements.items():
         assert key in given_keys
         assert isinstance(target, str)

@@ -183,13 +183,12 @@ def test_merged_tensors_agree_with_peft_merge_and_unload(
                 differing = int((output != peft_tensor).sum())
                 failures.append(f"{name}: {differing}/{output.numel()} elements differ from PEFT")
             continue
-        assert agreement is PeftAgreement.CLOSER_TO_EXACT
         our_error = (output.double() - expectation.exact).abs()
         peft_error = (peft_tensor.double() - expectation.exact).abs()
         if not (our_error <= peft_error).all():
             worse = int((our_error > peft_error).sum())
             failures.append(f"{name}: {worse} elements further from the exact merge than PEFT's")
-        if not (our_error < peft_error).any():
+        if agreement is PeftAgreement.CLOSER_TO_EXACT and not (our_error < peft_error).any():
             failures.append(f"{name}: no element closer to the exact merge than PEFT's")
     assert not failures, "\n".join(failures)
 

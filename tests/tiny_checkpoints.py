@@ -21,6 +21,7 @@ from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
+    Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -29,6 +30,12 @@ from transformers import (
 EXPECTED_PEFT_WARNINGS = (
     "The following alpha_pattern keys did not match any targeted module",
     "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`",
+    # PEFT 0.21 mistakes lora_bias=True's 1-D lora_B.bias for an unsharded ZeRO-3 tensor.
+    r"Adapter '\w+': \d+ LoRA tensor\(s\) have invalid shape",
+    # lora_bias=True on a layer without a bias: PEFT cannot merge it, lora-merge can.
+    "`lora_bias=True` was passed but the targeted layer",
+    # A LoRA on a tied embedding or head without ensure_weight_tying (PEFT #2777).
+    "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter",
 )
 TINY_VOCAB_SIZE = 256
 TINY_HIDDEN_SIZE = 64
@@ -76,8 +83,32 @@ def _qwen2_config() -> PretrainedConfig:
     )
 
 
+def _phi3_config() -> PretrainedConfig:
+    # Phi-3 fuses q, k and v into one qkv_proj, and gate and up into gate_up_proj.
+    return Phi3Config(
+        hidden_size=TINY_HIDDEN_SIZE,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TINY_VOCAB_SIZE,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
+
+
+def _tied_llama_config() -> PretrainedConfig:
+    # lm_head reuses embed_tokens, so the checkpoint has no lm_head.weight (as Gemma, Qwen2-0.5B).
+    config = _llama_config()
+    config.tie_word_embeddings = True
+    return config
+
+
 TINY_MODEL_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "llama": _llama_config,
+    "llama-tied": _tied_llama_config,
+    "phi3": _phi3_config,
     "gpt2": _gpt2_config,
     "qwen2": _qwen2_config,
 }
@@ -128,7 +159,8 @@ def save_tiny_base_checkpoint(family: str, dtype: torch.dtype, directory: Path) 
 
 @torch.no_grad()
 def _perturb_weights_saved_in_full(peft_model: PeftModel, generator: torch.Generator) -> None:
-    """Make full tensors that PEFT stores in the adapter differ from the base checkpoint.
+    """Make full tensors that PEFT stores in the adapter differ from the base checkpoint, and
+    DoRA magnitudes differ from their initial norms.
 
     PEFT saves modules_to_save copies (e.g. lm_head) and, when an embedding is a LoRA target,
     the embedding's base weight. Right after get_peft_model they equal the base tensors, so a
@@ -145,6 +177,22 @@ def _perturb_weights_saved_in_full(peft_model: PeftModel, generator: torch.Gener
         for tensor in targets:
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
             tensor.copy_((tensor.float() + 0.01 * noise).to(tensor.dtype))
+    # Biases PEFT trains and saves (bias="all" or "lora_only") start as the base's: move them.
+    for name, parameter in peft_model.named_parameters():
+        if name.endswith(".bias") and parameter.requires_grad and "lora_" not in name:
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+            parameter.add_((0.01 * noise).to(parameter.dtype))
+    # Trainable tokens start as copies of their rows: move them, as training does.
+    for name, parameter in peft_model.named_parameters():
+        if "trainable_tokens_delta" in name:
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+            parameter.add_((0.01 * noise).to(parameter.dtype))
+    # DoRA starts with m = ||W + s B A||, which makes m / ||V|| = 1: move m, as training does,
+    # so that the rescaling is observable.
+    for name, parameter in peft_model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+            parameter.mul_(1.0 + 0.2 * noise.to(parameter.dtype))
 
 
 @contextlib.contextmanager

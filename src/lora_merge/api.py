@@ -7,6 +7,7 @@ into place. Each step lives in its own package.
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import threading
@@ -23,12 +24,17 @@ from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_INDEX_FILE
 from tqdm import tqdm
 
 from lora_merge._version import __version__
-from lora_merge.adapter.combined import AdapterInput, CombinedAdapter, refuse_dora
+from lora_merge.adapter.combined import (
+    AdapterInput,
+    CombinedAdapter,
+    refuse_dora,
+    refuse_trainable_tokens,
+)
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
 from lora_merge.adapter.keys import classify_adapter_keys
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.adapter.weights import open_adapter_weights
-from lora_merge.compute.lora import MERGE_ARITHMETIC
+from lora_merge.compute.lora import merge_arithmetic
 from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError, UsageError
 from lora_merge.finish.adapter_output import write_normalized_adapter
 from lora_merge.finish.folder import (
@@ -264,7 +270,7 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             if products
             else ((0, 0), (0, 0))
         )
-        lora_bytes = 8 * sum(a * b for a, b in largest_lora)
+        lora_bytes = 8 * sum(math.prod(shape) for shape in largest_lora)  # convolutions: 3-5 dims
         workers = torch.get_num_threads() if settings.device.type == "cpu" else 1
         return MergePreview(
             base=str(prepared.base.folder),
@@ -444,7 +450,9 @@ def _combined_adapter(
     for folder, config, source in zip(folders, configs, sources, strict=True):
         keys = list(source.keys())
         refuse_dora(str(folder.folder), config, keys)
-        inputs.append(AdapterInput(str(folder.folder), config, classify_adapter_keys(keys), source))
+        contents = classify_adapter_keys(keys)
+        refuse_trainable_tokens(str(folder.folder), contents)
+        inputs.append(AdapterInput(str(folder.folder), config, contents, source))
     return CombinedAdapter(inputs, recipe)
 
 
@@ -601,7 +609,9 @@ def _write_output(
         elif base.quantization is None:
             config = base.config
         # else: the output holds plain tensors; transformers must not look for quant states.
-        write_config(staging.path, config, settings.output_dtype, plan.vocab_size)
+        write_config(
+            staging.path, config, settings.output_dtype, plan.vocab_size, plan.config_updates
+        )
         copy_side_files(staging.path, base.folder, adapter_folder.folder)
         write_model_card(staging.path, record, hashes.result())
         staging.commit()
@@ -625,7 +635,7 @@ def _merge_record(
     """
     base_identity = InputIdentity.of("base", str(options.base), base.folder)
     output_dtype = settings.output_dtype
-    method = MERGE_ARITHMETIC
+    method = merge_arithmetic(any(p.magnitude_key for p in plan.lora_products))
     if recipe is not None:
         method += (
             f"; B @ A is the combination of {', '.join(map(str, options.adapters))} by "

@@ -87,6 +87,21 @@ def refuse_dora(label: str, config: LoraAdapterConfig, keys: Iterable[str]) -> N
         )
 
 
+def refuse_trainable_tokens(label: str, contents: AdapterContents) -> None:
+    """Trainable tokens replace rows outright, so two adapters' rows cannot be summed. Refuse.
+
+    Raises:
+        InvalidInputError: the adapter has trainable tokens.
+    """
+    if contents.trainable_tokens:
+        key = next(iter(contents.trainable_tokens.values()))
+        raise InvalidInputError(
+            f"adapter {label} has trainable tokens (key {key!r}); they replace embedding rows "
+            "and cannot be combined with other adapters: merge it on its own first, then "
+            "combine the others into that output"
+        )
+
+
 class CombinedAdapter:
     """Several adapters combined by a :class:`CombineRecipe`, as one ``TensorSource``.
 

@@ -38,6 +38,8 @@ class LoraAdapterConfig:
         alpha_pattern: regex -> alpha overrides, first match wins.
         fan_in_fan_out: PEFT's flag for weights stored (in, out), e.g. GPT-2's Conv1D.
         base_model_name_or_path: the base the adapter was trained on, if recorded.
+        trainable_token_indices: PEFT's trainable tokens: the rows of the input
+            embedding replaced (a list), or module name -> rows (a dict).
     """
 
     r: int
@@ -47,6 +49,15 @@ class LoraAdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+
+    def token_indices_for(self, module_name: str) -> list[int] | None:
+        """The rows trainable tokens replace in one embedding (PEFT's dict keys name modules)."""
+        indices = self.trainable_token_indices
+        if isinstance(indices, dict):
+            key = pattern_key_for(list(indices), module_name)
+            return None if key is None else indices[key]
+        return indices
 
     def scale_for(self, module_name: str, rank: int) -> float:
         """The factor that multiplies ``B @ A`` for one module.
@@ -130,8 +141,12 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
             raise InvalidInputError(
                 f"{path}: pattern {pattern!r} is not a valid regex ({err})"
             ) from err
-    if raw.get("use_dora"):
-        raise InvalidInputError(f"{path} has use_dora=true; DoRA adapters are not supported yet")
+    token_indices = raw.get("trainable_token_indices")
+    if token_indices is not None and not _is_token_indices(token_indices):
+        raise InvalidInputError(
+            f"{path}: 'trainable_token_indices' must be a list of token ids or map module "
+            f"names to lists of token ids, got {token_indices!r}"
+        )
     base_name = raw.get("base_model_name_or_path")
     return LoraAdapterConfig(
         r=r,
@@ -141,7 +156,19 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
         base_model_name_or_path=base_name if isinstance(base_name, str) else None,
+        trainable_token_indices=token_indices,
     )
+
+
+def _is_token_indices(value: object) -> bool:
+    def is_id_list(ids: object) -> bool:
+        return isinstance(ids, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+        )
+
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_id_list(v) for k, v in value.items())
+    return is_id_list(value)
 
 
 def _is_positive_int(value: object) -> bool:

@@ -21,14 +21,17 @@ _LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_B.bias", "B_bias"),
     (".lora_embedding_A", "embedding_A"),
     (".lora_embedding_B", "embedding_B"),
+    # DoRA's magnitude vector m. PEFT saves it without ".weight"; a state dict
+    # taken from the live model has the ".weight" of the DoraLinearLayer.
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
 )
-# Adapter features other issues add; until then they are refused by name rather
-# than silently ignored.
-_UNSUPPORTED_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".lora_magnitude_vector.weight", "DoRA (lora_magnitude_vector)"),
-    (".lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
-    (".token_adapter.trainable_tokens_delta", "trainable tokens (trainable_token_indices)"),
-)
+# Adapter features not supported yet are refused by name here rather than silently
+# ignored (suffix, feature name); DoRA and trainable tokens, once here, now merge.
+_UNSUPPORTED_SUFFIXES: tuple[tuple[str, str], ...] = ()
+# PEFT's trainable tokens (``trainable_token_indices``): new values for some rows
+# of an embedding, the row numbers being in adapter_config.json.
+TRAINABLE_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 # A saved copy of a wrapped layer (e.g. a resized embedding PEFT stores with
 # save_embedding_layers=True) replaces the base tensor of that module, and so
 # does the trained copy of a modules_to_save layer. PEFT saves the latter as
@@ -47,6 +50,7 @@ class LoraModuleKeys:
         module: module name in the base model, e.g. ``model.layers.0.self_attn.q_proj``.
         a_key / b_key: keys of the down (A) and up (B) projections.
         bias_key: key of ``lora_B.bias`` (PEFT ``lora_bias=True``), if any.
+        magnitude_key: key of DoRA's ``lora_magnitude_vector``, if the module is DoRA.
         is_embedding: stored as ``lora_embedding_A/B`` (an ``nn.Embedding`` target).
         dense: ``a_key`` holds the whole (out, in) delta, not a rank-r factor
             (combined adapters' ``*_full`` methods); ``b_key`` is then unused.
@@ -56,6 +60,7 @@ class LoraModuleKeys:
     a_key: str | None = None
     b_key: str | None = None
     bias_key: str | None = None
+    magnitude_key: str | None = None
     is_embedding: bool = False
     dense: bool = False
 
@@ -69,10 +74,17 @@ class AdapterContents:
         replacements: base tensor name (as the adapter names it) -> adapter key of
             a full tensor that replaces it (modules_to_save, saved base layers,
             trained biases).
+        trainable_tokens: embedding module name -> adapter key of its
+            ``trainable_tokens_delta`` (new values of some of its rows).
+        base_layer_copies: names in ``replacements`` saved from a wrapped layer's
+            ``base_layer`` (the model's own parameter, shared with whatever it is tied
+            to), as opposed to a modules_to_save copy, which is the module's alone.
     """
 
     lora_modules: dict[str, LoraModuleKeys] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)
+    trainable_tokens: dict[str, str] = field(default_factory=dict)
+    base_layer_copies: set[str] = field(default_factory=set)
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -97,6 +109,9 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
                 )
         if _UNTRAINED_ORIGINAL_INFIX in name:
             continue
+        if name.endswith(TRAINABLE_TOKENS_SUFFIX):
+            contents.trainable_tokens[name[: -len(TRAINABLE_TOKENS_SUFFIX)]] = key
+            continue
         role = next(((s, r) for s, r in _LORA_SUFFIXES if name.endswith(s)), None)
         if role is None:
             target = name
@@ -106,6 +121,10 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
             # explicit one wins whatever the order the file lists them in.
             if target not in contents.replacements or target != name:
                 contents.replacements[target] = key
+                if ".base_layer." in name:
+                    contents.base_layer_copies.add(target)
+                else:
+                    contents.base_layer_copies.discard(target)
             continue
         suffix, kind = role
         module = name[: -len(suffix)]
@@ -114,13 +133,20 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
             keys_of_module.a_key = key
         elif kind in ("B", "embedding_B"):
             keys_of_module.b_key = key
+        elif kind == "magnitude":
+            keys_of_module.magnitude_key = key
         else:
             keys_of_module.bias_key = key
         keys_of_module.is_embedding = keys_of_module.is_embedding or kind.startswith("embedding")
 
     for lora_module in contents.lora_modules.values():
         if lora_module.a_key is None or lora_module.b_key is None:
-            present = lora_module.a_key or lora_module.b_key or lora_module.bias_key
+            present = (
+                lora_module.a_key
+                or lora_module.b_key
+                or lora_module.bias_key
+                or lora_module.magnitude_key
+            )
             raise InvalidInputError(
                 f"adapter module {lora_module.module!r} has {present!r} but not both LoRA matrices "
                 "(A and B); the adapter file is incomplete"

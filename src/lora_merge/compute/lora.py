@@ -28,6 +28,17 @@ MERGE_ARITHMETIC = (
 )
 
 
+# No "|" in it: the model card shows it in a Markdown table.
+DORA_ARITHMETIC = (
+    "DoRA modules: m / norm(V) * V with V = W + scale * B @ A and one norm per output feature"
+)
+
+
+def merge_arithmetic(has_dora: bool) -> str:
+    """:data:`MERGE_ARITHMETIC`, plus DoRA's rescaling when the adapter has DoRA modules."""
+    return f"{MERGE_ARITHMETIC}; {DORA_ARITHMETIC}" if has_dora else MERGE_ARITHMETIC
+
+
 def compute_dtype_for(output_dtype: torch.dtype) -> torch.dtype:
     """The dtype the merge is computed in before the one final rounding.
 
@@ -42,7 +53,7 @@ def compute_dtype_for(output_dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """A and B of one module, ready for :func:`merge_lora_rows`.
+    """A and B of one module, ready for :func:`merged_rows`.
 
     Attributes:
         lora_a: A (r, in) in the compute dtype, possibly pre-multiplied by the scale;
@@ -119,32 +130,91 @@ def _copy_rows(rows: torch.Tensor, workspace: torch.Tensor, factors: LoraFactors
     return workspace.copy_(rows)
 
 
-def merge_lora_rows(
+def merged_rows(
     base_rows: torch.Tensor,
     factors: LoraFactors,
     start: int,
-    out: torch.Tensor,
     workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write rows of ``W + scale * B @ A``, rounded once, into ``out``.
+    """Rows of ``V = W + scale * B @ A`` in the compute dtype, not yet rounded.
 
     Args:
-        base_rows: rows ``start:start + len(base_rows)`` of the stored weight W.
+        base_rows: rows ``start:start + len(base_rows)`` of the stored weight W,
+            2-D (a convolution's rows flattened to (rows, -1)).
         factors: from :func:`prepare_lora_factors`.
         start: the first row ``base_rows`` covers.
-        out: the result, shaped like ``base_rows``, in the output dtype.
         workspace: optional reusable buffer for the product (see :func:`lora_delta_rows`).
-
-    Returns:
-        ``out``.
     """
     delta = lora_delta_rows(factors, start, start + base_rows.shape[0], workspace)
-    # The stored dtype is widened exactly inside the add; the sum is then
-    # rounded once into the output dtype. Two kernels rather than one
-    # ``torch.add(..., out=<16-bit>)``: that mixed-dtype form is ~6x slower on
-    # CPU (2.2 vs 0.37 ns per element measured) and gives the same bits.
-    delta.add_(base_rows)
-    return out.copy_(delta)
+    # The stored dtype is widened exactly inside the add (PEFT's ``W + delta``
+    # with a float32 delta is the same float32 sum).
+    return delta.add_(base_rows)
+
+
+def dora_scale_rows(values: torch.Tensor, magnitude_rows: torch.Tensor) -> torch.Tensor:
+    """In place: each row of ``V`` times ``m / ||row||``; returns ``values``.
+
+    DoRA with one output feature per stored row (Linear, convolutions). PEFT's
+    ``DoraLinearVariant.merge_unsafe``: ``weight_norm = torch.linalg.norm(W + delta,
+    dim=1)`` in the delta's float32, ``dora_factor = m / weight_norm``, then
+    ``dora_factor.view(-1, 1) * (W + delta)``, rounded once. Same operations,
+    same order, so 16-bit results are PEFT's.
+    """
+    norms = torch.linalg.vector_norm(values, dim=1)
+    return values.mul_((magnitude_rows.to(values.dtype) / norms).unsqueeze(1))
+
+
+def column_sums_of_squares(values: torch.Tensor) -> torch.Tensor:
+    """Per-column sums of squares of a tile of ``V``, in float64 (first pass of a column norm).
+
+    DoRA on an embedding or a Conv1D weight normalises columns of the stored
+    weight, and a column spans every row: the squares are summed tile by tile in
+    float64, so the order of the tiles does not matter at the output's precision.
+    """
+    return values.to(torch.float64).square_().sum(dim=0)
+
+
+def dora_column_factor(magnitude: torch.Tensor, sums_of_squares: torch.Tensor) -> torch.Tensor:
+    """``m / ||column||`` for every column, in float64, from :func:`column_sums_of_squares`.
+
+    PEFT's ``DoraEmbeddingVariant`` (and the fan_in_fan_out Linear) take
+    ``torch.linalg.norm(W.T + delta.T, dim=1)`` in float32; we take the same norm
+    in float64 (see :func:`dora_scale_columns`).
+    """
+    return magnitude.to(torch.float64) / sums_of_squares.sqrt()
+
+
+def dora_scale_columns(values: torch.Tensor, column_factor: torch.Tensor) -> torch.Tensor:
+    """Each column of a tile of ``V`` times its factor, in float64 (not yet rounded).
+
+    PEFT computes ``dora_factor.view(1, -1) * (W + delta)`` in float32, rounding the
+    norm, the factor and the product before the final rounding; the stream computes
+    column DoRA in float64 throughout, so the one final rounding decides the result.
+    """
+    return values.to(torch.float64).mul_(column_factor)
+
+
+def round_float64_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 values rounded once to ``dtype`` (correctly rounded, ties to even).
+
+    torch converts float64 to bfloat16/float16 through float32, rounding twice: a
+    value just off a 16-bit rounding midpoint can land on it in float32 and then
+    go the wrong way. Rounding to float32 *to odd* first (truncate, then set the
+    last bit when anything was dropped) keeps the information the second
+    rounding needs, so float32 -> 16-bit is then the correct rounding (Boldo and
+    Melquiond, "Emulation of FMA and correctly rounded sums", 2008).
+    """
+    if dtype in (torch.float64, torch.float32) or not dtype.is_floating_point:
+        return values.to(dtype)
+    nearest = values.to(torch.float32)
+    widened = nearest.to(torch.float64)
+    inexact = widened != values
+    bits = nearest.view(torch.int32).clone()
+    # Rounded away from zero: step back one float32 toward zero (the sign is a separate
+    # bit, so decrementing the integer view shrinks the magnitude for either sign).
+    bits -= (inexact & (widened.abs() > values.abs()) & torch.isfinite(nearest)).to(torch.int32)
+    bits |= inexact.to(torch.int32)
+    return bits.view(torch.float32).to(dtype)
 
 
 def merge_lora_bias(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -58,8 +58,11 @@ def write_config(
     base_config: dict[str, object],
     output_dtype: torch.dtype | None,
     vocab_size: int | None,
+    updates: Mapping[str, object] | None = None,
 ) -> None:
     """Write config.json: the base's, with the dtype and vocabulary size of the output.
+
+    ``updates`` are other fields the merged tensors need (see ``MergePlan.config_updates``).
 
     transformers ≥ 4.56 writes ``dtype``; older versions read ``torch_dtype``. We set
     ``dtype`` and update ``torch_dtype`` where the base has it.
@@ -74,6 +77,7 @@ def write_config(
             config["torch_dtype"] = name
     if vocab_size is not None:
         config["vocab_size"] = vocab_size
+    config.update(updates or {})
     _write_json(folder / CONFIG_NAME, config)
 
 

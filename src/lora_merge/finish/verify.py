@@ -12,6 +12,10 @@ writer), so it is an independent look at what was written:
   (a standard bound, ``(r + 2) * u * (|W| + |scale| * |B| @ |A|)``, with ``u``
   half the compute dtype's epsilon). The bound matters where W and the delta
   nearly cancel: there the float32 sum can be many output ulps from the exact one.
+  For DoRA with one output feature per row (Linear, convolutions) the sampled
+  rows are recomputed as ``m / ||V|| * V``; DoRA whose norm spans columns
+  (embeddings, Conv1D) is checked for presence, dtype and shape only, since
+  recomputing one row needs the whole tensor.
 """
 
 from __future__ import annotations
@@ -93,7 +97,13 @@ def _check_tensor(
             raise VerificationError(f"{name} in {path.name} differs from BASE's bytes")
         return
     # (A re-quantized weight holds 4-bit codes: its values are checked by loading OUT, in the tests.)
-    if isinstance(tensor.delta, LoraProduct) and spec.shape and tensor.requantize is None:
+    if (
+        isinstance(tensor.delta, LoraProduct)
+        and spec.shape
+        and tensor.requantize is None
+        and tensor.token_rows is None  # replaced rows are not W + scale * B @ A
+        and not tensor.delta.norm_per_column
+    ):
         _check_sampled_rows(handle, name, tensor, tensor.delta, base_entries, adapter, base)
 
 
@@ -111,27 +121,41 @@ def _check_sampled_rows(
         {0, rows - 1, *torch.randint(0, rows, (SAMPLED_ROWS,), generator=_generator(name)).tolist()}
     )
     lora_a = adapter.read_rows(delta.a_key).double()
+    rank = lora_a.shape[0]
+    lora_a = lora_a.reshape(rank, -1)  # convolutions: flat rows
     # A whole delta (a combination kept at full rank) is B @ A with B the identity.
     lora_b = (
-        torch.eye(lora_a.shape[0], dtype=torch.float64)
+        torch.eye(rank, dtype=torch.float64)
         if delta.dense
-        else adapter.read_rows(delta.b_key).double()
+        else adapter.read_rows(delta.b_key).double().reshape(-1, rank)
     )
+    if delta.dense:
+        rank = 0  # no product is rounded
+    dora_magnitude = None
+    if delta.magnitude_key is not None:
+        dora_magnitude = adapter.read_rows(delta.magnitude_key).double().reshape(-1)
     written = handle.get_slice(name)
-    rank = 0 if delta.dense else lora_a.shape[0]
     unit_roundoff = torch.finfo(compute_dtype_for(tensor.spec.dtype)).eps / 2
     base_rows = _source_rows(tensor, picks, base_entries, adapter, base)
     for row in picks:
-        base_row = base_rows[row].double()
+        base_row = base_rows[row].double().reshape(-1)
         if delta.transposed:
             product, magnitude = lora_b @ lora_a[:, row], lora_b.abs() @ lora_a[:, row].abs()
         else:
             product, magnitude = lora_b[row] @ lora_a, lora_b[row].abs() @ lora_a.abs()
-        expected = (base_row + delta.scale * product).to(tensor.spec.dtype)
-        actual = written[row : row + 1][0]
+        exact = base_row + delta.scale * product
+        actual = written[row : row + 1][0].reshape(-1)
         arithmetic_error = (
             (rank + 2) * unit_roundoff * (base_row.abs() + abs(delta.scale) * magnitude)
         )
+        if dora_magnitude is not None:
+            factor = float(dora_magnitude[row] / exact.norm())
+            exact = factor * exact
+            # The norm's own float32 error (a sum of len(row) squares), then the scaling.
+            arithmetic_error = abs(factor) * arithmetic_error + (
+                (exact.numel() + 4) * unit_roundoff * exact.abs()
+            )
+        expected = exact.to(tensor.spec.dtype)
         # One ulp of the larger of the two: they may sit on either side of a power of two.
         spacing = _ulp(torch.maximum(actual.abs(), expected.abs())) + arithmetic_error
         if not bool(((actual.double() - expected.double()).abs() <= spacing).all()):

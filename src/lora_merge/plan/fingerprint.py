@@ -51,4 +51,5 @@ def _describe(tensor: PlannedTensor) -> dict[str, object]:
         "delta": None
         if tensor.delta is None
         else [type(tensor.delta).__name__, asdict(tensor.delta)],
+        "token_rows": None if tensor.token_rows is None else asdict(tensor.token_rows),
     }

@@ -20,10 +20,17 @@ from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
 from lora_merge.io.shard_writer import TensorSpec
-from lora_merge.plan.architectures import VOCAB_TENSOR_SUFFIXES, is_conv1d_module
+from lora_merge.plan.architectures import (
+    INPUT_EMBEDDING_SUFFIXES,
+    TIED_HEAD_NAME,
+    VOCAB_TENSOR_SUFFIXES,
+    bias_flag_for,
+    is_conv1d_module,
+)
 from lora_merge.plan.four_bit_format import FourBitFormat
 
-SourceName = Literal["base", "adapter"]
+# "zeros": a tensor the base lacks and that starts at zero (a bias the adapter adds).
+SourceName = Literal["base", "adapter", "zeros"]
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,17 @@ class LoraProduct:
         scale: alpha / r (or alpha / sqrt(r) for rsLoRA).
         transposed: the stored weight is ``(B @ A).T``-shaped: GPT-2 Conv1D
             (fan_in_fan_out) and embeddings (``lora_embedding_A`` is (r, vocab)).
-        layer: the kind of layer, for reports: "linear", "conv1d" or "embedding".
+            Convolutions are never transposed: A and B are flattened to 2-D and
+            each output channel is one row of the weight viewed as (out, -1).
+        layer: the kind of layer, for reports: "linear", "conv1d" (transformers'
+            Conv1D), "convolution" (``nn.Conv1d/2d/3d``) or "embedding", prefixed
+            with "dora-" for DoRA modules.
         dense: ``a_key`` is the whole delta in ``B @ A``'s (out, in) layout and
             ``b_key`` is not read (a combination kept at full rank).
+        magnitude_key: DoRA's magnitude vector m (one value per output feature):
+            the result is ``m / ||V|| * V`` with ``V = W + scale * B @ A`` and the
+            norm taken per output feature (a row of the stored weight, or a column
+            when ``transposed``).
     """
 
     a_key: str
@@ -46,6 +61,12 @@ class LoraProduct:
     transposed: bool
     layer: str = "linear"
     dense: bool = False
+    magnitude_key: str | None = None
+
+    @property
+    def norm_per_column(self) -> bool:
+        """DoRA's norm spans every row of the stored weight, so it needs a first pass."""
+        return self.magnitude_key is not None and self.transposed
 
 
 @dataclass(frozen=True)
@@ -57,17 +78,34 @@ class LoraBias:
 
 
 @dataclass(frozen=True)
+class TokenRows:
+    """Rows of an embedding replaced wholesale (PEFT trainable tokens).
+
+    PEFT's ``TrainableTokensLayer.merge``: ``W.index_copy(0, indices, delta.to(W))``,
+    so row ``indices[i]`` becomes row ``i`` of the adapter's tensor, cast once.
+
+    Attributes:
+        key: adapter key of ``trainable_tokens_delta`` (n, dim).
+        indices: the n row numbers, from ``trainable_token_indices``.
+    """
+
+    key: str
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class PlannedTensor:
     """One output tensor and how to produce it.
 
     Attributes:
         spec: output name, dtype and shape.
-        source: where the starting values are read: the base, or a full tensor
-            in the adapter that replaces the base's.
+        source: where the starting values are read: the base, a full tensor
+            in the adapter that replaces the base's, or zeros (a bias the base lacks).
         source_key: the key in that source.
         source_dtype: dtype of the starting values as read (a quantized weight's
             dequantized dtype).
         delta: what to add, if anything.
+        token_rows: rows replaced last, if any (trainable tokens).
         dequantized: the base stores this weight quantized (bitsandbytes); reading
             it dequantizes, so it is never a byte copy.
         requantize: write the merged weight 4-bit in this format (``spec`` is then
@@ -81,6 +119,7 @@ class PlannedTensor:
     source_key: str
     source_dtype: torch.dtype
     delta: LoraProduct | LoraBias | None = None
+    token_rows: TokenRows | None = None
     dequantized: bool = False
     requantize: FourBitFormat | None = None
     written_with: str | None = None
@@ -91,6 +130,7 @@ class PlannedTensor:
         return (
             self.source == "base"
             and self.delta is None
+            and self.token_rows is None
             and not self.dequantized
             and self.requantize is None
             and self.written_with is None
@@ -107,12 +147,15 @@ class MergePlan:
         vocab_size: the new vocabulary size when the adapter resized the embeddings.
         lora_modules: number of LoRA modules merged.
         replaced: number of base tensors replaced by adapter tensors.
+        config_updates: config.json fields the output needs changed (a bias flag
+            switched on, embeddings untied).
     """
 
     tensors: list[PlannedTensor] = field(default_factory=list)
     vocab_size: int | None = None
     lora_modules: int = 0
     replaced: int = 0
+    config_updates: dict[str, object] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -154,15 +197,23 @@ def build_merge_plan(
         AdapterMismatchError: an adapter tensor matches no base tensor or does not fit it.
     """
     base_tensors = base.tensors  # quantized weights appear dequantized; their parts are hidden
-    base_names = BaseNames(base_tensors)
+    tied_embedding = tied_input_embedding(base)
+    head_stored = TIED_HEAD_NAME in base_tensors
+    # A tied head is usually absent from the base; adapter keys may still target it.
+    tied_sources = {TIED_HEAD_NAME: tied_embedding} if tied_embedding and not head_stored else {}
+    base_names = BaseNames([*base_tensors, *tied_sources])
     vocab_size = base.config.get("vocab_size")
     model_type = base.config.get("model_type")
 
+    def base_shape_of(base_key: str) -> tuple[int, ...]:
+        return base_tensors[tied_sources.get(base_key, base_key)].shape
+
     replacements: dict[str, str] = {}
+    shared_copies: set[str] = set()
     new_vocab_size: int | None = None
     for adapter_name, adapter_key in contents.replacements.items():
         base_key = base_names.locate(adapter_name, adapter_key)
-        base_shape = base_tensors[base_key].shape
+        base_shape = base_shape_of(base_key)
         shape = adapter.shape(adapter_key)
         if shape != base_shape:
             resized = _resized_vocabulary(base_key, base_shape, shape, vocab_size)
@@ -175,25 +226,44 @@ def build_merge_plan(
                 )
             new_vocab_size = resized
         replacements[base_key] = adapter_key
+        if adapter_name in contents.base_layer_copies:
+            shared_copies.add(base_key)
+    if tied_embedding is not None:
+        _share_tied_base_layer(replacements, shared_copies, tied_embedding)
+
+    shapes_of_added: dict[str, tuple[int, ...]] = {}
 
     def shape_of(base_key: str) -> tuple[int, ...]:
+        if base_key in shapes_of_added:
+            return shapes_of_added[base_key]
         key = replacements.get(base_key)
-        return adapter.shape(key) if key is not None else base_tensors[base_key].shape
+        return adapter.shape(key) if key is not None else base_shape_of(base_key)
 
     deltas: dict[str, LoraProduct | LoraBias] = {}
+    added_biases: list[tuple[str, str]] = []  # (bias name, config flag that gives it)
     for module in contents.lora_modules.values():
         weight_key = base_names.locate(f"{module.module}.weight", module.a_key or module.module)
         deltas[weight_key] = _plan_lora_product(
             module, weight_key, shape_of(weight_key), adapter, config, model_type
         )
         if module.bias_key is not None:
-            bias_key = base_names.locate(f"{module.module}.bias", module.bias_key)
+            bias_key = weight_key.removesuffix("weight") + "bias"
+            if bias_key not in base_tensors:
+                added_biases.append(_added_bias(module, bias_key, weight_key, model_type))
+                shapes_of_added[bias_key] = (shape_of(weight_key)[0],)
             if adapter.shape(module.bias_key) != shape_of(bias_key):
                 raise _shape_mismatch(
                     module.bias_key, adapter.shape(module.bias_key), bias_key, shape_of(bias_key)
                 )
             rank = adapter.shape(module.a_key or "")[0]
             deltas[bias_key] = LoraBias(module.bias_key, config.scale_for(module.module, rank))
+
+    token_rows: dict[str, TokenRows] = {}
+    for module_name, key in contents.trainable_tokens.items():
+        embedding_key = base_names.locate(f"{module_name}.weight", key)
+        token_rows[embedding_key] = _plan_token_rows(
+            module_name, key, config, adapter, shape_of(embedding_key)
+        )
 
     plan = MergePlan(
         vocab_size=new_vocab_size,
@@ -214,9 +284,198 @@ def build_merge_plan(
                 source_dtype=source_dtype,
                 delta=deltas.get(name),
                 dequantized=entry.quantized is not None and not replacement,
+                token_rows=token_rows.get(name),
             )
         )
+    _add_new_biases(plan, added_biases, base, deltas, output_dtype)
+    if tied_embedding is not None and not head_stored:
+        _untie_if_changed(
+            plan, tied_embedding, replacements, deltas, token_rows, adapter, base, output_dtype
+        )
+    elif (
+        head_stored
+        and base.config.get("tie_word_embeddings") is not False
+        and any(
+            key in replacements or key in deltas or key in token_rows
+            for key in base_tensors
+            if key == TIED_HEAD_NAME or key.endswith(INPUT_EMBEDDING_SUFFIXES)
+        )
+    ):
+        # Both tensors are stored, but transformers would tie them on load (when
+        # config.json says so, or leaves it to a class default that may) and
+        # overwrite the head with the changed embedding, or the reverse.
+        plan.config_updates["tie_word_embeddings"] = False
     return plan
+
+
+def _plan_token_rows(
+    module: str,
+    key: str,
+    config: LoraAdapterConfig,
+    adapter: TensorSource,
+    weight_shape: tuple[int, ...],
+) -> TokenRows:
+    """Check a ``trainable_tokens_delta`` against its config indices and its embedding.
+
+    Raises:
+        InvalidInputError: the config names no indices for the module.
+        AdapterMismatchError: the rows do not fit the embedding.
+    """
+    indices = config.token_indices_for(module)
+    if indices is None:
+        raise InvalidInputError(
+            f"adapter key {key!r} holds trainable tokens but adapter_config.json's "
+            f"'trainable_token_indices' names no rows for {module!r}; the config does not "
+            "belong to these weights"
+        )
+    shape = adapter.shape(key)
+    if shape != (len(indices), *weight_shape[1:]):
+        raise AdapterMismatchError(
+            f"adapter key {key!r} has shape {shape} but {len(indices)} trainable token ids "
+            f"of an embedding with rows of {weight_shape[1:]} call for "
+            f"{(len(indices), *weight_shape[1:])}"
+        )
+    if indices and max(indices) >= weight_shape[0]:
+        raise AdapterMismatchError(
+            f"trainable token id {max(indices)} for {module!r} is beyond the embedding's "
+            f"{weight_shape[0]} rows: was the adapter trained on a resized vocabulary?"
+        )
+    return TokenRows(key=key, indices=tuple(indices))
+
+
+def _share_tied_base_layer(
+    replacements: dict[str, str], shared_copies: set[str], embedding: str
+) -> None:
+    """A saved base layer of a tied embedding or head is their one shared parameter.
+
+    PEFT saves ``X.base_layer.weight`` when it wraps an embedding (e.g. resized); in
+    the tied model that parameter is the head's too, so loading the adapter sets both.
+    A modules_to_save copy, by contrast, belongs to its module alone.
+    """
+    for one, other in ((embedding, TIED_HEAD_NAME), (TIED_HEAD_NAME, embedding)):
+        if one in shared_copies and other not in replacements:
+            replacements[other] = replacements[one]
+
+
+def tied_input_embedding(base: BaseCheckpoint) -> str | None:
+    """The input embedding the output head is one parameter with, if the base is tied.
+
+    Tied when config.json says ``tie_word_embeddings: true`` (transformers then
+    ignores a stored head), or says nothing and the checkpoint stores no head.
+    """
+    declared = base.config.get("tie_word_embeddings")
+    if declared is False or (declared is None and TIED_HEAD_NAME in base.tensors):
+        return None
+    return next((key for key in base.tensors if key.endswith(INPUT_EMBEDDING_SUFFIXES)), None)
+
+
+def _untie_if_changed(
+    plan: MergePlan,
+    embedding: str,
+    replacements: dict[str, str],
+    deltas: dict[str, LoraProduct | LoraBias],
+    token_rows: dict[str, TokenRows],
+    adapter: TensorSource,
+    base: BaseCheckpoint,
+    output_dtype: torch.dtype | None,
+) -> None:
+    """Write a tied head explicitly, and untie it, when the adapter changes either tensor.
+
+    Trainable tokens alone keep the tie: PEFT replaces the same rows of a tied head.
+
+    Without an adapter the head *is* the embedding. PEFT wraps them separately: a LoRA
+    (or a trained copy) on one does not change the other in the unmerged model, so
+    each gets its own values and ``tie_word_embeddings`` becomes false; otherwise
+    reloading would overwrite one with the other (PEFT #2018, transformers #45127).
+    When the adapter touches neither, the output stays tied.
+    """
+    changed = (embedding, TIED_HEAD_NAME)
+    if not any(key in replacements or key in deltas for key in changed):
+        return
+    replacement = replacements.get(TIED_HEAD_NAME)
+    entry = base.tensors[embedding]
+    shape = adapter.shape(replacement) if replacement else entry.shape
+    if plan.vocab_size is not None and shape[0] != plan.vocab_size:
+        raise AdapterMismatchError(
+            f"the adapter resizes the vocabulary to {plan.vocab_size} rows but the base's head "
+            f"is tied to {embedding!r} and the adapter saves no {TIED_HEAD_NAME!r} of that size; "
+            "save the adapter with the resized lm_head too (PEFT modules_to_save)"
+        )
+    dtype = entry.dtype if output_dtype is None else output_dtype
+    plan.tensors.append(
+        PlannedTensor(
+            spec=TensorSpec(name=TIED_HEAD_NAME, dtype=dtype, shape=shape),
+            source="adapter" if replacement else "base",
+            source_key=replacement or embedding,
+            source_dtype=adapter.dtype(replacement) if replacement else entry.dtype,
+            delta=deltas.get(TIED_HEAD_NAME),
+            # PEFT wraps a tied head with the embedding's trainable tokens too.
+            token_rows=token_rows.get(TIED_HEAD_NAME, token_rows.get(embedding)),
+            dequantized=entry.quantized is not None and not replacement,
+        )
+    )
+    plan.config_updates["tie_word_embeddings"] = False
+
+
+def _added_bias(
+    module: LoraModuleKeys,
+    bias_key: str,
+    weight_key: str,
+    model_type: object,
+) -> tuple[str, str]:
+    """A LoRA bias for a layer the base built without one: the config flag that gives it one.
+
+    PEFT cannot merge this (``lora_bias=True`` on a layer without a bias); the merge
+    is simply ``0 + scale * b``, provided the architecture can hold the bias.
+
+    Raises:
+        AdapterMismatchError: no config flag of this architecture gives the layer a bias.
+    """
+    flag = bias_flag_for(model_type if isinstance(model_type, str) else None, module.module)
+    if flag is None:
+        raise AdapterMismatchError(
+            f"adapter key {module.bias_key!r} adds a bias to {weight_key!r}, which has none, and "
+            f"{model_type or 'this'} models have no config.json flag that gives that layer a "
+            "bias, so the merged model could not load it; retrain with lora_bias=False"
+        )
+    return bias_key, flag[0]
+
+
+def _add_new_biases(
+    plan: MergePlan,
+    added: list[tuple[str, str]],
+    base: BaseCheckpoint,
+    deltas: dict[str, LoraProduct | LoraBias],
+    output_dtype: torch.dtype | None,
+) -> None:
+    """Append biases the base lacks, and switch their config flags on.
+
+    A flag such as Llama's ``attention_bias`` gives every module of its group, in
+    every layer, a bias: those the adapter does not train get zeros, which is what
+    the base computed without them.
+    """
+    model_type = base.config.get("model_type")
+    for _, flag in added:
+        plan.config_updates[flag] = True
+    flags = {flag for _, flag in added}
+    for name, entry in base.tensors.items():
+        if not name.endswith(".weight") or len(entry.shape) != 2:
+            continue
+        bias_name = name.removesuffix("weight") + "bias"
+        module = name.removesuffix(".weight")
+        found = bias_flag_for(model_type if isinstance(model_type, str) else None, module)
+        if bias_name in base.tensors or found is None or found[0] not in flags:
+            continue
+        dtype = output_dtype if output_dtype is not None else entry.dtype
+        plan.tensors.append(
+            PlannedTensor(
+                spec=TensorSpec(name=bias_name, dtype=dtype, shape=(entry.shape[0],)),
+                source="zeros",
+                source_key=bias_name,
+                source_dtype=dtype,
+                delta=deltas.get(bias_name),
+            )
+        )
 
 
 class BaseNames:
@@ -247,11 +506,6 @@ class BaseNames:
             if candidate in self._keys:
                 return candidate
         hint = "was this adapter trained on a different base model?"
-        if name.endswith("lm_head.weight"):
-            hint = (
-                "the base stores no lm_head (its embeddings are tied); merging into tied "
-                "embeddings is not supported yet"
-            )
         raise AdapterMismatchError(
             f"adapter key {adapter_key!r} targets {name!r}, which is not a tensor of the base: {hint}"
         )
@@ -267,21 +521,91 @@ def _plan_lora_product(
 ) -> LoraProduct:
     assert module.a_key is not None and module.b_key is not None
     a_shape, b_shape = adapter.shape(module.a_key), adapter.shape(module.b_key)
-    if len(a_shape) != 2 or len(b_shape) != 2:
+    if len(a_shape) != len(b_shape) or len(a_shape) < 2:
         raise InvalidInputError(
             f"adapter module {module.module!r} has LoRA matrices of shapes {a_shape} and {b_shape}; "
-            "only Linear, Conv1D and Embedding LoRA layers are supported so far"
+            "only Linear, Conv1D, Embedding and convolution LoRA layers are supported"
         )
+    if len(a_shape) > 2:  # first: a grouped convolution's B has r / groups columns
+        _check_convolution(module, a_shape, b_shape, weight_key, weight_shape)
     rank = a_shape[0]
     if b_shape[1] != rank:
         raise AdapterMismatchError(
             f"adapter module {module.module!r}: A is {a_shape} but B is {b_shape}; their ranks "
             "differ, so the adapter file is inconsistent"
         )
+    scale = config.scale_for(module.module, rank)
+    if len(a_shape) > 2:
+        transposed, layer = False, "convolution"
+    else:
+        transposed = _is_transposed_2d(
+            module, a_shape, b_shape, weight_key, weight_shape, config, model_type
+        )
+        layer = "embedding" if module.is_embedding else ("conv1d" if transposed else "linear")
+    if module.magnitude_key is not None:
+        magnitude_shape = adapter.shape(module.magnitude_key)
+        # (out,) for Linear and Embedding; PEFT's convolutions keep the norm's
+        # dimensions: (1, out, 1, ...).
+        if sorted(magnitude_shape) != [1] * (len(magnitude_shape) - 1) + [b_shape[0]]:
+            raise AdapterMismatchError(
+                f"adapter key {module.magnitude_key!r} has shape {magnitude_shape} but the module "
+                f"has {b_shape[0]} output features: the DoRA magnitude vector does not fit"
+            )
+        layer = f"dora-{layer}"
+    return LoraProduct(
+        a_key=module.a_key,
+        b_key=module.b_key,
+        scale=scale,
+        transposed=transposed,
+        layer=layer,
+        dense=module.dense,
+        magnitude_key=module.magnitude_key,
+    )
+
+
+def _check_convolution(
+    module: LoraModuleKeys,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    weight_key: str,
+    weight_shape: tuple[int, ...],
+) -> None:
+    """A (r, in, *kernel) and B (out, r, 1, ...) fit a convolution weight (out, in / groups, *kernel).
+
+    PEFT's LoRA ``lora_A`` is a convolution over all input channels even when the
+    base layer is grouped, and its delta for groups > 1 is a different formula,
+    which we do not reproduce: refuse it by name.
+    """
+    assert module.a_key is not None
+    if len(weight_shape) != len(a_shape) or weight_shape[0] != b_shape[0]:
+        raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
+    in_channels, per_group = a_shape[1], weight_shape[1]
+    if in_channels != per_group:
+        if per_group and in_channels % per_group == 0:
+            raise InvalidInputError(
+                f"adapter module {module.module!r} adapts a grouped convolution (groups = "
+                f"{in_channels // per_group}, weight {weight_key!r} is {weight_shape}); lora-merge "
+                "merges LoRA into convolutions with groups = 1 only"
+            )
+        raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
+    if a_shape[2:] != weight_shape[2:] or any(size != 1 for size in b_shape[2:]):
+        raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
+
+
+def _is_transposed_2d(
+    module: LoraModuleKeys,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    weight_key: str,
+    weight_shape: tuple[int, ...],
+    config: LoraAdapterConfig,
+    model_type: object,
+) -> bool:
+    """Whether a 2-D weight stores ``(B @ A).T`` (embeddings, Conv1D) or ``B @ A`` (Linear)."""
+    assert module.a_key is not None
     if len(weight_shape) != 2:
         raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
     out_features, in_features = b_shape[0], a_shape[1]
-    scale = config.scale_for(module.module, rank)
     if module.is_embedding:
         # lora_embedding_A is (r, vocab) and B (dim, r): PEFT's delta is (B @ A).T.
         if weight_shape[1:] == (out_features,) and weight_shape[0] != in_features:
@@ -293,27 +617,17 @@ def _plan_lora_product(
             )
         if weight_shape != (in_features, out_features):
             raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
-        transposed = True
-    elif in_features == out_features:
+        return True
+    if in_features == out_features:
         if weight_shape != (out_features, in_features):
             raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
         known = is_conv1d_module(model_type if isinstance(model_type, str) else None, module.module)
-        transposed = config.fan_in_fan_out if known is None else known
-    elif weight_shape == (out_features, in_features):
-        transposed = False  # nn.Linear stores (out, in)
-    elif weight_shape == (in_features, out_features):
-        transposed = True  # transformers' Conv1D stores (in, out)
-    else:
-        raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
-    layer = "embedding" if module.is_embedding else ("conv1d" if transposed else "linear")
-    return LoraProduct(
-        a_key=module.a_key,
-        b_key=module.b_key,
-        scale=scale,
-        transposed=transposed,
-        layer=layer,
-        dense=module.dense,
-    )
+        return config.fan_in_fan_out if known is None else known
+    if weight_shape == (out_features, in_features):
+        return False  # nn.Linear stores (out, in)
+    if weight_shape == (in_features, out_features):
+        return True  # transformers' Conv1D stores (in, out)
+    raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
 
 
 def _resized_vocabulary(
