@@ -39,7 +39,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from lora_merge.adapter.config import LoraAdapterConfig, pattern_key_for, read_adapter_config
-from lora_merge.adapter.keys import AdapterContents, classify_adapter_keys, strip_peft_prefix
+from lora_merge.adapter.keys import (
+    AdapterContents,
+    adapter_key_name,
+    classify_adapter_keys,
+    strip_peft_prefix,
+)
 from lora_merge.errors import InvalidInputError, LoraMergeError
 from lora_merge.inputs.resolve import BaseCheckpoint, resolve_base
 from lora_merge.io.reader import SafetensorsReader
@@ -205,8 +210,8 @@ def check_adapter_config(
 
 
 _LORA_KEY_SUFFIXES = {
-    "a": (".lora_A.weight", ".lora_embedding_A"),
-    "b": (".lora_B.weight", ".lora_embedding_B"),
+    "a": (".lora_A.weight", ".lora_embedding_A", ".lora_A"),
+    "b": (".lora_B.weight", ".lora_embedding_B", ".lora_B"),
 }
 _MAGNITUDE_KEY_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 _TRAINABLE_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
@@ -221,16 +226,16 @@ def check_keys(keys: list[str]) -> AdapterContents | None:
     given_keys = set(keys)
     for module, key in contents.trainable_tokens.items():
         assert key in given_keys
-        assert strip_peft_prefix(key) == module + _TRAINABLE_TOKENS_SUFFIX
+        assert adapter_key_name(key) == module + _TRAINABLE_TOKENS_SUFFIX
     for module, lora in contents.lora_modules.items():
         assert lora.module == module
         assert lora.a_key in given_keys and lora.b_key in given_keys
-        assert strip_peft_prefix(lora.a_key) in {module + s for s in _LORA_KEY_SUFFIXES["a"]}
-        assert strip_peft_prefix(lora.b_key) in {module + s for s in _LORA_KEY_SUFFIXES["b"]}
+        assert adapter_key_name(lora.a_key) in {module + s for s in _LORA_KEY_SUFFIXES["a"]}
+        assert adapter_key_name(lora.b_key) in {module + s for s in _LORA_KEY_SUFFIXES["b"]}
         if lora.bias_key is not None:
-            assert strip_peft_prefix(lora.bias_key) == module + ".lora_B.bias"
+            assert adapter_key_name(lora.bias_key) == module + ".lora_B.bias"
         if lora.magnitude_key is not None:
-            assert strip_peft_prefix(lora.magnitude_key) in {
+            assert adapter_key_name(lora.magnitude_key) in {
                 module + s for s in _MAGNITUDE_KEY_SUFFIXES
             }
     for target, key in contents.replacements.items():

@@ -32,9 +32,11 @@ from lora_merge.adapter.combined import (
 )
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
 from lora_merge.adapter.keys import classify_adapter_keys
+from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
+from lora_merge.adapter.unmerge import refuse_unmerge_of_dora
 from lora_merge.adapter.weights import open_adapter_weights
-from lora_merge.compute.lora import merge_arithmetic
+from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
 from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError, UsageError
 from lora_merge.finish.adapter_output import write_normalized_adapter
 from lora_merge.finish.folder import (
@@ -63,6 +65,7 @@ from lora_merge.inputs.resolve import (
     BaseCheckpoint,
     check_output_location,
     resolve_adapter,
+    resolve_adapter_file,
     resolve_base,
 )
 from lora_merge.io.dequantizing_reader import DequantizingReader
@@ -274,7 +277,7 @@ def preview_merge(options: MergeOptions) -> MergePreview:
         workers = torch.get_num_threads() if settings.device.type == "cpu" else 1
         return MergePreview(
             base=str(prepared.base.folder),
-            adapter=str(prepared.adapter_folder.folder),
+            adapter=str(_adapter_location(prepared.adapter_folder)),
             out=str(prepared.out),
             base_shards=len({e.path for e in prepared.base.entries.values()}),
             base_bytes=sum(e.nbytes for e in prepared.base.entries.values()),
@@ -357,23 +360,46 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
             "--save-method lora writes one adapter as it is; it cannot be combined with "
             "several adapters or --combine options (merge them into a model instead)"
         )
-    adapter_folders = [
-        resolve_adapter(
-            resolve_model_location(spec, "ADAPTER", kind="adapter", quiet=options.quiet)
+    loralib = loralib_settings(options.rank, options.alpha, options.enable_lora)
+    if (loralib is not None or options.unmerge) and settings.save_method == "lora":
+        raise UsageError(
+            "--save-method lora writes a PEFT adapter as it is; it cannot be used with "
+            "--unmerge or a loralib checkpoint (--rank/--alpha)"
         )
-        for spec in options.adapters
-    ]
+    if (loralib is not None or options.unmerge) and recipe is not None:
+        raise InvalidInputError(
+            "--unmerge and loralib checkpoints (--rank/--alpha) take one adapter and no "
+            "--combine options; combine the adapters first, then unmerge the combination"
+        )
+    if loralib is not None:  # a loralib state dict: one local file, no config
+        adapter_folders = [resolve_adapter_file(options.adapters[0])]
+    else:
+        adapter_folders = [
+            resolve_adapter(
+                resolve_model_location(spec, "ADAPTER", kind="adapter", quiet=options.quiet)
+            )
+            for spec in options.adapters
+        ]
     adapter_folder = adapter_folders[0]
-    out = check_output_location(
-        options.out, [base.folder, *(f.folder for f in adapter_folders)], options.overwrite
-    )
+    # A loralib file's folder may hold OUT; only the file itself must stay out of OUT's way.
+    adapter_inputs = [f.folder if f.config_path else f.weights_path for f in adapter_folders]
+    out = check_output_location(options.out, [base.folder, *adapter_inputs], options.overwrite)
     if base.quantization is not None and settings.output_dtype is None:
         # A quantized base has no dtype of its own to keep: default to the dtype
         # the model computed in (bnb_4bit_compute_dtype, or config.json's dtype for 8-bit).
         settings = replace(
             settings, output_dtype=merged_output_dtype(base.quantization, base.config)
         )
-    configs = [read_adapter_config(folder.config_path) for folder in adapter_folders]
+    if options.unmerge:
+        # Before reading the config, which may refuse DoRA for a reason of its own.
+        with closing(open_adapter_weights(adapter_folder.weights_path)) as weights:
+            refuse_unmerge_of_dora(adapter_folder.config_path, weights.keys())
+    configs = [
+        read_adapter_config(folder.config_path)
+        if folder.config_path is not None
+        else _loralib_config(loralib)
+        for folder in adapter_folders
+    ]
     with ExitStack() as opened:
         sources = [
             opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
@@ -386,7 +412,15 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         else:
             combined = _combined_adapter(adapter_folders, configs, sources, recipe)
             config, contents, adapter = combined.config, combined.contents, combined
-        plan = build_merge_plan(base, config, contents, adapter, settings.output_dtype)
+        plan = build_merge_plan(
+            base,
+            config,
+            contents,
+            adapter,
+            settings.output_dtype,
+            unmerge=options.unmerge,
+            loralib=loralib,
+        )
         if settings.save_method == "merged_4bit":
             plan = plan_requantization(
                 plan, base, options.quant_type, options.double_quant, options.quant_blocksize
@@ -400,7 +434,8 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
                     base.folder,
                     base.config,
                 )
-                for adapter_config in configs
+                # --unmerge reads a merged model, never the base the adapter names
+                for adapter_config in (configs if not options.unmerge else [])
             )
             if note
         ]
@@ -422,6 +457,12 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
             recipe,
             adapter_folders,
         )
+
+
+def _loralib_config(loralib: LoralibSettings | None) -> LoraAdapterConfig:
+    """The config a loralib checkpoint (no adapter_config.json) is merged with."""
+    assert loralib is not None, "a config-less adapter is resolved only with --rank/--alpha"
+    return loralib.adapter_config()
 
 
 def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
@@ -489,7 +530,7 @@ def _merge(options: MergeOptions) -> MergeSummary:
         bytes_written=sum(spec.nbytes for spec in written),
         seconds=round(finished - started, 3),
         base=str(prepared.base.folder),
-        adapter=str(prepared.adapter_folder.folder),
+        adapter=str(_adapter_location(prepared.adapter_folder)),
         files=sorted(p.name for p in prepared.out.iterdir()),
         lora_modules_by_layer=plan.lora_modules_by_layer,
         plan_seconds=round(planned - started, 3),
@@ -543,7 +584,7 @@ def _write_output(
     if settings.resume:
         inputs = [entry.path for entry in base.entries.values()]
         for folder in adapter_folders or [adapter_folder]:
-            inputs += [folder.config_path, folder.weights_path]
+            inputs += [path for path in (folder.config_path, folder.weights_path) if path]
         fingerprint = merge_fingerprint(
             shards, inputs, __version__, recipe.describe() if recipe else ""
         )
@@ -612,7 +653,9 @@ def _write_output(
         write_config(
             staging.path, config, settings.output_dtype, plan.vocab_size, plan.config_updates
         )
-        copy_side_files(staging.path, base.folder, adapter_folder.folder)
+        # A loralib file's folder is no model folder: its side files all come from BASE.
+        side_files = adapter_folder.folder if adapter_folder.config_path else base.folder
+        copy_side_files(staging.path, base.folder, side_files)
         write_model_card(staging.path, record, hashes.result())
         staging.commit()
     return len(shards), kept
@@ -648,7 +691,9 @@ def _merge_record(
         declared_base=declared_base_model(
             base_identity, config.base_model_name_or_path, mismatch=bool(notes)
         ),
-        method=_merge_method(method, base, settings.save_method),
+        method=_merge_method(
+            UNMERGE_ARITHMETIC if options.unmerge else method, base, settings.save_method
+        ),
         scales={
             f"{scale:g}": n
             for scale, n in sorted(Counter(p.scale for p in plan.lora_products).items())
@@ -694,7 +739,8 @@ def _input_files(
     files = input_files("base", base.folder, base_files)
     for number, folder in enumerate(adapter_folders, start=1):
         role = "adapter" if len(adapter_folders) == 1 else f"adapter {number}"
-        files += input_files(role, folder.folder, [folder.config_path, folder.weights_path])
+        paths = [path for path in (folder.config_path, folder.weights_path) if path]
+        files += input_files(role, folder.folder, paths)
     return files
 
 
@@ -706,6 +752,11 @@ def _open_base(base: BaseCheckpoint, device: torch.device) -> Iterator[StoredTen
             yield stored
         else:
             yield DequantizingReader(stored, base.tensors, device)
+
+
+def _adapter_location(adapter: AdapterFolder) -> Path:
+    """What reports call the adapter: its folder, or the file of a config-less (loralib) one."""
+    return adapter.folder if adapter.config_path is not None else adapter.weights_path
 
 
 def resolve_device(name: str) -> torch.device:

@@ -105,7 +105,8 @@ def merge_command(
         _folder(
             "ADAPTER",
             "PEFT LoRA adapter folder (adapter_config.json + weights); several adapters are "
-            "combined into one model (see --combine).",
+            "combined into one model (see --combine). With --rank/--alpha, a loralib "
+            "checkpoint file.",
         ),
     ],
     out: Annotated[Path, _folder("OUT", "Folder to create with the merged model.")],
@@ -159,6 +160,40 @@ def merge_command(
             "recomputation (exit 8 if not).",
         ),
     ] = False,
+    unmerge: Annotated[
+        bool,
+        typer.Option(
+            "--unmerge",
+            help="Subtract the adapter instead (W - scale * B @ A): BASE is a model this adapter "
+            "was merged into, OUT the model without it. Refused for DoRA and for adapters that "
+            "replace whole tensors (exit 4).",
+        ),
+    ] = False,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank",
+            min=1,
+            help="ADAPTER is a loralib (microsoft/LoRA) checkpoint file, whose layers all have "
+            "this r (loralib saves no config). Needs --alpha.",
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--alpha",
+            help="lora_alpha of a loralib checkpoint (scale = alpha / rank). Needs --rank.",
+        ),
+    ] = None,
+    enable_lora: Annotated[
+        str | None,
+        typer.Option(
+            "--enable-lora",
+            metavar="LIST",
+            help="loralib MergedLinear's enable_lora, e.g. 1,0,1 (q and v of a fused qkv); "
+            "needed when only some output groups are adapted.",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -324,6 +359,10 @@ def merge_command(
         save_method=save_method,
         quant_type=quant_type,
         double_quant=double_quant,
+        unmerge=unmerge,
+        rank=rank,
+        alpha=alpha,
+        enable_lora=enable_lora,
     )
     if (private or revision is not None) and push_to_hub is None:
         raise typer.BadParameter("--private and --revision only apply with --push-to-hub")
@@ -355,7 +394,8 @@ def merge_command(
 
     if not quiet:
         typer.echo(
-            f"merged {summary.lora_modules} LoRA modules into {summary.tensors} tensors "
+            f"{'unmerged' if unmerge else 'merged'} {summary.lora_modules} LoRA modules into "
+            f"{summary.tensors} tensors "
             f"({summary.copied} copied unchanged, {summary.replaced} replaced by the adapter's"
             + (
                 f", {summary.resumed_shards} shard(s) kept from the interrupted run"

@@ -134,6 +134,11 @@ class MergeOptions:
             twice) or ``lora`` (only the adapter, normalized).
         quant_type / double_quant / quant_blocksize: the 4-bit format for
             ``merged_4bit`` from an unquantized base (a 4-bit base's own format wins).
+        unmerge: subtract the adapter (``W - scale * B @ A``) instead of adding it,
+            turning a merged model back into its base.
+        rank / alpha: for a loralib (microsoft/LoRA) checkpoint file, which records
+            neither; ADAPTER is then that file.
+        enable_lora: loralib MergedLinear's ``enable_lora``, e.g. ``"1,0,1"``.
     """
 
     base: Path | str
@@ -164,6 +169,10 @@ class MergeOptions:
     quant_type: str = "nf4"
     double_quant: bool = False
     quant_blocksize: int = 64
+    unmerge: bool = False
+    rank: int | None = None
+    alpha: float | None = None
+    enable_lora: str | None = None
 
     @property
     def adapters(self) -> list[Path | str]:

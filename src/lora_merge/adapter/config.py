@@ -40,6 +40,7 @@ class LoraAdapterConfig:
         base_model_name_or_path: the base the adapter was trained on, if recorded.
         trainable_token_indices: PEFT's trainable tokens: the rows of the input
             embedding replaced (a list), or module name -> rows (a dict).
+        target_parameters: parameter names PEFT put a LoRA on (MoE experts), if any.
     """
 
     r: int
@@ -50,6 +51,7 @@ class LoraAdapterConfig:
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: tuple[str, ...] = ()
 
     def token_indices_for(self, module_name: str) -> list[int] | None:
         """The rows trainable tokens replace in one embedding (PEFT's dict keys name modules)."""
@@ -148,6 +150,11 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
             f"names to lists of token ids, got {token_indices!r}"
         )
     base_name = raw.get("base_model_name_or_path")
+    target_parameters = raw.get("target_parameters") or []
+    if not isinstance(target_parameters, list) or not all(
+        isinstance(name, str) for name in target_parameters
+    ):
+        raise InvalidInputError(f"{path}: 'target_parameters' must be a list of parameter names")
     return LoraAdapterConfig(
         r=r,
         lora_alpha=float(alpha),
@@ -157,6 +164,7 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
         base_model_name_or_path=base_name if isinstance(base_name, str) else None,
         trainable_token_indices=token_indices,
+        target_parameters=tuple(target_parameters),
     )
 
 

@@ -8,11 +8,22 @@ in the base model. The rules are a table, not a chain of ifs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from lora_merge.errors import InvalidInputError
 
 PEFT_PREFIX = "base_model.model."
+
+# Where an in-memory PEFT state dict (``model.state_dict()`` rather than
+# ``get_peft_model_state_dict``, as some training tools save) keeps the adapter
+# name: ``X.lora_A.default.weight``, ``X.lora_embedding_A.default``,
+# ``X.modules_to_save.default.weight``. Group 1 is the part before the name,
+# group 2 the name, group 3 what follows it.
+_ADAPTER_NAME_IN_KEY = re.compile(
+    r"^(.*\.(?:lora_A|lora_B|lora_magnitude_vector|modules_to_save))\.([^.]+)(\.(?:weight|bias))$"
+    r"|^(.*\.(?:lora_embedding_A|lora_embedding_B|trainable_tokens_delta))\.([^.]+)()$"
+)
 
 # suffix -> role of the tensor in its module. Longest suffixes first.
 _LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -25,6 +36,9 @@ _LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
     # taken from the live model has the ".weight" of the DoraLinearLayer.
     (".lora_magnitude_vector.weight", "magnitude"),
     (".lora_magnitude_vector", "magnitude"),
+    # loralib (microsoft/LoRA) saves its parameters bare; see adapter/loralib.py.
+    (".lora_A", "A"),
+    (".lora_B", "B"),
 )
 # Adapter features not supported yet are refused by name here rather than silently
 # ignored (suffix, feature name); DoRA and trainable tokens, once here, now merge.
@@ -92,16 +106,50 @@ def strip_peft_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
+def split_adapter_name(name: str) -> tuple[str, str | None]:
+    """``X.lora_A.default.weight`` -> (``X.lora_A.weight``, ``"default"``); other names unchanged.
+
+    PEFT's ``get_peft_model_state_dict`` removes the adapter name from every key;
+    a raw ``state_dict()`` of a PeftModel keeps it.
+    """
+    match = _ADAPTER_NAME_IN_KEY.match(name)
+    if match is None:
+        return name, None
+    head, adapter_name, tail = (
+        match.groups()[:3] if match.group(1) is not None else match.groups()[3:]
+    )
+    return f"{head}{tail}", adapter_name
+
+
+def adapter_key_name(key: str) -> str:
+    """The name an adapter key gives its tensor: without ``base_model.model.`` nor an adapter name."""
+    return split_adapter_name(strip_peft_prefix(key))[0]
+
+
 def classify_adapter_keys(keys: list[str]) -> AdapterContents:
     """Sort adapter keys into LoRA modules and replacement tensors.
 
+    Keys may lack the ``base_model.model.`` prefix (the planner matches names
+    against the base's) and may carry one adapter name (``lora_A.default.weight``);
+    a file with several adapter names is refused, as the merge would be ambiguous.
+
     Raises:
-        InvalidInputError: a LoRA module lacks its A or B, or the adapter uses a
-            feature that is not supported yet.
+        InvalidInputError: a LoRA module lacks its A or B, the file holds several
+            adapters, or the adapter uses a feature that is not supported yet.
     """
     contents = AdapterContents()
+    adapter_names: dict[str, str] = {}  # adapter name -> first key that carries it
     for key in keys:
-        name = strip_peft_prefix(key)
+        name, adapter_name = split_adapter_name(strip_peft_prefix(key))
+        if adapter_name is not None:
+            adapter_names.setdefault(adapter_name, key)
+            if len(adapter_names) > 1:
+                first, second = list(adapter_names.items())[:2]
+                raise InvalidInputError(
+                    f"adapter keys {first[1]!r} and {second[1]!r} belong to two adapters "
+                    f"({first[0]!r} and {second[0]!r}); save one adapter per file (PEFT "
+                    "save_pretrained(selected_adapters=[...])) and merge them one at a time"
+                )
         for suffix, feature in _UNSUPPORTED_SUFFIXES:
             if name.endswith(suffix):
                 raise InvalidInputError(

@@ -26,6 +26,10 @@ MERGE_ARITHMETIC = (
     "W + scale * B @ A per module (PEFT's merge), computed in float32 (float64 for "
     "32-bit outputs) and rounded once to the output dtype"
 )
+UNMERGE_ARITHMETIC = (
+    "--unmerge: W - scale * B @ A per module (the adapter removed; the scales listed are "
+    "negated), computed in float32 (float64 for 32-bit outputs) and rounded once"
+)
 
 
 # No "|" in it: the model card shows it in a Markdown table.
@@ -78,7 +82,7 @@ def prepare_lora_factors(
 ) -> LoraFactors:
     """Convert A and B to the compute dtype, folding the scale into A when that is exact.
 
-    PEFT computes ``(B @ A) * scale``. When the scale is a power of two (alpha = 2r,
+    PEFT computes ``(B @ A) * scale``. When the scale is ± a power of two (alpha = 2r,
     the most common setting, gives 2.0) multiplying A by it first changes no bit of
     any product or partial sum, provided nothing overflows, which is checked; it
     saves one pass over every merged weight. Other scales are applied after the
@@ -87,11 +91,65 @@ def prepare_lora_factors(
     lora_a = lora_a.to(compute_dtype)
     lora_b = None if lora_b is None else lora_b.to(compute_dtype)
     mantissa, _ = math.frexp(scale)
-    if scale >= 1.0 and mantissa == 0.5:  # a power of two >= 1: exact unless it overflows
+    # A power of two >= 1 in magnitude (negative for --unmerge): exact unless it overflows.
+    if abs(scale) >= 1.0 and abs(mantissa) == 0.5:
         folded = lora_a * scale
         if bool(torch.isfinite(folded).all()) or not bool(torch.isfinite(lora_a).all()):
             return LoraFactors(folded, lora_b, 1.0, transposed)
     return LoraFactors(lora_a, lora_b, scale, transposed)
+
+
+def expert_lora_factors(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, expert: int, experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B of one expert of a LoRA on fused expert weights (PEFT ``lora.ParamWrapper``).
+
+    PEFT's ``ParamWrapper.get_delta_weight`` reshapes A (r·E, in) to (E, r, in)
+    and B (out, r·E) to (out, r, E): expert e takes the consecutive rows
+    ``e·r:(e+1)·r`` of A and the interleaved columns ``e::E`` of B.
+
+    Args:
+        lora_a: A of every expert, (r·E, in), or just this expert's (r, in) rows.
+        lora_b: B of every expert, (rows, r·E).
+        expert / experts: e and E.
+
+    Returns:
+        (A_e (r, in), B_e (rows, r)), B_e contiguous.
+    """
+    rank = lora_b.shape[1] // experts
+    if lora_a.shape[0] != rank:
+        lora_a = lora_a[expert * rank : (expert + 1) * rank]
+    return lora_a, lora_b[:, expert::experts].contiguous()
+
+
+def expand_merged_linear_b(lora_b: torch.Tensor, groups: tuple[bool, ...]) -> torch.Tensor:
+    """B of a loralib ``MergedLinear`` as the (out, r·k) matrix whose product with A is its delta.
+
+    loralib's ``merge_AB`` is ``zero_pad(conv1d(A, B, groups=k))``: enabled group j
+    (in order) gets ``B[j·n:(j+1)·n] @ A[j·r:(j+1)·r]`` (n = out / len(groups)) and
+    disabled groups get zeros. Placing each B block at its group's rows and its
+    A block's columns gives the same product with a plain matmul; the extra terms
+    are exact zeros, which change no sum.
+
+    Args:
+        lora_b: (n·k, r), the enabled groups' rows stacked.
+        groups: ``enable_lora``, k of them true.
+
+    Returns:
+        (n·len(groups), r·k), zeros outside the blocks.
+    """
+    rank, enabled = lora_b.shape[1], sum(groups)
+    group_rows = lora_b.shape[0] // enabled
+    full = lora_b.new_zeros((group_rows * len(groups), rank * enabled))
+    block = 0
+    for group, is_enabled in enumerate(groups):
+        if is_enabled:
+            rows = slice(group * group_rows, (group + 1) * group_rows)
+            full[rows, block * rank : (block + 1) * rank] = lora_b[
+                block * group_rows : (block + 1) * group_rows
+            ]
+            block += 1
+    return full
 
 
 def lora_delta_rows(

@@ -29,5 +29,7 @@ def write_normalized_adapter(
     with ShardWriter(folder / ADAPTER_SAFETENSORS_NAME, specs) as writer:
         for spec in specs:
             written += writer.tensor(spec.name).write(adapter.read_rows(spec.name))
+    # --save-method lora is refused for config-less (loralib) files before any writing.
+    assert adapter_folder.config_path is not None
     shutil.copyfile(adapter_folder.config_path, folder / ADAPTER_CONFIG_NAME)
     return written

@@ -29,7 +29,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lora_merge.compute.lora import compute_dtype_for
+from lora_merge.compute.lora import (
+    compute_dtype_for,
+    expand_merged_linear_b,
+    expert_lora_factors,
+)
 from lora_merge.errors import VerificationError
 from lora_merge.io.hashing import sha256_of
 from lora_merge.io.reader import TensorSource
@@ -121,14 +125,20 @@ def _check_sampled_rows(
         {0, rows - 1, *torch.randint(0, rows, (SAMPLED_ROWS,), generator=_generator(name)).tolist()}
     )
     lora_a = adapter.read_rows(delta.a_key).double()
-    rank = lora_a.shape[0]
-    lora_a = lora_a.reshape(rank, -1)  # convolutions: flat rows
     # A whole delta (a combination kept at full rank) is B @ A with B the identity.
     lora_b = (
-        torch.eye(rank, dtype=torch.float64)
+        torch.eye(lora_a.shape[0], dtype=torch.float64)
         if delta.dense
-        else adapter.read_rows(delta.b_key).double().reshape(-1, rank)
+        else adapter.read_rows(delta.b_key).double()
     )
+    if delta.groups is not None:  # loralib MergedLinear
+        lora_b = expand_merged_linear_b(lora_b, delta.groups)
+    if delta.expert is not None:  # one expert's weight (or a part of it): its slices of A and B
+        lora_b = lora_b[slice(*delta.b_rows)] if delta.b_rows else lora_b
+        lora_a, lora_b = expert_lora_factors(lora_a, lora_b, delta.expert, delta.experts)
+    rank = lora_a.shape[0]
+    lora_a = lora_a.reshape(rank, -1)  # convolutions: flat rows
+    lora_b = lora_b.reshape(-1, rank)
     if delta.dense:
         rank = 0  # no product is rounded
     dora_magnitude = None
@@ -139,7 +149,13 @@ def _check_sampled_rows(
     base_rows = _source_rows(tensor, picks, base_entries, adapter, base)
     for row in picks:
         base_row = base_rows[row].double().reshape(-1)
-        if delta.transposed:
+        if delta.experts > 1 and delta.expert is None:  # a fused (E, X, Y) weight: row = expert
+            lora_a_e, lora_b_e = expert_lora_factors(lora_a, lora_b, row, delta.experts)
+            product, magnitude = lora_b_e @ lora_a_e, lora_b_e.abs() @ lora_a_e.abs()
+            if delta.transposed:
+                product, magnitude = product.T, magnitude.T
+            product, magnitude = product.reshape(-1), magnitude.reshape(-1)
+        elif delta.transposed:
             product, magnitude = lora_b @ lora_a[:, row], lora_b.abs() @ lora_a[:, row].abs()
         else:
             product, magnitude = lora_b[row] @ lora_a, lora_b[row].abs() @ lora_a.abs()

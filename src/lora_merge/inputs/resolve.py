@@ -61,10 +61,14 @@ class BaseCheckpoint:
 
 @dataclass(frozen=True)
 class AdapterFolder:
-    """The adapter's folder, its config file and its weights file."""
+    """The adapter's folder, its config file and its weights file.
+
+    A loralib checkpoint is a single file with no config: ``config_path`` is
+    None and ``folder`` is the file's folder (guarded like any input's).
+    """
 
     folder: Path
-    config_path: Path
+    config_path: Path | None
     weights_path: Path
 
 
@@ -130,6 +134,11 @@ def resolve_adapter(adapter: Path | str) -> AdapterFolder:
     Raises:
         InputNotFoundError: the folder, adapter_config.json or the weights are missing.
     """
+    if Path(adapter).expanduser().is_file():
+        raise InvalidInputError(
+            f"ADAPTER {adapter} is a file: for a loralib (microsoft/LoRA) checkpoint pass "
+            "--rank R --alpha A; for a PEFT adapter pass the folder save_pretrained() wrote"
+        )
     folder = _existing_folder(adapter, "ADAPTER")
     config_path = folder / ADAPTER_CONFIG_NAME
     if not config_path.is_file():
@@ -144,6 +153,25 @@ def resolve_adapter(adapter: Path | str) -> AdapterFolder:
     raise InputNotFoundError(
         f"ADAPTER {folder} has no {ADAPTER_SAFETENSORS_NAME} or {ADAPTER_PICKLE_NAME}"
     )
+
+
+def resolve_adapter_file(adapter: Path | str) -> AdapterFolder:
+    """A config-less adapter file (a loralib state dict, given with ``--rank``/``--alpha``).
+
+    Raises:
+        InputNotFoundError: the file does not exist.
+        InvalidInputError: ADAPTER is a folder (a PEFT adapter, which needs no --rank).
+    """
+    path = Path(adapter).expanduser()
+    if not path.exists():
+        raise InputNotFoundError(f"ADAPTER {path} does not exist")
+    if path.is_dir():
+        raise InvalidInputError(
+            f"ADAPTER {path} is a folder, but --rank/--alpha are for a loralib checkpoint file "
+            "(.pt, .bin or .safetensors); for a PEFT adapter folder leave them out"
+        )
+    path = path.resolve()
+    return AdapterFolder(folder=path.parent, config_path=None, weights_path=path)
 
 
 def check_output_location(out: Path | str, inputs: list[Path], overwrite: bool) -> Path:

@@ -7,6 +7,8 @@ knows every shard's header in advance.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import torch
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents, LoraModuleKeys
+from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
@@ -27,10 +30,19 @@ from lora_merge.plan.architectures import (
     bias_flag_for,
     is_conv1d_module,
 )
+from lora_merge.plan.experts import (
+    PER_EXPERT_LAYOUTS,
+    declared_expert_count,
+    expert_targets,
+    match_expert_target,
+    owner_module,
+)
 from lora_merge.plan.four_bit_format import FourBitFormat
 
 # "zeros": a tensor the base lacks and that starts at zero (a bias the adapter adds).
 SourceName = Literal["base", "adapter", "zeros"]
+# Unmatched adapter keys an error message lists (the rest are counted).
+MAX_KEYS_IN_ERROR = 3
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,8 @@ class LoraProduct:
             Convolutions are never transposed: A and B are flattened to 2-D and
             each output channel is one row of the weight viewed as (out, -1).
         layer: the kind of layer, for reports: "linear", "conv1d" (transformers'
-            Conv1D), "convolution" (``nn.Conv1d/2d/3d``) or "embedding", prefixed
+            Conv1D), "convolution" (``nn.Conv1d/2d/3d``), "embedding", "experts" or
+            "merged_linear" (loralib), prefixed
             with "dora-" for DoRA modules.
         dense: ``a_key`` is the whole delta in ``B @ A``'s (out, in) layout and
             ``b_key`` is not read (a combination kept at full rank).
@@ -53,6 +66,15 @@ class LoraProduct:
             the result is ``m / ||V|| * V`` with ``V = W + scale * B @ A`` and the
             norm taken per output feature (a row of the stored weight, or a column
             when ``transposed``).
+        experts: E when A and B hold the LoRAs of E experts (PEFT ``target_parameters``,
+            see :mod:`lora_merge.plan.experts`); 1 otherwise.
+        expert: with ``experts > 1``, the one expert whose 2-D weight this is (per-expert
+            storage); None when the weight is the fused (E, X, Y) tensor.
+        b_rows: the rows of the expert's B that this weight takes (a part of a fused
+            ``gate_up_proj`` stored as separate gate and up tensors), or None for all.
+        groups: loralib ``MergedLinear``'s ``enable_lora``: the weight's output rows are
+            ``len(groups)`` equal groups and B holds the enabled ones' rows, each group
+            with its own r rows of A (see :mod:`lora_merge.adapter.loralib`); None otherwise.
     """
 
     a_key: str
@@ -62,6 +84,10 @@ class LoraProduct:
     layer: str = "linear"
     dense: bool = False
     magnitude_key: str | None = None
+    experts: int = 1
+    expert: int | None = None
+    b_rows: tuple[int, int] | None = None
+    groups: tuple[bool, ...] | None = None
 
     @property
     def norm_per_column(self) -> bool:
@@ -183,6 +209,8 @@ def build_merge_plan(
     contents: AdapterContents,
     adapter: TensorSource,
     output_dtype: torch.dtype | None,
+    unmerge: bool = False,
+    loralib: LoralibSettings | None = None,
 ) -> MergePlan:
     """Decide every output tensor. Reads shapes and dtypes only.
 
@@ -192,16 +220,28 @@ def build_merge_plan(
         contents: the adapter's keys, sorted by role.
         adapter: the adapter's tensors (only shapes and dtypes are looked at).
         output_dtype: dtype for every floating-point tensor, or None to keep each one's.
+        unmerge: subtract every delta instead of adding it (the scales are negated;
+            negation is exact, so ``W + (-s) * B @ A`` is ``W - s * B @ A`` bit for bit).
+        loralib: set for a loralib checkpoint: every layer has this rank, and an A
+            with a multiple of its rows is a MergedLinear.
 
     Raises:
         AdapterMismatchError: an adapter tensor matches no base tensor or does not fit it.
+        InvalidInputError: ``unmerge`` with an adapter that replaces whole tensors.
     """
+    if unmerge:
+        _refuse_unmerge(contents)
+    sign = -1.0 if unmerge else 1.0
     base_tensors = base.tensors  # quantized weights appear dequantized; their parts are hidden
     tied_embedding = tied_input_embedding(base)
     head_stored = TIED_HEAD_NAME in base_tensors
     # A tied head is usually absent from the base; adapter keys may still target it.
     tied_sources = {TIED_HEAD_NAME: tied_embedding} if tied_embedding and not head_stored else {}
     base_names = BaseNames([*base_tensors, *tied_sources])
+    parameter_deltas = _plan_parameter_loras(base, base_names, config, contents, adapter)
+    if loralib is not None:
+        _refuse_loralib_conv(base_names, contents)
+    _check_every_name_matches(base_names, contents, parameter_deltas.modules)
     vocab_size = base.config.get("vocab_size")
     model_type = base.config.get("model_type")
 
@@ -239,13 +279,25 @@ def build_merge_plan(
         key = replacements.get(base_key)
         return adapter.shape(key) if key is not None else base_shape_of(base_key)
 
-    deltas: dict[str, LoraProduct | LoraBias] = {}
+    deltas: dict[str, LoraProduct | LoraBias] = {
+        key: dataclasses.replace(product, scale=sign * product.scale)
+        for key, product in parameter_deltas.products.items()
+    }
     added_biases: list[tuple[str, str]] = []  # (bias name, config flag that gives it)
     for module in contents.lora_modules.values():
+        if module.module in parameter_deltas.modules:
+            continue
         weight_key = base_names.locate(f"{module.module}.weight", module.a_key or module.module)
-        deltas[weight_key] = _plan_lora_product(
-            module, weight_key, shape_of(weight_key), adapter, config, model_type
-        )
+        a_rows = adapter.shape(module.a_key or "")[0]
+        if loralib is not None and a_rows != loralib.rank:
+            product = _plan_merged_linear(
+                module, weight_key, shape_of(weight_key), adapter, loralib, model_type
+            )
+        else:
+            product = _plan_lora_product(
+                module, weight_key, shape_of(weight_key), adapter, config, model_type
+            )
+        deltas[weight_key] = dataclasses.replace(product, scale=sign * product.scale)
         if module.bias_key is not None:
             bias_key = weight_key.removesuffix("weight") + "bias"
             if bias_key not in base_tensors:
@@ -256,7 +308,9 @@ def build_merge_plan(
                     module.bias_key, adapter.shape(module.bias_key), bias_key, shape_of(bias_key)
                 )
             rank = adapter.shape(module.a_key or "")[0]
-            deltas[bias_key] = LoraBias(module.bias_key, config.scale_for(module.module, rank))
+            deltas[bias_key] = LoraBias(
+                module.bias_key, sign * config.scale_for(module.module, rank)
+            )
 
     token_rows: dict[str, TokenRows] = {}
     for module_name, key in contents.trainable_tokens.items():
@@ -306,6 +360,29 @@ def build_merge_plan(
         # overwrite the head with the changed embedding, or the reverse.
         plan.config_updates["tie_word_embeddings"] = False
     return plan
+
+
+def _refuse_unmerge(contents: AdapterContents) -> None:
+    """``--unmerge`` can only subtract deltas: refuse what replaced values in the merge.
+
+    Raises:
+        InvalidInputError: the adapter replaces whole tensors or token rows, whose
+            former values it does not hold.
+    """
+    if contents.replacements:
+        target, key = next(iter(contents.replacements.items()))
+        raise InvalidInputError(
+            f"--unmerge cannot restore {target!r}: the adapter replaces it wholesale with "
+            f"{key!r} (modules_to_save, a saved embedding or trained biases) and does not hold "
+            "the values it replaced; keep the base model and merge again instead"
+        )
+    if contents.trainable_tokens:
+        module, key = next(iter(contents.trainable_tokens.items()))
+        raise InvalidInputError(
+            f"--unmerge cannot restore the rows of {module!r} that trainable tokens ({key!r}) "
+            "replaced: the adapter does not hold their former values; keep the base model and "
+            "merge again instead"
+        )
 
 
 def _plan_token_rows(
@@ -483,32 +560,247 @@ class BaseNames:
 
     Adapters name tensors as the model object that was trained saw them; the
     base checkpoint may have been saved from a different class (``GPT2Model``
-    vs ``GPT2LMHeadModel``: ``h.0...`` vs ``transformer.h.0...``). An exact
-    match wins; otherwise one leading component may be dropped from the
-    adapter's name or one of the base's own leading components added.
+    vs ``GPT2LMHeadModel``: ``h.0...`` vs ``transformer.h.0...``), and tools
+    other than PEFT may drop or keep prefixes. An exact match wins; otherwise
+    one leading component may be dropped from the adapter's name or one of the
+    base's own leading components added, provided exactly one base tensor
+    matches that way (two would make the merge a guess).
     """
 
     def __init__(self, base_keys: Iterable[str]) -> None:
         self._keys = set(base_keys)
         self._prefixes = sorted({key.split(".", 1)[0] for key in self._keys if "." in key})
 
+    def find(self, name: str) -> list[str]:
+        """The base keys ``name`` may refer to: one, none, or several when it is ambiguous."""
+        if name in self._keys:
+            return [name]
+        candidates = [name.split(".", 1)[1]] if "." in name else []
+        candidates.extend(f"{prefix}.{name}" for prefix in self._prefixes)
+        return [candidate for candidate in candidates if candidate in self._keys]
+
     def locate(self, name: str, adapter_key: str) -> str:
         """The base key for ``name``.
 
         Raises:
-            AdapterMismatchError: no base tensor matches (names the adapter key).
+            AdapterMismatchError: no base tensor, or more than one, matches (names the adapter key).
         """
-        candidates = [name]
-        if "." in name:
-            candidates.append(name.split(".", 1)[1])
-        candidates.extend(f"{prefix}.{name}" for prefix in self._prefixes)
-        for candidate in candidates:
-            if candidate in self._keys:
-                return candidate
+        found = self.find(name)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise AdapterMismatchError(
+                f"adapter key {adapter_key!r} targets {name!r}, which could be any of the base "
+                f"tensors {found[:3]}; rename the adapter's keys to the base's full names "
+                "(e.g. with the 'base_model.model.' prefix PEFT writes)"
+            )
+        raise self.unmatched_error([(adapter_key, name)])
+
+    def closest(self, name: str, count: int = 3) -> list[str]:
+        """The base keys that look most like ``name`` (for error messages)."""
+        return difflib.get_close_matches(name, sorted(self._keys), n=count, cutoff=0.4)
+
+    def unmatched_error(self, unmatched: list[tuple[str, str]]) -> AdapterMismatchError:
+        """One error for adapter keys that match no base tensor: a few of them, and close base keys.
+
+        Args:
+            unmatched: (adapter key, the base name it was taken to mean) pairs.
+        """
+        adapter_key, name = unmatched[0]
         hint = "was this adapter trained on a different base model?"
-        raise AdapterMismatchError(
-            f"adapter key {adapter_key!r} targets {name!r}, which is not a tensor of the base: {hint}"
+        others = ""
+        if len(unmatched) > 1:
+            more = [key for key, _ in unmatched[1:MAX_KEYS_IN_ERROR]]
+            others = f" ({len(unmatched)} keys match nothing; also {more})"
+        closest = self.closest(name)
+        near = f"; the closest base tensors are {closest}" if closest else ""
+        return AdapterMismatchError(
+            f"adapter key {adapter_key!r} targets {name!r}, which is not a tensor of the base"
+            f"{others}{near}: {hint}"
         )
+
+
+@dataclass
+class _ParameterDeltas:
+    """The LoRAs on parameters (MoE experts) of an adapter, planned.
+
+    Attributes:
+        products: base key -> the product to add to it.
+        modules: the adapter modules these came from (they have no ``.weight``).
+    """
+
+    products: dict[str, LoraProduct] = field(default_factory=dict)
+    modules: set[str] = field(default_factory=set)
+
+
+def _plan_parameter_loras(
+    base: BaseCheckpoint,
+    base_names: BaseNames,
+    config: LoraAdapterConfig,
+    contents: AdapterContents,
+    adapter: TensorSource,
+) -> _ParameterDeltas:
+    """Plan the LoRAs PEFT puts on parameters (``target_parameters``, MoE experts).
+
+    A LoRA module is one when the base has no ``{module}.weight`` but the module
+    (without PEFT's nested ``.base_layer``) holds a fused expert parameter, or
+    per-expert tensors that make one.
+
+    Raises:
+        AdapterMismatchError: two LoRAs fit the same parameter, or one fits none.
+        InvalidInputError: a parameter LoRA carries a ``lora_B.bias``.
+    """
+    deltas = _ParameterDeltas()
+    names = [name.rsplit(".", 1)[-1] for name in config.target_parameters]
+    names += [layout.parameter for layout in PER_EXPERT_LAYOUTS]
+    model_type = base.config.get("model_type")
+    declared = declared_expert_count(base.config)
+
+    def shape_of(key: str) -> tuple[int, ...]:
+        return base.tensors[key].shape
+
+    claimed: dict[str, str] = {}  # parameter -> adapter key of the LoRA that fits it
+    for module in contents.lora_modules.values():
+        if base_names.find(f"{module.module}.weight"):
+            continue
+        owner = owner_module(module.module)
+        targets = expert_targets(owner, names, base_names.find, shape_of)
+        if not targets:
+            continue
+        for target in targets:
+            if target.experts > 1 and declared not in (None, target.experts):
+                raise AdapterMismatchError(
+                    f"{target.parameter!r} has {target.experts} experts in BASE's weights but "
+                    f"config.json declares {declared}: the checkpoint is incomplete or inconsistent"
+                )
+        assert module.a_key is not None and module.b_key is not None
+        if module.bias_key is not None:
+            raise InvalidInputError(
+                f"adapter key {module.bias_key!r} is a LoRA bias on a parameter "
+                "(target_parameters), which lora-merge does not support"
+            )
+        a_shape, b_shape = adapter.shape(module.a_key), adapter.shape(module.b_key)
+        target, transposed = match_expert_target(
+            module.a_key, a_shape, b_shape, targets, model_type
+        )
+        if target.parameter in claimed:
+            raise AdapterMismatchError(
+                f"adapter keys {claimed[target.parameter]!r} and {module.a_key!r} both fit "
+                f"{target.parameter!r}; the adapter is inconsistent"
+            )
+        claimed[target.parameter] = module.a_key
+        deltas.modules.add(module.module)
+        rank = a_shape[0] // target.experts
+        # PEFT matches rank/alpha patterns against the parameter's name ("...experts.down_proj").
+        scale = config.scale_for(target.parameter, rank)
+        product = LoraProduct(
+            module.a_key, module.b_key, scale, transposed, "experts", experts=target.experts
+        )
+        if target.fused_key is not None:
+            deltas.products[target.fused_key] = product
+            continue
+        for expert, keys in enumerate(target.part_keys):
+            start = 0
+            for key, rows in zip(keys, target.part_rows, strict=True):
+                deltas.products[key] = dataclasses.replace(
+                    product, expert=expert, b_rows=(start, start + rows)
+                )
+                start += rows
+    return deltas
+
+
+def _refuse_loralib_conv(base_names: BaseNames, contents: AdapterContents) -> None:
+    """loralib's ConvLoRA keeps its weight at ``X.conv.weight``: name it rather than "no match"."""
+    for module in contents.lora_modules.values():
+        if base_names.find(f"{module.module}.conv.weight"):
+            raise InvalidInputError(
+                f"adapter key {module.a_key!r} is a loralib ConvLoRA (its weight is "
+                f"{module.module}.conv.weight), which lora-merge does not support"
+            )
+
+
+def _plan_merged_linear(
+    module: LoraModuleKeys,
+    weight_key: str,
+    weight_shape: tuple[int, ...],
+    adapter: TensorSource,
+    loralib: LoralibSettings,
+    model_type: object,
+) -> LoraProduct:
+    """A loralib ``MergedLinear``: A (r·k, in), B (out/G·k, r), k of G output groups enabled.
+
+    Raises:
+        AdapterMismatchError: the shapes are no MergedLinear of this rank on this weight.
+        InvalidInputError: which groups are enabled cannot be told and ``--enable-lora`` is absent.
+    """
+    assert module.a_key is not None and module.b_key is not None
+    a_shape, b_shape = adapter.shape(module.a_key), adapter.shape(module.b_key)
+    rank = loralib.rank
+    enabled, remainder = divmod(a_shape[0], rank) if len(a_shape) == 2 else (0, 1)
+    if not enabled or remainder or len(b_shape) != 2 or b_shape[1] != rank or b_shape[0] % enabled:
+        raise AdapterMismatchError(
+            f"adapter module {module.module!r} has A {tuple(a_shape)} and B {tuple(b_shape)}: "
+            f"neither a loralib Linear nor a MergedLinear of rank {rank}; check --rank"
+        )
+    group_rows, in_features = b_shape[0] // enabled, a_shape[1]
+    orientations = []
+    if len(weight_shape) == 2 and weight_shape[1] == in_features:
+        orientations.append(False)
+    if len(weight_shape) == 2 and weight_shape[0] == in_features:
+        orientations.append(True)
+    if len(orientations) == 2:  # square: fan_in_fan_out is the architecture's to say
+        known = is_conv1d_module(model_type if isinstance(model_type, str) else None, module.module)
+        orientations = [bool(known)]
+    if not orientations or weight_shape[int(orientations[0])] % group_rows:
+        raise _shape_mismatch(module.a_key, a_shape, weight_key, weight_shape)
+    transposed = orientations[0]
+    groups = weight_shape[1 if transposed else 0] // group_rows
+    enable_lora = loralib.enable_lora
+    if enabled == groups:  # every group adapted: nothing to choose
+        enable_lora = (True,) * groups
+    elif enable_lora is None:
+        raise InvalidInputError(
+            f"adapter module {module.module!r} is a loralib MergedLinear with {enabled} of "
+            f"{groups} output groups adapted, and the file does not say which: pass "
+            "--enable-lora with its enable_lora list (e.g. 1,0,1 for q and v of a fused qkv)"
+        )
+    if len(enable_lora) != groups or sum(enable_lora) != enabled:
+        raise AdapterMismatchError(
+            f"--enable-lora {','.join(str(int(g)) for g in enable_lora)} does not fit adapter "
+            f"module {module.module!r}: it has {enabled} of {groups} output groups adapted"
+        )
+    return LoraProduct(
+        a_key=module.a_key,
+        b_key=module.b_key,
+        scale=loralib.alpha / rank,
+        transposed=transposed,
+        layer="merged_linear",
+        groups=enable_lora,
+    )
+
+
+def _check_every_name_matches(
+    base_names: BaseNames, contents: AdapterContents, parameter_modules: set[str]
+) -> None:
+    """Refuse, listing a few of them, adapter names that match no base tensor.
+
+    Args:
+        parameter_modules: adapter modules planned as parameter LoRAs (no ``.weight``).
+
+    Raises:
+        AdapterMismatchError: some names match nothing; ambiguous names are
+            reported later by :meth:`BaseNames.locate`.
+    """
+    wanted = [(key, name) for name, key in contents.replacements.items()]
+    for module in contents.lora_modules.values():
+        if module.module in parameter_modules:
+            continue
+        wanted.append((module.a_key or module.module, f"{module.module}.weight"))
+        if module.bias_key is not None:
+            wanted.append((module.bias_key, f"{module.module}.bias"))
+    unmatched = [(key, name) for key, name in wanted if not base_names.find(name)]
+    if unmatched:
+        raise base_names.unmatched_error(unmatched)
 
 
 def _plan_lora_product(

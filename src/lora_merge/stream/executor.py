@@ -32,6 +32,8 @@ from lora_merge.compute.lora import (
     dora_column_factor,
     dora_scale_columns,
     dora_scale_rows,
+    expand_merged_linear_b,
+    expert_lora_factors,
     merge_lora_bias,
     merged_rows,
     prepare_lora_factors,
@@ -287,8 +289,13 @@ def _output_tiles(
             yield buffers.output(spec.dtype, tuple(values.shape)).copy_(values)
         return
 
-    lora_a = adapter.read_rows(delta.a_key).to(device)
-    lora_b = None if delta.dense else adapter.read_rows(delta.b_key).to(device)
+    if delta.experts > 1 and delta.expert is None:
+        yield from _fused_expert_tiles(tensor, delta, source, adapter, device, buffers, tile_rows)
+        return
+    lora_a, lora_b = (
+        None if matrix is None else matrix.to(device) for matrix in _lora_matrices(delta, adapter)
+    )
+    assert lora_a is not None
     rank = lora_a.shape[0]
     # Convolutions: A (r, in, *kernel) and B (out, r, 1, ...) as 2-D matrices, and
     # each output channel as one flat row: PEFT's ``B.view(-1, r) @ A.view(r, -1)``.
@@ -345,3 +352,61 @@ def _output_tiles(
             yield out.view(stop - start, -1).copy_(merged).view(values.shape)
         else:
             yield out.view(stop - start, -1).copy_(merged.to(spec.dtype).cpu()).view(values.shape)
+
+
+def _lora_matrices(
+    delta: LoraProduct, adapter: TensorSource
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A and B such that the product's delta is a plain ``scale * B @ A`` (no B: dense).
+
+    For a loralib MergedLinear, B is spread over its groups' rows. For one
+    expert's weight, only the expert's rows of A are read (they are consecutive)
+    and only the rows of B this weight takes (``b_rows``); its columns are then
+    selected.
+    """
+    if delta.dense:  # A is the whole delta; there is no B
+        return adapter.read_rows(delta.a_key), None
+    if delta.groups is not None:  # loralib MergedLinear
+        lora_b = expand_merged_linear_b(adapter.read_rows(delta.b_key), delta.groups)
+        return adapter.read_rows(delta.a_key), lora_b
+    if delta.expert is None:
+        return adapter.read_rows(delta.a_key), adapter.read_rows(delta.b_key)
+    rank = adapter.shape(delta.a_key)[0] // delta.experts
+    start = delta.expert * rank
+    lora_a = adapter.read_rows(delta.a_key, start, start + rank)
+    lora_b = adapter.read_rows(delta.b_key, *(delta.b_rows or (0, None)))
+    return expert_lora_factors(lora_a, lora_b, delta.expert, delta.experts)
+
+
+def _fused_expert_tiles(
+    tensor: PlannedTensor,
+    delta: LoraProduct,
+    source: TensorSource,
+    adapter: TensorSource,
+    device: torch.device,
+    buffers: TileBuffers,
+    tile_experts: int,
+) -> Iterator[torch.Tensor]:
+    """Tiles of a fused (E, X, Y) expert weight, a few whole experts at a time.
+
+    Each expert's delta is an ordinary 2-D LoRA product (see ``expert_lora_factors``),
+    merged into its (X, Y) slice; memory holds one tile of experts and one
+    expert's delta, whatever E is.
+    """
+    spec = tensor.spec
+    compute_dtype = compute_dtype_for(spec.dtype)
+    lora_a = adapter.read_rows(delta.a_key).to(device)
+    lora_b = adapter.read_rows(delta.b_key).to(device)
+    experts = spec.shape[0]
+    for start in range(0, experts, tile_experts):
+        stop = min(experts, start + tile_experts)
+        values = source.read_rows(tensor.source_key, start, stop, buffers.read).to(device)
+        out = torch.empty(values.shape, dtype=spec.dtype, device=device)
+        for index in range(stop - start):
+            lora_a_e, lora_b_e = expert_lora_factors(lora_a, lora_b, start + index, experts)
+            factors = prepare_lora_factors(
+                lora_a_e, lora_b_e, delta.scale, delta.transposed, compute_dtype
+            )
+            # The one rounding, as for every other weight (see _output_tiles).
+            out[index].copy_(merged_rows(values[index], factors, 0))
+        yield buffers.output(spec.dtype, tuple(values.shape)).copy_(out.cpu())
