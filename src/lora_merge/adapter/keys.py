@@ -56,6 +56,10 @@ _REPLACEMENT_INFIXES = (".base_layer.", ".modules_to_save.")
 _UNTRAINED_ORIGINAL_INFIX = ".original_module."
 
 
+# Names PEFT itself gives submodules of its wrappers; never an adapter's name.
+_PEFT_MODULE_NAMES = frozenset({"original_module", "base_layer", "token_adapter"})
+
+
 @dataclass
 class LoraModuleKeys:
     """The adapter keys of one LoRA-wrapped module.
@@ -118,6 +122,8 @@ def split_adapter_name(name: str) -> tuple[str, str | None]:
     head, adapter_name, tail = (
         match.groups()[:3] if match.group(1) is not None else match.groups()[3:]
     )
+    if adapter_name in _PEFT_MODULE_NAMES:  # a wrapped module's own part, not an adapter
+        return name, None
     return f"{head}{tail}", adapter_name
 
 

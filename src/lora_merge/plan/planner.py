@@ -795,9 +795,8 @@ def _check_every_name_matches(
     for module in contents.lora_modules.values():
         if module.module in parameter_modules:
             continue
+        # (A LoRA bias is located later, beside its weight.)
         wanted.append((module.a_key or module.module, f"{module.module}.weight"))
-        if module.bias_key is not None:
-            wanted.append((module.bias_key, f"{module.module}.bias"))
     unmatched = [(key, name) for key, name in wanted if not base_names.find(name)]
     if unmatched:
         raise base_names.unmatched_error(unmatched)
