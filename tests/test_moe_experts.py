@@ -250,7 +250,7 @@ def test_merged_logits_match_the_unmerged_peft_model(built):
 
 def test_verify_recomputes_expert_rows(built, tmp_path):
     _, inputs = built
-    merge(
+    summary = merge(
         MergeOptions(
             base=inputs.base,
             adapter=inputs.adapter,
@@ -260,10 +260,13 @@ def test_verify_recomputes_expert_rows(built, tmp_path):
             max_memory="16KB",  # tiles of one expert (or a few rows) at a time
         )
     )
-    assert (
-        read_safetensors_directory(tmp_path / "out").keys()
-        == read_safetensors_directory(inputs.out).keys()
-    )
+    # Reports count adapter modules, not the per-expert tensors they feed.
+    assert summary.lora_modules_by_layer == {"experts": 2, "linear": 1}
+    # Tiling changes no bit (the float64 check of these tensors is the test above).
+    tiled = read_safetensors_directory(tmp_path / "out")
+    whole = read_safetensors_directory(inputs.out)
+    assert tiled.keys() == whole.keys()
+    assert all(torch.equal(tiled[name], whole[name]) for name in whole)
     assert (tmp_path / "out" / "config.json").is_file()
 
 

@@ -287,7 +287,10 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             rank_pattern_keys=len(prepared.config.rank_pattern),
             alpha_pattern_keys=len(prepared.config.alpha_pattern),
             lora_modules_by_layer=plan.lora_modules_by_layer,
-            scales={f"{scale:g}": n for scale, n in Counter(p.scale for p in products).items()},
+            scales={
+                f"{scale:g}": n
+                for scale, n in Counter(p.scale for p in plan.module_products).items()
+            },
             replaced=plan.replaced,
             copied=plan.copied,
             dtypes_in=dict(
@@ -696,7 +699,7 @@ def _merge_record(
         ),
         scales={
             f"{scale:g}": n
-            for scale, n in sorted(Counter(p.scale for p in plan.lora_products).items())
+            for scale, n in sorted(Counter(p.scale for p in plan.module_products).items())
         },
         lora_modules_by_layer=plan.lora_modules_by_layer,
         output_dtype=(

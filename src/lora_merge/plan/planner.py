@@ -198,9 +198,18 @@ class MergePlan:
         return sum(t.is_byte_copy for t in self.tensors)
 
     @property
+    def module_products(self) -> list[LoraProduct]:
+        """One product per adapter module (its A), for reports.
+
+        A module may feed several weights: an MoE LoRA one per expert tensor of a
+        per-expert checkpoint.
+        """
+        return list({p.a_key: p for p in reversed(self.lora_products)}.values())[::-1]
+
+    @property
     def lora_modules_by_layer(self) -> dict[str, int]:
-        """LoRA modules merged, counted by layer kind (linear, conv1d, embedding)."""
-        return dict(Counter(p.layer for p in self.lora_products))
+        """LoRA modules merged, counted by layer kind (linear, conv1d, embedding, experts, ...)."""
+        return dict(Counter(p.layer for p in self.module_products))
 
 
 def build_merge_plan(
