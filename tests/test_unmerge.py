@@ -150,3 +150,13 @@ def test_unmerging_an_adapter_that_replaces_tensors_is_refused(tmp_path):
     with pytest.raises(InvalidInputError, match=r"cannot restore 'lm_head\.weight'"):
         merge(MergeOptions(base=base, adapter=adapter, out=tmp_path / "out", unmerge=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_unmerge_takes_one_adapter(tmp_path):
+    base, first, second = tmp_path / "base", tmp_path / "first", tmp_path / "second"
+    write_base(base, shards=1)
+    write_adapter(first)
+    write_adapter(second)
+    with pytest.raises(InvalidInputError, match="--unmerge and loralib checkpoints"):
+        merge(MergeOptions(base=base, adapter=[first, second], out=tmp_path / "out", unmerge=True))
+    assert not (tmp_path / "out").exists()
