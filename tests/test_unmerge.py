@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from lora_merge import MergeOptions, merge
-from lora_merge.errors import EXIT_INVALID_INPUT, InvalidInputError
+from lora_merge.errors import EXIT_INVALID_INPUT, InvalidInputError, UsageError
 
 CASES = {case.id: case for case in MERGE_CASES}
 ROUND_TRIP_CASES = ["llama-bf16-alpha-over-r-sharded", "llama-fp32-alpha-over-r-single-file"]
@@ -159,4 +159,17 @@ def test_unmerge_takes_one_adapter(tmp_path):
     write_adapter(second)
     with pytest.raises(InvalidInputError, match="--unmerge and loralib checkpoints"):
         merge(MergeOptions(base=base, adapter=[first, second], out=tmp_path / "out", unmerge=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unmerge_cannot_write_an_adapter(tmp_path):
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    write_base(base, shards=1)
+    write_adapter(adapter)
+    with pytest.raises(UsageError, match="cannot be used with --unmerge"):
+        merge(
+            MergeOptions(
+                base=base, adapter=adapter, out=tmp_path / "out", unmerge=True, save_method="lora"
+            )
+        )
     assert not (tmp_path / "out").exists()
