@@ -173,3 +173,16 @@ def test_unmerge_cannot_write_an_adapter(tmp_path):
             )
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_unmerging_trainable_tokens_is_refused(tmp_path):
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    write_base(base, shards=1)
+    lora = adapter_tensors()
+    lora["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = torch.ones(
+        2, 64
+    )
+    write_adapter(adapter, lora, trainable_token_indices=[3, 5])
+    with pytest.raises(InvalidInputError, match="trainable tokens"):
+        merge(MergeOptions(base=base, adapter=adapter, out=tmp_path / "out", unmerge=True))
+    assert not (tmp_path / "out").exists()
