@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
 from lora_merge import MergeOptions, merge
-from lora_merge.errors import AdapterMismatchError
+from lora_merge.errors import AdapterMismatchError, InvalidInputError
 
 PROMPT = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(7))
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -313,3 +313,15 @@ def test_experts_missing_from_the_checkpoint_are_reported(built, tmp_path):
     save_file(kept, base / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AdapterMismatchError, match="has 3 experts in BASE's weights but"):
         merge(MergeOptions(base=base, adapter=inputs.adapter, out=tmp_path / "out", quiet=True))
+
+
+def test_combining_expert_loras_is_refused(built, tmp_path):
+    """--combine would concatenate A and B, breaking the experts' interleaved layout."""
+    _, inputs = built
+    with pytest.raises(InvalidInputError, match="--combine cannot combine"):
+        merge(
+            MergeOptions(
+                base=inputs.base, adapter=[inputs.adapter, inputs.adapter], out=tmp_path / "out"
+            )
+        )
+    assert not (tmp_path / "out").exists()

@@ -424,6 +424,8 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
             unmerge=options.unmerge,
             loralib=loralib,
         )
+        if recipe is not None:
+            _refuse_combined_experts(plan)
         if settings.save_method == "merged_4bit":
             plan = plan_requantization(
                 plan, base, options.quant_type, options.double_quant, options.quant_blocksize
@@ -459,6 +461,21 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
             record,
             recipe,
             adapter_folders,
+        )
+
+
+def _refuse_combined_experts(plan: MergePlan) -> None:
+    """A combination concatenates or mixes A and B; expert LoRAs interleave experts in them.
+
+    Raises:
+        InvalidInputError: the combined adapters hold LoRAs on MoE expert parameters.
+    """
+    expert = next((p for p in plan.lora_products if p.experts > 1), None)
+    if expert is not None:
+        raise InvalidInputError(
+            f"adapter key {expert.a_key!r} is a LoRA on MoE expert parameters "
+            "(target_parameters), which --combine cannot combine (its A and B hold every "
+            "expert, interleaved); merge the adapters one after the other instead"
         )
 
 
