@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := src tests benchmarks examples fuzz
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-suite clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_merge.py
+
+bench-suite: $(STAMP)
+	$(BIN)/python benchmarks/bench_suite.py
 
 clean:
 	rm -rf .demo .bench .pytest_cache .ruff_cache .mypy_cache
