@@ -197,6 +197,7 @@ def test_push_uploads_out_to_a_new_private_repo_branch(
     )
 
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # -q hides huggingface_hub's upload bars too
     repo = fake_hub.repos["me/merged-model"]
     assert repo.private is True
     local_files = {p.name: p.read_bytes() for p in out.iterdir()}

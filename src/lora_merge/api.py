@@ -192,6 +192,7 @@ def merge(options: MergeOptions) -> MergeSummary:
         private=options.private,
         revision=options.hub_revision,
         message=f"Upload model merged by lora-merge {__version__}",
+        quiet=options.quiet,
     )
     return replace(summary, pushed_to=options.push_to_hub, commit_url=commit_url)
 

@@ -16,6 +16,7 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from lora_merge.errors import InvalidInputError, PushError
+from lora_merge.inputs.hub import progress_bars_hidden
 
 
 def check_push_target(repo_id: str) -> None:
@@ -37,9 +38,15 @@ def check_push_target(repo_id: str) -> None:
 
 
 def push_folder(
-    folder: Path, repo_id: str, *, private: bool, revision: str | None, message: str
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool,
+    revision: str | None,
+    message: str,
+    quiet: bool = False,
 ) -> str:
-    """Upload every file of ``folder`` to the model repo ``repo_id`` in one call.
+    """Upload every file of ``folder`` to the model repo ``repo_id``.
 
     Args:
         folder: the finished OUT folder.
@@ -48,6 +55,7 @@ def push_folder(
         revision: the branch to commit to, created from the default branch if needed;
             None for the default branch.
         message: the commit message.
+        quiet: hide huggingface_hub's upload progress bars (shown on stderr otherwise).
 
     Returns:
         The URL of the commit.
@@ -63,13 +71,14 @@ def push_folder(
         )
         if revision is not None:
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            revision=revision,
-            commit_message=message,
-        )
+        with progress_bars_hidden(quiet):
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="model",
+                revision=revision,
+                commit_message=message,
+            )
     except Exception as err:  # huggingface_hub raises HTTP, network and validation errors alike
         retry = f"hf upload {repo_id} {folder}" + (f" --revision {revision}" if revision else "")
         raise PushError(

@@ -108,7 +108,7 @@ def resolve_model_location(spec: str | Path, role: str, *, kind: str, quiet: boo
         return local
     text = str(spec)
     repo_id, revision = _parse_repo_spec(text, role)
-    with _progress_bars_hidden(quiet):
+    with progress_bars_hidden(quiet):
         try:
             allow_patterns = _allow_patterns(text, role, kind, repo_id, revision)
             folder = snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns)
@@ -183,7 +183,7 @@ def _is_valid_revision(at: str, revision: str) -> bool:
 
 
 @contextmanager
-def _progress_bars_hidden(quiet: bool) -> Iterator[None]:
+def progress_bars_hidden(quiet: bool) -> Iterator[None]:
     """Hide huggingface_hub's progress bars inside the block if ``quiet``, then restore them."""
     if not quiet or are_progress_bars_disabled():
         yield
