@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_INDEX_FILE
 from tqdm import tqdm
 
 from lora_merge._version import __version__
@@ -49,7 +48,8 @@ from lora_merge.finish.provenance import (
     InputIdentity,
     MergeRecord,
     declared_base_model,
-    input_files,
+    describe_arithmetic,
+    files_read_by_merge,
     shard_metadata,
     start_hashing,
     write_model_card,
@@ -612,7 +612,7 @@ def _write_output(
     metadata = shard_metadata(record)
     # --save-method lora writes no model card, so it needs no input hashes.
     hashes = start_hashing(
-        _input_files(base, adapter_folders or [adapter_folder]),
+        files_read_by_merge(base, adapter_folders or [adapter_folder]),
         settings.hash_inputs and settings.save_method != "lora",
     )
 
@@ -712,7 +712,7 @@ def _merge_record(
         declared_base=declared_base_model(
             base_identity, config.base_model_name_or_path, mismatch=bool(notes)
         ),
-        method=_merge_method(
+        method=describe_arithmetic(
             UNMERGE_ARITHMETIC if options.unmerge else method, base, settings.save_method
         ),
         scales={
@@ -732,37 +732,6 @@ def _merge_record(
             for spec, folder in zip(options.adapters[1:], adapter_folders[1:], strict=True)
         ),
     )
-
-
-def _merge_method(method: str, base: BaseCheckpoint, save_method: str) -> str:
-    """The model card's description of the arithmetic, quantization included."""
-    if base.quantization is not None:
-        method += (
-            f"; W dequantized from BASE's {base.quantization.describe()} weights "
-            "exactly as bitsandbytes dequantizes them"
-        )
-    if save_method == "merged_4bit":
-        method += "; then re-quantized to 4 bits with bitsandbytes (a second rounding)"
-    return method
-
-
-def _input_files(
-    base: BaseCheckpoint, adapter_folders: Sequence[AdapterFolder]
-) -> list[tuple[str, str, Path]]:
-    """Every file the merge reads, for the model card: configs, index, weights
-    (several adapters' files are listed as ``adapter 1``, ``adapter 2``...)."""
-    base_files = [
-        base.folder / name
-        for name in (CONFIG_NAME, SAFETENSORS_INDEX_FILE)
-        if (base.folder / name).is_file()
-    ]
-    base_files += sorted({entry.path for entry in base.entries.values()})
-    files = input_files("base", base.folder, base_files)
-    for number, folder in enumerate(adapter_folders, start=1):
-        role = "adapter" if len(adapter_folders) == 1 else f"adapter {number}"
-        paths = [path for path in (folder.config_path, folder.weights_path) if path]
-        files += input_files(role, folder.folder, paths)
-    return files
 
 
 @contextmanager

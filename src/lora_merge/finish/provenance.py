@@ -19,9 +19,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub.constants import REPOCARD_NAME
+from huggingface_hub.constants import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
 
 from lora_merge.inputs.hub import hub_snapshot_of
+from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.hashing import sha256_of
 from lora_merge.io.shard_writer import OUTPUT_METADATA
 
@@ -209,6 +210,37 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
         for f in files
     ]
     return "\n".join(lines) + "\n"
+
+
+def describe_arithmetic(method: str, base: BaseCheckpoint, save_method: str) -> str:
+    """The model card's description of the arithmetic, quantization included."""
+    if base.quantization is not None:
+        method += (
+            f"; W dequantized from BASE's {base.quantization.describe()} weights "
+            "exactly as bitsandbytes dequantizes them"
+        )
+    if save_method == "merged_4bit":
+        method += "; then re-quantized to 4 bits with bitsandbytes (a second rounding)"
+    return method
+
+
+def files_read_by_merge(
+    base: BaseCheckpoint, adapter_folders: Sequence[AdapterFolder]
+) -> list[tuple[str, str, Path]]:
+    """Every file the merge reads, for the model card: configs, index, weights
+    (several adapters' files are listed as ``adapter 1``, ``adapter 2``...)."""
+    base_files = [
+        base.folder / name
+        for name in (CONFIG_NAME, SAFETENSORS_INDEX_FILE)
+        if (base.folder / name).is_file()
+    ]
+    base_files += sorted({entry.path for entry in base.entries.values()})
+    files = input_files("base", base.folder, base_files)
+    for number, folder in enumerate(adapter_folders, start=1):
+        role = "adapter" if len(adapter_folders) == 1 else f"adapter {number}"
+        paths = [path for path in (folder.config_path, folder.weights_path) if path]
+        files += input_files(role, folder.folder, paths)
+    return files
 
 
 def _hash_all(files: Sequence[tuple[str, str, Path]], enabled: bool) -> list[InputFile]:
