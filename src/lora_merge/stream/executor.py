@@ -143,24 +143,30 @@ def write_shard(
                     spec=TensorSpec(tensor.spec.name, target.dtype, target.shape),
                     requantize=None,
                 )
-                tiles = _output_tiles(merged, source, adapter, device, per_thread.buffers)
-                if merged.token_rows is not None:
-                    tiles = _with_token_rows(tiles, merged.token_rows, adapter)
                 write_requantized(
-                    _checked_finite(tiles, merged, adapter, allow_nonfinite, stop),
+                    checked_tiles(merged, source, per_thread.buffers),
                     target,
                     tensor.spec.name,
                     writer,
                     on_bytes,
                 )
                 return
-            tiles = _output_tiles(tensor, source, adapter, device, per_thread.buffers)
+            for tile in checked_tiles(tensor, source, per_thread.buffers):
+                on_bytes(slot.write(tile))
+
+        def checked_tiles(
+            tensor: PlannedTensor, source: TensorSource, buffers: TileBuffers
+        ) -> Iterator[torch.Tensor]:
+            """The tensor's output tiles (trainable-token rows in place), refusing NaN/Inf unless
+            allowed; cut short once ``stop`` is set (the run is failing or interrupted, and its
+            output will be removed)."""
+            tiles = _output_tiles(tensor, source, adapter, device, buffers)
             if tensor.token_rows is not None:
                 tiles = _with_token_rows(tiles, tensor.token_rows, adapter)
             for tile in tiles:
                 if not allow_nonfinite and not all_finite(tile):
                     raise NonFiniteError(_nonfinite_message(tensor, adapter))
-                on_bytes(slot.write(tile))
+                yield tile
                 if stop.is_set():
                     return
 
@@ -185,23 +191,6 @@ def _single_threaded_torch(enabled: bool) -> Iterator[None]:
     finally:
         if enabled:
             torch.set_num_threads(previous)
-
-
-def _checked_finite(
-    tiles: Iterator[torch.Tensor],
-    tensor: PlannedTensor,
-    adapter: TensorSource,
-    allow_nonfinite: bool,
-    stop: threading.Event,
-) -> Iterator[torch.Tensor]:
-    """``tiles``, refusing NaN/Inf as the plain write path does; cut short once ``stop`` is set
-    (the run is failing or interrupted, and its output will be removed)."""
-    for tile in tiles:
-        if not allow_nonfinite and not all_finite(tile):
-            raise NonFiniteError(_nonfinite_message(tensor, adapter))
-        yield tile
-        if stop.is_set():
-            return
 
 
 def _nonfinite_message(tensor: PlannedTensor, adapter: TensorSource) -> str:
