@@ -28,7 +28,7 @@ from lora_merge.compute.dequantize import (
     dequantize_nested_absmax,
 )
 from lora_merge.inputs.quantized import FourBitWeight, Int8Weight, LogicalTensor
-from lora_merge.io.reader import SafetensorsReader
+from lora_merge.io.reader import SafetensorsReader, checked_row_range
 from lora_merge.io.safetensors_format import TensorEntry
 
 DequantizeBackend = Literal["auto", "bitsandbytes", "torch"]
@@ -103,10 +103,7 @@ class DequantizingReader:
         quantized = self._tensors[key].quantized
         if quantized is None:
             return self._stored.read_rows(key, start, stop, buffer)
-        rows = quantized.shape[0]
-        stop = rows if stop is None else stop
-        if not 0 <= start <= stop <= rows:
-            raise ValueError(f"rows {start}:{stop} are outside {key!r}, which has {rows}")
+        stop = checked_row_range(key, quantized.shape[0], start, stop)
         if start == stop or 0 in quantized.shape:  # nothing to read
             return torch.empty((stop - start, *quantized.shape[1:]), dtype=quantized.dtype)
         if isinstance(quantized, Int8Weight):

@@ -105,11 +105,7 @@ class SafetensorsReader:
         self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None
     ) -> torch.Tensor:
         entry = self._entries[key]
-        rows = entry.shape[0] if entry.shape else 1
-        stop = rows if stop is None else stop
-        if not 0 <= start <= stop <= rows:
-            # A caller bug, never user input: refuse rather than read a neighbour's bytes.
-            raise ValueError(f"rows {start}:{stop} are outside {key!r}, which has {rows}")
+        stop = checked_row_range(key, entry.shape[0] if entry.shape else 1, start, stop)
         if entry.shape:
             offset = entry.start + start * entry.row_nbytes
             nbytes = (stop - start) * entry.row_nbytes
@@ -196,6 +192,19 @@ class SafetensorsReader:
                         ) from err
                     self._descriptors[path] = descriptor
         return descriptor
+
+
+def checked_row_range(key: str, rows: int, start: int, stop: int | None) -> int:
+    """The end of the row range ``start:stop`` of a tensor of ``rows`` rows (None: the last).
+
+    Raises:
+        ValueError: the range is not inside the tensor. A caller bug, never user input:
+            refuse rather than read a neighbour's bytes.
+    """
+    stop = rows if stop is None else stop
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"rows {start}:{stop} are outside {key!r}, which has {rows}")
+    return stop
 
 
 def _shrunk(entry: TensorEntry) -> InvalidInputError:
