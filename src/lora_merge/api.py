@@ -386,7 +386,7 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         ]
     adapter_folder = adapter_folders[0]
     # A loralib file's folder may hold OUT; only the file itself must stay out of OUT's way.
-    adapter_inputs = [f.folder if f.config_path else f.weights_path for f in adapter_folders]
+    adapter_inputs = [_adapter_location(folder) for folder in adapter_folders]
     out = check_output_location(options.out, [base.folder, *adapter_inputs], options.overwrite)
     if base.quantization is not None and settings.output_dtype is None:
         # A quantized base has no dtype of its own to keep: default to the dtype
@@ -527,12 +527,11 @@ def _merge(options: MergeOptions) -> MergeSummary:
             plan,
             prepared.base,
             prepared.adapter,
-            prepared.adapter_folder,
+            prepared.adapter_folders,
             prepared.out,
             prepared.settings,
             prepared.record,
             prepared.recipe,
-            prepared.adapter_folders,
         )
         written = [t.spec for t in plan.tensors]
         if prepared.settings.save_method == "lora":  # the adapter's tensors, not the model's
@@ -584,27 +583,27 @@ def _write_output(
     plan: MergePlan,
     base: BaseCheckpoint,
     adapter: TensorSource,
-    adapter_folder: AdapterFolder,
+    adapter_folders: Sequence[AdapterFolder],
     out: Path,
     settings: _RunSettings,
     record: MergeRecord,
     recipe: CombineRecipe | None = None,
-    adapter_folders: Sequence[AdapterFolder] = (),
 ) -> tuple[int, int]:
     """Stream the planned tensors into shards and finish OUT.
 
-    With several adapters, ``adapter_folder`` is the first (whose tokenizer
-    files win) and ``recipe`` says how they were combined.
+    With several adapters, the first one's tokenizer files win and ``recipe``
+    says how they were combined.
 
     Returns:
         The number of shards, and how many of them a resumed run kept.
     """
+    adapter_folder = adapter_folders[0]
     shards = _shard_layout(plan, settings.max_shard_size)
     _check_free_space(out, plan.total_bytes)
     fingerprint = None
     if settings.resume:
         inputs = [entry.path for entry in base.entries.values()]
-        for folder in adapter_folders or [adapter_folder]:
+        for folder in adapter_folders:
             inputs += [path for path in (folder.config_path, folder.weights_path) if path]
         fingerprint = merge_fingerprint(
             shards, inputs, __version__, recipe.describe() if recipe else ""
@@ -612,7 +611,7 @@ def _write_output(
     metadata = shard_metadata(record)
     # --save-method lora writes no model card, so it needs no input hashes.
     hashes = start_hashing(
-        files_read_by_merge(base, adapter_folders or [adapter_folder]),
+        files_read_by_merge(base, adapter_folders),
         settings.hash_inputs and settings.save_method != "lora",
     )
 
