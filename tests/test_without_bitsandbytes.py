@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ from merge_oracle import (
 from merge_process import LORA_MERGE
 from packaging.markers import Marker
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from safetensors.torch import save_file
 
 EXIT_INVALID_INPUT = 4
@@ -48,6 +50,7 @@ BROKEN_KERNEL = "bitsandbytes native call failed"
 
 BOOTSTRAP = f'''
 """What `import bitsandbytes` does in this process (tests/test_without_bitsandbytes.py)."""
+import atexit
 import importlib.abc
 import importlib.machinery
 import os
@@ -93,7 +96,12 @@ def spied(name, kernel):
     return call
 
 
+def note_modules():
+    note("modules " + " ".join(sorted({{name.partition(".")[0] for name in sys.modules}})))
+
+
 note("bootstrap " + MODE)
+atexit.register(note_modules)
 sys.meta_path.insert(0, Bitsandbytes())
 if MODE in ("spy", "broken-call"):
     import logging
@@ -109,8 +117,17 @@ if MODE in ("spy", "broken-call"):
 '''
 
 
-def run_cli(tmp_path: Path, mode: str, *args: object) -> tuple[subprocess.CompletedProcess, list]:
-    """Run the installed lora-merge with bitsandbytes in ``mode``; return it and the log."""
+@dataclass(frozen=True)
+class Run:
+    """A finished lora-merge process and what its bootstrap saw."""
+
+    result: subprocess.CompletedProcess[str]
+    events: list[str]  # "import NAME" and "call KERNEL", in order
+    modules: set[str]  # the top-level modules it had imported when it exited
+
+
+def run_cli(tmp_path: Path, mode: str, *args: object) -> Run:
+    """Run the installed lora-merge with bitsandbytes in ``mode``."""
     bootstrap = tmp_path / f"bootstrap-{mode}"
     bootstrap.mkdir(exist_ok=True)
     (bootstrap / "sitecustomize.py").write_text(BOOTSTRAP)
@@ -130,9 +147,10 @@ def run_cli(tmp_path: Path, mode: str, *args: object) -> tuple[subprocess.Comple
         timeout=300,
     )
     events = log.read_text().splitlines() if log.exists() else []
-    # Without this line the bootstrap did not run and the test would prove nothing.
+    # Without these lines the bootstrap did not run and the test would prove nothing.
     assert events[:1] == [f"bootstrap {mode}"], (events, result.stderr)
-    return result, events[1:]
+    assert events[-1].startswith("modules "), (events, result.stderr)
+    return Run(result, events[1:-1], set(events[-1].split()[1:]))
 
 
 def safetensors_bytes(folder: Path) -> dict[str, bytes]:
@@ -145,6 +163,48 @@ def import_bitsandbytes_functional():
         reason="bitsandbytes (not installed or not loading here) writes the quantized base and "
         "gives the reference dequantization",
     )
+
+
+def runtime_distributions(environment: dict[str, str]) -> set[str]:
+    """lora-merge and everything its installed metadata pulls in, for ``environment``'s
+    markers: what ``pip install lora-merge`` installs there (no extras)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    found: set[str] = set()
+    wanted = ["lora-merge"]
+    while wanted:
+        name = canonicalize_name(wanted.pop())
+        if name in found:
+            continue
+        found.add(name)
+        try:
+            texts = requires(name) or []
+        except PackageNotFoundError:  # wanted only by a marker this machine does not match
+            continue
+        for requirement in map(Requirement, texts):
+            marker = requirement.marker
+            if marker is None or marker.evaluate({**environment, "extra": ""}):
+                wanted.append(requirement.name)
+    return found
+
+
+def assert_installed_without_bitsandbytes(modules: set[str]) -> None:
+    """Every library a run imported is installed by ``pip install lora-merge`` on a Linux
+    machine whose CPU bitsandbytes has no wheel for (this machine, but ppc64le): a library
+    that came only with bitsandbytes (numpy did) is missing there and crashes the merge."""
+    from importlib.metadata import packages_distributions
+
+    assert "bitsandbytes" not in modules
+    installed = runtime_distributions({"platform_machine": "ppc64le"})
+    assert "bitsandbytes" not in installed
+    by_module = packages_distributions()
+    missing = {
+        module: by_module[module]
+        for module in modules
+        if module in by_module
+        and not {canonicalize_name(name) for name in by_module[module]} & installed
+    }
+    assert missing == {}, "imported, but installed only with bitsandbytes or an extra"
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +222,11 @@ def test_a_16bit_base_merges_without_ever_importing_bitsandbytes(inputs_16bit, t
     float32 evaluation: rank + 2 roundings of the magnitudes, merge_oracle's bound)."""
     base, adapter = inputs_16bit
     out = tmp_path / "out"
-    result, events = run_cli(tmp_path, mode, base, adapter, out)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    assert events == []  # not even an attempt to import bitsandbytes
+    run = run_cli(tmp_path, mode, base, adapter, out)
+    assert run.result.returncode == 0, run.result.stderr
+    assert run.result.stderr == ""
+    assert run.events == []  # not even an attempt to import bitsandbytes
+    assert_installed_without_bitsandbytes(run.modules)
 
     merged = read_safetensors_directory(out)
     expected = expected_merged_checkpoint(base, adapter)
@@ -234,10 +295,10 @@ def reference_outputs(quantized_bases, inputs_16bit, tmp_path_factory) -> dict[s
     outputs = {}
     for case, base in quantized_bases.items():
         out = root / case
-        result, events = run_cli(root, "spy", base, adapter, out, "--max-memory", TILED_MAX_MEMORY)
-        assert result.returncode == 0, result.stderr
-        assert result.stderr == ""
-        assert KERNELS_USED[case] <= set(events), events
+        run = run_cli(root, "spy", base, adapter, out, "--max-memory", TILED_MAX_MEMORY)
+        assert run.result.returncode == 0, run.result.stderr
+        assert run.result.stderr == ""
+        assert KERNELS_USED[case] <= set(run.events), run.events
         outputs[case] = out
     return outputs
 
@@ -252,11 +313,14 @@ def test_a_quantized_base_merges_on_the_torch_path_to_the_same_bytes(
     A missing bitsandbytes is ordinary and says nothing; a broken one says so in one line."""
     _, adapter = inputs_16bit
     out = tmp_path / "out"
-    result, events = run_cli(
+    run = run_cli(
         tmp_path, mode, quantized_bases[case], adapter, out, "--max-memory", TILED_MAX_MEMORY
     )
+    result, events = run.result, run.events
     assert result.returncode == 0, result.stderr
     assert "import bitsandbytes" in events  # it was asked for, and not there or not working
+    if mode != "broken-call":  # (there it loads, and only its kernels fail)
+        assert_installed_without_bitsandbytes(run.modules)
     if mode == "missing":
         assert result.stderr == ""
     else:
@@ -282,9 +346,9 @@ def test_merged_4bit_without_bitsandbytes_is_refused_before_any_work(inputs_16bi
     work.mkdir()
     out = work / "out"
     for extra in ([], ["--dry-run"]):
-        result, _ = run_cli(
+        result = run_cli(
             tmp_path, mode, base, adapter, out, "--save-method", "merged_4bit", *extra
-        )
+        ).result
         assert result.returncode == EXIT_INVALID_INPUT, (extra, result.stderr)
         lines = result.stderr.splitlines()
         assert len(lines) == 1, result.stderr
