@@ -1,0 +1,458 @@
+"""What a new user hit (issue 14): each case runs the installed ``lora-merge`` as a user does.
+
+- Choice options are case-insensitive, and every option is checked (and a bad one
+  refused with exit 2) before any input is read and before OUT or a staging folder exists;
+  the Python API normalises and refuses exactly the same values.
+- ``--dry-run``'s memory line bounds the memory the merge then uses.
+- A DoRA adapter is refused in a combination when only its config says so.
+- ``--private``/``--revision`` without ``--push-to-hub`` are refused by the API too.
+- The CLI's warning printer does not outlive the command.
+- Option conflicts are usage errors (exit 2), never invalid input (exit 4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from handmade_checkpoints import adapter_tensors, write_adapter, write_base
+from merge_process import LORA_MERGE
+from safetensors.torch import save_file
+
+from lora_merge import MergeOptions, merge
+from lora_merge.compute.bitsandbytes_backend import load_bitsandbytes
+from lora_merge.errors import EXIT_INVALID_INPUT, EXIT_USAGE, LoraMergeError, UsageError
+
+EXIT_INPUT_NOT_FOUND = 3
+
+
+def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed command, no terminal (so no progress bar), no debug tracebacks."""
+    environment = {k: v for k, v in (env or os.environ).items() if k != "LORA_MERGE_DEBUG"}
+    return subprocess.run(
+        [LORA_MERGE, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    """The files of a merged model that depend on the merge (the card records the command line)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "README.md"}
+
+
+def assert_nothing_written(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p.name for p in tmp_path.iterdir() if "lora-merge-partial" in p.name]
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lora-merge: error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[Path, Path]:
+    write_base(tmp_path / "base")
+    write_adapter(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+@pytest.fixture
+def two_adapters(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A base and two adapters of the same rank (so every --combine method applies)."""
+    write_base(tmp_path / "base")
+    write_adapter(tmp_path / "first", adapter_tensors(seed=1))
+    write_adapter(tmp_path / "second", adapter_tensors(seed=2))
+    return tmp_path / "base", tmp_path / "first", tmp_path / "second"
+
+
+# 1. Choices are case-insensitive; every option is checked before any work.
+
+
+def _bitsandbytes_or_skip() -> None:
+    if load_bitsandbytes() is None:
+        pytest.skip("--save-method merged_4bit re-quantizes with bitsandbytes, which does not load here")
+
+
+@pytest.mark.parametrize(
+    ("shouted", "spoken", "needs_bitsandbytes"),
+    [
+        (
+            ["--save-method", "MERGED_4BIT", "--quant-type", "NF4"],
+            ["--save-method", "merged_4bit", "--quant-type", "nf4"],
+            True,
+        ),
+        (["--quant-type", "FP4", "--save-method", "Merged_4bit"], ["--quant-type", "fp4", "--save-method", "merged_4bit"], True),
+        (["--dtype", "BF16", "--device", "CPU"], ["--dtype", "bf16", "--device", "cpu"], False),
+        (["--dtype", "Float32"], ["--dtype", "fp32"], False),
+    ],
+    ids=["merged_4bit-NF4", "merged_4bit-FP4", "dtype-device", "dtype-long-name"],
+)
+def test_choices_in_any_case_mean_the_same(
+    inputs: tuple[Path, Path],
+    tmp_path: Path,
+    shouted: list[str],
+    spoken: list[str],
+    needs_bitsandbytes: bool,
+) -> None:
+    """``--quant-type NF4`` is ``--quant-type nf4``: the same files (the claim is only that
+    the spelling changes nothing, so the lower-case run is the reference)."""
+    if needs_bitsandbytes:
+        _bitsandbytes_or_skip()
+    base, adapter = inputs
+    upper = run_cli(base, adapter, tmp_path / "upper", "-q", *shouted)
+    assert upper.returncode == 0, upper.stderr
+    lower = run_cli(base, adapter, tmp_path / "lower", "-q", *spoken)
+    assert lower.returncode == 0, lower.stderr
+    assert model_files(tmp_path / "upper") == model_files(tmp_path / "lower")
+    if "merged_4bit" in spoken:
+        config = json.loads((tmp_path / "upper" / "config.json").read_text())
+        quant_type = spoken[spoken.index("--quant-type") + 1]
+        assert config["quantization_config"]["bnb_4bit_quant_type"] == quant_type
+
+
+def test_combine_choices_in_any_case_mean_the_same(
+    two_adapters: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    base, first, second = two_adapters
+    common = ["--density", "0.5", "-q"]
+    upper = run_cli(
+        base, first, second, tmp_path / "upper", "--combine", "TIES",
+        "--majority-sign-method", "Frequency", *common,
+    )  # fmt: skip
+    assert upper.returncode == 0, upper.stderr
+    lower = run_cli(
+        base, first, second, tmp_path / "lower", "--combine", "ties",
+        "--majority-sign-method", "frequency", *common,
+    )  # fmt: skip
+    assert lower.returncode == 0, lower.stderr
+    assert model_files(tmp_path / "upper") == model_files(tmp_path / "lower")
+
+
+# Every bad value or conflict, as the user types it: exit 2, nothing read, nothing written.
+BAD_OPTIONS = [
+    (["--dtype", "int8"], "--dtype"),
+    (["--device", "tpu"], "--device"),
+    (["--save-method", "merged_8bit"], "--save-method"),
+    (["--quant-type", "int4"], "--quant-type"),
+    (["--max-memory", "0"], "--max-memory"),
+    (["--combine", "average"], "--combine"),
+    (["--combine", "ties", "--density", "0.5", "--majority-sign-method", "most"], "--majority-sign-method"),
+    (["--combine", "ties"], "--density"),
+    (["--weights", "0.5,x"], "--weights"),
+    (["--svd-rank", "4"], "--svd-rank"),
+    (["--private"], "--push-to-hub"),
+    (["--revision", "dev"], "--push-to-hub"),
+    (["--rank", "4"], "--alpha"),
+    (["--alpha", "8"], "--rank"),
+    (["--enable-lora", "1,0,1"], "--rank"),
+    (["--rank", "4", "--alpha", "8", "--enable-lora", "1,x"], "--enable-lora"),
+    (["--unmerge", "--save-method", "lora"], "--unmerge"),
+    (["--double-quant"], "--double-quant"),
+    (["--verify", "--save-method", "lora"], "--verify"),
+    (["--dtype", "bf16", "--save-method", "lora"], "--dtype"),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "named"), BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS]
+)
+def test_bad_options_are_refused_before_any_input_is_read(
+    tmp_path: Path, options: list[str], named: str
+) -> None:
+    """BASE and ADAPTER do not exist: a refusal about the options (exit 2, naming the option)
+    rather than about them (exit 3) shows the options were checked first."""
+    out = tmp_path / "out"
+    result = run_cli(tmp_path / "no-base", tmp_path / "no-adapter", out, *options)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_written(tmp_path, out)
+
+
+def test_quant_type_in_capitals_merges_from_python(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    """The API takes what the CLI takes: ``quant_type="NF4"`` is nf4, not a ValueError mid-merge."""
+    _bitsandbytes_or_skip()
+    base, adapter = inputs
+    merge(
+        MergeOptions(
+            base=base, adapter=adapter, out=tmp_path / "out", quiet=True,
+            save_method="Merged_4bit", quant_type="NF4", dtype="BF16", device="CPU",
+        )
+    )  # fmt: skip
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
+API_BAD_OPTIONS = [
+    {"dtype": "int8"},
+    {"device": "tpu"},
+    {"save_method": "merged_8bit"},
+    {"quant_type": "int4"},
+    {"quant_blocksize": 100},
+    {"max_shard_size": "5XB"},
+    {"max_memory": 0},
+    {"combine": "TIES", "density": 0.5, "majority_sign_method": "most"},
+    {"private": True},
+    {"hub_revision": "dev"},
+    {"push_to_hub": "not a repo id"},
+    {"rank": 4},
+    {"rank": 0, "alpha": 8},
+    {"enable_lora": "1,0,1"},
+    {"unmerge": True, "combine": "cat"},
+    {"rank": 4, "alpha": 8, "combine": "cat"},
+    {"double_quant": True},
+    {"verify": True, "save_method": "lora"},
+    {"dtype": "fp16", "save_method": "lora"},
+    {"adapter": []},
+]
+
+
+@pytest.mark.parametrize("changes", API_BAD_OPTIONS, ids=[str(c) for c in API_BAD_OPTIONS])
+def test_api_refuses_what_the_cli_refuses_as_usage_errors(tmp_path: Path, changes: dict) -> None:
+    """From Python the same mistakes are UsageError (exit code 2), raised before BASE (missing
+    here) is looked at."""
+    out = tmp_path / "out"
+    options = {"base": tmp_path / "no-base", "adapter": tmp_path / "no-adapter", "out": out}
+    with pytest.raises(LoraMergeError) as refusal:
+        merge(MergeOptions(**{**options, **changes}))
+    assert isinstance(refusal.value, UsageError), refusal.value
+    assert refusal.value.exit_code == EXIT_USAGE
+    assert_nothing_written(tmp_path, out)
+
+
+# 2. --dry-run's memory line.
+
+# The embedding LoRA of the memory test: A is (RANK, VOCAB) float32, 32 MiB, eight
+# times... far more than the q_proj LoRA, whose rank (16) is larger.
+VOCAB, HIDDEN, RANK = 2**20, 32, 8
+
+# Runs BASE ADAPTER OUT ... and prints its peak resident set in bytes. A small
+# Python process in between, because a child's ru_maxrss counts what the process
+# that exec'd it held (a fork of this pytest process, torch and all).
+_PEAK_RSS = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux, BSDs: KiB
+print(done.returncode)
+sys.stderr.write(done.stderr)
+sys.stdout.write(done.stdout)
+"""
+
+
+def _write_embedding_case(root: Path, vocab: int) -> tuple[Path, Path]:
+    """A bf16 base and an adapter with a rank-16 q_proj LoRA and a rank-8 embedding LoRA."""
+    base, adapter = root / "base", root / "adapter"
+    base.mkdir(parents=True)
+    adapter.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    save_file(
+        {
+            "model.embed_tokens.weight": random(vocab, HIDDEN).bfloat16(),
+            "model.layers.0.self_attn.q_proj.weight": random(HIDDEN, HIDDEN).bfloat16(),
+            "model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16),
+        },
+        base / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    (base / "config.json").write_text(
+        json.dumps({"model_type": "llama", "vocab_size": vocab, "hidden_size": HIDDEN})
+    )
+    prefix = "base_model.model.model."
+    save_file(
+        {
+            f"{prefix}embed_tokens.lora_embedding_A": random(RANK, vocab) * 0.1,
+            f"{prefix}embed_tokens.lora_embedding_B": random(HIDDEN, RANK) * 0.1,
+            f"{prefix}layers.0.self_attn.q_proj.lora_A.weight": random(16, HIDDEN) * 0.1,
+            f"{prefix}layers.0.self_attn.q_proj.lora_B.weight": random(HIDDEN, 16) * 0.1,
+        },
+        adapter / "adapter_model.safetensors",
+    )
+    config = {
+        "peft_type": "LORA",
+        "r": RANK,
+        "lora_alpha": 2 * RANK,
+        "rank_pattern": {"q_proj": 16},
+        "alpha_pattern": {"q_proj": 32},
+        "target_modules": ["q_proj", "embed_tokens"],
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return base, adapter
+
+
+def _peak_rss(*args: object) -> tuple[int, str]:
+    """The peak resident bytes of one ``lora-merge`` run, and its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, LORA_MERGE, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    peak, returncode, stdout = result.stdout.split("\n", 2)
+    assert int(returncode) == 0, result.stderr
+    return int(peak), stdout
+
+
+def _estimate_and_growth(root: Path, vocab: int) -> tuple[int, int]:
+    """--dry-run's working-memory estimate, and how much more a merge holds than the dry run.
+
+    The dry run does everything the merge does before streaming (imports, reading
+    headers, planning), so the difference is what streaming the tensors adds.
+    Hashing is off: its thread reads whole files, which the estimate leaves out.
+    """
+    base, adapter = _write_embedding_case(root, vocab)
+    dry_peak, report = _peak_rss(base, adapter, root / "out", "--dry-run", "--json", "--no-hash-inputs")
+    estimate = json.loads(report)["working_memory_bytes"]
+    merge_peak, _ = _peak_rss(base, adapter, root / "out", "--no-hash-inputs", "-q")
+    return estimate, merge_peak - dry_peak
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32", reason="a finished child's peak RSS comes from getrusage (POSIX)"
+)
+def test_dry_run_memory_bounds_what_a_large_embedding_lora_makes_the_merge_hold(
+    tmp_path: Path,
+) -> None:
+    """The estimate is an upper bound of the memory streaming adds, and not a loose one.
+
+    Streaming also maps code (torch's matmul kernels load on first use) and starts
+    threads, whatever the tensors; a merge of the same layout with a 1024-token
+    vocabulary measures that, with its own tiny tensor data, which makes the bound
+    hold whatever the platform's fixed costs. The factor of 2 below is the looseness
+    allowed: the estimate counts every copy the stream makes of A and B, each
+    touched in full, so the measured growth cannot be much below it.
+    """
+    small_estimate, small_growth = _estimate_and_growth(tmp_path / "small", 1024)
+    estimate, growth = _estimate_and_growth(tmp_path / "large", VOCAB)
+    embedding_factor_bytes = RANK * VOCAB * 4
+    assert growth > embedding_factor_bytes, "the measurement does not see the embedding LoRA"
+    assert growth <= estimate + small_growth, (estimate, growth, small_growth)
+    assert estimate - small_estimate <= 2 * (growth - small_growth), (estimate, growth)
+
+
+# 3. A DoRA adapter in a combination.
+
+
+def test_dora_adapter_by_its_config_is_refused_in_a_combination(
+    two_adapters: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """use_dora in adapter_config.json is enough: DoRA cannot be combined (exit 4, nothing written)."""
+    base, first, second = two_adapters
+    config = json.loads((second / "adapter_config.json").read_text())
+    (second / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    out = tmp_path / "out"
+    result = run_cli(base, first, second, out, "-q")
+    assert result.returncode == EXIT_INVALID_INPUT, result.stderr
+    assert_one_error_line(result, str(second), "DoRA", "use_dora", "cannot be combined")
+    assert_nothing_written(tmp_path, out)
+
+
+# 4. --private and --revision without --push-to-hub.
+
+
+@pytest.mark.parametrize(
+    ("cli_option", "api_option"),
+    [(["--private"], {"private": True}), (["--revision", "dev"], {"hub_revision": "dev"})],
+)
+def test_push_options_without_a_push_are_refused_by_cli_and_api_alike(
+    inputs: tuple[Path, Path], tmp_path: Path, cli_option: list[str], api_option: dict
+) -> None:
+    base, adapter = inputs
+    result = run_cli(base, adapter, tmp_path / "out", *cli_option)
+    assert result.returncode == EXIT_USAGE
+    cli_message = assert_one_error_line(result, "--push-to-hub")
+    with pytest.raises(UsageError) as refusal:
+        merge(MergeOptions(base=base, adapter=adapter, out=tmp_path / "out", **api_option))
+    assert cli_message == f"lora-merge: error: {refusal.value}"
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+# 5. The CLI's warning printer.
+
+
+@pytest.mark.parametrize("succeeds", [True, False], ids=["merged", "refused"])
+def test_cli_main_gives_warnings_showwarning_back(
+    inputs: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    succeeds: bool,
+) -> None:
+    """A program that calls the CLI's main() keeps its own warning printer afterwards, and
+    the run's own warning (a base-name mismatch) was printed as lora-merge's one line."""
+    from lora_merge import cli
+
+    base, adapter = inputs
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someone/another-model"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    if not succeeds:
+        out.mkdir()
+        (out / "kept.txt").write_text("exists: refused without --overwrite")
+
+    def callers_printer(*args: object, **kwargs: object) -> None:
+        raise AssertionError("lora-merge's own warning reached the caller's printer")
+
+    monkeypatch.setattr(warnings, "showwarning", callers_printer)
+    monkeypatch.setattr(sys, "argv", ["lora-merge", str(base), str(adapter), str(out), "-q"])
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main()
+    assert exit_status.value.code == (0 if succeeds else 6)
+    assert warnings.showwarning is callers_printer
+    assert "lora-merge: warning: the adapter was trained on 'someone/another-model'" in (
+        capsys.readouterr().err
+    )
+
+
+# 6. Conflicts between options are usage errors.
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--rank", "4"],
+        ["--enable-lora", "1,0,1"],
+        ["--rank", "0", "--alpha", "8"],
+        ["--rank", "4", "--alpha", "nan"],
+    ],
+    ids=["rank-without-alpha", "enable-lora-without-rank", "rank-zero", "alpha-nan"],
+)
+def test_loralib_option_conflicts_are_usage_errors(
+    inputs: tuple[Path, Path], tmp_path: Path, options: list[str]
+) -> None:
+    base, adapter = inputs
+    result = run_cli(base, adapter, tmp_path / "out", *options)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "Traceback" not in result.stderr
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "options", [["--unmerge"], ["--rank", "4", "--alpha", "8"]], ids=["unmerge", "loralib"]
+)
+def test_one_adapter_options_with_several_adapters_are_usage_errors(
+    two_adapters: tuple[Path, Path, Path], tmp_path: Path, options: list[str]
+) -> None:
+    base, first, second = two_adapters
+    result = run_cli(base, first, second, tmp_path / "out", *options)
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert_one_error_line(result, "one adapter")
+    assert_nothing_written(tmp_path, tmp_path / "out")
