@@ -167,6 +167,7 @@ def build_combine_recipe(
         )
     if majority_sign_method is not None:
         refuse_unless(method.uses_sign_method, "--majority-sign-method", "the ties methods")
+        majority_sign_method = majority_sign_method.strip().lower()
         if majority_sign_method not in ("total", "frequency"):
             raise UsageError(
                 f"--majority-sign-method {majority_sign_method!r} is not one of total, frequency"
