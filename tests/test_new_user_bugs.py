@@ -469,3 +469,23 @@ def test_one_adapter_options_with_several_adapters_are_usage_errors(
     assert result.returncode == EXIT_USAGE, result.stderr
     assert_one_error_line(result, "one adapter")
     assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("largest", [1.5, 3e38], ids=["folds", "would-overflow"])
+def test_scale_folded_into_a_only_where_that_cannot_overflow(largest: float) -> None:
+    """The memory the estimate counts for folding: A * scale is made only when no entry
+    overflows (3e38 * 2 would, in float32); either way the delta is PEFT's (B @ A) * scale.
+
+    Rank 1, so each entry of B @ A is one product, exact in float64: the float64
+    reference rounded once to float32 is the exact answer, and scaling by 2 is exact.
+    """
+    from lora_merge.compute.lora import lora_delta_rows, prepare_lora_factors
+
+    lora_a = torch.tensor([[largest, -1.0, 0.25]])
+    lora_b = torch.tensor([[1e-3], [-0.5]])
+    factors = prepare_lora_factors(lora_a, lora_b, 2.0, False, torch.float32)
+    delta = lora_delta_rows(factors, 0, 2)
+    exact = (lora_b.double() @ lora_a.double()) * 2.0
+    assert bool(torch.isfinite(exact.float()).all())
+    assert torch.equal(delta, exact.float()), (delta, exact)
+    assert factors.scale == (2.0 if largest > 1e38 else 1.0)

@@ -215,10 +215,11 @@ class CombinedAdapter:
     def factor_cache_bytes(self) -> int:
         """The largest module's combined A and B: what each thread keeps between modules."""
         by_module: dict[str, int] = {}
-        for key, (module, _) in self._factor_keys.items():
-            by_module[module] = by_module.get(module, 0) + self.dtype(key).itemsize * math.prod(
-                self._shapes[key]
-            )
+        for key, (module, which) in self._factor_keys.items():
+            if which == 1 and self._recipe.method.form == "full":
+                continue  # a full-rank combination has no B, only the whole delta in A
+            size = self.dtype(key).itemsize * math.prod(self._shapes[key])
+            by_module[module] = by_module.get(module, 0) + size
         return max(by_module.values(), default=0)
 
     def working_bytes(self, key: str) -> int:
@@ -251,9 +252,10 @@ class CombinedAdapter:
             work = 7 * 4 * (a_elements + b_elements)
         else:
             # Whole (out, in) float64 deltas: the tasks' deltas, pruned, stacked, weighted,
-            # signs, agreement and masked sum (about 6 each), then the SVD's input, copy,
-            # factors and LAPACK workspace.
-            work = 8 * out_features * in_features * (7 * count + 8)
+            # signs, agreement and masked sum (7 per task), the combination and, for an
+            # SVD, its input's copy, its factors and LAPACK's workspace (5 more).
+            whole = 8 * out_features * in_features
+            work = whole * (7 * count + (8 if method.form == "svd" else 3))
         return read + work
 
     # internals
