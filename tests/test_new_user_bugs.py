@@ -229,7 +229,12 @@ API_BAD_OPTIONS = [
     {"double_quant": True},
     {"verify": True, "save_method": "lora"},
     {"dtype": "fp16", "save_method": "lora"},
+    {"allow_nonfinite": True, "save_method": "lora"},
     {"adapter": []},
+    {"dtype": torch.bfloat16},
+    {"combine": "ties_svd", "density": 0.5, "svd_rank": "4"},
+    {"combine": "dare_ties", "density": "0.5"},
+    {"combine": "dare_ties", "density": 0.5, "seed": 1.5},
 ]
 
 
@@ -243,6 +248,25 @@ def test_api_refuses_what_the_cli_refuses_as_usage_errors(tmp_path: Path, change
         merge(MergeOptions(**{**options, **changes}))
     assert isinstance(refusal.value, UsageError), refusal.value
     assert refusal.value.exit_code == EXIT_USAGE
+    assert_nothing_written(tmp_path, out)
+
+
+def test_merged_4bit_without_bitsandbytes_is_refused_before_any_input_is_read(
+    tmp_path: Path,
+) -> None:
+    """Where bitsandbytes does not load, merged_4bit is refused up front (exit 4), not at the
+    first weight to re-quantize; BASE and ADAPTER do not even exist here."""
+    broken = tmp_path / "site" / "bitsandbytes"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('no native library for this CPU')\n")
+    environment = {**os.environ, "PYTHONPATH": str(broken.parent)}
+    out = tmp_path / "out"
+    result = run_cli(
+        tmp_path / "no-base", tmp_path / "no-adapter", out, "--save-method", "merged_4bit",
+        env=environment,
+    )  # fmt: skip
+    assert result.returncode == EXIT_INVALID_INPUT, result.stderr
+    assert_one_error_line(result, "bitsandbytes", "merged_16bit")
     assert_nothing_written(tmp_path, out)
 
 

@@ -267,11 +267,8 @@ def checked_options(options: MergeOptions) -> MergeOptions:
     """
     if not options.adapters:
         raise UsageError("give at least one ADAPTER")
-    save_method = parse_save_method(options.save_method)
-    dtype = _choice_key(options.dtype)
-    parse_dtype(dtype)
-    device = _choice_key(options.device)
-    resolve_device(device)
+    parse_dtype(options.dtype)
+    resolve_device(options.device)
     if options.quant_blocksize not in QUANT_BLOCKSIZES:
         raise UsageError(
             f"quant_blocksize {options.quant_blocksize!r} is not one of "
@@ -279,11 +276,11 @@ def checked_options(options: MergeOptions) -> MergeOptions:
         )
     normalised = replace(
         options,
-        dtype=dtype,
-        device=device,
+        dtype=_choice_key(options.dtype),
+        device=_choice_key(options.device),
         max_shard_size=parse_size(options.max_shard_size),
         max_memory=parse_size(options.max_memory),
-        save_method=save_method,
+        save_method=parse_save_method(options.save_method),
         quant_type=parse_quant_type(options.quant_type),
         combine=None if options.combine is None else _choice_key(options.combine),
         majority_sign_method=(
@@ -333,7 +330,11 @@ def _refuse_conflicts(options: MergeOptions) -> None:
             )
         ignored = [
             name
-            for name, given in (("--dtype", options.dtype != "auto"), ("--verify", options.verify))
+            for name, given in (
+                ("--dtype", options.dtype != "auto"),
+                ("--verify", options.verify),
+                ("--allow-nonfinite", options.allow_nonfinite),
+            )
             if given
         ]
         if ignored:
