@@ -31,8 +31,6 @@ from lora_merge import MergeOptions, merge
 from lora_merge.compute.bitsandbytes_backend import load_bitsandbytes
 from lora_merge.errors import EXIT_INVALID_INPUT, EXIT_USAGE, LoraMergeError, UsageError
 
-EXIT_INPUT_NOT_FOUND = 3
-
 
 def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The installed command, no terminal (so no progress bar), no debug tracebacks."""
