@@ -92,10 +92,14 @@ def prepare_lora_factors(
     lora_b = None if lora_b is None else lora_b.to(compute_dtype)
     mantissa, _ = math.frexp(scale)
     # A power of two >= 1 in magnitude (negative for --unmerge): exact unless it overflows.
-    if abs(scale) >= 1.0 and abs(mantissa) == 0.5:
-        folded = lora_a * scale
-        if bool(torch.isfinite(folded).all()) or not bool(torch.isfinite(lora_a).all()):
-            return LoraFactors(folded, lora_b, 1.0, transposed)
+    if abs(scale) >= 1.0 and abs(mantissa) == 0.5 and lora_a.numel():
+        # A * scale overflows exactly where the largest |a| does: checking A's extremes
+        # needs no (r, in) temporaries (isfinite over the folded A makes three, which
+        # for an embedding's A is more memory than A itself). NaN or Inf in A
+        # propagate to the extremes; such an A is folded, its result is non-finite anyway.
+        extremes = torch.stack(torch.aminmax(lora_a))
+        if not bool(torch.isfinite(extremes).all()) or bool(torch.isfinite(extremes * scale).all()):
+            return LoraFactors(lora_a * scale, lora_b, 1.0, transposed)
     return LoraFactors(lora_a, lora_b, scale, transposed)
 
 
