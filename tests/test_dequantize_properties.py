@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-import bitsandbytes.functional as bnb_functional
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,6 +36,7 @@ PROPERTY_SETTINGS = settings(
 )
 
 
+@pytest.mark.bitsandbytes
 @PROPERTY_SETTINGS
 @given(
     numel=st.integers(1, 3000),
@@ -49,6 +50,8 @@ PROPERTY_SETTINGS = settings(
 def test_any_block_aligned_run_dequantizes_to_bitsandbytes_bits(
     numel, blocksize, quant_type, double_quant, dtype, seed, data
 ):
+    import bitsandbytes.functional as bnb_functional
+
     values = torch.randn(numel, generator=torch.Generator().manual_seed(seed)).to(dtype)
     packed, state = bnb_functional.quantize_4bit(
         values, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
@@ -166,8 +169,11 @@ def test_quantized_group_parser_accepts_only_groups_it_can_read(
         assert tuple(rows.shape) == logical.shape and rows.dtype == logical.dtype
 
 
+@pytest.mark.bitsandbytes
 def test_parser_accepts_a_consistent_group():
     """The property above is not vacuous: a well-formed group (as bitsandbytes makes it) passes."""
+    import bitsandbytes.functional as bnb_functional
+
     values = torch.randn(6, 10).to(torch.bfloat16)
     packed, state = bnb_functional.quantize_4bit(values, blocksize=32, quant_type="fp4")
     name = "layer.weight"
