@@ -150,13 +150,16 @@ def truncation_bound(singular_values: torch.Tensor, rank: int, epsilon: float) -
 
 
 def merge_error(
-    base: torch.Tensor, delta: torch.Tensor, factor_products: torch.Tensor, rank: int
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    factor_products: torch.Tensor,
+    rank: int,
+    unit: float = FLOAT32_UNIT_ROUNDOFF,
 ) -> torch.Tensor:
-    """The float32 product of the factors and its sum with W, before the final rounding
-    (part 4 above); ``factor_products`` bounds Σ_k|B_ik||A_kj|."""
-    return (rank + 4) * FLOAT32_UNIT_ROUNDOFF * factor_products + FLOAT32_UNIT_ROUNDOFF * (
-        base.abs() + delta.abs()
-    )
+    """The product of the factors and its sum with W, in float32 for 16-bit outputs (``unit``
+    float64's for 32-bit ones), before the final rounding (part 4 above);
+    ``factor_products`` bounds Σ_k|B_ik||A_kj|."""
+    return (rank + 4) * unit * factor_products + unit * (base.abs() + delta.abs())
 
 
 @dataclass(frozen=True)
