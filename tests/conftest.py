@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from merge_cases import MergeCase
 from peft.tuners.lora import LoraLayer
 from tiny_checkpoints import (
@@ -32,6 +33,13 @@ from tiny_checkpoints import (
 from transformers import AutoModelForCausalLM
 
 from lora_merge import MergeOptions, merge
+
+# Hypothesis' defaults time each example (a 200 ms deadline, a health check on slow data
+# generation): on a loaded or slow machine a correct test would fail. The properties are about
+# results, not speed, so no example is timed. Loaded before any test module defines its settings,
+# which inherit it.
+settings.register_profile("lora-merge", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("lora-merge")
 
 
 @functools.cache
