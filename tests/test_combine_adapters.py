@@ -48,10 +48,12 @@ from svd_error_bounds import (
     within,
 )
 from tiny_checkpoints import (
+    float64_copy,
     ignoring_expected_peft_warnings,
     prompt_logits,
     save_tiny_lora_adapter,
     stable_seed,
+    unmerged_tolerance,
 )
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -597,7 +599,7 @@ def test_full_delta_on_transposed_conv1d_weights(tiny_base_checkpoint, tmp_path_
 
 def test_combined_model_logits_match_peft_unmerged(fp32_inputs, tmp_path):
     """The merged cat combination computes what PEFT's unmerged combined adapter computes:
-    logits within 1e-4 of the logit scale (float32 reassociation only)."""
+    logits within 3x PEFT's own float32 noise (tiny_checkpoints.unmerged_tolerance)."""
     base, adapters = fp32_inputs
     adapters = adapters[:2]
     out = tmp_path / "merged"
@@ -611,11 +613,12 @@ def test_combined_model_logits_match_peft_unmerged(fp32_inputs, tmp_path):
     peft_model.add_weighted_adapter(["a0", "a1"], list(WEIGHTS), "cat", combination_type="cat")
     peft_model.set_adapter("cat")
     peft_logits = prompt_logits(peft_model.eval())
+    float64_logits = prompt_logits(float64_copy(peft_model), torch.float64)
     base_logits = prompt_logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
 
-    scale = float(peft_logits.abs().max())
-    assert float((merged_logits - peft_logits).abs().max()) < 1e-4 * scale
-    assert float((base_logits - peft_logits).abs().max()) > 1e-2 * scale  # the adapters matter
+    tolerance = unmerged_tolerance(peft_logits, float64_logits, torch.float32)
+    assert float((merged_logits - peft_logits).abs().max()) <= tolerance
+    assert float((base_logits - peft_logits).abs().max()) > 100 * tolerance  # adapters matter
 
 
 @pytest.mark.parametrize(

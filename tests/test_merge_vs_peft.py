@@ -28,22 +28,8 @@ from merge_oracle import (
 )
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from tiny_checkpoints import prompt_logits
+from tiny_checkpoints import prompt_logits, unmerged_tolerance
 from transformers import AutoModelForCausalLM
-
-# float32 models: allowed max |merged logits - unmerged PEFT logits| relative to the logit scale
-# (max |float64 logits|). Both evaluate the same function in float32; merging only reassociates
-# W x + s B (A x) into (W + s B A) x, a change of a few float32 ulps per layer (measured: ~1e-6).
-FLOAT32_LOGITS_RELATIVE_TOLERANCE = 1e-4
-# 16-bit models round every activation to 8 (bf16) or 11 (fp16) significant bits, differently in
-# the merged and the unmerged forward, so no fixed tolerance fits every case: with large LoRA
-# scales PEFT's own unmerged bf16 logits are up to 4% of the logit scale away from the float64
-# evaluation of the same weights. That distance E measures this model's inherent 16-bit noise.
-# The merged model may be at most 2E from float64 (as accurate as PEFT's own 16-bit inference
-# up to a factor 2), hence at most 3E from the unmerged logits, plus one 16-bit eps of the scale
-# so that a lucky, near-exact E cannot make the check flaky. (Measured: merged-vs-unmerged is
-# 0.7E to 1.5E; a mis-scaled or mis-transposed delta gives errors of the order of the scale.)
-SIXTEEN_BIT_NOISE_MULTIPLE = 3.0
 
 CASES_BY_ID = dict(zip(MERGE_CASE_IDS, MERGE_CASES, strict=True))
 SHARDED_CASES = [case for case in MERGE_CASES if case.expect_sharded_output]
@@ -214,15 +200,9 @@ def test_merged_model_loads_without_peft_and_matches_unmerged_peft_logits(
     reference = peft_reference(case)
     merged_logits = prompt_logits(model.eval(), dtype=torch.float64)
     unmerged_logits = reference.unmerged_logits.double()
-    logit_scale = float(reference.float64_logits.abs().max())
-    if case.output_dtype == torch.float32:
-        tolerance = FLOAT32_LOGITS_RELATIVE_TOLERANCE * logit_scale
-    else:
-        peft_noise = float((unmerged_logits - reference.float64_logits).abs().max())
-        eps = torch.finfo(case.output_dtype).eps
-        tolerance = SIXTEEN_BIT_NOISE_MULTIPLE * peft_noise + eps * logit_scale
+    tolerance = unmerged_tolerance(unmerged_logits, reference.float64_logits, case.output_dtype)
     max_difference = float((merged_logits - unmerged_logits).abs().max())
-    assert max_difference <= tolerance, f"logit scale {logit_scale:.3g}"
+    assert max_difference <= tolerance, f"{max_difference:.3g} > tolerance {tolerance:.3g}"
 
 
 @parametrize_cases(MERGE_CASES)
