@@ -244,18 +244,21 @@ def exact_combination(base: dict, deltas: list[dict], weights, name: str) -> tor
 
 def test_cat_is_closer_to_exact_than_peft_wherever_they_differ(bf16_inputs, tmp_path, monkeypatch):
     """cat: PEFT writes w*s*A into its combined adapter (created in the base's bf16 here), so
-    its factors are rounded; lora-merge keeps them in float64 and rounds once. Measured: 27122
-    of 57344 adapted elements differ, every one of them closer to the float64 sum."""
+    its factors are rounded; lora-merge keeps them in float64 and rounds once, so wherever the
+    two differ, lora-merge is the closer to the float64 sum, up to its own float32 evaluation
+    error (which decides only where the exact sum is that close to a rounding midpoint)."""
     base, adapters = bf16_inputs
     ours = run_merge(tmp_path, base, adapters, combine="cat", weights=WEIGHTS)
     theirs = peft_merged(base, adapters, "cat", monkeypatch)
     base_tensors, deltas = read_safetensors_directory(base), exact_deltas(adapters)
+    magnitudes = exact_magnitudes(adapters)
     differ = 0
     for name in differing(ours, theirs):
         exact = exact_combination(base_tensors, deltas, WEIGHTS, name)
+        bound = cat_evaluation_bound(base_tensors, magnitudes, WEIGHTS, name, FLOAT32_UNIT_ROUNDOFF)
         our_error = (ours[name].double() - exact).abs()
         peft_error = (theirs[name].double() - exact).abs()
-        assert bool((our_error <= peft_error).all()), name
+        assert bool((our_error <= peft_error + bound).all()), name
         differ += int((ours[name] != theirs[name]).sum())
     assert differ > 1000  # PEFT's extra rounding shows, so the comparison has teeth
 
@@ -281,12 +284,7 @@ def test_cat_is_the_correctly_rounded_weighted_sum(fp32_inputs, tmp_path, output
     beyond_half, expected_beyond_half = 0, 0.0
     for name in targeted:
         exact = exact_combination(base_tensors, deltas, weights, name)
-        present = [(abs(w), m[name]) for w, m in zip(weights, magnitudes, strict=True) if name in m]
-        magnitude = base_tensors[name].double().abs() + sum(w * m for w, (m, _) in present)
-        rank = sum(r for _, (_, r) in present)
-        # A dot product of length rank over the concatenated factors (each rounded once from
-        # float64), the sum with W: (rank + 4) unit roundoffs of the magnitudes.
-        bound = (rank + 4) * unit * magnitude
+        bound = cat_evaluation_bound(base_tensors, magnitudes, weights, name, unit)
         half_ulp = 0.5 * ulp(ours[name], dtype)
         error = (ours[name].double() - exact).abs()
         assert bool((error <= half_ulp + bound).all()), name
@@ -295,6 +293,15 @@ def test_cat_is_the_correctly_rounded_weighted_sum(fp32_inputs, tmp_path, output
     limit = misrounding_limit(expected_beyond_half)
     print(f"cat {output}: {beyond_half} elements beyond half an ulp, limit {limit:.1f}")
     assert beyond_half <= limit
+
+
+def cat_evaluation_bound(base_tensors, magnitudes, weights, name: str, unit: float):
+    """Bound on the evaluation error of W + Σ wᵢsᵢBᵢAᵢ over the concatenated factors: a dot
+    product of length Σ rᵢ (each factor rounded once from float64) and the sum with W, i.e.
+    (Σ rᵢ + 4) unit roundoffs of |W| + Σ |wᵢ||sᵢ||Bᵢ||Aᵢ|."""
+    present = [(abs(w), m[name]) for w, m in zip(weights, magnitudes, strict=True) if name in m]
+    magnitude = base_tensors[name].double().abs() + sum(w * m for w, (m, _) in present)
+    return (sum(rank for _, (_, rank) in present) + 4) * unit * magnitude
 
 
 def exact_magnitudes(adapters: list[Path]) -> list[dict[str, tuple[torch.Tensor, int]]]:
