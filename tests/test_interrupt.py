@@ -22,8 +22,9 @@ pytestmark = needs_sigstop
 
 @pytest.fixture(scope="module")
 def big_enough_inputs(tmp_path_factory) -> tuple[Path, Path]:
-    """A ~200 MB float32 base: many tensors, so the merge is far from done after its first write."""
-    return write_big_base_and_adapter(tmp_path_factory.mktemp("interrupt"), tensors=48)
+    """A ~32 MB float32 base of 8 tensors, each converted in several tiles: a merge stopped
+    after its first write has most of its work ahead of it."""
+    return write_big_base_and_adapter(tmp_path_factory.mktemp("interrupt"), tensors=8)
 
 
 @pytest.mark.parametrize(
