@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import torch
 
 from lora_merge.compute.dequantize import FOUR_BIT_BLOCKSIZES, FOUR_BIT_QUANT_TYPES
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.positional import read_bytes_at
 from lora_merge.io.safetensors_format import TensorEntry
 
 QUANT_STATE_MARKER = ".quant_state.bitsandbytes__"
@@ -352,12 +352,8 @@ def _read_small(entry: TensorEntry, limit: int) -> bytes:
             f"BASE tensor {entry.name!r} in {entry.path.name} holds {entry.nbytes} bytes, more "
             "than a bitsandbytes quant state ever does: the checkpoint is corrupt"
         )
-    descriptor = os.open(entry.path, os.O_RDONLY)
-    try:
-        data = os.pread(descriptor, entry.nbytes, entry.start)
-    finally:
-        os.close(descriptor)
-    if len(data) != entry.nbytes:
+    data = read_bytes_at(entry.path, entry.start, entry.nbytes)
+    if data is None:
         raise InvalidInputError(f"{entry.path} ended inside tensor {entry.name!r}: truncated")
     return data
 

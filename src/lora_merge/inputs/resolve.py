@@ -190,11 +190,11 @@ def check_output_location(out: Path | str, inputs: list[Path], overwrite: bool) 
     # may be a symlink the user wants replaced.
     resolved = out_path.absolute().parent.resolve() / out_path.name
     for folder in inputs:
-        if resolved == folder or folder in resolved.parents:
+        if _is_same_or_inside(resolved, folder):
             raise OutputError(
                 f"OUT {out_path} lies inside the input folder {folder}; choose another OUT"
             )
-        if resolved in folder.parents:
+        if _is_same_or_inside(folder, resolved):
             raise OutputError(
                 f"OUT {out_path} contains the input folder {folder}; choose another OUT"
             )
@@ -205,6 +205,31 @@ def check_output_location(out: Path | str, inputs: list[Path], overwrite: bool) 
     if resolved.is_dir() and any(resolved.iterdir()) and not overwrite:
         raise OutputError(f"OUT {out_path} exists and is not empty; pass --overwrite to replace it")
     return resolved
+
+
+def _is_same_or_inside(path: Path, folder: Path) -> bool:
+    """True if ``path`` is ``folder`` or lies inside it, comparing folders by identity.
+
+    Spelled paths can differ for one folder: letter case on the case-insensitive
+    filesystems of macOS and Windows, drive letters, ``\\\\?\\`` long-path
+    prefixes, 8.3 short names, hard links. So each existing folder on the way
+    from ``path`` up to the root is compared with ``folder`` by device and inode
+    (``os.path.samestat``), not by its name. Spelled names still count, for
+    parts of ``path`` that do not exist yet.
+    """
+    if path == folder or folder in path.parents:
+        return True
+    try:
+        target = folder.stat()
+    except OSError:
+        return False
+    for candidate in (path, *path.parents):
+        try:
+            if os.path.samestat(candidate.stat(), target):
+                return True
+        except OSError:
+            continue  # not created yet, or unreadable: its name was compared above
+    return False
 
 
 def _existing_folder(path: Path | str, role: str) -> Path:

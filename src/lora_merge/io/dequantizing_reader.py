@@ -28,6 +28,7 @@ from lora_merge.compute.dequantize import (
     dequantize_nested_absmax,
 )
 from lora_merge.inputs.quantized import FourBitWeight, Int8Weight, LogicalTensor
+from lora_merge.io.positional import PositionalFile
 from lora_merge.io.reader import SafetensorsReader, checked_row_range
 from lora_merge.io.safetensors_format import TensorEntry
 
@@ -89,7 +90,7 @@ class DequantizingReader:
         for name in quantized.stored_names:
             self._stored.prefetch(name)
 
-    def copy_bytes(self, key: str, destination: int, destination_offset: int) -> int:
+    def copy_bytes(self, key: str, destination: PositionalFile, destination_offset: int) -> int:
         """Copy a stored tensor's bytes (see :meth:`SafetensorsReader.copy_bytes`)."""
         return self._stored.copy_bytes(key, destination, destination_offset)
 

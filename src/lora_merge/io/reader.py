@@ -6,9 +6,6 @@ rows i..j) so the planner and the stream do not care where a tensor comes from.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,16 +14,8 @@ from typing import Protocol
 import torch
 
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.positional import PositionalFile
 from lora_merge.io.safetensors_format import TensorEntry
-
-COPY_CHUNK_BYTES = 16 * 2**20
-_COPY_FILE_RANGE_UNSUPPORTED = (
-    errno.EXDEV,
-    errno.EINVAL,
-    errno.ENOSYS,
-    errno.EOPNOTSUPP,
-    errno.EBADF,
-)
 
 
 class TensorSource(Protocol):
@@ -58,21 +47,21 @@ class StoredTensorSource(TensorSource, Protocol):
 
     def prefetch(self, key: str) -> None: ...
 
-    def copy_bytes(self, key: str, destination: int, destination_offset: int) -> int: ...
+    def copy_bytes(self, key: str, destination: PositionalFile, destination_offset: int) -> int: ...
 
 
 class SafetensorsReader:
     """Reads tensors from one or more safetensors files, a row range at a time.
 
-    Reads are positional (``os.preadv``) into a fresh buffer of exactly the
-    bytes asked for: no mmap, so the pages read do not stay in our resident set,
-    and no shared file position, so a reading thread and a copying thread can
-    use one reader at once. Each file is opened once, on first use.
+    Reads are positional (:class:`~lora_merge.io.positional.PositionalFile`) into
+    a buffer of exactly the bytes asked for: no mmap, so the pages read do not
+    stay in our resident set, and a reading thread and a copying thread can use
+    one reader at once. Each file is opened once, on first use.
     """
 
     def __init__(self, entries: Mapping[str, TensorEntry]) -> None:
         self._entries = dict(entries)
-        self._descriptors: dict[Path, int] = {}
+        self._files: dict[Path, PositionalFile] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> SafetensorsReader:
@@ -84,9 +73,9 @@ class SafetensorsReader:
     def close(self) -> None:
         """Close every file opened so far."""
         with self._lock:
-            for descriptor in self._descriptors.values():
-                os.close(descriptor)
-            self._descriptors.clear()
+            for file in self._files.values():
+                file.close()
+            self._files.clear()
 
     def keys(self) -> Iterable[str]:
         return self._entries.keys()
@@ -115,13 +104,8 @@ class SafetensorsReader:
         if buffer is None or buffer.numel() < nbytes:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
         buffer = buffer[:nbytes]
-        target = buffer.numpy().data
-        done = 0
-        while done < nbytes:
-            count = os.preadv(self._descriptor(entry.path), [target[done:]], offset + done)
-            if not count:
-                raise _shrunk(entry)
-            done += count
+        if not self._file(entry.path).read_exactly_into(buffer.numpy().data, offset):
+            raise _shrunk(entry)
         if entry.dtype == torch.uint8:
             return buffer.reshape(shape)
         return buffer.view(entry.dtype).reshape(shape)
@@ -134,64 +118,37 @@ class SafetensorsReader:
         arithmetic without a queue of our own. Bounded by one tensor per thread.
         """
         entry = self._entries[key]
-        if not hasattr(os, "posix_fadvise") or not entry.nbytes:
-            return
-        # Only a hint: on a filesystem that does not take it, reads happen on demand.
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(
-                self._descriptor(entry.path), entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED
-            )
+        if entry.nbytes:
+            self._file(entry.path).will_need(entry.start, entry.nbytes)
 
-    def copy_bytes(self, key: str, destination: int, destination_offset: int) -> int:
-        """Copy the raw bytes of a tensor into a file descriptor at an offset; return the count.
+    def copy_bytes(self, key: str, destination: PositionalFile, destination_offset: int) -> int:
+        """Copy the raw bytes of a tensor into ``destination`` at an offset; return the count.
 
-        Uses ``os.copy_file_range`` (in-kernel, the data never enters Python)
-        where the OS has it, else a positional buffered copy.
+        In the kernel where the OS allows it (see :meth:`PositionalFile.copy_to`):
+        the data never enters Python.
         """
         entry = self._entries[key]
-        source = self._descriptor(entry.path)
-        copied = 0
-        if hasattr(os, "copy_file_range"):
-            try:
-                while copied < entry.nbytes:
-                    count = os.copy_file_range(
-                        source,
-                        destination,
-                        entry.nbytes - copied,
-                        entry.start + copied,
-                        destination_offset + copied,
-                    )
-                    if count == 0:
-                        raise _shrunk(entry)
-                    copied += count
-            except OSError as err:
-                # EXDEV on old kernels, EINVAL/ENOSYS/EOPNOTSUPP on some filesystems:
-                # copy below instead. A full disk is not something to retry.
-                if err.errno not in _COPY_FILE_RANGE_UNSUPPORTED:
-                    raise
-        while copied < entry.nbytes:
-            chunk = os.pread(
-                source, min(COPY_CHUNK_BYTES, entry.nbytes - copied), entry.start + copied
-            )
-            if not chunk:
-                raise _shrunk(entry)
-            copied += os.pwrite(destination, chunk, destination_offset + copied)
-        return entry.nbytes
+        copied = self._file(entry.path).copy_to(
+            destination, entry.nbytes, entry.start, destination_offset
+        )
+        if copied != entry.nbytes:
+            raise _shrunk(entry)
+        return copied
 
-    def _descriptor(self, path: Path) -> int:
-        descriptor = self._descriptors.get(path)
-        if descriptor is None:
+    def _file(self, path: Path) -> PositionalFile:
+        file = self._files.get(path)
+        if file is None:
             with self._lock:
-                descriptor = self._descriptors.get(path)
-                if descriptor is None:
+                file = self._files.get(path)
+                if file is None:
                     try:
-                        descriptor = os.open(path, os.O_RDONLY)
+                        file = PositionalFile(path)
                     except OSError as err:
                         raise InvalidInputError(
                             f"cannot read {path}: {err.strerror or err}"
                         ) from err
-                    self._descriptors[path] = descriptor
-        return descriptor
+                    self._files[path] = file
+        return file
 
 
 def checked_row_range(key: str, rows: int, start: int, stop: int | None) -> int:
