@@ -9,8 +9,8 @@ that depends only on the precision it computes in and on the conditioning of the
 The bound has four parts:
 
 1. The combination. With unit roundoff u, a float delta has error at most
-   (r + 2) u sᵢ|Bᵢ||Aᵢ| (a length-r dot product, then the scale), and the weighted sum or
-   TIES mean adds (k + 2) u Σᵢ|wᵢ tᵢ| (Higham, *Accuracy and Stability of Numerical
+   (r + 3) u sᵢ|Bᵢ||Aᵢ| (a length-r dot product, the scale, DARE's rescale), and the
+   weighted sum or TIES mean adds (k + 2) u Σᵢ|wᵢ tᵢ| (Higham, *Accuracy and Stability of Numerical
    Algorithms*, §3.1). A decision (keep one of the top-k magnitudes, a task's sign, the
    elected sign) can come out otherwise than in exact arithmetic only where its deciding
    quantity is within that error of the threshold; at such an element any outcome is a
@@ -88,7 +88,7 @@ def combination_error(
         elects_sign: whether a TIES sign election and disjoint mean follow.
         sign_method: ``total`` or ``frequency``.
     """
-    errors = [(task.rank + 2) * unit * task.magnitude for task in tasks]
+    errors = [(task.rank + 3) * unit * task.magnitude for task in tasks]
     fragile = torch.zeros_like(combined, dtype=torch.bool)
     kept, kept_errors = [], []
     for task, error in zip(tasks, errors, strict=True):
