@@ -5,6 +5,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
+# Extra pip options for torch alone. PyPI's Linux torch is the CUDA build (GBs of
+# NVIDIA libraries); on a machine without an NVIDIA GPU the CPU build is enough:
+#   make test TORCH_PIP_OPTIONS="--index-url https://download.pytorch.org/whl/cpu"
+# (PyPI's macOS and Windows torch wheels are CPU builds already.)
+TORCH_PIP_OPTIONS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LINTED := src tests benchmarks examples fuzz
@@ -15,7 +20,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_PIP_OPTIONS)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,dev]"
 	touch $(STAMP)
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 
+from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
 from lora_merge.errors import InvalidInputError
 from lora_merge.inputs.quantized import FourBitWeight, LogicalTensor
 from lora_merge.inputs.resolve import BaseCheckpoint
@@ -35,13 +36,15 @@ def plan_requantization(
     """The plan with every weight to re-quantize replaced by its 4-bit group.
 
     Raises:
-        InvalidInputError: the base is 8-bit (LLM.int8), which has no 4-bit format to keep.
+        InvalidInputError: the base is 8-bit (LLM.int8), which has no 4-bit format to keep, or
+            bitsandbytes, which quantizes, is missing or does not load.
     """
     if base.quantization is not None and not base.quantization.is_4bit:
         raise InvalidInputError(
             "--save-method merged_4bit needs a 4-bit or unquantized BASE; this one is 8-bit "
             "(LLM.int8): use merged_16bit"
         )
+    require_bitsandbytes("--save-method merged_4bit")
     tensors: list[PlannedTensor] = []
     for tensor in plan.tensors:
         logical = base.tensors.get(tensor.spec.name)
