@@ -19,7 +19,6 @@ import json
 import shutil
 from pathlib import Path
 
-import bitsandbytes.functional as bnb_functional
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -63,6 +62,10 @@ def quantize_4bit_tensors(
     name: str, weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int
 ) -> dict[str, torch.Tensor]:
     """The tensors transformers stores for one 4-bit weight, keyed as in its checkpoints."""
+    # Imported here: test modules import this one whether or not bitsandbytes is installed
+    # (their tests that need it are marked and skipped where it is missing).
+    import bitsandbytes.functional as bnb_functional
+
     packed, state = bnb_functional.quantize_4bit(
         weight,
         blocksize=blocksize,

@@ -14,11 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from merge_cases import MergeCase
 from peft.tuners.lora import LoraLayer
 from tiny_checkpoints import (
@@ -31,6 +33,44 @@ from tiny_checkpoints import (
 from transformers import AutoModelForCausalLM
 
 from lora_merge import MergeOptions, merge
+
+# Hypothesis' defaults time each example (a 200 ms deadline, a health check on slow data
+# generation): on a loaded or slow machine a correct test would fail. The properties are about
+# results, not speed, so no example is timed. Loaded before any test module defines its settings,
+# which inherit it.
+settings.register_profile("lora-merge", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("lora-merge")
+
+
+@functools.cache
+def bitsandbytes_missing() -> str | None:
+    """Why bitsandbytes cannot be used here, or None when it loads."""
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except Exception as err:  # not installed, or its native library fails to load
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "bitsandbytes: makes or checks its quantized checkpoints with bitsandbytes, an optional "
+        "dependency (no wheel for some platforms); skipped, with the reason, where it does not load",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = bitsandbytes_missing()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs bitsandbytes, which does not load here ({reason}); "
+        "the pure-torch dequantization is tested without it in test_quantized_torch_path.py"
+    )
+    for item in items:
+        if item.get_closest_marker("bitsandbytes"):
+            item.add_marker(skip)
 
 
 @dataclass(frozen=True)

@@ -113,10 +113,11 @@ def write_adapter(
 def write_big_base_and_adapter(
     root: Path, tensors: int = 24, side: int = 1024
 ) -> tuple[Path, Path]:
-    """A float32 base big enough (~100 MB by default) that a signal lands mid-write.
+    """A float32 base of ``tensors`` square tensors (~100 MB by default), written in many tiles.
 
     One LoRA module on the first tensor; the rest are converted when ``--dtype``
-    asks for it, which keeps the merge busy for a fraction of a second.
+    asks for it. Tests that act mid-write stop the merge at a known point
+    (merge_process.py), so the size only has to leave work after that point.
     """
     base, adapter = root / "base", root / "adapter"
     base.mkdir(parents=True)

@@ -34,6 +34,26 @@ def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.full_like(magnitude, info.eps), exponent - 1)
 
 
+def expected_misroundings(bounds: torch.Tensor, ulps: torch.Tensor) -> float:
+    """Upper bound on the expected number of elements that miss the correctly rounded value.
+
+    Each element is evaluated with an error of at most ``bounds`` before its one rounding to
+    a grid of spacing ``ulps``; it can round to the other neighbour only if its exact value
+    lies within that error of a rounding midpoint. The exact values' positions within an ulp
+    are spread evenly (their low bits are the noise of random weights), so that happens with
+    probability at most min(1, 2 * bound / ulp).
+    """
+    return float(torch.clamp(2 * bounds.double() / ulps.double(), max=1.0).sum())
+
+
+def misrounding_limit(expected: float) -> float:
+    """A count of misrounded elements that a mean of ``expected`` exceeds with probability
+    below 1e-6: Bernstein's inequality for a sum of independent indicators (variance <= mean)
+    gives P(count >= mean + t) <= exp(-t² / (2 (mean + t / 3))) <= e^-15 for
+    t = 6 sqrt(mean) + 10."""
+    return expected + 6 * math.sqrt(expected) + 10
+
+
 def read_safetensors_directory(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of every *.safetensors file in `directory` (no key may be in two files)."""
     tensors: dict[str, torch.Tensor] = {}

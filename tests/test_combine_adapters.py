@@ -20,18 +20,40 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from merge_oracle import read_adapter, read_safetensors_directory, resolve_lora_factors, ulp
+from merge_oracle import (
+    expected_misroundings,
+    misrounding_limit,
+    read_adapter,
+    read_safetensors_directory,
+    resolve_lora_factors,
+    ulp,
+)
 from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
+from svd_error_bounds import (
+    FLOAT32_UNIT_ROUNDOFF,
+    FLOAT64_UNIT_ROUNDOFF,
+    Task,
+    clamped_candidates,
+    clamped_perturbation,
+    combination_error,
+    merge_error,
+    perturbed_matrix_bound,
+    truncation_bound,
+    within,
+)
 from tiny_checkpoints import (
+    float64_copy,
     ignoring_expected_peft_warnings,
     prompt_logits,
     save_tiny_lora_adapter,
     stable_seed,
+    unmerged_tolerance,
 )
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -115,6 +137,9 @@ def peft_merged(
         peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
         for name, adapter in zip(names[1:], adapters[1:], strict=True):
             peft_model.load_adapter(adapter, adapter_name=name)
+    # PEFT loads the adapters' factors as float32 (autocast_adapter_dtype), so its deltas,
+    # combination and SVD run in float32: the error model of test_svd_methods_agree_with_peft.
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
     masks = []
     if method.startswith("dare"):
         masks = feed_lora_merge_masks(peft_model, names, monkeypatch, method.endswith("_svd"))
@@ -219,18 +244,21 @@ def exact_combination(base: dict, deltas: list[dict], weights, name: str) -> tor
 
 def test_cat_is_closer_to_exact_than_peft_wherever_they_differ(bf16_inputs, tmp_path, monkeypatch):
     """cat: PEFT writes w*s*A into its combined adapter (created in the base's bf16 here), so
-    its factors are rounded; lora-merge keeps them in float64 and rounds once. Measured: 27122
-    of 57344 adapted elements differ, every one of them closer to the float64 sum."""
+    its factors are rounded; lora-merge keeps them in float64 and rounds once, so wherever the
+    two differ, lora-merge is the closer to the float64 sum, up to its own float32 evaluation
+    error (which decides only where the exact sum is that close to a rounding midpoint)."""
     base, adapters = bf16_inputs
     ours = run_merge(tmp_path, base, adapters, combine="cat", weights=WEIGHTS)
     theirs = peft_merged(base, adapters, "cat", monkeypatch)
     base_tensors, deltas = read_safetensors_directory(base), exact_deltas(adapters)
+    magnitudes = exact_magnitudes(adapters)
     differ = 0
     for name in differing(ours, theirs):
         exact = exact_combination(base_tensors, deltas, WEIGHTS, name)
+        bound = cat_evaluation_bound(base_tensors, magnitudes, WEIGHTS, name, FLOAT32_UNIT_ROUNDOFF)
         our_error = (ours[name].double() - exact).abs()
         peft_error = (theirs[name].double() - exact).abs()
-        assert bool((our_error <= peft_error).all()), name
+        assert bool((our_error <= peft_error + bound).all()), name
         differ += int((ours[name] != theirs[name]).sum())
     assert differ > 1000  # PEFT's extra rounding shows, so the comparison has teeth
 
@@ -238,49 +266,98 @@ def test_cat_is_closer_to_exact_than_peft_wherever_they_differ(bf16_inputs, tmp_
 @pytest.mark.parametrize("output", ["fp32", "bf16"])
 def test_cat_is_the_correctly_rounded_weighted_sum(fp32_inputs, tmp_path, output):
     """cat of three adapters (ranks 8, 8, 4; alpha/r and rsLoRA) is W + Σ wᵢsᵢBᵢAᵢ rounded
-    once: fp32 output (computed in float64) within 0.5 ulp of the float64 sum everywhere;
-    bf16 output (float32 arithmetic, as single merges) off the correct rounding in at most
-    0.1% of the elements (where W and the delta nearly cancel, float32's own error shows)."""
+    once: within half an ulp of the float64 sum, up to the error of its evaluation (float64
+    for an fp32 output, float32 for bf16, as single merges), so that only elements whose exact
+    value lies that close to a rounding midpoint may round the other way."""
     base, adapters = fp32_inputs
     weights = (0.7, -0.4, 1.3)
     ours = run_merge(tmp_path, base, adapters, weights=weights, dtype=output)
     base_tensors, deltas = read_safetensors_directory(base), exact_deltas(adapters)
-    dtype = torch.float32 if output == "fp32" else torch.bfloat16
+    magnitudes = exact_magnitudes(adapters)
+    dtype, unit = (
+        (torch.float32, FLOAT64_UNIT_ROUNDOFF)
+        if output == "fp32"
+        else (torch.bfloat16, FLOAT32_UNIT_ROUNDOFF)
+    )
     targeted = {name for d in deltas for name in d}
     assert len(targeted) == 12
-    beyond_half, elements, worst = 0, 0, 0.0
+    beyond_half, expected_beyond_half = 0, 0.0
     for name in targeted:
         exact = exact_combination(base_tensors, deltas, weights, name)
-        error_in_ulps = (ours[name].double() - exact).abs() / ulp(exact, dtype)
-        worst = max(worst, float(error_in_ulps.max()))
-        beyond_half += int((error_in_ulps > 0.5).sum())
-        elements += exact.numel()
-    if output == "fp32":
-        assert worst <= 0.5 + 1e-6, worst
-    else:
-        # Measured: 3 of 57344 elements, where W and the delta nearly cancel.
-        assert beyond_half <= 1e-3 * elements, (beyond_half, worst)
+        bound = cat_evaluation_bound(base_tensors, magnitudes, weights, name, unit)
+        half_ulp = 0.5 * ulp(ours[name], dtype)
+        error = (ours[name].double() - exact).abs()
+        assert bool((error <= half_ulp + bound).all()), name
+        beyond_half += int((error > half_ulp).sum())
+        expected_beyond_half += expected_misroundings(bound, 2 * half_ulp)
+    limit = misrounding_limit(expected_beyond_half)
+    print(f"cat {output}: {beyond_half} elements beyond half an ulp, limit {limit:.1f}")
+    assert beyond_half <= limit
+
+
+def cat_evaluation_bound(base_tensors, magnitudes, weights, name: str, unit: float):
+    """Bound on the evaluation error of W + Σ wᵢsᵢBᵢAᵢ over the concatenated factors: a dot
+    product of length Σ rᵢ (each factor rounded once from float64) and the sum with W, i.e.
+    (Σ rᵢ + 4) unit roundoffs of |W| + Σ |wᵢ||sᵢ||Bᵢ||Aᵢ|."""
+    present = [(abs(w), m[name]) for w, m in zip(weights, magnitudes, strict=True) if name in m]
+    magnitude = base_tensors[name].double().abs() + sum(w * m for w, (m, _) in present)
+    return (sum(rank for _, (_, rank) in present) + 4) * unit * magnitude
+
+
+def exact_magnitudes(adapters: list[Path]) -> list[dict[str, tuple[torch.Tensor, int]]]:
+    """Per adapter: module weight name -> (|s| |B| @ |A| in float64, laid out as the weight;
+    the rank), for error bounds."""
+    magnitudes = []
+    for adapter in adapters:
+        config, tensors = read_adapter(adapter)
+        magnitudes.append(
+            {
+                f"{name}.weight": (abs(f.scale) * f.delta_and_magnitude()[1], f.rank)
+                for name, f in resolve_lora_factors(config, tensors).items()
+            }
+        )
+    return magnitudes
 
 
 def test_svd_is_the_truncated_svd_of_the_weighted_sum(fp32_inputs, tmp_path):
     """svd at rank 6: W + the best rank-6 approximation of Σ wᵢsᵢBᵢAᵢ (float64 SVD in the
-    test), correctly rounded to fp32 within 0.5 ulp plus the SVD's float64 noise."""
+    test), correctly rounded to fp32 up to the float64 error of the combination, the SVD and
+    the merge (bounded as in svd_error_bounds.py; both lora-merge and the test compute in
+    float64, hence twice the truncation's bound)."""
     base, adapters = fp32_inputs
     weights = (0.7, -0.4, 1.3)
-    ours = run_merge(tmp_path, base, adapters, weights=weights, combine="svd", svd_rank=6)
+    rank = 6
+    ours = run_merge(tmp_path, base, adapters, weights=weights, combine="svd", svd_rank=rank)
     base_tensors, deltas = read_safetensors_directory(base), exact_deltas(adapters)
+    magnitudes = exact_magnitudes(adapters)
     for name in {name for d in deltas for name in d}:
-        delta = exact_combination(base_tensors, deltas, weights, name) - base_tensors[name].double()
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        expected = base_tensors[name].double() + (u[:, :6] * s[:6]) @ vh[:6]
-        error_in_ulps = (ours[name].double() - expected).abs() / ulp(expected, torch.float32)
-        assert float(error_in_ulps.max()) <= 0.5 + 1e-3, name
+        weight = base_tensors[name].double()
+        tasks = [
+            Task(w, d[name], *m[name])
+            for w, d, m in zip(weights, deltas, magnitudes, strict=True)
+            if name in d
+        ]
+        combined = exact_combination(base_tensors, deltas, weights, name) - weight
+        error = combination_error(
+            tasks, combined, FLOAT64_UNIT_ROUNDOFF, False, 1.0, False, "total"
+        )
+        epsilon = perturbed_matrix_bound(combined, error, FLOAT64_UNIT_ROUNDOFF)
+        u, s, vh = torch.linalg.svd(combined, full_matrices=False)
+        delta = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        moved = 2 * truncation_bound(s, rank, epsilon)
+        products = (delta.norm(dim=1) + moved).view(-1, 1).expand_as(delta)
+        allowed = moved + merge_error(
+            weight, delta.abs() + moved, products, rank, FLOAT64_UNIT_ROUNDOFF
+        )
+        ok, ratio = within(ours[name], weight + delta, allowed)
+        assert ok, f"{name}: {ratio:.3g} times its error bound"
 
 
 # PEFT computes the *_svd methods in float32 (its deltas, the operator, the SVD); lora-merge
-# in float64. Measured on this case: 34 (svd), 43 (ties_svd), 40 (magnitude_prune_svd) of
-# 57344 adapted bf16 elements differ, by 1 to 8 bf16 ulps where a float32 pruning or sign
-# decision near a tie went the other way.
+# in float64. Neither gives the bits of the other, nor the same bits on every CPU (SVD and
+# matmul kernels differ), so each is compared with the float64 reference (the papers'
+# combination below, then a float64 SVD) within a bound derived in svd_error_bounds.py from
+# the precision it computes in, the SVD's conditioning and the output's rounding.
 @pytest.mark.parametrize(
     ("method", "kwargs"),
     [
@@ -303,27 +380,130 @@ def test_svd_is_the_truncated_svd_of_the_weighted_sum(fp32_inputs, tmp_path):
     ],
 )
 def test_svd_methods_agree_with_peft(bf16_inputs, tmp_path, monkeypatch, method, kwargs):
+    """lora-merge and PEFT are each within their error bound of W + the float64 truncated SVD
+    of the float64 combination, on every element (so within the sum of bounds of each other).
+    With svd_clamp the result depends on the sign LAPACK gives each singular pair: each must
+    match the reference under some choice of signs."""
     base, adapters = bf16_inputs
     ours = run_merge(tmp_path, base, adapters, combine=method, weights=WEIGHTS, **kwargs)
     peft_kwargs = {k: v for k, v in kwargs.items() if k != "seed"}
     theirs = peft_merged(base, adapters, method, monkeypatch, **peft_kwargs)
+    monkeypatch.undo()  # torch.bernoulli again, for the oracle's own masks
     base_tensors = read_safetensors_directory(base)
     assert set(ours) == set(theirs)
-    adapted = [n for n in ours if not torch.equal(theirs[n], base_tensors[n])]
-    assert len(adapted) == 12
-    elements = sum(ours[n].numel() for n in adapted)
-    if "svd_clamp" not in kwargs:
-        assert sum(differing(ours, theirs).values()) <= 0.002 * elements
-    for name in adapted:
-        ours_delta = ours[name].double() - base_tensors[name].double()
-        peft_delta = theirs[name].double() - base_tensors[name].double()
-        # PEFT's svd_clamp clamps at a quantile of the *signed* factor entries, so it depends
-        # on the signs LAPACK gives each singular-vector pair, which its float32 SVD and our
-        # float64 one do not always share: measured up to 5.1% (layer 0 q_proj) with a clamp
-        # at 0.9 (which itself changes a delta by ~50%), below 0.2% without.
-        tolerance = 0.1 if "svd_clamp" in kwargs else 0.005
-        relative = float((ours_delta - peft_delta).norm() / peft_delta.norm())
-        assert relative < tolerance, (name, relative)
+    tasks_by_name = svd_tasks(adapters, method, kwargs.get("density", 1.0))
+    assert len(tasks_by_name) == 12  # q, k, v, o, up, down in both layers
+    rank = kwargs.get("svd_rank", max(config["r"] for config in ADAPTER_CONFIGS))
+    precisions = {
+        "lora-merge": (ours, FLOAT64_UNIT_ROUNDOFF),
+        "PEFT": (theirs, FLOAT32_UNIT_ROUNDOFF),
+    }
+    worst = dict.fromkeys(precisions, 0.0)
+    for name, tasks in tasks_by_name.items():
+        present = [task.weight for task in tasks]
+        combined = paper_combination(
+            method.removesuffix("_svd"),
+            [task.undropped for task in tasks],
+            present,
+            kwargs.get("density", 1.0),
+            name.removesuffix(".weight"),
+            kwargs.get("majority_sign_method", "total"),
+        )
+        weight = base_tensors[name].double()
+        for who, (output, unit) in precisions.items():
+            ratio = svd_output_error_ratio(
+                output[name], weight, combined, tasks, method, kwargs, rank, unit
+            )
+            assert ratio <= 1, f"{who}, {name}: {ratio:.3g} times its error bound"
+            worst[who] = max(worst[who], ratio)
+    print(f"{method} {kwargs}: worst error / bound {worst}")
+
+
+@dataclass(frozen=True)
+class SvdTask(Task):
+    """A Task that also keeps the delta before DARE's drop (the papers' oracle draws again)."""
+
+    undropped: torch.Tensor | None = None
+
+
+def svd_tasks(adapters: list[Path], method: str, density: float) -> dict[str, list[SvdTask]]:
+    """Per targeted weight, each adapter's task (weight, delta, |B||A|, rank), DARE applied."""
+    tasks: dict[str, list[SvdTask]] = {}
+    for weight, adapter in zip(WEIGHTS, adapters, strict=True):
+        config, tensors = read_adapter(adapter)
+        for module, factors in resolve_lora_factors(config, tensors).items():
+            delta, magnitude = factors.delta_and_magnitude()
+            tasks.setdefault(f"{module}.weight", []).append(
+                SvdTask(
+                    weight,
+                    factors.scale * delta,
+                    factors.scale * magnitude,
+                    factors.rank,
+                    undropped=factors.scale * delta,
+                )
+            )
+    if method.startswith("dare"):  # the README's masks, drawn adapter by adapter
+        for name, module_tasks in tasks.items():
+            generator = mask_generator(SEED, name.removesuffix(".weight"))
+            for i, task in enumerate(module_tasks):
+                kept = draw_mask(generator, task.delta.shape, density).double() / density
+                module_tasks[i] = SvdTask(
+                    task.weight,
+                    task.delta * kept,
+                    task.magnitude * kept,
+                    task.rank,
+                    undropped=task.undropped,
+                )
+    return tasks
+
+
+def svd_output_error_ratio(
+    output: torch.Tensor,
+    weight: torch.Tensor,
+    combined: torch.Tensor,
+    tasks: list[SvdTask],
+    method: str,
+    kwargs: dict,
+    rank: int,
+    unit: float,
+) -> float:
+    """The worst |output - reference| / allowed over the module (<= 1 passes), where allowed is
+    the implementation's bound plus the float64 reference's own, the float32 merge's and half
+    an ulp of the output (svd_error_bounds.py)."""
+    operator = method.removesuffix("_svd")
+    density = kwargs.get("density", 1.0)
+
+    def epsilon(unit: float) -> float:
+        error = combination_error(
+            tasks,
+            combined,
+            unit,
+            trims=operator in ("ties", "magnitude_prune"),
+            density=density,
+            elects_sign=operator in ("ties", "dare_ties"),
+            sign_method=kwargs.get("majority_sign_method", "total"),
+        )
+        return perturbed_matrix_bound(combined, error, unit)
+
+    implementation, reference = epsilon(unit), epsilon(FLOAT64_UNIT_ROUNDOFF)
+    clamp = kwargs.get("svd_clamp")
+    if clamp is None:
+        u, s, vh = torch.linalg.svd(combined, full_matrices=False)
+        k = min(rank, s.numel())
+        delta = (u[:, :k] * s[:k]) @ vh[:k]
+        moved = truncation_bound(s, k, implementation) + truncation_bound(s, k, reference)
+        products = (delta.norm(dim=1) + moved).view(-1, 1).expand_as(delta)
+        allowed = moved + merge_error(weight, delta.abs() + moved, products, k)
+        return within(output, weight + delta, allowed)[1]
+    candidates, s = clamped_candidates(combined, rank, clamp)
+    k = min(rank, s.numel())
+    ratios = []
+    for candidate in candidates:
+        moved, products = clamped_perturbation(candidate, s, k, implementation, unit)
+        moved = moved + clamped_perturbation(candidate, s, k, reference, FLOAT64_UNIT_ROUNDOFF)[0]
+        allowed = moved + merge_error(weight, candidate.delta.abs() + moved, products, k)
+        ratios.append(within(output, weight + candidate.delta, allowed)[1])
+    return min(ratios)
 
 
 # The task arithmetic of the TIES paper (Yadav et al., 2023: trim each task vector to its
@@ -426,7 +606,7 @@ def test_full_delta_on_transposed_conv1d_weights(tiny_base_checkpoint, tmp_path_
 
 def test_combined_model_logits_match_peft_unmerged(fp32_inputs, tmp_path):
     """The merged cat combination computes what PEFT's unmerged combined adapter computes:
-    logits within 1e-4 of the logit scale (float32 reassociation only)."""
+    logits within 3x PEFT's own float32 noise (tiny_checkpoints.unmerged_tolerance)."""
     base, adapters = fp32_inputs
     adapters = adapters[:2]
     out = tmp_path / "merged"
@@ -440,11 +620,12 @@ def test_combined_model_logits_match_peft_unmerged(fp32_inputs, tmp_path):
     peft_model.add_weighted_adapter(["a0", "a1"], list(WEIGHTS), "cat", combination_type="cat")
     peft_model.set_adapter("cat")
     peft_logits = prompt_logits(peft_model.eval())
+    float64_logits = prompt_logits(float64_copy(peft_model), torch.float64)
     base_logits = prompt_logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
 
-    scale = float(peft_logits.abs().max())
-    assert float((merged_logits - peft_logits).abs().max()) < 1e-4 * scale
-    assert float((base_logits - peft_logits).abs().max()) > 1e-2 * scale  # the adapters matter
+    tolerance = unmerged_tolerance(peft_logits, float64_logits, torch.float32)
+    assert float((merged_logits - peft_logits).abs().max()) <= tolerance
+    assert float((base_logits - peft_logits).abs().max()) > 100 * tolerance  # adapters matter
 
 
 @pytest.mark.parametrize(

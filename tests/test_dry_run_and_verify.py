@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -138,7 +137,9 @@ def test_verify_catches_a_copied_tensor_that_differs_from_base(inputs, tmp_path,
         with open(entry.path, "rb") as source:
             source.seek(entry.start)
             first = source.read(1)[0]
-        os.pwrite(self._descriptor, bytes([first ^ 1]), position)
+        with open(self._shard.path, "r+b") as shard:  # a second handle on the shard
+            shard.seek(position)
+            shard.write(bytes([first ^ 1]))
         return copied
 
     monkeypatch.setattr(shard_writer.TensorSlot, "copy_from", copy_then_flip)

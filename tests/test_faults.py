@@ -11,9 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,14 @@ from handmade_checkpoints import (
     write_base,
     write_big_base_and_adapter,
 )
-from merge_process import LORA_MERGE, resume, start_merge_frozen_mid_write
+from merge_process import (
+    FIRST_JOURNALED_SHARD,
+    LORA_MERGE,
+    needs_sigstop,
+    resume,
+    start_merge_frozen_mid_write,
+    start_merge_stopped_at,
+)
 from safetensors.torch import load_file, save_file
 
 EXIT_INVALID_INPUT = 4
@@ -151,26 +156,22 @@ RESUMABLE = (
 
 
 def _kill_after_first_journaled_shard(base: Path, adapter: Path, out: Path) -> Path:
-    process = subprocess.Popen(
-        [LORA_MERGE, str(base), str(adapter), str(out), *RESUMABLE],
+    """Run a resumable merge that stops itself once its first shard is journaled; SIGKILL it."""
+    process = start_merge_stopped_at(
+        FIRST_JOURNALED_SHARD,
+        base,
+        adapter,
+        out,
+        *RESUMABLE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        journals = list(out.parent.glob(f".{out.name}.lora-merge-partial-*/{JOURNAL}"))
-        if journals and json.loads(journals[0].read_text() or "{}").get("shards"):
-            os.kill(process.pid, signal.SIGSTOP)
-            break
-        if process.poll() is not None:
-            pytest.fail("the merge finished before a shard was journaled")
-        time.sleep(0.002)
-    else:
-        pytest.fail("no shard was journaled")
-    assert not out.exists()
     process.kill()
     process.wait()
-    return journals[0].parent
+    assert not out.exists()
+    (journal,) = out.parent.glob(f".{out.name}.lora-merge-partial-*/{JOURNAL}")
+    assert json.loads(journal.read_text())["shards"], "the journal lists no shard"
+    return journal.parent
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +183,7 @@ def uninterrupted_digests(sharded_inputs, tmp_path_factory) -> dict[str, str]:
     return digest(reference)
 
 
+@needs_sigstop
 def test_resume_after_sigkill_keeps_finished_shards_and_matches_an_uninterrupted_run(
     sharded_inputs, uninterrupted_digests, tmp_path
 ):
@@ -200,6 +202,7 @@ def test_resume_after_sigkill_keeps_finished_shards_and_matches_an_uninterrupted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
+@needs_sigstop
 def test_resume_rewrites_a_journaled_shard_whose_checksum_no_longer_matches(
     sharded_inputs, uninterrupted_digests, tmp_path
 ):
@@ -218,6 +221,7 @@ def test_resume_rewrites_a_journaled_shard_whose_checksum_no_longer_matches(
     assert digest(out) == uninterrupted_digests
 
 
+@needs_sigstop
 def test_without_resume_a_dead_runs_leftovers_are_discarded(sharded_inputs, tmp_path):
     """A plain rerun never trusts a dead run's files: it starts over and cleans them up."""
     base, adapter = sharded_inputs
@@ -232,6 +236,7 @@ def test_without_resume_a_dead_runs_leftovers_are_discarded(sharded_inputs, tmp_
 # --- files that change or point elsewhere ------------------------------------------------------
 
 
+@needs_sigstop
 def test_base_shard_shrinking_mid_merge_is_a_clean_error(tmp_path):
     """A base file truncated while it is read gives exit 4 and a message, not a crash or garbage."""
     base, adapter = write_big_base_and_adapter(tmp_path / "inputs")
@@ -351,6 +356,7 @@ def test_out_on_a_disk_too_small_is_refused_before_writing(tmp_path, small_files
     assert list(small_filesystem.iterdir()) == []
 
 
+@needs_sigstop
 def test_disk_filling_up_mid_write_is_a_clean_error(tmp_path, small_filesystem):
     """A real ENOSPC while writing: exit 6 with 'disk is full', and the partial output is removed."""
     base, adapter = write_big_base_and_adapter(

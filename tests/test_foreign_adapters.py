@@ -3,7 +3,8 @@
 A PEFT adapter of the tiny Llama case is re-saved with its keys spelled as other tools
 spell them (no ``base_model.model.`` prefix; the ``.default`` adapter name left in, as a raw
 ``PeftModel.state_dict()`` has it). The merge must be exactly PEFT's merge_and_unload() of the
-original adapter (bit-identical: bf16 Linear), and within half an ulp of float64.
+original adapter (bit-identical: bf16 Linear), and within half an ulp of float64 up to the
+float32 evaluation error.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from handmade_checkpoints import adapter_tensors, write_adapter, write_base
 from hypothesis import given
 from hypothesis import strategies as st
 from merge_cases import MERGE_CASES
-from merge_oracle import expected_merged_checkpoint, read_safetensors_directory, ulp
+from merge_oracle import (
+    FLOAT32_UNIT_ROUNDOFF,
+    expected_merged_checkpoint,
+    expected_misroundings,
+    misrounding_limit,
+    read_safetensors_directory,
+    ulp,
+)
 from safetensors.torch import save_file
 
 from lora_merge import MergeOptions, merge
@@ -64,11 +72,19 @@ def test_respelled_keys_merge_exactly_like_peft(rename, tmp_path, case_inputs, p
     expected = expected_merged_checkpoint(inputs.base, inputs.adapter)
     adapted = [name for name, e in expected.items() if e.lora is not None]
     assert len(adapted) == 14  # 7 projections x 2 layers
+    beyond_half = 0
+    expected_beyond_half = 0.0
     for name, tensor in merged.items():
         assert torch.equal(tensor, reference[name]), name  # bit-identical to PEFT
         if expected[name].exact is not None:
+            # bf16 output, evaluated in float32 and rounded once.
             error = (tensor.double() - expected[name].exact).abs()
-            assert (error <= 0.5 * ulp(expected[name].exact, tensor.dtype)).float().mean() > 0.999
+            half_ulp = 0.5 * ulp(tensor, tensor.dtype)
+            bound = expected[name].rounding_error_bound(FLOAT32_UNIT_ROUNDOFF)
+            assert bool((error <= half_ulp + bound).all()), name
+            beyond_half += int((error > half_ulp).sum())
+            expected_beyond_half += expected_misroundings(bound, 2 * half_ulp)
+    assert beyond_half <= misrounding_limit(expected_beyond_half)
 
 
 def _handmade_inputs(root: Path, tensors: dict[str, torch.Tensor]) -> tuple[Path, Path]:

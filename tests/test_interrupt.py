@@ -1,8 +1,9 @@
 """Ctrl-C and SIGTERM mid-write leave no OUT and no temporary files, with exit 130 / 143.
 
 A real subprocess gets a real signal while it is writing. To hit it mid-write
-deterministically the test freezes the process (SIGSTOP) as soon as its staging
-folder appears, queues the signal, and lets it continue (SIGCONT).
+deterministically the merge stops itself (SIGSTOP) right after its first tensor
+data reaches the output (see merge_process.py); the test queues the signal and
+lets it continue (SIGCONT).
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from pathlib import Path
 
 import pytest
 from handmade_checkpoints import write_big_base_and_adapter
-from merge_process import LORA_MERGE, resume, start_merge_frozen_mid_write
+from merge_process import LORA_MERGE, needs_sigstop, resume, start_merge_frozen_mid_write
+
+pytestmark = needs_sigstop
 
 
 @pytest.fixture(scope="module")
 def big_enough_inputs(tmp_path_factory) -> tuple[Path, Path]:
-    """A ~200 MB float32 base (so that even a loaded machine catches the merge mid-write)."""
-    return write_big_base_and_adapter(tmp_path_factory.mktemp("interrupt"), tensors=48)
+    """A ~32 MB float32 base of 8 tensors, each converted in several tiles: a merge stopped
+    after its first write has most of its work ahead of it."""
+    return write_big_base_and_adapter(tmp_path_factory.mktemp("interrupt"), tensors=8)
 
 
 @pytest.mark.parametrize(

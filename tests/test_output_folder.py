@@ -29,7 +29,12 @@ from merge_process import LORA_MERGE
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file
-from tiny_checkpoints import TINY_VOCAB_SIZE, save_tiny_base_checkpoint, stable_seed
+from tiny_checkpoints import (
+    TINY_VOCAB_SIZE,
+    save_tiny_base_checkpoint,
+    stable_seed,
+    unmerged_tolerance,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -58,15 +63,6 @@ SUMMARY_PATTERN = re.compile(
     r"merged (\d+) LoRA modules into (\d+) tensors \((\d+) copied unchanged[^)]*\), "
     r"wrote .+? in (\d+) shard\(s\) to (.+) in [\d.]+ s"
 )
-
-# 16-bit logits: the unmerged bf16 PEFT model is itself E away from the float64 evaluation of the
-# same weights, E being this model's bf16 rounding noise (8 significant bits for every weight and
-# activation). Merging only regroups W x + s B (A x) as (W + s B A) x, so the merged bf16 model
-# carries noise of the same size: at most 2E from float64, hence at most 3E from the unmerged
-# model; one bf16 epsilon (2^-7) of the logit scale keeps a lucky, near-zero E from making the
-# check flaky. The same multiple is used in test_merge_vs_peft.py.
-SIXTEEN_BIT_NOISE_MULTIPLE = 3.0
-BF16_EPS = 2.0**-7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,9 +255,7 @@ def test_resized_out_loads_in_transformers_and_matches_unmerged_peft(resized_voc
         merged = merged_model.eval()(input_ids=input_ids).logits.double()
 
     assert merged.shape == (1, input_ids.shape[1], RESIZED_VOCAB_SIZE)
-    scale = float(exact.abs().max())
-    peft_noise = float((unmerged - exact).abs().max())
-    tolerance = SIXTEEN_BIT_NOISE_MULTIPLE * peft_noise + BF16_EPS * scale
+    tolerance = unmerged_tolerance(unmerged, exact, torch.bfloat16)
     assert float((merged - unmerged).abs().max()) <= tolerance
     # Teeth: the adapter (LoRA deltas + trained embeddings) moves the logits far more.
     assert float((without_adapter - unmerged).abs().max()) > 10 * tolerance

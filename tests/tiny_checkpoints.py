@@ -8,6 +8,7 @@ re-drawn so that no tensor is trivially zero or one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -124,6 +125,32 @@ def prompt_logits(model: torch.nn.Module, dtype: torch.dtype = torch.float32) ->
     """Logits of `model` on PROMPT_INPUT_IDS, converted to `dtype`."""
     with torch.no_grad():
         return model(input_ids=PROMPT_INPUT_IDS).logits.to(dtype)
+
+
+# The merged and the unmerged model compute the same function in another order: merging
+# reassociates W x + s B (A x) into (W + s B A) x and rounds the merged weight once, and every
+# activation is rounded to the model's dtype along the way. No fixed tolerance fits every dtype,
+# model and CPU (other kernels round differently), so each comparison measures its own noise:
+# E, the distance of the unmerged model's output from a float64 evaluation of the same model.
+# The merged model may be at most 2E from float64 (as accurate as the unmerged model up to a
+# factor 2), hence at most 3E from the unmerged output, plus one eps of the dtype at the output
+# scale so that a lucky, near-exact E cannot make the check flaky. (A mis-scaled or
+# mis-transposed delta moves the output by the order of the scale.)
+NOISE_MULTIPLE = 3.0
+
+
+def float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of a model (adapters included), for the reference of its own output."""
+    return copy.deepcopy(model).double()
+
+
+def unmerged_tolerance(
+    unmerged: torch.Tensor, float64_reference: torch.Tensor, dtype: torch.dtype
+) -> float:
+    """How far a merged model's output may be from the unmerged model's (see NOISE_MULTIPLE)."""
+    reference = float64_reference.double()
+    noise = float((unmerged.double() - reference).abs().max())
+    return NOISE_MULTIPLE * noise + torch.finfo(dtype).eps * float(reference.abs().max())
 
 
 def stable_seed(*parts: object) -> int:
