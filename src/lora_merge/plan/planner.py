@@ -73,12 +73,13 @@ def build_merge_plan(
 
     Raises:
         AdapterMismatchError: an adapter tensor matches no base tensor or does not fit it.
-        InvalidInputError: ``unmerge`` with an adapter that replaces whole tensors.
+        InvalidInputError: ``unmerge`` with an adapter that replaces whole tensors, or a
+            layer kind lora-merge does not merge (see :mod:`lora_merge.plan.kinds`).
     """
     if unmerge:
         _refuse_unmerge(contents)
     tie = TiedHead.of(base)
-    # (Quantized weights appear dequantized; their parts are hidden.)
+    # base.tensors shows a quantized weight as one dequantized tensor, its parts hidden.
     base_names = BaseNames([*base.tensors, *tie.sources])
     parameter_deltas = plan_parameter_loras(base, base_names, config, contents, adapter)
     if loralib is not None:
@@ -125,9 +126,11 @@ class _PlannedShapes:
         self.added: dict[str, tuple[int, ...]] = {}
 
     def base_shape(self, base_key: str) -> tuple[int, ...]:
+        """The shape the base gives ``base_key`` (a tied head: its embedding's)."""
         return self.base.tensors[self.tied_sources.get(base_key, base_key)].shape
 
     def of(self, base_key: str) -> tuple[int, ...]:
+        """The shape ``base_key`` has in the output, as planned so far."""
         if base_key in self.added:
             return self.added[base_key]
         key = self.replacements.get(base_key)
@@ -143,8 +146,11 @@ def _plan_module_deltas(
     config: LoraAdapterConfig,
     loralib: LoralibSettings | None,
 ) -> list[str]:
-    """Add to ``deltas`` each LoRA module's product, and its bias's; return the config
-    flags the biases the base lacks need, in the order first needed."""
+    """Add to ``deltas`` each LoRA module's product, and its bias's (parameter LoRAs aside).
+
+    Returns:
+        The config flags that give the base the biases it lacks, in the order first needed.
+    """
     bias_flags: list[str] = []
     for module in contents.lora_modules.values():
         if module.module in parameter_modules:
@@ -158,7 +164,8 @@ def _plan_module_deltas(
         bias_key = bias_key_of(weight_key)
         if bias_key not in shapes.base.tensors:
             flag = bias_flag(module, weight_key, shapes.model_type)
-            bias_flags += [flag] if flag not in bias_flags else []
+            if flag not in bias_flags:
+                bias_flags.append(flag)
             shapes.added[bias_key] = (shapes.of(weight_key)[0],)
         deltas[bias_key] = plan_lora_bias(
             module, bias_key, shapes.of(bias_key), shapes.adapter, config

@@ -47,6 +47,7 @@ class TiedHead:
 
     @classmethod
     def of(cls, base: BaseCheckpoint) -> TiedHead:
+        """The base's head and embedding, from its config and its tensors."""
         return cls(tied_input_embedding(base), TIED_HEAD_NAME in base.tensors)
 
     @property

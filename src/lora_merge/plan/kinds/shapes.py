@@ -34,11 +34,13 @@ class LoraShapes:
 
     @property
     def a_key(self) -> str:
+        """The adapter key of A."""
         assert self.module.a_key is not None
         return self.module.a_key
 
     @property
     def b_key(self) -> str:
+        """The adapter key of B."""
         assert self.module.b_key is not None
         return self.module.b_key
 
