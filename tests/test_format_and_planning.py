@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_merge.adapter.config import pattern_key_for
-from lora_merge.errors import InvalidInputError
+from lora_merge.errors import InvalidInputError, UsageError
 from lora_merge.io.reader import SafetensorsReader
 from lora_merge.io.safetensors_format import read_safetensors_header
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
@@ -210,8 +210,8 @@ def test_sizes_parse_like_huggingface_hub(text, expected):
 
 @pytest.mark.parametrize("text", ["", "5XB", "-1", "0", "GB"])
 def test_bad_sizes_are_refused(text):
-    """Nonsense sizes raise the user-facing error."""
-    with pytest.raises(InvalidInputError):
+    """Nonsense sizes are usage errors (exit 2), from the CLI and from Python alike."""
+    with pytest.raises(UsageError):
         parse_size(text)
 
 

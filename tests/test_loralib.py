@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from lora_merge import MergeOptions, merge
-from lora_merge.errors import EXIT_INVALID_INPUT, InvalidInputError
+from lora_merge.errors import EXIT_INVALID_INPUT, EXIT_USAGE, InvalidInputError, UsageError
 
 RANK, ALPHA = 4, 6  # scale 1.5: not a power of two
 PROMPT = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -195,7 +195,7 @@ def test_a_file_without_rank_and_a_folder_with_rank_are_explained(tmp_path, tiny
         merge(MergeOptions(base=base_dir, adapter=checkpoint, out=tmp_path / "out"))
     with pytest.raises(InvalidInputError, match="for a PEFT adapter folder leave them out"):
         merge(MergeOptions(base=base_dir, adapter=tmp_path, out=tmp_path / "o", rank=4, alpha=8))
-    with pytest.raises(InvalidInputError, match="needs both --rank and --alpha"):
+    with pytest.raises(UsageError, match="needs both --rank and --alpha"):
         merge(MergeOptions(base=base_dir, adapter=checkpoint, out=tmp_path / "o", rank=4))
 
 
@@ -234,6 +234,6 @@ def test_cli_documents_and_checks_the_loralib_options(tmp_path, tiny_base_checkp
         text=True,
         check=False,
     )
-    assert result.returncode == EXIT_INVALID_INPUT
+    assert result.returncode == EXIT_USAGE  # a bad option value, found before any input is read
     assert "'maybe' is not true/false or 1/0" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -157,7 +157,7 @@ def test_unmerge_takes_one_adapter(tmp_path):
     write_base(base, shards=1)
     write_adapter(first)
     write_adapter(second)
-    with pytest.raises(InvalidInputError, match="--unmerge and loralib checkpoints"):
+    with pytest.raises(UsageError, match="--unmerge and loralib checkpoints"):
         merge(MergeOptions(base=base, adapter=[first, second], out=tmp_path / "out", unmerge=True))
     assert not (tmp_path / "out").exists()
 

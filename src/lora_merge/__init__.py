@@ -15,6 +15,7 @@ from lora_merge.errors import (
     InvalidInputError,
     LoraMergeError,
     OutputError,
+    UsageError,
 )
 from lora_merge.options import MergeOptions
 
@@ -26,6 +27,7 @@ __all__ = [
     "MergeOptions",
     "MergeSummary",
     "OutputError",
+    "UsageError",
     "__version__",
     "merge",
 ]

@@ -7,7 +7,6 @@ into place. Each step lives in its own package.
 
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import threading
@@ -35,8 +34,9 @@ from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.adapter.unmerge import refuse_unmerge_of_dora
 from lora_merge.adapter.weights import open_adapter_weights
+from lora_merge.compute.bitsandbytes_backend import load_bitsandbytes
 from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
-from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError, UsageError
+from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError
 from lora_merge.finish.adapter_output import write_normalized_adapter
 from lora_merge.finish.folder import (
     DTYPE_NAME_IN_CONFIG,
@@ -54,7 +54,7 @@ from lora_merge.finish.provenance import (
     start_hashing,
     write_model_card,
 )
-from lora_merge.finish.publish import check_push_target, push_folder
+from lora_merge.finish.publish import push_folder
 from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.hub import resolve_model_location
@@ -73,17 +73,19 @@ from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSo
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.options import (
     MergeOptions,
+    checked_options,
     parse_dtype,
     parse_quant_type,
     parse_save_method,
     parse_size,
+    resolve_device,
 )
 from lora_merge.plan.fingerprint import merge_fingerprint
 from lora_merge.plan.model import MergePlan, PlannedTensor
 from lora_merge.plan.planner import build_merge_plan
 from lora_merge.plan.requantize import plan_requantization, requantized_config
 from lora_merge.plan.shards import plan_output_shards, shard_file_names
-from lora_merge.stream.executor import tile_budget_for, write_shard
+from lora_merge.stream.executor import tile_budget_for, working_memory_bound, write_shard
 
 # Room left on OUT's disk beyond the shards (config, tokenizer, filesystem slack).
 DISK_SPACE_MARGIN_BYTES = 64 * 2**20
@@ -172,9 +174,12 @@ def merge(options: MergeOptions) -> MergeSummary:
         A summary of the work done.
 
     Raises:
+        UsageError: options that are invalid or contradict each other, raised
+            before anything is read or written.
         LoraMergeError: for every problem with the inputs or OUT; nothing is
             written to OUT in that case and the inputs are never modified.
     """
+    options = checked_options(options)
     try:
         summary = _merge(options)
     except PermissionError as err:
@@ -216,7 +221,8 @@ class MergePreview:
         output_shards: output file name -> tensor bytes.
         output_bytes: tensor bytes written.
         vocab_size: the new vocabulary size, when the adapter resizes it.
-        working_memory_bytes: tile buffers and LoRA matrices the stream holds at once.
+        working_memory_bytes: an upper bound of the tensor data the stream holds at once
+            (tile buffers, and the LoRA factors of as many tensors as there are threads).
         disk_free_bytes: free space where OUT goes.
         adapters / combine: every adapter and the method, when adapters are combined.
         quantization: how BASE is quantized (bitsandbytes), or None.
@@ -263,20 +269,10 @@ def preview_merge(options: MergeOptions) -> MergePreview:
         LoraMergeError: everything :func:`merge` would refuse before writing,
             including a disk too small for OUT.
     """
-    with _prepare(options) as prepared:
+    with _prepare(checked_options(options)) as prepared:
         plan, settings = prepared.plan, prepared.settings
         shards = _shard_layout(plan, settings.max_shard_size)
         _check_free_space(prepared.out, plan.total_bytes)
-        products = plan.lora_products
-        largest_lora = (
-            max(
-                (prepared.adapter.shape(p.a_key), prepared.adapter.shape(p.b_key)) for p in products
-            )
-            if products
-            else ((0, 0), (0, 0))
-        )
-        lora_bytes = 8 * sum(math.prod(shape) for shape in largest_lora)  # convolutions: 3-5 dims
-        workers = torch.get_num_threads() if settings.device.type == "cpu" else 1
         return MergePreview(
             base=str(prepared.base.folder),
             adapter=str(_adapter_location(prepared.adapter_folder)),
@@ -304,7 +300,12 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             output_shards={f: sum(t.spec.nbytes for t in tensors) for f, tensors in shards},
             output_bytes=plan.total_bytes,
             vocab_size=plan.vocab_size,
-            working_memory_bytes=workers * 3 * settings.tile_budget + lora_bytes,
+            working_memory_bytes=working_memory_bound(
+                (tensors for _, tensors in shards),
+                prepared.adapter,
+                settings.device,
+                settings.tile_budget,
+            ),
             disk_free_bytes=_free_space(prepared.out),
             adapters=[str(folder.folder) for folder in prepared.adapter_folders],
             combine=prepared.recipe.method_name if prepared.recipe else None,
@@ -335,7 +336,10 @@ class _Prepared:
 
 @contextmanager
 def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
-    """Every check and decision that comes before writing, shared by merge and preview."""
+    """Every check and decision that comes before writing, shared by merge and preview.
+
+    ``options`` come from :func:`~lora_merge.options.checked_options`.
+    """
     device = resolve_device(options.device)
     settings = _RunSettings(
         output_dtype=parse_dtype(options.dtype),
@@ -353,29 +357,18 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         quant_type=parse_quant_type(options.quant_type),
         double_quant=options.double_quant,
     )
-    if options.push_to_hub is not None:
-        check_push_target(options.push_to_hub)
+    if settings.save_method == "merged_4bit" and load_bitsandbytes() is None:
+        # Found here, not at the first weight to re-quantize, once much is written.
+        raise InvalidInputError(
+            "--save-method merged_4bit re-quantizes with bitsandbytes, which is not installed "
+            "or does not load here: pip install bitsandbytes, or use merged_16bit"
+        )
     # A local folder wins; otherwise BASE / ADAPTER may be Hub repo ids (org/name[@rev]).
     base = resolve_base(
         resolve_model_location(options.base, "BASE", kind="model", quiet=options.quiet)
     )
     recipe = _combine_recipe(options)
-    if recipe is not None and settings.save_method == "lora":
-        raise UsageError(
-            "--save-method lora writes one adapter as it is; it cannot be combined with "
-            "several adapters or --combine options (merge them into a model instead)"
-        )
     loralib = loralib_settings(options.rank, options.alpha, options.enable_lora)
-    if (loralib is not None or options.unmerge) and settings.save_method == "lora":
-        raise UsageError(
-            "--save-method lora writes a PEFT adapter as it is; it cannot be used with "
-            "--unmerge or a loralib checkpoint (--rank/--alpha)"
-        )
-    if (loralib is not None or options.unmerge) and recipe is not None:
-        raise InvalidInputError(
-            "--unmerge and loralib checkpoints (--rank/--alpha) take one adapter and no "
-            "--combine options; combine the adapters first, then unmerge the combination"
-        )
     if loralib is not None:  # a loralib state dict: one local file, no config
         adapter_folders = [resolve_adapter_file(options.adapters[0])]
     else:
@@ -430,7 +423,7 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
             _refuse_combined_experts(plan)
         if settings.save_method == "merged_4bit":
             plan = plan_requantization(
-                plan, base, options.quant_type, options.double_quant, options.quant_blocksize
+                plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
             )
         notes = [
             note
@@ -747,36 +740,6 @@ def _open_base(base: BaseCheckpoint, device: torch.device) -> Iterator[StoredTen
 def _adapter_location(adapter: AdapterFolder) -> Path:
     """What reports call the adapter: its folder, or the file of a config-less (loralib) one."""
     return adapter.folder if adapter.config_path is not None else adapter.weights_path
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU; others as given.
-
-    Raises:
-        InvalidInputError: the name is not a device, or CUDA is asked for but absent.
-    """
-    key = name.strip().lower()
-    if key == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(key)
-    except RuntimeError as err:
-        raise InvalidInputError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N") from err
-    if device.type not in ("cpu", "cuda"):
-        raise InvalidInputError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(
-            f"device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu"
-        )
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and device.index >= torch.cuda.device_count()
-    ):
-        raise InvalidInputError(
-            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
-        )
-    return device
 
 
 def _free_space(out: Path) -> int:

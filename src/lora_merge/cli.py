@@ -13,15 +13,16 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from lora_merge import __version__
-from lora_merge.api import MergePreview, merge, preview_merge, resolve_device
+from lora_merge.api import MergePreview, merge, preview_merge
 from lora_merge.errors import (
     EXIT_INTERNAL,
     EXIT_SIGINT,
@@ -33,14 +34,15 @@ from lora_merge.errors import (
 from lora_merge.finish.publish import check_push_target
 from lora_merge.options import (
     MergeOptions,
+    checked_options,
     parse_dtype,
     parse_quant_type,
     parse_save_method,
     parse_size,
+    resolve_device,
 )
 
 DEBUG_ENV = "LORA_MERGE_DEBUG"
-_default_showwarning = warnings.showwarning
 
 EPILOG = """\
 Exit codes: 0 merged; 1 internal error (a bug: please report it, rerun with
@@ -99,6 +101,7 @@ def _size(help_text: str) -> Any:
 
 @app.command(epilog=EPILOG)
 def merge_command(
+    ctx: typer.Context,
     base: Annotated[Path, _folder("BASE", "Base model folder (safetensors shards + config.json).")],
     adapters: Annotated[
         list[Path],
@@ -331,6 +334,10 @@ def merge_command(
     """
     if not adapters:
         raise typer.BadParameter("give BASE, at least one ADAPTER, then OUT", param_hint="ADAPTER")
+    # lora-merge's warnings as one line on stderr, for this command only: Click closes
+    # the context when the command ends, however it ends, and that puts back the
+    # printer a program calling main() had.
+    ctx.with_resource(_warnings_as_lines())
     options = MergeOptions(
         base=base,
         adapter=adapters[0] if len(adapters) == 1 else adapters,
@@ -364,9 +371,10 @@ def merge_command(
         alpha=alpha,
         enable_lora=enable_lora,
     )
-    if (private or revision is not None) and push_to_hub is None:
-        raise typer.BadParameter("--private and --revision only apply with --push-to-hub")
-    warnings.showwarning = _print_warning
+    try:
+        options = checked_options(options)  # as merge() does, but before the signal handler
+    except LoraMergeError as err:
+        _fail(err)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         if dry_run:
@@ -489,19 +497,30 @@ def _human_bytes(count: int) -> str:
     return f"{size:.1f} TB"
 
 
-def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings from lora-merge as one line on stderr; others as Python prints them."""
-    if issubclass(category, LoraMergeWarning):
-        typer.echo(f"lora-merge: warning: {message}", err=True)
-    else:
-        _default_showwarning(message, category, filename, lineno, file, line)
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Inside the block, warnings from lora-merge print as one line on stderr; others as
+    the printer in place before it prints them. That printer is restored on the way out."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, LoraMergeWarning):
+            typer.echo(f"lora-merge: warning: {message}", err=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise MergeInterrupted("SIGTERM", EXIT_SIGTERM)
 
 
-def _fail(err: LoraMergeError) -> None:
+def _fail(err: LoraMergeError) -> NoReturn:
     if os.environ.get(DEBUG_ENV):
         traceback.print_exc()
     typer.echo(f"lora-merge: error: {err}", err=True)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from lora_merge.errors import InvalidInputError
+from lora_merge.adapter.loralib import loralib_settings
+from lora_merge.adapter.recipe import build_combine_recipe, parse_weights
+from lora_merge.errors import UsageError
+from lora_merge.finish.publish import check_push_target
 
 # Names accepted by --dtype, and the torch dtype each means. "auto" keeps every
 # tensor's own dtype (a bf16 model with fp32 norms stays exactly that).
@@ -44,31 +47,37 @@ def parse_size(value: int | str) -> int:
     GiB) powers of 1024, as in huggingface_hub's ``max_shard_size``.
 
     Raises:
-        InvalidInputError: the text is not a positive size.
+        UsageError: the text is not a positive size.
     """
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         size = value
+    elif not isinstance(value, str):
+        raise UsageError(f"size {value!r} is not a number of bytes or a text such as 500MB")
     else:
         match = _SIZE_PATTERN.match(value)
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _SIZE_UNITS:
-            raise InvalidInputError(
+            raise UsageError(
                 f"size {value!r} is not understood: write a number of bytes or a number "
                 "with a unit (KB, MB, GB, KiB, MiB, GiB), e.g. 500MB or 2GiB"
             )
         size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
-        raise InvalidInputError(f"size {value!r} must be larger than zero")
+        raise UsageError(f"size {value!r} must be larger than zero")
     return size
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
-    """Return the torch dtype for a ``--dtype`` name, or None for ``auto``."""
-    key = name.strip().lower()
+    """Return the torch dtype for a ``--dtype`` name (any case), or None for ``auto``.
+
+    Raises:
+        UsageError: not one of the names.
+    """
+    key = _choice_key(name)
     if key == "auto":
         return None
     if key not in DTYPE_BY_NAME:
-        raise InvalidInputError(f"dtype {name!r} is not one of auto, bf16, fp16, fp32")
+        raise UsageError(f"--dtype {name!r} is not one of auto, bf16, fp16, fp32")
     return DTYPE_BY_NAME[key]
 
 
@@ -76,22 +85,67 @@ def parse_dtype(name: str) -> torch.dtype | None:
 # weights dequantized; merged_4bit: re-quantized with bitsandbytes; lora: the adapter only.
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 QUANT_TYPES = ("nf4", "fp4")
+# The block sizes bitsandbytes' quantize_4bit accepts.
+QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _choice_key(value: object) -> str:
+    """A choice as compared: the help lists choices in lower case, and any case means them."""
+    return value.strip().lower() if isinstance(value, str) else repr(value)
 
 
 def parse_save_method(name: str) -> str:
-    """Check a ``--save-method`` value; return it normalised."""
-    key = name.strip().lower()
+    """Check a ``--save-method`` value (any case); return it in lower case.
+
+    Raises:
+        UsageError: not one of :data:`SAVE_METHODS`.
+    """
+    key = _choice_key(name)
     if key not in SAVE_METHODS:
-        raise InvalidInputError(f"save method {name!r} is not one of {', '.join(SAVE_METHODS)}")
+        raise UsageError(f"--save-method {name!r} is not one of {', '.join(SAVE_METHODS)}")
     return key
 
 
 def parse_quant_type(name: str) -> str:
-    """Check a ``--quant-type`` value (``nf4`` or ``fp4``); return it normalised."""
-    key = name.strip().lower()
+    """Check a ``--quant-type`` value (``nf4`` or ``fp4``, any case); return it in lower case.
+
+    Raises:
+        UsageError: not one of :data:`QUANT_TYPES`.
+    """
+    key = _choice_key(name)
     if key not in QUANT_TYPES:
-        raise InvalidInputError(f"quant type {name!r} is not one of {', '.join(QUANT_TYPES)}")
+        raise UsageError(f"--quant-type {name!r} is not one of {', '.join(QUANT_TYPES)}")
     return key
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU; others as given (any case).
+
+    Raises:
+        UsageError: the name is not a device, or CUDA is asked for but absent.
+    """
+    key = _choice_key(name)
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(key)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise UsageError(
+            f"--device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
+        )
+    return device
 
 
 @dataclass(frozen=True)
@@ -196,3 +250,102 @@ class MergeOptions:
                 self.seed,
             )
         )
+
+
+def checked_options(options: MergeOptions) -> MergeOptions:
+    """``options`` with every value checked and normalised, and every conflict refused.
+
+    The CLI and :func:`lora_merge.merge` both start here, before any input is read
+    or downloaded and before OUT is touched: a mistake costs nothing, and a value
+    means the same from either (``quant_type="NF4"`` is ``nf4``). Choices are
+    returned in lower case and sizes as byte counts; checking the result again
+    changes nothing.
+
+    Raises:
+        UsageError: a value that is not one of its choices or out of range, or
+            options that contradict each other or would be silently ignored.
+    """
+    if not options.adapters:
+        raise UsageError("give at least one ADAPTER")
+    parse_dtype(options.dtype)
+    resolve_device(options.device)
+    if options.quant_blocksize not in QUANT_BLOCKSIZES:
+        raise UsageError(
+            f"quant_blocksize {options.quant_blocksize!r} is not one of "
+            f"{', '.join(map(str, QUANT_BLOCKSIZES))} (the block sizes bitsandbytes quantizes with)"
+        )
+    normalised = replace(
+        options,
+        dtype=_choice_key(options.dtype),
+        device=_choice_key(options.device),
+        max_shard_size=parse_size(options.max_shard_size),
+        max_memory=parse_size(options.max_memory),
+        save_method=parse_save_method(options.save_method),
+        quant_type=parse_quant_type(options.quant_type),
+        combine=None if options.combine is None else _choice_key(options.combine),
+        majority_sign_method=(
+            None
+            if options.majority_sign_method is None
+            else _choice_key(options.majority_sign_method)
+        ),
+        weights=None if options.weights is None else parse_weights(options.weights),
+    )
+    _refuse_conflicts(normalised)
+    return normalised
+
+
+def _refuse_conflicts(options: MergeOptions) -> None:
+    """Options that contradict each other, or that the run would ignore without saying so.
+
+    Raises:
+        UsageError: the first conflict found.
+    """
+    loralib = loralib_settings(options.rank, options.alpha, options.enable_lora)
+    if options.combines:
+        build_combine_recipe(
+            len(options.adapters),
+            combine=options.combine,
+            weights=options.weights,
+            density=options.density,
+            majority_sign_method=options.majority_sign_method,
+            svd_rank=options.svd_rank,
+            svd_clamp=options.svd_clamp,
+            seed=options.seed,
+        )
+        if loralib is not None or options.unmerge:
+            raise UsageError(
+                "--unmerge and loralib checkpoints (--rank/--alpha) take one adapter and no "
+                "--combine options; combine the adapters first, then unmerge the combination"
+            )
+    if options.save_method == "lora":
+        if options.combines:
+            raise UsageError(
+                "--save-method lora writes one adapter as it is; it cannot be combined with "
+                "several adapters or --combine options (merge them into a model instead)"
+            )
+        if loralib is not None or options.unmerge:
+            raise UsageError(
+                "--save-method lora writes a PEFT adapter as it is; it cannot be used with "
+                "--unmerge or a loralib checkpoint (--rank/--alpha)"
+            )
+        ignored = [
+            name
+            for name, given in (
+                ("--dtype", options.dtype != "auto"),
+                ("--verify", options.verify),
+                ("--allow-nonfinite", options.allow_nonfinite),
+            )
+            if given
+        ]
+        if ignored:
+            raise UsageError(
+                f"{' and '.join(ignored)} apply to a merged model; --save-method lora writes "
+                "the adapter's tensors as they are: leave them out"
+            )
+    if options.double_quant and options.save_method != "merged_4bit":
+        raise UsageError("--double-quant applies only with --save-method merged_4bit")
+    if options.push_to_hub is None:
+        if options.private or options.hub_revision is not None:
+            raise UsageError("--private and --revision only apply with --push-to-hub")
+    else:
+        check_push_target(options.push_to_hub)

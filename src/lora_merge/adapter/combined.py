@@ -14,6 +14,7 @@ combination by √r (PEFT PR #3473).
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -78,9 +79,10 @@ def refuse_dora(label: str, config: LoraAdapterConfig, keys: Iterable[str]) -> N
         InvalidInputError: the adapter is a DoRA adapter.
     """
     dora_key = next((key for key in keys if _DORA_KEY_MARK in key), None)
-    if getattr(config, "use_dora", False) or dora_key is not None:
+    if config.use_dora or dora_key is not None:
+        evidence = f"key {dora_key!r}" if dora_key else "use_dora in its adapter_config.json"
         raise InvalidInputError(
-            f"adapter {label} is a DoRA adapter{f' (key {dora_key!r})' if dora_key else ''}; "
+            f"adapter {label} is a DoRA adapter ({evidence}); "
             "DoRA adapters cannot be combined with others (their magnitude vectors apply to "
             "one adapter's merged weight): merge it on its own first, then combine the others "
             "into that output"
@@ -207,6 +209,54 @@ class CombinedAdapter:
         tensor = factors[which]
         assert tensor is not None
         return tensor[start:stop]
+
+    # memory, for --dry-run
+
+    def factor_cache_bytes(self) -> int:
+        """The largest module's combined A and B: what each thread keeps between modules."""
+        by_module: dict[str, int] = {}
+        for key, (module, which) in self._factor_keys.items():
+            if which == 1 and self._recipe.method.form == "full":
+                continue  # a full-rank combination has no B, only the whole delta in A
+            size = self.dtype(key).itemsize * math.prod(self._shapes[key])
+            by_module[module] = by_module.get(module, 0) + size
+        return max(by_module.values(), default=0)
+
+    def working_bytes(self, key: str) -> int:
+        """An upper bound of the memory computing the combined factors of ``key``'s module
+        takes, beyond the factors themselves: the adapters' own A and B as read, and the
+        intermediates :meth:`_compute_factors` and its operators make, counted step by step.
+        """
+        module, _ = self._factor_keys[key]
+        parts = self._parts[module]
+        sources = [self._adapters[part.index].source for part in parts]
+        read = a_elements = b_elements = 0
+        for part, source in zip(parts, sources, strict=True):
+            assert part.keys.a_key is not None and part.keys.b_key is not None
+            a_shape, b_shape = source.shape(part.keys.a_key), source.shape(part.keys.b_key)
+            a_elements += math.prod(a_shape)
+            b_elements += math.prod(b_shape)
+            read += source.dtype(part.keys.a_key).itemsize * math.prod(a_shape)
+            read += source.dtype(part.keys.b_key).itemsize * math.prod(b_shape)
+        out_features, in_features = b_shape[0], a_shape[1]  # the same for every part
+        method, count = self._recipe.method, len(parts)
+        if method.form == "cat":  # float64 copies, weighted, then concatenated
+            work = 2 * 8 * (a_elements + b_elements)
+        elif (
+            method.form == "svd" and method.operator == "linear" and self._recipe.svd_clamp is None
+        ):
+            # The concatenation, then thin QRs of both and their products: (out + in) x r, 4 times.
+            work = 6 * 8 * (a_elements + b_elements)
+        elif method.form == "factors":
+            # float32 copies, then per task: pruned, stacked, weighted, signs, agreement, masked.
+            work = 7 * 4 * (a_elements + b_elements)
+        else:
+            # Whole (out, in) float64 deltas: the tasks' deltas, pruned, stacked, weighted,
+            # signs, agreement and masked sum (7 per task), the combination and, for an
+            # SVD, its input's copy, its factors and LAPACK's workspace (5 more).
+            whole = 8 * out_features * in_features
+            work = whole * (7 * count + (8 if method.form == "svd" else 3))
+        return read + work
 
     # internals
 

@@ -41,6 +41,8 @@ class LoraAdapterConfig:
         trainable_token_indices: PEFT's trainable tokens: the rows of the input
             embedding replaced (a list), or module name -> rows (a dict).
         target_parameters: parameter names PEFT put a LoRA on (MoE experts), if any.
+        use_dora: PEFT's flag for DoRA (weight-decomposed LoRA); its magnitude
+            vectors are in the weights file.
     """
 
     r: int
@@ -52,6 +54,7 @@ class LoraAdapterConfig:
     base_model_name_or_path: str | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: tuple[str, ...] = ()
+    use_dora: bool = False
 
     def token_indices_for(self, module_name: str) -> list[int] | None:
         """The rows trainable tokens replace in one embedding (PEFT's dict keys name modules)."""
@@ -165,6 +168,7 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         base_model_name_or_path=base_name if isinstance(base_name, str) else None,
         trainable_token_indices=token_indices,
         target_parameters=tuple(target_parameters),
+        use_dora=bool(raw.get("use_dora", False)),
     )
 
 

@@ -20,10 +20,11 @@ not supported.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lora_merge.adapter.config import LoraAdapterConfig
-from lora_merge.errors import InvalidInputError
+from lora_merge.errors import UsageError
 
 _TRUE = {"1", "true", "t", "yes", "y"}
 _FALSE = {"0", "false", "f", "no", "n"}
@@ -54,24 +55,24 @@ def loralib_settings(
     """Check ``--rank``, ``--alpha`` and ``--enable-lora``; None when none is given (a PEFT adapter).
 
     Raises:
-        InvalidInputError: one of rank and alpha without the other, values out of range,
-            or ``--enable-lora`` without them.
+        UsageError: one of rank and alpha without the other, values out of range,
+            or ``--enable-lora`` without them (the options contradict each other).
     """
     if rank is None and alpha is None:
         if enable_lora is not None:
-            raise InvalidInputError(
+            raise UsageError(
                 "--enable-lora describes a loralib checkpoint: give --rank and --alpha too"
             )
         return None
     if rank is None or alpha is None:
-        raise InvalidInputError(
+        raise UsageError(
             "a loralib checkpoint needs both --rank and --alpha (its r and lora_alpha); "
             "a PEFT adapter folder needs neither"
         )
-    if rank <= 0:
-        raise InvalidInputError(f"--rank must be a positive integer, got {rank}")
-    if not alpha == alpha or alpha in (float("inf"), float("-inf")):
-        raise InvalidInputError(f"--alpha must be a finite number, got {alpha}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise UsageError(f"--rank must be a positive integer, got {rank}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise UsageError(f"--alpha must be a finite number, got {alpha}")
     groups = None if enable_lora is None else parse_enable_lora(enable_lora)
     return LoralibSettings(rank=rank, alpha=float(alpha), enable_lora=groups)
 
@@ -80,17 +81,17 @@ def parse_enable_lora(text: str) -> tuple[bool, ...]:
     """``"1,0,1"`` or ``"true,false,true"`` -> (True, False, True).
 
     Raises:
-        InvalidInputError: an entry is not a boolean, or none is true.
+        UsageError: an entry is not a boolean, or none is true.
     """
     groups = []
     for part in text.split(","):
         word = part.strip().lower()
         if word not in _TRUE | _FALSE:
-            raise InvalidInputError(
+            raise UsageError(
                 f"--enable-lora {text!r}: {part.strip()!r} is not true/false or 1/0; write "
                 "loralib's enable_lora list, e.g. 1,0,1 for q and v of a fused qkv"
             )
         groups.append(word in _TRUE)
     if not any(groups):
-        raise InvalidInputError(f"--enable-lora {text!r} enables no group")
+        raise UsageError(f"--enable-lora {text!r} enables no group")
     return tuple(groups)

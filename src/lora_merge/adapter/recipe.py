@@ -159,7 +159,7 @@ def build_combine_recipe(
         refuse_unless(
             method.uses_density, "--density", "the ties, dare and magnitude_prune methods"
         )
-        if not (isinstance(density, int | float) and 0 < density <= 1):
+        if not (_is_number(density) and 0 < density <= 1):
             raise UsageError(f"--density {density} must be in (0, 1]: the fraction of values kept")
     elif method.uses_density:
         raise UsageError(
@@ -167,20 +167,23 @@ def build_combine_recipe(
         )
     if majority_sign_method is not None:
         refuse_unless(method.uses_sign_method, "--majority-sign-method", "the ties methods")
+        majority_sign_method = majority_sign_method.strip().lower()
         if majority_sign_method not in ("total", "frequency"):
             raise UsageError(
                 f"--majority-sign-method {majority_sign_method!r} is not one of total, frequency"
             )
     if svd_rank is not None:
         refuse_unless(method.form == "svd", "--svd-rank", "the *_svd methods")
-        if svd_rank < 1:
+        if not _is_integer(svd_rank) or svd_rank < 1:
             raise UsageError(f"--svd-rank {svd_rank} must be a positive integer")
     if svd_clamp is not None:
         refuse_unless(method.form == "svd", "--svd-clamp", "the *_svd methods")
-        if not 0 < svd_clamp <= 1:
+        if not (_is_number(svd_clamp) and 0 < svd_clamp <= 1):
             raise UsageError(f"--svd-clamp {svd_clamp} must be a quantile in (0, 1], e.g. 0.99")
     if seed is not None:
         refuse_unless(method.is_random, "--seed", "the dare methods")
+        if not _is_integer(seed):
+            raise UsageError(f"--seed {seed!r} must be an integer")
     sign: SignMethod = "frequency" if majority_sign_method == "frequency" else "total"
     return CombineRecipe(
         method_name=name,
@@ -191,3 +194,11 @@ def build_combine_recipe(
         svd_clamp=svd_clamp,
         seed=DEFAULT_SEED if seed is None else seed,
     )
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

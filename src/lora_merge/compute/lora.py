@@ -75,6 +75,16 @@ class LoraFactors:
     transposed: bool
 
 
+def scale_folds_into_a(scale: float) -> bool:
+    """Whether :func:`prepare_lora_factors` multiplies A by the scale (unless that overflows).
+
+    Only a power of two >= 1 in magnitude (negative for --unmerge) leaves every
+    product and partial sum bit for bit as PEFT's ``(B @ A) * scale``.
+    """
+    mantissa, _ = math.frexp(scale)
+    return abs(scale) >= 1.0 and abs(mantissa) == 0.5
+
+
 def prepare_lora_factors(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor | None,
@@ -92,12 +102,14 @@ def prepare_lora_factors(
     """
     lora_a = lora_a.to(compute_dtype)
     lora_b = None if lora_b is None else lora_b.to(compute_dtype)
-    mantissa, _ = math.frexp(scale)
-    # A power of two >= 1 in magnitude (negative for --unmerge): exact unless it overflows.
-    if abs(scale) >= 1.0 and abs(mantissa) == 0.5:
-        folded = lora_a * scale
-        if bool(torch.isfinite(folded).all()) or not bool(torch.isfinite(lora_a).all()):
-            return LoraFactors(folded, lora_b, 1.0, transposed)
+    if scale_folds_into_a(scale) and lora_a.numel():
+        # A * scale overflows exactly where the largest |a| does: checking A's extremes
+        # needs no (r, in) temporaries (isfinite over the folded A makes three, which
+        # for an embedding's A is more memory than A itself). NaN or Inf in A
+        # propagate to the extremes; such an A is folded, its result is non-finite anyway.
+        extremes = torch.stack(torch.aminmax(lora_a))
+        if not bool(torch.isfinite(extremes).all()) or bool(torch.isfinite(extremes * scale).all()):
+            return LoraFactors(lora_a * scale, lora_b, 1.0, transposed)
     return LoraFactors(lora_a, lora_b, scale, transposed)
 
 

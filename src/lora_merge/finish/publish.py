@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from lora_merge.errors import InvalidInputError, PushError
+from lora_merge.errors import PushError, UsageError
 from lora_merge.inputs.hub import progress_bars_hidden
 
 
@@ -23,16 +23,16 @@ def check_push_target(repo_id: str) -> None:
     """Refuse a repo id the Hub would refuse, and a push that cannot happen offline.
 
     Raises:
-        InvalidInputError: ``repo_id`` is not ``org/name`` (or ``name``), or HF_HUB_OFFLINE is set.
+        UsageError: ``repo_id`` is not ``org/name`` (or ``name``), or HF_HUB_OFFLINE is set.
     """
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise InvalidInputError(
+        raise UsageError(
             f"--push-to-hub {repo_id!r} is not a Hub repo id: use org/name or name ({err})"
         ) from err
     if constants.HF_HUB_OFFLINE:
-        raise InvalidInputError(
+        raise UsageError(
             "--push-to-hub needs the network but HF_HUB_OFFLINE is set; unset it or drop --push-to-hub"
         )
 

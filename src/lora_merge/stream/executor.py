@@ -13,8 +13,9 @@ one tile of a tensor, so memory does not grow with the model.
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,10 +23,12 @@ from pathlib import Path
 
 import torch
 
-from lora_merge.compute.lora import all_finite
+from lora_merge.adapter.combined import CombinedAdapter
+from lora_merge.compute.lora import all_finite, compute_dtype_for, scale_folds_into_a
 from lora_merge.errors import NonFiniteError
-from lora_merge.io.reader import StoredTensorSource, TensorSource
+from lora_merge.io.reader import InMemoryTensors, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
+from lora_merge.plan.kinds.dora import norm_per_column
 from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor
 from lora_merge.stream.requantize import write_requantized
 from lora_merge.stream.tiles import TileBuffers, output_tiles, with_token_rows
@@ -40,6 +43,119 @@ def tile_budget_for(device: torch.device, memory_budget: int) -> int:
     if device.type == "cpu":
         return min(CPU_TILE_WORKSPACE_BYTES, memory_budget)
     return memory_budget // 4
+
+
+def stream_workers(device: torch.device) -> int:
+    """Threads that write a shard's tensors at once: one per core on the CPU, one feeding a GPU."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def working_memory_bound(
+    shards: Iterable[Sequence[PlannedTensor]],
+    adapter: TensorSource,
+    device: torch.device,
+    tile_budget: int,
+) -> int:
+    """An upper bound of the tensor data the stream holds at once (``--dry-run``'s memory line).
+
+    Each of the :func:`stream_workers` threads keeps its tile buffers (rows read, rows
+    written, the float32/float64 workspace) and, while it writes a tensor, what that
+    tensor needs whole: above all a LoRA product's factors, in every form the merge
+    makes of them (see :func:`_tensor_bytes`). The threads share the tensors of one
+    shard, so at most the ``workers`` largest of those amounts are held together;
+    comparing bytes, never shapes.
+
+    Args:
+        shards: the planned tensors of each output shard.
+        adapter: the adapter's tensors (their dtypes and shapes).
+        device: where the merge runs.
+        tile_budget: bytes of merge workspace per tile (see :func:`tile_budget_for`).
+    """
+    workers = stream_workers(device)
+    shard_lists = [list(tensors) for tensors in shards]
+    # A row wider than a tile makes every buffer one row long instead.
+    widest_row = max(
+        (
+            8 * math.prod(t.spec.shape[1:])
+            for tensors in shard_lists
+            for t in tensors
+            if len(t.spec.shape) > 1
+        ),
+        default=0,
+    )
+    per_thread = 3 * max(tile_budget, widest_row)
+    in_flight = 0
+    for tensors in shard_lists:
+        held = sorted(
+            (_tensor_bytes(t, adapter, tile_budget) for t in tensors if t.written_with is None),
+            reverse=True,
+        )
+        in_flight = max(in_flight, sum(held[:workers]))
+    resident = 0
+    if isinstance(adapter, InMemoryTensors):  # a pickled adapter is loaded whole
+        resident = sum(
+            adapter.dtype(key).itemsize * math.prod(adapter.shape(key))
+            for key in list(adapter.keys())
+        )
+    # Each thread keeps the last module a combination computed for it.
+    cached = adapter.factor_cache_bytes() if isinstance(adapter, CombinedAdapter) else 0
+    return workers * (per_thread + cached) + in_flight + resident
+
+
+def _tensor_bytes(tensor: PlannedTensor, adapter: TensorSource, tile_budget: int) -> int:
+    """What one thread holds whole, beyond its tile buffers, while it writes ``tensor``.
+
+    Counted as :func:`lora_merge.stream.tiles.output_tiles` makes them: A and B as read; their copies in the
+    compute dtype where it differs; A with the scale folded in; a loralib B spread
+    over its groups; DoRA's magnitudes; a combination's intermediates
+    (``working_bytes``); trainable tokens' rows; a re-quantized weight's block
+    scales and the tiles it joins. Small tensors (biases) are read whole, in a few forms.
+    """
+    spec, delta = tensor.spec, tensor.delta
+    elements = math.prod(spec.shape)
+    if isinstance(delta, LoraBias) or len(spec.shape) < 2 or tensor.source == "zeros":
+        return 4 * 8 * elements
+    held = 0
+    if tensor.token_rows is not None:
+        key = tensor.token_rows.key
+        held += adapter.dtype(key).itemsize * math.prod(adapter.shape(key))
+    target = tensor.requantize
+    if target is not None:  # the weight's block scales, and a tile joined with the remainder
+        held += 2 * 4 * target.blocks + 2 * tile_budget
+    if isinstance(delta, LoraProduct):
+        output_dtype = spec.dtype if target is None else target.dtype
+        compute = torch.float64 if norm_per_column(delta) else compute_dtype_for(output_dtype)
+        held += _factor_bytes(delta, adapter, compute, tile_budget)
+    return held
+
+
+def _factor_bytes(
+    delta: LoraProduct, adapter: TensorSource, compute: torch.dtype, tile_budget: int
+) -> int:
+    """A LoRA product's factors in every form :func:`lora_merge.stream.tiles.output_tiles` holds
+    them at once."""
+    a_dtype, a_elements = adapter.dtype(delta.a_key), math.prod(adapter.shape(delta.a_key))
+    held = a_dtype.itemsize * a_elements
+    if a_dtype != compute or delta.experts > 1:  # experts: each one's A is a copy
+        held += compute.itemsize * a_elements
+    if scale_folds_into_a(delta.scale):
+        held += compute.itemsize * a_elements
+    if not delta.dense:
+        b_dtype, b_elements = adapter.dtype(delta.b_key), math.prod(adapter.shape(delta.b_key))
+        held += b_dtype.itemsize * b_elements
+        if delta.groups is not None:  # B spread over every group's rows
+            b_elements *= len(delta.groups)
+            held += b_dtype.itemsize * b_elements
+        if b_dtype != compute or delta.experts > 1:
+            held += compute.itemsize * b_elements
+    if delta.experts > 1:  # a tile of whole experts, merged apart from the buffers
+        held += tile_budget
+    if delta.magnitude_key is not None:
+        magnitude = math.prod(adapter.shape(delta.magnitude_key))
+        held += (adapter.dtype(delta.magnitude_key).itemsize + compute.itemsize) * magnitude
+    if isinstance(adapter, CombinedAdapter):  # it computes the factors when first read
+        held += adapter.working_bytes(delta.a_key)
+    return held
 
 
 def write_shard(
@@ -75,7 +191,7 @@ def write_shard(
     Raises:
         NonFiniteError: a merged, replaced or converted tensor has NaN or Inf.
     """
-    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    workers = stream_workers(device)
     with (
         ShardWriter(path, [t.spec for t in tensors], metadata) as writer,
         _single_threaded_torch(workers > 1),
