@@ -13,7 +13,7 @@ from handmade_checkpoints import write_adapter, write_base
 from merge_process import LORA_MERGE
 
 import lora_merge.io.shard_writer as shard_writer
-import lora_merge.stream.executor as executor
+import lora_merge.stream.tiles as tiles
 from lora_merge import MergeOptions, merge
 from lora_merge.errors import VerificationError
 
@@ -106,7 +106,7 @@ def test_verify_passes_on_a_correct_merge(inputs, tmp_path):
 def test_verify_catches_a_wrong_merged_row(inputs, tmp_path, monkeypatch):
     """A merge kernel that is off by a little in one row is caught, and OUT never appears."""
     base, adapter = inputs
-    original = executor.merged_rows
+    original = tiles.merged_rows
 
     def slightly_wrong(base_rows, factors, start, workspace=None):
         merged = original(base_rows, factors, start, workspace)
@@ -114,14 +114,14 @@ def test_verify_catches_a_wrong_merged_row(inputs, tmp_path, monkeypatch):
             merged[0] += 0.25
         return merged
 
-    monkeypatch.setattr(executor, "merged_rows", slightly_wrong)
+    monkeypatch.setattr(tiles, "merged_rows", slightly_wrong)
     options = MergeOptions(
         base=base, adapter=adapter, out=tmp_path / "merged", quiet=True, verify=True
     )
     with pytest.raises(VerificationError, match="row 0 of"):
         merge(options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
-    monkeypatch.setattr(executor, "merged_rows", original)
+    monkeypatch.setattr(tiles, "merged_rows", original)
     merge(options)  # the same merge, kernel restored, verifies
 
 

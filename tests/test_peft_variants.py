@@ -42,7 +42,7 @@ from lora_merge.errors import (
     NonFiniteError,
     VerificationError,
 )
-from lora_merge.stream import executor
+from lora_merge.stream import tiles
 
 
 def test_float64_to_16_bit_rounds_once_even_next_to_a_midpoint():
@@ -392,13 +392,13 @@ def test_verify_recomputes_convolution_and_dora_rows(conv_inputs, tmp_path, vari
         )
     )
     if variant == "dora":
-        original = executor.dora_scale_rows
+        original = tiles.dora_scale_rows
 
         def off_by_a_little(values, magnitude_rows):
             return original(values, magnitude_rows * 1.001)
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(executor, "dora_scale_rows", off_by_a_little)
+            patch.setattr(tiles, "dora_scale_rows", off_by_a_little)
             with pytest.raises(VerificationError, match="row"):
                 merge(
                     MergeOptions(

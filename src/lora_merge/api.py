@@ -81,7 +81,8 @@ from lora_merge.options import (
     resolve_device,
 )
 from lora_merge.plan.fingerprint import merge_fingerprint
-from lora_merge.plan.planner import MergePlan, PlannedTensor, build_merge_plan
+from lora_merge.plan.model import MergePlan, PlannedTensor
+from lora_merge.plan.planner import build_merge_plan
 from lora_merge.plan.requantize import plan_requantization, requantized_config
 from lora_merge.plan.shards import plan_output_shards, shard_file_names
 from lora_merge.stream.executor import tile_budget_for, working_memory_bound, write_shard

@@ -1,13 +1,15 @@
-"""LoRA merge formulas. Tensors in, tensors out; no I/O, no globals.
+"""The arithmetic every LoRA merge shares: ``W + scale * B @ A``, rounded once.
+
+Tensors in, tensors out; no I/O, no globals. Which A and B a layer kind adds,
+and in which layout, is the kind's business (:mod:`lora_merge.plan.kinds`);
+here is how the sum is computed so that it is PEFT's, bit for bit.
 
 PEFT (``peft/tuners/lora/layer.py``) merges a Linear layer as
 ``W += transpose(B @ A, fan_in_fan_out) * scaling``. With the adapter in float32
 (PEFT's default ``autocast_adapter_dtype=True``) the in-place add into a 16-bit
 weight runs in float32 and rounds once, so computing
 ``W.float() + scale * (B.float() @ A.float())`` and rounding once reproduces it
-bit for bit. For Embedding layers PEFT casts the delta to the weight's dtype
-before adding (two roundings); we round once, which is never further from the
-exact sum.
+bit for bit.
 
 For 32-bit outputs we compute in float64: float32 arithmetic would round the
 product and the sum at float32 precision, i.e. at the output's own precision,
@@ -73,6 +75,16 @@ class LoraFactors:
     transposed: bool
 
 
+def scale_folds_into_a(scale: float) -> bool:
+    """Whether :func:`prepare_lora_factors` multiplies A by the scale (unless that overflows).
+
+    Only a power of two >= 1 in magnitude (negative for --unmerge) leaves every
+    product and partial sum bit for bit as PEFT's ``(B @ A) * scale``.
+    """
+    mantissa, _ = math.frexp(scale)
+    return abs(scale) >= 1.0 and abs(mantissa) == 0.5
+
+
 def prepare_lora_factors(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor | None,
@@ -90,9 +102,7 @@ def prepare_lora_factors(
     """
     lora_a = lora_a.to(compute_dtype)
     lora_b = None if lora_b is None else lora_b.to(compute_dtype)
-    mantissa, _ = math.frexp(scale)
-    # A power of two >= 1 in magnitude (negative for --unmerge): exact unless it overflows.
-    if abs(scale) >= 1.0 and abs(mantissa) == 0.5 and lora_a.numel():
+    if scale_folds_into_a(scale) and lora_a.numel():
         # A * scale overflows exactly where the largest |a| does: checking A's extremes
         # needs no (r, in) temporaries (isfinite over the folded A makes three, which
         # for an embedding's A is more memory than A itself). NaN or Inf in A
@@ -101,59 +111,6 @@ def prepare_lora_factors(
         if not bool(torch.isfinite(extremes).all()) or bool(torch.isfinite(extremes * scale).all()):
             return LoraFactors(lora_a * scale, lora_b, 1.0, transposed)
     return LoraFactors(lora_a, lora_b, scale, transposed)
-
-
-def expert_lora_factors(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, expert: int, experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A and B of one expert of a LoRA on fused expert weights (PEFT ``lora.ParamWrapper``).
-
-    PEFT's ``ParamWrapper.get_delta_weight`` reshapes A (r·E, in) to (E, r, in)
-    and B (out, r·E) to (out, r, E): expert e takes the consecutive rows
-    ``e·r:(e+1)·r`` of A and the interleaved columns ``e::E`` of B.
-
-    Args:
-        lora_a: A of every expert, (r·E, in), or just this expert's (r, in) rows.
-        lora_b: B of every expert, (rows, r·E).
-        expert / experts: e and E.
-
-    Returns:
-        (A_e (r, in), B_e (rows, r)), B_e contiguous.
-    """
-    rank = lora_b.shape[1] // experts
-    if lora_a.shape[0] != rank:
-        lora_a = lora_a[expert * rank : (expert + 1) * rank]
-    return lora_a, lora_b[:, expert::experts].contiguous()
-
-
-def expand_merged_linear_b(lora_b: torch.Tensor, groups: tuple[bool, ...]) -> torch.Tensor:
-    """B of a loralib ``MergedLinear`` as the (out, r·k) matrix whose product with A is its delta.
-
-    loralib's ``merge_AB`` is ``zero_pad(conv1d(A, B, groups=k))``: enabled group j
-    (in order) gets ``B[j·n:(j+1)·n] @ A[j·r:(j+1)·r]`` (n = out / len(groups)) and
-    disabled groups get zeros. Placing each B block at its group's rows and its
-    A block's columns gives the same product with a plain matmul; the extra terms
-    are exact zeros, which change no sum.
-
-    Args:
-        lora_b: (n·k, r), the enabled groups' rows stacked.
-        groups: ``enable_lora``, k of them true.
-
-    Returns:
-        (n·len(groups), r·k), zeros outside the blocks.
-    """
-    rank, enabled = lora_b.shape[1], sum(groups)
-    group_rows = lora_b.shape[0] // enabled
-    full = lora_b.new_zeros((group_rows * len(groups), rank * enabled))
-    block = 0
-    for group, is_enabled in enumerate(groups):
-        if is_enabled:
-            rows = slice(group * group_rows, (group + 1) * group_rows)
-            full[rows, block * rank : (block + 1) * rank] = lora_b[
-                block * group_rows : (block + 1) * group_rows
-            ]
-            block += 1
-    return full
 
 
 def lora_delta_rows(
@@ -213,49 +170,6 @@ def merged_rows(
     return delta.add_(base_rows)
 
 
-def dora_scale_rows(values: torch.Tensor, magnitude_rows: torch.Tensor) -> torch.Tensor:
-    """In place: each row of ``V`` times ``m / ||row||``; returns ``values``.
-
-    DoRA with one output feature per stored row (Linear, convolutions). PEFT's
-    ``DoraLinearVariant.merge_unsafe``: ``weight_norm = torch.linalg.norm(W + delta,
-    dim=1)`` in the delta's float32, ``dora_factor = m / weight_norm``, then
-    ``dora_factor.view(-1, 1) * (W + delta)``, rounded once. Same operations,
-    same order, so 16-bit results are PEFT's.
-    """
-    norms = torch.linalg.vector_norm(values, dim=1)
-    return values.mul_((magnitude_rows.to(values.dtype) / norms).unsqueeze(1))
-
-
-def column_sums_of_squares(values: torch.Tensor) -> torch.Tensor:
-    """Per-column sums of squares of a tile of ``V``, in float64 (first pass of a column norm).
-
-    DoRA on an embedding or a Conv1D weight normalises columns of the stored
-    weight, and a column spans every row: the squares are summed tile by tile in
-    float64, so the order of the tiles does not matter at the output's precision.
-    """
-    return values.to(torch.float64).square_().sum(dim=0)
-
-
-def dora_column_factor(magnitude: torch.Tensor, sums_of_squares: torch.Tensor) -> torch.Tensor:
-    """``m / ||column||`` for every column, in float64, from :func:`column_sums_of_squares`.
-
-    PEFT's ``DoraEmbeddingVariant`` (and the fan_in_fan_out Linear) take
-    ``torch.linalg.norm(W.T + delta.T, dim=1)`` in float32; we take the same norm
-    in float64 (see :func:`dora_scale_columns`).
-    """
-    return magnitude.to(torch.float64) / sums_of_squares.sqrt()
-
-
-def dora_scale_columns(values: torch.Tensor, column_factor: torch.Tensor) -> torch.Tensor:
-    """Each column of a tile of ``V`` times its factor, in float64 (not yet rounded).
-
-    PEFT computes ``dora_factor.view(1, -1) * (W + delta)`` in float32, rounding the
-    norm, the factor and the product before the final rounding; the stream computes
-    column DoRA in float64 throughout, so the one final rounding decides the result.
-    """
-    return values.to(torch.float64).mul_(column_factor)
-
-
 def round_float64_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float64 values rounded once to ``dtype`` (correctly rounded, ties to even).
 
@@ -277,15 +191,6 @@ def round_float64_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bits -= (inexact & (widened.abs() > values.abs()) & torch.isfinite(nearest)).to(torch.int32)
     bits |= inexact.to(torch.int32)
     return bits.view(torch.float32).to(dtype)
-
-
-def merge_lora_bias(
-    base_bias: torch.Tensor, lora_bias: torch.Tensor, scale: float, output_dtype: torch.dtype
-) -> torch.Tensor:
-    """``bias + scale * lora_B.bias``, rounded once (PEFT ``lora_bias=True``)."""
-    compute_dtype = compute_dtype_for(output_dtype)
-    delta = lora_bias.to(compute_dtype).mul(scale)
-    return delta.add_(base_bias).to(output_dtype)
 
 
 def all_finite(values: torch.Tensor) -> bool:

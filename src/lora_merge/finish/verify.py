@@ -29,16 +29,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lora_merge.compute.lora import (
-    compute_dtype_for,
-    expand_merged_linear_b,
-    expert_lora_factors,
-)
+from lora_merge.compute.lora import compute_dtype_for
 from lora_merge.errors import VerificationError
 from lora_merge.io.hashing import sha256_of
 from lora_merge.io.reader import TensorSource
 from lora_merge.io.safetensors_format import SAFETENSORS_NAME_BY_TORCH_DTYPE, TensorEntry
-from lora_merge.plan.planner import LoraProduct, PlannedTensor
+from lora_merge.plan.kinds.dora import norm_per_column, read_magnitude
+from lora_merge.plan.kinds.experts import expert_lora_factors
+from lora_merge.plan.kinds.factors import read_lora_factors
+from lora_merge.plan.model import LoraProduct, PlannedTensor
 
 SAMPLED_ROWS = 4
 
@@ -106,7 +105,7 @@ def _check_tensor(
         and spec.shape
         and tensor.requantize is None
         and tensor.token_rows is None  # replaced rows are not W + scale * B @ A
-        and not tensor.delta.norm_per_column
+        and not norm_per_column(tensor.delta)
     ):
         _check_sampled_rows(handle, name, tensor, tensor.delta, base_entries, adapter, base)
 
@@ -124,26 +123,18 @@ def _check_sampled_rows(
     picks = sorted(
         {0, rows - 1, *torch.randint(0, rows, (SAMPLED_ROWS,), generator=_generator(name)).tolist()}
     )
-    lora_a = adapter.read_rows(delta.a_key).double()
+    # The factors as the stream reads them: 2-D, a convolution's rows flat, one
+    # expert's slices of A and B for one expert's weight.
+    factor_a, factor_b = read_lora_factors(delta, adapter)
+    lora_a = factor_a.double()
     # A whole delta (a combination kept at full rank) is B @ A with B the identity.
     lora_b = (
-        torch.eye(lora_a.shape[0], dtype=torch.float64)
-        if delta.dense
-        else adapter.read_rows(delta.b_key).double()
+        torch.eye(lora_a.shape[0], dtype=torch.float64) if factor_b is None else factor_b.double()
     )
-    if delta.groups is not None:  # loralib MergedLinear
-        lora_b = expand_merged_linear_b(lora_b, delta.groups)
-    if delta.expert is not None:  # one expert's weight (or a part of it): its slices of A and B
-        lora_b = lora_b[slice(*delta.b_rows)] if delta.b_rows else lora_b
-        lora_a, lora_b = expert_lora_factors(lora_a, lora_b, delta.expert, delta.experts)
-    rank = lora_a.shape[0]
-    lora_a = lora_a.reshape(rank, -1)  # convolutions: flat rows
-    lora_b = lora_b.reshape(-1, rank)
-    if delta.dense:
-        rank = 0  # no product is rounded
+    rank = 0 if factor_b is None else lora_a.shape[0]  # a whole delta: no product is rounded
     dora_magnitude = None
     if delta.magnitude_key is not None:
-        dora_magnitude = adapter.read_rows(delta.magnitude_key).double().reshape(-1)
+        dora_magnitude = read_magnitude(delta, adapter).double()
     written = handle.get_slice(name)
     unit_roundoff = torch.finfo(compute_dtype_for(tensor.spec.dtype)).eps / 2
     base_rows = _source_rows(tensor, picks, base_entries, adapter, base)

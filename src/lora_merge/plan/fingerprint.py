@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from lora_merge.plan.planner import PlannedTensor
+from lora_merge.plan.model import PlannedTensor
 
 
 def merge_fingerprint(

@@ -23,7 +23,7 @@ from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.plan.architectures import VOCAB_TENSOR_SUFFIXES
 from lora_merge.plan.four_bit_format import FourBitFormat
-from lora_merge.plan.planner import MergePlan, PlannedTensor
+from lora_merge.plan.model import MergePlan, PlannedTensor
 
 
 def plan_requantization(

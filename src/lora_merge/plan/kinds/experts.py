@@ -17,14 +17,29 @@ Checkpoints of most MoE models keep one tensor per expert (transformers converts
 them when loading and back when saving): ``mlp.experts.{e}.gate_proj.weight``
 and ``up_proj`` stacked along rows make ``gate_up_proj[e]``. Those are planned
 as ordinary 2-D products over a slice of A's rows and of B's rows and columns.
+
+Shape rule: :func:`plan_parameter_loras` (which parameters a module may target,
+:func:`expert_targets`, and which one its shapes fit, :func:`match_expert_target`).
+Formula: :func:`read_factors` and :func:`expert_lora_factors` (expert e's A and B).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from lora_merge.errors import AdapterMismatchError
+import torch
+
+from lora_merge.adapter.config import LoraAdapterConfig
+from lora_merge.adapter.keys import AdapterContents
+from lora_merge.errors import AdapterMismatchError, InvalidInputError
+from lora_merge.inputs.resolve import BaseCheckpoint
+from lora_merge.io.reader import TensorSource
+from lora_merge.plan.model import LoraProduct
+from lora_merge.plan.names import BaseNames
+
+LAYER = "experts"
 
 BASE_LAYER_INFIX = ".base_layer"
 
@@ -115,7 +130,7 @@ def expert_targets(
     Args:
         owner: the module holding the parameters, as the adapter names it.
         parameter_names: the parameter names to look for (``gate_up_proj``, ...).
-        find: base keys a name may refer to (:meth:`BaseNames.find`).
+        find: base keys a name may refer to (:meth:`~lora_merge.plan.names.BaseNames.find`).
         shape_of: the stored shape of a base key.
     """
     targets = []
@@ -208,3 +223,146 @@ def match_expert_target(
         f"parameter (target_parameters) but {problem} {names}: was this adapter trained on "
         "a different base model?"
     )
+
+
+@dataclass
+class ParameterDeltas:
+    """The LoRAs on parameters (MoE experts) of an adapter, planned.
+
+    Attributes:
+        products: base key -> the product to add to it.
+        modules: the adapter modules these came from (they have no ``.weight``).
+    """
+
+    products: dict[str, LoraProduct] = field(default_factory=dict)
+    modules: set[str] = field(default_factory=set)
+
+
+def plan_parameter_loras(
+    base: BaseCheckpoint,
+    base_names: BaseNames,
+    config: LoraAdapterConfig,
+    contents: AdapterContents,
+    adapter: TensorSource,
+) -> ParameterDeltas:
+    """Plan the LoRAs PEFT puts on parameters (``target_parameters``, MoE experts).
+
+    A LoRA module is one when the base has no ``{module}.weight`` but the module
+    (without PEFT's nested ``.base_layer``) holds a fused expert parameter, or
+    per-expert tensors that make one.
+
+    Raises:
+        AdapterMismatchError: two LoRAs fit the same parameter, or one fits none.
+        InvalidInputError: a parameter LoRA carries a ``lora_B.bias``.
+    """
+    deltas = ParameterDeltas()
+    names = [name.rsplit(".", 1)[-1] for name in config.target_parameters]
+    names += [layout.parameter for layout in PER_EXPERT_LAYOUTS]
+    model_type = base.config.get("model_type")
+    declared = declared_expert_count(base.config)
+
+    def shape_of(key: str) -> tuple[int, ...]:
+        return base.tensors[key].shape
+
+    claimed: dict[str, str] = {}  # parameter -> adapter key of the LoRA that fits it
+    for module in contents.lora_modules.values():
+        if base_names.find(f"{module.module}.weight"):
+            continue
+        targets = expert_targets(owner_module(module.module), names, base_names.find, shape_of)
+        if not targets:
+            continue
+        _check_expert_count(targets, declared)
+        assert module.a_key is not None and module.b_key is not None
+        if module.bias_key is not None:
+            raise InvalidInputError(
+                f"adapter key {module.bias_key!r} is a LoRA bias on a parameter "
+                "(target_parameters), which lora-merge does not support"
+            )
+        a_shape, b_shape = adapter.shape(module.a_key), adapter.shape(module.b_key)
+        target, transposed = match_expert_target(
+            module.a_key, a_shape, b_shape, targets, model_type
+        )
+        if target.parameter in claimed:
+            raise AdapterMismatchError(
+                f"adapter keys {claimed[target.parameter]!r} and {module.a_key!r} both fit "
+                f"{target.parameter!r}; the adapter is inconsistent"
+            )
+        claimed[target.parameter] = module.a_key
+        deltas.modules.add(module.module)
+        rank = a_shape[0] // target.experts
+        # PEFT matches rank/alpha patterns against the parameter's name ("...experts.down_proj").
+        scale = config.scale_for(target.parameter, rank)
+        product = LoraProduct(
+            module.a_key, module.b_key, scale, transposed, LAYER, experts=target.experts
+        )
+        deltas.products.update(_products_by_tensor(target, product))
+    return deltas
+
+
+def _check_expert_count(targets: list[ExpertTarget], declared: int | None) -> None:
+    """The base stores as many experts as its config.json declares.
+
+    Raises:
+        AdapterMismatchError: it does not.
+    """
+    for target in targets:
+        if target.experts > 1 and declared not in (None, target.experts):
+            raise AdapterMismatchError(
+                f"{target.parameter!r} has {target.experts} experts in BASE's weights but "
+                f"config.json declares {declared}: the checkpoint is incomplete or inconsistent"
+            )
+
+
+def _products_by_tensor(target: ExpertTarget, product: LoraProduct) -> dict[str, LoraProduct]:
+    """The product for the fused tensor, or one per stored part of each expert."""
+    if target.fused_key is not None:
+        return {target.fused_key: product}
+    products = {}
+    for expert, keys in enumerate(target.part_keys):
+        start = 0
+        for key, rows in zip(keys, target.part_rows, strict=True):
+            products[key] = dataclasses.replace(
+                product, expert=expert, b_rows=(start, start + rows)
+            )
+            start += rows
+    return products
+
+
+def expert_lora_factors(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, expert: int, experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B of one expert of a LoRA on fused expert weights (PEFT ``lora.ParamWrapper``).
+
+    PEFT's ``ParamWrapper.get_delta_weight`` reshapes A (r·E, in) to (E, r, in)
+    and B (out, r·E) to (out, r, E): expert e takes the consecutive rows
+    ``e·r:(e+1)·r`` of A and the interleaved columns ``e::E`` of B.
+
+    Args:
+        lora_a: A of every expert, (r·E, in), or just this expert's (r, in) rows.
+        lora_b: B of every expert, (rows, r·E).
+        expert / experts: e and E.
+
+    Returns:
+        (A_e (r, in), B_e (rows, r)), B_e contiguous.
+    """
+    rank = lora_b.shape[1] // experts
+    if lora_a.shape[0] != rank:
+        lora_a = lora_a[expert * rank : (expert + 1) * rank]
+    return lora_a, lora_b[:, expert::experts].contiguous()
+
+
+def read_factors(delta: LoraProduct, adapter: TensorSource) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B of a parameter LoRA, as :func:`expert_lora_factors` takes them apart.
+
+    For a fused (E, X, Y) weight (``expert`` None): A (r·E, in) and B (out, r·E)
+    whole, taken apart one expert at a time by the caller. For one expert's weight:
+    only that expert's rows of A (they are consecutive) and the rows of B this
+    weight takes (``b_rows``), then its columns of B: (r, in) and (rows, r).
+    """
+    if delta.expert is None:
+        return adapter.read_rows(delta.a_key), adapter.read_rows(delta.b_key)
+    rank = adapter.shape(delta.a_key)[0] // delta.experts
+    start = delta.expert * rank
+    lora_a = adapter.read_rows(delta.a_key, start, start + rank)
+    lora_b = adapter.read_rows(delta.b_key, *(delta.b_rows or (0, None)))
+    return expert_lora_factors(lora_a, lora_b, delta.expert, delta.experts)
