@@ -34,7 +34,7 @@ from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.adapter.unmerge import refuse_unmerge_of_dora
 from lora_merge.adapter.weights import open_adapter_weights
-from lora_merge.compute.bitsandbytes_backend import load_bitsandbytes
+from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
 from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
 from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError
 from lora_merge.finish.adapter_output import write_normalized_adapter
@@ -357,12 +357,9 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         quant_type=parse_quant_type(options.quant_type),
         double_quant=options.double_quant,
     )
-    if settings.save_method == "merged_4bit" and load_bitsandbytes() is None:
-        # Found here, not at the first weight to re-quantize, once much is written.
-        raise InvalidInputError(
-            "--save-method merged_4bit re-quantizes with bitsandbytes, which is not installed "
-            "or does not load here: pip install bitsandbytes, or use merged_16bit"
-        )
+    if settings.save_method == "merged_4bit":
+        # Found here, before any input is read, not at the first weight to re-quantize.
+        require_bitsandbytes("--save-method merged_4bit")
     # A local folder wins; otherwise BASE / ADAPTER may be Hub repo ids (org/name[@rev]).
     base = resolve_base(
         resolve_model_location(options.base, "BASE", kind="model", quiet=options.quiet)
