@@ -68,6 +68,11 @@ class AdapterFolder:
     config_path: Path | None
     weights_path: Path
 
+    @property
+    def location(self) -> Path:
+        """What reports call the adapter: its folder, or the file of a config-less (loralib) one."""
+        return self.folder if self.config_path is not None else self.weights_path
+
 
 def resolve_base(base: Path | str) -> BaseCheckpoint:
     """Find and index the base checkpoint's safetensors files.
