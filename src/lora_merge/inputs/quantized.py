@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from lora_merge.errors import InvalidInputError
-
-# FourBitWeight and LogicalTensor are imported from here by plan/requantize.py.
 from lora_merge.io.bitsandbytes_format import (
     QUANT_STATE_DTYPES,
     FourBitWeight,
     QuantizedWeight,
     quantized_weights,
 )
+
+# Re-exported while plan/requantize.py imports it from here; its home is io/bitsandbytes_format.
 from lora_merge.io.bitsandbytes_format import LogicalTensor as LogicalTensor
 from lora_merge.io.safetensors_format import TensorEntry
 
