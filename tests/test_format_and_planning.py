@@ -1,10 +1,13 @@
-"""The pure pieces against independent oracles: safetensors I/O, shard planning, PEFT's pattern rule."""
+"""The pure pieces against independent oracles: safetensors I/O, shard planning, PEFT's pattern
+rule, JSON files."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,11 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from lora_merge.adapter.config import pattern_key_for
 from lora_merge.errors import InvalidInputError, UsageError
+from lora_merge.io.json_files import parse_json_object, read_json_object
 from lora_merge.io.reader import SafetensorsReader
 from lora_merge.io.safetensors_format import read_safetensors_header
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 from lora_merge.options import parse_size
-from lora_merge.plan.shards import plan_output_shards, shard_file_names
+from lora_merge.plan.shards import plan_output_shards, shard_file_names, shard_layout
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.uint8, torch.bool]
 
@@ -186,6 +190,44 @@ def test_shard_plan_keeps_order_and_respects_the_limit(sizes, limit):
         assert sum(size_of[n] for n in previous) + size_of[current[0]] > limit
 
 
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class _Planned:
+    spec: _Spec
+    written_with: str | None = None
+
+
+@given(
+    groups=st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=4), max_size=25),
+    limit=st.integers(1, 3000),
+)
+def test_shard_layout_keeps_a_weight_and_the_tensors_written_with_it_together(groups, limit):
+    """A 4-bit weight's scales and quant state (``written_with`` the weight) share its shard;
+    groups keep their order; a shard passes the limit only when it holds one group."""
+    tensors = []
+    for number, sizes in enumerate(groups):
+        leader = f"w{number}"
+        tensors.append(_Planned(_Spec(leader, sizes[0])))
+        tensors += [
+            _Planned(_Spec(f"{leader}.part{k}", size), written_with=leader)
+            for k, size in enumerate(sizes[1:])
+        ]
+    layout = shard_layout(tensors, limit)
+    assert [name for name, _ in layout] == shard_file_names(len(layout))
+    assert [t for _, members in layout for t in members] == tensors
+    group_of = {t.spec.name: t.written_with or t.spec.name for t in tensors}
+    for _, members in layout:
+        leaders = list(dict.fromkeys(group_of[t.spec.name] for t in members))
+        assert sum(t.spec.nbytes for t in members) <= limit or len(leaders) == 1
+    shard_of = {t.spec.name: file for file, members in layout for t in members}
+    assert all(shard_of[name] == shard_of[leader] for name, leader in group_of.items())
+
+
 def test_shard_file_names_follow_the_hugging_face_convention():
     """One shard is model.safetensors; more are model-0000i-of-0000N.safetensors."""
     assert shard_file_names(1) == ["model.safetensors"]
@@ -275,3 +317,53 @@ def test_shard_writer_refuses_missing_and_extra_bytes(tmp_path):
             slot.write(torch.zeros(2))
         slot.write(torch.zeros(1))
         writer.tensor("a").write(torch.zeros(2))
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children),
+    max_leaves=12,
+)
+
+
+@given(value=json_values)
+def test_json_objects_read_as_the_json_module_parses_them(tmp_path_factory, value):
+    """read_json_object gives what json.loads gives for an object, and refuses any other value."""
+    path = tmp_path_factory.mktemp("json") / "config.json"
+    text = json.dumps(value, ensure_ascii=False)
+    path.write_bytes(text.encode("utf-8"))
+    if isinstance(value, dict):
+        assert read_json_object(path) == json.loads(text)
+    else:
+        with pytest.raises(InvalidInputError, match=f"{re.escape(str(path))} is not a JSON object"):
+            read_json_object(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, "cannot read"),
+        (b"\xff\xfe{}", "cannot read"),
+        (b"{r: 8", "is not valid JSON"),
+        (b"[" * 100_000, "is not valid JSON \\(nested too deeply\\)"),
+        (b'{"r": ' + b"1" * 5000 + b"}", "is not valid JSON"),
+        (b"[1, 2]", "is not a JSON object"),
+    ],
+    ids=["missing", "not-utf-8", "syntax", "deep", "long-int", "list"],
+)
+def test_unreadable_json_is_refused_with_the_file_and_the_reason(tmp_path, content, reason):
+    """Each way a JSON file can be unusable is one InvalidInputError naming the file."""
+    path = tmp_path / "adapter_config.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InvalidInputError, match=reason) as caught:
+        read_json_object(path)
+    assert str(path) in str(caught.value)
+
+
+def test_json_bytes_must_be_utf_8():
+    """JSON between systems is UTF-8 (RFC 8259): UTF-16 bytes are refused, not guessed."""
+    with pytest.raises(InvalidInputError, match="quant state 'x' is not UTF-8"):
+        parse_json_object('{"a": 1}'.encode("utf-16"), "quant state 'x'")
+    assert parse_json_object('{"a": "é"}'.encode(), "quant state 'x'") == {"a": "é"}

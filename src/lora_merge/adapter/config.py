@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.json_files import read_json_object
 
 # PEFT adapter types that are not LoRA; named in the error so users know what they have.
 _PEFT_TYPE_NAMES = {
@@ -96,18 +96,7 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
     Raises:
         InvalidInputError: invalid JSON, not a LoRA adapter, or fields that make no sense.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"cannot read {path}: {err}") from err
-    try:
-        raw = json.loads(text)
-    except RecursionError as err:
-        raise InvalidInputError(f"{path} is not valid JSON (nested too deeply)") from err
-    except ValueError as err:  # JSONDecodeError, or an integer of more than 4300 digits
-        raise InvalidInputError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise InvalidInputError(f"{path} is not a JSON object")
+    raw = read_json_object(path)
 
     peft_type = raw.get("peft_type")
     if peft_type is None:

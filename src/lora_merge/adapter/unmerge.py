@@ -10,11 +10,12 @@ model. So a DoRA adapter is refused up front, by its config or its keys.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.json_files import read_json_object
 
 DORA_KEY_MARKER = ".lora_magnitude_vector"
 
@@ -32,11 +33,9 @@ def refuse_unmerge_of_dora(config_path: Path | None, keys: Iterable[str]) -> Non
     magnitude_key = next((key for key in keys if DORA_KEY_MARKER in key), None)
     use_dora = False
     if config_path is not None:
-        try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-            raw = None  # reading the config properly reports what is wrong with it
-        use_dora = isinstance(raw, dict) and bool(raw.get("use_dora"))
+        # A config that cannot be read is reported by read_adapter_config, in its own words.
+        with suppress(InvalidInputError):
+            use_dora = bool(read_json_object(config_path).get("use_dora"))
     if use_dora or magnitude_key is not None:
         where = f"{config_path} has use_dora=true" if use_dora else f"key {magnitude_key!r}"
         raise InvalidInputError(

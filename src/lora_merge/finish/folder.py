@@ -81,6 +81,29 @@ def write_config(
     _write_json(folder / CONFIG_NAME, config)
 
 
+def merged_model_config(
+    base_config: dict[str, object],
+    base_quantized: bool,
+    quantization_config: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """The config.json fields OUT starts from, before :func:`write_config`'s updates.
+
+    Args:
+        base_config: BASE's config.json.
+        base_quantized: whether BASE holds bitsandbytes-quantized weights.
+        quantization_config: OUT's own ``quantization_config`` (``--save-method
+            merged_4bit``), or None when OUT holds plain tensors.
+    """
+    if quantization_config is None and not base_quantized:
+        return base_config
+    # A plain output of a quantized base drops BASE's quantization_config:
+    # transformers must not look for quant states that are not there.
+    config = {k: v for k, v in base_config.items() if k != "quantization_config"}
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    return config
+
+
 def copy_side_files(folder: Path, base: Path, adapter: Path) -> list[str]:
     """Copy tokenizer and generation files into ``folder``; return their names.
 

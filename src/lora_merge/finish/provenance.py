@@ -14,17 +14,24 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from huggingface_hub.constants import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
 
+from lora_merge._version import __version__
+from lora_merge.adapter.recipe import CombineRecipe
+from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
+from lora_merge.finish.folder import DTYPE_NAME_IN_CONFIG
 from lora_merge.inputs.hub import hub_snapshot_of
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.hashing import sha256_of
 from lora_merge.io.shard_writer import OUTPUT_METADATA
+from lora_merge.plan.model import MergePlan
 
 HUB_URL = "https://huggingface.co"
 # The cache names a file's blob by its etag, which for files stored with Git LFS
@@ -119,6 +126,67 @@ def declared_base_model(
     ):
         return adapter_base
     return None
+
+
+def merge_record(
+    base_spec: str,
+    base: BaseCheckpoint,
+    adapters: Sequence[tuple[str, AdapterFolder]],
+    plan: MergePlan,
+    *,
+    adapter_base: str | None,
+    mismatch: bool,
+    unmerge: bool,
+    recipe: CombineRecipe | None,
+    save_method: str,
+    output_dtype: torch.dtype | None,
+    command: str | None,
+) -> MergeRecord:
+    """What OUT's model card and shard metadata say about this merge.
+
+    With several adapters the card's adapter is the first; the method line
+    names them all and how they were combined.
+
+    Args:
+        base_spec: BASE as the user gave it; ``base`` is what it resolved to.
+        adapters: each ADAPTER as given, with its resolved folder.
+        plan: the merge plan.
+        adapter_base: the first adapter config's ``base_model_name_or_path``.
+        mismatch: whether the run warned that the adapter names another base.
+        unmerge: whether the run subtracts the adapter (``--unmerge``).
+        recipe: how several adapters are combined, or None.
+        save_method: ``merged_16bit``, ``merged_4bit`` or ``lora``.
+        output_dtype: the dtype written, or None when each tensor keeps its own.
+        command: the command line, or None for a Python API call.
+    """
+    base_identity = InputIdentity.of("base", base_spec, base.folder)
+    identities = [InputIdentity.of("adapter", spec, folder.folder) for spec, folder in adapters]
+    method = merge_arithmetic(any(p.magnitude_key for p in plan.lora_products))
+    if recipe is not None:
+        method += (
+            f"; B @ A is the combination of {', '.join(spec for spec, _ in adapters)} by "
+            f"--combine {recipe.method_name}, weights "
+            f"{','.join(f'{w:g}' for w in recipe.weights)}"
+        )
+    return MergeRecord(
+        base=base_identity,
+        adapter=identities[0],
+        declared_base=declared_base_model(base_identity, adapter_base, mismatch=mismatch),
+        method=describe_arithmetic(UNMERGE_ARITHMETIC if unmerge else method, base, save_method),
+        scales={
+            f"{scale:g}": n
+            for scale, n in sorted(Counter(p.scale for p in plan.module_products).items())
+        },
+        lora_modules_by_layer=plan.lora_modules_by_layer,
+        output_dtype=(
+            DTYPE_NAME_IN_CONFIG[output_dtype]
+            if output_dtype is not None
+            else "as in BASE (--dtype auto)"
+        ),
+        version=__version__,
+        command=command,
+        other_adapters=tuple(identities[1:]),
+    )
 
 
 def shard_metadata(record: MergeRecord) -> dict[str, str]:

@@ -27,8 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from lora_merge.errors import OutputError
+from lora_merge.errors import InvalidInputError, OutputError
 from lora_merge.io.hashing import sha256_of
+from lora_merge.io.json_files import read_json_object
 from lora_merge.io.positional import flush_to_disk
 from lora_merge.io.shard_writer import write_errors_as_output_errors
 
@@ -118,7 +119,7 @@ class StagingFolder:
         self._journal[file_name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
         journal = {"fingerprint": self.fingerprint, "shards": self._journal}
         temporary = self.path / f"{JOURNAL_NAME}.tmp"
-        temporary.write_text(json.dumps(journal, indent=1, sort_keys=True))
+        temporary.write_text(json.dumps(journal, indent=1, sort_keys=True), encoding="utf-8")
         flush_to_disk(temporary)
         os.replace(temporary, self.path / JOURNAL_NAME)
         flush_to_disk(self.path)
@@ -199,11 +200,11 @@ def _dead_staging_folders(out: Path) -> list[Path]:
 
 
 def _read_journal(path: Path) -> dict[str, object] | None:
+    """A dead run's journal, or None when it is missing or damaged (its folder is not resumed)."""
     try:
-        journal = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except InvalidInputError:
         return None
-    return journal if isinstance(journal, dict) else None
 
 
 def process_alive(pid: int) -> bool:

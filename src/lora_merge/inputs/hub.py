@@ -11,7 +11,6 @@ which files to fetch and turns huggingface_hub's exceptions into
 from __future__ import annotations
 
 import glob
-import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -39,6 +38,7 @@ from lora_merge.inputs.resolve import (
     ADAPTER_PICKLE_NAME,
     ADAPTER_SAFETENSORS_NAME,
 )
+from lora_merge.io.json_files import read_json_object
 
 try:
     # huggingface_hub >= 1.0 talks HTTP through httpx2; a connection that drops in the
@@ -292,8 +292,7 @@ def _shards_in_index(repo_id: str, revision: str | None) -> list[str] | None:
     """
     try:
         index_path = hf_hub_download(repo_id, SAFETENSORS_INDEX_NAME, revision=revision)
-        with open(index_path, encoding="utf-8") as handle:
-            weight_map = json.load(handle)["weight_map"]
+        weight_map = read_json_object(Path(index_path)).get("weight_map")
     except Exception:
         # A missing or broken index is reported by the base check with its own message,
         # once the snapshot is there; fetching every top-level shard keeps that possible.

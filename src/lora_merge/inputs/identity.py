@@ -8,6 +8,7 @@ never an error, and never silent.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from lora_merge.inputs.hub import hub_snapshot_of
@@ -36,6 +37,20 @@ def base_mismatch_warning(
         f"adapter_config.json) but BASE is {base_spec!r}; the shapes fit, so merging anyway: "
         "check that this is the base you mean"
     )
+
+
+def base_mismatch_warnings(
+    adapter_bases: Iterable[str | None],
+    base_spec: str,
+    base_folder: Path,
+    base_config: dict[str, object],
+) -> list[str]:
+    """One warning per adapter that names another base (see :func:`base_mismatch_warning`)."""
+    notes = (
+        base_mismatch_warning(adapter_base, base_spec, base_folder, base_config)
+        for adapter_base in adapter_bases
+    )
+    return [note for note in notes if note]
 
 
 def _last_component(name: str) -> str:

@@ -7,7 +7,6 @@ lies inside an input.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +18,9 @@ from huggingface_hub.constants import (
 )
 
 from lora_merge.errors import InputNotFoundError, InvalidInputError, OutputError
-from lora_merge.inputs.quantized import (
-    BitsAndBytesBase,
-    LogicalTensor,
-    logical_tensors,
-    read_bitsandbytes_base,
-)
+from lora_merge.inputs.quantized import BitsAndBytesBase, read_bitsandbytes_base
+from lora_merge.io.bitsandbytes_format import LogicalTensor, logical_tensors
+from lora_merge.io.json_files import read_json_object
 from lora_merge.io.safetensors_format import TensorEntry, read_safetensors_header
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -56,7 +52,8 @@ class BaseCheckpoint:
 
     def __post_init__(self) -> None:
         if not self.tensors:  # built by hand from entries alone
-            object.__setattr__(self, "tensors", logical_tensors(self.entries, self.quantization))
+            weights = self.quantization.weights if self.quantization is not None else {}
+            object.__setattr__(self, "tensors", logical_tensors(self.entries, weights))
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,11 @@ class AdapterFolder:
     folder: Path
     config_path: Path | None
     weights_path: Path
+
+    @property
+    def location(self) -> Path:
+        """What reports call the adapter: its folder, or the file of a config-less (loralib) one."""
+        return self.folder if self.config_path is not None else self.weights_path
 
 
 def resolve_base(base: Path | str) -> BaseCheckpoint:
@@ -118,7 +120,8 @@ def resolve_base(base: Path | str) -> BaseCheckpoint:
                     f"{SAFETENSORS_INDEX_FILE} says {missing[0]!r} is in {shard_name}, but it is "
                     "not there; the checkpoint is inconsistent (re-download it)"
                 )
-    config = _read_json_if_present(folder / CONFIG_NAME)
+    config_path = folder / CONFIG_NAME
+    config = read_json_object(config_path) if config_path.is_file() else {}
     quantization = read_bitsandbytes_base(entries, config)
     return BaseCheckpoint(
         folder=folder,
@@ -245,8 +248,7 @@ def _existing_folder(path: Path | str, role: str) -> Path:
 
 def _shards_from_index(index_path: Path) -> dict[str, set[str]]:
     """Shard file name -> the keys the index puts in it; names are checked, never trusted."""
-    index = _read_json(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise InvalidInputError(f"{index_path} has no weight_map; the checkpoint is incomplete")
     shards: dict[str, set[str]] = {}
@@ -290,26 +292,3 @@ def check_stays_inside(folder: Path, name: str) -> Path:
         f"{path} is a link to {target}, outside {folder}; refusing to read files outside the "
         "model folder (copy the file in instead of linking it)"
     )
-
-
-def _read_json(path: Path) -> object:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as err:
-        raise InvalidInputError(f"{path} is not valid JSON ({err})") from err
-    except (UnicodeDecodeError, OSError) as err:
-        raise InvalidInputError(f"cannot read {path}: {err}") from err
-    except (RecursionError, ValueError) as err:
-        # Nesting deeper than Python's JSON parser recurses, or an integer with
-        # more digits than int() accepts: not a file anyone meant to write.
-        raise InvalidInputError(f"{path} is not usable JSON ({type(err).__name__})") from err
-
-
-def _read_json_if_present(path: Path) -> dict[str, object]:
-    if not path.is_file():
-        return {}
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"{path} is not a JSON object")
-    return data

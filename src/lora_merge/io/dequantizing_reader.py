@@ -1,7 +1,7 @@
 """A base reader that hands out bitsandbytes-quantized weights dequantized, a row range at a time.
 
 It is a :class:`~lora_merge.io.reader.TensorSource` over the base's *logical*
-tensors (see :mod:`lora_merge.inputs.quantized`): stored tensors pass through
+tensors (see :mod:`lora_merge.io.bitsandbytes_format`): stored tensors pass through
 to the :class:`~lora_merge.io.reader.SafetensorsReader`; a quantized weight's
 rows are read as the codes and scales that cover them and dequantized, so the
 stream merges them exactly as it merges a 16-bit base and memory stays bounded
@@ -27,7 +27,7 @@ from lora_merge.compute.dequantize import (
     dequantize_int8_rows,
     dequantize_nested_absmax,
 )
-from lora_merge.inputs.quantized import FourBitWeight, Int8Weight, LogicalTensor
+from lora_merge.io.bitsandbytes_format import FourBitWeight, Int8Weight, LogicalTensor
 from lora_merge.io.positional import PositionalFile
 from lora_merge.io.reader import SafetensorsReader, checked_row_range
 from lora_merge.io.safetensors_format import TensorEntry
@@ -93,10 +93,6 @@ class DequantizingReader:
     def copy_bytes(self, key: str, destination: PositionalFile, destination_offset: int) -> int:
         """Copy a stored tensor's bytes (see :meth:`SafetensorsReader.copy_bytes`)."""
         return self._stored.copy_bytes(key, destination, destination_offset)
-
-    def read_stored(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows of a *stored* tensor (codes, scales, quant state) as they are in the file."""
-        return self._stored.read_rows(key, start, stop)
 
     def read_rows(
         self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None

@@ -23,6 +23,7 @@ import torch
 from huggingface_hub.constants import SAFETENSORS_MAX_HEADER_LENGTH
 
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.json_files import is_count
 
 # safetensors dtype name -> torch dtype. Only dtypes torch can hold.
 TORCH_DTYPE_BY_SAFETENSORS_NAME: dict[str, torch.dtype] = {
@@ -91,11 +92,6 @@ class SafetensorsHeader:
     path: Path
     entries: tuple[TensorEntry, ...]
     metadata: dict[str, str]
-
-
-def dtype_itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element of a torch dtype."""
-    return dtype.itemsize
 
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
@@ -224,7 +220,7 @@ def _parse_entry(
     quoted = _SHORT.repr(name)
     if not isinstance(dtype_name, str) or dtype_name not in TORCH_DTYPE_BY_SAFETENSORS_NAME:
         raise _corrupt(path, f"tensor {quoted} has unknown dtype {_SHORT.repr(dtype_name)}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         raise _corrupt(path, f"tensor {quoted} has an invalid shape {_SHORT.repr(shape)}")
     if not _fits_torch(shape):
         raise _corrupt(
@@ -235,12 +231,12 @@ def _parse_entry(
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(_is_count(o) for o in offsets)
+        or not all(is_count(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
         raise _corrupt(path, f"tensor {quoted} has invalid data_offsets {_SHORT.repr(offsets)}")
     dtype = TORCH_DTYPE_BY_SAFETENSORS_NAME[dtype_name]
-    expected = math.prod(shape) * dtype_itemsize(dtype)
+    expected = math.prod(shape) * dtype.itemsize
     begin, end = offsets
     if end - begin != expected:
         raise _corrupt(
@@ -270,10 +266,6 @@ def _fits_torch(shape: list[int]) -> bool:
         if product > MAX_ELEMENTS:
             return False
     return True
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _corrupt(path: Path, reason: str) -> InvalidInputError:

@@ -22,11 +22,7 @@ import torch
 from lora_merge.errors import OutputError
 from lora_merge.io.positional import PositionalFile
 from lora_merge.io.reader import StoredTensorSource
-from lora_merge.io.safetensors_format import (
-    METADATA_KEY,
-    SAFETENSORS_NAME_BY_TORCH_DTYPE,
-    dtype_itemsize,
-)
+from lora_merge.io.safetensors_format import METADATA_KEY, SAFETENSORS_NAME_BY_TORCH_DTYPE
 
 # safetensors pads the JSON header with spaces so that the data buffer starts
 # 8-byte aligned; readers that mmap rely on it.
@@ -44,7 +40,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * dtype_itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def encode_safetensors_header(

@@ -1,10 +1,56 @@
-"""Grouping output tensors into shard files. Torch-free: it only sees sizes."""
+"""Grouping output tensors into shard files. Torch-free: it only sees names and sizes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
 from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
+
+
+class _Spec(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class ShardedTensor(Protocol):
+    """What the layout reads of a planned tensor (``PlannedTensor`` is one)."""
+
+    @property
+    def spec(self) -> _Spec: ...
+
+    @property
+    def written_with(self) -> str | None: ...
+
+
+T = TypeVar("T", bound=ShardedTensor)
+
+
+def shard_layout(tensors: Sequence[T], max_shard_size: int) -> list[tuple[str, list[T]]]:
+    """Output file names and the planned tensors of each, in write order.
+
+    A tensor whose ``written_with`` names another (a 4-bit weight's scales and
+    quant state) goes in that one's shard: they are written together.
+
+    Args:
+        tensors: the planned tensors, in plan order.
+        max_shard_size: the limit in bytes (see :func:`plan_output_shards`).
+    """
+    group: dict[str, list[T]] = {}
+    for tensor in tensors:
+        group.setdefault(tensor.written_with or tensor.spec.name, []).append(tensor)
+    names_per_shard = plan_output_shards(
+        [(name, sum(t.spec.nbytes for t in members)) for name, members in group.items()],
+        max_shard_size,
+    )
+    file_names = shard_file_names(len(names_per_shard))
+    return [
+        (file_name, [member for name in names for member in group[name]])
+        for file_name, names in zip(file_names, names_per_shard, strict=True)
+    ]
 
 
 def plan_output_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int) -> list[list[str]]:

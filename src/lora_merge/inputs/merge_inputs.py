@@ -1,0 +1,63 @@
+"""Every input of one merge at once: BASE, each ADAPTER (local or from the Hub), and OUT.
+
+OUT is checked last, against the resolved inputs, so that it can neither lie
+inside one nor contain one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from lora_merge.inputs.hub import resolve_model_location
+from lora_merge.inputs.resolve import (
+    AdapterFolder,
+    BaseCheckpoint,
+    check_output_location,
+    resolve_adapter,
+    resolve_adapter_file,
+    resolve_base,
+)
+
+
+def resolve_merge_inputs(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    out: str | Path,
+    *,
+    loralib_file: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> tuple[BaseCheckpoint, list[AdapterFolder], Path]:
+    """Find BASE and the adapters, downloading Hub repos, and check where OUT goes.
+
+    A local folder wins; otherwise BASE / ADAPTER may be Hub repo ids
+    (``org/name[@revision]``, see :func:`~lora_merge.inputs.hub.resolve_model_location`).
+
+    Args:
+        base: BASE as given.
+        adapters: each ADAPTER as given.
+        out: OUT as given.
+        loralib_file: the adapter is one loralib state dict file (``--rank``/``--alpha``):
+            local, with no config.
+        overwrite: whether a non-empty OUT may be replaced.
+        quiet: hide huggingface_hub's download bars.
+
+    Returns:
+        The base, the adapter folders in the order given, and OUT as an absolute path.
+
+    Raises:
+        LoraMergeError: an input that is missing, unreadable or malformed, or an OUT
+            that may not be written.
+    """
+    base_checkpoint = resolve_base(resolve_model_location(base, "BASE", kind="model", quiet=quiet))
+    if loralib_file:
+        adapter_folders = [resolve_adapter_file(adapters[0])]
+    else:
+        adapter_folders = [
+            resolve_adapter(resolve_model_location(spec, "ADAPTER", kind="adapter", quiet=quiet))
+            for spec in adapters
+        ]
+    # A loralib file's folder may hold OUT; only the file itself must stay out of OUT's way.
+    inputs = [base_checkpoint.folder, *(folder.location for folder in adapter_folders)]
+    return base_checkpoint, adapter_folders, check_output_location(out, inputs, overwrite)

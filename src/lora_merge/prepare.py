@@ -1,0 +1,306 @@
+"""Every check and decision that comes before writing, shared by merge and preview.
+
+:func:`prepare` runs the first half of the flow: options read into
+:class:`RunSettings`, then resolve inputs (``inputs/``) -> read the adapter
+(``adapter/``) -> plan (``plan/``). :func:`lora_merge.api.merge` streams the
+plan into OUT; :func:`lora_merge.preview.preview_merge` describes it instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from lora_merge.adapter.combined import (
+    AdapterInput,
+    CombinedAdapter,
+    refuse_dora,
+    refuse_trainable_tokens,
+)
+from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
+from lora_merge.adapter.keys import AdapterContents, classify_adapter_keys
+from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
+from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
+from lora_merge.adapter.unmerge import refuse_unmerge_of_dora
+from lora_merge.adapter.weights import open_adapter_weights
+from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
+from lora_merge.errors import InvalidInputError, LoraMergeWarning
+from lora_merge.finish.provenance import MergeRecord, merge_record
+from lora_merge.inputs.identity import base_mismatch_warnings
+from lora_merge.inputs.merge_inputs import resolve_merge_inputs
+from lora_merge.inputs.quantized import merged_output_dtype
+from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
+from lora_merge.io.reader import TensorSource
+from lora_merge.options import (
+    MergeOptions,
+    parse_dtype,
+    parse_quant_type,
+    parse_save_method,
+    parse_size,
+    resolve_device,
+)
+from lora_merge.plan.model import MergePlan
+from lora_merge.plan.planner import build_merge_plan
+from lora_merge.plan.requantize import plan_requantization
+from lora_merge.stream.executor import tile_budget_for
+
+# The share of --max-memory the stream's tiles may use (see tile_budget_for);
+# the rest covers the adapter matrices and torch's own allocations.
+TILE_SHARE_OF_BUDGET = 0.5
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the run reads of MergeOptions, as values: bytes, dtypes, a device.
+
+    :func:`~lora_merge.options.checked_options` has refused bad values and
+    conflicts before; :func:`_run_settings` only converts.
+    """
+
+    output_dtype: torch.dtype | None
+    max_shard_size: int
+    tile_budget: int
+    device: torch.device
+    show_progress: bool
+    resume: bool
+    allow_nonfinite: bool
+    verify: bool
+    hash_inputs: bool
+    save_method: str = "merged_16bit"
+    quant_type: str = "nf4"
+    double_quant: bool = False
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` decided.
+
+    Attributes:
+        settings: the options as values.
+        base: the resolved base.
+        adapter_folder: the first adapter (``adapter_folders[0]``).
+        adapter: the adapter tensors the plan reads (a combination's, when combining).
+        out: OUT, absolute and checked.
+        config: the adapter config the plan used.
+        plan: every output tensor and where it comes from.
+        warnings: what the run warned about.
+        record: what OUT's model card and shard metadata will say.
+        recipe: how several adapters are combined, or None.
+        adapter_folders: every adapter, in the order given.
+    """
+
+    settings: RunSettings
+    base: BaseCheckpoint
+    adapter_folder: AdapterFolder
+    adapter: TensorSource
+    out: Path
+    config: LoraAdapterConfig
+    plan: MergePlan
+    warnings: list[str]
+    record: MergeRecord
+    recipe: CombineRecipe | None = None
+    adapter_folders: list[AdapterFolder] = field(default_factory=list)
+
+
+@contextmanager
+def prepare(options: MergeOptions) -> Iterator[Prepared]:
+    """Every check and decision that comes before writing, shared by merge and preview.
+
+    ``options`` come from :func:`~lora_merge.options.checked_options`.
+    """
+    settings = _run_settings(options)
+    recipe = _combine_recipe(options)
+    loralib = loralib_settings(options.rank, options.alpha, options.enable_lora)
+    base, adapter_folders, out = resolve_merge_inputs(
+        options.base,
+        options.adapters,
+        options.out,
+        loralib_file=loralib is not None,
+        overwrite=options.overwrite,
+        quiet=options.quiet,
+    )
+    adapter_folder = adapter_folders[0]
+    if base.quantization is not None and settings.output_dtype is None:
+        # A quantized base has no dtype of its own to keep: default to the dtype
+        # the model computed in (bnb_4bit_compute_dtype, or config.json's dtype for 8-bit).
+        settings = replace(
+            settings, output_dtype=merged_output_dtype(base.quantization, base.config)
+        )
+    if options.unmerge:
+        # DoRA cannot be unmerged: refused by the config's use_dora or the weights' keys.
+        with closing(open_adapter_weights(adapter_folder.weights_path)) as weights:
+            refuse_unmerge_of_dora(adapter_folder.config_path, weights.keys())
+    configs = [
+        read_adapter_config(folder.config_path)
+        if folder.config_path is not None
+        else _loralib_config(loralib)
+        for folder in adapter_folders
+    ]
+    # --unmerge reads a merged model, never the base the adapter names
+    adapter_bases = [] if options.unmerge else [c.base_model_name_or_path for c in configs]
+    notes = base_mismatch_warnings(adapter_bases, str(options.base), base.folder, base.config)
+    with ExitStack() as opened:
+        sources = [
+            opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
+            for folder in adapter_folders
+        ]
+        config, contents, adapter = _read_adapters(adapter_folders, configs, sources, recipe)
+        plan = _plan(options, settings, base, config, contents, adapter, loralib, recipe)
+        for note in notes:
+            warnings.warn(note, LoraMergeWarning, stacklevel=2)
+        record = merge_record(
+            str(options.base),
+            base,
+            [(str(spec), f) for spec, f in zip(options.adapters, adapter_folders, strict=True)],
+            plan,
+            adapter_base=config.base_model_name_or_path,
+            mismatch=bool(notes),
+            unmerge=options.unmerge,
+            recipe=recipe,
+            save_method=settings.save_method,
+            output_dtype=settings.output_dtype,
+            command=options.command,
+        )
+        yield Prepared(
+            settings,
+            base,
+            adapter_folder,
+            adapter,
+            out,
+            config,
+            plan,
+            notes,
+            record,
+            recipe,
+            adapter_folders,
+        )
+
+
+def _run_settings(options: MergeOptions) -> RunSettings:
+    """Options as the run reads them.
+
+    Raises:
+        InvalidInputError: ``merged_4bit`` without a bitsandbytes that loads.
+    """
+    device = resolve_device(options.device)
+    settings = RunSettings(
+        output_dtype=parse_dtype(options.dtype),
+        max_shard_size=parse_size(options.max_shard_size),
+        tile_budget=tile_budget_for(
+            device, int(parse_size(options.max_memory) * TILE_SHARE_OF_BUDGET)
+        ),
+        device=device,
+        show_progress=not options.quiet and sys.stderr.isatty(),
+        resume=options.resume,
+        allow_nonfinite=options.allow_nonfinite,
+        verify=options.verify,
+        hash_inputs=options.hash_inputs,
+        save_method=parse_save_method(options.save_method),
+        quant_type=parse_quant_type(options.quant_type),
+        double_quant=options.double_quant,
+    )
+    if settings.save_method == "merged_4bit":
+        # Found here, before any input is read, not at the first weight to re-quantize.
+        require_bitsandbytes("--save-method merged_4bit")
+    return settings
+
+
+def _read_adapters(
+    folders: list[AdapterFolder],
+    configs: list[LoraAdapterConfig],
+    sources: list[TensorSource],
+    recipe: CombineRecipe | None,
+) -> tuple[LoraAdapterConfig, AdapterContents, TensorSource]:
+    """The adapter the plan merges: the one given, or the combination of all of them."""
+    if recipe is None:
+        return configs[0], classify_adapter_keys(list(sources[0].keys())), sources[0]
+    combined = _combined_adapter(folders, configs, sources, recipe)
+    return combined.config, combined.contents, combined
+
+
+def _plan(
+    options: MergeOptions,
+    settings: RunSettings,
+    base: BaseCheckpoint,
+    config: LoraAdapterConfig,
+    contents: AdapterContents,
+    adapter: TensorSource,
+    loralib: LoralibSettings | None,
+    recipe: CombineRecipe | None,
+) -> MergePlan:
+    """Every output tensor and where it comes from, re-quantized for ``merged_4bit``."""
+    plan = build_merge_plan(
+        base,
+        config,
+        contents,
+        adapter,
+        settings.output_dtype,
+        unmerge=options.unmerge,
+        loralib=loralib,
+    )
+    if recipe is not None:
+        _refuse_combined_experts(plan)
+    if settings.save_method == "merged_4bit":
+        plan = plan_requantization(
+            plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
+        )
+    return plan
+
+
+def _refuse_combined_experts(plan: MergePlan) -> None:
+    """A combination concatenates or mixes A and B; expert LoRAs interleave experts in them.
+
+    Raises:
+        InvalidInputError: the combined adapters hold LoRAs on MoE expert parameters.
+    """
+    expert = next((p for p in plan.lora_products if p.experts > 1), None)
+    if expert is not None:
+        raise InvalidInputError(
+            f"adapter key {expert.a_key!r} is a LoRA on MoE expert parameters "
+            "(target_parameters), which --combine cannot combine (its A and B hold every "
+            "expert, interleaved); merge the adapters one after the other instead"
+        )
+
+
+def _loralib_config(loralib: LoralibSettings | None) -> LoraAdapterConfig:
+    """The config a loralib checkpoint (no adapter_config.json) is merged with."""
+    assert loralib is not None, "a config-less adapter is resolved only with --rank/--alpha"
+    return loralib.adapter_config()
+
+
+def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
+    """The checked combination, or None for one adapter merged as it is."""
+    if not options.combines:
+        return None
+    return build_combine_recipe(
+        len(options.adapters),
+        combine=options.combine,
+        weights=options.weights,
+        density=options.density,
+        majority_sign_method=options.majority_sign_method,
+        svd_rank=options.svd_rank,
+        svd_clamp=options.svd_clamp,
+        seed=options.seed,
+    )
+
+
+def _combined_adapter(
+    folders: list[AdapterFolder],
+    configs: list[LoraAdapterConfig],
+    sources: list[TensorSource],
+    recipe: CombineRecipe,
+) -> CombinedAdapter:
+    inputs = []
+    for folder, config, source in zip(folders, configs, sources, strict=True):
+        keys = list(source.keys())
+        refuse_dora(str(folder.folder), config, keys)
+        contents = classify_adapter_keys(keys)
+        refuse_trainable_tokens(str(folder.folder), contents)
+        inputs.append(AdapterInput(str(folder.folder), config, contents, source))
+    return CombinedAdapter(inputs, recipe)

@@ -1,0 +1,141 @@
+"""What a merge would do, decided without writing anything: ``--dry-run`` and ``preview_merge``.
+
+:func:`preview_merge` prepares the merge as :func:`lora_merge.api.merge` does
+(:func:`lora_merge.prepare.prepare`), then only counts and names: inputs, layer
+kinds, scales, dtypes, the output shards, memory and disk.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from lora_merge.finish.disk import check_free_space, free_space
+from lora_merge.inputs.resolve import BaseCheckpoint
+from lora_merge.options import MergeOptions, checked_options
+from lora_merge.plan.shards import shard_layout
+from lora_merge.prepare import prepare
+from lora_merge.stream.executor import working_memory_bound
+
+
+@dataclass(frozen=True)
+class MergePreview:
+    """What a merge would do, decided without writing anything (``--dry-run``).
+
+    Attributes:
+        base / adapter / out: the resolved folders.
+        base_shards: safetensors files read from BASE.
+        base_bytes: tensor bytes in BASE.
+        rank / alpha / rslora: the adapter config's defaults.
+        rank_pattern_keys / alpha_pattern_keys: pattern counts in the config.
+        lora_modules_by_layer: LoRA modules merged, by layer kind.
+        scales: distinct scales and how many modules use each.
+        replaced: base tensors replaced by adapter tensors.
+        copied: tensors copied byte for byte.
+        dtypes_in / dtypes_out: tensor counts by dtype, before and after.
+        output_shards: output file name -> tensor bytes.
+        output_bytes: tensor bytes written.
+        vocab_size: the new vocabulary size, when the adapter resizes it.
+        working_memory_bytes: an upper bound of the tensor data the stream holds at once
+            (tile buffers, and the LoRA factors of as many tensors as there are threads).
+        disk_free_bytes: free space where OUT goes.
+        adapters / combine: every adapter and the method, when adapters are combined.
+        quantization: how BASE is quantized (bitsandbytes), or None.
+        save_method: merged_16bit, merged_4bit or lora.
+    """
+
+    base: str
+    adapter: str
+    out: str
+    base_shards: int
+    base_bytes: int
+    rank: int
+    alpha: float
+    rslora: bool
+    rank_pattern_keys: int
+    alpha_pattern_keys: int
+    lora_modules_by_layer: dict[str, int]
+    scales: dict[str, int]
+    replaced: int
+    copied: int
+    dtypes_in: dict[str, int]
+    dtypes_out: dict[str, int]
+    output_shards: dict[str, int]
+    output_bytes: int
+    vocab_size: int | None
+    working_memory_bytes: int
+    disk_free_bytes: int
+    adapters: list[str] = field(default_factory=list)
+    combine: str | None = None
+    quantization: str | None = None
+    save_method: str = "merged_16bit"
+
+    def to_dict(self) -> dict[str, object]:
+        preview = asdict(self)
+        if self.combine is None:  # a single-adapter plan keeps its documented fields
+            del preview["adapters"], preview["combine"]
+        return preview
+
+
+def preview_merge(options: MergeOptions) -> MergePreview:
+    """Resolve the inputs, read headers and the adapter, plan the merge; write nothing.
+
+    Raises:
+        LoraMergeError: everything :func:`~lora_merge.api.merge` would refuse before
+            writing, including a disk too small for OUT.
+    """
+    with prepare(checked_options(options)) as prepared:
+        plan, settings, config, base = (
+            prepared.plan,
+            prepared.settings,
+            prepared.config,
+            prepared.base,
+        )
+        shards = shard_layout(plan.tensors, settings.max_shard_size)
+        check_free_space(prepared.out, plan.total_bytes)
+        return MergePreview(
+            base=str(base.folder),
+            adapter=str(prepared.adapter_folder.location),
+            out=str(prepared.out),
+            base_shards=len({e.path for e in base.entries.values()}),
+            base_bytes=sum(e.nbytes for e in base.entries.values()),
+            rank=config.r,
+            alpha=config.lora_alpha,
+            rslora=config.use_rslora,
+            rank_pattern_keys=len(config.rank_pattern),
+            alpha_pattern_keys=len(config.alpha_pattern),
+            lora_modules_by_layer=plan.lora_modules_by_layer,
+            scales={
+                f"{scale:g}": n
+                for scale, n in Counter(p.scale for p in plan.module_products).items()
+            },
+            replaced=plan.replaced,
+            copied=plan.copied,
+            dtypes_in=dict(
+                Counter(str(t.source_dtype).removeprefix("torch.") for t in plan.tensors)
+            ),
+            dtypes_out=dict(
+                Counter(str(t.spec.dtype).removeprefix("torch.") for t in plan.tensors)
+            ),
+            output_shards={f: sum(t.spec.nbytes for t in tensors) for f, tensors in shards},
+            output_bytes=plan.total_bytes,
+            vocab_size=plan.vocab_size,
+            working_memory_bytes=working_memory_bound(
+                (tensors for _, tensors in shards),
+                prepared.adapter,
+                settings.device,
+                settings.tile_budget,
+            ),
+            disk_free_bytes=free_space(prepared.out),
+            adapters=[str(folder.folder) for folder in prepared.adapter_folders],
+            combine=prepared.recipe.method_name if prepared.recipe else None,
+            quantization=_describe_quantization(base),
+            save_method=settings.save_method,
+        )
+
+
+def _describe_quantization(base: BaseCheckpoint) -> str | None:
+    """e.g. ``bitsandbytes nf4 (blocksize 64), 22 weights``; None for an unquantized base."""
+    if base.quantization is None:
+        return None
+    return f"{base.quantization.describe()}, {len(base.quantization.weights)} weights"
