@@ -22,17 +22,17 @@ import torch
 from tqdm import tqdm
 
 from lora_merge._version import __version__
-from lora_merge.adapter.combined import (
-    AdapterInput,
-    CombinedAdapter,
-    refuse_dora,
-    refuse_trainable_tokens,
-)
+from lora_merge.adapter.combined import AdapterInput, CombinedAdapter
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
 from lora_merge.adapter.keys import classify_adapter_keys
-from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
-from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
-from lora_merge.adapter.unmerge import refuse_unmerge_of_dora
+from lora_merge.adapter.loralib import LoralibSettings
+from lora_merge.adapter.recipe import CombineRecipe
+from lora_merge.adapter.refusals import (
+    refuse_combined_experts,
+    refuse_dora_in_combination,
+    refuse_trainable_tokens_in_combination,
+    refuse_unmerge_of_dora,
+)
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.bitsandbytes_backend import load_bitsandbytes
 from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
@@ -71,15 +71,7 @@ from lora_merge.inputs.resolve import (
 from lora_merge.io.dequantizing_reader import DequantizingReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import TensorSpec
-from lora_merge.options import (
-    MergeOptions,
-    checked_options,
-    parse_dtype,
-    parse_quant_type,
-    parse_save_method,
-    parse_size,
-    resolve_device,
-)
+from lora_merge.options import MergeOptions, MergeSettings, checked_options
 from lora_merge.plan.fingerprint import merge_fingerprint
 from lora_merge.plan.planner import MergePlan, PlannedTensor, build_merge_plan
 from lora_merge.plan.requantize import plan_requantization, requantized_config
@@ -178,28 +170,28 @@ def merge(options: MergeOptions) -> MergeSummary:
         LoraMergeError: for every problem with the inputs or OUT; nothing is
             written to OUT in that case and the inputs are never modified.
     """
-    options = checked_options(options)
+    settings = checked_options(options)
     try:
-        summary = _merge(options)
+        summary = _merge(settings)
     except PermissionError as err:
         # Whatever step met it, a permission problem is the user's to fix: name the path.
         path = Path(err.filename or "?")
-        out_parent = Path(options.out).expanduser().absolute().parent
+        out_parent = Path(settings.out).expanduser().absolute().parent
         error = OutputError if path.is_relative_to(out_parent) else InvalidInputError
         raise error(
             f"cannot access {path}: permission denied; check the file's permissions"
         ) from err
-    if options.push_to_hub is None:
+    if settings.push_to_hub is None:
         return summary
     commit_url = push_folder(
         Path(summary.out),
-        options.push_to_hub,
-        private=options.private,
-        revision=options.hub_revision,
+        settings.push_to_hub,
+        private=settings.private,
+        revision=settings.hub_revision,
         message=f"Upload model merged by lora-merge {__version__}",
-        quiet=options.quiet,
+        quiet=settings.quiet,
     )
-    return replace(summary, pushed_to=options.push_to_hub, commit_url=commit_url)
+    return replace(summary, pushed_to=settings.push_to_hub, commit_url=commit_url)
 
 
 @dataclass(frozen=True)
@@ -334,26 +326,23 @@ class _Prepared:
 
 
 @contextmanager
-def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
+def _prepare(options: MergeSettings) -> Iterator[_Prepared]:
     """Every check and decision that comes before writing, shared by merge and preview.
 
     ``options`` come from :func:`~lora_merge.options.checked_options`.
     """
-    device = resolve_device(options.device)
     settings = _RunSettings(
-        output_dtype=parse_dtype(options.dtype),
-        max_shard_size=parse_size(options.max_shard_size),
-        tile_budget=tile_budget_for(
-            device, int(parse_size(options.max_memory) * TILE_SHARE_OF_BUDGET)
-        ),
-        device=device,
+        output_dtype=options.output_dtype,
+        max_shard_size=options.max_shard_size,
+        tile_budget=tile_budget_for(options.device, int(options.max_memory * TILE_SHARE_OF_BUDGET)),
+        device=options.device,
         show_progress=not options.quiet and sys.stderr.isatty(),
         resume=options.resume,
         allow_nonfinite=options.allow_nonfinite,
         verify=options.verify,
         hash_inputs=options.hash_inputs,
-        save_method=parse_save_method(options.save_method),
-        quant_type=parse_quant_type(options.quant_type),
+        save_method=options.save_method.value,
+        quant_type=options.quant_type.value,
         double_quant=options.double_quant,
     )
     if settings.save_method == "merged_4bit" and load_bitsandbytes() is None:
@@ -366,8 +355,8 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
     base = resolve_base(
         resolve_model_location(options.base, "BASE", kind="model", quiet=options.quiet)
     )
-    recipe = _combine_recipe(options)
-    loralib = loralib_settings(options.rank, options.alpha, options.enable_lora)
+    recipe = options.recipe
+    loralib = options.loralib
     if loralib is not None:  # a loralib state dict: one local file, no config
         adapter_folders = [resolve_adapter_file(options.adapters[0])]
     else:
@@ -387,10 +376,6 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         settings = replace(
             settings, output_dtype=merged_output_dtype(base.quantization, base.config)
         )
-    if options.unmerge:
-        # Before reading the config, which may refuse DoRA for a reason of its own.
-        with closing(open_adapter_weights(adapter_folder.weights_path)) as weights:
-            refuse_unmerge_of_dora(adapter_folder.config_path, weights.keys())
     configs = [
         read_adapter_config(folder.config_path)
         if folder.config_path is not None
@@ -406,6 +391,8 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         if recipe is None:
             config, adapter = configs[0], sources[0]
             contents = classify_adapter_keys(list(adapter.keys()))
+            if options.unmerge:
+                refuse_unmerge_of_dora(adapter_folder.config_path, config, contents)
         else:
             combined = _combined_adapter(adapter_folders, configs, sources, recipe)
             config, contents, adapter = combined.config, combined.contents, combined
@@ -419,7 +406,7 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
             loralib=loralib,
         )
         if recipe is not None:
-            _refuse_combined_experts(plan)
+            refuse_combined_experts(p.a_key for p in plan.lora_products if p.experts > 1)
         if settings.save_method == "merged_4bit":
             plan = plan_requantization(
                 plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
@@ -458,41 +445,10 @@ def _prepare(options: MergeOptions) -> Iterator[_Prepared]:
         )
 
 
-def _refuse_combined_experts(plan: MergePlan) -> None:
-    """A combination concatenates or mixes A and B; expert LoRAs interleave experts in them.
-
-    Raises:
-        InvalidInputError: the combined adapters hold LoRAs on MoE expert parameters.
-    """
-    expert = next((p for p in plan.lora_products if p.experts > 1), None)
-    if expert is not None:
-        raise InvalidInputError(
-            f"adapter key {expert.a_key!r} is a LoRA on MoE expert parameters "
-            "(target_parameters), which --combine cannot combine (its A and B hold every "
-            "expert, interleaved); merge the adapters one after the other instead"
-        )
-
-
 def _loralib_config(loralib: LoralibSettings | None) -> LoraAdapterConfig:
     """The config a loralib checkpoint (no adapter_config.json) is merged with."""
     assert loralib is not None, "a config-less adapter is resolved only with --rank/--alpha"
     return loralib.adapter_config()
-
-
-def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
-    """The checked combination, or None for one adapter merged as it is."""
-    if not options.combines:
-        return None
-    return build_combine_recipe(
-        len(options.adapters),
-        combine=options.combine,
-        weights=options.weights,
-        density=options.density,
-        majority_sign_method=options.majority_sign_method,
-        svd_rank=options.svd_rank,
-        svd_clamp=options.svd_clamp,
-        seed=options.seed,
-    )
 
 
 def _combined_adapter(
@@ -503,15 +459,14 @@ def _combined_adapter(
 ) -> CombinedAdapter:
     inputs = []
     for folder, config, source in zip(folders, configs, sources, strict=True):
-        keys = list(source.keys())
-        refuse_dora(str(folder.folder), config, keys)
-        contents = classify_adapter_keys(keys)
-        refuse_trainable_tokens(str(folder.folder), contents)
+        contents = classify_adapter_keys(list(source.keys()))
+        refuse_dora_in_combination(str(folder.folder), config, contents)
+        refuse_trainable_tokens_in_combination(str(folder.folder), contents)
         inputs.append(AdapterInput(str(folder.folder), config, contents, source))
     return CombinedAdapter(inputs, recipe)
 
 
-def _merge(options: MergeOptions) -> MergeSummary:
+def _merge(options: MergeSettings) -> MergeSummary:
     started = time.perf_counter()
     with _prepare(options) as prepared:
         plan = prepared.plan
@@ -675,7 +630,7 @@ def _write_output(
 
 
 def _merge_record(
-    options: MergeOptions,
+    options: MergeSettings,
     base: BaseCheckpoint,
     adapter_folders: list[AdapterFolder],
     config: LoraAdapterConfig,
