@@ -5,6 +5,7 @@ API words it, and exit 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from merge_process import LORA_MERGE
 from lora_merge import MergeOptions, merge
 from lora_merge.cli import app
 from lora_merge.errors import EXIT_CODES, EXIT_USAGE, UsageError
+from lora_merge.options import OutputDtype, QuantType, SaveMethod
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Wide enough that rich never wraps a cell of --help (it reads this variable through Typer).
@@ -115,3 +117,12 @@ def test_bad_value_is_the_api_refusal_in_one_line(
     assert result.stderr.splitlines() == [f"lora-merge: error: {refusal.value}"]
     assert option in result.stderr
     assert not paths["out"].exists()
+
+
+def test_choices_print_and_serialise_as_their_values() -> None:
+    """Settings hand enum members to code that writes text (config.json, the model card):
+    a member must read as its value there, whatever the Python version's Enum formatting."""
+    assert f"{QuantType.NF4}" == str(QuantType.NF4) == "nf4"
+    assert json.dumps({"bnb_4bit_quant_type": QuantType.FP4}) == '{"bnb_4bit_quant_type": "fp4"}'
+    assert SaveMethod.parse(" Merged_4BIT ", "--save-method") == "merged_4bit"
+    assert OutputDtype.parse("Float32", "--dtype", {"float32": "fp32"}) is OutputDtype.FP32

@@ -20,12 +20,11 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, NoReturn
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperCommand
 
-from lora_merge import __version__
 from lora_merge.api import merge, preview_merge
 from lora_merge.cli_options import (
     AdapterArg,
@@ -59,6 +58,7 @@ from lora_merge.cli_options import (
     SvdRankOpt,
     UnmergeOpt,
     VerifyOpt,
+    VersionOpt,
     WeightsOpt,
 )
 from lora_merge.errors import (
@@ -100,12 +100,6 @@ app = typer.Typer(
 )
 
 
-def _print_version(value: bool) -> None:
-    if value:
-        typer.echo(f"lora-merge {__version__}")
-        raise typer.Exit()
-
-
 @app.command(cls=_Command, epilog=exit_codes_epilog())
 def merge_command(
     ctx: typer.Context,
@@ -141,12 +135,7 @@ def merge_command(
     verify: VerifyOpt = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
     hash_inputs: HashInputsOpt = True,
-    version: Annotated[
-        bool | None,
-        typer.Option(
-            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
-        ),
-    ] = None,
+    version: VersionOpt = None,
 ) -> None:
     """Merge a LoRA ADAPTER (or several, combined) into BASE and write a standalone model to OUT.
 

@@ -17,6 +17,7 @@ from typing import Annotated, get_args
 
 import typer
 
+from lora_merge._version import __version__
 from lora_merge.compute.combine import SignMethod
 from lora_merge.options import OutputDtype, QuantType, SaveMethod
 
@@ -60,7 +61,9 @@ AdapterArg = Annotated[
 OutArg = Annotated[
     Path,
     typer.Argument(
-        metavar="OUT", help="Folder to create with the merged model.", show_default=False
+        metavar="OUT",
+        help="Folder to create with the merged model.",
+        show_default=False,
     ),
 ]
 
@@ -81,7 +84,8 @@ DeviceOpt = Annotated[
     ),
 ]
 MaxMemoryOpt = Annotated[
-    str, _size("Working memory for tensor data; larger tensors are merged in row chunks.")
+    str,
+    _size("Working memory for tensor data; larger tensors are merged in row chunks."),
 ]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")
@@ -111,6 +115,23 @@ UnmergeOpt = Annotated[
         help="Subtract the adapter instead (W - scale * B @ A): BASE is a model this adapter "
         "was merged into, OUT the model without it. Refused for DoRA and for adapters that "
         "replace whole tensors (exit 4).",
+    ),
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lora-merge {__version__}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ]
 

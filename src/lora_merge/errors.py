@@ -82,7 +82,8 @@ class LoraMergeError(Exception):
 
 
 class UsageError(LoraMergeError):
-    """Options that contradict each other (e.g. two weights for three adapters)."""
+    """A bad option value, or options that contradict each other (e.g. two weights for
+    three adapters): found by :func:`lora_merge.options.checked_options` before any work."""
 
     exit_code = EXIT_USAGE
 
