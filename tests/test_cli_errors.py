@@ -384,11 +384,13 @@ def test_out_inside_an_input_is_refused_through_symlinks_and_dots(
 def test_bad_option_values_are_usage_errors(
     inputs: tuple[Path, Path], tmp_path: Path, option: str, value: str
 ) -> None:
-    """Values the CLI cannot parse exit 2 (usage) before touching anything."""
+    """Values the CLI cannot parse exit 2 (usage) before touching anything, in one line."""
     base, adapter = inputs
     result = run_cli(base, adapter, tmp_path / "merged", option, value)
     assert result.returncode == EXIT_USAGE
-    assert option in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lora-merge: error: "), result.stderr
+    assert option in lines[0]
     assert not (tmp_path / "merged").exists()
 
 

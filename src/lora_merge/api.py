@@ -46,7 +46,7 @@ from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.dequantizing_reader import DequantizingReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import TensorSpec
-from lora_merge.options import MergeOptions, checked_options
+from lora_merge.options import MergeOptions, MergeSettings, checked_options
 from lora_merge.plan.fingerprint import merge_fingerprint
 from lora_merge.plan.model import MergePlan, PlannedTensor
 from lora_merge.plan.requantize import requantized_config
@@ -127,31 +127,31 @@ def merge(options: MergeOptions) -> MergeSummary:
         LoraMergeError: for every problem with the inputs or OUT; nothing is
             written to OUT in that case and the inputs are never modified.
     """
-    options = checked_options(options)
+    settings = checked_options(options)
     try:
-        summary = _merge(options)
+        summary = _merge(settings)
     except PermissionError as err:
         # Whatever step met it, a permission problem is the user's to fix: name the path.
         path = Path(err.filename or "?")
-        out_parent = Path(options.out).expanduser().absolute().parent
+        out_parent = Path(settings.out).expanduser().absolute().parent
         error = OutputError if path.is_relative_to(out_parent) else InvalidInputError
         raise error(
             f"cannot access {path}: permission denied; check the file's permissions"
         ) from err
-    if options.push_to_hub is None:
+    if settings.push_to_hub is None:
         return summary
     commit_url = push_folder(
         Path(summary.out),
-        options.push_to_hub,
-        private=options.private,
-        revision=options.hub_revision,
+        settings.push_to_hub,
+        private=settings.private,
+        revision=settings.hub_revision,
         message=f"Upload model merged by lora-merge {__version__}",
-        quiet=options.quiet,
+        quiet=settings.quiet,
     )
-    return replace(summary, pushed_to=options.push_to_hub, commit_url=commit_url)
+    return replace(summary, pushed_to=settings.push_to_hub, commit_url=commit_url)
 
 
-def _merge(options: MergeOptions) -> MergeSummary:
+def _merge(options: MergeSettings) -> MergeSummary:
     started = time.perf_counter()
     with prepare(options) as prepared:  # resolve inputs -> read adapter -> plan
         plan = prepared.plan

@@ -3,7 +3,9 @@
 Every mistake a user can make (a wrong path, an adapter for another model, an
 existing output folder) is raised as a :class:`LoraMergeError` subclass. The CLI
 turns it into one line on stderr and the subclass's exit code; nothing else in
-the package prints errors. The table of exit codes lives here and in the README.
+the package prints errors. :data:`EXIT_CODES` is the one table of exit codes:
+the CLI's ``--help`` prints it, and the README's table repeats it (a test keeps
+the two the same).
 """
 
 from __future__ import annotations
@@ -21,6 +23,53 @@ EXIT_PUSH_FAILED = 9  # OUT is complete; only the upload to the Hub failed
 EXIT_SIGINT = 130  # 128 + SIGINT, the shell convention
 EXIT_SIGTERM = 143  # 128 + SIGTERM
 
+# (code, meaning): what each exit code tells a user or a script.
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "merged"),
+    (
+        EXIT_INTERNAL,
+        "internal error (a bug: please report it; LORA_MERGE_DEBUG=1 prints the traceback)",
+    ),
+    (
+        EXIT_USAGE,
+        "bad command line (unknown option, a value that is not one of its choices or an "
+        "unparseable size, options that contradict each other)",
+    ),
+    (EXIT_INPUT_NOT_FOUND, "BASE, ADAPTER, a weights file or a shard named by the index not found"),
+    (
+        EXIT_INVALID_INPUT,
+        "invalid or unsupported input (corrupt safetensors, bad adapter_config.json, not LoRA, "
+        "pickle with code, a GPTQ/AWQ/... base, a combination of adapter features lora-merge "
+        "refuses)",
+    ),
+    (
+        EXIT_ADAPTER_MISMATCH,
+        "the adapter does not fit the base (unknown module, shape mismatch), or combined "
+        "adapters disagree on a module's shape",
+    ),
+    (
+        EXIT_OUTPUT_REFUSED,
+        "OUT refused (exists and not empty without --overwrite, inside or containing an input, "
+        "disk too small or full)",
+    ),
+    (
+        EXIT_NONFINITE,
+        "NaN or Inf in the adapter or produced by the merge (refused unless --allow-nonfinite, "
+        "as PEFT's safe_merge refuses)",
+    ),
+    (
+        EXIT_VERIFICATION_FAILED,
+        "--verify found the output disagreeing with the plan or the inputs (OUT is not created)",
+    ),
+    (
+        EXIT_PUSH_FAILED,
+        "--push-to-hub failed after the merge (OUT is complete and kept; the message says how "
+        "to upload it alone)",
+    ),
+    (EXIT_SIGINT, "interrupted by Ctrl-C (partial output removed)"),
+    (EXIT_SIGTERM, "terminated by SIGTERM (partial output removed)"),
+)
+
 
 class LoraMergeError(Exception):
     """Base class of every error meant for the user.
@@ -33,7 +82,8 @@ class LoraMergeError(Exception):
 
 
 class UsageError(LoraMergeError):
-    """Options that contradict each other (e.g. two weights for three adapters)."""
+    """A bad option value, or options that contradict each other (e.g. two weights for
+    three adapters): found by :func:`lora_merge.options.checked_options` before any work."""
 
     exit_code = EXIT_USAGE
 

@@ -1,29 +1,94 @@
-"""The options of a merge, shared by the CLI and the Python API."""
+"""The options of a merge: what a caller writes, and the checked settings the run reads.
+
+:class:`MergeOptions` is what the CLI builds from the command line and what a
+Python caller writes: text and numbers as typed. :func:`checked_options` turns it,
+once and before any input is read, into :class:`MergeSettings`: every value
+parsed (torch dtype and device, sizes in bytes, choices as enums, the combination
+recipe, the loralib settings) and every conflict between options refused as a
+usage error (exit 2). Everything after that reads the settings, never the options,
+so the CLI and the Python API accept and refuse exactly the same things.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from lora_merge.adapter.loralib import loralib_settings
-from lora_merge.adapter.recipe import build_combine_recipe, parse_weights
+from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
+from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
+from lora_merge.compute.dequantize import FOUR_BIT_BLOCKSIZES
 from lora_merge.errors import UsageError
 from lora_merge.finish.publish import check_push_target
 
-# Names accepted by --dtype, and the torch dtype each means. "auto" keeps every
-# tensor's own dtype (a bf16 model with fp32 norms stays exactly that).
-DTYPE_BY_NAME: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
+_ChoiceT = TypeVar("_ChoiceT", bound="Choice")
+
+
+class Choice(str, Enum):
+    """An option's choices: each member compares, prints and serialises as its value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @classmethod
+    def parse(
+        cls: type[_ChoiceT], value: object, option: str, aliases: Mapping[str, str] | None = None
+    ) -> _ChoiceT:
+        """The member a value names, in any case (``NF4`` is ``nf4``).
+
+        Raises:
+            UsageError: the value names no member; the message quotes it as given.
+        """
+        key = value.strip().lower() if isinstance(value, str) else repr(value)
+        key = (aliases or {}).get(key, key)
+        for member in cls:
+            if member.value == key:
+                return member
+        raise UsageError(f"{option} {value!r} is not one of {', '.join(m.value for m in cls)}")
+
+
+class OutputDtype(Choice):
+    """``--dtype``: ``auto`` keeps every tensor's own dtype (bf16 weights with fp32 norms stay so)."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The dtype every floating-point tensor is written in; None for ``auto``."""
+        return _TORCH_DTYPES.get(self)
+
+
+_TORCH_DTYPES = {
+    OutputDtype.BF16: torch.bfloat16,
+    OutputDtype.FP16: torch.float16,
+    OutputDtype.FP32: torch.float32,
 }
+# torch's own names mean the same as the short ones.
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+class SaveMethod(Choice):
+    """``--save-method`` (Unsloth's names): what OUT holds."""
+
+    MERGED_16BIT = "merged_16bit"  # a plain model; quantized weights are dequantized
+    MERGED_4BIT = "merged_4bit"  # the merged weights re-quantized with bitsandbytes
+    LORA = "lora"  # the adapter only, normalised
+
+
+class QuantType(Choice):
+    """``--quant-type``: the 4-bit code of ``merged_4bit`` from a 16-bit base."""
+
+    NF4 = "nf4"
+    FP4 = "fp4"
+
 
 _SIZE_UNITS = {
     "": 1,
@@ -40,11 +105,15 @@ _SIZE_UNITS = {
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_size(value: int | str) -> int:
+def parse_size(value: int | str, option: str = "size") -> int:
     """Parse a byte count such as ``5GB``, ``500MB``, ``2GiB`` or ``1048576``.
 
     Decimal units (KB, MB, GB) are powers of 1000 and binary units (KiB, MiB,
     GiB) powers of 1024, as in huggingface_hub's ``max_shard_size``.
+
+    Args:
+        value: the size, as a number of bytes or a text.
+        option: what messages call it, e.g. ``--max-memory``.
 
     Raises:
         UsageError: the text is not a positive size.
@@ -52,79 +121,28 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     elif not isinstance(value, str):
-        raise UsageError(f"size {value!r} is not a number of bytes or a text such as 500MB")
+        raise UsageError(f"{option} {value!r} is not a number of bytes or a text such as 500MB")
     else:
         match = _SIZE_PATTERN.match(value)
         unit = match.group(2).upper() if match else None
         if match is None or unit not in _SIZE_UNITS:
             raise UsageError(
-                f"size {value!r} is not understood: write a number of bytes or a number "
+                f"{option} {value!r} is not understood: write a number of bytes or a number "
                 "with a unit (KB, MB, GB, KiB, MiB, GiB), e.g. 500MB or 2GiB"
             )
         size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
-        raise UsageError(f"size {value!r} must be larger than zero")
+        raise UsageError(f"{option} {value!r} must be larger than zero")
     return size
 
 
-def parse_dtype(name: str) -> torch.dtype | None:
-    """Return the torch dtype for a ``--dtype`` name (any case), or None for ``auto``.
-
-    Raises:
-        UsageError: not one of the names.
-    """
-    key = _choice_key(name)
-    if key == "auto":
-        return None
-    if key not in DTYPE_BY_NAME:
-        raise UsageError(f"--dtype {name!r} is not one of auto, bf16, fp16, fp32")
-    return DTYPE_BY_NAME[key]
-
-
-# --save-method values (Unsloth's names). merged_16bit: a plain model, quantized
-# weights dequantized; merged_4bit: re-quantized with bitsandbytes; lora: the adapter only.
-SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
-QUANT_TYPES = ("nf4", "fp4")
-# The block sizes bitsandbytes' quantize_4bit accepts.
-QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def _choice_key(value: object) -> str:
-    """A choice as compared: the help lists choices in lower case, and any case means them."""
-    return value.strip().lower() if isinstance(value, str) else repr(value)
-
-
-def parse_save_method(name: str) -> str:
-    """Check a ``--save-method`` value (any case); return it in lower case.
-
-    Raises:
-        UsageError: not one of :data:`SAVE_METHODS`.
-    """
-    key = _choice_key(name)
-    if key not in SAVE_METHODS:
-        raise UsageError(f"--save-method {name!r} is not one of {', '.join(SAVE_METHODS)}")
-    return key
-
-
-def parse_quant_type(name: str) -> str:
-    """Check a ``--quant-type`` value (``nf4`` or ``fp4``, any case); return it in lower case.
-
-    Raises:
-        UsageError: not one of :data:`QUANT_TYPES`.
-    """
-    key = _choice_key(name)
-    if key not in QUANT_TYPES:
-        raise UsageError(f"--quant-type {name!r} is not one of {', '.join(QUANT_TYPES)}")
-    return key
-
-
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: object) -> torch.device:
     """``auto`` -> the first CUDA device if there is one, else the CPU; others as given (any case).
 
     Raises:
         UsageError: the name is not a device, or CUDA is asked for but absent.
     """
-    key = _choice_key(name)
+    key = name.strip().lower() if isinstance(name, str) else repr(name)
     if key == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -150,7 +168,7 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class MergeOptions:
-    """Everything one merge needs; the CLI builds one, Python callers may too.
+    """Everything one merge needs, as a caller writes it; the CLI builds one, Python callers may too.
 
     Attributes:
         base: folder of the base model (safetensors shards, config.json).
@@ -237,7 +255,8 @@ class MergeOptions:
 
     @property
     def combines(self) -> bool:
-        """Several adapters, or combination options: the adapters go through a combination."""
+        """Several adapters, or combination options: the adapters go through a combination
+        (one adapter with combination options is merged through the same path)."""
         return len(self.adapters) > 1 or any(
             value is not None
             for value in (
@@ -252,100 +271,167 @@ class MergeOptions:
         )
 
 
-def checked_options(options: MergeOptions) -> MergeOptions:
-    """``options`` with every value checked and normalised, and every conflict refused.
+@dataclass(frozen=True)
+class MergeSettings:
+    """One merge's options, checked and parsed: what every step after the check reads.
 
-    The CLI and :func:`lora_merge.merge` both start here, before any input is read
-    or downloaded and before OUT is touched: a mistake costs nothing, and a value
-    means the same from either (``quant_type="NF4"`` is ``nf4``). Choices are
-    returned in lower case and sizes as byte counts; checking the result again
-    changes nothing.
+    Built only by :func:`checked_options`. Paths stay as the caller wrote them
+    (they may be Hub repo ids, and the model card records them as given).
+
+    Attributes:
+        base / adapters / out: the inputs and OUT, as given; ``adapters`` has one or more.
+        output_dtype: the dtype of every floating-point output tensor; None keeps each one's.
+        max_shard_size / max_memory: byte counts.
+        device: where the merge math runs (``auto`` resolved).
+        save_method / quant_type / double_quant / quant_blocksize: what OUT holds,
+            and the 4-bit format of ``merged_4bit`` from a 16-bit base.
+        recipe: how the adapters are combined; None merges one adapter as it is.
+        loralib: rank, alpha and groups of a loralib checkpoint; None for PEFT adapters.
+        unmerge: subtract the adapter instead of adding it.
+        overwrite / quiet / resume / allow_nonfinite / verify / hash_inputs /
+            push_to_hub / private / hub_revision / command: as in :class:`MergeOptions`.
+    """
+
+    base: Path | str
+    adapters: tuple[Path | str, ...]
+    out: Path | str
+    output_dtype: torch.dtype | None
+    max_shard_size: int
+    max_memory: int
+    device: torch.device
+    save_method: SaveMethod
+    quant_type: QuantType
+    double_quant: bool
+    quant_blocksize: int
+    recipe: CombineRecipe | None
+    loralib: LoralibSettings | None
+    unmerge: bool
+    overwrite: bool
+    quiet: bool
+    resume: bool
+    allow_nonfinite: bool
+    verify: bool
+    hash_inputs: bool
+    push_to_hub: str | None
+    private: bool
+    hub_revision: str | None
+    command: str | None
+
+
+def checked_options(options: MergeOptions) -> MergeSettings:
+    """Parse and check ``options``: the one place a merge's options are read.
+
+    The CLI (through :func:`lora_merge.merge`) and Python callers both start here,
+    before any input is read or downloaded and before OUT is touched: a mistake
+    costs nothing, and a value means the same from either (``quant_type="NF4"``
+    is ``nf4``).
 
     Raises:
         UsageError: a value that is not one of its choices or out of range, or
             options that contradict each other or would be silently ignored.
     """
-    if not options.adapters:
+    adapters = tuple(options.adapters)
+    if not adapters:
         raise UsageError("give at least one ADAPTER")
-    parse_dtype(options.dtype)
-    resolve_device(options.device)
-    if options.quant_blocksize not in QUANT_BLOCKSIZES:
+    output_dtype = OutputDtype.parse(options.dtype, "--dtype", _DTYPE_ALIASES).torch_dtype
+    device = resolve_device(options.device)
+    if options.quant_blocksize not in FOUR_BIT_BLOCKSIZES:
         raise UsageError(
             f"quant_blocksize {options.quant_blocksize!r} is not one of "
-            f"{', '.join(map(str, QUANT_BLOCKSIZES))} (the block sizes bitsandbytes quantizes with)"
+            f"{', '.join(map(str, FOUR_BIT_BLOCKSIZES))} (the block sizes bitsandbytes quantizes with)"
         )
-    normalised = replace(
-        options,
-        dtype=_choice_key(options.dtype),
-        device=_choice_key(options.device),
-        max_shard_size=parse_size(options.max_shard_size),
-        max_memory=parse_size(options.max_memory),
-        save_method=parse_save_method(options.save_method),
-        quant_type=parse_quant_type(options.quant_type),
-        combine=None if options.combine is None else _choice_key(options.combine),
-        majority_sign_method=(
-            None
-            if options.majority_sign_method is None
-            else _choice_key(options.majority_sign_method)
-        ),
-        weights=None if options.weights is None else parse_weights(options.weights),
+    settings = MergeSettings(
+        base=options.base,
+        adapters=adapters,
+        out=options.out,
+        output_dtype=output_dtype,
+        max_shard_size=parse_size(options.max_shard_size, "--max-shard-size"),
+        max_memory=parse_size(options.max_memory, "--max-memory"),
+        device=device,
+        save_method=SaveMethod.parse(options.save_method, "--save-method"),
+        quant_type=QuantType.parse(options.quant_type, "--quant-type"),
+        double_quant=options.double_quant,
+        quant_blocksize=options.quant_blocksize,
+        loralib=loralib_settings(options.rank, options.alpha, options.enable_lora),
+        recipe=_combine_recipe(options),
+        unmerge=options.unmerge,
+        overwrite=options.overwrite,
+        quiet=options.quiet,
+        resume=options.resume,
+        allow_nonfinite=options.allow_nonfinite,
+        verify=options.verify,
+        hash_inputs=options.hash_inputs,
+        push_to_hub=options.push_to_hub,
+        private=options.private,
+        hub_revision=options.hub_revision,
+        command=options.command,
     )
-    _refuse_conflicts(normalised)
-    return normalised
+    _refuse_conflicts(settings)
+    return settings
 
 
-def _refuse_conflicts(options: MergeOptions) -> None:
+def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
+    """The checked combination, or None for one adapter merged as it is."""
+    if not options.combines:
+        return None
+    return build_combine_recipe(
+        len(options.adapters),
+        combine=options.combine,
+        weights=options.weights,
+        density=options.density,
+        majority_sign_method=options.majority_sign_method,
+        svd_rank=options.svd_rank,
+        svd_clamp=options.svd_clamp,
+        seed=options.seed,
+    )
+
+
+def _refuse_conflicts(settings: MergeSettings) -> None:
     """Options that contradict each other, or that the run would ignore without saying so.
 
     Raises:
         UsageError: the first conflict found.
     """
-    loralib = loralib_settings(options.rank, options.alpha, options.enable_lora)
-    if options.combines:
-        build_combine_recipe(
-            len(options.adapters),
-            combine=options.combine,
-            weights=options.weights,
-            density=options.density,
-            majority_sign_method=options.majority_sign_method,
-            svd_rank=options.svd_rank,
-            svd_clamp=options.svd_clamp,
-            seed=options.seed,
+    one_adapter_only = settings.loralib is not None or settings.unmerge
+    if settings.recipe is not None and one_adapter_only:
+        raise UsageError(
+            "--unmerge and loralib checkpoints (--rank/--alpha) take one adapter and no "
+            "--combine options; combine the adapters first, then unmerge the combination"
         )
-        if loralib is not None or options.unmerge:
-            raise UsageError(
-                "--unmerge and loralib checkpoints (--rank/--alpha) take one adapter and no "
-                "--combine options; combine the adapters first, then unmerge the combination"
-            )
-    if options.save_method == "lora":
-        if options.combines:
-            raise UsageError(
-                "--save-method lora writes one adapter as it is; it cannot be combined with "
-                "several adapters or --combine options (merge them into a model instead)"
-            )
-        if loralib is not None or options.unmerge:
-            raise UsageError(
-                "--save-method lora writes a PEFT adapter as it is; it cannot be used with "
-                "--unmerge or a loralib checkpoint (--rank/--alpha)"
-            )
-        ignored = [
-            name
-            for name, given in (
-                ("--dtype", options.dtype != "auto"),
-                ("--verify", options.verify),
-                ("--allow-nonfinite", options.allow_nonfinite),
-            )
-            if given
-        ]
-        if ignored:
-            raise UsageError(
-                f"{' and '.join(ignored)} apply to a merged model; --save-method lora writes "
-                "the adapter's tensors as they are: leave them out"
-            )
-    if options.double_quant and options.save_method != "merged_4bit":
+    if settings.save_method is SaveMethod.LORA:
+        _refuse_with_adapter_output(settings, one_adapter_only)
+    if settings.double_quant and settings.save_method is not SaveMethod.MERGED_4BIT:
         raise UsageError("--double-quant applies only with --save-method merged_4bit")
-    if options.push_to_hub is None:
-        if options.private or options.hub_revision is not None:
+    if settings.push_to_hub is None:
+        if settings.private or settings.hub_revision is not None:
             raise UsageError("--private and --revision only apply with --push-to-hub")
     else:
-        check_push_target(options.push_to_hub)
+        check_push_target(settings.push_to_hub)
+
+
+def _refuse_with_adapter_output(settings: MergeSettings, one_adapter_only: bool) -> None:
+    """``--save-method lora`` writes one PEFT adapter as it is: refuse what it cannot honour."""
+    if settings.recipe is not None:
+        raise UsageError(
+            "--save-method lora writes one adapter as it is; it cannot be combined with "
+            "several adapters or --combine options (merge them into a model instead)"
+        )
+    if one_adapter_only:
+        raise UsageError(
+            "--save-method lora writes a PEFT adapter as it is; it cannot be used with "
+            "--unmerge or a loralib checkpoint (--rank/--alpha)"
+        )
+    ignored = [
+        name
+        for name, given in (
+            ("--dtype", settings.output_dtype is not None),
+            ("--verify", settings.verify),
+            ("--allow-nonfinite", settings.allow_nonfinite),
+        )
+        if given
+    ]
+    if ignored:
+        raise UsageError(
+            f"{' and '.join(ignored)} apply to a merged model; --save-method lora writes "
+            "the adapter's tensors as they are: leave them out"
+        )

@@ -17,34 +17,27 @@ from pathlib import Path
 
 import torch
 
-from lora_merge.adapter.combined import (
-    AdapterInput,
-    CombinedAdapter,
-    refuse_dora,
-    refuse_trainable_tokens,
-)
+from lora_merge.adapter.combined import AdapterInput, CombinedAdapter
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
 from lora_merge.adapter.keys import AdapterContents, classify_adapter_keys
-from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
-from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
-from lora_merge.adapter.unmerge import refuse_unmerge_of_dora
+from lora_merge.adapter.loralib import LoralibSettings
+from lora_merge.adapter.recipe import CombineRecipe
+from lora_merge.adapter.refusals import (
+    refuse_combined_experts,
+    refuse_dora_in_combination,
+    refuse_trainable_tokens_in_combination,
+    refuse_unmerge_of_dora,
+)
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
-from lora_merge.errors import InvalidInputError, LoraMergeWarning
+from lora_merge.errors import LoraMergeWarning
 from lora_merge.finish.provenance import MergeRecord, merge_record
 from lora_merge.inputs.identity import base_mismatch_warnings
 from lora_merge.inputs.merge_inputs import resolve_merge_inputs
 from lora_merge.inputs.quantized import merged_output_dtype
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.reader import TensorSource
-from lora_merge.options import (
-    MergeOptions,
-    parse_dtype,
-    parse_quant_type,
-    parse_save_method,
-    parse_size,
-    resolve_device,
-)
+from lora_merge.options import MergeSettings
 from lora_merge.plan.model import MergePlan
 from lora_merge.plan.planner import build_merge_plan
 from lora_merge.plan.requantize import plan_requantization
@@ -57,7 +50,7 @@ TILE_SHARE_OF_BUDGET = 0.5
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What the run reads of MergeOptions, as values: bytes, dtypes, a device.
+    """What the stream and the finish read of :class:`~lora_merge.options.MergeSettings`.
 
     :func:`~lora_merge.options.checked_options` has refused bad values and
     conflicts before; :func:`_run_settings` only converts.
@@ -109,14 +102,14 @@ class Prepared:
 
 
 @contextmanager
-def prepare(options: MergeOptions) -> Iterator[Prepared]:
+def prepare(options: MergeSettings) -> Iterator[Prepared]:
     """Every check and decision that comes before writing, shared by merge and preview.
 
     ``options`` come from :func:`~lora_merge.options.checked_options`.
     """
     settings = _run_settings(options)
-    recipe = _combine_recipe(options)
-    loralib = loralib_settings(options.rank, options.alpha, options.enable_lora)
+    recipe = options.recipe
+    loralib = options.loralib
     base, adapter_folders, out = resolve_merge_inputs(
         options.base,
         options.adapters,
@@ -132,10 +125,6 @@ def prepare(options: MergeOptions) -> Iterator[Prepared]:
         settings = replace(
             settings, output_dtype=merged_output_dtype(base.quantization, base.config)
         )
-    if options.unmerge:
-        # DoRA cannot be unmerged: refused by the config's use_dora or the weights' keys.
-        with closing(open_adapter_weights(adapter_folder.weights_path)) as weights:
-            refuse_unmerge_of_dora(adapter_folder.config_path, weights.keys())
     configs = [
         read_adapter_config(folder.config_path)
         if folder.config_path is not None
@@ -151,6 +140,8 @@ def prepare(options: MergeOptions) -> Iterator[Prepared]:
             for folder in adapter_folders
         ]
         config, contents, adapter = _read_adapters(adapter_folders, configs, sources, recipe)
+        if options.unmerge:
+            refuse_unmerge_of_dora(adapter_folder.config_path, config, contents)
         plan = _plan(options, settings, base, config, contents, adapter, loralib, recipe)
         for note in notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
@@ -182,27 +173,24 @@ def prepare(options: MergeOptions) -> Iterator[Prepared]:
         )
 
 
-def _run_settings(options: MergeOptions) -> RunSettings:
+def _run_settings(options: MergeSettings) -> RunSettings:
     """Options as the run reads them.
 
     Raises:
         InvalidInputError: ``merged_4bit`` without a bitsandbytes that loads.
     """
-    device = resolve_device(options.device)
     settings = RunSettings(
-        output_dtype=parse_dtype(options.dtype),
-        max_shard_size=parse_size(options.max_shard_size),
-        tile_budget=tile_budget_for(
-            device, int(parse_size(options.max_memory) * TILE_SHARE_OF_BUDGET)
-        ),
-        device=device,
+        output_dtype=options.output_dtype,
+        max_shard_size=options.max_shard_size,
+        tile_budget=tile_budget_for(options.device, int(options.max_memory * TILE_SHARE_OF_BUDGET)),
+        device=options.device,
         show_progress=not options.quiet and sys.stderr.isatty(),
         resume=options.resume,
         allow_nonfinite=options.allow_nonfinite,
         verify=options.verify,
         hash_inputs=options.hash_inputs,
-        save_method=parse_save_method(options.save_method),
-        quant_type=parse_quant_type(options.quant_type),
+        save_method=options.save_method.value,
+        quant_type=options.quant_type.value,
         double_quant=options.double_quant,
     )
     if settings.save_method == "merged_4bit":
@@ -225,7 +213,7 @@ def _read_adapters(
 
 
 def _plan(
-    options: MergeOptions,
+    options: MergeSettings,
     settings: RunSettings,
     base: BaseCheckpoint,
     config: LoraAdapterConfig,
@@ -245,7 +233,7 @@ def _plan(
         loralib=loralib,
     )
     if recipe is not None:
-        _refuse_combined_experts(plan)
+        refuse_combined_experts(p.a_key for p in plan.lora_products if p.experts > 1)
     if settings.save_method == "merged_4bit":
         plan = plan_requantization(
             plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
@@ -253,41 +241,10 @@ def _plan(
     return plan
 
 
-def _refuse_combined_experts(plan: MergePlan) -> None:
-    """A combination concatenates or mixes A and B; expert LoRAs interleave experts in them.
-
-    Raises:
-        InvalidInputError: the combined adapters hold LoRAs on MoE expert parameters.
-    """
-    expert = next((p for p in plan.lora_products if p.experts > 1), None)
-    if expert is not None:
-        raise InvalidInputError(
-            f"adapter key {expert.a_key!r} is a LoRA on MoE expert parameters "
-            "(target_parameters), which --combine cannot combine (its A and B hold every "
-            "expert, interleaved); merge the adapters one after the other instead"
-        )
-
-
 def _loralib_config(loralib: LoralibSettings | None) -> LoraAdapterConfig:
     """The config a loralib checkpoint (no adapter_config.json) is merged with."""
     assert loralib is not None, "a config-less adapter is resolved only with --rank/--alpha"
     return loralib.adapter_config()
-
-
-def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
-    """The checked combination, or None for one adapter merged as it is."""
-    if not options.combines:
-        return None
-    return build_combine_recipe(
-        len(options.adapters),
-        combine=options.combine,
-        weights=options.weights,
-        density=options.density,
-        majority_sign_method=options.majority_sign_method,
-        svd_rank=options.svd_rank,
-        svd_clamp=options.svd_clamp,
-        seed=options.seed,
-    )
 
 
 def _combined_adapter(
@@ -298,9 +255,8 @@ def _combined_adapter(
 ) -> CombinedAdapter:
     inputs = []
     for folder, config, source in zip(folders, configs, sources, strict=True):
-        keys = list(source.keys())
-        refuse_dora(str(folder.folder), config, keys)
-        contents = classify_adapter_keys(keys)
-        refuse_trainable_tokens(str(folder.folder), contents)
+        contents = classify_adapter_keys(list(source.keys()))
+        refuse_dora_in_combination(str(folder.folder), config, contents)
+        refuse_trainable_tokens_in_combination(str(folder.folder), contents)
         inputs.append(AdapterInput(str(folder.folder), config, contents, source))
     return CombinedAdapter(inputs, recipe)

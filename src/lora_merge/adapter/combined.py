@@ -24,6 +24,7 @@ import torch
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import PEFT_PREFIX, AdapterContents, LoraModuleKeys
 from lora_merge.adapter.recipe import CombineRecipe
+from lora_merge.adapter.refusals import refuse_lora_bias_in_combination
 from lora_merge.compute.combine import (
     combine_task_tensors,
     factor_weights,
@@ -32,8 +33,6 @@ from lora_merge.compute.combine import (
 )
 from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.io.reader import TensorSource
-
-_DORA_KEY_MARK = "lora_magnitude_vector"
 
 
 @dataclass(frozen=True)
@@ -71,39 +70,6 @@ class _ModulePart:
     scale: float
 
 
-def refuse_dora(label: str, config: LoraAdapterConfig, keys: Iterable[str]) -> None:
-    """DoRA rescales each output column by a norm of the *merged* weight, which a sum of
-    adapters does not have; PEFT's add_weighted_adapter ignores the magnitudes. Refuse.
-
-    Raises:
-        InvalidInputError: the adapter is a DoRA adapter.
-    """
-    dora_key = next((key for key in keys if _DORA_KEY_MARK in key), None)
-    if config.use_dora or dora_key is not None:
-        evidence = f"key {dora_key!r}" if dora_key else "use_dora in its adapter_config.json"
-        raise InvalidInputError(
-            f"adapter {label} is a DoRA adapter ({evidence}); "
-            "DoRA adapters cannot be combined with others (their magnitude vectors apply to "
-            "one adapter's merged weight): merge it on its own first, then combine the others "
-            "into that output"
-        )
-
-
-def refuse_trainable_tokens(label: str, contents: AdapterContents) -> None:
-    """Trainable tokens replace rows outright, so two adapters' rows cannot be summed. Refuse.
-
-    Raises:
-        InvalidInputError: the adapter has trainable tokens.
-    """
-    if contents.trainable_tokens:
-        key = next(iter(contents.trainable_tokens.values()))
-        raise InvalidInputError(
-            f"adapter {label} has trainable tokens (key {key!r}); they replace embedding rows "
-            "and cannot be combined with other adapters: merge it on its own first, then "
-            "combine the others into that output"
-        )
-
-
 class CombinedAdapter:
     """Several adapters combined by a :class:`CombineRecipe`, as one ``TensorSource``.
 
@@ -117,7 +83,9 @@ class CombinedAdapter:
         """Check that the adapters fit together and work out every combined shape.
 
         Raises:
-            InvalidInputError: a DoRA adapter, a LoRA bias, or ranks the method cannot combine.
+            InvalidInputError: a LoRA bias, adapters that disagree on fan_in_fan_out, or
+                ranks the method cannot combine (DoRA and trainable tokens are refused
+                before, see :mod:`lora_merge.adapter.refusals`).
             AdapterMismatchError: two adapters disagree on a module's shape or on a
                 full tensor they both replace.
         """
@@ -262,13 +230,8 @@ class CombinedAdapter:
 
     def _add_module_parts(self, index: int, adapter: AdapterInput) -> None:
         """Record the adapter's share (keys, rank, own scale) of every module it targets."""
+        refuse_lora_bias_in_combination(adapter.label, adapter.contents)
         for module, keys in adapter.contents.lora_modules.items():
-            if keys.bias_key is not None:
-                raise InvalidInputError(
-                    f"adapter {adapter.label} has a LoRA bias ({keys.bias_key!r}); "
-                    "adapters with lora_bias=True cannot be combined (PEFT's "
-                    "add_weighted_adapter does not combine biases either)"
-                )
             assert keys.a_key is not None
             rank = adapter.source.shape(keys.a_key)[0]
             scale = adapter.config.scale_for(module, rank)

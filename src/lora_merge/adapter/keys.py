@@ -40,9 +40,6 @@ _LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_A", "A"),
     (".lora_B", "B"),
 )
-# Adapter features not supported yet are refused by name here rather than silently
-# ignored (suffix, feature name); DoRA and trainable tokens, once here, now merge.
-_UNSUPPORTED_SUFFIXES: tuple[tuple[str, str], ...] = ()
 # PEFT's trainable tokens (``trainable_token_indices``): new values for some rows
 # of an embedding, the row numbers being in adapter_config.json.
 TRAINABLE_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
@@ -140,8 +137,8 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
     a file with several adapter names is refused, as the merge would be ambiguous.
 
     Raises:
-        InvalidInputError: a LoRA module lacks its A or B, the file holds several
-            adapters, or the adapter uses a feature that is not supported yet.
+        InvalidInputError: a LoRA module lacks its A or B, or the file holds several
+            adapters.
     """
     contents = AdapterContents()
     adapter_names: dict[str, str] = {}  # adapter name -> first key that carries it
@@ -155,11 +152,6 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
                     f"adapter keys {first[1]!r} and {second[1]!r} belong to two adapters "
                     f"({first[0]!r} and {second[0]!r}); save one adapter per file (PEFT "
                     "save_pretrained(selected_adapters=[...])) and merge them one at a time"
-                )
-        for suffix, feature in _UNSUPPORTED_SUFFIXES:
-            if name.endswith(suffix):
-                raise InvalidInputError(
-                    f"adapter key {key!r} is {feature}, which lora-merge does not support yet"
                 )
         if _UNTRAINED_ORIGINAL_INFIX in name:
             continue

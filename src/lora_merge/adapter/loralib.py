@@ -83,6 +83,8 @@ def parse_enable_lora(text: str) -> tuple[bool, ...]:
     Raises:
         UsageError: an entry is not a boolean, or none is true.
     """
+    if not isinstance(text, str):
+        raise UsageError(f"--enable-lora {text!r} is not a text such as 1,0,1")
     groups = []
     for part in text.split(","):
         word = part.strip().lower()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from lora_merge.compute.combine import Operator, SignMethod
 from lora_merge.errors import UsageError
@@ -140,7 +140,7 @@ def build_combine_recipe(
             adapter count, a density outside (0, 1], a missing density, an
             option the method does not use.
     """
-    name = (combine or DEFAULT_COMBINE_METHOD).strip().lower()
+    name = _choice_key(combine) if combine else DEFAULT_COMBINE_METHOD
     if name not in COMBINE_METHODS:
         raise UsageError(f"--combine {combine!r} is not one of {', '.join(COMBINE_METHODS)}")
     method = COMBINE_METHODS[name]
@@ -165,13 +165,16 @@ def build_combine_recipe(
         raise UsageError(
             f"--combine {name} needs --density (the fraction of values kept, e.g. 0.5)"
         )
+    sign: SignMethod = "total"
     if majority_sign_method is not None:
         refuse_unless(method.uses_sign_method, "--majority-sign-method", "the ties methods")
-        majority_sign_method = majority_sign_method.strip().lower()
-        if majority_sign_method not in ("total", "frequency"):
+        sign_key = _choice_key(majority_sign_method)
+        if sign_key not in get_args(SignMethod):
             raise UsageError(
-                f"--majority-sign-method {majority_sign_method!r} is not one of total, frequency"
+                f"--majority-sign-method {majority_sign_method!r} is not one of "
+                f"{', '.join(get_args(SignMethod))}"
             )
+        sign = "frequency" if sign_key == "frequency" else "total"
     if svd_rank is not None:
         refuse_unless(method.form == "svd", "--svd-rank", "the *_svd methods")
         if not _is_integer(svd_rank) or svd_rank < 1:
@@ -184,7 +187,6 @@ def build_combine_recipe(
         refuse_unless(method.is_random, "--seed", "the dare methods")
         if not _is_integer(seed):
             raise UsageError(f"--seed {seed!r} must be an integer")
-    sign: SignMethod = "frequency" if majority_sign_method == "frequency" else "total"
     return CombineRecipe(
         method_name=name,
         weights=parsed_weights,
@@ -194,6 +196,11 @@ def build_combine_recipe(
         svd_clamp=svd_clamp,
         seed=DEFAULT_SEED if seed is None else seed,
     )
+
+
+def _choice_key(value: object) -> str:
+    """A choice as compared: any case means the same; a value that is no text matches nothing."""
+    return value.strip().lower() if isinstance(value, str) else repr(value)
 
 
 def _is_integer(value: object) -> bool:

@@ -19,7 +19,7 @@ import torch
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents, LoraModuleKeys
 from lora_merge.adapter.loralib import LoralibSettings
-from lora_merge.errors import InvalidInputError
+from lora_merge.adapter.refusals import refuse_loralib_conv, refuse_unmerge_of_replacements
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
 from lora_merge.io.shard_writer import TensorSpec
@@ -35,7 +35,7 @@ from lora_merge.plan.kinds.dora import plan_dora
 from lora_merge.plan.kinds.embedding import plan_embedding
 from lora_merge.plan.kinds.experts import plan_parameter_loras
 from lora_merge.plan.kinds.linear import plan_linear
-from lora_merge.plan.kinds.merged_linear import plan_merged_linear, refuse_loralib_conv
+from lora_merge.plan.kinds.merged_linear import plan_merged_linear
 from lora_merge.plan.kinds.shapes import LoraShapes
 from lora_merge.plan.model import LoraBias, LoraProduct, MergePlan, PlannedTensor, TokenRows
 from lora_merge.plan.names import BaseNames, check_every_name_matches
@@ -77,13 +77,13 @@ def build_merge_plan(
             layer kind lora-merge does not merge (see :mod:`lora_merge.plan.kinds`).
     """
     if unmerge:
-        _refuse_unmerge(contents)
+        refuse_unmerge_of_replacements(contents)
     tie = TiedHead.of(base)
     # base.tensors shows a quantized weight as one dequantized tensor, its parts hidden.
     base_names = BaseNames([*base.tensors, *tie.sources])
     parameter_deltas = plan_parameter_loras(base, base_names, config, contents, adapter)
     if loralib is not None:
-        refuse_loralib_conv(base_names, contents)
+        refuse_loralib_conv(contents, base_names.find)
     check_every_name_matches(base_names, contents, parameter_deltas.modules)
     shapes = _PlannedShapes(base, tie, adapter)
     replacements = plan_replacements(
@@ -233,26 +233,3 @@ def _planned_tensor(
         dequantized=entry.quantized is not None and not replacement,
         token_rows=token_rows.get(name),
     )
-
-
-def _refuse_unmerge(contents: AdapterContents) -> None:
-    """``--unmerge`` can only subtract deltas: refuse what replaced values in the merge.
-
-    Raises:
-        InvalidInputError: the adapter replaces whole tensors or token rows, whose
-            former values it does not hold.
-    """
-    if contents.replacements:
-        target, key = next(iter(contents.replacements.items()))
-        raise InvalidInputError(
-            f"--unmerge cannot restore {target!r}: the adapter replaces it wholesale with "
-            f"{key!r} (modules_to_save, a saved embedding or trained biases) and does not hold "
-            "the values it replaced; keep the base model and merge again instead"
-        )
-    if contents.trainable_tokens:
-        module, key = next(iter(contents.trainable_tokens.items()))
-        raise InvalidInputError(
-            f"--unmerge cannot restore the rows of {module!r} that trainable tokens ({key!r}) "
-            "replaced: the adapter does not hold their former values; keep the base model and "
-            "merge again instead"
-        )

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from lora_merge.adapter.keys import AdapterContents
 from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.architectures import is_conv1d_module
 from lora_merge.plan.kinds.shapes import LoraShapes
 from lora_merge.plan.model import LoraProduct
-from lora_merge.plan.names import BaseNames
 
 LAYER = "merged_linear"
 
@@ -97,20 +95,6 @@ def _stores_transposed(shapes: LoraShapes, group_rows: int, model_type: object) 
     if not orientations or weight_shape[int(orientations[0])] % group_rows:
         raise shapes.mismatch()
     return orientations[0]
-
-
-def refuse_loralib_conv(base_names: BaseNames, contents: AdapterContents) -> None:
-    """loralib's ConvLoRA keeps its weight at ``X.conv.weight``: name it rather than "no match".
-
-    Raises:
-        InvalidInputError: a module of the checkpoint is a ConvLoRA.
-    """
-    for module in contents.lora_modules.values():
-        if base_names.find(f"{module.module}.conv.weight"):
-            raise InvalidInputError(
-                f"adapter key {module.a_key!r} is a loralib ConvLoRA (its weight is "
-                f"{module.module}.conv.weight), which lora-merge does not support"
-            )
 
 
 def expand_merged_linear_b(lora_b: torch.Tensor, groups: tuple[bool, ...]) -> torch.Tensor:
