@@ -38,6 +38,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     # Everything before writing, shared by the two entry points above it.
     ("lora_merge.prepare",),
     ("lora_merge.preview", "lora_merge.api"),
+    # The command line: its options and the text it prints about a run, then the command.
+    ("lora_merge.cli_options", "lora_merge.report"),
     ("lora_merge.cli", "lora_merge.__main__", "lora_merge"),
 )
 
