@@ -65,3 +65,34 @@ def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(big_enough_inputs, tm
     )
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_making_the_progress_bar_never_swallows_a_sigterm(tmp_path):
+    """tqdm's constructor swallows any Exception raised while it starts its monitor thread;
+    a SIGTERM handled there must still stop the merge (exit 143, no OUT)."""
+    base, adapter = write_big_base_and_adapter(tmp_path / "inputs", tensors=2, side=64)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    # Sends the signal at the one point where tqdm would swallow the handler's exception.
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "import tqdm.std\n"
+        "original = tqdm.std.TMonitor.__init__\n"
+        "def signalled(self, *args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    original(self, *args)\n"
+        "tqdm.std.TMonitor.__init__ = signalled\n"
+    )
+    out = tmp_path / "merged"
+    result = subprocess.run(
+        [LORA_MERGE, str(base), str(adapter), str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(hook)},
+    )
+    # Either no monitor thread starts (nothing is signalled) or the signal stops the merge.
+    if result.returncode == 0:
+        assert "TqdmMonitorWarning" not in result.stderr, result.stderr
+    else:
+        assert result.returncode == 143, result.stderr
+        assert not out.exists()

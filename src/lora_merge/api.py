@@ -224,10 +224,11 @@ def _write_output(
         files_read_by_merge(base, adapter_folders),
         settings.hash_inputs and settings.save_method != "lora",
     )
+    progress, on_bytes = _progress_bar(plan.total_bytes, settings.show_progress)
     with (
         StagingFolder(out, fingerprint) as staging,
         _open_base(base, settings.device) as base_reader,
-        _progress_bar(plan.total_bytes, settings.show_progress) as on_bytes,
+        progress,
     ):
         if settings.save_method == "lora":
             write_normalized_adapter(staging.path, adapter_folder, adapter)
@@ -301,11 +302,20 @@ def _finish_folder(
     copy_side_files(folder, base.folder, side_files)
 
 
-@contextmanager
-def _progress_bar(total: int, show: bool) -> Iterator[Callable[[int], None]]:
+class _ProgressBar(tqdm):
+    """tqdm without its monitor thread.
+
+    tqdm starts that thread in its constructor and swallows any Exception raised
+    meanwhile: a SIGTERM handled there (the CLI's handler raises MergeInterrupted)
+    would be lost, and the merge would go on to write OUT.
+    """
+
+    monitor_interval = 0
+
+
+def _progress_bar(total: int, show: bool) -> tuple[tqdm, Callable[[int], None]]:
     """A bar of bytes written, on stderr, and the function that advances it."""
-    lock = threading.Lock()
-    with tqdm(
+    progress = _ProgressBar(
         total=total,
         unit="B",
         unit_scale=True,
@@ -313,13 +323,14 @@ def _progress_bar(total: int, show: bool) -> Iterator[Callable[[int], None]]:
         desc="merging",
         file=sys.stderr,
         disable=not show,
-    ) as progress:
+    )
+    lock = threading.Lock()
 
-        def on_bytes(count: int) -> None:  # called from the stream's worker threads
-            with lock:
-                progress.update(count)
+    def on_bytes(count: int) -> None:  # called from the stream's worker threads
+        with lock:
+            progress.update(count)
 
-        yield on_bytes
+    return progress, on_bytes
 
 
 @contextmanager
