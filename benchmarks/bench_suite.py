@@ -48,6 +48,11 @@ import synthetic_checkpoints  # noqa: E402
 PEFT_RAM_FACTOR = 1.6
 
 
+# Issue 17's targets: lora-merge + sync over ``cp -r`` + sync (the on-disk ratio),
+# default flags, and the peak RSS of every run.
+PEAK_RSS_TARGET_BYTES = 300 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class SuiteRow:
     key: str
@@ -56,14 +61,27 @@ class SuiteRow:
     targets: str
     variants: tuple[str, ...] = ()
     quantize: str | None = None
+    target_ratio: float | None = None
 
 
 ROWS = (
     SuiteRow(
-        "1b-all", "1.1B all-linear r=16", "1b", "all-linear", ("no input hashes:--no-hash-inputs",)
+        "1b-all",
+        "1.1B all-linear r=16",
+        "1b",
+        "all-linear",
+        ("no input hashes:--no-hash-inputs",),
+        target_ratio=1.5,
     ),
-    SuiteRow("1b-qv", "1.1B q/v only r=16", "1b", "q-v"),
-    SuiteRow("1b-nf4", "NF4 1.1B -> bf16, all-linear r=16", "1b", "all-linear", quantize="nf4"),
+    SuiteRow("1b-qv", "1.1B q/v only r=16", "1b", "q-v", target_ratio=1.1),
+    SuiteRow(
+        "1b-nf4",
+        "NF4 1.1B -> bf16, all-linear r=16",
+        "1b",
+        "all-linear",
+        quantize="nf4",
+        target_ratio=2.0,
+    ),
     SuiteRow("3b-all", "3B all-linear r=16", "3b", "all-linear"),
     SuiteRow(
         "7b-all",
@@ -71,6 +89,7 @@ ROWS = (
         "7b",
         "all-linear",
         ("--max-memory 256MB:--max-memory 256MB",),
+        target_ratio=1.05,
     ),
 )
 
@@ -80,6 +99,7 @@ COLUMNS = (
     "cp -r wall s",
     "ratio",
     "on-disk ratio",
+    "target",
     "lora-merge peak RSS MB",
     "PEFT wall s",
     "PEFT peak RSS MB",
@@ -117,6 +137,8 @@ def run_row(row: SuiteRow, args: argparse.Namespace, scratch: Path) -> dict[str,
         argv += ["--quantize", row.quantize]
     if args.cold:
         argv.append("--cold")
+    if args.before is not None:
+        argv += ["--before", str(args.before)]
     print(f"== {row.label}", file=sys.stderr, flush=True)
     bench_merge.main(argv)
     report = json.loads(report_path.read_text())
@@ -152,18 +174,34 @@ def table_rows(row: SuiteRow, report: dict[str, object]) -> list[list[str]]:
             ]
         elif name != bench_merge.LORA_MERGE_CASE:
             peft_cells = [bench_merge.NOT_APPLICABLE] * 2
+        on_disk_ratio = case["median_on_disk_s"] / copy["median_on_disk_s"]
+        target = row.target_ratio if name in TARGETED_CASES else None
         lines.append(
             [
                 label,
                 f"{case['median_wall_s']:.2f}",
                 f"{copy['median_wall_s']:.2f}",
                 f"{case['median_wall_s'] / copy['median_wall_s']:.2f}x",
-                f"{case['median_on_disk_s'] / copy['median_on_disk_s']:.2f}x",
+                f"{on_disk_ratio:.2f}x",
+                target_cell(target, on_disk_ratio, case["peak_rss_bytes"]),
                 bench_merge.format_mib(case["peak_rss_bytes"]),
                 *peft_cells,
             ]
         )
     return lines
+
+
+# The default-flags runs, now and (with --before) from the earlier checkout.
+TARGETED_CASES = (bench_merge.LORA_MERGE_CASE, bench_merge.BEFORE_CASE)
+
+
+def target_cell(target: float | None, on_disk_ratio: float, peak_rss_bytes: int) -> str:
+    """``<= 1.5x, 300 MB: met`` (or ``missed``), or n/a for rows without a target."""
+    if target is None:
+        return bench_merge.NOT_APPLICABLE
+    met = on_disk_ratio <= target and peak_rss_bytes <= PEAK_RSS_TARGET_BYTES
+    limit_mb = PEAK_RSS_TARGET_BYTES // (1024 * 1024)
+    return f"<= {target:g}x, {limit_mb} MB: {'met' if met else 'missed'}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,6 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cold", action="store_true", help="drop the page cache before every run (root)"
     )
     parser.add_argument("--workdir", type=Path, default=bench_merge.DEFAULT_WORKDIR)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="SRC",
+        help="also run an earlier checkout's src/ (e.g. `git worktree add ../before v0.1.0`, "
+        "then --before ../before/src) in every row: before and after in the same run",
+    )
     parser.add_argument("--json", type=Path, help="write every row's raw report here")
     args = parser.parse_args(argv)
     rows = [row for row in ROWS if not args.only or row.key in args.only]
