@@ -18,7 +18,7 @@ from typing import Annotated, get_args
 import typer
 
 from lora_merge._version import __version__
-from lora_merge.compute.combine import SignMethod
+from lora_merge.compute.combine_names import SignMethod
 from lora_merge.options import OutputDtype, QuantType, SaveMethod
 
 # Help panels; options without one stay in the default "Options" panel.
