@@ -100,7 +100,10 @@ def test_import_lora_merge_defers_torch_until_merge_is_looked_up() -> None:
         "import lora_merge.api\n"
         "assert merge is lora_merge.api.merge and MergeSummary is lora_merge.api.MergeSummary\n"
         "assert 'torch' in sys.modules\n"
-        "assert {'merge', 'MergeSummary'} <= set(dir(lora_merge))\n"
+        "assert {'merge', 'MergeSummary', '__version__'} <= set(dir(lora_merge))\n"
+        "from importlib.metadata import version\n"
+        "from lora_merge import __version__\n"
+        "assert __version__ == lora_merge.__version__ == version('lora-merge'), __version__\n"
     )
     result, packages = run_traced(code=code)
 
