@@ -10,16 +10,13 @@ into place) and pushes it to the Hub when asked. :func:`preview_merge` (from
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lora_merge._version import __version__
 from lora_merge.adapter.recipe import CombineRecipe
@@ -32,6 +29,7 @@ from lora_merge.finish.folder import (
     write_config,
     write_index,
 )
+from lora_merge.finish.progress import progress_bar as _progress_bar
 from lora_merge.finish.provenance import (
     MergeRecord,
     files_read_by_merge,
@@ -300,37 +298,6 @@ def _finish_folder(
     # A loralib file's folder is no model folder: its side files all come from BASE.
     side_files = adapter_folder.folder if adapter_folder.config_path else base.folder
     copy_side_files(folder, base.folder, side_files)
-
-
-class _ProgressBar(tqdm):
-    """tqdm without its monitor thread.
-
-    tqdm starts that thread in its constructor and swallows any Exception raised
-    meanwhile: a SIGTERM handled there (the CLI's handler raises MergeInterrupted)
-    would be lost, and the merge would go on to write OUT.
-    """
-
-    monitor_interval = 0
-
-
-def _progress_bar(total: int, show: bool) -> tuple[tqdm, Callable[[int], None]]:
-    """A bar of bytes written, on stderr, and the function that advances it."""
-    progress = _ProgressBar(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="merging",
-        file=sys.stderr,
-        disable=not show,
-    )
-    lock = threading.Lock()
-
-    def on_bytes(count: int) -> None:  # called from the stream's worker threads
-        with lock:
-            progress.update(count)
-
-    return progress, on_bytes
 
 
 @contextmanager
