@@ -23,6 +23,16 @@ Rows (synthetic random-weight bf16 Llama checkpoints, LoRA r=16, alpha=32):
 * ``3b-all``: OpenLLaMA-3B shape (hidden 3200, 26 layers, 6.4 GB).
 * ``7b-all``: Llama-2-7B shape (hidden 4096, 32 layers, 13.5 GB); also with
   ``--max-memory 256MB``.
+* ``startup``: ``lora-merge --version`` and ``--help`` beside the interpreter's
+  floors (``bench_startup.py``), at least 10 rounds.
+
+The ``target`` column holds issue 17's targets, each ratio being lora-merge +
+sync over ``cp -r`` + sync (the on-disk ratio) with default flags, and a peak
+RSS of at most 300 MB: 1b-all <= 1.5x, 1b-qv <= 1.1x, 1b-nf4 <= 2x (``cp -r``
+of a folder the size of the output), 7b-all <= 1.05x; start-up <= 0.3 s.
+``--before SRC`` adds, in every row, the same merge run from an earlier
+checkout's ``src/`` (and its ``.venv``'s ``lora-merge`` in the start-up table):
+before and after in one run. ``make bench-suite`` runs everything.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS_DIR))
 
 import bench_merge  # noqa: E402  (needs BENCHMARKS_DIR on sys.path)
+import bench_startup  # noqa: E402
 import synthetic_checkpoints  # noqa: E402
 
 # PEFT holds the whole model in memory and save_pretrained adds buffers on top;
@@ -51,6 +62,9 @@ PEFT_RAM_FACTOR = 1.6
 # Issue 17's targets: lora-merge + sync over ``cp -r`` + sync (the on-disk ratio),
 # default flags, and the peak RSS of every run.
 PEAK_RSS_TARGET_BYTES = 300 * 1024 * 1024
+# ``lora-merge --version`` and ``--help``, whole processes.
+STARTUP_TARGET_S = 0.3
+STARTUP_KEY = "startup"
 
 
 @dataclass(frozen=True)
@@ -204,9 +218,29 @@ def target_cell(target: float | None, on_disk_ratio: float, peak_rss_bytes: int)
     return f"<= {target:g}x, {limit_mb} MB: {'met' if met else 'missed'}"
 
 
+def startup_section(repeat: int, before: Path | None) -> str:
+    """The start-up table (bench_startup.py) and a verdict line per target.
+
+    With ``before``, the earlier checkout's own ``lora-merge`` (its ``.venv`` beside
+    ``src/``, if it has one) is timed in the same rounds.
+    """
+    baseline = None
+    if before is not None:
+        candidate = before.resolve().parent / ".venv" / "bin" / "lora-merge"
+        baseline = str(candidate) if candidate.exists() else None
+    print("== start-up", file=sys.stderr, flush=True)
+    rows = bench_startup.measure_startup(repeat=repeat, baseline=baseline)
+    lines = [bench_startup.startup_table(rows, repeat), ""]
+    for row in rows:
+        if row.label.endswith(("--version", "--help")):
+            met = "met" if row.wall_seconds <= STARTUP_TARGET_S else "missed"
+            lines.append(f"- `{row.label}`: {row.wall_seconds:.3f} s; target <= 0.3 s: {met}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=[row.key for row in ROWS])
+    parser.add_argument("--only", nargs="+", choices=[*(row.key for row in ROWS), STARTUP_KEY])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument(
@@ -236,7 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'page cache dropped' if args.cold else 'inputs read into the page cache'} before each run; "
         f"{json.dumps(environment)}"
     )
-    print("\n".join(lines))
+    if rows:
+        print("\n".join(lines))
+    if not args.only or STARTUP_KEY in args.only:
+        print("\n" + startup_section(max(args.repeat, 10), args.before))
     if args.json:
         args.json.write_text(json.dumps(reports, indent=2) + "\n")
     return 0
