@@ -134,16 +134,15 @@ def merge(options: MergeOptions) -> MergeSummary:
         summary = _merge_reporting_permissions(settings, uploads)
         if settings.push_to_hub is None:
             return summary
-        message = f"Upload model merged by lora-merge {__version__}"
-        if isinstance(uploads, ShardUploads):  # --low-disk: the shards are on the Hub already
-            commit_url = uploads.commit(Path(summary.out), message)
+        if isinstance(uploads, ShardUploads):  # --low-disk: committed before OUT appeared
+            commit_url = uploads.commit_url
         else:
             commit_url = push_folder(
                 Path(summary.out),
                 settings.push_to_hub,
                 private=settings.private,
                 revision=settings.hub_revision,
-                message=message,
+                message=f"Upload model merged by lora-merge {__version__}",
                 quiet=settings.quiet,
             )
     return replace(summary, pushed_to=settings.push_to_hub, commit_url=commit_url)
@@ -254,6 +253,7 @@ def _write_output(
     hashes = start_hashing(
         files_read_by_merge(base, adapter_folders),
         settings.hash_inputs and settings.save_method != "lora",
+        {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
     )
     progress, on_bytes = _progress_bar(plan.total_bytes, settings.show_progress)
     with (
@@ -290,6 +290,7 @@ def _write_output(
             verify_output(staging.path, shards, base.entries, adapter, base_reader)
         _finish_folder(staging.path, shards, plan, base, adapter_folder, settings)
         write_model_card(staging.path, record, hashes.result())
+        uploads.commit(staging.path, f"Upload model merged by lora-merge {__version__}")
         staging.commit()
     return len(shards), kept
 

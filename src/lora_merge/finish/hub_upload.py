@@ -6,7 +6,8 @@ commit) on a background thread while the next shard is written, then deleted.
 So local disk holds at most two shards: the one uploading and the one being
 written. At the end, one ``create_commit`` adds the preuploaded shards and
 every file of OUT (index, config, tokenizer, model card): until then nothing is
-visible on the Hub, and a failure leaves no commit.
+visible on the Hub, and a failure leaves no commit. The commit is made from
+the staging folder, before it becomes OUT: a failed commit leaves no OUT either.
 
 A resumable run (``--resume``) journals each uploaded shard (name, size, sha256,
 first bytes) with the plan's fingerprint in ``.OUTNAME.lora-merge-uploads.json``
@@ -84,6 +85,9 @@ class KeepShards:
     def wait(self) -> None:
         """Nothing runs in the background."""
 
+    def commit(self, folder: Path, message: str) -> None:
+        """Nothing to commit: ``--push-to-hub`` uploads OUT once it is in place."""
+
 
 class ShardUploads:
     """Preupload each shard to a Hub repo as it is written, delete it, commit all at the end.
@@ -109,6 +113,7 @@ class ShardUploads:
         self._fingerprint: str | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-merge-upload")
         self._in_flight: Future[None] | None = None
+        self.commit_url: str | None = None
 
     def __enter__(self) -> ShardUploads:
         return self
@@ -172,11 +177,11 @@ class ShardUploads:
         if in_flight is not None:
             in_flight.result()
 
-    def commit(self, folder: Path, message: str) -> str:
-        """One commit: the uploaded shards and every file of the finished OUT ``folder``.
+    def commit(self, folder: Path, message: str) -> None:
+        """One commit: the uploaded shards and every file of the finished ``folder``.
 
-        Returns:
-            The URL of the commit.
+        Called on the staging folder before it becomes OUT: if the commit fails, no
+        OUT appears either. Sets :attr:`commit_url`.
 
         Raises:
             PushError: the Hub refused the commit; nothing is committed.
@@ -195,7 +200,7 @@ class ShardUploads:
             )
         if self._journal is not None:
             self._journal.unlink(missing_ok=True)
-        return str(commit.commit_url)
+        self.commit_url = str(commit.commit_url)
 
     def _upload(self, path: Path) -> None:
         operation = CommitOperationAdd(path.name, path)
