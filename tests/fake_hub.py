@@ -331,7 +331,10 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
             request = json.loads(body)
             repo_id = f"{request['organization']}/{request['name']}"
             if repo_id in hub.repos:
-                return self._reply(409, {"error": "You already created this model repo"})
+                return self._reply(
+                    409,
+                    {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
+                )
             private = request.get("visibility") == "private" if "visibility" in request else None
             hub.repos[repo_id] = FakeRepo(private=private)
             self._reply(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
