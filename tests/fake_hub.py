@@ -95,6 +95,9 @@ class FakeHub:
     token: str = "hf_fake_token"
     repos: dict[str, FakeRepo] = field(default_factory=dict)
     lfs_objects: dict[str, bytes] = field(default_factory=dict)
+    # The LFS objects each repo holds: as on the real Hub, an upload is skipped only
+    # when the same repo has the object already.
+    repo_objects: dict[str, set[str]] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     unauthorized: list[str] = field(default_factory=list)
     validated_cards: list[dict[str, Any]] = field(default_factory=list)
@@ -305,6 +308,11 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                     self.wfile.write(chunk)
                     left -= len(chunk)
 
+        def _upload_repo(self) -> str:
+            """The repo an LFS PUT is for, from the query of the URL ``lfs_batch`` gave."""
+            query = self.path.partition("?")[2]
+            return query.removeprefix("repo=") if query.startswith("repo=") else ""
+
         def _store_upload(self, path: str) -> None:
             """An LFS PUT kept as a file in ``hub.store``, checked against its sha256."""
             oid = path.rsplit("/", 1)[-1]
@@ -325,6 +333,7 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                 return self._reply(400, {"error": "sha256 mismatch"})
             os.replace(temporary, hub.store / oid)
             hub.lfs_objects[oid] = b""  # the bytes are in hub.store / oid
+            hub.repo_objects.setdefault(self._upload_repo(), set()).add(oid)
             self._reply(200, {})
 
         def create_repo(self, body: bytes) -> None:
@@ -372,15 +381,16 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
 
         def lfs_batch(self, body: bytes, repo: str) -> None:
             objects = json.loads(body)["objects"]
-            # As the real Hub: an object it holds already gets no upload action.
+            # As the real Hub: an object the repo holds already gets no upload action.
+            held = hub.repo_objects.get(repo, set())
             actions = [
                 {"oid": o["oid"], "size": o["size"], "authenticated": True}
-                if o["oid"] in hub.lfs_objects
+                if o["oid"] in held
                 else {
                     "oid": o["oid"],
                     "size": o["size"],
                     "authenticated": True,
-                    "actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"}},
+                    "actions": {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}?repo={repo}"}},
                 }
                 for o in objects
             ]
@@ -390,6 +400,7 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
             if hashlib.sha256(body).hexdigest() != oid:
                 return self._reply(400, {"error": "sha256 mismatch"})
             hub.lfs_objects[oid] = body
+            hub.repo_objects.setdefault(self._upload_repo(), set()).add(oid)
             self._reply(200, {})
 
         def commit(self, body: bytes, repo: str, rev: str) -> None:
