@@ -52,6 +52,14 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def run_sampled(command: list[str], env: dict[str, str], folder: Path) -> tuple[float, int]:
     """Run ``command``; return its wall seconds and the peak size of ``folder``."""
     peak, done = 0, threading.Event()
@@ -81,6 +89,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--max-shard-size", default="1GB")
     parser.add_argument("--store", type=Path, help="keep uploaded shards as files here")
+    parser.add_argument(
+        "--runs",
+        default="low-disk,hub-plain,local",
+        help="which runs, comma-separated (e.g. low-disk alone, its workdir on a small tmpfs)",
+    )
     arguments = parser.parse_args()
     server, hub = start_fake_hub()
     hub.store = arguments.store
@@ -93,8 +106,9 @@ def main() -> None:
         "hub-plain": ["org/base", "org/adapter", "--push-to-hub", "me/hub-plain"],
         "local": [str(arguments.base), str(arguments.adapter)],
     }
-    figures = {}
-    for name, inputs in runs.items():
+    figures: dict[str, object] = {}
+    for name in arguments.runs.split(","):
+        inputs = runs[name]
         folder = arguments.workdir / name
         (folder / "tmp").mkdir(parents=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
@@ -110,16 +124,18 @@ def main() -> None:
         seconds, peak = run_sampled(command, env, folder)
         figures[name] = {"seconds": round(seconds, 1), "peak_disk_bytes": peak}
         print(f"{name:10} {seconds:8.1f} s   peak local disk {peak / 1e9:6.2f} GB", flush=True)
-        if name == "hub-plain":  # its OUT has every shard: the oracle for low-disk's
-            for path in sorted((folder / "out").glob("*.safetensors")):
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                received = hub.repos["me/low-disk"].branches["main"].get(path.name)
-                same = received is not None and digest in hub.lfs_objects
-                same = same and (
-                    hub.store is not None or hashlib.sha256(received).hexdigest() == digest
-                )
-                print(f"  {path.name}: low-disk upload identical: {same}", flush=True)
-                figures.setdefault("identical", []).append(same)
+    # What reached the Hub (LFS object ids are sha256, checked on upload) and the plain
+    # run's shards: equal when low-disk's upload is byte-identical to the plain merge.
+    shard_sums: dict[str, dict[str, str]] = {}
+    if "me/low-disk" in hub.repos:
+        shard_sums["low-disk"] = dict(sorted(hub.repos["me/low-disk"].lfs_oids.items()))
+    plain_out = arguments.workdir / "hub-plain" / "out"
+    for path in sorted(plain_out.glob("*.safetensors")):
+        shard_sums.setdefault("hub-plain", {})[path.name] = sha256_of_file(path)
+    figures["shard_sha256"] = shard_sums
+    if len(shard_sums) == 2:
+        figures["identical"] = shard_sums["low-disk"] == shard_sums["hub-plain"]
+        print(f"low-disk upload identical to hub-plain: {figures['identical']}", flush=True)
     print(json.dumps(figures))
     server.shutdown()
 

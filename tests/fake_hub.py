@@ -47,6 +47,7 @@ class FakeRepo:
     private: bool | None
     branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
     commit_messages: list[str] = field(default_factory=list)
+    lfs_oids: dict[str, str] = field(default_factory=dict)  # path -> sha256 of its LFS object
 
 
 @dataclass(frozen=True)
@@ -418,6 +419,7 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                     files[value["path"]] = base64.b64decode(value["content"])
                 elif entry["key"] == "lfsFile":
                     files[value["path"]] = hub.lfs_objects[value["oid"]]
+                    hub.repos[repo].lfs_oids[value["path"]] = value["oid"]
             oid = hashlib.sha1(body).hexdigest()
             self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid})
 
