@@ -293,14 +293,17 @@ def test_resume_rewrites_a_journaled_shard_the_hub_does_not_hold(
     assert all(received[n] == expected[n] for n in expected if n != "README.md")
 
 
-def test_a_file_missing_on_the_hub_mid_merge_is_one_line_and_no_commit(
-    hub: FakeHub, tmp_path: Path
+@pytest.mark.parametrize(("status", "says"), [(401, "HF_TOKEN"), (404, "not there")])
+def test_a_ranged_read_the_hub_refuses_is_one_line_and_no_commit(
+    hub: FakeHub, tmp_path: Path, status: int, says: str
 ) -> None:
-    hub.faults = [Fault("/cdn/", status=404, times=1000)]  # headers and tensors alike
+    """Refusals are not retried: a 401 (token) or 404 (file gone) ends the run at once."""
+    hub.faults = [Fault("/cdn/", status=status, times=1000)]  # headers and tensors alike
     result = low_disk_run(hub, tmp_path / "out", tmp_path / "home")
     assert result.returncode == EXIT_INPUT_NOT_FOUND
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "404" in lines[0], result.stderr
+    assert len(lines) == 1 and f"({status})" in lines[0] and says in lines[0], result.stderr
+    assert sum("/cdn/" in r for r in hub.requests if r.startswith("GET")) == 1
     assert TARGET not in hub.repos or hub.repos[TARGET].branches["main"] == {}
     assert not (tmp_path / "out").exists()
 

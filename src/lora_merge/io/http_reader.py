@@ -24,7 +24,7 @@ from huggingface_hub import constants
 from huggingface_hub.utils import build_hf_headers, get_session
 
 from lora_merge.errors import InputNotFoundError, InvalidInputError
-from lora_merge.io.positional import PositionalFile
+from lora_merge.io.positional import COPY_CHUNK_BYTES, PositionalFile
 from lora_merge.io.reader import checked_row_range
 from lora_merge.io.safetensors_format import TensorEntry
 
@@ -33,8 +33,10 @@ try:
 except ImportError:  # pragma: no cover - huggingface_hub < 1.0 spoke requests
     _HttpError = OSError  # type: ignore[assignment,misc]
 
-# Untouched tensors are copied in pieces of this size: the memory one copy holds.
-COPY_PIECE_BYTES = 16 * 1024 * 1024
+# A read smaller than this fetches this much of its tensor (never past the tensor's end)
+# and keeps it for the thread's next read: the stream reads a tensor tile by tile in one
+# thread, and a round trip per small tile would cost more than the bytes.
+READ_AHEAD_BYTES = 16 * 2**20
 # Statuses worth another try: rate limits and the server's own failures.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -69,6 +71,7 @@ class RangeFetcher:
         self.max_wait = max_wait
         self.retries = 0  # how many requests were retried, for tests and reports
         self._lock = threading.Lock()
+        self._headers: dict[str, str] | None = None  # the token and user agent, read once
 
     def read_at(self, url: str, offset: int, nbytes: int) -> bytes:
         """``nbytes`` bytes of the file at ``url`` from ``offset`` (fewer only at its end)."""
@@ -109,7 +112,9 @@ class RangeFetcher:
         A connection that drops mid-body keeps the bytes received so far: the
         next try asks for the rest only.
         """
-        headers = build_hf_headers()
+        if self._headers is None:
+            self._headers = build_hf_headers()
+        headers = {**self._headers}
         headers["Range"] = f"bytes={offset}-{offset + len(target) - 1}"
         received = 0
         try:
@@ -162,8 +167,9 @@ class RangedTensorReader:
     """A :class:`~lora_merge.io.reader.StoredTensorSource` over safetensors files on the Hub.
 
     Each entry's ``path`` names its file; ``files`` maps that path to where the file
-    is on the Hub. A read fetches exactly the bytes asked for, so the memory a
-    read holds is what the stream asked for, as with local files.
+    is on the Hub. A read smaller than :data:`READ_AHEAD_BYTES` fetches that much of
+    its tensor at once and serves the thread's next reads of it from there: the
+    memory a read holds is what the stream asked for plus one such block per thread.
 
     Args:
         entries: stored tensor name -> location, as parsed from the remote headers.
@@ -180,6 +186,7 @@ class RangedTensorReader:
         self._entries = dict(entries)
         self._files = dict(files)
         self.fetcher = fetcher or RangeFetcher()
+        self._local = threading.local()  # each thread's read-ahead block
 
     def __enter__(self) -> RangedTensorReader:
         return self
@@ -227,9 +234,13 @@ class RangedTensorReader:
         """No hint to give: the bytes are fetched when read."""
 
     def copy_bytes(self, key: str, destination: PositionalFile, destination_offset: int) -> int:
-        """Copy a tensor's stored bytes into ``destination``, a bounded piece at a time."""
+        """Copy a tensor's stored bytes into ``destination``, a bounded piece at a time.
+
+        One ranged GET per piece of :data:`~lora_merge.io.positional.COPY_CHUNK_BYTES`:
+        the memory a copy holds is that of a local copy through Python.
+        """
         entry = self._entries[key]
-        piece = memoryview(bytearray(min(COPY_PIECE_BYTES, entry.nbytes)))
+        piece = memoryview(bytearray(min(COPY_CHUNK_BYTES, entry.nbytes)))
         copied = 0
         while copied < entry.nbytes:
             target = piece[: min(len(piece), entry.nbytes - copied)]
@@ -240,7 +251,34 @@ class RangedTensorReader:
         return copied
 
     def _read(self, entry: TensorEntry, offset: int, target: memoryview) -> int:
-        return self.fetcher.read_into(self._files[entry.path].url, offset, target)
+        """Fill ``target`` from ``offset`` of the entry's file, through the read-ahead block."""
+        url = self._files[entry.path].url
+        if len(target) >= READ_AHEAD_BYTES:
+            return self.fetcher.read_into(url, offset, target)
+        block = getattr(self._local, "block", None)
+        if block is None:
+            block = self._local.block = _Block(memoryview(bytearray(READ_AHEAD_BYTES)))
+        if not block.holds(url, offset, len(target)):
+            tensor_end = entry.start + entry.nbytes
+            wanted = max(len(target), min(READ_AHEAD_BYTES, tensor_end - offset))
+            block.url, block.start = url, offset
+            block.size = self.fetcher.read_into(url, offset, block.data[:wanted])
+        begin = offset - block.start
+        count = min(len(target), block.size - begin)
+        target[:count] = block.data[begin : begin + count]
+        return count
+
+
+class _Block:
+    """Bytes ``start:start + size`` of the file at ``url``, in ``data``."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data, self.url, self.start, self.size = data, "", 0, 0
+
+    def holds(self, url: str, offset: int, nbytes: int) -> bool:
+        return (
+            url == self.url and self.start <= offset and offset + nbytes <= self.start + self.size
+        )
 
 
 def _shrunk(entry: TensorEntry) -> InvalidInputError:
