@@ -90,13 +90,18 @@ def main() -> None:
     parser.add_argument("--max-shard-size", default="1GB")
     parser.add_argument("--store", type=Path, help="keep uploaded shards as files here")
     parser.add_argument(
+        "--discard-uploads",
+        action="store_true",
+        help="check each uploaded shard's sha256 and keep no bytes (a model bigger than RAM)",
+    )
+    parser.add_argument(
         "--runs",
         default="low-disk,hub-plain,local",
         help="which runs, comma-separated (e.g. low-disk alone, its workdir on a small tmpfs)",
     )
     arguments = parser.parse_args()
     server, hub = start_fake_hub()
-    hub.store = arguments.store
+    hub.store, hub.discard_uploads = arguments.store, arguments.discard_uploads
     hub.serve_folder("org/base", arguments.base)
     hub.serve_folder("org/adapter", arguments.adapter)
     shutil.rmtree(arguments.workdir, ignore_errors=True)

@@ -22,7 +22,8 @@ the middle of a body.
 From a script: ``python tests/fake_hub.py --serve DIR [--port N] [--store DIR2]``
 serves every ``DIR/org/name`` folder as the repo ``org/name`` and prints the
 URL and token; ``--store`` keeps uploaded LFS objects as files named by sha256
-in DIR2 instead of in memory.
+in DIR2 instead of in memory, ``--discard-uploads`` checks their sha256 and
+keeps nothing (a run at scale: the commit still records each shard's sha256).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class FakeHub:
     served: dict[str, ServedRepo] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     store: Path | None = None
+    discard_uploads: bool = False  # check each LFS upload's sha256, keep no bytes
     ranges_served: int = 0
     cdn_url: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -181,7 +183,7 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
         def _route(self, method: str) -> None:
             path = self.path.split("?", 1)[0]
             hub.requests.append(f"{method} {path}")
-            if method == "PUT" and hub.store is not None:
+            if method == "PUT" and (hub.store is not None or hub.discard_uploads):
                 return self._store_upload(path)
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             fault = hub.take_fault(method, path)
@@ -315,11 +317,13 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
             return query.removeprefix("repo=") if query.startswith("repo=") else ""
 
         def _store_upload(self, path: str) -> None:
-            """An LFS PUT kept as a file in ``hub.store``, checked against its sha256."""
+            """An LFS PUT checked against its sha256, kept as a file in ``hub.store`` (or
+            dropped, with ``hub.discard_uploads``)."""
             oid = path.rsplit("/", 1)[-1]
             left = int(self.headers.get("Content-Length") or 0)
-            assert hub.store is not None
-            temporary = hub.store / f"{oid}.{threading.get_ident()}.part"
+            temporary = Path(os.devnull)
+            if hub.store is not None:
+                temporary = hub.store / f"{oid}.{threading.get_ident()}.part"
             digest = hashlib.sha256()
             with open(temporary, "wb") as handle:
                 while left:
@@ -330,9 +334,11 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                     handle.write(chunk)
                     left -= len(chunk)
             if digest.hexdigest() != oid:
-                temporary.unlink()
+                if hub.store is not None:
+                    temporary.unlink()
                 return self._reply(400, {"error": "sha256 mismatch"})
-            os.replace(temporary, hub.store / oid)
+            if hub.store is not None:
+                os.replace(temporary, hub.store / oid)
             hub.lfs_objects[oid] = b""  # the bytes are in hub.store / oid
             hub.repo_objects.setdefault(self._upload_repo(), set()).add(oid)
             self._reply(200, {})
@@ -437,9 +443,12 @@ def main() -> None:
     parser.add_argument("--serve", type=Path, required=True, help="folder of org/name repos")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--store", type=Path, help="keep uploaded LFS objects here, as files")
+    parser.add_argument(
+        "--discard-uploads", action="store_true", help="check uploads' sha256, keep no bytes"
+    )
     arguments = parser.parse_args()
     _server, hub = start_fake_hub(arguments.port)
-    hub.store = arguments.store
+    hub.store, hub.discard_uploads = arguments.store, arguments.discard_uploads
     for org in sorted(p for p in arguments.serve.iterdir() if p.is_dir()):
         for repo in sorted(p for p in org.iterdir() if p.is_dir()):
             commit = hub.serve_folder(f"{org.name}/{repo.name}", repo)
