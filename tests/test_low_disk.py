@@ -382,3 +382,20 @@ def test_dry_run_says_how_much_local_disk_the_run_needs(tmp_path: Path) -> None:
     assert low["low_disk"] is True
     assert "--low-disk: 2 shards at most" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_a_local_base_is_allowed_and_gives_the_plain_merge(hub: FakeHub, tmp_path: Path) -> None:
+    """A local BASE needs no ranged reads; the upload side still bounds disk."""
+    base, adapter = tmp_path / "base-model", tmp_path / "adapter"
+    plain = tmp_path / "plain"
+    result = run_cli(base, adapter, plain, "--max-shard-size", SHARD_SIZE, "-q")
+    assert result.returncode == 0, result.stderr
+    common = ["--push-to-hub", TARGET, "--low-disk", "--max-shard-size", SHARD_SIZE, "-q"]
+    pushed = run_cli(base, adapter, tmp_path / "out", *common, env=push_env(hub, tmp_path / "h"))
+    assert pushed.returncode == 0, pushed.stderr
+    assert hub.ranges_served == 0
+    received = hub.repos[TARGET].branches["main"]
+    assert sorted(received) == sorted(p.name for p in plain.iterdir())
+    for path in plain.iterdir():
+        if path.name != "README.md":
+            assert received[path.name] == path.read_bytes(), path.name
