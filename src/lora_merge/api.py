@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,10 +39,12 @@ from lora_merge.finish.provenance import (
     write_model_card,
 )
 from lora_merge.finish.publish import push_folder
+from lora_merge.finish.shard_sink import KeepShards
 from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.dequantizing_reader import DequantizingReader
+from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.options import MergeOptions, MergeSettings, checked_options
@@ -52,6 +55,9 @@ from lora_merge.plan.shards import shard_layout
 from lora_merge.prepare import RunSettings, prepare
 from lora_merge.preview import MergePreview, preview_merge
 from lora_merge.stream.executor import write_shard
+
+if TYPE_CHECKING:  # imported by _shard_uploads for a --low-disk run only
+    from lora_merge.finish.hub_upload import ShardUploads
 
 __all__ = ["MergePreview", "MergeSummary", "merge", "preview_merge"]
 
@@ -126,8 +132,44 @@ def merge(options: MergeOptions) -> MergeSummary:
             written to OUT in that case and the inputs are never modified.
     """
     settings = checked_options(options)
+    with _shard_uploads(settings) as uploads:
+        summary = _merge_reporting_permissions(settings, uploads)
+        if settings.push_to_hub is None:
+            return summary
+        if settings.low_disk:  # committed by ShardUploads before OUT appeared
+            commit_url = uploads.commit_url
+        else:
+            commit_url = push_folder(
+                Path(summary.out),
+                settings.push_to_hub,
+                private=settings.private,
+                revision=settings.hub_revision,
+                message=f"Upload model merged by lora-merge {__version__}",
+                quiet=settings.quiet,
+            )
+    return replace(summary, pushed_to=settings.push_to_hub, commit_url=commit_url)
+
+
+def _shard_uploads(settings: MergeSettings) -> KeepShards | ShardUploads:
+    """Where finished shards go: OUT keeps them, or ``--low-disk`` uploads and deletes them."""
+    if not settings.low_disk or settings.push_to_hub is None:
+        return KeepShards()
+    from lora_merge.finish.hub_upload import ShardUploads  # imports huggingface_hub
+
+    return ShardUploads(
+        settings.push_to_hub,
+        revision=settings.hub_revision,
+        private=settings.private,
+        quiet=settings.quiet,
+    )
+
+
+def _merge_reporting_permissions(
+    settings: MergeSettings, uploads: KeepShards | ShardUploads
+) -> MergeSummary:
+    """:func:`_merge`, with a permission problem turned into an error that names the path."""
     try:
-        summary = _merge(settings)
+        return _merge(settings, uploads)
     except PermissionError as err:
         # Whatever step met it, a permission problem is the user's to fix: name the path.
         path = Path(err.filename or "?")
@@ -136,20 +178,9 @@ def merge(options: MergeOptions) -> MergeSummary:
         raise error(
             f"cannot access {path}: permission denied; check the file's permissions"
         ) from err
-    if settings.push_to_hub is None:
-        return summary
-    commit_url = push_folder(
-        Path(summary.out),
-        settings.push_to_hub,
-        private=settings.private,
-        revision=settings.hub_revision,
-        message=f"Upload model merged by lora-merge {__version__}",
-        quiet=settings.quiet,
-    )
-    return replace(summary, pushed_to=settings.push_to_hub, commit_url=commit_url)
 
 
-def _merge(options: MergeSettings) -> MergeSummary:
+def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeSummary:
     started = time.perf_counter()
     with prepare(options) as prepared:  # resolve inputs -> read adapter -> plan
         plan = prepared.plan
@@ -163,6 +194,7 @@ def _merge(options: MergeSettings) -> MergeSummary:
             prepared.settings,
             prepared.record,
             prepared.recipe,
+            uploads,
         )
         written = [t.spec for t in plan.tensors]
         if prepared.settings.save_method == "lora":  # the adapter's tensors, not the model's
@@ -201,26 +233,31 @@ def _write_output(
     settings: RunSettings,
     record: MergeRecord,
     recipe: CombineRecipe | None = None,
+    uploads: KeepShards | ShardUploads | None = None,
 ) -> tuple[int, int]:
     """Stream the planned tensors into shards and finish OUT.
 
     With several adapters, the first one's tokenizer files win and ``recipe``
-    says how they were combined.
+    says how they were combined. Each finished shard is handed to ``uploads``
+    (``--low-disk`` uploads and deletes it).
 
     Returns:
         The number of shards, and how many of them a resumed run kept.
     """
     adapter_folder = adapter_folders[0]
     shards = shard_layout(plan.tensors, settings.max_shard_size)
-    check_free_space(out, plan.total_bytes)
+    uploads = uploads or KeepShards()
+    check_free_space(out, uploads.disk_needed([_shard_bytes(t) for _, t in shards]))
     fingerprint = None
     if settings.resume:
         fingerprint = _resume_fingerprint(shards, base, adapter_folders, recipe)
+    uploads.start(out, fingerprint)
     metadata = shard_metadata(record)
     # --save-method lora writes no model card, so it needs no input hashes.
     hashes = start_hashing(
         files_read_by_merge(base, adapter_folders),
         settings.hash_inputs and settings.save_method != "lora",
+        {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
     )
     progress, on_bytes = _progress_bar(plan.total_bytes, settings.show_progress)
     with (
@@ -235,9 +272,9 @@ def _write_output(
             return 1, 0
         kept = 0
         for file_name, tensors in shards:
-            if staging.has_verified_shard(file_name):
+            if uploads.has_shard(file_name) or staging.has_verified_shard(file_name):
                 kept += 1
-                on_bytes(sum(t.spec.nbytes for t in tensors))
+                on_bytes(_shard_bytes(tensors))
                 continue
             write_shard(
                 staging.path / file_name,
@@ -251,10 +288,13 @@ def _write_output(
                 metadata,
             )
             staging.record_shard(file_name)
+            uploads.shard_written(staging.path / file_name)
+        uploads.wait()
         if settings.verify:
             verify_output(staging.path, shards, base.entries, adapter, base_reader)
         _finish_folder(staging.path, shards, plan, base, adapter_folder, settings)
         write_model_card(staging.path, record, hashes.result())
+        uploads.commit(staging.path, f"Upload model merged by lora-merge {__version__}")
         staging.commit()
     return len(shards), kept
 
@@ -265,11 +305,22 @@ def _resume_fingerprint(
     adapter_folders: Sequence[AdapterFolder],
     recipe: CombineRecipe | None,
 ) -> str:
-    """The digest a ``--resume`` run's journal must carry for its shards to be kept."""
-    inputs = [entry.path for entry in base.entries.values()]
+    """The digest a ``--resume`` run's journal must carry for its shards to be kept.
+
+    Shards read from the Hub (``--low-disk``) count by URL (pinned to a commit),
+    size and sha256 instead of a local file's size and mtime.
+    """
+    inputs = [entry.path for entry in base.entries.values() if entry.path not in base.remote]
     for folder in adapter_folders:
         inputs += [path for path in (folder.config_path, folder.weights_path) if path]
-    return merge_fingerprint(shards, inputs, __version__, recipe.describe() if recipe else "")
+    described = recipe.describe() if recipe else ""
+    if base.remote:
+        described += repr(sorted((f.url, f.size, f.sha256) for f in base.remote.values()))
+    return merge_fingerprint(shards, inputs, __version__, described)
+
+
+def _shard_bytes(tensors: list[PlannedTensor]) -> int:
+    return sum(t.spec.nbytes for t in tensors)
 
 
 def _finish_folder(
@@ -302,8 +353,12 @@ def _finish_folder(
 
 @contextmanager
 def _open_base(base: BaseCheckpoint, device: torch.device) -> Iterator[StoredTensorSource]:
-    """The base's reader: quantized weights come out dequantized (on ``device``)."""
-    with SafetensorsReader(base.entries) as stored:
+    """The base's reader: quantized weights come out dequantized (on ``device``).
+
+    Shards on the Hub (``--low-disk``) are read by range requests.
+    """
+    opened = RangedTensorReader(base.entries, base.remote) if base.remote else None
+    with opened or SafetensorsReader(base.entries) as stored:
         if base.quantization is None:
             yield stored
         else:

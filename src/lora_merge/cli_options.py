@@ -280,6 +280,17 @@ PrivateOpt = Annotated[
     bool,
     typer.Option("--private", rich_help_panel=HUB, help="Create the --push-to-hub repo private."),
 ]
+LowDiskOpt = Annotated[
+    bool,
+    typer.Option(
+        "--low-disk",
+        rich_help_panel=HUB,
+        help="With --push-to-hub: read a Hub BASE by range requests (no base shard is "
+        "stored) and upload each output shard as soon as it is written, then delete it. "
+        "Local disk holds at most 2 shards (choose with --max-shard-size); OUT keeps the "
+        "small files; one commit at the end.",
+    ),
+]
 RevisionOpt = Annotated[
     str | None,
     typer.Option(

@@ -64,7 +64,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (
         EXIT_PUSH_FAILED,
         "--push-to-hub failed after the merge (OUT is complete and kept; the message says how "
-        "to upload it alone)",
+        "to upload it alone; with --low-disk nothing is committed, no OUT is left, and "
+        "--resume skips the shards already uploaded)",
     ),
     (EXIT_SIGINT, "interrupted by Ctrl-C (partial output removed)"),
     (EXIT_SIGTERM, "terminated by SIGTERM (partial output removed)"),

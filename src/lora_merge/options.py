@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.errors import UsageError
+from lora_merge.finish.shard_sink import check_low_disk
 
 # torch is imported where a value needs it, not here: the command line imports this
 # module to declare its options, and --help, --version and usage errors need no torch.
@@ -193,6 +194,8 @@ class MergeOptions:
         push_to_hub: a Hub repo id to upload OUT to once it is complete.
         private: create that repo private (when it does not exist yet).
         hub_revision: the branch of that repo to commit to (created if needed).
+        low_disk: with ``push_to_hub``, upload each shard as written, then delete it;
+            a Hub BASE is read by range requests (see :mod:`lora_merge.finish.hub_upload`).
         command: the command line, recorded in the model card (None from Python).
         combine: how several adapters are combined (``cat`` by default; see the
             README's table of methods). Setting it, or ``weights``, with one
@@ -231,6 +234,7 @@ class MergeOptions:
     push_to_hub: str | None = None
     private: bool = False
     hub_revision: str | None = None
+    low_disk: bool = False
     command: str | None = None
     combine: str | None = None
     weights: str | Sequence[float] | None = None
@@ -318,6 +322,7 @@ class MergeSettings:
     private: bool
     hub_revision: str | None
     command: str | None
+    low_disk: bool = False
 
 
 def checked_options(options: MergeOptions) -> MergeSettings:
@@ -369,6 +374,7 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         private=options.private,
         hub_revision=options.hub_revision,
         command=options.command,
+        low_disk=options.low_disk,
     )
     _refuse_conflicts(settings)
     return settings
@@ -413,6 +419,8 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
         from lora_merge.finish.publish import check_push_target  # imports huggingface_hub
 
         check_push_target(settings.push_to_hub)
+    if settings.low_disk:
+        check_low_disk(settings.push_to_hub, settings.verify, settings.save_method.value)
 
 
 def _refuse_with_adapter_output(settings: MergeSettings, one_adapter_only: bool) -> None:

@@ -117,6 +117,7 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
         loralib_file=loralib is not None,
         overwrite=options.overwrite,
         quiet=options.quiet,
+        ranged_base=options.low_disk,
     )
     adapter_folder = adapter_folders[0]
     if base.quantization is not None and settings.output_dtype is None:

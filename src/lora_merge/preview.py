@@ -39,6 +39,9 @@ class MergePreview:
         working_memory_bytes: an upper bound of the tensor data the stream holds at once
             (tile buffers, and the LoRA factors of as many tensors as there are threads).
         disk_free_bytes: free space where OUT goes.
+        disk_needed_bytes: the tensor bytes OUT's disk must hold at once: every shard,
+            or with ``--low-disk`` the two largest (one uploading, one being written);
+            the small files (config, tokenizer, card) come on top.
         adapters / combine: every adapter and the method, when adapters are combined.
         quantization: how BASE is quantized (bitsandbytes), or None.
         save_method: merged_16bit, merged_4bit or lora.
@@ -69,6 +72,8 @@ class MergePreview:
     combine: str | None = None
     quantization: str | None = None
     save_method: str = "merged_16bit"
+    disk_needed_bytes: int = 0
+    low_disk: bool = False
 
     def to_dict(self) -> dict[str, object]:
         preview = asdict(self)
@@ -92,7 +97,10 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             prepared.base,
         )
         shards = shard_layout(plan.tensors, settings.max_shard_size)
-        check_free_space(prepared.out, plan.total_bytes)
+        shard_bytes = [sum(t.spec.nbytes for t in tensors) for _, tensors in shards]
+        # --low-disk holds the shard uploading and the one being written.
+        needed = sum(sorted(shard_bytes)[-2:]) if options.low_disk else plan.total_bytes
+        check_free_space(prepared.out, needed)
         return MergePreview(
             base=str(base.folder),
             adapter=str(prepared.adapter_folder.location),
@@ -131,6 +139,8 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             combine=prepared.recipe.method_name if prepared.recipe else None,
             quantization=_describe_quantization(base),
             save_method=settings.save_method,
+            disk_needed_bytes=needed,
+            low_disk=options.low_disk,
         )
 
 

@@ -70,7 +70,10 @@ def describe_preview(preview: MergePreview) -> str:
     rows.append(
         ("memory", f"~{human_bytes(preview.working_memory_bytes)} of tensor data in flight")
     )
-    rows.append(("disk", f"needs {output_bytes}, {human_bytes(preview.disk_free_bytes)} free"))
+    needed = human_bytes(preview.disk_needed_bytes or preview.output_bytes)
+    if preview.low_disk:  # each shard is uploaded, then deleted: two at most at once
+        needed += " (--low-disk: 2 shards at most, plus the small files)"
+    rows.append(("disk", f"needs {needed}, {human_bytes(preview.disk_free_bytes)} free"))
     return "\n".join(["dry run: nothing was written"] + [f"{k:<8} {v}" for k, v in rows])
 
 

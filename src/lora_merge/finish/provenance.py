@@ -206,16 +206,21 @@ def input_files(role: str, folder: Path, paths: Iterable[Path]) -> list[tuple[st
     return [(role, _relative_name(path, folder), path) for path in seen]
 
 
-def start_hashing(files: Sequence[tuple[str, str, Path]], enabled: bool) -> Future[list[InputFile]]:
+def start_hashing(
+    files: Sequence[tuple[str, str, Path]],
+    enabled: bool,
+    known: Mapping[Path, tuple[int, str | None]] | None = None,
+) -> Future[list[InputFile]]:
     """Hash the input files on a background thread while the merge runs.
 
     The thread reads files the merge reads too (mostly from the page cache) and
     hashlib releases the GIL, so on a machine with a spare core this costs little
     wall time. Files in huggingface_hub's cache are not read at all: their blob's
-    name is their sha256.
+    name is their sha256. Files in ``known`` (size and sha256 by path: shards read
+    from the Hub with ``--low-disk``, whose sha256 the Hub gave) are not read either.
     """
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-merge-hash")
-    future = pool.submit(_hash_all, files, enabled)
+    future = pool.submit(_hash_all, files, enabled, known or {})
     pool.shutdown(wait=False)
     return future
 
@@ -311,11 +316,21 @@ def files_read_by_merge(
     return files
 
 
-def _hash_all(files: Sequence[tuple[str, str, Path]], enabled: bool) -> list[InputFile]:
-    return [
-        InputFile(role, name, path.stat().st_size, _sha256(path) if enabled else None)
-        for role, name, path in files
-    ]
+def _hash_all(
+    files: Sequence[tuple[str, str, Path]],
+    enabled: bool,
+    known: Mapping[Path, tuple[int, str | None]],
+) -> list[InputFile]:
+    hashed = []
+    for role, name, path in files:
+        if path in known:
+            size, sha256 = known[path]
+            hashed.append(InputFile(role, name, size, sha256 if enabled else None))
+        else:
+            hashed.append(
+                InputFile(role, name, path.stat().st_size, _sha256(path) if enabled else None)
+            )
+    return hashed
 
 
 def _sha256(path: Path) -> str:

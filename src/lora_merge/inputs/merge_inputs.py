@@ -28,6 +28,7 @@ def resolve_merge_inputs(
     loralib_file: bool,
     overwrite: bool,
     quiet: bool,
+    ranged_base: bool = False,
 ) -> tuple[BaseCheckpoint, list[AdapterFolder], Path]:
     """Find BASE and the adapters, downloading Hub repos, and check where OUT goes.
 
@@ -42,6 +43,8 @@ def resolve_merge_inputs(
             local, with no config.
         overwrite: whether a non-empty OUT may be replaced.
         quiet: hide huggingface_hub's download bars.
+        ranged_base: a Hub BASE's shards are not downloaded but read by range requests
+            (``--low-disk``; see :mod:`lora_merge.inputs.hub_ranged`).
 
     Returns:
         The base, the adapter folders in the order given, and OUT as an absolute path.
@@ -50,7 +53,12 @@ def resolve_merge_inputs(
         LoraMergeError: an input that is missing, unreadable or malformed, or an OUT
             that may not be written.
     """
-    base_checkpoint = resolve_base(local_or_hub_folder(base, "BASE", kind="model", quiet=quiet))
+    if ranged_base:
+        from lora_merge.inputs.hub_ranged import resolve_ranged_base  # imports huggingface_hub
+
+        base_checkpoint = resolve_ranged_base(base, quiet=quiet)
+    else:
+        base_checkpoint = resolve_base(local_or_hub_folder(base, "BASE", kind="model", quiet=quiet))
     if loralib_file:
         adapter_folders = [resolve_adapter_file(adapters[0])]
     else:

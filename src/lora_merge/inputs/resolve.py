@@ -8,19 +8,26 @@ lies inside an input.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_merge.errors import InputNotFoundError, InvalidInputError, OutputError
 from lora_merge.inputs.quantized import BitsAndBytesBase, read_bitsandbytes_base
 from lora_merge.io.bitsandbytes_format import LogicalTensor, logical_tensors
+from lora_merge.io.http_reader import RangeFetcher, RemoteFile
 from lora_merge.io.hub_names import (
     CONFIG_NAME,
     SAFETENSORS_INDEX_FILE,
     SAFETENSORS_SINGLE_FILE,
 )
 from lora_merge.io.json_files import read_json_object
-from lora_merge.io.safetensors_format import TensorEntry, read_safetensors_header
+from lora_merge.io.safetensors_format import (
+    SafetensorsHeader,
+    TensorEntry,
+    parse_safetensors_header,
+    read_safetensors_header,
+)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -41,6 +48,9 @@ class BaseCheckpoint:
         tensors: the tensors as the model sees them (quantized weights as their
             dequantized dtype and shape, auxiliary quantization tensors left out),
             in file order: what the planner plans.
+        remote: the shards read from the Hub by range requests (``--low-disk``), by the
+            path their entries name (in ``folder``, where they are not stored); empty
+            when every shard is a local file.
     """
 
     folder: Path
@@ -48,6 +58,7 @@ class BaseCheckpoint:
     config: dict[str, object]
     quantization: BitsAndBytesBase | None = None
     tensors: dict[str, LogicalTensor] = field(default_factory=dict)
+    remote: dict[Path, RemoteFile] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.tensors:  # built by hand from entries alone
@@ -73,20 +84,28 @@ class AdapterFolder:
         return self.folder if self.config_path is not None else self.weights_path
 
 
-def resolve_base(base: Path | str) -> BaseCheckpoint:
+def resolve_base(
+    base: Path | str, remote_shards: dict[str, RemoteFile] | None = None
+) -> BaseCheckpoint:
     """Find and index the base checkpoint's safetensors files.
+
+    Args:
+        base: the base folder.
+        remote_shards: shards that are not in the folder but on the Hub, by file name
+            (``--low-disk``): their headers are read by range requests.
 
     Raises:
         InputNotFoundError: the folder, its weights or a shard named by the index is missing.
         InvalidInputError: the index or a shard is corrupt, or a key is in two shards.
     """
     folder = _existing_folder(base, "BASE")
+    remote_shards = remote_shards or {}
     index_path = folder / SAFETENSORS_INDEX_FILE
     # shard file name -> the keys the index promises in it (None: no index)
     shard_names: dict[str, set[str] | None]
     if index_path.is_file():
-        shard_names = dict(_shards_from_index(index_path))
-    elif (folder / SAFETENSORS_SINGLE_FILE).is_file():
+        shard_names = dict(_shards_from_index(index_path, set(remote_shards)))
+    elif SAFETENSORS_SINGLE_FILE in remote_shards or (folder / SAFETENSORS_SINGLE_FILE).is_file():
         shard_names = {SAFETENSORS_SINGLE_FILE: None}
     else:
         pickled = [name for name in PICKLED_BASE_NAMES if (folder / name).exists()]
@@ -102,8 +121,9 @@ def resolve_base(base: Path | str) -> BaseCheckpoint:
         )
 
     entries: dict[str, TensorEntry] = {}
+    fetcher = RangeFetcher()
     for shard_name, expected_keys in shard_names.items():
-        header = read_safetensors_header(check_stays_inside(folder, shard_name))
+        header = _shard_header(folder, shard_name, remote_shards.get(shard_name), fetcher)
         for entry in header.entries:
             if entry.name in entries:
                 raise InvalidInputError(
@@ -127,6 +147,20 @@ def resolve_base(base: Path | str) -> BaseCheckpoint:
         entries=entries,
         config=config,
         quantization=quantization,
+        remote={
+            folder / name: remote_shards[name] for name in shard_names if name in remote_shards
+        },
+    )
+
+
+def _shard_header(
+    folder: Path, name: str, remote: RemoteFile | None, fetcher: RangeFetcher
+) -> SafetensorsHeader:
+    """A shard's header: from the local file, or by two range requests to the Hub."""
+    if remote is None:
+        return read_safetensors_header(check_stays_inside(folder, name))
+    return parse_safetensors_header(
+        folder / name, remote.size, lambda offset, n: fetcher.read_at(remote.url, offset, n)
     )
 
 
@@ -245,8 +279,14 @@ def _existing_folder(path: Path | str, role: str) -> Path:
     return folder.resolve()
 
 
-def _shards_from_index(index_path: Path) -> dict[str, set[str]]:
-    """Shard file name -> the keys the index puts in it; names are checked, never trusted."""
+def _shards_from_index(
+    index_path: Path, remote: Collection[str] = (), check_files: bool = True
+) -> dict[str, set[str]]:
+    """Shard file name -> the keys the index puts in it; names are checked, never trusted.
+
+    Each shard must be in the index's folder, unless ``remote`` names it (on the Hub)
+    or ``check_files`` is False.
+    """
     weight_map = read_json_object(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise InvalidInputError(f"{index_path} has no weight_map; the checkpoint is incomplete")
@@ -264,7 +304,7 @@ def _shards_from_index(index_path: Path) -> dict[str, set[str]]:
             )
         shards.setdefault(name, set()).add(key)
     for name in shards:
-        if not (index_path.parent / name).is_file():
+        if check_files and name not in remote and not (index_path.parent / name).is_file():
             raise InputNotFoundError(
                 f"shard {name} named in {index_path.name} is missing from {index_path.parent}; "
                 "the download is incomplete"

@@ -29,7 +29,7 @@ from lora_merge.compute.dequantize import (
 )
 from lora_merge.io.bitsandbytes_format import FourBitWeight, Int8Weight, LogicalTensor
 from lora_merge.io.positional import PositionalFile
-from lora_merge.io.reader import SafetensorsReader, checked_row_range
+from lora_merge.io.reader import StoredTensorSource, checked_row_range
 from lora_merge.io.safetensors_format import TensorEntry
 
 DequantizeBackend = Literal["auto", "bitsandbytes", "torch"]
@@ -48,7 +48,7 @@ class DequantizingReader:
 
     def __init__(
         self,
-        stored: SafetensorsReader,
+        stored: StoredTensorSource,
         tensors: dict[str, LogicalTensor],
         device: torch.device | str = "cpu",
         backend: DequantizeBackend = "auto",

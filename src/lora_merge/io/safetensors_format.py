@@ -16,6 +16,7 @@ import math
 import os
 import reprlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,17 +109,37 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     try:
         with open(path, "rb") as handle:
             file_size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(HEADER_LENGTH_BYTES)
-            if len(prefix) < HEADER_LENGTH_BYTES:
-                raise _corrupt(path, "it is shorter than the 8-byte header length")
-            (header_length,) = struct.unpack("<Q", prefix)
-            if header_length > SAFETENSORS_MAX_HEADER_LENGTH:
-                raise _corrupt(path, f"its header length {header_length} is implausibly large")
-            if HEADER_LENGTH_BYTES + header_length > file_size:
-                raise _corrupt(path, "its header runs past the end of the file (truncated?)")
-            raw_header = handle.read(header_length)
+
+            def read_at(offset: int, nbytes: int) -> bytes:
+                handle.seek(offset)
+                return handle.read(nbytes)
+
+            return parse_safetensors_header(path, file_size, read_at)
     except OSError as err:
         raise InvalidInputError(f"cannot read {path}: {err.strerror or err}") from err
+
+
+def parse_safetensors_header(
+    path: Path, file_size: int, read_at: Callable[[int, int], bytes]
+) -> SafetensorsHeader:
+    """Validate the header of a safetensors file of ``file_size`` bytes, read with ``read_at``.
+
+    ``read_at(offset, nbytes)`` returns up to ``nbytes`` bytes from ``offset``: from a
+    local file, or from ranged HTTP requests to a file on the Hub (``path`` then
+    names the file in messages). The checks are those of :func:`read_safetensors_header`.
+
+    Raises:
+        InvalidInputError: the file is truncated or its header is corrupt.
+    """
+    prefix = read_at(0, HEADER_LENGTH_BYTES) if file_size >= HEADER_LENGTH_BYTES else b""
+    if len(prefix) < HEADER_LENGTH_BYTES:
+        raise _corrupt(path, "it is shorter than the 8-byte header length")
+    (header_length,) = struct.unpack("<Q", prefix)
+    if header_length > SAFETENSORS_MAX_HEADER_LENGTH:
+        raise _corrupt(path, f"its header length {header_length} is implausibly large")
+    if HEADER_LENGTH_BYTES + header_length > file_size:
+        raise _corrupt(path, "its header runs past the end of the file (truncated?)")
+    raw_header = read_at(HEADER_LENGTH_BYTES, header_length)
     header = _decode_header(path, raw_header)
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
