@@ -23,8 +23,7 @@ from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.errors import UsageError
 from lora_merge.finish.shard_sink import check_low_disk
 
-# torch is imported where a value needs it, not here: the command line imports this
-# module to declare its options, and --help, --version and usage errors need no torch.
+# torch is imported where a value needs it: --help, --version and usage errors need none.
 if TYPE_CHECKING:
     import torch
 
