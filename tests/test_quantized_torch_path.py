@@ -173,20 +173,25 @@ def base_4bit(request, tmp_path_factory) -> Path:
 
 def test_torch_path_gives_the_formats_bits_in_any_row_range(base_4bit):
     """Read whole, row by row and 7 rows at a time (reads start mid-block), the torch path
-    gives exactly the float64 decoding of the file, blocks indexed over the flattened weight."""
+    gives exactly the bits of the float64 decoding of the file (FP4's zero code included:
+    +0.0, as its quant_map says), blocks indexed over the flattened weight; in fresh
+    memory, or reusing the caller's buffer (the stream's tiles) and the thread's workspace."""
     stored = read_safetensors_directory(base_4bit)
     base = resolve_base(base_4bit)
     with DequantizingReader(
         SafetensorsReader(base.entries), base.tensors, "cpu", "torch"
     ) as reader:
         for name in WEIGHT_SHAPES:
-            expected = decode_4bit(stored, name)
+            expected = decode_4bit(stored, name).view(torch.int16)
             rows = expected.shape[0]
-            for step in (rows, 1, 7):
+            for step, buffer_bytes in [(rows, 0), (1, 0), (7, 0), (7, 2**16), (rows, 64)]:
+                buffer = torch.empty(buffer_bytes, dtype=torch.uint8) if buffer_bytes else None
                 pieces = [
-                    reader.read_rows(name, i, min(rows, i + step)) for i in range(0, rows, step)
+                    reader.read_rows(name, i, min(rows, i + step), buffer).clone()
+                    for i in range(0, rows, step)
                 ]
-                assert torch.equal(torch.cat(pieces), expected), f"{name}, {step} rows at a time"
+                got = torch.cat(pieces).view(torch.int16)
+                assert torch.equal(got, expected), f"{name}, {step} rows, buffer {buffer_bytes}"
 
 
 # Runs the installed command's entry point with bitsandbytes unimportable (a None entry in
