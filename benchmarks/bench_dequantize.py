@@ -54,13 +54,21 @@ TILE_WORKSPACE_BYTES = 2**19
 MEMORY_COPY_BYTES = 2**28
 BLOCKSIZE = 64
 IMPORT_PROBE = """
-import resource, time, torch
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import os, time, torch
+
+
+def resident_bytes():
+    # The current resident set (Linux); the peak (ru_maxrss) can hide the growth when
+    # importing torch peaked higher.
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+before = resident_bytes()
 start = time.perf_counter()
 import bitsandbytes.functional
 seconds = time.perf_counter() - start
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(seconds, (after - before) * 1024)
+print(seconds, resident_bytes() - before)
 """
 
 
