@@ -35,6 +35,8 @@ import torch
 
 from lora_merge.compute import bitsandbytes_backend
 from lora_merge.compute.dequantize import (
+    DEQUANTIZE_CHUNK_ELEMENTS,
+    FOUR_BIT_BLOCKSIZES,
     DequantizeWorkspace,
     dequantize_4bit,
     dequantize_int8_rows,
@@ -49,6 +51,32 @@ DequantizeBackend = Literal["auto", "bitsandbytes", "torch"]
 # Block scales a thread reads (and dequantizes) at once: 256 KiB of float32, the scales
 # of 4M weights at blocksize 64, so one read serves ~30 CPU tiles.
 ABSMAX_WINDOW_BLOCKS = 2**16
+# Absmax values per nested block in bitsandbytes' double quantization (a window is rounded
+# out to whole nested blocks) and the bytes a window holds per block: the uint8 codes, their
+# int32 indices, the float32 scales (plus 4/256 for the nested scales, and the 1 KiB map).
+_NESTED_BLOCKSIZE = 256
+_WINDOW_BYTES_PER_BLOCK = 1 + 4 + 4 + 1
+
+
+def dequantize_workspace_bound(tile_elements: int, device: torch.device) -> int:
+    """The most bytes one thread's workspace holds when no tile has more than
+    ``tile_elements`` weights (``working_memory_bound`` counts it once per thread).
+
+    A tile is widened to whole blocks on each side; its packed codes (or its int8
+    codes and row scales) are read whole; the values go through one chunk of
+    indices and float32 values at a time; the block scales are one window; and off
+    the CPU the dequantized rows themselves (float32 at most) stay in the workspace.
+    """
+    widened = tile_elements + 2 * max(FOUR_BIT_BLOCKSIZES)
+    chunk = min(widened, DEQUANTIZE_CHUNK_ELEMENTS)
+    # 4-bit packed codes; int8 codes and a float32 scale per row (a row has >= 1 element).
+    codes = (widened // 2 + 1) + (tile_elements + 4 * tile_elements)
+    window_blocks = max(ABSMAX_WINDOW_BLOCKS, widened // min(FOUR_BIT_BLOCKSIZES) + 1)
+    window = (window_blocks + 2 * _NESTED_BLOCKSIZE) * _WINDOW_BYTES_PER_BLOCK + 1024
+    held = codes + 4 * (chunk // 2 + 1) + 4 * chunk + window
+    if device.type != "cpu":
+        held += 4 * widened
+    return held
 
 
 class DequantizingReader:
@@ -135,6 +163,11 @@ class DequantizingReader:
         if isinstance(quantized, Int8Weight):
             return self._int8_rows(quantized, start, stop, buffer)
         return self._four_bit_rows(quantized, start, stop, buffer)
+
+    def workspace_nbytes(self) -> int:
+        """Bytes held by the calling thread's workspace (0 before its first read)."""
+        workspace: DequantizeWorkspace | None = getattr(self._per_thread, "workspace", None)
+        return 0 if workspace is None else workspace.nbytes
 
     def _workspace(self) -> DequantizeWorkspace:
         """The calling thread's workspace, made on its first read."""
