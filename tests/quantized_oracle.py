@@ -99,3 +99,26 @@ def decode_int8(stored: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     scales = stored[name.removesuffix(".weight") + ".SCB"].double().reshape(-1, 1)
     scaled = (stored[name].double() * scales).float().double()
     return (scaled * INT8_SCALE).float()
+
+
+def float_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, on the CPU: compared with ``torch.equal`` they tell
+    -0.0 from +0.0 (and compare NaNs), which comparing the values does not."""
+    views = {2: torch.int16, 4: torch.int32}
+    return tensor.detach().cpu().contiguous().view(views[tensor.element_size()])
+
+
+def assert_bitsandbytes_bits_but_fp4_negative_zeros(
+    bitsandbytes_values: torch.Tensor, format_values: torch.Tensor
+) -> None:
+    """bitsandbytes' kernels give the format's bits, except that they may write FP4's zero
+    code (0b1000) as -0.0 where the format's quant_map holds +0.0 (bitsandbytes lists it as
+    the Python int ``-0``): its CUDA kernel (``sign * 0.0``) and, measured with 0.50.2, its
+    CPU kernel on runs whose length is not a multiple of 64 (element 83 of the same weight
+    comes out -0.0 dequantized 180 long and +0.0 192 long). lora-merge follows the format
+    (+0.0) whatever the device or the tiling. Equal as numbers; only such zeros differ."""
+    theirs, ours = bitsandbytes_values.detach().cpu(), format_values.detach().cpu()
+    assert torch.equal(theirs, ours)  # as numbers: -0.0 == +0.0
+    differ = float_bits(theirs) != float_bits(ours)
+    assert bool((ours[differ] == 0).all()) and bool(torch.signbit(theirs[differ]).all())
+    assert not bool(torch.signbit(ours[differ]).any())

@@ -19,10 +19,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from merge_oracle import ulp
+from quantized_oracle import assert_bitsandbytes_bits_but_fp4_negative_zeros, float_bits
 from safetensors.torch import save_file
 
 from lora_merge.compute.dequantize import (
     FOUR_BIT_BLOCKSIZES,
+    DequantizeWorkspace,
     dequantize_4bit,
     dequantize_nested_absmax,
     four_bit_code,
@@ -31,6 +33,10 @@ from lora_merge.errors import LoraMergeError
 from lora_merge.inputs.resolve import resolve_base
 from lora_merge.io.dequantizing_reader import DequantizingReader
 from lora_merge.io.reader import SafetensorsReader
+
+# One workspace for every example below, as one merge thread keeps one for all its tiles.
+SHARED_WORKSPACE = DequantizeWorkspace()
+
 
 PROPERTY_SETTINGS = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -73,15 +79,27 @@ def test_any_block_aligned_run_dequantizes_to_bitsandbytes_bits(
     first_block = data.draw(st.integers(0, blocks - 1))
     last_block = data.draw(st.integers(first_block + 1, blocks))
     first, last = first_block * blocksize, min(numel, last_block * blocksize)
+    codes = packed.reshape(-1)[first // 2 : (last + 1) // 2]
     run = dequantize_4bit(
-        packed.reshape(-1)[first // 2 : (last + 1) // 2],
+        codes, absmax[first_block:last_block], quant_type, blocksize, last - first, dtype
+    )
+    assert_bitsandbytes_bits_but_fp4_negative_zeros(whole[first:last], run)
+    if quant_type == "nf4":
+        assert torch.equal(float_bits(run), float_bits(whole[first:last]))
+    # Into a reused output and the one workspace every example shares (grown, never
+    # cleared): the same bits.
+    out = torch.full((last - first,), float("nan"), dtype=dtype)
+    dequantize_4bit(
+        codes,
         absmax[first_block:last_block],
         quant_type,
         blocksize,
         last - first,
         dtype,
+        out=out,
+        workspace=SHARED_WORKSPACE,
     )
-    assert torch.equal(run, whole[first:last])
+    assert torch.equal(float_bits(out), float_bits(run))
     # Round trip. bitsandbytes scales each block by its absmax a (the largest |value| in it)
     # and stores the code nearest to value / a, so |code * a - value| <= a * (half the widest
     # gap between codes + 2 float32 unit roundoffs for the division and the comparison). It

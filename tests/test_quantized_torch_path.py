@@ -28,9 +28,11 @@ from merge_oracle import (
 from quantized_oracle import decode_4bit
 from safetensors.torch import save_file
 
+from lora_merge.compute.dequantize import DEQUANTIZE_CHUNK_ELEMENTS
 from lora_merge.inputs.resolve import resolve_base
-from lora_merge.io.dequantizing_reader import DequantizingReader
+from lora_merge.io.dequantizing_reader import DequantizingReader, dequantize_workspace_bound
 from lora_merge.io.reader import SafetensorsReader
+from lora_merge.stream.executor import CPU_TILE_WORKSPACE_BYTES
 
 # bitsandbytes' codebooks (get_4bit_type): NF4, the 16 quantiles of N(0, 1) of the QLoRA paper
 # (appendix E); FP4, 1 sign, 2 exponent and 1 mantissa bit in bit-pattern order. Both are
@@ -173,20 +175,25 @@ def base_4bit(request, tmp_path_factory) -> Path:
 
 def test_torch_path_gives_the_formats_bits_in_any_row_range(base_4bit):
     """Read whole, row by row and 7 rows at a time (reads start mid-block), the torch path
-    gives exactly the float64 decoding of the file, blocks indexed over the flattened weight."""
+    gives exactly the bits of the float64 decoding of the file (FP4's zero code included:
+    +0.0, as its quant_map says), blocks indexed over the flattened weight; in fresh
+    memory, or reusing the caller's buffer (the stream's tiles) and the thread's workspace."""
     stored = read_safetensors_directory(base_4bit)
     base = resolve_base(base_4bit)
     with DequantizingReader(
         SafetensorsReader(base.entries), base.tensors, "cpu", "torch"
     ) as reader:
         for name in WEIGHT_SHAPES:
-            expected = decode_4bit(stored, name)
+            expected = decode_4bit(stored, name).view(torch.int16)
             rows = expected.shape[0]
-            for step in (rows, 1, 7):
+            for step, buffer_bytes in [(rows, 0), (1, 0), (7, 0), (7, 2**16), (rows, 64)]:
+                buffer = torch.empty(buffer_bytes, dtype=torch.uint8) if buffer_bytes else None
                 pieces = [
-                    reader.read_rows(name, i, min(rows, i + step)) for i in range(0, rows, step)
+                    reader.read_rows(name, i, min(rows, i + step), buffer).clone()
+                    for i in range(0, rows, step)
                 ]
-                assert torch.equal(torch.cat(pieces), expected), f"{name}, {step} rows at a time"
+                got = torch.cat(pieces).view(torch.int16)
+                assert torch.equal(got, expected), f"{name}, {step} rows, buffer {buffer_bytes}"
 
 
 # Runs the installed command's entry point with bitsandbytes unimportable (a None entry in
@@ -245,3 +252,51 @@ def test_merge_without_bitsandbytes_is_the_float64_merge_rounded_once(base_4bit,
         assert output.dtype == COMPUTE_DTYPE
         error = (output.double() - exact).abs()
         assert bool((error <= 0.5 * ulp(output, COMPUTE_DTYPE) + bound).all()), name
+
+
+def test_dequantization_workspace_stays_within_its_bound_in_the_memory_estimate(tmp_path):
+    """A thread that reads a large NF4 (double quant) weight in the stream's CPU tiles, then
+    in a row range wider than a dequantization chunk, holds no more workspace than
+    dequantize_workspace_bound says for its widest read (the per-thread term of
+    --dry-run's memory line): the buffers are reused, never one per tile."""
+    rows, columns, blocksize = 2048, 3000, 64  # rows of 3000: blocks start mid-row
+    numel = rows * columns
+    blocks = numel // blocksize
+    name = "model.layers.0.mlp.up_proj.weight"
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "quant_type": "nf4",
+        "blocksize": blocksize,
+        "dtype": "bfloat16",
+        "shape": [rows, columns],
+        "nested_blocksize": NESTED_BLOCKSIZE,
+        "nested_offset": 0.01,
+        "nested_dtype": "float32",
+    }
+    tensors = {
+        name: torch.randint(0, 256, (numel // 2, 1), dtype=torch.uint8, generator=generator),
+        f"{name}.absmax": torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=generator),
+        f"{name}.quant_map": codebook("nf4"),
+        f"{name}.nested_absmax": torch.rand(-(-blocks // NESTED_BLOCKSIZE), generator=generator),
+        f"{name}.nested_quant_map": torch.linspace(-1, 1, 256),
+        f"{name}.quant_state.bitsandbytes__nf4": torch.tensor(
+            list(json.dumps(state).encode()), dtype=torch.uint8
+        ),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    base = resolve_base(tmp_path)
+    tile_rows = max(1, CPU_TILE_WORKSPACE_BYTES // (columns * 4))  # as the stream tiles it
+    buffer = torch.empty(CPU_TILE_WORKSPACE_BYTES, dtype=torch.uint8)
+    with DequantizingReader(
+        SafetensorsReader(base.entries), base.tensors, "cpu", "torch"
+    ) as reader:
+        for start in range(0, rows, tile_rows):
+            reader.read_rows(name, start, min(rows, start + tile_rows), buffer)
+        held_by_tiles = reader.workspace_nbytes()
+        bound = dequantize_workspace_bound(tile_rows * columns, torch.device("cpu"))
+        assert 0 < held_by_tiles <= bound
+        wide = 3 * DEQUANTIZE_CHUNK_ELEMENTS // columns  # three chunks in one read
+        reader.read_rows(name, 5, 5 + wide, buffer)
+        assert reader.workspace_nbytes() <= dequantize_workspace_bound(
+            wide * columns, torch.device("cpu")
+        )

@@ -1,12 +1,13 @@
 """The one module that imports bitsandbytes, lazily, and only when a quantized base needs it.
 
-Everything else in lora-merge runs without bitsandbytes, and a 16-bit base never
-imports it. Dequantization asks :func:`load_bitsandbytes` first and falls back
-to the pure-torch functions of :mod:`lora_merge.compute.dequantize`
-(bit-identical, tested) when it returns None; re-quantization
-(``--save-method merged_4bit``) needs bitsandbytes, and
-:func:`require_bitsandbytes` refuses the run before any work starts when it is
-missing.
+Everything else in lora-merge runs without bitsandbytes: a merge dequantizes
+with :mod:`lora_merge.compute.dequantize` (the same bits, tested; faster on the
+CPU than importing bitsandbytes), so only re-quantization (``--save-method
+merged_4bit``) needs it, and :func:`require_bitsandbytes` refuses that run
+before any work starts when it is missing. The ``dequantize_*`` functions here
+serve ``DequantizingReader(backend="bitsandbytes")``: the tests and benchmarks
+that compare the two; where bitsandbytes is unusable they return None (the
+caller then uses torch).
 
 bitsandbytes has no wheel for some platforms (Intel Macs, macOS before 14,
 Linux on other CPUs), and an installed one can fail to load (a native library

@@ -26,6 +26,7 @@ import torch
 from lora_merge.adapter.combined import CombinedAdapter
 from lora_merge.compute.lora import all_finite, compute_dtype_for, scale_folds_into_a
 from lora_merge.errors import NonFiniteError
+from lora_merge.io.dequantizing_reader import dequantize_workspace_bound
 from lora_merge.io.reader import InMemoryTensors, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 from lora_merge.plan.kinds.dora import norm_per_column
@@ -84,6 +85,11 @@ def working_memory_bound(
         default=0,
     )
     per_thread = 3 * max(tile_budget, widest_row)
+    if any(t.dequantized for tensors in shard_lists for t in tensors):
+        # A quantized base: each thread's dequantization workspace (see DequantizingReader).
+        # A tile holds at most tile_budget / 2 weights (16-bit rows), or one row.
+        tile_elements = max(tile_budget // 2, widest_row // 8)
+        per_thread += dequantize_workspace_bound(tile_elements, device)
     in_flight = 0
     for tensors in shard_lists:
         held = sorted(
