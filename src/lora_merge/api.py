@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,6 +37,7 @@ from lora_merge.finish.provenance import (
     files_read_by_merge,
     shard_metadata,
     start_hashing,
+    stream_hashers,
     write_model_card,
 )
 from lora_merge.finish.publish import push_folder
@@ -44,6 +45,7 @@ from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.dequantizing_reader import DequantizingReader
+from lora_merge.io.hashing import InOrderHasher
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.options import MergeOptions, MergeSettings, checked_options
@@ -220,14 +222,13 @@ def _write_output(
         fingerprint = _resume_fingerprint(shards, base, adapter_folders, recipe)
     metadata = shard_metadata(record)
     # --save-method lora writes no model card, so it needs no input hashes.
-    hashes = start_hashing(
-        files_read_by_merge(base, adapter_folders),
-        settings.hash_inputs and settings.save_method != "lora",
-    )
+    hash_inputs = settings.hash_inputs and settings.save_method != "lora"
+    hashers = stream_hashers(base, hash_inputs)  # fed by the stream as it reads BASE
+    hashes = start_hashing(files_read_by_merge(base, adapter_folders), hash_inputs, hashers)
     progress, on_bytes = _progress_bar(plan.total_bytes, settings.show_progress)
     with (
         StagingFolder(out, fingerprint) as staging,
-        _open_base(base, settings.device) as base_reader,
+        _open_base(base, settings.device, hashers) as base_reader,
         progress,
     ):
         if settings.save_method == "lora":
@@ -251,6 +252,7 @@ def _write_output(
                 on_bytes,
                 settings.allow_nonfinite,
                 metadata,
+                hashers,
             )
             staging.record_shard(file_name)
         if settings.verify:
@@ -334,9 +336,13 @@ def _progress_bar(total: int, show: bool) -> tuple[tqdm, Callable[[int], None]]:
 
 
 @contextmanager
-def _open_base(base: BaseCheckpoint, device: torch.device) -> Iterator[StoredTensorSource]:
-    """The base's reader: quantized weights come out dequantized (on ``device``)."""
+def _open_base(
+    base: BaseCheckpoint, device: torch.device, hashers: Mapping[Path, InOrderHasher]
+) -> Iterator[StoredTensorSource]:
+    """The base's reader: quantized weights come out dequantized (on ``device``); the files
+    of ``hashers`` are fed to them as they are read."""
     with SafetensorsReader(base.entries) as stored:
+        stored.hash_while_reading(hashers)
         if base.quantization is None:
             yield stored
         else:

@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
 from lora_merge.finish.folder import DTYPE_NAME_IN_CONFIG
 from lora_merge.inputs.hub import hub_snapshot_of
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
-from lora_merge.io.hashing import sha256_of
+from lora_merge.io.hashing import InOrderHasher, sha256_of
 from lora_merge.io.shard_writer import OUTPUT_METADATA
 from lora_merge.plan.model import MergePlan
 
@@ -77,6 +77,7 @@ class InputFile:
     name: str
     size: int
     sha256: str | None
+    path: Path | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -206,18 +207,54 @@ def input_files(role: str, folder: Path, paths: Iterable[Path]) -> list[tuple[st
     return [(role, _relative_name(path, folder), path) for path in seen]
 
 
-def start_hashing(files: Sequence[tuple[str, str, Path]], enabled: bool) -> Future[list[InputFile]]:
-    """Hash the input files on a background thread while the merge runs.
+def stream_hashers(base: BaseCheckpoint, enabled: bool) -> dict[Path, InOrderHasher]:
+    """Hashers for BASE's weight files, to be fed by the stream as it reads them.
 
-    The thread reads files the merge reads too (mostly from the page cache) and
-    hashlib releases the GIL, so on a machine with a spare core this costs little
-    wall time. Files in huggingface_hub's cache are not read at all: their blob's
-    name is their sha256.
+    The stream holds nearly every byte of BASE in memory at some point, so hashing
+    there saves reading the files a second time. Not for files whose sha256 the
+    Hub cache already names, nor for a quantized base (its reader decodes).
     """
+    if not enabled or base.quantization is not None:
+        return {}
+    paths = {entry.path for entry in base.entries.values()}
+    return {path: InOrderHasher(path) for path in sorted(paths) if _hub_blob_sha256(path) is None}
+
+
+class InputHashes:
+    """The input files' sizes and sha256, once the merge has finished reading them."""
+
+    def __init__(
+        self, hashed: Future[list[InputFile]], streamed: Mapping[Path, InOrderHasher]
+    ) -> None:
+        self._hashed, self._streamed = hashed, streamed
+
+    def result(self) -> list[InputFile]:
+        """Every file's row; a streamed file's hash is finished from the file where the
+        stream did not read it (a resumed run's kept shards, dropped ranges)."""
+        return [
+            InputFile(f.role, f.name, f.size, self._streamed[f.path].hexdigest(), f.path)
+            if f.path is not None and f.path in self._streamed
+            else f
+            for f in self._hashed.result()
+        ]
+
+
+def start_hashing(
+    files: Sequence[tuple[str, str, Path]],
+    enabled: bool,
+    streamed: Mapping[Path, InOrderHasher] | None = None,
+) -> InputHashes:
+    """Hash the input files the stream does not hash, on a background thread.
+
+    Those are the small ones (configs, the index, the adapter, read out of order)
+    and any whose hasher ``streamed`` lacks. Files in huggingface_hub's cache are
+    not read at all: their blob's name is their sha256.
+    """
+    streamed = streamed or {}
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-merge-hash")
-    future = pool.submit(_hash_all, files, enabled)
+    future = pool.submit(_hash_all, files, enabled, set(streamed))
     pool.shutdown(wait=False)
-    return future
+    return InputHashes(future, streamed)
 
 
 def write_model_card(folder: Path, record: MergeRecord, files: Sequence[InputFile]) -> None:
@@ -311,18 +348,31 @@ def files_read_by_merge(
     return files
 
 
-def _hash_all(files: Sequence[tuple[str, str, Path]], enabled: bool) -> list[InputFile]:
+def _hash_all(
+    files: Sequence[tuple[str, str, Path]], enabled: bool, streamed: set[Path]
+) -> list[InputFile]:
     return [
-        InputFile(role, name, path.stat().st_size, _sha256(path) if enabled else None)
+        InputFile(
+            role,
+            name,
+            path.stat().st_size,
+            _sha256(path) if enabled and path not in streamed else None,
+            path,
+        )
         for role, name, path in files
     ]
 
 
 def _sha256(path: Path) -> str:
+    return _hub_blob_sha256(path) or sha256_of(path)
+
+
+def _hub_blob_sha256(path: Path) -> str | None:
+    """The sha256 huggingface_hub's cache names ``path``'s blob by, if it does."""
     blob = Path(os.path.realpath(path))
     if blob.parent.name == "blobs" and _SHA256_BLOB_NAME.fullmatch(blob.name):
         return blob.name
-    return sha256_of(path)
+    return None
 
 
 def _relative_name(path: Path, folder: Path) -> str:
