@@ -49,8 +49,9 @@ class InOrderHasher:
     that starts at or before the end of the hashed prefix is hashed at once,
     from the caller's memory (hashlib releases the GIL); one that arrives early
     is copied into a bounded reorder window and hashed when the prefix reaches
-    it; one that finds the window full, or arrives while another thread is
-    hashing, and finds no room, is dropped. Whatever never arrived (the header,
+    it. One that finds the window full waits while another thread drains it
+    (sha256 is the slower side, so the readers must not run ahead of it), and is
+    dropped when no thread is hashing. Whatever never arrived (the header,
     dropped ranges, tensors the stream does not read) is read from the file when
     the prefix must pass it (:meth:`fill_to`, :meth:`hexdigest`), so the digest is
     always that of the file's bytes, however the stream went.
@@ -83,11 +84,16 @@ class InOrderHasher:
         ``data`` is only read during the call: the caller may reuse its buffer after.
         """
         with self._condition:
-            if offset + len(data) <= self._cursor:
-                return
-            if offset > self._cursor or self._hashing:
-                self._keep_for_later(offset, data)
-                return
+            while True:
+                if offset + len(data) <= self._cursor:
+                    return
+                if offset <= self._cursor and not self._hashing:
+                    break
+                if self._keep_for_later(offset, data) or not self._hashing:
+                    return  # kept, or dropped: nobody is hashing, so waiting could be forever
+                # The window is full and another thread is draining it: wait for room
+                # (backpressure) rather than drop bytes that would be read again.
+                self._condition.wait()
             self._hashing = True
             data = data[self._cursor - offset :]
         self._hash_from(data, from_memory=True)
@@ -135,12 +141,15 @@ class InOrderHasher:
         self.fill_to(self.size)
         return self._digest.hexdigest()
 
-    def _keep_for_later(self, offset: int, data: memoryview) -> None:
-        """Copy an early range into the window if there is room (else it will be read again)."""
-        if offset in self._waiting or self._waiting_bytes + len(data) > self._window_bytes:
-            return
+    def _keep_for_later(self, offset: int, data: memoryview) -> bool:
+        """Copy an early range into the window if there is room; say whether it was kept."""
+        if offset in self._waiting:
+            return True
+        if self._waiting_bytes + len(data) > self._window_bytes:
+            return False
         self._waiting[offset] = bytes(data)
         self._waiting_bytes += len(data)
+        return True
 
     def _hash_from(self, data: memoryview | None, from_memory: bool) -> None:
         """Hash ``data`` (which starts at the cursor), then the waiting ranges it reaches."""
@@ -172,6 +181,7 @@ class InOrderHasher:
                 break
             data = self._waiting.pop(offset)
             self._waiting_bytes -= len(data)
+            self._condition.notify_all()  # room in the window
             if offset + len(data) > self._cursor:
                 return memoryview(data)[self._cursor - offset :]
         return None
