@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lora_merge.compute.lora import all_finite
+from lora_merge.compute.lora import all_finite, all_finite_bits
 from lora_merge.errors import NonFiniteError
 from lora_merge.io.hashing import InOrderHasher
 from lora_merge.io.reader import StoredTensorSource, TensorSource
@@ -177,7 +177,7 @@ class ShardTasks:
         def tile_task(start: int, stop: int) -> Callable[[TileBuffers], int]:
             def run(buffers: TileBuffers) -> int:
                 tile = rows.tile(start, stop, buffers)
-                self._check_finite(tile, tensor)
+                self._check_finite(tile, tensor, buffers.scratch)
                 return slot.write(tile, start * out_row_bytes)
 
             return run
@@ -239,8 +239,11 @@ class ShardTasks:
             if self.stop.is_set():
                 return
 
-    def _check_finite(self, tile: torch.Tensor, tensor: PlannedTensor) -> None:
-        if not self.allow_nonfinite and not all_finite(tile):
+    def _check_finite(
+        self, tile: torch.Tensor, tensor: PlannedTensor, scratch: torch.Tensor | None = None
+    ) -> None:
+        """Refuse NaN/Inf in an output tile, unless allowed (then nothing is inspected)."""
+        if not self.allow_nonfinite and not all_finite_bits(tile, scratch):
             raise NonFiniteError(_nonfinite_message(tensor, self.adapter))
 
 

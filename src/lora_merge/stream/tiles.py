@@ -56,6 +56,11 @@ class TileBuffers:
         self._output = _at_least(self._output, dtype, shape)
         return _viewed(self._output, dtype, shape)
 
+    @property
+    def scratch(self) -> torch.Tensor:
+        """The workspace's bytes, free once a tile is rounded into the output buffer."""
+        return self._workspace
+
     def workspace(
         self, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device
     ) -> torch.Tensor:
