@@ -78,6 +78,7 @@ class InputFile:
     size: int
     sha256: str | None
     path: Path | None = field(default=None, compare=False)
+    from_hub_name: bool = False
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,12 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
         f"{f'`{f.sha256}`' if f.sha256 else 'not computed (--no-hash-inputs)'} |"
         for f in files
     ]
+    if any(f.from_hub_name and f.sha256 for f in files):
+        lines += [
+            "",
+            "The sha256 of a file read from the Hugging Face cache is the name the Hub gave "
+            "its blob (the Git LFS object id, which is the file's sha256), not recomputed.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -358,6 +365,7 @@ def _hash_all(
             path.stat().st_size,
             _sha256(path) if enabled and path not in streamed else None,
             path,
+            from_hub_name=enabled and _hub_blob_sha256(path) is not None,
         )
         for role, name, path in files
     ]
