@@ -18,6 +18,7 @@ so the result could be off by more than half a unit in the last place.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -233,12 +234,19 @@ def all_finite_bits(values: torch.Tensor, scratch: torch.Tensor | None = None) -
     if values.numel() == 0:
         return True
     bits = values.view(-1).view(integer)
+    nbytes = values.numel() * values.dtype.itemsize
     out = None
-    if (
-        scratch is not None
-        and scratch.numel() * scratch.element_size() >= values.numel() * values.element_size()
-    ):
-        out = scratch.view(-1).view(torch.uint8)[: bits.numel() * bits.element_size()].view(integer)
-    sign_cleared = torch.bitwise_and(bits, torch.iinfo(integer).max, out=out)
-    infinity = torch.tensor(float("inf"), dtype=values.dtype).view(integer)
-    return bool(sign_cleared.amax() < infinity)
+    if scratch is not None and scratch.numel() * scratch.element_size() >= nbytes:
+        out = scratch.view(-1).view(torch.uint8)[:nbytes].view(integer)
+    sign_cleared = torch.bitwise_and(bits, _SIGN_CLEARED_MASK[integer], out=out)
+    return int(sign_cleared.amax()) < _infinity_bits(values.dtype)
+
+
+_SIGN_CLEARED_MASK = {integer: torch.iinfo(integer).max for integer in _SAME_WIDTH_INTEGER.values()}
+
+
+@functools.cache
+def _infinity_bits(dtype: torch.dtype) -> int:
+    """+Inf of a floating dtype, its bits read as a signed integer of the same width."""
+    integer = _SAME_WIDTH_INTEGER[dtype.itemsize]
+    return int(torch.tensor(float("inf"), dtype=dtype).view(integer))
