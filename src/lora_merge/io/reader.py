@@ -20,7 +20,7 @@ from lora_merge.io.safetensors_format import TensorEntry
 
 # A hashed copy goes through memory in pieces of this size: read, hash and write
 # each while it is in the L2 cache.
-COPY_PIECE_BYTES = 256 * 2**10
+COPY_PIECE_BYTES = 512 * 2**10
 
 
 class TensorSource(Protocol):

@@ -37,7 +37,7 @@ from lora_merge.stream.tiles import (
 
 # A copied tensor whose file is hashed on the way goes in pieces of this size, so
 # that both threads share it and its bytes reach the hasher in order.
-HASHED_COPY_PIECE_BYTES = 2**20
+HASHED_COPY_PIECE_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
