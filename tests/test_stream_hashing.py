@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_merge.errors import InvalidInputError
 from lora_merge.io.hashing import InOrderHasher
 
 
@@ -87,3 +88,13 @@ def test_a_buffer_reused_after_feeding_does_not_change_the_digest(tmp_path: Path
     hasher.feed(0, memoryview(data)[:100_000])
     assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
     assert hasher.bytes_from_file == 0
+
+
+def test_a_file_that_shrinks_before_it_is_hashed_is_an_input_error(tmp_path: Path) -> None:
+    """Bytes the hasher must read itself but that are gone: the user-facing input error."""
+    path = tmp_path / "file.bin"
+    path.write_bytes(os.urandom(100_000))
+    hasher = InOrderHasher(path)
+    os.truncate(path, 50_000)
+    with pytest.raises(InvalidInputError, match="truncated or changed"):
+        hasher.hexdigest()

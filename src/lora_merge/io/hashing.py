@@ -13,6 +13,7 @@ import os
 import threading
 from pathlib import Path
 
+from lora_merge.errors import InvalidInputError
 from lora_merge.io.positional import PositionalFile
 
 HASH_CHUNK_BYTES = 8 * 2**20
@@ -101,6 +102,9 @@ class InOrderHasher:
     def fill_to(self, offset: int, wait: bool = True) -> None:
         """Hash everything before ``offset`` now, reading from the file what never arrived.
 
+        Raises:
+            InvalidInputError: the file ends before ``offset`` (it changed under us).
+
         Args:
             offset: where the hashed prefix must reach.
             wait: wait while another thread is hashing; if False, leave the work to it
@@ -129,7 +133,10 @@ class InOrderHasher:
                     ]
                     count = file.read_into(piece, cursor)
                     if not count:
-                        raise OSError(f"{self.path} ended at byte {cursor} while hashing it")
+                        raise InvalidInputError(
+                            f"{self.path} ended at byte {cursor} while lora-merge was hashing "
+                            "it: the file was truncated or changed while lora-merge was reading it"
+                        )
                     self._update(piece[:count], from_memory=False)
         finally:
             with self._condition:
