@@ -11,7 +11,7 @@ into place) and pushes it to the Hub when asked. :func:`preview_merge` (from
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,6 +36,7 @@ from lora_merge.finish.provenance import (
     files_read_by_merge,
     shard_metadata,
     start_hashing,
+    stream_hashers,
     write_model_card,
 )
 from lora_merge.finish.publish import push_folder
@@ -44,6 +45,7 @@ from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.dequantizing_reader import DequantizingReader
+from lora_merge.io.hashing import InOrderHasher
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import TensorSpec
@@ -254,15 +256,19 @@ def _write_output(
     uploads.start(out, fingerprint)
     metadata = shard_metadata(record)
     # --save-method lora writes no model card, so it needs no input hashes.
+    hash_inputs = settings.hash_inputs and settings.save_method != "lora"
+    hashers = stream_hashers(base, hash_inputs)  # fed by the stream as it reads BASE
     hashes = start_hashing(
         files_read_by_merge(base, adapter_folders),
-        settings.hash_inputs and settings.save_method != "lora",
+        hash_inputs,
+        hashers,
+        # Shards read from the Hub (--low-disk): the Hub gave their size and sha256.
         {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
     )
     progress, on_bytes = _progress_bar(plan.total_bytes, settings.show_progress)
     with (
         StagingFolder(out, fingerprint) as staging,
-        _open_base(base, settings.device) as base_reader,
+        _open_base(base, settings.device, hashers) as base_reader,
         progress,
     ):
         if settings.save_method == "lora":
@@ -286,6 +292,7 @@ def _write_output(
                 on_bytes,
                 settings.allow_nonfinite,
                 metadata,
+                hashers,
             )
             staging.record_shard(file_name)
             uploads.shard_written(staging.path / file_name)
@@ -352,13 +359,16 @@ def _finish_folder(
 
 
 @contextmanager
-def _open_base(base: BaseCheckpoint, device: torch.device) -> Iterator[StoredTensorSource]:
-    """The base's reader: quantized weights come out dequantized (on ``device``).
-
-    Shards on the Hub (``--low-disk``) are read by range requests.
-    """
+def _open_base(
+    base: BaseCheckpoint, device: torch.device, hashers: Mapping[Path, InOrderHasher]
+) -> Iterator[StoredTensorSource]:
+    """The base's reader: quantized weights come out dequantized (on ``device``); the files
+    of ``hashers`` are fed to them as they are read. Shards on the Hub (``--low-disk``)
+    are read by range requests (their sha256 comes from the Hub, not from hashers)."""
     opened = RangedTensorReader(base.entries, base.remote) if base.remote else None
     with opened or SafetensorsReader(base.entries) as stored:
+        if isinstance(stored, SafetensorsReader):
+            stored.hash_while_reading(hashers)
         if base.quantization is None:
             yield stored
         else:
