@@ -13,17 +13,19 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from lora_merge._version import __version__
 from lora_merge.adapter.recipe import CombineRecipe
-from lora_merge.errors import InvalidInputError, OutputError
+from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError
 from lora_merge.finish.adapter_output import write_normalized_adapter
 from lora_merge.finish.disk import check_free_space
 from lora_merge.finish.folder import (
@@ -104,12 +106,26 @@ class MergeSummary:
     commit_url: str | None = None
     adapters: list[str] = field(default_factory=list)
     combine: str | None = None
+    part: str | None = None
+    computed_shards: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         summary = asdict(self)
         if self.combine is None:  # a single-adapter merge keeps its documented fields
             del summary["adapters"], summary["combine"]
+        for name in ("part", "computed_shards"):  # only runs of a split merge have them
+            if summary[name] is None:
+                del summary[name]
         return summary
+
+
+class _Written(NamedTuple):
+    """What :func:`_write_output` did: shards written or kept, and what to tell the user."""
+
+    shards: Shards
+    kept: int
+    computed: int | None
+    notes: list[str]
 
 
 def merge(options: MergeOptions) -> MergeSummary:
@@ -156,7 +172,7 @@ def _merge(options: MergeSettings) -> MergeSummary:
     with prepare(options) as prepared:  # resolve inputs -> read adapter -> plan
         plan = prepared.plan
         planned = time.perf_counter()
-        shards, resumed = _write_output(
+        written_shards = _write_output(
             plan,
             prepared.base,
             prepared.adapter,
@@ -166,31 +182,38 @@ def _merge(options: MergeSettings) -> MergeSummary:
             prepared.record,
             prepared.recipe,
         )
-        written = [t.spec for t in plan.tensors]
+        for note in written_shards.notes:
+            warnings.warn(note, LoraMergeWarning, stacklevel=2)
+        written = [t.spec for _, tensors in written_shards.shards for t in tensors]
         if prepared.settings.save_method == "lora":  # the adapter's tensors, not the model's
             adapter = prepared.adapter
             keys = list(adapter.keys())
             written = [TensorSpec(k, adapter.dtype(k), adapter.shape(k)) for k in keys]
     finished = time.perf_counter()
+    part = prepared.settings.part
     return MergeSummary(
         out=str(prepared.out),
         tensors=len(written),
         lora_modules=plan.lora_modules,
         replaced=plan.replaced,
         copied=plan.copied,
-        shards=shards,
-        resumed_shards=resumed,
+        shards=len(written_shards.shards),
+        resumed_shards=written_shards.kept,
         bytes_written=sum(spec.nbytes for spec in written),
         seconds=round(finished - started, 3),
         base=str(prepared.base.folder),
         adapter=str(prepared.adapter_folder.location),
-        files=sorted(p.name for p in prepared.out.iterdir()),
+        files=sorted(f for f, _ in written_shards.shards)
+        if part
+        else sorted(p.name for p in prepared.out.iterdir()),
         lora_modules_by_layer=plan.lora_modules_by_layer,
         plan_seconds=round(planned - started, 3),
         write_seconds=round(finished - planned, 3),
-        warnings=prepared.warnings,
+        warnings=prepared.warnings + written_shards.notes,
         adapters=[str(folder.folder) for folder in prepared.adapter_folders],
         combine=prepared.recipe.method_name if prepared.recipe else None,
+        part=str(part) if part else None,
+        computed_shards=written_shards.computed,
     )
 
 
@@ -203,30 +226,34 @@ def _write_output(
     settings: RunSettings,
     record: MergeRecord,
     recipe: CombineRecipe | None = None,
-) -> tuple[int, int]:
+) -> _Written:
     """Stream the planned tensors into shards and finish OUT.
 
     With several adapters, the first one's tokenizer files win and ``recipe``
-    says how they were combined.
+    says how they were combined. A part (``settings.part``) writes only its own
+    shards into the parts' shared area and leaves OUT to the final step.
 
     Returns:
-        The number of shards, and how many of them a resumed run kept.
+        The shards written or kept, how many were kept, and notes for the user.
     """
     adapter_folder = adapter_folders[0]
+    part = settings.part
     shards = shard_layout(plan.tensors, settings.max_shard_size)
-    check_free_space(out, plan.total_bytes)
+    to_write = shards if part is None else part.select(shards)
+    to_write_bytes = sum(t.spec.nbytes for _, tensors in to_write for t in tensors)
+    check_free_space(out, to_write_bytes)
     fingerprint = None
-    if settings.resume:
+    if settings.resume or part is not None:
         fingerprint = _resume_fingerprint(shards, base, adapter_folders, recipe)
     metadata = shard_metadata(record)
-    # --save-method lora writes no model card, so it needs no input hashes.
+    # --save-method lora writes no model card, nor does a part: it needs no input hashes.
     hashes = start_hashing(
         files_read_by_merge(base, adapter_folders),
-        settings.hash_inputs and settings.save_method != "lora",
+        settings.hash_inputs and settings.save_method != "lora" and part is None,
     )
-    progress, on_bytes = _progress_bar(plan.total_bytes, settings.show_progress)
+    progress, on_bytes = _progress_bar(to_write_bytes, settings.show_progress)
     with (
-        StagingFolder(out, fingerprint) as staging,
+        StagingFolder(out, fingerprint, part, keep_verified=settings.resume) as staging,
         _open_base(base, settings.device) as base_reader,
         progress,
     ):
@@ -234,31 +261,60 @@ def _write_output(
             write_normalized_adapter(staging.path, adapter_folder, adapter)
             on_bytes(plan.total_bytes)
             staging.commit()
-            return 1, 0
-        kept = 0
-        for file_name, tensors in shards:
-            if staging.has_verified_shard(file_name):
-                kept += 1
-                on_bytes(sum(t.spec.nbytes for t in tensors))
-                continue
-            write_shard(
-                staging.path / file_name,
-                tensors,
-                base_reader,
-                adapter,
-                settings.device,
-                settings.tile_budget,
-                on_bytes,
-                settings.allow_nonfinite,
-                metadata,
-            )
-            staging.record_shard(file_name)
+            return _Written([("adapter", [])], 0, None, [])  # one file, the adapter's
+        kept = _write_shards(staging, to_write, base_reader, adapter, settings, on_bytes, metadata)
         if settings.verify:
-            verify_output(staging.path, shards, base.entries, adapter, base_reader)
+            verify_output(staging.path, to_write, base.entries, adapter, base_reader)
+        if part is not None:
+            return _Written(to_write, kept, len(to_write) - kept, staging.notes)
         _finish_folder(staging.path, shards, plan, base, adapter_folder, settings)
         write_model_card(staging.path, record, hashes.result())
         staging.commit()
-    return len(shards), kept
+    if not staging.from_parts:
+        return _Written(shards, kept, None, staging.notes)
+    computed = len(shards) - kept
+    notes = list(staging.notes)
+    if computed:
+        notes.append(
+            f"{computed} of {len(shards)} shard(s) came from no part (never run, unfinished "
+            "or damaged): computed them here"
+        )
+    return _Written(shards, kept, computed, notes)
+
+
+def _write_shards(
+    staging: StagingFolder,
+    shards: Shards,
+    base_reader: StoredTensorSource,
+    adapter: TensorSource,
+    settings: RunSettings,
+    on_bytes: Callable[[int], None],
+    metadata: dict[str, str],
+) -> int:
+    """Write each shard into ``staging`` and journal it, keeping the verified ones.
+
+    Returns:
+        How many shards were kept from an earlier run (or from the parts).
+    """
+    kept = 0
+    for file_name, tensors in shards:
+        if staging.has_verified_shard(file_name):
+            kept += 1
+            on_bytes(sum(t.spec.nbytes for t in tensors))
+            continue
+        write_shard(
+            staging.shard_path(file_name),
+            tensors,
+            base_reader,
+            adapter,
+            settings.device,
+            settings.tile_budget,
+            on_bytes,
+            settings.allow_nonfinite,
+            metadata,
+        )
+        staging.record_shard(file_name)
+    return kept
 
 
 def _resume_fingerprint(

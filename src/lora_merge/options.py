@@ -24,6 +24,7 @@ from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.compute.dequantize import FOUR_BIT_BLOCKSIZES
 from lora_merge.errors import UsageError
+from lora_merge.finish.parts import Part
 from lora_merge.finish.publish import check_push_target
 
 _ChoiceT = TypeVar("_ChoiceT", bound="Choice")
@@ -211,6 +212,9 @@ class MergeOptions:
         rank / alpha: for a loralib (microsoft/LoRA) checkpoint file, which records
             neither; ADAPTER is then that file.
         enable_lora: loralib MergedLinear's ``enable_lora``, e.g. ``"1,0,1"``.
+        part: ``"I/N"``: write only the output shards k with ``k % N == I`` into the
+            staging area all parts share; the same merge without ``part`` and with
+            ``resume`` then finishes OUT (see the README's "Bigger than one machine").
     """
 
     base: Path | str
@@ -245,6 +249,7 @@ class MergeOptions:
     rank: int | None = None
     alpha: float | None = None
     enable_lora: str | None = None
+    part: str | None = None
 
     @property
     def adapters(self) -> list[Path | str]:
@@ -290,6 +295,7 @@ class MergeSettings:
         unmerge: subtract the adapter instead of adding it.
         overwrite / quiet / resume / allow_nonfinite / verify / hash_inputs /
             push_to_hub / private / hub_revision / command: as in :class:`MergeOptions`.
+        part: which part of a split merge this run writes, or None for all of it.
     """
 
     base: Path | str
@@ -316,6 +322,7 @@ class MergeSettings:
     private: bool
     hub_revision: str | None
     command: str | None
+    part: Part | None = None
 
 
 def checked_options(options: MergeOptions) -> MergeSettings:
@@ -365,9 +372,33 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         private=options.private,
         hub_revision=options.hub_revision,
         command=options.command,
+        part=parse_part(options.part),
     )
     _refuse_conflicts(settings)
     return settings
+
+
+def parse_part(text: str | None) -> Part | None:
+    """``"1/3"`` -> ``Part(1, 3)``; None stays None.
+
+    Raises:
+        UsageError: not two whole numbers ``I/N`` with ``0 <= I < N``.
+    """
+    if text is None:
+        return None
+    matched = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if matched is None:
+        raise UsageError(
+            f"--part {text!r} is not I/N: give this part's number I and the number of "
+            "parts N, e.g. --part 0/4 ... --part 3/4"
+        )
+    index, count = int(matched[1]), int(matched[2])
+    if count < 1 or index >= count:
+        raise UsageError(
+            f"--part {text!r}: the part number must be from 0 to N-1 "
+            f"({'0 to ' + str(count - 1) if count else 'N must be at least 1'})"
+        )
+    return Part(index, count)
 
 
 def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
@@ -400,6 +431,8 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
         )
     if settings.save_method is SaveMethod.LORA:
         _refuse_with_adapter_output(settings, one_adapter_only)
+    if settings.part is not None:
+        _refuse_with_part(settings)
     if settings.double_quant and settings.save_method is not SaveMethod.MERGED_4BIT:
         raise UsageError("--double-quant applies only with --save-method merged_4bit")
     if settings.push_to_hub is None:
@@ -407,6 +440,19 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
             raise UsageError("--private and --revision only apply with --push-to-hub")
     else:
         check_push_target(settings.push_to_hub)
+
+
+def _refuse_with_part(settings: MergeSettings) -> None:
+    """``--part`` writes shards of a merged model for the final step to finish: refuse the rest."""
+    if settings.save_method is SaveMethod.LORA:
+        raise UsageError(
+            "--part splits a merged model's shards; --save-method lora writes one adapter file"
+        )
+    if settings.push_to_hub is not None:
+        raise UsageError(
+            "--part writes its shards into the staging area the parts share; give "
+            "--push-to-hub to the final step only (the same command without --part, with --resume)"
+        )
 
 
 def _refuse_with_adapter_output(settings: MergeSettings, one_adapter_only: bool) -> None:

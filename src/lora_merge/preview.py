@@ -42,6 +42,7 @@ class MergePreview:
         adapters / combine: every adapter and the method, when adapters are combined.
         quantization: how BASE is quantized (bitsandbytes), or None.
         save_method: merged_16bit, merged_4bit or lora.
+        part / part_shards: for ``--part I/N``, the part and the shards it would write.
     """
 
     base: str
@@ -69,11 +70,15 @@ class MergePreview:
     combine: str | None = None
     quantization: str | None = None
     save_method: str = "merged_16bit"
+    part: str | None = None
+    part_shards: list[str] | None = None
 
     def to_dict(self) -> dict[str, object]:
         preview = asdict(self)
         if self.combine is None:  # a single-adapter plan keeps its documented fields
             del preview["adapters"], preview["combine"]
+        if self.part is None:  # only a part's plan has them
+            del preview["part"], preview["part_shards"]
         return preview
 
 
@@ -92,6 +97,8 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             prepared.base,
         )
         shards = shard_layout(plan.tensors, settings.max_shard_size)
+        part = settings.part
+        part_shards = None if part is None else [f for f, _ in part.select(shards)]
         check_free_space(prepared.out, plan.total_bytes)
         return MergePreview(
             base=str(base.folder),
@@ -131,6 +138,8 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             combine=prepared.recipe.method_name if prepared.recipe else None,
             quantization=_describe_quantization(base),
             save_method=settings.save_method,
+            part=None if part is None else str(part),
+            part_shards=part_shards,
         )
 
 
