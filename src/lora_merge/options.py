@@ -24,7 +24,7 @@ from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.compute.dequantize import FOUR_BIT_BLOCKSIZES
 from lora_merge.errors import UsageError
-from lora_merge.finish.parts import Part
+from lora_merge.finish.parts import Part, parse_part, refuse_with_part
 from lora_merge.finish.publish import check_push_target
 
 _ChoiceT = TypeVar("_ChoiceT", bound="Choice")
@@ -378,29 +378,6 @@ def checked_options(options: MergeOptions) -> MergeSettings:
     return settings
 
 
-def parse_part(text: str | None) -> Part | None:
-    """``"1/3"`` -> ``Part(1, 3)``; None stays None.
-
-    Raises:
-        UsageError: not two whole numbers ``I/N`` with ``0 <= I < N``.
-    """
-    if text is None:
-        return None
-    matched = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if matched is None:
-        raise UsageError(
-            f"--part {text!r} is not I/N: give this part's number I and the number of "
-            "parts N, e.g. --part 0/4 ... --part 3/4"
-        )
-    index, count = int(matched[1]), int(matched[2])
-    if count < 1 or index >= count:
-        raise UsageError(
-            f"--part {text!r}: the part number must be from 0 to N-1 "
-            f"({'0 to ' + str(count - 1) if count else 'N must be at least 1'})"
-        )
-    return Part(index, count)
-
-
 def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
     """The checked combination, or None for one adapter merged as it is."""
     if not options.combines:
@@ -431,8 +408,7 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
         )
     if settings.save_method is SaveMethod.LORA:
         _refuse_with_adapter_output(settings, one_adapter_only)
-    if settings.part is not None:
-        _refuse_with_part(settings)
+    refuse_with_part(settings.part, settings.save_method is SaveMethod.LORA, settings.push_to_hub)
     if settings.double_quant and settings.save_method is not SaveMethod.MERGED_4BIT:
         raise UsageError("--double-quant applies only with --save-method merged_4bit")
     if settings.push_to_hub is None:
@@ -440,19 +416,6 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
             raise UsageError("--private and --revision only apply with --push-to-hub")
     else:
         check_push_target(settings.push_to_hub)
-
-
-def _refuse_with_part(settings: MergeSettings) -> None:
-    """``--part`` writes shards of a merged model for the final step to finish: refuse the rest."""
-    if settings.save_method is SaveMethod.LORA:
-        raise UsageError(
-            "--part splits a merged model's shards; --save-method lora writes one adapter file"
-        )
-    if settings.push_to_hub is not None:
-        raise UsageError(
-            "--part writes its shards into the staging area the parts share; give "
-            "--push-to-hub to the final step only (the same command without --part, with --resume)"
-        )
 
 
 def _refuse_with_adapter_output(settings: MergeSettings, one_adapter_only: bool) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from lora_merge.errors import InvalidInputError, OutputError
+from lora_merge.errors import InvalidInputError, OutputError, UsageError
 from lora_merge.io.json_files import read_json_object
 
 PARTS_MARKER = ".lora-merge-parts"
@@ -62,6 +62,48 @@ class Part:
     def temporary_name(self, file_name: str) -> str:
         """Where this part writes ``file_name`` until it is complete."""
         return f".{file_name}.part-{self.index}-of-{self.count}.tmp"
+
+
+def parse_part(text: str | None) -> Part | None:
+    """``"1/3"`` -> ``Part(1, 3)``; None stays None.
+
+    Raises:
+        UsageError: not two whole numbers ``I/N`` with ``0 <= I < N``.
+    """
+    if text is None:
+        return None
+    matched = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if matched is None:
+        raise UsageError(
+            f"--part {text!r} is not I/N: give this part's number I and the number of "
+            "parts N, e.g. --part 0/4 ... --part 3/4"
+        )
+    index, count = int(matched[1]), int(matched[2])
+    if count < 1 or index >= count:
+        raise UsageError(
+            f"--part {text!r}: the part number must be from 0 to N-1 "
+            f"({'0 to ' + str(count - 1) if count else 'N must be at least 1'})"
+        )
+    return Part(index, count)
+
+
+def refuse_with_part(part: Part | None, writes_adapter: bool, push_to_hub: str | None) -> None:
+    """``--part`` writes shards of a merged model for the final step to finish: refuse the rest.
+
+    Raises:
+        UsageError: ``--part`` with ``--save-method lora`` or ``--push-to-hub``.
+    """
+    if part is None:
+        return
+    if writes_adapter:
+        raise UsageError(
+            "--part splits a merged model's shards; --save-method lora writes one adapter file"
+        )
+    if push_to_hub is not None:
+        raise UsageError(
+            "--part writes its shards into the staging area the parts share; give "
+            "--push-to-hub to the final step only (the same command without --part, with --resume)"
+        )
 
 
 def parts_area(staging_prefix: str, out: Path) -> Path:
