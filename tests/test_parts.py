@@ -296,3 +296,30 @@ def test_dry_run_says_which_shards_a_part_would_write(inputs, one_run, tmp_path)
     assert text.returncode == 0
     assert f"1/4 writes 2 of {SHARDS} shard(s): " in text.stdout
     assert sorted(tmp_path.iterdir()) == []
+
+
+@needs_sigstop
+def test_a_final_step_interrupted_gives_the_parts_area_back(inputs, one_run, tmp_path):
+    """SIGTERM the final step while it computes a missing part: the parts' shards are not lost;
+    the next final step keeps them and finishes OUT identical to one run."""
+    base, adapter = inputs
+    out = tmp_path / "merged"
+    run_part(base, adapter, out, "0/3")
+    run_part(base, adapter, out, "1/3")
+    final = start_merge_stopped_at(
+        FIRST_TENSOR_WRITE, base, adapter, out, *FINAL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.kill(final.pid, signal.SIGTERM)
+    os.kill(final.pid, signal.SIGCONT)
+    final.communicate(timeout=300)
+    assert final.returncode == 143
+    assert not out.exists()
+    # Back with the final step's journal: the parts' 4 shards (its own torn one is not listed).
+    journal = json.loads((parts_area(out) / ".lora-merge-journal.json").read_text())
+    assert len(journal["shards"]) == 4
+
+    summary, _ = finish(base, adapter, out)
+    assert (summary["resumed_shards"], summary["computed_shards"]) == (4, 2)
+    assert digest(out) == one_run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

@@ -18,6 +18,7 @@ with a journal of its own; the final ``--resume`` run claims that area.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -121,7 +122,7 @@ class StagingFolder:
             return self
         except BaseException:
             # A signal can land between mkdir and the with-block taking over.
-            shutil.rmtree(self.path, ignore_errors=True)
+            self._discard()
             raise
 
     def __exit__(self, *exc_info: object) -> None:
@@ -131,7 +132,20 @@ class StagingFolder:
                 path.unlink(missing_ok=True)
             return
         if not self._committed:
+            self._discard()
+
+    def _discard(self) -> None:
+        """Remove the unfinished folder; a final step puts the parts' area back instead.
+
+        The area goes back with the final step's journal in it (every shard kept
+        so far), for the next final step. If it cannot (a part has made a new
+        area meanwhile), the folder stays as a dead run's, for ``--resume`` to adopt.
+        """
+        if not self.from_parts:
             shutil.rmtree(self.path, ignore_errors=True)
+            return
+        with contextlib.suppress(OSError):
+            os.rename(self.path, parts_area(_staging_prefix(self.out), self.out))
 
     def _enter_parts_area(self, part: Part) -> None:
         """Join the shared area as ``part``: refuse another plan's area, read our own journal."""
