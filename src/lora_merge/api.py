@@ -34,6 +34,7 @@ from lora_merge.finish.folder import (
     write_config,
     write_index,
 )
+from lora_merge.finish.parts import unproduced_note
 from lora_merge.finish.provenance import (
     MergeRecord,
     files_read_by_merge,
@@ -270,16 +271,8 @@ def _write_output(
         _finish_folder(staging.path, shards, plan, base, adapter_folder, settings)
         write_model_card(staging.path, record, hashes.result())
         staging.commit()
-    if not staging.from_parts:
-        return _Written(shards, kept, None, staging.notes)
-    computed = len(shards) - kept
-    notes = list(staging.notes)
-    if computed:
-        notes.append(
-            f"{computed} of {len(shards)} shard(s) came from no part (never run, unfinished "
-            "or damaged): computed them here"
-        )
-    return _Written(shards, kept, computed, notes)
+    computed = len(shards) - kept if staging.from_parts else None
+    return _Written(shards, kept, computed, staging.notes + unproduced_note(computed, len(shards)))
 
 
 def _write_shards(

@@ -212,9 +212,7 @@ class MergeOptions:
         rank / alpha: for a loralib (microsoft/LoRA) checkpoint file, which records
             neither; ADAPTER is then that file.
         enable_lora: loralib MergedLinear's ``enable_lora``, e.g. ``"1,0,1"``.
-        part: ``"I/N"``: write only the output shards k with ``k % N == I`` into the
-            staging area all parts share; the same merge without ``part`` and with
-            ``resume`` then finishes OUT (see the README's "Bigger than one machine").
+        part: ``"I/N"``: write only output shards ``k % N == I`` (:mod:`lora_merge.finish.parts`).
     """
 
     base: Path | str
@@ -294,8 +292,7 @@ class MergeSettings:
         loralib: rank, alpha and groups of a loralib checkpoint; None for PEFT adapters.
         unmerge: subtract the adapter instead of adding it.
         overwrite / quiet / resume / allow_nonfinite / verify / hash_inputs /
-            push_to_hub / private / hub_revision / command: as in :class:`MergeOptions`.
-        part: which part of a split merge this run writes, or None for all of it.
+            push_to_hub / private / hub_revision / command / part: as in :class:`MergeOptions`.
     """
 
     base: Path | str

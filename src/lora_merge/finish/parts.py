@@ -141,6 +141,16 @@ def read_journal(path: Path) -> dict[str, object] | None:
         return None
 
 
+def unproduced_note(computed: int | None, total: int) -> list[str]:
+    """What a final step says when it computed shards no part produced; nothing otherwise."""
+    if not computed:
+        return []
+    return [
+        f"{computed} of {total} shard(s) came from no part (never run, unfinished or damaged): "
+        "computed them here"
+    ]
+
+
 def refuse_other_plans(area: Path, fingerprint: str) -> None:
     """Refuse to add a part to an area that holds parts of another merge plan.
 
