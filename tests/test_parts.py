@@ -25,7 +25,9 @@ from merge_process import (
     start_merge_stopped_at,
 )
 
+from lora_merge import MergeOptions, UsageError, merge
 from lora_merge.finish.staging import remove_stale_staging_folders
+from lora_merge.options import checked_options
 
 EXIT_USAGE = 2
 EXIT_OUTPUT_REFUSED = 6
@@ -88,24 +90,33 @@ def shard_names(files: dict[str, str]) -> list[str]:
     return sorted(name for name in files if name.endswith(".safetensors"))
 
 
+def api_merge(base: Path, adapter: Path, out: Path, **options: object):
+    """The Python API, in this process (the CLI is a thin layer over it)."""
+    settings = {"dtype": "bf16", "max_shard_size": "300kB", "max_memory": "2MB", "quiet": True}
+    return merge(MergeOptions(base, adapter, out, **settings, **options))
+
+
 @pytest.mark.parametrize("count", [1, 2, 3])
-def test_parts_then_final_step_match_one_run(inputs, one_run, tmp_path, count):
-    """N parts write disjoint shards (k % N == I), the final step computes none, OUT is identical."""
+def test_parts_then_final_step_match_one_run(inputs, tmp_path, count):
+    """N parts write disjoint shards (k % N == I), the final step computes none, and OUT is
+    byte-identical to one run of the same merge (the Python API, in this process)."""
     base, adapter = inputs
     out = tmp_path / "merged"
-    names = shard_names(one_run)
+    api_merge(base, adapter, tmp_path / "one-run", resume=True)
+    expected = digest(tmp_path / "one-run")
+    names = shard_names(expected)
     for index in range(count):
-        summary = run_part(base, adapter, out, f"{index}/{count}")
-        assert summary["part"] == f"{index}/{count}"
-        assert summary["files"] == names[index::count]
-        assert summary["computed_shards"] == len(names[index::count])
+        summary = api_merge(base, adapter, out, part=f"{index}/{count}")
+        assert summary.part == f"{index}/{count}"
+        assert summary.files == names[index::count]
+        assert summary.computed_shards == len(names[index::count])
+        assert not out.exists()
 
-    summary, stderr = finish(base, adapter, out)
-    assert summary["resumed_shards"] == SHARDS
-    assert summary["computed_shards"] == 0
-    assert "computed them here" not in stderr
-    assert digest(out) == one_run
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    summary = api_merge(base, adapter, out, resume=True)
+    assert (summary.resumed_shards, summary.computed_shards) == (SHARDS, 0)
+    assert not summary.warnings
+    assert digest(out) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "one-run"]
 
 
 def test_plain_run_gives_the_same_shards_index_and_config(inputs, one_run, tmp_path):
@@ -261,25 +272,31 @@ def test_a_rerun_part_with_resume_keeps_its_verified_shards(inputs, tmp_path):
     assert (again["computed_shards"], again["resumed_shards"]) == (0, 2)
 
 
-@pytest.mark.parametrize("part", ["3/3", "x", "1/0", "-1/2", "1"])
+@pytest.mark.parametrize("part", ["3/3", "x"])
 def test_a_part_that_is_not_i_of_n_is_a_usage_error(inputs, tmp_path, part):
     base, adapter = inputs
     result = run_cli(base, adapter, tmp_path / "merged", "--part", part)
     assert result.returncode == EXIT_USAGE, result.stderr
-    assert "--part" in result.stderr
+    assert result.stderr.startswith(f"lora-merge: error: --part {part!r}")
     assert sorted(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
     ("options", "named"),
-    [(("--save-method", "lora"), "--save-method lora"), (("--push-to-hub", "me/m"), "final step")],
+    [
+        ({"part": "1/0"}, "--part '1/0'"),
+        ({"part": "-1/2"}, "is not I/N"),
+        ({"part": "1"}, "is not I/N"),
+        ({"part": "0/2", "save_method": "lora"}, "--save-method lora"),
+        ({"part": "0/2", "push_to_hub": "me/merged"}, "to the final step only"),
+    ],
 )
-def test_part_refuses_what_only_the_final_step_does(inputs, tmp_path, options, named):
-    base, adapter = inputs
-    result = run_cli(base, adapter, tmp_path / "merged", "--part", "0/2", *options)
-    assert result.returncode == EXIT_USAGE
-    assert named in result.stderr
-    assert sorted(tmp_path.iterdir()) == []
+def test_part_values_and_conflicts_are_refused_before_any_work(tmp_path, options, named):
+    """Checked with the other options, before any input is read (BASE does not even exist)."""
+    with pytest.raises(UsageError, match=named.replace("(", r"\(")):
+        checked_options(
+            MergeOptions(tmp_path / "no-base", tmp_path / "no-adapter", tmp_path / "o", **options)
+        )
 
 
 def test_dry_run_says_which_shards_a_part_would_write(inputs, one_run, tmp_path):
