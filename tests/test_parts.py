@@ -264,6 +264,18 @@ def test_parts_running_at_once_keep_each_others_entries(inputs, one_run, tmp_pat
     assert digest(out) == one_run
 
 
+def test_a_final_step_without_resume_says_it_ignores_the_parts(inputs, one_run, tmp_path):
+    base, adapter = inputs
+    out = tmp_path / "merged"
+    run_part(base, adapter, out, "0/2")
+    before = digest(parts_area(out))
+    result = run_cli(base, adapter, out, *OPTIONS, "--json")
+    assert result.returncode == 0, result.stderr
+    assert "lora-merge: warning: merged's parts (--part) wrote shards beside it" in result.stderr
+    assert json.loads(result.stdout)["resumed_shards"] == 0
+    assert digest(parts_area(out)) == before
+
+
 def test_a_rerun_part_with_resume_keeps_its_verified_shards(inputs, tmp_path):
     base, adapter = inputs
     out = tmp_path / "merged"

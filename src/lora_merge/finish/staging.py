@@ -116,6 +116,11 @@ class StagingFolder:
         try:
             if self.fingerprint is not None:
                 self._adopt_resumable_folder()
+            elif parts_area(_staging_prefix(self.out), self.out).is_dir():
+                self.notes.append(
+                    f"{self.out.name}'s parts (--part) wrote shards beside it; this run without "
+                    "--resume computes every shard itself and leaves them there"
+                )
             remove_stale_staging_folders(self.out)
             if self.resumed_from is None:
                 self.path.mkdir()
