@@ -23,6 +23,9 @@ What it does:
    * ``python -m lora_merge BASE ADAPTER OUT --quiet --overwrite``, with
      ``<repo>/src`` put first on ``PYTHONPATH`` when it exists, so the working
      tree is measured even if the package is not installed.
+   * with ``--before SRC``: the same command run from an earlier checkout's
+     ``src/`` (same interpreter and libraries), so before and after are
+     measured side by side in one run.
    * ``peft_merge_reference.py``: ``AutoModelForCausalLM.from_pretrained(BASE,
      dtype=torch.bfloat16)``, ``PeftModel.from_pretrained``,
      ``merge_and_unload()``, ``save_pretrained(OUT)`` (``--skip-peft`` to skip).
@@ -130,6 +133,7 @@ TABLE_COLUMNS = (
 
 CP_CASE = "cp -r"
 LORA_MERGE_CASE = "lora-merge"
+BEFORE_CASE = f"{LORA_MERGE_CASE} before"
 PEFT_CASE = "PEFT merge_and_unload"
 
 
@@ -631,6 +635,13 @@ def make_cases(
                 *shlex.split(extra),
             ]
             cases.append(BenchmarkCase(name, argv, output, env))
+        if args.before is not None:
+            # The same command, run from an earlier checkout's sources with this interpreter.
+            output = outputs / "lora-merge-before"
+            before_env = child_environment(args.before.resolve())
+            argv = [sys.executable, "-m", "lora_merge", str(base), str(adapter), str(output)]
+            argv += ["--quiet", "--overwrite", *shlex.split(args.lora_merge_args)]
+            cases.append(BenchmarkCase(BEFORE_CASE, argv, output, before_env))
     if not args.skip_peft:
         output = outputs / "peft"
         argv = [sys.executable, str(PEFT_REFERENCE_SCRIPT), str(base), str(adapter), str(output)]
@@ -925,6 +936,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="LABEL:OPTIONS",
         help="an extra lora-merge case with more options, measured in the same run, e.g. "
         "'no hashing:--no-hash-inputs' (repeatable)",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="SRC",
+        help="also run lora-merge from an earlier checkout's src/ folder (e.g. a git worktree "
+        "of the previous release), interleaved with the others: before and after in one run",
     )
     parser.add_argument(
         "--timeout", type=float, help="seconds after which a run is killed (default: none)"

@@ -23,6 +23,16 @@ Rows (synthetic random-weight bf16 Llama checkpoints, LoRA r=16, alpha=32):
 * ``3b-all``: OpenLLaMA-3B shape (hidden 3200, 26 layers, 6.4 GB).
 * ``7b-all``: Llama-2-7B shape (hidden 4096, 32 layers, 13.5 GB); also with
   ``--max-memory 256MB``.
+* ``startup``: ``lora-merge --version`` and ``--help`` beside the interpreter's
+  floors (``bench_startup.py``), at least 10 rounds.
+
+The ``target`` column holds issue 17's targets, each ratio being lora-merge +
+sync over ``cp -r`` + sync (the on-disk ratio) with default flags, and a peak
+RSS of at most 300 MB: 1b-all <= 1.5x, 1b-qv <= 1.1x, 1b-nf4 <= 2x (``cp -r``
+of a folder the size of the output), 7b-all <= 1.05x; start-up <= 0.3 s.
+``--before SRC`` adds, in every row, the same merge run from an earlier
+checkout's ``src/`` (and its ``.venv``'s ``lora-merge`` in the start-up table):
+before and after in one run. ``make bench-suite`` runs everything.
 """
 
 from __future__ import annotations
@@ -40,12 +50,21 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS_DIR))
 
 import bench_merge  # noqa: E402  (needs BENCHMARKS_DIR on sys.path)
+import bench_startup  # noqa: E402
 import synthetic_checkpoints  # noqa: E402
 
 # PEFT holds the whole model in memory and save_pretrained adds buffers on top;
 # measured at 1b: peak RSS 2.6 GB for a 2.2 GB model. Skip it where that would
 # come near the machine's RAM.
 PEFT_RAM_FACTOR = 1.6
+
+
+# Issue 17's targets: lora-merge + sync over ``cp -r`` + sync (the on-disk ratio),
+# default flags, and the peak RSS of every run.
+PEAK_RSS_TARGET_BYTES = 300 * 1024 * 1024
+# ``lora-merge --version`` and ``--help``, whole processes.
+STARTUP_TARGET_S = 0.3
+STARTUP_KEY = "startup"
 
 
 @dataclass(frozen=True)
@@ -56,14 +75,27 @@ class SuiteRow:
     targets: str
     variants: tuple[str, ...] = ()
     quantize: str | None = None
+    target_ratio: float | None = None
 
 
 ROWS = (
     SuiteRow(
-        "1b-all", "1.1B all-linear r=16", "1b", "all-linear", ("no input hashes:--no-hash-inputs",)
+        "1b-all",
+        "1.1B all-linear r=16",
+        "1b",
+        "all-linear",
+        ("no input hashes:--no-hash-inputs",),
+        target_ratio=1.5,
     ),
-    SuiteRow("1b-qv", "1.1B q/v only r=16", "1b", "q-v"),
-    SuiteRow("1b-nf4", "NF4 1.1B -> bf16, all-linear r=16", "1b", "all-linear", quantize="nf4"),
+    SuiteRow("1b-qv", "1.1B q/v only r=16", "1b", "q-v", target_ratio=1.1),
+    SuiteRow(
+        "1b-nf4",
+        "NF4 1.1B -> bf16, all-linear r=16",
+        "1b",
+        "all-linear",
+        quantize="nf4",
+        target_ratio=2.0,
+    ),
     SuiteRow("3b-all", "3B all-linear r=16", "3b", "all-linear"),
     SuiteRow(
         "7b-all",
@@ -71,6 +103,7 @@ ROWS = (
         "7b",
         "all-linear",
         ("--max-memory 256MB:--max-memory 256MB",),
+        target_ratio=1.05,
     ),
 )
 
@@ -80,6 +113,7 @@ COLUMNS = (
     "cp -r wall s",
     "ratio",
     "on-disk ratio",
+    "target",
     "lora-merge peak RSS MB",
     "PEFT wall s",
     "PEFT peak RSS MB",
@@ -117,6 +151,8 @@ def run_row(row: SuiteRow, args: argparse.Namespace, scratch: Path) -> dict[str,
         argv += ["--quantize", row.quantize]
     if args.cold:
         argv.append("--cold")
+    if args.before is not None:
+        argv += ["--before", str(args.before)]
     print(f"== {row.label}", file=sys.stderr, flush=True)
     bench_merge.main(argv)
     report = json.loads(report_path.read_text())
@@ -152,13 +188,16 @@ def table_rows(row: SuiteRow, report: dict[str, object]) -> list[list[str]]:
             ]
         elif name != bench_merge.LORA_MERGE_CASE:
             peft_cells = [bench_merge.NOT_APPLICABLE] * 2
+        on_disk_ratio = case["median_on_disk_s"] / copy["median_on_disk_s"]
+        target = row.target_ratio if name in TARGETED_CASES else None
         lines.append(
             [
                 label,
                 f"{case['median_wall_s']:.2f}",
                 f"{copy['median_wall_s']:.2f}",
                 f"{case['median_wall_s'] / copy['median_wall_s']:.2f}x",
-                f"{case['median_on_disk_s'] / copy['median_on_disk_s']:.2f}x",
+                f"{on_disk_ratio:.2f}x",
+                target_cell(target, on_disk_ratio, case["peak_rss_bytes"]),
                 bench_merge.format_mib(case["peak_rss_bytes"]),
                 *peft_cells,
             ]
@@ -166,15 +205,55 @@ def table_rows(row: SuiteRow, report: dict[str, object]) -> list[list[str]]:
     return lines
 
 
+# The default-flags runs, now and (with --before) from the earlier checkout.
+TARGETED_CASES = (bench_merge.LORA_MERGE_CASE, bench_merge.BEFORE_CASE)
+
+
+def target_cell(target: float | None, on_disk_ratio: float, peak_rss_bytes: int) -> str:
+    """``<= 1.5x, 300 MB: met`` (or ``missed``), or n/a for rows without a target."""
+    if target is None:
+        return bench_merge.NOT_APPLICABLE
+    met = on_disk_ratio <= target and peak_rss_bytes <= PEAK_RSS_TARGET_BYTES
+    limit_mb = PEAK_RSS_TARGET_BYTES // (1024 * 1024)
+    return f"<= {target:g}x, {limit_mb} MB: {'met' if met else 'missed'}"
+
+
+def startup_section(repeat: int, before: Path | None) -> str:
+    """The start-up table (bench_startup.py) and a verdict line per target.
+
+    With ``before``, the earlier checkout's own ``lora-merge`` (its ``.venv`` beside
+    ``src/``, if it has one) is timed in the same rounds.
+    """
+    baseline = None
+    if before is not None:
+        candidate = before.resolve().parent / ".venv" / "bin" / "lora-merge"
+        baseline = str(candidate) if candidate.exists() else None
+    print("== start-up", file=sys.stderr, flush=True)
+    rows = bench_startup.measure_startup(repeat=repeat, baseline=baseline)
+    lines = [bench_startup.startup_table(rows, repeat), ""]
+    for row in rows:
+        if row.label.endswith(("--version", "--help")):
+            met = "met" if row.wall_seconds <= STARTUP_TARGET_S else "missed"
+            lines.append(f"- `{row.label}`: {row.wall_seconds:.3f} s; target <= 0.3 s: {met}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=[row.key for row in ROWS])
+    parser.add_argument("--only", nargs="+", choices=[*(row.key for row in ROWS), STARTUP_KEY])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument(
         "--cold", action="store_true", help="drop the page cache before every run (root)"
     )
     parser.add_argument("--workdir", type=Path, default=bench_merge.DEFAULT_WORKDIR)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="SRC",
+        help="also run an earlier checkout's src/ (e.g. `git worktree add ../before v0.1.0`, "
+        "then --before ../before/src) in every row: before and after in the same run",
+    )
     parser.add_argument("--json", type=Path, help="write every row's raw report here")
     args = parser.parse_args(argv)
     rows = [row for row in ROWS if not args.only or row.key in args.only]
@@ -191,7 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'page cache dropped' if args.cold else 'inputs read into the page cache'} before each run; "
         f"{json.dumps(environment)}"
     )
-    print("\n".join(lines))
+    if rows:
+        print("\n".join(lines))
+    if not args.only or STARTUP_KEY in args.only:
+        print("\n" + startup_section(max(args.repeat, 10), args.before))
     if args.json:
         args.json.write_text(json.dumps(reports, indent=2) + "\n")
     return 0

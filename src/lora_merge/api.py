@@ -10,8 +10,6 @@ into place) and pushes it to the Hub when asked. :func:`preview_merge` (from
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from tqdm import tqdm
 
 from lora_merge._version import __version__
 from lora_merge.adapter.recipe import CombineRecipe
@@ -35,6 +32,7 @@ from lora_merge.finish.folder import (
     write_index,
 )
 from lora_merge.finish.parts import unproduced_note
+from lora_merge.finish.progress import progress_bar as _progress_bar
 from lora_merge.finish.provenance import (
     MergeRecord,
     files_read_by_merge,
@@ -349,37 +347,6 @@ def _finish_folder(
     # A loralib file's folder is no model folder: its side files all come from BASE.
     side_files = adapter_folder.folder if adapter_folder.config_path else base.folder
     copy_side_files(folder, base.folder, side_files)
-
-
-class _ProgressBar(tqdm):
-    """tqdm without its monitor thread.
-
-    tqdm starts that thread in its constructor and swallows any Exception raised
-    meanwhile: a SIGTERM handled there (the CLI's handler raises MergeInterrupted)
-    would be lost, and the merge would go on to write OUT.
-    """
-
-    monitor_interval = 0
-
-
-def _progress_bar(total: int, show: bool) -> tuple[tqdm, Callable[[int], None]]:
-    """A bar of bytes written, on stderr, and the function that advances it."""
-    progress = _ProgressBar(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="merging",
-        file=sys.stderr,
-        disable=not show,
-    )
-    lock = threading.Lock()
-
-    def on_bytes(count: int) -> None:  # called from the stream's worker threads
-        with lock:
-            progress.update(count)
-
-    return progress, on_bytes
 
 
 @contextmanager

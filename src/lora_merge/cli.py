@@ -25,7 +25,6 @@ from typing import Any, NoReturn
 import typer
 from typer.core import TyperCommand
 
-from lora_merge.api import merge, preview_merge
 from lora_merge.cli_options import (
     AdapterArg,
     AllowNonfiniteOpt,
@@ -155,6 +154,10 @@ def merge_command(
     typed = {f.name: ctx.params[f.name] for f in fields(MergeOptions) if f.name in ctx.params}
     options = MergeOptions(**typed, command=_command_line(out))
     with _errors_as_exit_codes():
+        # The library (and torch with it) is imported only now that there is work for it:
+        # --help, --version and mistyped options return before this and stay fast.
+        from lora_merge.api import merge, preview_merge
+
         if dry_run:
             preview = preview_merge(options)
             typer.echo(json.dumps(preview.to_dict()) if json_summary else describe_preview(preview))

@@ -17,8 +17,7 @@ from typing import Annotated, get_args
 
 import typer
 
-from lora_merge._version import __version__
-from lora_merge.compute.combine import SignMethod
+from lora_merge.compute.combine_names import SignMethod
 from lora_merge.options import OutputDtype, QuantType, SaveMethod
 
 # Help panels; options without one stay in the default "Options" panel.
@@ -121,6 +120,9 @@ UnmergeOpt = Annotated[
 
 def _print_version(value: bool) -> None:
     if value:
+        # Imported only for --version: reading the package metadata costs --help 0.03 s.
+        from lora_merge._version import __version__
+
         typer.echo(f"lora-merge {__version__}")
         raise typer.Exit()
 

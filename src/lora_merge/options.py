@@ -16,16 +16,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TypeVar
-
-import torch
+from typing import TYPE_CHECKING, TypeVar
 
 from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
-from lora_merge.compute.dequantize import FOUR_BIT_BLOCKSIZES
 from lora_merge.errors import UsageError
 from lora_merge.finish.parts import Part, parse_part, refuse_with_part
-from lora_merge.finish.publish import check_push_target
+
+# torch is imported where a value needs it, not here: the command line imports this
+# module to declare its options, and --help, --version and usage errors need no torch.
+if TYPE_CHECKING:
+    import torch
 
 _ChoiceT = TypeVar("_ChoiceT", bound="Choice")
 
@@ -64,14 +65,13 @@ class OutputDtype(Choice):
     @property
     def torch_dtype(self) -> torch.dtype | None:
         """The dtype every floating-point tensor is written in; None for ``auto``."""
-        return _TORCH_DTYPES.get(self)
+        if self is OutputDtype.AUTO:
+            return None
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.value]
 
 
-_TORCH_DTYPES = {
-    OutputDtype.BF16: torch.bfloat16,
-    OutputDtype.FP16: torch.float16,
-    OutputDtype.FP32: torch.float32,
-}
 # torch's own names mean the same as the short ones.
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -143,6 +143,8 @@ def resolve_device(name: object) -> torch.device:
     Raises:
         UsageError: the name is not a device, or CUDA is asked for but absent.
     """
+    import torch
+
     key = name.strip().lower() if isinstance(name, str) else repr(name)
     if key == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,6 +341,8 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         raise UsageError("give at least one ADAPTER")
     output_dtype = OutputDtype.parse(options.dtype, "--dtype", _DTYPE_ALIASES).torch_dtype
     device = resolve_device(options.device)
+    from lora_merge.compute.dequantize import FOUR_BIT_BLOCKSIZES
+
     if options.quant_blocksize not in FOUR_BIT_BLOCKSIZES:
         raise UsageError(
             f"quant_blocksize {options.quant_blocksize!r} is not one of "
@@ -412,6 +416,8 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
         if settings.private or settings.hub_revision is not None:
             raise UsageError("--private and --revision only apply with --push-to-hub")
     else:
+        from lora_merge.finish.publish import check_push_target  # imports huggingface_hub
+
         check_push_target(settings.push_to_hub)
 
 

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from lora_merge.api import MergePreview, MergeSummary
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only types: importing the library here would import torch for --help
+    from lora_merge.api import MergePreview, MergeSummary
 
 
 def describe_summary(summary: MergeSummary, unmerge: bool = False) -> str:

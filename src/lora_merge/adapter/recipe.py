@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from lora_merge.compute.combine import Operator, SignMethod
+from lora_merge.compute.combine_names import Operator, SignMethod
 from lora_merge.errors import UsageError
 
 Form = Literal["cat", "factors", "svd", "full"]

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
-Operator = Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
-SignMethod = Literal["total", "frequency"]
+from lora_merge.compute.combine_names import Operator as Operator
+from lora_merge.compute.combine_names import SignMethod as SignMethod
 
 
 def keep_mask(shape: tuple[int, ...], density: float, generator: torch.Generator) -> torch.Tensor:

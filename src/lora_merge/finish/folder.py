@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_INDEX_FILE
 
+from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE
 from lora_merge.io.shard_writer import TensorSpec
 
 # Files a merged model needs besides weights. The tokenizer files travel as a

@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub.constants import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
 
 from lora_merge._version import __version__
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
 from lora_merge.finish.folder import DTYPE_NAME_IN_CONFIG
-from lora_merge.inputs.hub import hub_snapshot_of
+from lora_merge.inputs.locations import hub_snapshot_of
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.hashing import sha256_of
+from lora_merge.io.hub_names import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
 from lora_merge.io.shard_writer import OUTPUT_METADATA
 from lora_merge.plan.model import MergePlan
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-
 from lora_merge.errors import PushError, UsageError
-from lora_merge.inputs.hub import progress_bars_hidden
+
+# huggingface_hub (and lora_merge.inputs.hub, which imports it) is imported inside the
+# functions: only a run with --push-to-hub needs it, and it costs about 0.3 s to import.
 
 
 def check_push_target(repo_id: str) -> None:
@@ -25,6 +24,9 @@ def check_push_target(repo_id: str) -> None:
     Raises:
         UsageError: ``repo_id`` is not ``org/name`` (or ``name``), or HF_HUB_OFFLINE is set.
     """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
@@ -63,6 +65,10 @@ def push_folder(
     Raises:
         PushError: the Hub refused or could not be reached; ``folder`` stays as it is.
     """
+    from huggingface_hub import HfApi
+
+    from lora_merge.inputs.hub import progress_bars_hidden
+
     api = HfApi()
     try:
         # private=None (not False) when not asked: a new repo then gets its owner's default visibility.

@@ -33,6 +33,7 @@ from huggingface_hub.utils import (
 )
 
 from lora_merge.errors import InputNotFoundError
+from lora_merge.inputs.locations import existing_local_path
 from lora_merge.inputs.resolve import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_PICKLE_NAME,
@@ -103,7 +104,7 @@ def resolve_model_location(spec: str | Path, role: str, *, kind: str, quiet: boo
     """
     if kind not in FALLBACK_PATTERNS:
         raise ValueError(f"kind must be 'model' or 'adapter', not {kind!r}")
-    local = _existing_local_path(spec)
+    local = existing_local_path(spec)
     if local is not None:
         return local
     text = str(spec)
@@ -120,26 +121,6 @@ def resolve_model_location(spec: str | Path, role: str, *, kind: str, quiet: boo
                 raise
             raise mapped from err
     return Path(folder)
-
-
-def hub_snapshot_of(folder: Path) -> tuple[str, str] | None:
-    """The repo id and commit of a folder that is a snapshot in huggingface_hub's cache.
-
-    The cache layout is ``.../models--org--name/snapshots/<commit>/``; any other
-    folder gives None.
-    """
-    repo_folder = folder.parent.parent
-    if folder.parent.name != "snapshots" or not repo_folder.name.startswith("models--"):
-        return None
-    return repo_folder.name.removeprefix("models--").replace("--", "/"), folder.name
-
-
-def _existing_local_path(spec: str | Path) -> Path | None:
-    try:
-        path = Path(spec).expanduser()
-    except RuntimeError:  # "~someone/..." for a user that does not exist: not a local path
-        return None
-    return path if path.exists() else None
 
 
 def _parse_repo_spec(text: str, role: str) -> tuple[str, str | None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from lora_merge.inputs.hub import hub_snapshot_of
+from lora_merge.inputs.locations import hub_snapshot_of
 
 
 def base_mismatch_warning(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_merge.inputs.hub import resolve_model_location
+from lora_merge.inputs.locations import existing_local_path
 from lora_merge.inputs.resolve import (
     AdapterFolder,
     BaseCheckpoint,
@@ -50,14 +50,32 @@ def resolve_merge_inputs(
         LoraMergeError: an input that is missing, unreadable or malformed, or an OUT
             that may not be written.
     """
-    base_checkpoint = resolve_base(resolve_model_location(base, "BASE", kind="model", quiet=quiet))
+    base_checkpoint = resolve_base(local_or_hub_folder(base, "BASE", kind="model", quiet=quiet))
     if loralib_file:
         adapter_folders = [resolve_adapter_file(adapters[0])]
     else:
         adapter_folders = [
-            resolve_adapter(resolve_model_location(spec, "ADAPTER", kind="adapter", quiet=quiet))
+            resolve_adapter(local_or_hub_folder(spec, "ADAPTER", kind="adapter", quiet=quiet))
             for spec in adapters
         ]
     # A loralib file's folder may hold OUT; only the file itself must stay out of OUT's way.
     inputs = [base_checkpoint.folder, *(folder.location for folder in adapter_folders)]
     return base_checkpoint, adapter_folders, check_output_location(out, inputs, overwrite)
+
+
+def local_or_hub_folder(spec: str | Path, role: str, *, kind: str, quiet: bool) -> Path:
+    """The local path ``spec`` names, or its Hub snapshot folder (downloaded if needed).
+
+    See :func:`lora_merge.inputs.hub.resolve_model_location` for Hub repo ids.
+
+    Raises:
+        InputNotFoundError: ``spec`` is neither an existing path nor a Hub repo that
+            can be resolved.
+    """
+    local = existing_local_path(spec)
+    if local is not None:
+        return local
+    # Imported here, not at the top: only a Hub id needs huggingface_hub (about 0.3 s).
+    from lora_merge.inputs.hub import resolve_model_location
+
+    return resolve_model_location(spec, role, kind=kind, quiet=quiet)

@@ -11,15 +11,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub.constants import (
+from lora_merge.errors import InputNotFoundError, InvalidInputError, OutputError
+from lora_merge.inputs.quantized import BitsAndBytesBase, read_bitsandbytes_base
+from lora_merge.io.bitsandbytes_format import LogicalTensor, logical_tensors
+from lora_merge.io.hub_names import (
     CONFIG_NAME,
     SAFETENSORS_INDEX_FILE,
     SAFETENSORS_SINGLE_FILE,
 )
-
-from lora_merge.errors import InputNotFoundError, InvalidInputError, OutputError
-from lora_merge.inputs.quantized import BitsAndBytesBase, read_bitsandbytes_base
-from lora_merge.io.bitsandbytes_format import LogicalTensor, logical_tensors
 from lora_merge.io.json_files import read_json_object
 from lora_merge.io.safetensors_format import TensorEntry, read_safetensors_header
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub.constants import SAFETENSORS_MAX_HEADER_LENGTH
 
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.hub_names import SAFETENSORS_MAX_HEADER_LENGTH
 from lora_merge.io.json_files import is_count
 
 # safetensors dtype name -> torch dtype. Only dtypes torch can hold.

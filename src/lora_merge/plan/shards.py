@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
-from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
+from lora_merge.io.hub_names import SAFETENSORS_SINGLE_FILE
 
 
 class _Spec(Protocol):

@@ -1,0 +1,10 @@
+"""The names of the combination operators and TIES sign methods, without torch.
+
+:mod:`lora_merge.compute.combine` implements them; the option checks and the
+command line's ``--help`` only need their names, and must not import torch for them.
+"""
+
+from typing import Literal
+
+Operator = Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+SignMethod = Literal["total", "frequency"]
