@@ -11,17 +11,18 @@ into place) and pushes it to the Hub when asked. :func:`preview_merge` (from
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from lora_merge._version import __version__
 from lora_merge.adapter.recipe import CombineRecipe
-from lora_merge.errors import InvalidInputError, OutputError
+from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError
 from lora_merge.finish.adapter_output import write_normalized_adapter
 from lora_merge.finish.disk import check_free_space
 from lora_merge.finish.folder import (
@@ -30,6 +31,7 @@ from lora_merge.finish.folder import (
     write_config,
     write_index,
 )
+from lora_merge.finish.parts import unproduced_note
 from lora_merge.finish.progress import progress_bar as _progress_bar
 from lora_merge.finish.provenance import (
     MergeRecord,
@@ -110,12 +112,26 @@ class MergeSummary:
     commit_url: str | None = None
     adapters: list[str] = field(default_factory=list)
     combine: str | None = None
+    part: str | None = None
+    computed_shards: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         summary = asdict(self)
         if self.combine is None:  # a single-adapter merge keeps its documented fields
             del summary["adapters"], summary["combine"]
+        for name in ("part", "computed_shards"):  # only runs of a split merge have them
+            if summary[name] is None:
+                del summary[name]
         return summary
+
+
+class _Written(NamedTuple):
+    """What :func:`_write_output` did: shards written or kept, and what to tell the user."""
+
+    shards: Shards
+    kept: int
+    computed: int | None
+    notes: list[str]
 
 
 def merge(options: MergeOptions) -> MergeSummary:
@@ -187,7 +203,7 @@ def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeS
     with prepare(options) as prepared:  # resolve inputs -> read adapter -> plan
         plan = prepared.plan
         planned = time.perf_counter()
-        shards, resumed = _write_output(
+        written_shards = _write_output(
             plan,
             prepared.base,
             prepared.adapter,
@@ -198,31 +214,38 @@ def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeS
             prepared.recipe,
             uploads,
         )
-        written = [t.spec for t in plan.tensors]
+        for note in written_shards.notes:
+            warnings.warn(note, LoraMergeWarning, stacklevel=2)
+        written = [t.spec for _, tensors in written_shards.shards for t in tensors]
         if prepared.settings.save_method == "lora":  # the adapter's tensors, not the model's
             adapter = prepared.adapter
             keys = list(adapter.keys())
             written = [TensorSpec(k, adapter.dtype(k), adapter.shape(k)) for k in keys]
     finished = time.perf_counter()
+    part = prepared.settings.part
     return MergeSummary(
         out=str(prepared.out),
         tensors=len(written),
         lora_modules=plan.lora_modules,
         replaced=plan.replaced,
         copied=plan.copied,
-        shards=shards,
-        resumed_shards=resumed,
+        shards=len(written_shards.shards),
+        resumed_shards=written_shards.kept,
         bytes_written=sum(spec.nbytes for spec in written),
         seconds=round(finished - started, 3),
         base=str(prepared.base.folder),
         adapter=str(prepared.adapter_folder.location),
-        files=sorted(p.name for p in prepared.out.iterdir()),
+        files=sorted(f for f, _ in written_shards.shards)
+        if part
+        else sorted(p.name for p in prepared.out.iterdir()),
         lora_modules_by_layer=plan.lora_modules_by_layer,
         plan_seconds=round(planned - started, 3),
         write_seconds=round(finished - planned, 3),
-        warnings=prepared.warnings,
+        warnings=prepared.warnings + written_shards.notes,
         adapters=[str(folder.folder) for folder in prepared.adapter_folders],
         combine=prepared.recipe.method_name if prepared.recipe else None,
+        part=str(part) if part else None,
+        computed_shards=written_shards.computed,
     )
 
 
@@ -236,27 +259,30 @@ def _write_output(
     record: MergeRecord,
     recipe: CombineRecipe | None = None,
     uploads: KeepShards | ShardUploads | None = None,
-) -> tuple[int, int]:
+) -> _Written:
     """Stream the planned tensors into shards and finish OUT.
 
     With several adapters, the first one's tokenizer files win and ``recipe``
-    says how they were combined. Each finished shard is handed to ``uploads``
-    (``--low-disk`` uploads and deletes it).
+    says how they were combined. A part (``settings.part``) writes only its own
+    shards into the parts' shared area and leaves OUT to the final step. Each
+    finished shard is handed to ``uploads`` (``--low-disk`` uploads and deletes it).
 
     Returns:
-        The number of shards, and how many of them a resumed run kept.
+        The shards written or kept, how many were kept, and notes for the user.
     """
     adapter_folder = adapter_folders[0]
-    shards = shard_layout(plan.tensors, settings.max_shard_size)
+    part = settings.part
     uploads = uploads or KeepShards()
-    check_free_space(out, uploads.disk_needed([_shard_bytes(t) for _, t in shards]))
+    shards = shard_layout(plan.tensors, settings.max_shard_size)
+    to_write = shards if part is None else part.select(shards)
+    check_free_space(out, uploads.disk_needed([_shard_bytes(t) for _, t in to_write]))
     fingerprint = None
-    if settings.resume:
+    if settings.resume or part is not None:
         fingerprint = _resume_fingerprint(shards, base, adapter_folders, recipe)
     uploads.start(out, fingerprint)
     metadata = shard_metadata(record)
-    # --save-method lora writes no model card, so it needs no input hashes.
-    hash_inputs = settings.hash_inputs and settings.save_method != "lora"
+    # --save-method lora writes no model card, nor does a part: it needs no input hashes.
+    hash_inputs = settings.hash_inputs and settings.save_method != "lora" and part is None
     hashers = stream_hashers(base, hash_inputs)  # fed by the stream as it reads BASE
     hashes = start_hashing(
         files_read_by_merge(base, adapter_folders),
@@ -265,9 +291,11 @@ def _write_output(
         # Shards read from the Hub (--low-disk): the Hub gave their size and sha256.
         {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
     )
-    progress, on_bytes = _progress_bar(plan.total_bytes, settings.show_progress)
+    progress, on_bytes = _progress_bar(
+        sum(_shard_bytes(t) for _, t in to_write), settings.show_progress
+    )
     with (
-        StagingFolder(out, fingerprint) as staging,
+        StagingFolder(out, fingerprint, part, keep_verified=settings.resume) as staging,
         _open_base(base, settings.device, hashers) as base_reader,
         progress,
     ):
@@ -275,35 +303,66 @@ def _write_output(
             write_normalized_adapter(staging.path, adapter_folder, adapter)
             on_bytes(plan.total_bytes)
             staging.commit()
-            return 1, 0
-        kept = 0
-        for file_name, tensors in shards:
-            if uploads.has_shard(file_name) or staging.has_verified_shard(file_name):
-                kept += 1
-                on_bytes(_shard_bytes(tensors))
-                continue
-            write_shard(
-                staging.path / file_name,
-                tensors,
-                base_reader,
-                adapter,
-                settings.device,
-                settings.tile_budget,
-                on_bytes,
-                settings.allow_nonfinite,
-                metadata,
-                hashers,
-            )
-            staging.record_shard(file_name)
-            uploads.shard_written(staging.path / file_name)
-        uploads.wait()
+            return _Written([("adapter", [])], 0, None, [])  # one file, the adapter's
+        stream = _ShardStream(base_reader, adapter, settings, on_bytes, metadata, hashers)
+        kept = _write_shards(staging, to_write, stream, uploads)
         if settings.verify:
-            verify_output(staging.path, shards, base.entries, adapter, base_reader)
+            verify_output(staging.path, to_write, base.entries, adapter, base_reader)
+        if part is not None:
+            return _Written(to_write, kept, len(to_write) - kept, staging.notes)
         _finish_folder(staging.path, shards, plan, base, adapter_folder, settings)
         write_model_card(staging.path, record, hashes.result())
         uploads.commit(staging.path, f"Upload model merged by lora-merge {__version__}")
         staging.commit()
-    return len(shards), kept
+    computed = len(shards) - kept if staging.from_parts else None
+    return _Written(shards, kept, computed, staging.notes + unproduced_note(computed, len(shards)))
+
+
+class _ShardStream(NamedTuple):
+    """What :func:`write_shard` needs besides the shard: the sources and how to stream."""
+
+    base_reader: StoredTensorSource
+    adapter: TensorSource
+    settings: RunSettings
+    on_bytes: Callable[[int], None]
+    metadata: dict[str, str]
+    hashers: Mapping[Path, InOrderHasher]
+
+
+def _write_shards(
+    staging: StagingFolder, shards: Shards, stream: _ShardStream, uploads: KeepShards | ShardUploads
+) -> int:
+    """Write each shard into ``staging``, journal it and hand it to ``uploads``.
+
+    Shards already uploaded (``--low-disk --resume``), or verified in the staging
+    folder (``--resume``, or the parts' shards in the final step), are kept.
+
+    Returns:
+        How many shards were kept from an earlier run (or from the parts).
+    """
+    kept = 0
+    settings = stream.settings
+    for file_name, tensors in shards:
+        if uploads.has_shard(file_name) or staging.has_verified_shard(file_name):
+            kept += 1
+            stream.on_bytes(_shard_bytes(tensors))
+            continue
+        write_shard(
+            staging.shard_path(file_name),
+            tensors,
+            stream.base_reader,
+            stream.adapter,
+            settings.device,
+            settings.tile_budget,
+            stream.on_bytes,
+            settings.allow_nonfinite,
+            stream.metadata,
+            stream.hashers,
+        )
+        staging.record_shard(file_name)
+        uploads.shard_written(staging.path / file_name)
+    uploads.wait()
+    return kept
 
 
 def _resume_fingerprint(

@@ -312,6 +312,18 @@ ResumeOpt = Annotated[
         "continue an interrupted --resume run of the same merge, keeping its verified shards.",
     ),
 ]
+PartOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--part",
+        metavar="I/N",
+        rich_help_panel=SAFETY,
+        help="Write only output shards k with k % N == I, into a staging area every part "
+        "shares (run parts on several machines with a shared file system); then run the "
+        "same command without --part, with --resume, to finish OUT.",
+        show_default=False,
+    ),
+]
 VerifyOpt = Annotated[
     bool,
     typer.Option(

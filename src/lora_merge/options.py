@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, TypeVar
 from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.errors import UsageError
-from lora_merge.finish.shard_sink import check_low_disk
+from lora_merge.finish.parts import Part, parse_part, refuse_with_part
+from lora_merge.finish.shard_sink import check_hub_options
 
 # torch is imported where a value needs it: --help, --version and usage errors need none.
 if TYPE_CHECKING:
@@ -188,8 +189,7 @@ class MergeOptions:
             and resume an interrupted ``resume`` run of the same merge.
         allow_nonfinite: write NaN/Inf produced by the merge instead of refusing.
         verify: reopen the written shards and check them before OUT appears.
-        hash_inputs: record the sha256 of every input file in OUT's model card
-            (computed on a background thread; Hub cache files are not read again).
+        hash_inputs: record the sha256 of every input file in OUT's model card.
         push_to_hub: a Hub repo id to upload OUT to once it is complete.
         private: create that repo private (when it does not exist yet).
         hub_revision: the branch of that repo to commit to (created if needed).
@@ -215,6 +215,7 @@ class MergeOptions:
         rank / alpha: for a loralib (microsoft/LoRA) checkpoint file, which records
             neither; ADAPTER is then that file.
         enable_lora: loralib MergedLinear's ``enable_lora``, e.g. ``"1,0,1"``.
+        part: ``"I/N"``: write only output shards ``k % N == I`` (:mod:`lora_merge.finish.parts`).
     """
 
     base: Path | str
@@ -250,6 +251,7 @@ class MergeOptions:
     rank: int | None = None
     alpha: float | None = None
     enable_lora: str | None = None
+    part: str | None = None
 
     @property
     def adapters(self) -> list[Path | str]:
@@ -294,7 +296,7 @@ class MergeSettings:
         loralib: rank, alpha and groups of a loralib checkpoint; None for PEFT adapters.
         unmerge: subtract the adapter instead of adding it.
         overwrite / quiet / resume / allow_nonfinite / verify / hash_inputs /
-            push_to_hub / private / hub_revision / command: as in :class:`MergeOptions`.
+            push_to_hub / private / hub_revision / command / part: as in :class:`MergeOptions`.
     """
 
     base: Path | str
@@ -322,6 +324,7 @@ class MergeSettings:
     hub_revision: str | None
     command: str | None
     low_disk: bool = False
+    part: Part | None = None
 
 
 def checked_options(options: MergeOptions) -> MergeSettings:
@@ -341,13 +344,9 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         raise UsageError("give at least one ADAPTER")
     output_dtype = OutputDtype.parse(options.dtype, "--dtype", _DTYPE_ALIASES).torch_dtype
     device = resolve_device(options.device)
-    from lora_merge.compute.dequantize import FOUR_BIT_BLOCKSIZES
+    from lora_merge.compute.dequantize import check_four_bit_blocksize  # imports torch
 
-    if options.quant_blocksize not in FOUR_BIT_BLOCKSIZES:
-        raise UsageError(
-            f"quant_blocksize {options.quant_blocksize!r} is not one of "
-            f"{', '.join(map(str, FOUR_BIT_BLOCKSIZES))} (the block sizes bitsandbytes quantizes with)"
-        )
+    check_four_bit_blocksize(options.quant_blocksize)
     settings = MergeSettings(
         base=options.base,
         adapters=adapters,
@@ -374,6 +373,7 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         hub_revision=options.hub_revision,
         command=options.command,
         low_disk=options.low_disk,
+        part=parse_part(options.part),
     )
     _refuse_conflicts(settings)
     return settings
@@ -409,17 +409,17 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
         )
     if settings.save_method is SaveMethod.LORA:
         _refuse_with_adapter_output(settings, one_adapter_only)
+    refuse_with_part(settings.part, settings.save_method is SaveMethod.LORA, settings.push_to_hub)
     if settings.double_quant and settings.save_method is not SaveMethod.MERGED_4BIT:
         raise UsageError("--double-quant applies only with --save-method merged_4bit")
-    if settings.push_to_hub is None:
-        if settings.private or settings.hub_revision is not None:
-            raise UsageError("--private and --revision only apply with --push-to-hub")
-    else:
-        from lora_merge.finish.publish import check_push_target  # imports huggingface_hub
-
-        check_push_target(settings.push_to_hub)
-    if settings.low_disk:
-        check_low_disk(settings.push_to_hub, settings.verify, settings.save_method.value)
+    check_hub_options(
+        settings.push_to_hub,
+        private=settings.private,
+        revision=settings.hub_revision,
+        low_disk=settings.low_disk,
+        verify=settings.verify,
+        adapter_output=settings.save_method is SaveMethod.LORA,
+    )
 
 
 def _refuse_with_adapter_output(settings: MergeSettings, one_adapter_only: bool) -> None:

@@ -31,6 +31,7 @@ from lora_merge.adapter.refusals import (
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
 from lora_merge.errors import LoraMergeWarning
+from lora_merge.finish.parts import Part
 from lora_merge.finish.provenance import MergeRecord, merge_record
 from lora_merge.inputs.identity import base_mismatch_warnings
 from lora_merge.inputs.merge_inputs import resolve_merge_inputs
@@ -68,6 +69,7 @@ class RunSettings:
     save_method: str = "merged_16bit"
     quant_type: str = "nf4"
     double_quant: bool = False
+    part: Part | None = None
 
 
 @dataclass
@@ -193,6 +195,7 @@ def _run_settings(options: MergeSettings) -> RunSettings:
         save_method=options.save_method.value,
         quant_type=options.quant_type.value,
         double_quant=options.double_quant,
+        part=options.part,
     )
     if settings.save_method == "merged_4bit":
         # Found here, before any input is read, not at the first weight to re-quantize.

@@ -45,6 +45,7 @@ class MergePreview:
         adapters / combine: every adapter and the method, when adapters are combined.
         quantization: how BASE is quantized (bitsandbytes), or None.
         save_method: merged_16bit, merged_4bit or lora.
+        part / part_shards: for ``--part I/N``, the part and the shards it would write.
     """
 
     base: str
@@ -74,11 +75,15 @@ class MergePreview:
     save_method: str = "merged_16bit"
     disk_needed_bytes: int = 0
     low_disk: bool = False
+    part: str | None = None
+    part_shards: list[str] | None = None
 
     def to_dict(self) -> dict[str, object]:
         preview = asdict(self)
         if self.combine is None:  # a single-adapter plan keeps its documented fields
             del preview["adapters"], preview["combine"]
+        if self.part is None:  # only a part's plan has them
+            del preview["part"], preview["part_shards"]
         return preview
 
 
@@ -101,6 +106,8 @@ def preview_merge(options: MergeOptions) -> MergePreview:
         # --low-disk holds the shard uploading and the one being written.
         needed = sum(sorted(shard_bytes)[-2:]) if options.low_disk else plan.total_bytes
         check_free_space(prepared.out, needed)
+        part = settings.part
+        part_shards = None if part is None else [f for f, _ in part.select(shards)]
         return MergePreview(
             base=str(base.folder),
             adapter=str(prepared.adapter_folder.location),
@@ -141,6 +148,8 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             save_method=settings.save_method,
             disk_needed_bytes=needed,
             low_disk=options.low_disk,
+            part=None if part is None else str(part),
+            part_shards=part_shards,
         )
 
 

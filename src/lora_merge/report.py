@@ -17,6 +17,18 @@ def describe_summary(summary: MergeSummary, unmerge: bool = False) -> str:
         else ""
     )
     pushed = f"; pushed to {summary.commit_url}" if summary.commit_url else ""
+    if summary.part is not None:
+        return (
+            f"part {summary.part}: wrote {summary.computed_shards} shard(s) and kept "
+            f"{summary.resumed_shards} ({human_bytes(summary.bytes_written)}) for "
+            f"{summary.out} in {summary.seconds:.1f} s; finish OUT with the same command "
+            "without --part, with --resume"
+        )
+    if summary.computed_shards is not None:
+        resumed = (
+            f", {summary.resumed_shards} shard(s) from the parts, "
+            f"{summary.computed_shards} computed here"
+        )
     return (
         f"{'unmerged' if unmerge else 'merged'} {summary.lora_modules} LoRA modules into "
         f"{summary.tensors} tensors "
@@ -74,6 +86,15 @@ def describe_preview(preview: MergePreview) -> str:
     if preview.low_disk:  # each shard is uploaded, then deleted: two at most at once
         needed += " (--low-disk: 2 shards at most, plus the small files)"
     rows.append(("disk", f"needs {needed}, {human_bytes(preview.disk_free_bytes)} free"))
+    if preview.part is not None and preview.part_shards is not None:
+        names = ", ".join(preview.part_shards) or "none"
+        rows.append(
+            (
+                "part",
+                f"{preview.part} writes {len(preview.part_shards)} of "
+                f"{len(preview.output_shards)} shard(s): {names}",
+            )
+        )
     return "\n".join(["dry run: nothing was written"] + [f"{k:<8} {v}" for k, v in rows])
 
 

@@ -10,10 +10,15 @@ shard is complete and flushed to disk, its name, size and sha256 are recorded
 with a fingerprint of the whole merge plan. A later ``--resume`` run of the
 same merge adopts the dead run's folder, keeps every journaled shard whose
 checksum still matches, and writes the rest.
+
+A part of a merge split over several processes (``--part I/N``, see
+:mod:`lora_merge.finish.parts`) stages into the area all parts share instead,
+with a journal of its own; the final ``--resume`` run claims that area.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,9 +32,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from lora_merge.errors import InvalidInputError, OutputError
+from lora_merge.errors import OutputError
+from lora_merge.finish.parts import (
+    Part,
+    journal_files,
+    part_of_journal,
+    parts_area,
+    read_journal,
+    refuse_other_plans,
+)
 from lora_merge.io.hashing import sha256_of
-from lora_merge.io.json_files import read_json_object
 from lora_merge.io.positional import flush_to_disk
 from lora_merge.io.shard_writer import write_errors_as_output_errors
 
@@ -63,35 +75,99 @@ class StagingFolder:
 
     Args:
         out: the final folder.
-        fingerprint: for a resumable run, a digest of everything that decides the
-            output bytes; None for a plain run.
+        fingerprint: for a resumable run or a part, a digest of everything that
+            decides the output bytes; None for a plain run.
+        part: for ``--part I/N``, which part this run is: it stages into the area
+            all parts share, never commits, and keeps its shards when it ends.
+        keep_verified: for a part, keep the shards its own earlier run journaled
+            (``--resume``) instead of writing them again.
+
+    Attributes:
+        notes: what the run should tell the user (part journals of another plan, rejected).
+        from_parts: True when this run claimed the parts' shared area.
     """
 
-    def __init__(self, out: Path, fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        fingerprint: str | None = None,
+        part: Part | None = None,
+        keep_verified: bool = False,
+    ) -> None:
         self.out = out
-        self.path = out.parent / staging_name(out, os.getpid(), uuid.uuid4().hex[:8])
+        self.part = part
+        if part is None:
+            self.path = out.parent / staging_name(out, os.getpid(), uuid.uuid4().hex[:8])
+        else:
+            self.path = parts_area(_staging_prefix(out), out)
         self.fingerprint = fingerprint
         self.resumed_from: Path | None = None
+        self.notes: list[str] = []
+        self.from_parts = False
+        self._keep_verified = keep_verified
         self._journal: dict[str, dict[str, object]] = {}
         self._committed = False
 
     def __enter__(self) -> StagingFolder:
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self.part is not None:
+            self._enter_parts_area(self.part)
+            return self
         try:
             if self.fingerprint is not None:
                 self._adopt_resumable_folder()
+            elif parts_area(_staging_prefix(self.out), self.out).is_dir():
+                self.notes.append(
+                    f"{self.out.name}'s parts (--part) wrote shards beside it; this run without "
+                    "--resume computes every shard itself and leaves them there"
+                )
             remove_stale_staging_folders(self.out)
             if self.resumed_from is None:
                 self.path.mkdir()
             return self
         except BaseException:
             # A signal can land between mkdir and the with-block taking over.
-            shutil.rmtree(self.path, ignore_errors=True)
+            self._discard()
             raise
 
     def __exit__(self, *exc_info: object) -> None:
+        if self.part is not None:
+            # The area is every part's: remove only this part's unfinished files.
+            for path in self.path.glob(self.part.temporary_name("*")):
+                path.unlink(missing_ok=True)
+            return
         if not self._committed:
+            self._discard()
+
+    def _discard(self) -> None:
+        """Remove the unfinished folder; a final step puts the parts' area back instead.
+
+        The area goes back with the final step's journal in it (every shard kept
+        so far), for the next final step. If it cannot (a part has made a new
+        area meanwhile), the folder stays as a dead run's, for ``--resume`` to adopt.
+        """
+        if not self.from_parts:
             shutil.rmtree(self.path, ignore_errors=True)
+            return
+        with contextlib.suppress(OSError):
+            os.rename(self.path, parts_area(_staging_prefix(self.out), self.out))
+
+    def _enter_parts_area(self, part: Part) -> None:
+        """Join the shared area as ``part``: refuse another plan's area, read our own journal."""
+        assert self.fingerprint is not None, "a part always journals its shards"
+        refuse_other_plans(self.path, self.fingerprint)
+        remove_stale_staging_folders(self.out)
+        self.path.mkdir(exist_ok=True)
+        if self._keep_verified:
+            journal = read_journal(self.path / part.journal_name)
+            shards = journal.get("shards") if journal else None
+            self._journal = dict(shards) if isinstance(shards, dict) else {}
+
+    def shard_path(self, file_name: str) -> Path:
+        """Where to write ``file_name``: in place, or under a part's temporary name."""
+        if self.part is None:
+            return self.path / file_name
+        return self.path / self.part.temporary_name(file_name)
 
     def has_verified_shard(self, file_name: str) -> bool:
         """True when a resumed journal lists ``file_name`` and the file still matches it.
@@ -111,26 +187,41 @@ class StagingFolder:
         return False
 
     def record_shard(self, file_name: str) -> None:
-        """Journal a finished shard (resumable runs only): flush it, hash it, record it."""
+        """Journal a finished shard (resumable runs and parts): flush it, hash it, record it.
+
+        A part's shard is renamed from its temporary name first.
+        """
         if self.fingerprint is None:
             return
-        path = self.path / file_name
-        flush_to_disk(path)
-        self._journal[file_name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
-        journal = {"fingerprint": self.fingerprint, "shards": self._journal}
-        temporary = self.path / f"{JOURNAL_NAME}.tmp"
+        written = self.shard_path(file_name)
+        flush_to_disk(written)
+        entry = {"size": written.stat().st_size, "sha256": sha256_of(written)}
+        if written.name != file_name:
+            os.replace(written, self.path / file_name)
+        self._journal[file_name] = entry
+        self._write_journal()
+
+    def _write_journal(self) -> None:
+        """Replace the journal atomically (write, flush, rename): a reader sees old or new."""
+        journal: dict[str, object] = {"fingerprint": self.fingerprint, "shards": self._journal}
+        name = JOURNAL_NAME if self.part is None else self.part.journal_name
+        if self.part is not None:
+            journal["part"] = str(self.part)
+        temporary = self.path / f"{name}.tmp"
         temporary.write_text(json.dumps(journal, indent=1, sort_keys=True), encoding="utf-8")
         flush_to_disk(temporary)
-        os.replace(temporary, self.path / JOURNAL_NAME)
+        os.replace(temporary, self.path / name)
         flush_to_disk(self.path)
 
     def _adopt_resumable_folder(self) -> None:
-        """Claim the newest dead run's folder whose journal has our fingerprint."""
+        """Claim the parts' shared area, or else the newest dead run's folder of our plan."""
+        if self._claim_parts_area():
+            return
         candidates = sorted(
             _dead_staging_folders(self.out), key=lambda p: p.stat().st_mtime, reverse=True
         )
         for candidate in candidates:
-            journal = _read_journal(candidate / JOURNAL_NAME)
+            journal = read_journal(candidate / JOURNAL_NAME)
             if journal is None or journal.get("fingerprint") != self.fingerprint:
                 continue
             try:
@@ -142,6 +233,44 @@ class StagingFolder:
             self.resumed_from = candidate
             return
 
+    def _claim_parts_area(self) -> bool:
+        """Take the parts' area over (the final step of ``--part`` runs); False if there is none.
+
+        The area is renamed to this run's staging folder (atomic: a second final
+        step cannot claim it too). Every journal of our plan is merged into this
+        run's own journal; a journal of another plan is rejected with a note.
+        Every file no kept journal lists (rejected shards, a part's unfinished
+        files, the part journals) is deleted, so OUT holds only this plan's files.
+        """
+        area = parts_area(_staging_prefix(self.out), self.out)
+        try:
+            os.rename(area, self.path)
+        except OSError:
+            return False
+        self.resumed_from = area
+        self.from_parts = True
+        for path in journal_files(self.path):
+            journal = read_journal(path)
+            shards = journal.get("shards") if journal else None
+            if journal is None or journal.get("fingerprint") != self.fingerprint:
+                count = len(shards) if isinstance(shards, dict) else 0
+                self.notes.append(
+                    f"{part_of_journal(path)}'s {count} shard(s) in {area.name} belong to "
+                    "another merge (other options, inputs or lora-merge version): "
+                    "rejected, computed again here"
+                )
+            elif isinstance(shards, dict):
+                self._journal.update(shards)
+        for path in self.path.iterdir():
+            if path.name in self._journal:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        self._write_journal()
+        return True
+
     def commit(self) -> None:
         """Move the finished folder to OUT, replacing an existing OUT (checked earlier).
 
@@ -151,7 +280,8 @@ class StagingFolder:
         held back while the renames run (see :func:`signals_deferred`), so an
         existing OUT is never moved aside without the new one taking its place.
         """
-        (self.path / JOURNAL_NAME).unlink(missing_ok=True)
+        for journal in journal_files(self.path):
+            journal.unlink()
         # Delayed allocation means a full disk can first show up here.
         with write_errors_as_output_errors(self.path):
             for path in sorted(self.path.iterdir()):
@@ -197,14 +327,6 @@ def _dead_staging_folders(out: Path) -> list[Path]:
         if pid_text.isdigit() and not process_alive(int(pid_text)) and candidate.is_dir():
             found.append(candidate)
     return found
-
-
-def _read_journal(path: Path) -> dict[str, object] | None:
-    """A dead run's journal, or None when it is missing or damaged (its folder is not resumed)."""
-    try:
-        return read_json_object(path)
-    except InvalidInputError:
-        return None
 
 
 def process_alive(pid: int) -> bool:
