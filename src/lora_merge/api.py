@@ -179,6 +179,8 @@ def _shard_uploads(settings: MergeSettings) -> KeepShards | ShardUploads:
         revision=settings.hub_revision,
         private=settings.private,
         quiet=settings.quiet,
+        part=settings.part,
+        resume=settings.resume,
     )
 
 
@@ -278,7 +280,8 @@ def _write_output(
     check_free_space(out, uploads.disk_needed([_shard_bytes(t) for _, t in to_write]))
     fingerprint = None
     if settings.resume or part is not None:
-        fingerprint = _resume_fingerprint(shards, base, adapter_folders, recipe)
+        by_content = not isinstance(uploads, KeepShards)  # --low-disk: parts on any machine
+        fingerprint = _resume_fingerprint(shards, base, adapter_folders, recipe, by_content)
     uploads.start(out, fingerprint)
     metadata = shard_metadata(record)
     # --save-method lora writes no model card, nor does a part: it needs no input hashes.
@@ -309,13 +312,15 @@ def _write_output(
         if settings.verify:
             verify_output(staging.path, to_write, base.entries, adapter, base_reader)
         if part is not None:
+            uploads.commit(staging.path, f"lora-merge part {part}")  # --low-disk: its journal
             return _Written(to_write, kept, len(to_write) - kept, staging.notes)
         _finish_folder(staging.path, shards, plan, base, adapter_folder, settings)
         write_model_card(staging.path, record, hashes.result())
         uploads.commit(staging.path, f"Upload model merged by lora-merge {__version__}")
         staging.commit()
-    computed = len(shards) - kept if staging.from_parts else None
-    return _Written(shards, kept, computed, staging.notes + unproduced_note(computed, len(shards)))
+    computed = len(shards) - kept if staging.from_parts or uploads.from_parts else None
+    notes = staging.notes + uploads.notes + unproduced_note(computed, len(shards))
+    return _Written(shards, kept, computed, notes)
 
 
 class _ShardStream(NamedTuple):
@@ -370,11 +375,14 @@ def _resume_fingerprint(
     base: BaseCheckpoint,
     adapter_folders: Sequence[AdapterFolder],
     recipe: CombineRecipe | None,
+    by_content: bool = False,
 ) -> str:
     """The digest a ``--resume`` run's journal must carry for its shards to be kept.
 
     Shards read from the Hub (``--low-disk``) count by URL (pinned to a commit),
-    size and sha256 instead of a local file's size and mtime.
+    size and sha256 instead of a local file's size and mtime; with ``by_content``
+    (``--low-disk``, whose parts may run on other machines) local files count by
+    name, size and sha256.
     """
     inputs = [entry.path for entry in base.entries.values() if entry.path not in base.remote]
     for folder in adapter_folders:
@@ -382,7 +390,7 @@ def _resume_fingerprint(
     described = recipe.describe() if recipe else ""
     if base.remote:
         described += repr(sorted((f.url, f.size, f.sha256) for f in base.remote.values()))
-    return merge_fingerprint(shards, inputs, __version__, described)
+    return merge_fingerprint(shards, inputs, __version__, described, by_content)
 
 
 def _shard_bytes(tensors: list[PlannedTensor]) -> int:

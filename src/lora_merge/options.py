@@ -210,8 +210,7 @@ class MergeOptions:
             twice) or ``lora`` (only the adapter, normalized).
         quant_type / double_quant / quant_blocksize: the 4-bit format for
             ``merged_4bit`` from an unquantized base (a 4-bit base's own format wins).
-        unmerge: subtract the adapter (``W - scale * B @ A``) instead of adding it,
-            turning a merged model back into its base.
+        unmerge: subtract the adapter (``W - scale * B @ A``): a merged model -> its base.
         rank / alpha: for a loralib (microsoft/LoRA) checkpoint file, which records
             neither; ADAPTER is then that file.
         enable_lora: loralib MergedLinear's ``enable_lora``, e.g. ``"1,0,1"``.
@@ -407,9 +406,10 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
             "--unmerge and loralib checkpoints (--rank/--alpha) take one adapter and no "
             "--combine options; combine the adapters first, then unmerge the combination"
         )
-    if settings.save_method is SaveMethod.LORA:
+    lora = settings.save_method is SaveMethod.LORA
+    if lora:
         _refuse_with_adapter_output(settings, one_adapter_only)
-    refuse_with_part(settings.part, settings.save_method is SaveMethod.LORA, settings.push_to_hub)
+    refuse_with_part(settings.part, lora, settings.push_to_hub, settings.low_disk)
     if settings.double_quant and settings.save_method is not SaveMethod.MERGED_4BIT:
         raise UsageError("--double-quant applies only with --save-method merged_4bit")
     check_hub_options(
@@ -418,7 +418,7 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
         revision=settings.hub_revision,
         low_disk=settings.low_disk,
         verify=settings.verify,
-        adapter_output=settings.save_method is SaveMethod.LORA,
+        adapter_output=lora,
     )
 
 

@@ -27,11 +27,14 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
 from lora_merge.errors import PushError
+from lora_merge.finish.hub_parts import commit_part_journal, read_part_journals, staging_branch
+from lora_merge.finish.parts import Part
 from lora_merge.finish.shard_sink import upload_journal_path
 from lora_merge.inputs.hub import progress_bars_hidden
 from lora_merge.io.json_files import read_json_object
@@ -47,9 +50,21 @@ class ShardUploads:
         revision: the branch to commit to (created if needed), None for the default one.
         private: create the repo private.
         quiet: hide huggingface_hub's upload bars.
+        part: ``--part I/N``: commit a part journal to the staging branch instead
+            (:mod:`lora_merge.finish.hub_parts`).
+        resume: ``--resume``: adopt the shards that parts uploaded, too.
     """
 
-    def __init__(self, repo_id: str, *, revision: str | None, private: bool, quiet: bool) -> None:
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None,
+        private: bool,
+        quiet: bool,
+        part: Part | None = None,
+        resume: bool = False,
+    ) -> None:
         self.repo_id = repo_id
         self.revision = revision
         self.private = private
@@ -62,6 +77,11 @@ class ShardUploads:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-merge-upload")
         self._in_flight: Future[None] | None = None
         self.commit_url: str | None = None
+        self.part = part
+        self.resume = resume
+        self.from_parts = False  # True when a staging branch of parts was found
+        self.notes: list[str] = []
+        self._staging_branch: str | None = None
 
     def __enter__(self) -> ShardUploads:
         return self
@@ -98,6 +118,27 @@ class ShardUploads:
                     self.repo_id, branch=self.revision, repo_type="model", exist_ok=True
                 )
             self._adopt_journal()
+            if fingerprint is not None and (self.part is not None or self.resume):
+                self._start_hub_parts(fingerprint)
+
+    def _start_hub_parts(self, fingerprint: str) -> None:
+        """A part: create the staging branch. A final step: adopt the parts' shards."""
+        self._staging_branch = staging_branch(fingerprint)
+        if self.part is not None:
+            self.api.create_branch(
+                self.repo_id,
+                branch=self._staging_branch,
+                revision=self.revision,
+                repo_type="model",
+                exist_ok=True,
+            )
+            return
+        found, records, self.notes = read_part_journals(
+            self.api, self.repo_id, self._staging_branch, fingerprint
+        )
+        self.from_parts = found
+        self.uploaded.update(self._adopt_records(records))
+        self.resumed = sorted(self.uploaded)
 
     def has_shard(self, file_name: str) -> bool:
         """True for a shard an earlier run uploaded (journaled, and held by the Hub)."""
@@ -131,10 +172,16 @@ class ShardUploads:
         Called on the staging folder before it becomes OUT: if the commit fails, no
         OUT appears either. Sets :attr:`commit_url`.
 
+        A part (``--part``) commits its journal to the staging branch instead, and
+        the final step deletes that branch after its commit.
+
         Raises:
             PushError: the Hub refused the commit; nothing is committed.
         """
         self.wait()
+        if self.part is not None:
+            self._commit_part(self.part)
+            return
         files = sorted(path for path in folder.iterdir() if path.is_file())
         operations = [*self.uploaded.values()]
         operations += [CommitOperationAdd(path.name, path) for path in files]
@@ -149,6 +196,24 @@ class ShardUploads:
         if self._journal is not None:
             self._journal.unlink(missing_ok=True)
         self.commit_url = str(commit.commit_url)
+        if self.from_parts and self._staging_branch is not None:
+            with self._push_errors(f"deleting the parts' branch {self._staging_branch}"):
+                self.api.delete_branch(self.repo_id, branch=self._staging_branch)
+
+    def _commit_part(self, part: Part) -> None:
+        """Commit ``part``'s journal (its uploaded shards) to the staging branch."""
+        assert self._staging_branch is not None and self._fingerprint is not None
+        with self._push_errors(f"committing part {part}'s journal"):
+            self.commit_url = commit_part_journal(
+                self.api,
+                self.repo_id,
+                self._staging_branch,
+                part,
+                self._fingerprint,
+                self._records(),
+            )
+        if self._journal is not None:
+            self._journal.unlink(missing_ok=True)
 
     def _upload(self, path: Path) -> None:
         operation = CommitOperationAdd(path.name, path)
@@ -167,7 +232,19 @@ class ShardUploads:
     def _write_journal(self) -> None:
         if self._journal is None:
             return
-        shards = {
+        journal = {
+            "fingerprint": self._fingerprint,
+            "repo": self.repo_id,
+            "revision": self.revision,
+            "shards": self._records(),
+        }
+        temporary = self._journal.with_name(self._journal.name + ".tmp")
+        temporary.write_text(json.dumps(journal, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(temporary, self._journal)
+
+    def _records(self) -> dict[str, dict[str, object]]:
+        """Each uploaded shard's size, sha256 and first bytes, by name (journals keep them)."""
+        return {
             name: {
                 "size": op.upload_info.size,
                 "sha256": op.upload_info.sha256.hex(),
@@ -175,15 +252,6 @@ class ShardUploads:
             }
             for name, op in self.uploaded.items()
         }
-        journal = {
-            "fingerprint": self._fingerprint,
-            "repo": self.repo_id,
-            "revision": self.revision,
-            "shards": shards,
-        }
-        temporary = self._journal.with_name(self._journal.name + ".tmp")
-        temporary.write_text(json.dumps(journal, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(temporary, self._journal)
 
     def _adopt_journal(self) -> None:
         """Take the uploaded shards of a journal of this merge, if the Hub still holds them."""
@@ -194,6 +262,11 @@ class ShardUploads:
         shards = journal.get("shards")
         if same != (self._fingerprint, self.repo_id, self.revision) or not isinstance(shards, dict):
             return
+        self.uploaded = self._adopt_records(shards)
+        self.resumed = sorted(self.uploaded)
+
+    def _adopt_records(self, shards: dict[str, Any]) -> dict[str, CommitOperationAdd]:
+        """Preuploaded operations for the journaled ``shards`` whose LFS object the Hub holds."""
         operations = {}
         for name, record in shards.items():
             operation = CommitOperationAdd(str(name), b"")
@@ -206,10 +279,7 @@ class ShardUploads:
             operation._is_uploaded = True
             operations[name] = operation
         held = self._objects_on_hub([op.upload_info for op in operations.values()])
-        self.uploaded = {
-            name: op for name, op in operations.items() if op.upload_info.sha256.hex() in held
-        }
-        self.resumed = sorted(self.uploaded)
+        return {name: op for name, op in operations.items() if op.upload_info.sha256.hex() in held}
 
     def _objects_on_hub(self, infos: list[UploadInfo]) -> set[str]:
         """The sha256 of those LFS objects the Hub already holds (its batch API says so)."""

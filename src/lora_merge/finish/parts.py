@@ -87,11 +87,17 @@ def parse_part(text: str | None) -> Part | None:
     return Part(index, count)
 
 
-def refuse_with_part(part: Part | None, writes_adapter: bool, push_to_hub: str | None) -> None:
+def refuse_with_part(
+    part: Part | None, writes_adapter: bool, push_to_hub: str | None, low_disk: bool = False
+) -> None:
     """``--part`` writes shards of a merged model for the final step to finish: refuse the rest.
 
+    With ``--push-to-hub REPO --low-disk`` a part uploads its shards to REPO's
+    staging branch instead (:mod:`lora_merge.finish.hub_parts`).
+
     Raises:
-        UsageError: ``--part`` with ``--save-method lora`` or ``--push-to-hub``.
+        UsageError: ``--part`` with ``--save-method lora``, or ``--push-to-hub``
+            without ``--low-disk``.
     """
     if part is None:
         return
@@ -99,9 +105,10 @@ def refuse_with_part(part: Part | None, writes_adapter: bool, push_to_hub: str |
         raise UsageError(
             "--part splits a merged model's shards; --save-method lora writes one adapter file"
         )
-    if push_to_hub is not None:
+    if push_to_hub is not None and not low_disk:
         raise UsageError(
-            "--part writes its shards into the staging area the parts share; give "
+            "--part with --push-to-hub needs --low-disk (each part uploads its own shards "
+            "to the repo's staging branch); or write the parts into a shared folder and give "
             "--push-to-hub to the final step only (the same command without --part, with --resume)"
         )
 

@@ -65,6 +65,12 @@ class KeepShards:
     """Without ``--low-disk``: every shard stays in OUT, the disk must hold them all."""
 
     commit_url: str | None = None  # nothing is committed here
+    from_parts = False  # no staging branch of --part runs on the Hub
+
+    @property
+    def notes(self) -> list[str]:
+        """Nothing to tell."""
+        return []
 
     def __enter__(self) -> KeepShards:
         return self

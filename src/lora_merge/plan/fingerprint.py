@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from lora_merge.io.hashing import sha256_of
 from lora_merge.plan.model import PlannedTensor
 
 
@@ -22,14 +23,23 @@ def merge_fingerprint(
     input_files: Iterable[Path],
     version: str,
     recipe: str = "",
+    by_content: bool = False,
 ) -> str:
     """sha256 over the shard plan, the input files' sizes and mtimes, the version, and
-    how several adapters were combined (``recipe``: weights, method, seed...)."""
+    how several adapters were combined (``recipe``: weights, method, seed...).
+
+    With ``by_content`` the input files count by name, size and sha256 (read in
+    full) instead: the same on every machine, wherever the files are.
+    """
+    inputs = sorted(
+        (path.name, path.stat().st_size, sha256_of(path))
+        if by_content
+        else (str(path), path.stat().st_size, path.stat().st_mtime_ns)
+        for path in set(input_files)
+    )
     description: dict[str, object] = {
         "version": version,
-        "inputs": sorted(
-            (str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in set(input_files)
-        ),
+        "inputs": inputs,
         "shards": [
             [file_name, [_describe(tensor) for tensor in tensors]] for file_name, tensors in shards
         ],
