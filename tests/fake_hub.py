@@ -1,10 +1,11 @@
 """A small HTTP server that speaks the part of the Hub's API that uploads and downloads use.
 
 huggingface_hub talks to it for real (HF_ENDPOINT points at it): creating a
-repo and a branch, the preupload check, the Git LFS batch API and the PUT of
+repo and a branch (from a starting point; deleting one), the preupload check, the Git LFS batch API and the PUT of
 each large file, the check of a README's front matter, then the commit (NDJSON: small files inline in base64, large
-ones by sha256). It keeps what it receives, so a test can compare every file
-of a repo with the folder that was pushed. The xet protocol (huggingface_hub's
+ones by sha256). It keeps what it receives, by branch (with each branch's commit messages),
+so a test can compare every file of a repo with the folder that was pushed; the
+tree listing (of a folder) and ``resolve`` of small files work on those branches. The xet protocol (huggingface_hub's
 default when hf_xet is installed) is not spoken: clients run with
 HF_HUB_DISABLE_XET=1 and use the LFS path, which is huggingface_hub's own
 fallback.
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import yaml
 
@@ -48,6 +50,8 @@ class FakeRepo:
     private: bool | None
     branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
     commit_messages: list[str] = field(default_factory=list)
+    branch_commits: dict[str, list[str]] = field(default_factory=dict)  # branch -> messages
+    deleted_branches: list[str] = field(default_factory=list)
     lfs_oids: dict[str, str] = field(default_factory=dict)  # path -> sha256 of its LFS object
 
 
@@ -143,19 +147,28 @@ _ROUTES = [
     ("POST", re.compile(r"/api/repos/create"), "create_repo"),
     ("POST", re.compile(r"/api/validate-yaml"), "validate_yaml"),
     ("POST", re.compile(rf"/api/models/{_REPO}/branch/(?P<branch>.+)"), "create_branch"),
+    ("DELETE", re.compile(rf"/api/models/{_REPO}/branch/(?P<branch>.+)"), "delete_branch"),
     ("POST", re.compile(rf"/api/models/{_REPO}/preupload/(?P<rev>.+)"), "preupload"),
     ("POST", re.compile(rf"/{_REPO}\.git/info/lfs/objects/batch"), "lfs_batch"),
     ("PUT", re.compile(r"/lfs-upload/(?P<oid>[0-9a-f]{64})"), "lfs_upload"),
     ("POST", re.compile(rf"/api/models/{_REPO}/commit/(?P<rev>.+)"), "commit"),
     ("GET", re.compile(rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)"), "repo_info"),
-    ("GET", re.compile(rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)"), "repo_tree"),
-    ("GET", re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<name>[^/]+)"), "resolve"),
-    ("HEAD", re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<name>[^/]+)"), "resolve"),
+    (
+        "GET",
+        re.compile(rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<folder>.+))?"),
+        "repo_tree",
+    ),
+    ("GET", re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<name>.+)"), "resolve"),
+    ("HEAD", re.compile(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<name>.+)"), "resolve"),
     ("GET", re.compile(r"/cdn/(?P<oid>[0-9a-f]{64})"), "cdn"),
     ("HEAD", re.compile(r"/cdn/(?P<oid>[0-9a-f]{64})"), "cdn"),
 ]
 # Paths anyone may read (the CDN's URLs are signed on the real Hub).
 _PUBLIC = re.compile(r"/cdn/.*|/lfs-upload/.*")
+
+
+def _git_oid(data: bytes) -> str:
+    return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
 
 
 def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
@@ -179,6 +192,9 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
 
         def do_GET(self) -> None:
             self._route("GET")
+
+        def do_DELETE(self) -> None:
+            self._route("DELETE")
 
         def _route(self, method: str) -> None:
             path = self.path.split("?", 1)[0]
@@ -231,7 +247,54 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                     200, {"id": repo, "modelId": repo, "sha": served.commit, "siblings": siblings}
                 )
 
-        def repo_tree(self, body: bytes, repo: str, rev: str) -> None:
+        def _branch(self, repo: str, rev: str) -> dict[str, bytes] | None:
+            """The files of an uploaded repo's branch (404 and None when there is none)."""
+            branch = hub.repos[repo].branches.get(unquote(rev))
+            if branch is None:
+                self._reply(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
+            return branch
+
+        def _branch_tree(self, repo: str, rev: str, folder: str | None) -> None:
+            """The files directly in ``folder`` of an uploaded repo's branch (not recursive)."""
+            files = self._branch(repo, rev)
+            if files is None:
+                return
+            prefix = f"{unquote(folder)}/" if folder else ""
+            entries = [
+                {"type": "file", "path": name, "size": len(data), "oid": _git_oid(data)}
+                for name, data in sorted(files.items())
+                if name.startswith(prefix) and "/" not in name[len(prefix) :]
+            ]
+            if prefix and not any(name.startswith(prefix) for name in files):
+                return self._reply(
+                    404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}
+                )
+            self._reply(200, entries)
+
+        def _branch_file(self, repo: str, rev: str, name: str) -> None:
+            """A small file of an uploaded repo's branch, as ``resolve`` gives it."""
+            files = self._branch(repo, rev)
+            if files is None:
+                return
+            data = files.get(unquote(name))
+            commit = _git_oid(json.dumps(sorted(files)).encode() + unquote(rev).encode())
+            if data is None:
+                headers = {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}
+                return self._reply(404, {"error": "Entry not found"}, headers)
+            self.send_response(200)
+            for header, value in {
+                "Content-Length": str(len(data)),
+                "X-Repo-Commit": commit,
+                "ETag": f'"{_git_oid(data)}"',
+            }.items():
+                self.send_header(header, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def repo_tree(self, body: bytes, repo: str, rev: str, folder: str | None) -> None:
+            if repo not in hub.served and repo in hub.repos:
+                return self._branch_tree(repo, rev, folder)
             served = self._served(repo, rev)
             if served is None:
                 return
@@ -245,6 +308,8 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
             self._reply(200, entries)
 
         def resolve(self, body: bytes, repo: str, rev: str, name: str) -> None:
+            if repo not in hub.served and repo in hub.repos:
+                return self._branch_file(repo, rev, name)
             served = self._served(repo, rev)
             if served is None:
                 return
@@ -369,9 +434,18 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
 
         def create_branch(self, body: bytes, repo: str, branch: str) -> None:
             branches = hub.repos[repo].branches
+            branch = unquote(branch)
             if branch in branches:
                 return self._reply(409, {"error": "Reference already exists"})
-            branches[branch] = dict(branches["main"])
+            starting_point = json.loads(body or b"{}").get("startingPoint") or "main"
+            branches[branch] = dict(branches[starting_point])
+            self._reply(200, {})
+
+        def delete_branch(self, body: bytes, repo: str, branch: str) -> None:
+            branch = unquote(branch)
+            if hub.repos[repo].branches.pop(branch, None) is None:
+                return self._reply(404, {"error": "Invalid rev id"})
+            hub.repos[repo].deleted_branches.append(branch)
             self._reply(200, {})
 
         def preupload(self, body: bytes, repo: str, rev: str) -> None:
@@ -415,12 +489,14 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                 return self._reply(
                     hub.refuse_commits_with, {"error": "commits refused by the test"}
                 )
-            files = hub.repos[repo].branches.setdefault(rev.replace("%2F", "/"), {})
+            branch = unquote(rev)
+            files = hub.repos[repo].branches.setdefault(branch, {})
             for line in body.decode().splitlines():
                 entry = json.loads(line)
                 value = entry["value"]
                 if entry["key"] == "header":
                     hub.repos[repo].commit_messages.append(value["summary"])
+                    hub.repos[repo].branch_commits.setdefault(branch, []).append(value["summary"])
                 elif entry["key"] == "file":
                     files[value["path"]] = base64.b64decode(value["content"])
                 elif entry["key"] == "lfsFile":

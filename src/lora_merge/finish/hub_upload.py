@@ -34,7 +34,7 @@ from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
 from lora_merge.errors import PushError
 from lora_merge.finish.hub_parts import commit_part_journal, read_part_journals, staging_branch
-from lora_merge.finish.parts import Part
+from lora_merge.finish.parts import Part, journal_files
 from lora_merge.finish.shard_sink import upload_journal_path
 from lora_merge.inputs.hub import progress_bars_hidden
 from lora_merge.io.json_files import read_json_object
@@ -182,7 +182,9 @@ class ShardUploads:
         if self.part is not None:
             self._commit_part(self.part)
             return
-        files = sorted(path for path in folder.iterdir() if path.is_file())
+        # The staging folder's resume journal (a resumed run's) is no file of OUT.
+        journals = set(journal_files(folder))
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p not in journals)
         operations = [*self.uploaded.values()]
         operations += [CommitOperationAdd(path.name, path) for path in files]
         with self._push_errors("committing the uploaded shards"), progress_bars_hidden(self.quiet):
