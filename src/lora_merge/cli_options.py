@@ -319,7 +319,8 @@ PartOpt = Annotated[
         metavar="I/N",
         rich_help_panel=SAFETY,
         help="Write only output shards k with k % N == I, into a staging area every part "
-        "shares (run parts on several machines with a shared file system); then run the "
+        "shares (run parts on several machines with a shared file system), or with "
+        "--push-to-hub REPO --low-disk upload them to REPO's staging branch; then run the "
         "same command without --part, with --resume, to finish OUT.",
         show_default=False,
     ),
