@@ -113,6 +113,9 @@ def test_two_parts_hub_to_hub_then_the_final_step(hub: FakeHub, tmp_path: Path) 
         summary = json.loads(result.stdout)
         assert summary["part"] == f"{index}/2"
         assert summary["files"] == shards[index::2]
+        assert sorted(path.name for path in (tmp_path / f"machine-{index}").iterdir()) == [
+            "home"  # nothing left beside OUT: no shard, no journal, no parts area
+        ]
     # The parts changed nothing on main; each committed its journal to one staging branch.
     repo = hub.repos[TARGET]
     assert repo.branches["main"] == {}

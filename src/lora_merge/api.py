@@ -313,6 +313,8 @@ def _write_output(
             verify_output(staging.path, to_write, base.entries, adapter, base_reader)
         if part is not None:
             uploads.commit(staging.path, f"lora-merge part {part}")  # --low-disk: its journal
+            if not isinstance(uploads, KeepShards):  # its shards are on the Hub, not here
+                staging.leave_parts_area()
             return _Written(to_write, kept, len(to_write) - kept, staging.notes)
         _finish_folder(staging.path, shards, plan, base, adapter_folder, settings)
         write_model_card(staging.path, record, hashes.result())

@@ -163,6 +163,15 @@ class StagingFolder:
             shards = journal.get("shards") if journal else None
             self._journal = dict(shards) if isinstance(shards, dict) else {}
 
+    def leave_parts_area(self) -> None:
+        """A part whose shards all went to the Hub (``--low-disk``): drop its journal, and the
+        area too when no other part has files there."""
+        if self.part is None:
+            return
+        (self.path / self.part.journal_name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()  # only when empty
+
     def shard_path(self, file_name: str) -> Path:
         """Where to write ``file_name``: in place, or under a part's temporary name."""
         if self.part is None:
