@@ -23,7 +23,7 @@ from handmade_checkpoints import write_adapter, write_base
 from test_low_disk import ADAPTER_REPO, BASE_REPO, SHARD_SIZE, TARGET
 from test_provenance_and_push import push_env, run_cli
 
-from lora_merge.errors import EXIT_USAGE
+from lora_merge.errors import EXIT_PUSH_FAILED, EXIT_USAGE
 
 SINGLE = "me/single-run"
 
@@ -176,6 +176,29 @@ def test_a_journal_of_another_merge_on_the_branch_is_ignored_with_a_warning(
     assert "1 part journal(s) on branch" in result.stderr
     assert "part-0-of-2.json" in result.stderr
     assert json.loads(result.stdout)["computed_shards"] == 4
+
+
+def test_a_failed_final_commit_keeps_the_branch_for_a_rerun(hub: FakeHub, tmp_path: Path) -> None:
+    """The final step's commit refused: nothing on main, the staging branch stays; the rerun
+    adopts the parts' shards again (no upload) and finishes."""
+    expected = single_run(hub, tmp_path)
+    for index in (0, 1):
+        result = hub_run(hub, tmp_path / f"machine-{index}", TARGET, "--part", f"{index}/2")
+        assert result.returncode == 0, result.stderr
+    [branch] = staging_branches(hub)
+    uploads_before = lfs_uploads(hub)
+    hub.refuse_commits_with = 500
+
+    result = hub_run(hub, tmp_path / "machine-final", TARGET, "--resume")
+
+    assert result.returncode == EXIT_PUSH_FAILED
+    assert hub.repos[TARGET].branches["main"] == {} and staging_branches(hub) == [branch]
+    hub.refuse_commits_with = None
+    result = hub_run(hub, tmp_path / "machine-final", TARGET, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert lfs_uploads(hub) == uploads_before
+    assert_same_as_single_run(hub, expected)
+    assert staging_branches(hub) == []
 
 
 def test_part_with_push_to_hub_without_low_disk_is_one_usage_line(tmp_path: Path) -> None:
