@@ -130,12 +130,9 @@ def test_verify_catches_a_copied_tensor_that_differs_from_base(inputs, tmp_path,
     base, adapter = inputs
     original = shard_writer.TensorSlot.copy_from
 
-    def copy_then_flip(self, reader, key, start=0, nbytes=None):
-        # Copies may come in pieces (several threads): flip after the one with byte 0.
-        copied = original(self, reader, key, start, nbytes)
-        if start != 0:
-            return copied
-        position = self._start
+    def copy_then_flip(self, reader, key):
+        position = self._position
+        copied = original(self, reader, key)
         entry = reader.entry(key)
         with open(entry.path, "rb") as source:
             source.seek(entry.start)

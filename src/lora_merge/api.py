@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,7 +38,6 @@ from lora_merge.finish.provenance import (
     files_read_by_merge,
     shard_metadata,
     start_hashing,
-    stream_hashers,
     write_model_card,
 )
 from lora_merge.finish.publish import push_folder
@@ -47,7 +46,6 @@ from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.dequantizing_reader import DequantizingReader
-from lora_merge.io.hashing import InOrderHasher
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import TensorSpec
@@ -285,12 +283,9 @@ def _write_output(
     uploads.start(out, fingerprint)
     metadata = shard_metadata(record)
     # --save-method lora writes no model card, nor does a part: it needs no input hashes.
-    hash_inputs = settings.hash_inputs and settings.save_method != "lora" and part is None
-    hashers = stream_hashers(base, hash_inputs)  # fed by the stream as it reads BASE
     hashes = start_hashing(
         files_read_by_merge(base, adapter_folders),
-        hash_inputs,
-        hashers,
+        settings.hash_inputs and settings.save_method != "lora" and part is None,
         # Shards read from the Hub (--low-disk): the Hub gave their size and sha256.
         {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
     )
@@ -299,7 +294,7 @@ def _write_output(
     )
     with (
         StagingFolder(out, fingerprint, part, keep_verified=settings.resume) as staging,
-        _open_base(base, settings.device, hashers) as base_reader,
+        _open_base(base, settings.device) as base_reader,
         progress,
     ):
         if settings.save_method == "lora":
@@ -307,7 +302,7 @@ def _write_output(
             on_bytes(plan.total_bytes)
             staging.commit()
             return _Written([("adapter", [])], 0, None, [])  # one file, the adapter's
-        stream = _ShardStream(base_reader, adapter, settings, on_bytes, metadata, hashers)
+        stream = _ShardStream(base_reader, adapter, settings, on_bytes, metadata)
         kept = _write_shards(staging, to_write, stream, uploads)
         if settings.verify:
             verify_output(staging.path, to_write, base.entries, adapter, base_reader)
@@ -333,7 +328,6 @@ class _ShardStream(NamedTuple):
     settings: RunSettings
     on_bytes: Callable[[int], None]
     metadata: dict[str, str]
-    hashers: Mapping[Path, InOrderHasher]
 
 
 def _write_shards(
@@ -364,7 +358,6 @@ def _write_shards(
             stream.on_bytes,
             settings.allow_nonfinite,
             stream.metadata,
-            stream.hashers,
         )
         staging.record_shard(file_name)
         uploads.shard_written(staging.path / file_name)
@@ -428,16 +421,13 @@ def _finish_folder(
 
 
 @contextmanager
-def _open_base(
-    base: BaseCheckpoint, device: torch.device, hashers: Mapping[Path, InOrderHasher]
-) -> Iterator[StoredTensorSource]:
-    """The base's reader: quantized weights come out dequantized (on ``device``); the files
-    of ``hashers`` are fed to them as they are read. Shards on the Hub (``--low-disk``)
-    are read by range requests (their sha256 comes from the Hub, not from hashers)."""
+def _open_base(base: BaseCheckpoint, device: torch.device) -> Iterator[StoredTensorSource]:
+    """The base's reader: quantized weights come out dequantized (on ``device``).
+
+    Shards on the Hub (``--low-disk``) are read by range requests.
+    """
     opened = RangedTensorReader(base.entries, base.remote) if base.remote else None
     with opened or SafetensorsReader(base.entries) as stored:
-        if isinstance(stored, SafetensorsReader):
-            stored.hash_while_reading(hashers)
         if base.quantization is None:
             yield stored
         else:

@@ -18,7 +18,6 @@ so the result could be off by more than half a unit in the last place.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -208,45 +207,3 @@ def all_finite(values: torch.Tensor) -> bool:
     if math.isfinite(float(values.sum(dtype=accumulator))):
         return True
     return bool(torch.isfinite(values).all())
-
-
-# Signed integers as wide as each float, to read a float's bits.
-_SAME_WIDTH_INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def all_finite_bits(values: torch.Tensor, scratch: torch.Tensor | None = None) -> bool:
-    """True when no element is NaN or ±Inf, decided from the bits, exactly, in one pass.
-
-    A float is NaN or ±Inf exactly when its exponent bits are all ones, i.e. when its
-    bits without the sign, read as an integer, are at least those of +Inf. Clearing
-    the sign and taking the maximum over the integer view costs ~0.09 ns per bf16
-    element against ~0.17 for :func:`all_finite`'s float32 sum (measured, one core),
-    and no sum can overflow.
-
-    Args:
-        values: contiguous floating-point values (others are always finite).
-        scratch: optional buffer for the sign-cleared bits, at least ``values``' bytes
-            (any dtype); a merge tile's workspace, free once the tile is rounded.
-    """
-    integer = _SAME_WIDTH_INTEGER.get(values.dtype.itemsize)
-    if not values.is_floating_point() or integer is None or not values.is_contiguous():
-        return all_finite(values)
-    if values.numel() == 0:
-        return True
-    bits = values.view(-1).view(integer)
-    nbytes = values.numel() * values.dtype.itemsize
-    out = None
-    if scratch is not None and scratch.numel() * scratch.element_size() >= nbytes:
-        out = scratch.view(-1).view(torch.uint8)[:nbytes].view(integer)
-    sign_cleared = torch.bitwise_and(bits, _SIGN_CLEARED_MASK[integer], out=out)
-    return int(sign_cleared.amax()) < _infinity_bits(values.dtype)
-
-
-_SIGN_CLEARED_MASK = {integer: torch.iinfo(integer).max for integer in _SAME_WIDTH_INTEGER.values()}
-
-
-@functools.cache
-def _infinity_bits(dtype: torch.dtype) -> int:
-    """+Inf of a floating dtype, its bits read as a signed integer of the same width."""
-    integer = _SAME_WIDTH_INTEGER[dtype.itemsize]
-    return int(torch.tensor(float("inf"), dtype=dtype).view(integer))

@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
 from lora_merge.finish.folder import DTYPE_NAME_IN_CONFIG
 from lora_merge.inputs.locations import hub_snapshot_of
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
-from lora_merge.io.hashing import InOrderHasher, sha256_of
+from lora_merge.io.hashing import sha256_of
 from lora_merge.io.hub_names import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
 from lora_merge.io.shard_writer import OUTPUT_METADATA
 from lora_merge.plan.model import MergePlan
@@ -77,8 +77,6 @@ class InputFile:
     name: str
     size: int
     sha256: str | None
-    path: Path | None = field(default=None, compare=False)
-    from_hub_name: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,58 +206,23 @@ def input_files(role: str, folder: Path, paths: Iterable[Path]) -> list[tuple[st
     return [(role, _relative_name(path, folder), path) for path in seen]
 
 
-def stream_hashers(base: BaseCheckpoint, enabled: bool) -> dict[Path, InOrderHasher]:
-    """Hashers for BASE's weight files, to be fed by the stream as it reads them.
-
-    The stream holds nearly every byte of BASE in memory at some point, so hashing
-    there saves reading the files a second time. Not for files whose sha256 the
-    Hub cache already names or the Hub gave (``--low-disk``), nor for a quantized
-    base (its reader decodes).
-    """
-    if not enabled or base.quantization is not None:
-        return {}
-    paths = {entry.path for entry in base.entries.values() if entry.path not in base.remote}
-    return {path: InOrderHasher(path) for path in sorted(paths) if _hub_blob_sha256(path) is None}
-
-
-class InputHashes:
-    """The input files' sizes and sha256, once the merge has finished reading them."""
-
-    def __init__(
-        self, hashed: Future[list[InputFile]], streamed: Mapping[Path, InOrderHasher]
-    ) -> None:
-        self._hashed, self._streamed = hashed, streamed
-
-    def result(self) -> list[InputFile]:
-        """Every file's row; a streamed file's hash is finished from the file where the
-        stream did not read it (a resumed run's kept shards, dropped ranges)."""
-        return [
-            InputFile(f.role, f.name, f.size, self._streamed[f.path].hexdigest(), f.path)
-            if f.path is not None and f.path in self._streamed
-            else f
-            for f in self._hashed.result()
-        ]
-
-
 def start_hashing(
     files: Sequence[tuple[str, str, Path]],
     enabled: bool,
-    streamed: Mapping[Path, InOrderHasher] | None = None,
     known: Mapping[Path, tuple[int, str | None]] | None = None,
-) -> InputHashes:
-    """Hash the input files the stream does not hash, on a background thread.
+) -> Future[list[InputFile]]:
+    """Hash the input files on a background thread while the merge runs.
 
-    Those are the small ones (configs, the index, the adapter, read out of order)
-    and any whose hasher ``streamed`` lacks. Files in huggingface_hub's cache are
-    not read at all: their blob's name is their sha256. Files in ``known`` (size and
-    sha256 by path: shards read from the Hub with ``--low-disk``, whose sha256 the
-    Hub gave) are not read either.
+    The thread reads files the merge reads too (mostly from the page cache) and
+    hashlib releases the GIL, so on a machine with a spare core this costs little
+    wall time. Files in huggingface_hub's cache are not read at all: their blob's
+    name is their sha256. Files in ``known`` (size and sha256 by path: shards read
+    from the Hub with ``--low-disk``, whose sha256 the Hub gave) are not read either.
     """
-    streamed = streamed or {}
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-merge-hash")
-    future = pool.submit(_hash_all, files, enabled, set(streamed), known or {})
+    future = pool.submit(_hash_all, files, enabled, known or {})
     pool.shutdown(wait=False)
-    return InputHashes(future, streamed)
+    return future
 
 
 def write_model_card(folder: Path, record: MergeRecord, files: Sequence[InputFile]) -> None:
@@ -319,13 +282,6 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
         f"{f'`{f.sha256}`' if f.sha256 else 'not computed (--no-hash-inputs)'} |"
         for f in files
     ]
-    if any(f.from_hub_name and f.sha256 for f in files):
-        lines += [
-            "",
-            "The sha256 of a weights file read from the Hugging Face cache, or from the Hub "
-            "with --low-disk, is the name the Hub gave its blob (the Git LFS object id, "
-            "which is the file's sha256), not recomputed.",
-        ]
     return "\n".join(lines) + "\n"
 
 
@@ -363,39 +319,25 @@ def files_read_by_merge(
 def _hash_all(
     files: Sequence[tuple[str, str, Path]],
     enabled: bool,
-    streamed: set[Path],
     known: Mapping[Path, tuple[int, str | None]],
 ) -> list[InputFile]:
     hashed = []
     for role, name, path in files:
         if path in known:
             size, sha256 = known[path]
-            sha256 = sha256 if enabled else None
-            hashed.append(InputFile(role, name, size, sha256, path, from_hub_name=True))
-            continue
-        hashed.append(
-            InputFile(
-                role,
-                name,
-                path.stat().st_size,
-                _sha256(path) if enabled and path not in streamed else None,
-                path,
-                from_hub_name=enabled and _hub_blob_sha256(path) is not None,
+            hashed.append(InputFile(role, name, size, sha256 if enabled else None))
+        else:
+            hashed.append(
+                InputFile(role, name, path.stat().st_size, _sha256(path) if enabled else None)
             )
-        )
     return hashed
 
 
 def _sha256(path: Path) -> str:
-    return _hub_blob_sha256(path) or sha256_of(path)
-
-
-def _hub_blob_sha256(path: Path) -> str | None:
-    """The sha256 huggingface_hub's cache names ``path``'s blob by, if it does."""
     blob = Path(os.path.realpath(path))
     if blob.parent.name == "blobs" and _SHA256_BLOB_NAME.fullmatch(blob.name):
         return blob.name
-    return None
+    return sha256_of(path)
 
 
 def _relative_name(path: Path, folder: Path) -> str:

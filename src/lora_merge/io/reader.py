@@ -14,13 +14,8 @@ from typing import Protocol
 import torch
 
 from lora_merge.errors import InvalidInputError
-from lora_merge.io.hashing import InOrderHasher
 from lora_merge.io.positional import PositionalFile
 from lora_merge.io.safetensors_format import TensorEntry
-
-# A hashed copy goes through memory in pieces of this size: read, hash and write
-# each while it is in the L2 cache.
-COPY_PIECE_BYTES = 512 * 2**10
 
 
 class TensorSource(Protocol):
@@ -68,20 +63,6 @@ class SafetensorsReader:
         self._entries = dict(entries)
         self._files: dict[Path, PositionalFile] = {}
         self._lock = threading.Lock()
-        self._hashers: dict[Path, InOrderHasher] = {}
-        self._per_thread = threading.local()
-
-    def hash_while_reading(self, hashers: Mapping[Path, InOrderHasher]) -> None:
-        """Feed every byte read from these files to their hasher (provenance at no extra read).
-
-        Copies from them then go through memory too (:meth:`copy_byte_range`), so
-        that their bytes can be hashed on the way.
-        """
-        self._hashers = dict(hashers)
-
-    def hasher(self, path: Path) -> InOrderHasher | None:
-        """The hasher fed with ``path``'s bytes, if any."""
-        return self._hashers.get(path)
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -123,12 +104,8 @@ class SafetensorsReader:
         if buffer is None or buffer.numel() < nbytes:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
         buffer = buffer[:nbytes]
-        data = buffer.numpy().data
-        if not self._file(entry.path).read_exactly_into(data, offset):
+        if not self._file(entry.path).read_exactly_into(buffer.numpy().data, offset):
             raise _shrunk(entry)
-        hasher = self._hashers.get(entry.path)
-        if hasher is not None:
-            hasher.feed(offset, data)
         if entry.dtype == torch.uint8:
             return buffer.reshape(shape)
         return buffer.view(entry.dtype).reshape(shape)
@@ -155,47 +132,6 @@ class SafetensorsReader:
             destination, entry.nbytes, entry.start, destination_offset
         )
         if copied != entry.nbytes:
-            raise _shrunk(entry)
-        return copied
-
-    def copy_byte_range(
-        self,
-        key: str,
-        start: int,
-        nbytes: int,
-        destination: PositionalFile,
-        destination_offset: int,
-    ) -> int:
-        """Copy ``nbytes`` of a tensor's stored bytes from byte ``start`` into ``destination``.
-
-        A file being hashed is copied through a cache-sized buffer, each piece read,
-        hashed and written while it is in the cache (measured, 2 cores: 0.93 CPU-s per
-        GB, against 1.2 for an in-kernel copy plus reading the file again to hash it);
-        any other in the kernel, as :meth:`copy_bytes`.
-
-        Returns:
-            The bytes copied.
-        """
-        entry = self._entries[key]
-        if start < 0 or nbytes < 0 or start + nbytes > entry.nbytes:
-            raise ValueError(f"bytes {start}:{start + nbytes} are outside {key!r}")
-        source, offset = self._file(entry.path), entry.start + start
-        hasher = self._hashers.get(entry.path)
-        if hasher is None:
-            copied = source.copy_to(destination, nbytes, offset, destination_offset)
-        else:
-            buffer = getattr(self._per_thread, "copy_buffer", None)
-            if buffer is None:  # one per thread, reused for every piece
-                buffer = self._per_thread.copy_buffer = memoryview(bytearray(COPY_PIECE_BYTES))
-            copied = 0
-            while copied < nbytes:
-                piece = buffer[: min(len(buffer), nbytes - copied)]
-                if not source.read_exactly_into(piece, offset + copied):
-                    raise _shrunk(entry)
-                hasher.feed(offset + copied, piece)
-                destination.write_all(piece, destination_offset + copied)
-                copied += len(piece)
-        if copied != nbytes:
             raise _shrunk(entry)
         return copied
 

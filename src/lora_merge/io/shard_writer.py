@@ -21,7 +21,7 @@ import torch
 
 from lora_merge.errors import OutputError
 from lora_merge.io.positional import PositionalFile
-from lora_merge.io.reader import SafetensorsReader, StoredTensorSource
+from lora_merge.io.reader import StoredTensorSource
 from lora_merge.io.safetensors_format import METADATA_KEY, SAFETENSORS_NAME_BY_TORCH_DTYPE
 
 # safetensors pads the JSON header with spaces so that the data buffer starts
@@ -113,11 +113,7 @@ class ShardWriter:
 
 
 class TensorSlot:
-    """The byte range of one tensor in a shard, filled front to back or piece by piece.
-
-    Several threads may fill one slot at once, each its own pieces (``offset``):
-    the slot counts the bytes received and completes the tensor when all have come.
-    """
+    """The byte range of one tensor in a shard, filled by consecutive writes."""
 
     def __init__(
         self, shard: ShardWriter, spec: TensorSpec, file: PositionalFile, offset: int
@@ -125,66 +121,43 @@ class TensorSlot:
         self.spec = spec
         self._shard = shard
         self._file = file
-        self._start = offset
-        self._position = offset  # where the next unplaced write goes
+        self._position = offset
         self._remaining = spec.nbytes
-        self._lock = threading.Lock()
 
-    def write(self, chunk: torch.Tensor, offset: int | None = None) -> int:
-        """Write rows of the tensor (already in its output dtype); return the bytes.
-
-        Args:
-            chunk: the rows.
-            offset: their byte offset within the tensor; None: right after the last write.
-        """
+    def write(self, chunk: torch.Tensor) -> int:
+        """Append the next rows of the tensor (already in its output dtype); return the bytes."""
         if chunk.dtype != self.spec.dtype:
             raise RuntimeError(
                 f"{self.spec.name}: chunk is {chunk.dtype}, planned {self.spec.dtype}"
             )
         nbytes = chunk.numel() * chunk.element_size()
-        position = self._claim(nbytes, offset)
+        self._check_room(nbytes)
         if nbytes:
             data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy().data
             with write_errors_as_output_errors(self._shard.path):
-                self._file.write_all(data, position)
-        self._received(nbytes)
+                self._file.write_all(data, self._position)
+        self._advance(nbytes)
         return nbytes
 
-    def copy_from(
-        self, reader: StoredTensorSource, key: str, start: int = 0, nbytes: int | None = None
-    ) -> int:
-        """Fill the tensor (or ``nbytes`` of it from byte ``start``) with the stored bytes of
-        ``key``, without decoding them; return the bytes copied."""
-        whole = start == 0 and nbytes is None
-        nbytes = reader.entry(key).nbytes - start if nbytes is None else nbytes
-        position = self._claim(nbytes, None if whole else start)
+    def copy_from(self, reader: StoredTensorSource, key: str) -> int:
+        """Fill the whole tensor with the stored bytes of ``key``, without decoding them."""
+        self._check_room(reader.entry(key).nbytes)
         with write_errors_as_output_errors(self._shard.path):
-            if whole:
-                copied = reader.copy_bytes(key, self._file, position)
-            else:
-                assert isinstance(reader, SafetensorsReader), "pieces are copied from files"
-                copied = reader.copy_byte_range(key, start, nbytes, self._file, position)
-        self._received(copied)
+            copied = reader.copy_bytes(key, self._file, self._position)
+        self._advance(copied)
         return copied
 
-    def _claim(self, nbytes: int, offset: int | None) -> int:
-        """The file position for ``nbytes`` at ``offset`` in the tensor (None: the next ones)."""
-        with self._lock:
-            if offset is None:
-                offset = self._position - self._start
-            if nbytes > self._remaining or offset + nbytes > self.spec.nbytes:
-                raise RuntimeError(f"{self.spec.name}: more bytes written than planned")
-            self._position = max(self._position, self._start + offset + nbytes)
-            return self._start + offset
+    def _check_room(self, nbytes: int) -> None:
+        if nbytes > self._remaining:
+            raise RuntimeError(f"{self.spec.name}: more bytes written than planned")
 
-    def _received(self, nbytes: int) -> None:
-        with self._lock:
-            self._remaining -= nbytes
-            complete = self._remaining == 0
-        if complete:
+    def _advance(self, nbytes: int) -> None:
+        self._position += nbytes
+        self._remaining -= nbytes
+        if self._remaining == 0:
             self._shard._complete(self.spec.name)
             # The disk writes the finished tensor back while later ones are merged.
-            self._file.done_with(self._start, self.spec.nbytes)
+            self._file.done_with(self._position - self.spec.nbytes, self.spec.nbytes)
 
 
 @contextmanager

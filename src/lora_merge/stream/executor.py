@@ -14,22 +14,25 @@ one tile of a tensor, so memory does not grow with the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from lora_merge.adapter.combined import CombinedAdapter
-from lora_merge.compute.lora import compute_dtype_for, scale_folds_into_a
+from lora_merge.compute.lora import all_finite, compute_dtype_for, scale_folds_into_a
+from lora_merge.errors import NonFiniteError
 from lora_merge.io.dequantizing_reader import dequantize_workspace_bound
-from lora_merge.io.hashing import InOrderHasher
 from lora_merge.io.reader import InMemoryTensors, StoredTensorSource, TensorSource
-from lora_merge.io.shard_writer import ShardWriter
+from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 from lora_merge.plan.kinds.dora import norm_per_column
 from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor
-from lora_merge.stream.tasks import ShardTasks
+from lora_merge.stream.requantize import write_requantized
+from lora_merge.stream.tiles import TileBuffers, output_tiles, with_token_rows
 
 # Bytes of merge workspace (the float32/float64 accumulator) per CPU tile. With
 # the rows read and the rows written it stays within a 2 MiB L2 cache.
@@ -171,14 +174,12 @@ def write_shard(
     on_bytes: Callable[[int], None],
     allow_nonfinite: bool = False,
     metadata: dict[str, str] | None = None,
-    hashers: Mapping[Path, InOrderHasher] | None = None,
 ) -> None:
     """Write one output shard.
 
-    On the CPU, the shard's tasks (tiles, pieces of copies; see :mod:`.tasks`) are
-    taken in order by one thread per core, each running torch single-threaded on
-    its own cache-sized tiles, so one core's reads and writes overlap the other's
-    arithmetic. On a GPU one thread feeds it.
+    On the CPU, tensors are spread over one thread per core, each running torch
+    single-threaded on its own cache-sized tiles, so one core's reads and
+    writes overlap the other's arithmetic. On a GPU one thread feeds it.
 
     Args:
         path: the shard file to create.
@@ -192,7 +193,6 @@ def write_shard(
         allow_nonfinite: write NaN/Inf produced by the merge instead of refusing
             (tensors copied unchanged from the base are never inspected).
         metadata: the header's ``__metadata__`` (default: just the format).
-        hashers: the base files' hashers that ``base`` feeds as it reads, if any.
 
     Raises:
         NonFiniteError: a merged, replaced or converted tensor has NaN or Inf.
@@ -204,25 +204,82 @@ def write_shard(
     ):
         # A 4-bit group's scales and quant state are written with its weight.
         work = [t for t in tensors if t.spec.nbytes and t.written_with is None]
-        job = ShardTasks(
-            writer,
-            work,
-            base,
-            adapter,
-            device,
-            tile_budget,
-            on_bytes,
-            allow_nonfinite,
-            hashers or {},
+        job = _ShardJob(
+            writer, work, base, adapter, device, tile_budget, on_bytes, allow_nonfinite, workers
         )
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-merge") as pool:
-            threads = [pool.submit(job.run_worker) for _ in range(workers)]
             try:
-                for thread in threads:
-                    thread.result()
+                for _ in pool.map(job.write_tensor, range(len(work))):
+                    pass
             except BaseException:
-                job.stop.set()  # Ctrl-C or a failure: the other threads stop at their next task
+                job.stop.set()  # Ctrl-C or a failure: the other threads stop at their next tile
+                pool.shutdown(cancel_futures=True)
                 raise
+
+
+class _ShardJob:
+    """The tensors of one shard, written by a pool of threads, each with its own tile buffers."""
+
+    def __init__(
+        self,
+        writer: ShardWriter,
+        work: list[PlannedTensor],
+        base: StoredTensorSource,
+        adapter: TensorSource,
+        device: torch.device,
+        tile_budget: int,
+        on_bytes: Callable[[int], None],
+        allow_nonfinite: bool,
+        workers: int,
+    ) -> None:
+        self.writer, self.work, self.base, self.adapter = writer, work, base, adapter
+        self.device, self.tile_budget, self.on_bytes = device, tile_budget, on_bytes
+        self.allow_nonfinite, self.workers = allow_nonfinite, workers
+        # Set when the run is failing or interrupted: its output will be removed.
+        self.stop = threading.Event()
+        self._per_thread = threading.local()
+
+    def write_tensor(self, index: int) -> None:
+        """Write ``work[index]`` (in a pool thread)."""
+        if self.stop.is_set():
+            return
+        tensor = self.work[index]
+        # The tensor the next free thread takes after this batch: have the disk read it now.
+        upcoming = index + self.workers
+        if upcoming < len(self.work) and self.work[upcoming].source == "base":
+            self.base.prefetch(self.work[upcoming].source_key)
+        slot = self.writer.tensor(tensor.spec.name)
+        if tensor.is_byte_copy:
+            self.on_bytes(slot.copy_from(self.base, tensor.source_key))
+            return
+        if tensor.requantize is not None:  # merged_4bit: the weight and its 4-bit group
+            target = tensor.requantize
+            merged = replace(
+                tensor,
+                spec=TensorSpec(tensor.spec.name, target.dtype, target.shape),
+                requantize=None,
+            )
+            tiles = self._checked_tiles(merged)
+            write_requantized(tiles, target, tensor.spec.name, self.writer, self.on_bytes)
+            return
+        for tile in self._checked_tiles(tensor):
+            self.on_bytes(slot.write(tile))
+
+    def _checked_tiles(self, tensor: PlannedTensor) -> Iterator[torch.Tensor]:
+        """The tensor's output tiles (trainable-token rows in place), refusing NaN/Inf unless
+        allowed; cut short once ``stop`` is set."""
+        if not hasattr(self._per_thread, "buffers"):
+            self._per_thread.buffers = TileBuffers(self.tile_budget)
+        source: TensorSource = self.base if tensor.source == "base" else self.adapter
+        tiles = output_tiles(tensor, source, self.adapter, self.device, self._per_thread.buffers)
+        if tensor.token_rows is not None:
+            tiles = with_token_rows(tiles, tensor.token_rows, self.adapter)
+        for tile in tiles:
+            if not self.allow_nonfinite and not all_finite(tile):
+                raise NonFiniteError(_nonfinite_message(tensor, self.adapter))
+            yield tile
+            if self.stop.is_set():
+                return
 
 
 @contextmanager
@@ -236,3 +293,28 @@ def _single_threaded_torch(enabled: bool) -> Iterator[None]:
     finally:
         if enabled:
             torch.set_num_threads(previous)
+
+
+def _nonfinite_message(tensor: PlannedTensor, adapter: TensorSource) -> str:
+    """Say where NaN/Inf in an output tensor came from, and what to do."""
+    name, delta = tensor.spec.name, tensor.delta
+    suspects = [tensor.source_key] if tensor.source == "adapter" else []
+    if isinstance(delta, LoraProduct):
+        suspects += [delta.a_key] if delta.dense else [delta.a_key, delta.b_key]
+        if delta.magnitude_key is not None:
+            suspects.append(delta.magnitude_key)
+    elif isinstance(delta, LoraBias):
+        suspects.append(delta.bias_key)
+    if tensor.token_rows is not None:
+        suspects.append(tensor.token_rows.key)
+    broken = [key for key in suspects if not all_finite(adapter.read_rows(key))]
+    if broken:
+        cause = f"adapter tensor {broken[0]!r} contains NaN or Inf: the adapter is broken"
+    elif delta is not None:
+        cause = (
+            f"merging into {name!r} produced NaN or Inf: the base tensor holds NaN/Inf or "
+            f"the sum overflows {tensor.spec.dtype}"
+        )
+    else:
+        cause = f"converting {name!r} to {tensor.spec.dtype} produced NaN or Inf (values out of its range)"
+    return f"{cause}; refusing to write it (pass --allow-nonfinite to write it anyway)"

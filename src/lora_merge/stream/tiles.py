@@ -40,46 +40,22 @@ from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor, TokenRow
 
 
 class TileBuffers:
-    """The byte buffers one thread's tiles reuse: rows read, the merge workspace, rows written.
+    """The two byte buffers a shard's tiles reuse: one for rows read, one for rows written.
 
-    Each tile is written before the same thread reads the next, so one of each suffices.
+    Each tile is written before the next is read, so one of each suffices.
     """
 
     def __init__(self, tile_bytes: int) -> None:
         self.tile_bytes = tile_bytes
         self.read = torch.empty(tile_bytes, dtype=torch.uint8)
         self._output = torch.empty(tile_bytes, dtype=torch.uint8)
-        self._workspace = torch.empty(tile_bytes, dtype=torch.uint8)
 
     def output(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The output buffer viewed as ``shape`` of ``dtype``."""
-        self._output = _at_least(self._output, dtype, shape)
-        return _viewed(self._output, dtype, shape)
-
-    @property
-    def scratch(self) -> torch.Tensor:
-        """The workspace's bytes, free once a tile is rounded into the output buffer."""
-        return self._workspace
-
-    def workspace(
-        self, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device
-    ) -> torch.Tensor:
-        """A buffer for the merge's product, ``shape`` of ``dtype`` (fresh on a GPU)."""
-        if device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
-        self._workspace = _at_least(self._workspace, dtype, shape)
-        return _viewed(self._workspace, dtype, shape)
-
-
-def _at_least(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """``buffer``, or a larger one when ``shape`` of ``dtype`` does not fit (a row wider than a tile)."""
-    nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-    return buffer if nbytes <= buffer.numel() else torch.empty(nbytes, dtype=torch.uint8)
-
-
-def _viewed(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-    return buffer[:nbytes].view(dtype).view(shape)
+        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        if nbytes > self._output.numel():  # a single row wider than a tile
+            self._output = torch.empty(nbytes, dtype=torch.uint8)
+        return self._output[:nbytes].view(dtype).view(shape)
 
 
 def output_tiles(
@@ -102,65 +78,31 @@ def output_tiles(
     if isinstance(delta, LoraBias) or not spec.shape or tensor.source == "zeros":
         yield _whole_small_tensor(tensor, source, adapter, device)
         return
-    if isinstance(delta, LoraProduct) and delta.experts > 1 and delta.expert is None:
-        tile_rows = _tile_rows(tensor, buffers.tile_bytes, compute_dtype_for(spec.dtype))
-        yield from _fused_expert_tiles(tensor, delta, source, adapter, device, buffers, tile_rows)
-        return
-    rows = _rows_of(tensor, source, adapter, device, buffers.tile_bytes)
-    yield from rows.tiles(buffers)
-
-
-def independent_row_tiles(
-    tensor: PlannedTensor,
-    source: TensorSource,
-    adapter: TensorSource,
-    device: torch.device,
-    tile_bytes: int,
-) -> ConvertedRows | ProductRows | None:
-    """The tensor as row tiles that any thread may compute, in any order; None if it has none.
-
-    Biases and scalars are read whole, a fused expert weight goes a few experts at a
-    time and DoRA over columns needs a pass over every row first: those are
-    streamed whole by one thread (:func:`output_tiles`).
-    """
-    spec, delta = tensor.spec, tensor.delta
-    if isinstance(delta, LoraBias) or not spec.shape or tensor.source == "zeros":
-        return None
-    if isinstance(delta, LoraProduct) and (
-        (delta.experts > 1 and delta.expert is None) or norm_per_column(delta)
-    ):
-        return None
-    return _rows_of(tensor, source, adapter, device, tile_bytes)
-
-
-def _rows_of(
-    tensor: PlannedTensor,
-    source: TensorSource,
-    adapter: TensorSource,
-    device: torch.device,
-    tile_bytes: int,
-) -> ConvertedRows | ProductRows:
-    delta = tensor.delta
+    row_elements = max(1, int(torch.Size(spec.shape[1:]).numel()))
+    widest = max(tensor.source_dtype.itemsize, spec.dtype.itemsize)
     if not isinstance(delta, LoraProduct):
         # A dtype conversion, or an adapter tensor replacing the base's.
-        return ConvertedRows(tensor, source, _tile_rows(tensor, tile_bytes, None))
-    compute_dtype = compute_dtype_for(tensor.spec.dtype)
+        tile_rows = max(1, buffers.tile_bytes // (row_elements * widest))
+        for start in range(0, spec.shape[0], tile_rows):
+            stop = min(spec.shape[0], start + tile_rows)
+            values = source.read_rows(tensor.source_key, start, stop, buffers.read)
+            yield buffers.output(spec.dtype, tuple(values.shape)).copy_(values)
+        return
+    compute_dtype = compute_dtype_for(spec.dtype)
     if norm_per_column(delta):
         # DoRA over columns cannot reproduce PEFT's float32 norm (its sum runs in
         # another order), so it is computed in float64 throughout: correctly
         # rounded, never further from the exact result than PEFT's.
         compute_dtype = torch.float64
-    tile_rows = _tile_rows(tensor, tile_bytes, compute_dtype)
-    return ProductRows(tensor, delta, source, adapter, device, tile_rows, compute_dtype)
-
-
-def _tile_rows(tensor: PlannedTensor, tile_bytes: int, compute_dtype: torch.dtype | None) -> int:
-    """Rows per tile: as many as fit ``tile_bytes`` in the widest form a row takes."""
-    row_elements = max(1, int(torch.Size(tensor.spec.shape[1:]).numel()))
-    widest = max(tensor.source_dtype.itemsize, tensor.spec.dtype.itemsize)
-    if compute_dtype is not None:
-        widest = max(widest, compute_dtype.itemsize)
-    return max(1, tile_bytes // (row_elements * widest))
+    widest = max(widest, compute_dtype.itemsize)
+    tile_rows = max(1, buffers.tile_bytes // (row_elements * widest))
+    if delta.experts > 1 and delta.expert is None:
+        yield from _fused_expert_tiles(tensor, delta, source, adapter, device, buffers, tile_rows)
+        return
+    product = _ProductRows(
+        tensor, delta, source, adapter, device, buffers, tile_rows, compute_dtype
+    )
+    yield from product.tiles()
 
 
 def _whole_small_tensor(
@@ -178,30 +120,11 @@ def _whole_small_tensor(
     return values.to(spec.dtype)
 
 
-class ConvertedRows:
-    """A tensor whose values are its source's, converted to the output dtype, a tile at a time."""
-
-    def __init__(self, tensor: PlannedTensor, source: TensorSource, tile_rows: int) -> None:
-        self.tensor, self.source, self.tile_rows = tensor, source, tile_rows
-        self.rows = tensor.spec.shape[0]
-
-    def tile(self, start: int, stop: int, buffers: TileBuffers) -> torch.Tensor:
-        """Rows start:stop, converted into ``buffers``' output buffer."""
-        values = self.source.read_rows(self.tensor.source_key, start, stop, buffers.read)
-        return buffers.output(self.tensor.spec.dtype, tuple(values.shape)).copy_(values)
-
-    def tiles(self, buffers: TileBuffers) -> Iterator[torch.Tensor]:
-        """Every tile, in order."""
-        for start in range(0, self.rows, self.tile_rows):
-            yield self.tile(start, min(self.rows, start + self.tile_rows), buffers)
-
-
-class ProductRows:
+class _ProductRows:
     """``W + scale * B @ A`` (and DoRA's rescaling) over one weight's row tiles.
 
-    Holds what the tensor's tiles share, read-only once made, so several threads
-    may compute its tiles at once: the factors in the compute dtype, DoRA's
-    magnitudes. Each thread brings its own buffers.
+    Holds what the tensor's tiles share: the factors in the compute dtype, one
+    workspace for the product, DoRA's magnitudes.
     """
 
     def __init__(
@@ -211,12 +134,12 @@ class ProductRows:
         source: TensorSource,
         adapter: TensorSource,
         device: torch.device,
+        buffers: TileBuffers,
         tile_rows: int,
         compute_dtype: torch.dtype,
     ) -> None:
         self.tensor, self.delta, self.source = tensor, delta, source
-        self.device, self.tile_rows, self.compute_dtype = device, tile_rows, compute_dtype
-        self.rows = tensor.spec.shape[0]
+        self.device, self.buffers, self.tile_rows = device, buffers, tile_rows
         self.row_elements = max(1, int(torch.Size(tensor.spec.shape[1:]).numel()))
         lora_a, lora_b = read_lora_factors(delta, adapter)
         # (A whole delta, ``dense``, has no B: A is already (out, in).)
@@ -228,71 +151,62 @@ class ProductRows:
             compute_dtype,
         )
         factors = self.factors
-        self._out_features = (
+        out_features = (
             factors.lora_a.shape[0] if factors.lora_b is None else factors.lora_b.shape[0]
+        )
+        workspace_rows = out_features if delta.transposed else tile_rows
+        workspace_columns = tile_rows if delta.transposed else factors.lora_a.shape[1]
+        self.workspace = torch.empty(
+            (workspace_rows, workspace_columns), dtype=compute_dtype, device=device
         )
         self.magnitude = None
         if delta.magnitude_key is not None:
             self.magnitude = read_magnitude(delta, adapter).to(device=device, dtype=compute_dtype)
 
-    def merged(
-        self, start: int, stop: int, buffers: TileBuffers
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def merged(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored rows start:stop, and V = W + scale * B @ A over them (flat rows)."""
-        values = self.source.read_rows(self.tensor.source_key, start, stop, buffers.read).to(
+        values = self.source.read_rows(self.tensor.source_key, start, stop, self.buffers.read).to(
             self.device
         )
         count = stop - start
-        if self.delta.transposed:
-            shape = (self._out_features, count)
-        else:
-            shape = (count, self.factors.lora_a.shape[1])
-        workspace = buffers.workspace(self.compute_dtype, shape, self.device)
+        workspace = self.workspace[:, :count] if self.delta.transposed else self.workspace[:count]
         return values, merged_rows(values.reshape(count, -1), self.factors, start, workspace)
 
-    def column_factor(self, buffers: TileBuffers) -> torch.Tensor:
+    def column_factor(self) -> torch.Tensor:
         """DoRA's ``m / ||column||`` for every column of V.
 
         The norm of each column spans every row, so this first pass sums its squares
         tile by tile; only a vector as long as a row is kept.
         """
         assert self.magnitude is not None
+        rows = self.tensor.spec.shape[0]
         sums = torch.zeros(self.row_elements, dtype=torch.float64, device=self.device)
-        for start in range(0, self.rows, self.tile_rows):
-            stop = min(self.rows, start + self.tile_rows)
-            sums += column_sums_of_squares(self.merged(start, stop, buffers)[1])
+        for start in range(0, rows, self.tile_rows):
+            sums += column_sums_of_squares(self.merged(start, min(rows, start + self.tile_rows))[1])
         return dora_column_factor(self.magnitude, sums)
 
-    def tiles(self, buffers: TileBuffers) -> Iterator[torch.Tensor]:
+    def tiles(self) -> Iterator[torch.Tensor]:
         """The merged rows, tile by tile, rounded once into the output buffer."""
-        column_factor = self.column_factor(buffers) if norm_per_column(self.delta) else None
-        for start in range(0, self.rows, self.tile_rows):
-            yield self.tile(start, min(self.rows, start + self.tile_rows), buffers, column_factor)
-
-    def tile(
-        self,
-        start: int,
-        stop: int,
-        buffers: TileBuffers,
-        column_factor: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Rows start:stop merged and rounded once into ``buffers``' output buffer."""
         spec = self.tensor.spec
-        values, merged = self.merged(start, stop, buffers)
-        if column_factor is not None:
-            merged = dora_scale_columns(merged, column_factor)
-        elif self.magnitude is not None:
-            dora_scale_rows(merged, self.magnitude[start:stop])
-        if merged.dtype == torch.float64 and spec.dtype.itemsize == 2:
-            merged = round_float64_to(merged, spec.dtype)
-        # The one rounding: a copy of the float32/float64 sum into the output dtype.
-        # (Two kernels, add then copy, rather than one ``torch.add(..., out=<16-bit>)``:
-        # that mixed-dtype form is ~6x slower on CPU, 2.2 vs 0.37 ns per element
-        # measured, and gives the same bits.)
-        out = buffers.output(spec.dtype, tuple(values.shape))
-        if self.device.type != "cpu":
-            merged = merged.to(spec.dtype).cpu()
-        return out.view(stop - start, -1).copy_(merged).view(values.shape)
+        column_factor = self.column_factor() if norm_per_column(self.delta) else None
+        on_cpu = self.device.type == "cpu"
+        for start in range(0, spec.shape[0], self.tile_rows):
+            stop = min(spec.shape[0], start + self.tile_rows)
+            values, merged = self.merged(start, stop)
+            if column_factor is not None:
+                merged = dora_scale_columns(merged, column_factor)
+            elif self.magnitude is not None:
+                dora_scale_rows(merged, self.magnitude[start:stop])
+            if merged.dtype == torch.float64 and spec.dtype.itemsize == 2:
+                merged = round_float64_to(merged, spec.dtype)
+            # The one rounding: a copy of the float32/float64 sum into the output dtype.
+            # (Two kernels, add then copy, rather than one ``torch.add(..., out=<16-bit>)``:
+            # that mixed-dtype form is ~6x slower on CPU, 2.2 vs 0.37 ns per element
+            # measured, and gives the same bits.)
+            out = self.buffers.output(spec.dtype, tuple(values.shape))
+            if not on_cpu:
+                merged = merged.to(spec.dtype).cpu()
+            yield out.view(stop - start, -1).copy_(merged).view(values.shape)
 
 
 def _fused_expert_tiles(
