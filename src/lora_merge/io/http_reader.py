@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lora_merge.errors import InputNotFoundError, InvalidInputError
 from lora_merge.io.positional import COPY_CHUNK_BYTES, PositionalFile
-from lora_merge.io.reader import checked_row_range
+from lora_merge.io.reader import EntryReader
 from lora_merge.io.safetensors_format import TensorEntry
 
 try:
@@ -165,7 +163,7 @@ def _refused(url: str, status: int) -> InputNotFoundError:
     return InputNotFoundError(f"cannot read {url}: {what}")
 
 
-class RangedTensorReader:
+class RangedTensorReader(EntryReader):
     """A :class:`~lora_merge.io.reader.StoredTensorSource` over safetensors files on the Hub.
 
     Each entry's ``path`` names its file; ``files`` maps that path to where the file
@@ -185,7 +183,7 @@ class RangedTensorReader:
         files: Mapping[Path, RemoteFile],
         fetcher: RangeFetcher | None = None,
     ) -> None:
-        self._entries = dict(entries)
+        super().__init__(entries)
         self._files = dict(files)
         self.fetcher = fetcher or RangeFetcher()
         self._local = threading.local()  # each thread's read-ahead block
@@ -199,38 +197,8 @@ class RangedTensorReader:
     def close(self) -> None:
         """Nothing to release: the HTTP session is huggingface_hub's, shared."""
 
-    def keys(self) -> Iterable[str]:
-        return self._entries.keys()
-
-    def entry(self, key: str) -> TensorEntry:
-        """The file location of a key."""
-        return self._entries[key]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._entries[key].dtype
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key].shape
-
-    def read_rows(
-        self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        entry = self._entries[key]
-        stop = checked_row_range(key, entry.shape[0] if entry.shape else 1, start, stop)
-        if entry.shape:
-            offset = entry.start + start * entry.row_nbytes
-            nbytes = (stop - start) * entry.row_nbytes
-            shape = (stop - start, *entry.shape[1:])
-        else:
-            offset, nbytes, shape = entry.start, entry.nbytes, ()
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        buffer = buffer[:nbytes]
-        if nbytes and self._read(entry, offset, buffer.numpy().data) != nbytes:
-            raise _shrunk(entry)
-        if entry.dtype == torch.uint8:
-            return buffer.reshape(shape)
-        return buffer.view(entry.dtype).reshape(shape)
+    def _read_exactly(self, entry: TensorEntry, offset: int, target: memoryview) -> bool:
+        return self._read(entry, offset, target) == len(target)
 
     def prefetch(self, key: str) -> None:
         """No hint to give: the bytes are fetched when read."""

@@ -50,32 +50,16 @@ class StoredTensorSource(TensorSource, Protocol):
     def copy_bytes(self, key: str, destination: PositionalFile, destination_offset: int) -> int: ...
 
 
-class SafetensorsReader:
-    """Reads tensors from one or more safetensors files, a row range at a time.
+class EntryReader:
+    """What every reader of stored safetensors entries shares: the entries and ``read_rows``.
 
-    Reads are positional (:class:`~lora_merge.io.positional.PositionalFile`) into
-    a buffer of exactly the bytes asked for: no mmap, so the pages read do not
-    stay in our resident set, and a reading thread and a copying thread can use
-    one reader at once. Each file is opened once, on first use.
+    A subclass says how bytes are read (:meth:`_read_exactly`): from a local file
+    (:class:`SafetensorsReader`) or by range requests
+    (:class:`lora_merge.io.http_reader.RangedTensorReader`).
     """
 
     def __init__(self, entries: Mapping[str, TensorEntry]) -> None:
         self._entries = dict(entries)
-        self._files: dict[Path, PositionalFile] = {}
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> SafetensorsReader:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close every file opened so far."""
-        with self._lock:
-            for file in self._files.values():
-                file.close()
-            self._files.clear()
 
     def keys(self) -> Iterable[str]:
         return self._entries.keys()
@@ -104,11 +88,46 @@ class SafetensorsReader:
         if buffer is None or buffer.numel() < nbytes:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
         buffer = buffer[:nbytes]
-        if not self._file(entry.path).read_exactly_into(buffer.numpy().data, offset):
+        if nbytes and not self._read_exactly(entry, offset, buffer.numpy().data):
             raise _shrunk(entry)
         if entry.dtype == torch.uint8:
             return buffer.reshape(shape)
         return buffer.view(entry.dtype).reshape(shape)
+
+    def _read_exactly(self, entry: TensorEntry, offset: int, target: memoryview) -> bool:
+        """Fill ``target`` from ``offset`` of the entry's file; False if the file ended first."""
+        raise NotImplementedError
+
+
+class SafetensorsReader(EntryReader):
+    """Reads tensors from one or more safetensors files, a row range at a time.
+
+    Reads are positional (:class:`~lora_merge.io.positional.PositionalFile`) into
+    a buffer of exactly the bytes asked for: no mmap, so the pages read do not
+    stay in our resident set, and a reading thread and a copying thread can use
+    one reader at once. Each file is opened once, on first use.
+    """
+
+    def __init__(self, entries: Mapping[str, TensorEntry]) -> None:
+        super().__init__(entries)
+        self._files: dict[Path, PositionalFile] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every file opened so far."""
+        with self._lock:
+            for file in self._files.values():
+                file.close()
+            self._files.clear()
+
+    def _read_exactly(self, entry: TensorEntry, offset: int, target: memoryview) -> bool:
+        return self._file(entry.path).read_exactly_into(target, offset)
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to start reading a tensor's bytes now, in the background.
