@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from lora_merge.finish.disk import check_free_space, free_space
+from lora_merge.finish.shard_sink import disk_needed
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.options import MergeOptions, checked_options
 from lora_merge.plan.shards import shard_layout
@@ -103,8 +104,7 @@ def preview_merge(options: MergeOptions) -> MergePreview:
         )
         shards = shard_layout(plan.tensors, settings.max_shard_size)
         shard_bytes = [sum(t.spec.nbytes for t in tensors) for _, tensors in shards]
-        # --low-disk holds the shard uploading and the one being written.
-        needed = sum(sorted(shard_bytes)[-2:]) if options.low_disk else plan.total_bytes
+        needed = disk_needed(shard_bytes, options.low_disk)
         check_free_space(prepared.out, needed)
         part = settings.part
         part_shards = None if part is None else [f for f, _ in part.select(shards)]

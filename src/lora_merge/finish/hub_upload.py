@@ -35,7 +35,7 @@ from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 from lora_merge.errors import PushError
 from lora_merge.finish.hub_parts import commit_part_journal, read_part_journals, staging_branch
 from lora_merge.finish.parts import Part, journal_files
-from lora_merge.finish.shard_sink import upload_journal_path
+from lora_merge.finish.shard_sink import disk_needed, upload_journal_path
 from lora_merge.inputs.hub import progress_bars_hidden
 from lora_merge.io.json_files import read_json_object
 
@@ -96,7 +96,7 @@ class ShardUploads:
 
     def disk_needed(self, shard_sizes: Sequence[int]) -> int:
         """Two shards: the one uploading and the one being written."""
-        return sum(sorted(shard_sizes, reverse=True)[:2])
+        return disk_needed(shard_sizes, low_disk=True)
 
     def start(self, out: Path, fingerprint: str | None) -> None:
         """Create the repo and branch; with a fingerprint, adopt a matching upload journal.

@@ -56,6 +56,14 @@ def check_hub_options(
             )
 
 
+def disk_needed(shard_sizes: Sequence[int], low_disk: bool) -> int:
+    """The tensor bytes OUT's disk must have free for shards of these sizes.
+
+    Every shard; with ``--low-disk``, two: the one uploading and the one being written.
+    """
+    return sum(sorted(shard_sizes, reverse=True)[:2]) if low_disk else sum(shard_sizes)
+
+
 def upload_journal_path(out: Path) -> Path:
     """Where a resumable ``--low-disk`` run journals its uploaded shards: beside OUT."""
     return out.parent / f".{out.name}{UPLOAD_JOURNAL_SUFFIX}"
@@ -80,7 +88,7 @@ class KeepShards:
 
     def disk_needed(self, shard_sizes: Sequence[int]) -> int:
         """The tensor bytes OUT's disk must have free: every shard."""
-        return sum(shard_sizes)
+        return disk_needed(shard_sizes, low_disk=False)
 
     def start(self, out: Path, fingerprint: str | None) -> None:
         """Nothing to prepare."""
