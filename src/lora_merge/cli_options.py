@@ -25,6 +25,7 @@ OUTPUT = "Output"
 SEVERAL_ADAPTERS = "Several adapters"
 QUANTIZED_BASES = "Quantized bases"
 LORALIB = "loralib checkpoints"
+INITIALISATIONS = "PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ adapters"
 HUB = "Hub"
 SAFETY = "Safety and recovery"
 
@@ -232,6 +233,50 @@ DoubleQuantOpt = Annotated[
         rich_help_panel=QUANTIZED_BASES,
         help="--save-method merged_4bit from a 16-bit BASE: also quantize the block scales "
         "(bnb_4bit_use_double_quant).",
+    ),
+]
+
+QloraBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--qlora-base",
+        rich_help_panel=QUANTIZED_BASES,
+        help="For a 16-bit BASE and an adapter trained with QLoRA: merge into the weights "
+        "training saw, dequant(quant(W)) with --quant-type/--double-quant (blocksize 64), "
+        "bit for bit as bitsandbytes quantizes and dequantizes, instead of W itself "
+        "(see docs/quantized-bases.md).",
+    ),
+]
+
+# Adapters whose initialisation changed the base weights (lora_merge.adapter.initialisation).
+InitialAdapterOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--initial-adapter",
+        metavar="DIR",
+        rich_help_panel=INITIALISATIONS,
+        help="The adapter as PiSSA/OLoRA/CorDA/LoRA-GA initialised it (saved before "
+        "training): merge scale * (B @ A - B0 @ A0) into the original BASE, as PEFT's "
+        "path_initial_model_for_weight_conversion does.",
+        show_default=False,
+    ),
+]
+ResidualBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--residual-base",
+        rich_help_panel=INITIALISATIONS,
+        help="BASE already is what such an adapter was trained against (the residual model "
+        "PEFT saved, or LoftQ's backbone): merge the adapter as it is.",
+    ),
+]
+RecomputeInitialOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recompute-initial",
+        rich_help_panel=INITIALISATIONS,
+        help="Recompute B0 @ A0 from BASE, weight by weight (init_lora_weights pissa: SVD; "
+        "olora: QR), then merge as --initial-adapter does.",
     ),
 ]
 

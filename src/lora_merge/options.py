@@ -18,6 +18,11 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from lora_merge.adapter.initialisation import (
+    InitialStateMode,
+    initial_state_mode,
+    refuse_with_initial_state,
+)
 from lora_merge.adapter.loralib import LoralibSettings, loralib_settings
 from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.errors import UsageError
@@ -215,6 +220,13 @@ class MergeOptions:
             neither; ADAPTER is then that file.
         enable_lora: loralib MergedLinear's ``enable_lora``, e.g. ``"1,0,1"``.
         part: ``"I/N"``: write only output shards ``k % N == I`` (:mod:`lora_merge.finish.parts`).
+        initial_adapter: the adapter as it was initialised (PiSSA, OLoRA, CorDA, LoRA-GA):
+            ``scale * (B @ A - B0 @ A0)`` is merged (see :mod:`lora_merge.adapter.initialisation`).
+        residual_base: BASE is what such an adapter was trained against (the residual
+            model, or LoftQ's backbone): merge it plainly.
+        recompute_initial: recompute ``B0 @ A0`` from BASE (``"pissa"``: SVD; ``"olora"``: QR).
+        qlora_base: merge into ``dequant(quant(W))`` of a 16-bit BASE, quantized as QLoRA
+            training saw it (``quant_type``, ``double_quant``, ``quant_blocksize``).
     """
 
     base: Path | str
@@ -251,6 +263,10 @@ class MergeOptions:
     alpha: float | None = None
     enable_lora: str | None = None
     part: str | None = None
+    initial_adapter: Path | str | None = None
+    residual_base: bool = False
+    recompute_initial: bool = False
+    qlora_base: bool = False
 
     @property
     def adapters(self) -> list[Path | str]:
@@ -296,6 +312,9 @@ class MergeSettings:
         unmerge: subtract the adapter instead of adding it.
         overwrite / quiet / resume / allow_nonfinite / verify / hash_inputs /
             push_to_hub / private / hub_revision / command / part: as in :class:`MergeOptions`.
+        initial_state: how an adapter whose initialisation changed the base is merged.
+        initial_adapter: the folder of ``--initial-adapter``, as given, or None.
+        qlora_base: merge into a simulated QLoRA base (``dequant(quant(W))``).
     """
 
     base: Path | str
@@ -324,6 +343,9 @@ class MergeSettings:
     command: str | None
     low_disk: bool = False
     part: Part | None = None
+    initial_state: InitialStateMode = InitialStateMode.AS_TRAINED
+    initial_adapter: Path | str | None = None
+    qlora_base: bool = False
 
 
 def checked_options(options: MergeOptions) -> MergeSettings:
@@ -373,6 +395,11 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         command=options.command,
         low_disk=options.low_disk,
         part=parse_part(options.part),
+        initial_state=initial_state_mode(
+            options.initial_adapter, options.residual_base, options.recompute_initial
+        ),
+        initial_adapter=options.initial_adapter,
+        qlora_base=options.qlora_base,
     )
     _refuse_conflicts(settings)
     return settings
@@ -410,8 +437,20 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
     if lora:
         _refuse_with_adapter_output(settings, one_adapter_only)
     refuse_with_part(settings.part, lora, settings.push_to_hub, settings.low_disk)
-    if settings.double_quant and settings.save_method is not SaveMethod.MERGED_4BIT:
-        raise UsageError("--double-quant applies only with --save-method merged_4bit")
+    if settings.double_quant and not (
+        settings.save_method is SaveMethod.MERGED_4BIT or settings.qlora_base
+    ):
+        raise UsageError(
+            "--double-quant applies only with --save-method merged_4bit or --qlora-base"
+        )
+    refuse_with_initial_state(
+        settings.initial_state, settings.recipe is not None, settings.loralib is not None or lora
+    )
+    if settings.qlora_base and settings.save_method is not SaveMethod.MERGED_16BIT:
+        raise UsageError(
+            "--qlora-base merges into the weights QLoRA training saw; it applies only with "
+            "--save-method merged_16bit"
+        )
     check_hub_options(
         settings.push_to_hub,
         private=settings.private,

@@ -19,6 +19,20 @@ import torch
 
 from lora_merge.adapter.combined import AdapterInput, CombinedAdapter
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
+from lora_merge.adapter.initial_state import (
+    AdapterMinusInitial,
+    InitialDifferenceConfig,
+    InitialState,
+    SavedInitialState,
+    check_initial_adapter_config,
+    check_same_modules,
+)
+from lora_merge.adapter.initialisation import (
+    InitialStateMode,
+    base_changing_initialisation,
+    describe_initial_state,
+    is_unknown_initialisation,
+)
 from lora_merge.adapter.keys import AdapterContents, classify_adapter_keys
 from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.adapter.recipe import CombineRecipe
@@ -26,6 +40,7 @@ from lora_merge.adapter.refusals import (
     refuse_combined_experts,
     refuse_dora_in_combination,
     refuse_trainable_tokens_in_combination,
+    refuse_unconverted_initialisation,
     refuse_unmerge_of_dora,
 )
 from lora_merge.adapter.weights import open_adapter_weights
@@ -34,9 +49,9 @@ from lora_merge.errors import LoraMergeWarning
 from lora_merge.finish.parts import Part
 from lora_merge.finish.provenance import MergeRecord, merge_record
 from lora_merge.inputs.identity import base_mismatch_warnings
-from lora_merge.inputs.merge_inputs import resolve_merge_inputs
+from lora_merge.inputs.merge_inputs import local_or_hub_folder, resolve_merge_inputs
 from lora_merge.inputs.quantized import merged_output_dtype
-from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
+from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint, resolve_adapter
 from lora_merge.io.reader import TensorSource
 from lora_merge.options import MergeSettings
 from lora_merge.plan.model import MergePlan
@@ -137,12 +152,18 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
     # --unmerge reads a merged model, never the base the adapter names
     adapter_bases = [] if options.unmerge else [c.base_model_name_or_path for c in configs]
     notes = base_mismatch_warnings(adapter_bases, str(options.base), base.folder, base.config)
+    if settings.save_method != "lora":  # writing the adapter as it is merges nothing
+        notes += _check_initialisations(adapter_folders, configs, options.initial_state)
     with ExitStack() as opened:
         sources = [
             opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
             for folder in adapter_folders
         ]
         config, contents, adapter = _read_adapters(adapter_folders, configs, sources, recipe)
+        if options.initial_state is InitialStateMode.INITIAL_ADAPTER:
+            config, adapter = _minus_initial_adapter(
+                options, adapter_folder, config, contents, adapter, opened
+            )
         if options.unmerge:
             refuse_unmerge_of_dora(adapter_folder.config_path, config, contents)
         plan = _plan(options, settings, base, config, contents, adapter, loralib, recipe)
@@ -160,6 +181,9 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
             save_method=settings.save_method,
             output_dtype=settings.output_dtype,
             command=options.command,
+            initial_state=describe_initial_state(
+                options.initial_state, base_changing_initialisation(configs[0])
+            ),
         )
         yield Prepared(
             settings,
@@ -243,6 +267,58 @@ def _plan(
             plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
         )
     return plan
+
+
+def _check_initialisations(
+    folders: list[AdapterFolder], configs: list[LoraAdapterConfig], mode: InitialStateMode
+) -> list[str]:
+    """Refuse what a base-changing initialisation makes wrong; notes for unknown ones.
+
+    Raises:
+        InvalidInputError: see :func:`~lora_merge.adapter.refusals.refuse_unconverted_initialisation`.
+    """
+    notes = []
+    for folder, config in zip(folders, configs, strict=True):
+        refuse_unconverted_initialisation(folder.config_path, config, mode)
+        if is_unknown_initialisation(config):
+            notes.append(
+                f"{folder.config_path} has init_lora_weights={config.init_lora_weights!r}, "
+                "an initialisation lora-merge does not know: it is merged as if it left "
+                "the base weights untouched"
+            )
+    return notes
+
+
+def _minus_initial_adapter(
+    options: MergeSettings,
+    adapter_folder: AdapterFolder,
+    config: LoraAdapterConfig,
+    contents: AdapterContents,
+    adapter: TensorSource,
+    opened: ExitStack,
+) -> tuple[LoraAdapterConfig, TensorSource]:
+    """The adapter with the initial state of ``--initial-adapter DIR`` subtracted.
+
+    Raises:
+        InvalidInputError: DIR is not this adapter's initial state (other ranks, alpha
+            or initialisation).
+        AdapterMismatchError: DIR targets other modules.
+    """
+    assert options.initial_adapter is not None
+    folder = resolve_adapter(
+        local_or_hub_folder(
+            options.initial_adapter, "--initial-adapter", kind="adapter", quiet=options.quiet
+        )
+    )
+    assert folder.config_path is not None, "resolve_adapter finds an adapter_config.json"
+    initial_config = read_adapter_config(folder.config_path)
+    check_initial_adapter_config(
+        adapter_folder.config_path, config, folder.config_path, initial_config
+    )
+    source = opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
+    check_same_modules(str(folder.folder), contents, classify_adapter_keys(list(source.keys())))
+    initial: InitialState = SavedInitialState(str(folder.folder), source)
+    return InitialDifferenceConfig.of(config), AdapterMinusInitial(adapter, contents, initial)
 
 
 def _loralib_config(loralib: LoralibSettings | None) -> LoraAdapterConfig:

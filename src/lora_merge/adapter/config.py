@@ -43,6 +43,10 @@ class LoraAdapterConfig:
         target_parameters: parameter names PEFT put a LoRA on (MoE experts), if any.
         use_dora: PEFT's flag for DoRA (weight-decomposed LoRA); its magnitude
             vectors are in the weights file.
+        init_lora_weights: how PEFT initialised A and B: ``True``/``False``, or a
+            method's name (``"pissa"``, ``"olora"``, ``"loftq"``...); some of them
+            change the base weights too (see :mod:`lora_merge.adapter.initialisation`).
+        loftq: the config has a non-empty ``loftq_config`` (LoftQ quantized the base).
     """
 
     r: int
@@ -55,6 +59,8 @@ class LoraAdapterConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: tuple[str, ...] = ()
     use_dora: bool = False
+    init_lora_weights: bool | str = True
+    loftq: bool = False
 
     def token_indices_for(self, module_name: str) -> list[int] | None:
         """The rows trainable tokens replace in one embedding (PEFT's dict keys name modules)."""
@@ -147,6 +153,12 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         isinstance(name, str) for name in target_parameters
     ):
         raise InvalidInputError(f"{path}: 'target_parameters' must be a list of parameter names")
+    init_lora_weights = raw.get("init_lora_weights", True)
+    if not isinstance(init_lora_weights, bool | str):
+        raise InvalidInputError(
+            f"{path}: 'init_lora_weights' must be true, false or the name of an "
+            f"initialisation, got {init_lora_weights!r}"
+        )
     return LoraAdapterConfig(
         r=r,
         lora_alpha=float(alpha),
@@ -158,6 +170,9 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         trainable_token_indices=token_indices,
         target_parameters=tuple(target_parameters),
         use_dora=bool(raw.get("use_dora", False)),
+        init_lora_weights=init_lora_weights,
+        # PEFT writes {} when LoftQ is not used; LoftQ's has loftq_bits and loftq_iter.
+        loftq=bool(raw.get("loftq_config")),
     )
 
 

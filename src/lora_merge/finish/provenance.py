@@ -141,6 +141,8 @@ def merge_record(
     save_method: str,
     output_dtype: torch.dtype | None,
     command: str | None,
+    initial_state: str | None = None,
+    base_note: str | None = None,
 ) -> MergeRecord:
     """What OUT's model card and shard metadata say about this merge.
 
@@ -158,6 +160,8 @@ def merge_record(
         save_method: ``merged_16bit``, ``merged_4bit`` or ``lora``.
         output_dtype: the dtype written, or None when each tensor keeps its own.
         command: the command line, or None for a Python API call.
+        initial_state: how a base-changing initialisation (PiSSA...) was handled, or None.
+        base_note: what W is when it is not BASE's weights as stored (``--qlora-base``).
     """
     base_identity = InputIdentity.of("base", base_spec, base.folder)
     identities = [InputIdentity.of("adapter", spec, folder.folder) for spec, folder in adapters]
@@ -168,6 +172,10 @@ def merge_record(
             f"--combine {recipe.method_name}, weights "
             f"{','.join(f'{w:g}' for w in recipe.weights)}"
         )
+    if initial_state is not None:
+        method += f"; {initial_state}"
+    if base_note is not None:
+        method += f"; {base_note}"
     return MergeRecord(
         base=base_identity,
         adapter=identities[0],
