@@ -49,6 +49,7 @@ from lora_merge.io.dequantizing_reader import DequantizingReader
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import TensorSpec
+from lora_merge.io.training_quantization_reader import TrainingQuantizationReader
 from lora_merge.options import MergeOptions, MergeSettings, checked_options
 from lora_merge.plan.fingerprint import merge_fingerprint
 from lora_merge.plan.model import MergePlan, PlannedTensor
@@ -294,7 +295,7 @@ def _write_output(
     )
     with (
         StagingFolder(out, fingerprint, part, keep_verified=settings.resume) as staging,
-        _open_base(base, settings.device) as base_reader,
+        _open_base(base, settings.device, plan) as base_reader,
         progress,
     ):
         if settings.save_method == "lora":
@@ -421,14 +422,20 @@ def _finish_folder(
 
 
 @contextmanager
-def _open_base(base: BaseCheckpoint, device: torch.device) -> Iterator[StoredTensorSource]:
-    """The base's reader: quantized weights come out dequantized (on ``device``).
+def _open_base(
+    base: BaseCheckpoint, device: torch.device, plan: MergePlan
+) -> Iterator[StoredTensorSource]:
+    """The base's reader: quantized weights come out dequantized (on ``device``), and
+    with ``--qlora-base`` the planned weights as QLoRA training saw them.
 
     Shards on the Hub (``--low-disk``) are read by range requests.
     """
     opened = RangedTensorReader(base.entries, base.remote) if base.remote else None
+    as_trained = {t.source_key: t.as_trained for t in plan.tensors if t.as_trained}
     with opened or SafetensorsReader(base.entries) as stored:
-        if base.quantization is None:
+        if as_trained:
+            yield TrainingQuantizationReader(stored, as_trained)
+        elif base.quantization is None:
             yield stored
         else:
             yield DequantizingReader(stored, base.tensors, device)

@@ -56,7 +56,7 @@ from lora_merge.io.reader import TensorSource
 from lora_merge.options import MergeSettings
 from lora_merge.plan.model import MergePlan
 from lora_merge.plan.planner import build_merge_plan
-from lora_merge.plan.requantize import plan_requantization
+from lora_merge.plan.requantize import plan_requantization, plan_training_quantization
 from lora_merge.stream.executor import tile_budget_for
 
 # The share of --max-memory the stream's tiles may use (see tile_budget_for);
@@ -184,6 +184,7 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
             initial_state=describe_initial_state(
                 options.initial_state, base_changing_initialisation(configs[0])
             ),
+            base_note=_training_quantization_note(plan),
         )
         yield Prepared(
             settings,
@@ -262,11 +263,27 @@ def _plan(
     )
     if recipe is not None:
         refuse_combined_experts(p.a_key for p in plan.lora_products if p.experts > 1)
+    if options.qlora_base:
+        plan = plan_training_quantization(
+            plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
+        )
     if settings.save_method == "merged_4bit":
         plan = plan_requantization(
             plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
         )
     return plan
+
+
+def _training_quantization_note(plan: MergePlan) -> str | None:
+    """The model card's words for ``--qlora-base``, or None without it."""
+    quantization = next((t.as_trained for t in plan.tensors if t.as_trained), None)
+    if quantization is None:
+        return None
+    return (
+        f"--qlora-base: W is dequant(quant(W)) of BASE's Linear weights in "
+        f"{quantization.describe()}, as bitsandbytes quantizes and dequantizes them "
+        "(what QLoRA training saw)"
+    )
 
 
 def _check_initialisations(

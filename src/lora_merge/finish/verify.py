@@ -182,7 +182,7 @@ def _source_rows(
     """The sampled rows of the tensor's starting values, reading its file once."""
     if tensor.source == "adapter":
         return {row: adapter.read_rows(tensor.source_key, row, row + 1)[0] for row in picks}
-    if tensor.dequantized:
+    if tensor.dequantized or tensor.as_trained is not None:  # the reader transforms it
         if base is None:
             raise ValueError(f"{tensor.spec.name} is stored quantized: pass the base reader")
         return {row: base.read_rows(tensor.source_key, row, row + 1)[0].cpu() for row in picks}

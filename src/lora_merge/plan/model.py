@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from lora_merge.compute.training_quantization import TrainingQuantization
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.plan.four_bit_format import FourBitFormat
 
@@ -115,6 +116,8 @@ class PlannedTensor:
             the packed codes); ``--save-method merged_4bit``.
         written_with: this tensor is part of the 4-bit group of that weight and is
             written with it (absmax, quant map, quant state).
+        as_trained: the base weight is read as ``dequant(quant(W))`` in this format,
+            as QLoRA training saw it (``--qlora-base``), so it is never a byte copy.
     """
 
     spec: TensorSpec
@@ -126,6 +129,7 @@ class PlannedTensor:
     dequantized: bool = False
     requantize: FourBitFormat | None = None
     written_with: str | None = None
+    as_trained: TrainingQuantization | None = None
 
     @property
     def is_byte_copy(self) -> bool:
@@ -137,6 +141,7 @@ class PlannedTensor:
             and not self.dequantized
             and self.requantize is None
             and self.written_with is None
+            and self.as_trained is None
             and self.source_dtype == self.spec.dtype
         )
 

@@ -17,11 +17,12 @@ from dataclasses import replace
 import torch
 
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
+from lora_merge.compute.training_quantization import TrainingQuantization
 from lora_merge.errors import InvalidInputError
 from lora_merge.inputs.quantized import FourBitWeight, LogicalTensor
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.shard_writer import TensorSpec
-from lora_merge.plan.architectures import VOCAB_TENSOR_SUFFIXES
+from lora_merge.plan.architectures import VOCAB_TENSOR_SUFFIXES, is_conv1d_module
 from lora_merge.plan.four_bit_format import FourBitFormat
 from lora_merge.plan.model import MergePlan, PlannedTensor
 
@@ -93,12 +94,49 @@ def _target_format(
         )
     if base.quantization is not None:
         return None  # a 4-bit base: what it did not quantize stays unquantized
-    name = tensor.spec.name
-    if not name.endswith(".weight") or len(shape) != 2 or name.endswith(VOCAB_TENSOR_SUFFIXES):
-        return None
-    if not tensor.spec.dtype.is_floating_point:
+    if not _quantized_by_transformers(tensor):
         return None
     return FourBitFormat(quant_type, blocksize, double_quant, tensor.spec.dtype, shape)
+
+
+def _quantized_by_transformers(tensor: PlannedTensor) -> bool:
+    """Whether transformers' 4-bit loading quantizes this weight of an unquantized base:
+    every 2-D weight but the embeddings and lm_head (its ``modules_to_not_convert``)."""
+    name = tensor.spec.name
+    if not name.endswith(".weight") or len(tensor.spec.shape) != 2:
+        return False
+    return not name.endswith(VOCAB_TENSOR_SUFFIXES) and tensor.spec.dtype.is_floating_point
+
+
+def plan_training_quantization(
+    plan: MergePlan, base: BaseCheckpoint, quant_type: str, double_quant: bool, blocksize: int
+) -> MergePlan:
+    """``--qlora-base``: every weight QLoRA quantized is read as ``dequant(quant(W))``.
+
+    Only weights read from BASE: a tensor the adapter replaces (modules_to_save)
+    was trained unquantized. transformers quantizes a Conv1D weight (stored
+    (in, out)) as its transpose, which :class:`TrainingQuantization` records.
+
+    Raises:
+        InvalidInputError: BASE is quantized already (its own weights are what
+            training saw), or bitsandbytes, which quantizes, does not load.
+    """
+    if base.quantization is not None:
+        raise InvalidInputError(
+            f"--qlora-base quantizes a 16-bit BASE as QLoRA training did, but BASE is stored "
+            f"{base.quantization.describe()} already: merge without --qlora-base"
+        )
+    require_bitsandbytes("--qlora-base")
+    model_type = base.config.get("model_type")
+    tensors = []
+    for tensor in plan.tensors:
+        if tensor.source == "base" and _quantized_by_transformers(tensor):
+            module = tensor.source_key.removesuffix(".weight")
+            conv1d = is_conv1d_module(model_type if isinstance(model_type, str) else None, module)
+            quantization = TrainingQuantization(quant_type, blocksize, double_quant, bool(conv1d))
+            tensor = replace(tensor, as_trained=quantization)
+        tensors.append(tensor)
+    return replace(plan, tensors=tensors)
 
 
 def requantized_config(
