@@ -165,6 +165,63 @@ def test_converted_adapter_merges_as_it_is(
         assert torch.equal(ours[key], expected), key
 
 
+def _decomposition_error_bound(weight: torch.Tensor, init: str) -> float:
+    """How far a float32 recomputation of scale·B0·A0 may be from PEFT's, elementwise.
+
+    Both are backward-stable float32 decompositions of the same W (LAPACK may round
+    differently on another machine): the computed factors are those of W + E with
+    ||E|| <= c·sqrt(n)·eps32·||W|| (c = 4 here). PiSSA's rank-r part then moves by at most
+    ||E||·(1 + 2·σ1 / (σr − σr+1)) (Davis–Kahan on the top-r subspace); OLoRA's,
+    Q_r·Q_rᵀ·W, by at most ||E||·(1 + 2·κ(W[:, :r])) (the subspace of W's first r columns)."""
+    w = weight.double()
+    n = max(w.shape)
+    singular = torch.linalg.svdvals(w)
+    error = 4 * n**0.5 * torch.finfo(torch.float32).eps * float(singular[0])
+    if init == "pissa":
+        return error * (1 + 2 * float(singular[0] / (singular[RANK - 1] - singular[RANK])))
+    return error * (1 + 2 * float(torch.linalg.cond(w[:, :RANK])))
+
+
+def test_recomputed_initial_state_merges_the_trained_model(
+    initialised: Initialised, tiny_base: Path, tmp_path: Path
+) -> None:
+    """--recompute-initial redoes PEFT's float32 SVD (PiSSA) or QR (OLoRA) of each weight and
+    merges W + s·B·A − s·B0·A0. The model that trained is W_res + s·B·A, with W_res = W −
+    s·B0·A0 rounded to bf16 by PEFT: so the merge is within half a bf16 ulp of W_res (that
+    rounding), half an ulp of the output (ours) and the decomposition's own error
+    (:func:`_decomposition_error_bound`) of that model in float64, elementwise.
+
+    Where it differs from --initial-adapter (PEFT's conversion): PEFT computes W_res with
+    the float32 B0, A0 and then casts the adapter to the base's dtype before training
+    (``_move_adapter_to_device_of_base_layer``), so the initial adapter it saves holds
+    B0, A0 rounded to bf16; subtracting those leaves s·(B0·A0 − bf16(B0)·bf16(A0)) in the
+    merge, which the recomputation does not. The mean errors are printed."""
+    ours = _merge(tiny_base, initialised.trained, tmp_path / "out", recompute_initial=True)
+    base = read_safetensors_directory(tiny_base)
+    residual = read_safetensors_directory(initialised.residual)
+    trained = read_safetensors_directory(initialised.trained)
+    init = initialised.trained.parent.name.rstrip("0123456789")
+    errors = {"recompute": 0.0, "initial-adapter (PEFT conversion)": 0.0}
+    for key, a in trained.items():
+        if ".lora_A." not in key:
+            continue
+        weight = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        b = trained[key.replace(".lora_A.", ".lora_B.")]
+        exact = residual[weight].double() + ALPHA / RANK * (b.double() @ a.double())
+        bound = (
+            0.5 * ulp(residual[weight], DTYPE)
+            + 0.5 * ulp(ours[weight], DTYPE)
+            + _decomposition_error_bound(base[weight], init)
+        )
+        assert bool(((ours[weight].double() - exact).abs() <= bound).all()), weight
+        errors["recompute"] += float((ours[weight].double() - exact).abs().mean())
+        converted = initialised.peft_converted_merge[weight].double()
+        errors["initial-adapter (PEFT conversion)"] += float((converted - exact).abs().mean())
+    print(f"{init}: mean |merge − trained model| summed over weights: {errors}")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "recomputed from BASE (--recompute-initial)" in card
+
+
 def test_initial_adapter_recorded_in_model_card(
     initialised: Initialised, tiny_base: Path, tmp_path: Path
 ) -> None:

@@ -36,6 +36,7 @@ from lora_merge.adapter.initialisation import (
 from lora_merge.adapter.keys import AdapterContents, classify_adapter_keys
 from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.adapter.recipe import CombineRecipe
+from lora_merge.adapter.recomputed_initial import RecomputedInitialState, RecomputeTarget
 from lora_merge.adapter.refusals import (
     refuse_combined_experts,
     refuse_dora_in_combination,
@@ -45,16 +46,17 @@ from lora_merge.adapter.refusals import (
 )
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
-from lora_merge.errors import LoraMergeWarning
+from lora_merge.errors import InvalidInputError, LoraMergeWarning
 from lora_merge.finish.parts import Part
 from lora_merge.finish.provenance import MergeRecord, merge_record
 from lora_merge.inputs.identity import base_mismatch_warnings
 from lora_merge.inputs.merge_inputs import local_or_hub_folder, resolve_merge_inputs
 from lora_merge.inputs.quantized import merged_output_dtype
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint, resolve_adapter
-from lora_merge.io.reader import TensorSource
+from lora_merge.io.http_reader import RangedTensorReader
+from lora_merge.io.reader import SafetensorsReader, TensorSource
 from lora_merge.options import MergeSettings
-from lora_merge.plan.model import MergePlan
+from lora_merge.plan.model import LoraProduct, MergePlan
 from lora_merge.plan.planner import build_merge_plan
 from lora_merge.plan.requantize import plan_requantization, plan_training_quantization
 from lora_merge.stream.executor import tile_budget_for
@@ -160,13 +162,14 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
             for folder in adapter_folders
         ]
         config, contents, adapter = _read_adapters(adapter_folders, configs, sources, recipe)
-        if options.initial_state is InitialStateMode.INITIAL_ADAPTER:
-            config, adapter = _minus_initial_adapter(
-                options, adapter_folder, config, contents, adapter, opened
-            )
+        config, adapter, recomputed = _minus_initial_state(
+            options, base, adapter_folder, config, contents, adapter, opened
+        )
         if options.unmerge:
             refuse_unmerge_of_dora(adapter_folder.config_path, config, contents)
         plan = _plan(options, settings, base, config, contents, adapter, loralib, recipe)
+        if recomputed is not None:
+            _recompute_targets(recomputed, plan, sources[0], options.unmerge)
         for note in notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
         record = merge_record(
@@ -306,21 +309,82 @@ def _check_initialisations(
     return notes
 
 
-def _minus_initial_adapter(
+def _minus_initial_state(
     options: MergeSettings,
+    base: BaseCheckpoint,
     adapter_folder: AdapterFolder,
     config: LoraAdapterConfig,
     contents: AdapterContents,
     adapter: TensorSource,
     opened: ExitStack,
-) -> tuple[LoraAdapterConfig, TensorSource]:
-    """The adapter with the initial state of ``--initial-adapter DIR`` subtracted.
+) -> tuple[LoraAdapterConfig, TensorSource, RecomputedInitialState | None]:
+    """The adapter with its initial state subtracted (``--initial-adapter``,
+    ``--recompute-initial``), or as it is; and the recomputation, whose targets the
+    plan will tell (:func:`_recompute_targets`).
 
     Raises:
         InvalidInputError: DIR is not this adapter's initial state (other ranks, alpha
-            or initialisation).
+            or initialisation), or a quantized BASE to recompute from.
         AdapterMismatchError: DIR targets other modules.
     """
+    initial: InitialState
+    if options.initial_state is InitialStateMode.INITIAL_ADAPTER:
+        initial = _saved_initial_state(options, adapter_folder, config, contents, opened)
+        recomputed = None
+    elif options.initial_state is InitialStateMode.RECOMPUTE:
+        if base.quantization is not None:
+            raise InvalidInputError(
+                f"--recompute-initial decomposes BASE's weights as PEFT did at "
+                f"initialisation, but BASE is {base.quantization.describe()}: PiSSA and "
+                "OLoRA start from the 16-bit weights; pass the 16-bit BASE, or the adapter "
+                "as initialised with --initial-adapter DIR"
+            )
+        reader: TensorSource = (
+            RangedTensorReader(base.entries, base.remote)
+            if base.remote
+            else SafetensorsReader(base.entries)
+        )
+        opened.enter_context(closing(reader))
+        recomputed = RecomputedInitialState(str(config.init_lora_weights), reader)
+        initial = recomputed
+    else:
+        return config, adapter, None
+    minus = AdapterMinusInitial(adapter, contents, initial)
+    return InitialDifferenceConfig.of(config), minus, recomputed
+
+
+def _recompute_targets(
+    recomputed: RecomputedInitialState, plan: MergePlan, trained: TensorSource, unmerge: bool
+) -> None:
+    """Tell the recomputation which base weight, rank and scale each module has.
+
+    Raises:
+        InvalidInputError: a layer kind PiSSA and OLoRA do not initialise.
+    """
+    for tensor in plan.tensors:
+        product = tensor.delta
+        if not isinstance(product, LoraProduct):
+            continue
+        if product.kind not in ("linear", "conv1d"):
+            raise InvalidInputError(
+                f"--recompute-initial recomputes PiSSA and OLoRA on Linear layers, but "
+                f"{product.a_key!r} is on a {product.kind} layer; pass the adapter as "
+                "initialised with --initial-adapter DIR"
+            )
+        rank = trained.shape(product.a_key)[0]
+        scale = -product.scale if unmerge else product.scale  # --unmerge negated it
+        target = RecomputeTarget(tensor.source_key, rank, scale, product.transposed)
+        recomputed.add_target(product.a_key, product.b_key, target)
+
+
+def _saved_initial_state(
+    options: MergeSettings,
+    adapter_folder: AdapterFolder,
+    config: LoraAdapterConfig,
+    contents: AdapterContents,
+    opened: ExitStack,
+) -> SavedInitialState:
+    """The initial state of ``--initial-adapter DIR``, checked against the adapter."""
     assert options.initial_adapter is not None
     folder = resolve_adapter(
         local_or_hub_folder(
@@ -334,8 +398,7 @@ def _minus_initial_adapter(
     )
     source = opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
     check_same_modules(str(folder.folder), contents, classify_adapter_keys(list(source.keys())))
-    initial: InitialState = SavedInitialState(str(folder.folder), source)
-    return InitialDifferenceConfig.of(config), AdapterMinusInitial(adapter, contents, initial)
+    return SavedInitialState(str(folder.folder), source)
 
 
 def _loralib_config(loralib: LoralibSettings | None) -> LoraAdapterConfig:
