@@ -171,7 +171,7 @@ def _decomposition_error_bound(weight: torch.Tensor, init: str) -> float:
     Both are backward-stable float32 decompositions of the same W (LAPACK may round
     differently on another machine): the computed factors are those of W + E with
     ||E|| <= c·sqrt(n)·eps32·||W|| (c = 4 here). PiSSA's rank-r part then moves by at most
-    ||E||·(1 + 2·σ1 / (σr − σr+1)) (Davis–Kahan on the top-r subspace); OLoRA's,
+    ||E||·(1 + 2·s1 / (s(r) - s(r+1))) (Davis-Kahan on the top-r subspace); OLoRA's,
     Q_r·Q_rᵀ·W, by at most ||E||·(1 + 2·κ(W[:, :r])) (the subspace of W's first r columns)."""
     w = weight.double()
     n = max(w.shape)
@@ -186,7 +186,7 @@ def test_recomputed_initial_state_merges_the_trained_model(
     initialised: Initialised, tiny_base: Path, tmp_path: Path
 ) -> None:
     """--recompute-initial redoes PEFT's float32 SVD (PiSSA) or QR (OLoRA) of each weight and
-    merges W + s·B·A − s·B0·A0. The model that trained is W_res + s·B·A, with W_res = W −
+    merges W + s·B·A - s·B0·A0. The model that trained is W_res + s·B·A, with W_res = W -
     s·B0·A0 rounded to bf16 by PEFT: so the merge is within half a bf16 ulp of W_res (that
     rounding), half an ulp of the output (ours) and the decomposition's own error
     (:func:`_decomposition_error_bound`) of that model in float64, elementwise.
@@ -194,7 +194,7 @@ def test_recomputed_initial_state_merges_the_trained_model(
     Where it differs from --initial-adapter (PEFT's conversion): PEFT computes W_res with
     the float32 B0, A0 and then casts the adapter to the base's dtype before training
     (``_move_adapter_to_device_of_base_layer``), so the initial adapter it saves holds
-    B0, A0 rounded to bf16; subtracting those leaves s·(B0·A0 − bf16(B0)·bf16(A0)) in the
+    B0, A0 rounded to bf16; subtracting those leaves s·(B0·A0 - bf16(B0)·bf16(A0)) in the
     merge, which the recomputation does not. The mean errors are printed."""
     ours = _merge(tiny_base, initialised.trained, tmp_path / "out", recompute_initial=True)
     base = read_safetensors_directory(tiny_base)
@@ -217,7 +217,7 @@ def test_recomputed_initial_state_merges_the_trained_model(
         errors["recompute"] += float((ours[weight].double() - exact).abs().mean())
         converted = initialised.peft_converted_merge[weight].double()
         errors["initial-adapter (PEFT conversion)"] += float((converted - exact).abs().mean())
-    print(f"{init}: mean |merge − trained model| summed over weights: {errors}")
+    print(f"{init}: mean |merge - trained model| summed over weights: {errors}")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "recomputed from BASE (--recompute-initial)" in card
 
