@@ -5,7 +5,7 @@ weight (checked here to be what transformers' 4-bit loading computes with), merg
 ``merge_and_unload``; and the unmerged QLoRA model itself (transformers'
 ``BitsAndBytesConfig(load_in_4bit=True)`` on the CPU, the adapter active in PEFT), whose
 logits the merged model must match within that model's own noise. The same comparison for a
-plain merge into W is printed: that is the measurement docs/quantized-bases.md reports.
+plain merge into W is printed: that is the measurement docs/qlora-base.md reports.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def test_qlora_base_matches_the_unmerged_qlora_model(
     distance from a float64 evaluation of the merged weights, x3, plus one bf16 eps of the
     logits' scale).
 
-    Printed beside it, the measurement docs/quantized-bases.md reports: the same distance for
+    Printed beside it, the measurement docs/qlora-base.md reports: the same distance for
     a plain merge into W, and both merged models evaluated in float64 against the unmerged
     QLoRA model in float64 (the round-tripped weights with the adapter unmerged), which
     leaves only what the weights differ by. The plain merge is not asserted: how far it lands

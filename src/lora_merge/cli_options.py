@@ -244,7 +244,7 @@ QloraBaseOpt = Annotated[
         help="For a 16-bit BASE and an adapter trained with QLoRA: merge into the weights "
         "training saw, dequant(quant(W)) with --quant-type/--double-quant (blocksize 64), "
         "bit for bit as bitsandbytes quantizes and dequantizes, instead of W itself "
-        "(see docs/quantized-bases.md).",
+        "(see docs/qlora-base.md).",
     ),
 ]
 

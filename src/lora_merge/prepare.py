@@ -168,8 +168,7 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
         if options.unmerge:
             refuse_unmerge_of_dora(adapter_folder.config_path, config, contents)
         plan = _plan(options, settings, base, config, contents, adapter, loralib, recipe)
-        if recomputed is not None:
-            _recompute_targets(recomputed, plan, sources[0], options.unmerge)
+        _recompute_targets(recomputed, plan, sources[0], options.unmerge)
         for note in notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
         record = merge_record(
@@ -354,13 +353,16 @@ def _minus_initial_state(
 
 
 def _recompute_targets(
-    recomputed: RecomputedInitialState, plan: MergePlan, trained: TensorSource, unmerge: bool
+    recomputed: RecomputedInitialState | None, plan: MergePlan, trained: TensorSource, unmerge: bool
 ) -> None:
-    """Tell the recomputation which base weight, rank and scale each module has.
+    """Tell the recomputation (if ``--recompute-initial``) which base weight, rank and
+    scale each module has.
 
     Raises:
         InvalidInputError: a layer kind PiSSA and OLoRA do not initialise.
     """
+    if recomputed is None:
+        return
     for tensor in plan.tensors:
         product = tensor.delta
         if not isinstance(product, LoraProduct):
