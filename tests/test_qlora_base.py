@@ -10,6 +10,8 @@ plain merge into W is printed: that is the measurement docs/qlora-base.md report
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from tiny_checkpoints import prompt_logits
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
 from lora_merge import MergeOptions, merge
-from lora_merge.errors import UsageError
+from lora_merge.errors import InvalidInputError, UsageError
 
 pytestmark = pytest.mark.bitsandbytes
 
@@ -68,6 +70,21 @@ def _bitsandbytes_round_trip(weight: torch.Tensor, quant_type: str, double: bool
     return bnb_functional.dequantize_4bit(packed, quant_state=state)
 
 
+def _peft_merge_into_round_trip(
+    base: Path, adapter: Path, quant_type: str, double: bool
+) -> dict[str, torch.Tensor]:
+    """PEFT's merge_and_unload into bitsandbytes' round trip of every Linear weight."""
+    as_trained = {
+        name: _bitsandbytes_round_trip(tensor, quant_type, double)
+        if _is_linear_weight(name, tensor)
+        else tensor
+        for name, tensor in read_safetensors_directory(base).items()
+    }
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model.load_state_dict(as_trained)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+
+
 def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
     return name.endswith("_proj.weight") and tensor.dim() == 2
 
@@ -106,18 +123,8 @@ def test_qlora_base_is_peft_merge_into_bitsandbytes_round_trip(
         )
     )
     ours = read_safetensors_directory(out)
-    original = read_safetensors_directory(base)
-    as_trained = {
-        name: _bitsandbytes_round_trip(tensor, quant_type, double)
-        if _is_linear_weight(name, tensor)
-        else tensor
-        for name, tensor in original.items()
-    }
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    model.load_state_dict(as_trained)
-    expected = PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
-    assert set(ours) == set(original)
-    for name, tensor in expected.items():
+    assert set(ours) == set(read_safetensors_directory(base))
+    for name, tensor in _peft_merge_into_round_trip(base, adapter, quant_type, double).items():
         assert torch.equal(ours[name], tensor), name
     card = (out / "README.md").read_text()
     assert f"--qlora-base: W is dequant(quant(W)) of BASE's Linear weights in {quant_type}" in card
@@ -208,6 +215,34 @@ def test_qlora_base_matches_the_unmerged_qlora_model(
         f"{exact_errors['qlora']:.3g}, plain {exact_errors['plain']:.3g}"
     )
     assert errors["qlora"] <= tolerance
+
+
+def test_format_recorded_in_base_config_is_used(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    """A 16-bit BASE whose config.json carries transformers' BitsAndBytesConfig (so that
+    from_pretrained quantizes on load) records the format training used: --qlora-base takes
+    it when the options are left at their defaults, and refuses options that contradict it."""
+    base, adapter = inputs
+    recorded = tmp_path / "base"
+    shutil.copytree(base, recorded)
+    config = json.loads((recorded / "config.json").read_text())
+    config["quantization_config"] = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+    ).to_dict()
+    (recorded / "config.json").write_text(json.dumps(config))
+    merge(MergeOptions(base=recorded, adapter=adapter, out=tmp_path / "out", qlora_base=True))
+    ours = read_safetensors_directory(tmp_path / "out")
+    for name, tensor in _peft_merge_into_round_trip(base, adapter, "nf4", True).items():
+        assert torch.equal(ours[name], tensor), name
+    with pytest.raises(InvalidInputError, match="records the 4-bit format nf4 with double quant"):
+        merge(
+            MergeOptions(
+                base=recorded,
+                adapter=adapter,
+                out=tmp_path / "fp4",
+                qlora_base=True,
+                quant_type="fp4",
+            )
+        )
 
 
 def test_qlora_base_options_are_checked(inputs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -242,7 +242,8 @@ QloraBaseOpt = Annotated[
         "--qlora-base",
         rich_help_panel=QUANTIZED_BASES,
         help="For a 16-bit BASE and an adapter trained with QLoRA: merge into the weights "
-        "training saw, dequant(quant(W)) with --quant-type/--double-quant (blocksize 64), "
+        "training saw, dequant(quant(W)) in the 4-bit format BASE's config.json records, else "
+        "--quant-type/--double-quant (blocksize 64), "
         "bit for bit as bitsandbytes quantizes and dequantizes, instead of W itself "
         "(see docs/qlora-base.md).",
     ),

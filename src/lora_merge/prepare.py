@@ -53,6 +53,7 @@ from lora_merge.inputs.identity import base_mismatch_warnings
 from lora_merge.inputs.merge_inputs import local_or_hub_folder, resolve_merge_inputs
 from lora_merge.inputs.quantized import merged_output_dtype
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint, resolve_adapter
+from lora_merge.inputs.training_format import recorded_4bit_format, training_format
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, TensorSource
 from lora_merge.options import MergeSettings
@@ -266,8 +267,12 @@ def _plan(
     if recipe is not None:
         refuse_combined_experts(p.a_key for p in plan.lora_products if p.experts > 1)
     if options.qlora_base:
+        recorded = recorded_4bit_format(base.config, base.folder, config.base_model_name_or_path)
+        quant_type, double_quant = training_format(
+            settings.quant_type, options.double_quant, recorded
+        )
         plan = plan_training_quantization(
-            plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
+            plan, base, quant_type, double_quant, options.quant_blocksize
         )
     if settings.save_method == "merged_4bit":
         plan = plan_requantization(
