@@ -32,7 +32,7 @@ from tiny_checkpoints import save_tiny_base_checkpoint, stable_seed
 from transformers import AutoModelForCausalLM
 
 from lora_merge import MergeOptions, merge
-from lora_merge.errors import AdapterMismatchError, InvalidInputError, UsageError
+from lora_merge.errors import AdapterMismatchError, InvalidInputError, LoraMergeWarning, UsageError
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 RANK, ALPHA = 4, 8  # scale 2.0
@@ -415,3 +415,13 @@ def test_command_line_refusal_is_exit_4_and_one_line(
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lora-merge: error: ")
     assert "PiSSA" in lines[0]
+
+
+def test_unknown_initialisation_is_merged_with_a_warning(
+    tiny_base: Path, plain_weights: Path, tmp_path: Path
+) -> None:
+    config = _peft_config(True) | {"init_lora_weights": "a_newer_method"}
+    adapter = _adapter_with_config(tmp_path / "adapter", plain_weights, config)
+    with pytest.warns(LoraMergeWarning, match="'a_newer_method', an initialisation lora-merge"):
+        merge(MergeOptions(base=tiny_base, adapter=adapter, out=tmp_path / "out", quiet=True))
+    assert (tmp_path / "out" / "config.json").is_file()
