@@ -152,11 +152,7 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
         else _loralib_config(loralib)
         for folder in adapter_folders
     ]
-    # --unmerge reads a merged model, never the base the adapter names
-    adapter_bases = [] if options.unmerge else [c.base_model_name_or_path for c in configs]
-    notes = base_mismatch_warnings(adapter_bases, str(options.base), base.folder, base.config)
-    if settings.save_method != "lora":  # writing the adapter as it is merges nothing
-        notes += _check_initialisations(adapter_folders, configs, options.initial_state)
+    notes = _check_configs_against_base(options, base, adapter_folders, configs)
     with ExitStack() as opened:
         sources = [
             opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
@@ -293,15 +289,26 @@ def _training_quantization_note(plan: MergePlan) -> str | None:
     )
 
 
-def _check_initialisations(
-    folders: list[AdapterFolder], configs: list[LoraAdapterConfig], mode: InitialStateMode
+def _check_configs_against_base(
+    options: MergeSettings,
+    base: BaseCheckpoint,
+    folders: list[AdapterFolder],
+    configs: list[LoraAdapterConfig],
 ) -> list[str]:
-    """Refuse what a base-changing initialisation makes wrong; notes for unknown ones.
+    """Notes on the adapters' configs against BASE: another base named, an unknown
+    initialisation; refusals of what a base-changing initialisation makes wrong.
 
     Raises:
         InvalidInputError: see :func:`~lora_merge.adapter.refusals.refuse_unconverted_initialisation`.
     """
-    notes = []
+    mode = options.initial_state
+    # --unmerge reads a merged model, never the base the adapter names; --residual-base
+    # a residual (or LoftQ) model made from it, under another name.
+    elsewhere = options.unmerge or mode is InitialStateMode.RESIDUAL_BASE
+    adapter_bases = [] if elsewhere else [c.base_model_name_or_path for c in configs]
+    notes = base_mismatch_warnings(adapter_bases, str(options.base), base.folder, base.config)
+    if options.save_method.value == "lora":  # writing the adapter as it is merges nothing
+        return notes
     for folder, config in zip(folders, configs, strict=True):
         refuse_unconverted_initialisation(folder.config_path, config, mode)
         if is_unknown_initialisation(config):
