@@ -32,7 +32,13 @@ from tiny_checkpoints import save_tiny_base_checkpoint, stable_seed
 from transformers import AutoModelForCausalLM
 
 from lora_merge import MergeOptions, merge
-from lora_merge.errors import AdapterMismatchError, InvalidInputError, LoraMergeWarning, UsageError
+from lora_merge.errors import (
+    AdapterMismatchError,
+    InvalidInputError,
+    LoraMergeWarning,
+    OutputError,
+    UsageError,
+)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 RANK, ALPHA = 4, 8  # scale 2.0
@@ -425,3 +431,21 @@ def test_unknown_initialisation_is_merged_with_a_warning(
     with pytest.warns(LoraMergeWarning, match="'a_newer_method', an initialisation lora-merge"):
         merge(MergeOptions(base=tiny_base, adapter=adapter, out=tmp_path / "out", quiet=True))
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_out_may_not_lie_inside_the_initial_adapter(
+    initialised: Initialised, tiny_base: Path
+) -> None:
+    """--overwrite replaces OUT: it may not be (or be inside) the initial adapter's folder."""
+    before = {p.name: p.read_bytes() for p in initialised.initial.iterdir()}
+    with pytest.raises(OutputError, match="lies inside the input folder"):
+        merge(
+            MergeOptions(
+                base=tiny_base,
+                adapter=initialised.trained,
+                out=initialised.initial,
+                initial_adapter=initialised.initial,
+                overwrite=True,
+            )
+        )
+    assert {p.name: p.read_bytes() for p in initialised.initial.iterdir()} == before

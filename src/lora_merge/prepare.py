@@ -52,7 +52,12 @@ from lora_merge.finish.provenance import MergeRecord, merge_record
 from lora_merge.inputs.identity import base_mismatch_warnings
 from lora_merge.inputs.merge_inputs import local_or_hub_folder, resolve_merge_inputs
 from lora_merge.inputs.quantized import merged_output_dtype
-from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint, resolve_adapter
+from lora_merge.inputs.resolve import (
+    AdapterFolder,
+    BaseCheckpoint,
+    check_output_location,
+    resolve_adapter,
+)
 from lora_merge.inputs.training_format import recorded_4bit_format, training_format
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, TensorSource
@@ -406,6 +411,8 @@ def _saved_initial_state(
         )
     )
     assert folder.config_path is not None, "resolve_adapter finds an adapter_config.json"
+    # Like every input, DIR may neither hold OUT nor lie inside it (--overwrite deletes OUT).
+    check_output_location(options.out, [folder.folder], options.overwrite)
     initial_config = read_adapter_config(folder.config_path)
     check_initial_adapter_config(
         adapter_folder.config_path, config, folder.config_path, initial_config
