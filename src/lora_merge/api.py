@@ -10,6 +10,7 @@ into place) and pushes it to the Hub when asked. :func:`preview_merge` (from
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -49,12 +50,12 @@ from lora_merge.io.dequantizing_reader import DequantizingReader
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import TensorSpec
-from lora_merge.options import MergeOptions, MergeSettings, checked_options
+from lora_merge.options import MergeOptions, MergeSettings, SaveMethod, checked_options
 from lora_merge.plan.fingerprint import merge_fingerprint
 from lora_merge.plan.model import MergePlan, PlannedTensor
 from lora_merge.plan.requantize import requantized_config
 from lora_merge.plan.shards import shard_layout
-from lora_merge.prepare import RunSettings, prepare
+from lora_merge.prepare import prepare
 from lora_merge.preview import MergePreview, preview_merge
 from lora_merge.stream.executor import write_shard
 
@@ -211,13 +212,16 @@ def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeS
             prepared.out,
             prepared.settings,
             prepared.record,
+            prepared.tile_budget,
             prepared.recipe,
             uploads,
         )
         for note in written_shards.notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
         written = [t.spec for _, tensors in written_shards.shards for t in tensors]
-        if prepared.settings.save_method == "lora":  # the adapter's tensors, not the model's
+        if (
+            prepared.settings.save_method is SaveMethod.LORA
+        ):  # the adapter's tensors, not the model's
             adapter = prepared.adapter
             keys = list(adapter.keys())
             written = [TensorSpec(k, adapter.dtype(k), adapter.shape(k)) for k in keys]
@@ -255,8 +259,9 @@ def _write_output(
     adapter: TensorSource,
     adapter_folders: Sequence[AdapterFolder],
     out: Path,
-    settings: RunSettings,
+    settings: MergeSettings,
     record: MergeRecord,
+    tile_budget: int,
     recipe: CombineRecipe | None = None,
     uploads: KeepShards | ShardUploads | None = None,
 ) -> _Written:
@@ -285,24 +290,24 @@ def _write_output(
     # --save-method lora writes no model card, nor does a part: it needs no input hashes.
     hashes = start_hashing(
         files_read_by_merge(base, adapter_folders),
-        settings.hash_inputs and settings.save_method != "lora" and part is None,
+        settings.hash_inputs and settings.save_method is not SaveMethod.LORA and part is None,
         # Shards read from the Hub (--low-disk): the Hub gave their size and sha256.
         {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
     )
     progress, on_bytes = _progress_bar(
-        sum(_shard_bytes(t) for _, t in to_write), settings.show_progress
+        sum(_shard_bytes(t) for _, t in to_write), not settings.quiet and sys.stderr.isatty()
     )
     with (
         StagingFolder(out, fingerprint, part, keep_verified=settings.resume) as staging,
         _open_base(base, settings.device) as base_reader,
         progress,
     ):
-        if settings.save_method == "lora":
+        if settings.save_method is SaveMethod.LORA:
             write_normalized_adapter(staging.path, adapter_folder, adapter)
             on_bytes(plan.total_bytes)
             staging.commit()
             return _Written([("adapter", [])], 0, None, [])  # one file, the adapter's
-        stream = _ShardStream(base_reader, adapter, settings, on_bytes, metadata)
+        stream = _ShardStream(base_reader, adapter, settings, tile_budget, on_bytes, metadata)
         kept = _write_shards(staging, to_write, stream, uploads)
         if settings.verify:
             verify_output(staging.path, to_write, base.entries, adapter, base_reader)
@@ -325,7 +330,8 @@ class _ShardStream(NamedTuple):
 
     base_reader: StoredTensorSource
     adapter: TensorSource
-    settings: RunSettings
+    settings: MergeSettings
+    tile_budget: int
     on_bytes: Callable[[int], None]
     metadata: dict[str, str]
 
@@ -354,7 +360,7 @@ def _write_shards(
             stream.base_reader,
             stream.adapter,
             settings.device,
-            settings.tile_budget,
+            stream.tile_budget,
             stream.on_bytes,
             settings.allow_nonfinite,
             stream.metadata,
@@ -398,13 +404,13 @@ def _finish_folder(
     plan: MergePlan,
     base: BaseCheckpoint,
     adapter_folder: AdapterFolder,
-    settings: RunSettings,
+    settings: MergeSettings,
 ) -> None:
     """Write what surrounds the shards: the index, config.json and the side files."""
     if len(shards) > 1:
         write_index(folder, [(f, [t.spec for t in tensors]) for f, tensors in shards])
     requantized = None
-    if settings.save_method == "merged_4bit":
+    if settings.save_method is SaveMethod.MERGED_4BIT:
         requantized = requantized_config(
             base, settings.quant_type, settings.double_quant, settings.output_dtype
         )

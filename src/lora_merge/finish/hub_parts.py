@@ -31,8 +31,8 @@ from huggingface_hub.errors import (
 )
 
 from lora_merge.errors import InvalidInputError
-from lora_merge.finish.parts import Part
 from lora_merge.io.json_files import read_json_object
+from lora_merge.options.values import Part
 
 PARTS_FOLDER = ".lora-merge/parts"
 BRANCH_PREFIX = "lora-merge-parts-"

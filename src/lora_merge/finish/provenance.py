@@ -31,6 +31,7 @@ from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.hashing import sha256_of
 from lora_merge.io.hub_names import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
 from lora_merge.io.shard_writer import OUTPUT_METADATA
+from lora_merge.options.values import SaveMethod
 from lora_merge.plan.model import MergePlan
 
 HUB_URL = "https://huggingface.co"
@@ -138,7 +139,7 @@ def merge_record(
     mismatch: bool,
     unmerge: bool,
     recipe: CombineRecipe | None,
-    save_method: str,
+    save_method: SaveMethod,
     output_dtype: torch.dtype | None,
     command: str | None,
 ) -> MergeRecord:
@@ -285,14 +286,14 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe_arithmetic(method: str, base: BaseCheckpoint, save_method: str) -> str:
+def describe_arithmetic(method: str, base: BaseCheckpoint, save_method: SaveMethod) -> str:
     """The model card's description of the arithmetic, quantization included."""
     if base.quantization is not None:
         method += (
             f"; W dequantized from BASE's {base.quantization.describe()} weights "
             "exactly as bitsandbytes dequantizes them"
         )
-    if save_method == "merged_4bit":
+    if save_method is SaveMethod.MERGED_4BIT:
         method += "; then re-quantized to 4 bits with bitsandbytes (a second rounding)"
     return method
 

@@ -34,16 +34,18 @@ from types import FrameType
 
 from lora_merge.errors import OutputError
 from lora_merge.finish.parts import (
-    Part,
     journal_files,
+    journal_name_of,
     part_of_journal,
     parts_area,
     read_journal,
     refuse_other_plans,
+    temporary_name_of,
 )
 from lora_merge.io.hashing import sha256_of
 from lora_merge.io.positional import flush_to_disk
 from lora_merge.io.shard_writer import write_errors_as_output_errors
+from lora_merge.options.values import Part
 
 STAGING_MARKER = ".lora-merge-partial-"
 JOURNAL_NAME = ".lora-merge-journal.json"
@@ -133,7 +135,7 @@ class StagingFolder:
     def __exit__(self, *exc_info: object) -> None:
         if self.part is not None:
             # The area is every part's: remove only this part's unfinished files.
-            for path in self.path.glob(self.part.temporary_name("*")):
+            for path in self.path.glob(temporary_name_of(self.part, "*")):
                 path.unlink(missing_ok=True)
             return
         if not self._committed:
@@ -159,7 +161,7 @@ class StagingFolder:
         remove_stale_staging_folders(self.out)
         self.path.mkdir(exist_ok=True)
         if self._keep_verified:
-            journal = read_journal(self.path / part.journal_name)
+            journal = read_journal(self.path / journal_name_of(part))
             shards = journal.get("shards") if journal else None
             self._journal = dict(shards) if isinstance(shards, dict) else {}
 
@@ -168,7 +170,7 @@ class StagingFolder:
         area too when no other part has files there."""
         if self.part is None:
             return
-        (self.path / self.part.journal_name).unlink(missing_ok=True)
+        (self.path / journal_name_of(self.part)).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()  # only when empty
 
@@ -176,7 +178,7 @@ class StagingFolder:
         """Where to write ``file_name``: in place, or under a part's temporary name."""
         if self.part is None:
             return self.path / file_name
-        return self.path / self.part.temporary_name(file_name)
+        return self.path / temporary_name_of(self.part, file_name)
 
     def has_verified_shard(self, file_name: str) -> bool:
         """True when a resumed journal lists ``file_name`` and the file still matches it.
@@ -213,7 +215,7 @@ class StagingFolder:
     def _write_journal(self) -> None:
         """Replace the journal atomically (write, flush, rename): a reader sees old or new."""
         journal: dict[str, object] = {"fingerprint": self.fingerprint, "shards": self._journal}
-        name = JOURNAL_NAME if self.part is None else self.part.journal_name
+        name = JOURNAL_NAME if self.part is None else journal_name_of(self.part)
         if self.part is not None:
             journal["part"] = str(self.part)
         temporary = self.path / f"{name}.tmp"
