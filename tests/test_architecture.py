@@ -41,7 +41,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("lora_merge.prepare",),
     ("lora_merge.preview", "lora_merge.api"),
     # The command line: its options and the text it prints about a run, then the command.
-    ("lora_merge.cli_options", "lora_merge.report"),
+    ("lora_merge.cli.option_types", "lora_merge.cli.report", "lora_merge.cli.exit_codes"),
     ("lora_merge.cli", "lora_merge.__main__", "lora_merge"),
 )
 
