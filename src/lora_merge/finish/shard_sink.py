@@ -2,7 +2,7 @@
 
 Without ``--low-disk`` a shard stays in OUT (:class:`KeepShards`); with it,
 :class:`lora_merge.finish.hub_upload.ShardUploads` uploads and deletes it. Both
-have the same methods, which ``api._write_output`` calls after each shard.
+have the same methods, which :mod:`lora_merge.run.folder` calls after each shard.
 """
 
 from __future__ import annotations

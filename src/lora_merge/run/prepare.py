@@ -1,9 +1,9 @@
-"""Every check and decision that comes before writing, shared by merge and preview.
+"""The run, first step: every decision that comes before writing, shared by merge and preview.
 
 :func:`prepare` runs the first half of the flow on the checked options
 (:class:`~lora_merge.options.MergeSettings`): resolve inputs (``inputs/``) -> read the adapter
-(``adapter/``) -> plan (``plan/``). :func:`lora_merge.api.merge` streams the
-plan into OUT; :func:`lora_merge.preview.preview_merge` describes it instead.
+(``adapter/``) -> plan (``plan/``). :mod:`lora_merge.run.folder` streams the
+plan into OUT; :mod:`lora_merge.run.preview` describes it instead.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Prepared:
 
 @contextmanager
 def prepare(options: MergeSettings) -> Iterator[Prepared]:
-    """Every check and decision that comes before writing, shared by merge and preview.
+    """The run, first step: every decision that comes before writing, shared by merge and preview.
 
     ``options`` come from :func:`~lora_merge.options.checked_options`.
 
