@@ -9,7 +9,8 @@ push, or prepare -> describe for :func:`preview_merge`.
 
 from __future__ import annotations
 
-from lora_merge.options import MergeOptions, checked_options
+from lora_merge.options.checks import checked_options
+from lora_merge.options.settings import MergeOptions
 from lora_merge.run.merge import MergeSummary, run_merge
 from lora_merge.run.preview import MergePreview, preview_settings
 
@@ -31,7 +32,8 @@ def merge(options: MergeOptions) -> MergeSummary:
         LoraMergeError: for every problem with the inputs or OUT; nothing is
             written to OUT in that case and the inputs are never modified.
     """
-    return run_merge(checked_options(options))
+    settings = checked_options(options)
+    return run_merge(settings)
 
 
 def preview_merge(options: MergeOptions) -> MergePreview:
@@ -48,4 +50,5 @@ def preview_merge(options: MergeOptions) -> MergePreview:
         LoraMergeError: everything :func:`merge` would refuse before writing,
             including a disk too small for OUT.
     """
-    return preview_settings(checked_options(options))
+    settings = checked_options(options)
+    return preview_settings(settings)
