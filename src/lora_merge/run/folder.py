@@ -24,7 +24,6 @@ from lora_merge.finish.folder import (
     write_index,
 )
 from lora_merge.finish.parts import unproduced_note
-from lora_merge.finish.progress import progress_bar
 from lora_merge.finish.provenance import (
     MergeRecord,
     files_read_by_merge,
@@ -49,6 +48,7 @@ from lora_merge.run.shards import (
     shard_bytes,
     write_shards,
 )
+from lora_merge.stream.progress import progress_bar
 
 if TYPE_CHECKING:  # imported for a --low-disk run only
     from lora_merge.finish.hub_upload import ShardUploads
