@@ -23,14 +23,9 @@ from lora_merge.finish.folder import (
     write_config,
     write_index,
 )
+from lora_merge.finish.input_hashes import files_read_by_merge, start_hashing
 from lora_merge.finish.parts import unproduced_note
-from lora_merge.finish.provenance import (
-    MergeRecord,
-    files_read_by_merge,
-    shard_metadata,
-    start_hashing,
-    write_model_card,
-)
+from lora_merge.finish.provenance import MergeRecord, shard_metadata, write_model_card
 from lora_merge.finish.shard_sink import KeepShards
 from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
