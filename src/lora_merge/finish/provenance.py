@@ -4,9 +4,8 @@ OUT's ``README.md`` is a model card the Hub understands (YAML front matter with
 ``base_model``, ``base_model_relation``, ``library_name`` and ``tags``) whose
 body says what was merged: the inputs (Hub repo and commit, or the path given),
 the sha256 of every input file (:mod:`lora_merge.finish.input_hashes`), the
-scales, the arithmetic, the dtype, the
-lora-merge version and the command line. Each shard's header records the same
-in a few ``lora_merge.*`` keys. Nothing here depends on the clock or the host,
+scales, the arithmetic, the dtype, the lora-merge version and the command line.
+Each shard's header records the same in a few ``lora_merge.*`` keys. Nothing here depends on the clock or the host,
 so two runs with the same inputs and options write the same bytes.
 """
 
