@@ -5,8 +5,9 @@ OUT's ``README.md`` is a model card the Hub understands (YAML front matter with
 body says what was merged: the inputs (Hub repo and commit, or the path given),
 the sha256 of every input file (:mod:`lora_merge.finish.input_hashes`), the
 scales, the arithmetic, the dtype, the lora-merge version and the command line.
-Each shard's header records the same in a few ``lora_merge.*`` keys. Nothing here depends on the clock or the host,
-so two runs with the same inputs and options write the same bytes.
+Each shard's header records the same in a few ``lora_merge.*`` keys. Nothing
+here depends on the clock or the host, so two runs with the same inputs and
+options write the same bytes.
 """
 
 from __future__ import annotations
