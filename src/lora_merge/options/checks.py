@@ -41,9 +41,7 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         raise UsageError("give at least one ADAPTER")
     output_dtype = OutputDtype.parse(options.dtype, "--dtype", DTYPE_ALIASES).torch_dtype
     device = resolve_device(options.device)
-    from lora_merge.compute.dequantize import check_four_bit_blocksize  # imports torch
-
-    check_four_bit_blocksize(options.quant_blocksize)
+    _check_four_bit_blocksize(options.quant_blocksize)
     settings = MergeSettings(
         base=options.base,
         adapters=adapters,
@@ -74,6 +72,21 @@ def checked_options(options: MergeOptions) -> MergeSettings:
     )
     _refuse_conflicts(settings)
     return settings
+
+
+def _check_four_bit_blocksize(blocksize: int) -> None:
+    """Refuse a ``quant_blocksize`` bitsandbytes does not quantize with.
+
+    Raises:
+        UsageError: it is not one of the 4-bit format's block sizes.
+    """
+    from lora_merge.compute.dequantize import FOUR_BIT_BLOCKSIZES  # imports torch
+
+    if blocksize not in FOUR_BIT_BLOCKSIZES:
+        raise UsageError(
+            f"quant_blocksize {blocksize!r} is not one of "
+            f"{', '.join(map(str, FOUR_BIT_BLOCKSIZES))} (the block sizes bitsandbytes quantizes with)"
+        )
 
 
 def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
