@@ -183,10 +183,9 @@ def is_unknown_initialisation(config: LoraAdapterConfig) -> bool:
     )
 
 
-def describe_initial_state(
-    mode: InitialStateMode, initialisation: BaseChangingInitialisation | None
-) -> str | None:
+def describe_initial_state(mode: InitialStateMode, config: LoraAdapterConfig) -> str | None:
     """The model card's words for how the initial state was handled, or None for a plain merge."""
+    initialisation = base_changing_initialisation(config)
     if initialisation is None or mode is InitialStateMode.AS_TRAINED:
         return None
     name = initialisation.name

@@ -1,21 +1,18 @@
-"""Every check and decision that comes before writing, shared by merge and preview.
+"""The run, first step: every decision that comes before writing, shared by merge and preview.
 
-:func:`prepare` runs the first half of the flow: options read into
-:class:`RunSettings`, then resolve inputs (``inputs/``) -> read the adapter
-(``adapter/``) -> plan (``plan/``). :func:`lora_merge.api.merge` streams the
-plan into OUT; :func:`lora_merge.preview.preview_merge` describes it instead.
+:func:`prepare` runs the first half of the flow on the checked options
+(:class:`~lora_merge.options.MergeSettings`): resolve inputs (``inputs/``) -> read the adapter
+(``adapter/``) -> plan (``plan/``). :mod:`lora_merge.run.folder` streams the
+plan into OUT; :mod:`lora_merge.run.preview` describes it instead.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import torch
 
 from lora_merge.adapter.combined import AdapterInput, CombinedAdapter
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
@@ -29,7 +26,6 @@ from lora_merge.adapter.initial_state import (
 )
 from lora_merge.adapter.initialisation import (
     InitialStateMode,
-    base_changing_initialisation,
     describe_initial_state,
     is_unknown_initialisation,
 )
@@ -47,7 +43,6 @@ from lora_merge.adapter.refusals import (
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
 from lora_merge.errors import InvalidInputError, LoraMergeWarning
-from lora_merge.finish.parts import Part
 from lora_merge.finish.provenance import MergeRecord, merge_record
 from lora_merge.inputs.identity import base_mismatch_warnings
 from lora_merge.inputs.merge_inputs import local_or_hub_folder, resolve_merge_inputs
@@ -61,7 +56,7 @@ from lora_merge.inputs.resolve import (
 from lora_merge.inputs.training_format import recorded_4bit_format, training_format
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, TensorSource
-from lora_merge.options import MergeSettings
+from lora_merge.options import MergeSettings, SaveMethod
 from lora_merge.plan.model import LoraProduct, MergePlan
 from lora_merge.plan.planner import build_merge_plan
 from lora_merge.plan.requantize import plan_requantization, plan_training_quantization
@@ -72,35 +67,12 @@ from lora_merge.stream.executor import tile_budget_for
 TILE_SHARE_OF_BUDGET = 0.5
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """What the stream and the finish read of :class:`~lora_merge.options.MergeSettings`.
-
-    :func:`~lora_merge.options.checked_options` has refused bad values and
-    conflicts before; :func:`_run_settings` only converts.
-    """
-
-    output_dtype: torch.dtype | None
-    max_shard_size: int
-    tile_budget: int
-    device: torch.device
-    show_progress: bool
-    resume: bool
-    allow_nonfinite: bool
-    verify: bool
-    hash_inputs: bool
-    save_method: str = "merged_16bit"
-    quant_type: str = "nf4"
-    double_quant: bool = False
-    part: Part | None = None
-
-
 @dataclass
 class Prepared:
     """What :func:`prepare` decided.
 
     Attributes:
-        settings: the options as values.
+        settings: the checked options; ``output_dtype`` set for a quantized base.
         base: the resolved base.
         adapter_folder: the first adapter (``adapter_folders[0]``).
         adapter: the adapter tensors the plan reads (a combination's, when combining).
@@ -111,9 +83,10 @@ class Prepared:
         record: what OUT's model card and shard metadata will say.
         recipe: how several adapters are combined, or None.
         adapter_folders: every adapter, in the order given.
+        tile_budget: workspace bytes per tile of the stream (:func:`tile_budget_for`).
     """
 
-    settings: RunSettings
+    settings: MergeSettings
     base: BaseCheckpoint
     adapter_folder: AdapterFolder
     adapter: TensorSource
@@ -124,15 +97,23 @@ class Prepared:
     record: MergeRecord
     recipe: CombineRecipe | None = None
     adapter_folders: list[AdapterFolder] = field(default_factory=list)
+    tile_budget: int = 0
 
 
 @contextmanager
 def prepare(options: MergeSettings) -> Iterator[Prepared]:
-    """Every check and decision that comes before writing, shared by merge and preview.
+    """The run, first step: every decision that comes before writing, shared by merge and preview.
 
     ``options`` come from :func:`~lora_merge.options.checked_options`.
+
+    Raises:
+        InvalidInputError: ``merged_4bit`` without a bitsandbytes that loads, and
+            every problem with the inputs.
     """
-    settings = _run_settings(options)
+    if options.save_method is SaveMethod.MERGED_4BIT:
+        # Found here, before any input is read, not at the first weight to re-quantize.
+        require_bitsandbytes("--save-method merged_4bit")
+    settings = options
     recipe = options.recipe
     loralib = options.loralib
     base, adapter_folders, out = resolve_merge_inputs(
@@ -169,8 +150,7 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
         )
         if options.unmerge:
             refuse_unmerge_of_dora(adapter_folder.config_path, config, contents)
-        plan = _plan(options, settings, base, config, contents, adapter, loralib, recipe)
-        _recompute_targets(recomputed, plan, sources[0], options.unmerge)
+        plan = _plan(settings, base, config, contents, adapter, loralib, recipe, recomputed)
         for note in notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
         record = merge_record(
@@ -185,10 +165,7 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
             save_method=settings.save_method,
             output_dtype=settings.output_dtype,
             command=options.command,
-            initial_state=describe_initial_state(
-                options.initial_state, base_changing_initialisation(configs[0])
-            ),
-            base_note=_training_quantization_note(plan),
+            initial_state=describe_initial_state(options.initial_state, configs[0]),
         )
         yield Prepared(
             settings,
@@ -202,34 +179,8 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
             record,
             recipe,
             adapter_folders,
+            tile_budget_for(settings.device, int(settings.max_memory * TILE_SHARE_OF_BUDGET)),
         )
-
-
-def _run_settings(options: MergeSettings) -> RunSettings:
-    """Options as the run reads them.
-
-    Raises:
-        InvalidInputError: ``merged_4bit`` without a bitsandbytes that loads.
-    """
-    settings = RunSettings(
-        output_dtype=options.output_dtype,
-        max_shard_size=options.max_shard_size,
-        tile_budget=tile_budget_for(options.device, int(options.max_memory * TILE_SHARE_OF_BUDGET)),
-        device=options.device,
-        show_progress=not options.quiet and sys.stderr.isatty(),
-        resume=options.resume,
-        allow_nonfinite=options.allow_nonfinite,
-        verify=options.verify,
-        hash_inputs=options.hash_inputs,
-        save_method=options.save_method.value,
-        quant_type=options.quant_type.value,
-        double_quant=options.double_quant,
-        part=options.part,
-    )
-    if settings.save_method == "merged_4bit":
-        # Found here, before any input is read, not at the first weight to re-quantize.
-        require_bitsandbytes("--save-method merged_4bit")
-    return settings
 
 
 def _read_adapters(
@@ -246,52 +197,42 @@ def _read_adapters(
 
 
 def _plan(
-    options: MergeSettings,
-    settings: RunSettings,
+    settings: MergeSettings,
     base: BaseCheckpoint,
     config: LoraAdapterConfig,
     contents: AdapterContents,
     adapter: TensorSource,
     loralib: LoralibSettings | None,
     recipe: CombineRecipe | None,
+    recomputed: RecomputedInitialState | None = None,
 ) -> MergePlan:
-    """Every output tensor and where it comes from, re-quantized for ``merged_4bit``."""
+    """Every output tensor and where it comes from, re-quantized for ``merged_4bit``, read
+    as QLoRA saw it for ``--qlora-base``; ``--recompute-initial`` learns its weights."""
     plan = build_merge_plan(
         base,
         config,
         contents,
         adapter,
         settings.output_dtype,
-        unmerge=options.unmerge,
+        unmerge=settings.unmerge,
         loralib=loralib,
     )
     if recipe is not None:
         refuse_combined_experts(p.a_key for p in plan.lora_products if p.experts > 1)
-    if options.qlora_base:
+    _recompute_targets(recomputed, plan, adapter, settings.unmerge)
+    if settings.qlora_base:
         recorded = recorded_4bit_format(base.config, base.folder, config.base_model_name_or_path)
         quant_type, double_quant = training_format(
-            settings.quant_type, options.double_quant, recorded
+            settings.quant_type.value, settings.double_quant, recorded
         )
         plan = plan_training_quantization(
-            plan, base, quant_type, double_quant, options.quant_blocksize
+            plan, base, quant_type, double_quant, settings.quant_blocksize
         )
-    if settings.save_method == "merged_4bit":
+    if settings.save_method is SaveMethod.MERGED_4BIT:
         plan = plan_requantization(
-            plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
+            plan, base, settings.quant_type, settings.double_quant, settings.quant_blocksize
         )
     return plan
-
-
-def _training_quantization_note(plan: MergePlan) -> str | None:
-    """The model card's words for ``--qlora-base``, or None without it."""
-    quantization = next((t.as_trained for t in plan.tensors if t.as_trained), None)
-    if quantization is None:
-        return None
-    return (
-        f"--qlora-base: W is dequant(quant(W)) of BASE's Linear weights in "
-        f"{quantization.describe()}, as bitsandbytes quantizes and dequantizes them "
-        "(what QLoRA training saw)"
-    )
 
 
 def _check_configs_against_base(
@@ -312,7 +253,7 @@ def _check_configs_against_base(
     elsewhere = options.unmerge or mode is InitialStateMode.RESIDUAL_BASE
     adapter_bases = [] if elsewhere else [c.base_model_name_or_path for c in configs]
     notes = base_mismatch_warnings(adapter_bases, str(options.base), base.folder, base.config)
-    if options.save_method.value == "lora":  # writing the adapter as it is merges nothing
+    if options.save_method is SaveMethod.LORA:  # writing the adapter as it is merges nothing
         return notes
     for folder, config in zip(folders, configs, strict=True):
         refuse_unconverted_initialisation(folder.config_path, config, mode)
@@ -370,7 +311,7 @@ def _minus_initial_state(
 
 
 def _recompute_targets(
-    recomputed: RecomputedInitialState | None, plan: MergePlan, trained: TensorSource, unmerge: bool
+    recomputed: RecomputedInitialState | None, plan: MergePlan, adapter: TensorSource, unmerge: bool
 ) -> None:
     """Tell the recomputation (if ``--recompute-initial``) which base weight, rank and
     scale each module has.
@@ -390,7 +331,7 @@ def _recompute_targets(
                 f"{product.a_key!r} is on a {product.kind} layer; pass the adapter as "
                 "initialised with --initial-adapter DIR"
             )
-        rank = trained.shape(product.a_key)[0]
+        rank = adapter.shape(product.a_key)[0] // 2  # [A; A0]: twice the trained rank
         scale = -product.scale if unmerge else product.scale  # --unmerge negated it
         target = RecomputeTarget(tensor.source_key, rank, scale, product.transposed)
         recomputed.add_target(product.a_key, product.b_key, target)
