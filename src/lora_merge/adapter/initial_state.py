@@ -41,6 +41,10 @@ class InitialState(Protocol):
         """A0 (for an A key) or B0 (for a B key) of the trained adapter's key, whole."""
         ...
 
+    def initial_dtype(self, key: str) -> torch.dtype:
+        """The dtype :meth:`initial_factor` gives for ``key``."""
+        ...
+
 
 @dataclass(frozen=True)
 class InitialDifferenceConfig(LoraAdapterConfig):
@@ -75,6 +79,9 @@ class SavedInitialState:
             )
         return self._source.read_rows(key)
 
+    def initial_dtype(self, key: str) -> torch.dtype:
+        return self._source.dtype(key) if key in self._keys else torch.float32
+
 
 class AdapterMinusInitial:
     """The trained adapter with B0·A0 subtracted, as PEFT's converted adapter (a ``TensorSource``).
@@ -107,6 +114,8 @@ class AdapterMinusInitial:
         """The trained and initial adapters are closed by whoever opened them."""
 
     def dtype(self, key: str) -> torch.dtype:
+        if key in self._a_keys or key in self._b_keys:  # torch.cat promotes, as in PEFT's
+            return torch.promote_types(self._trained.dtype(key), self._initial.initial_dtype(key))
         return self._trained.dtype(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -130,8 +139,8 @@ class AdapterMinusInitial:
                 f"adapter's is {tuple(trained.shape)}: the initial adapter must be the same "
                 "adapter (targets and ranks) saved before training"
             )
-        initial = initial.to(trained.dtype)
-        # PEFT's subtract_mutated_init: cat([A, A0], dim=0) and cat([B, -B0], dim=1).
+        # PEFT's subtract_mutated_init: cat([A, A0], dim=0) and cat([B, -B0], dim=1), in
+        # the promoted dtype of the two (exact: both widen to it).
         if key in self._a_keys:
             both = torch.cat((trained, initial), dim=0)
         else:

@@ -79,6 +79,10 @@ class RecomputedInitialState:
         factors: tuple[torch.Tensor, torch.Tensor] = self._local.factors
         return factors[which]
 
+    def initial_dtype(self, key: str) -> torch.dtype:
+        """PEFT decomposes in float32."""
+        return torch.float32
+
     def _recompute(self, target: RecomputeTarget) -> tuple[torch.Tensor, torch.Tensor]:
         """(A0, B0) of one module."""
         weight = self._base.read_rows(target.weight_key)
