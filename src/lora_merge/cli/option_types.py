@@ -222,8 +222,8 @@ QuantTypeOpt = Annotated[
     typer.Option(
         metavar=choices_metavar(QuantType),
         rich_help_panel=QUANTIZED_BASES,
-        help="--save-method merged_4bit from a 16-bit BASE: nf4 or fp4 (a 4-bit BASE keeps "
-        "its own).",
+        help="--save-method merged_4bit or --qlora-base from a 16-bit BASE: nf4 or fp4 (a "
+        "4-bit BASE keeps its own).",
     ),
 ]
 DoubleQuantOpt = Annotated[
@@ -231,8 +231,8 @@ DoubleQuantOpt = Annotated[
     typer.Option(
         "--double-quant",
         rich_help_panel=QUANTIZED_BASES,
-        help="--save-method merged_4bit from a 16-bit BASE: also quantize the block scales "
-        "(bnb_4bit_use_double_quant).",
+        help="--save-method merged_4bit or --qlora-base from a 16-bit BASE: also quantize the "
+        "block scales (bnb_4bit_use_double_quant).",
     ),
 ]
 
