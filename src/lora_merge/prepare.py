@@ -26,6 +26,7 @@ from lora_merge.adapter.refusals import (
     refuse_combined_experts,
     refuse_dora_in_combination,
     refuse_trainable_tokens_in_combination,
+    refuse_tuner_in_combination,
     refuse_unmerge_of_dora,
 )
 from lora_merge.adapter.weights import open_adapter_weights
@@ -260,6 +261,7 @@ def _combined_adapter(
     inputs = []
     for folder, config, source in zip(folders, configs, sources, strict=True):
         contents = classify_adapter_keys(list(source.keys()))
+        refuse_tuner_in_combination(str(folder.folder), config)
         refuse_dora_in_combination(str(folder.folder), config, contents)
         refuse_trainable_tokens_in_combination(str(folder.folder), contents)
         inputs.append(AdapterInput(str(folder.folder), config, contents, source))

@@ -120,10 +120,7 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             rank_pattern_keys=len(config.rank_pattern),
             alpha_pattern_keys=len(config.alpha_pattern),
             lora_modules_by_layer=plan.lora_modules_by_layer,
-            scales={
-                f"{scale:g}": n
-                for scale, n in Counter(p.scale for p in plan.module_products).items()
-            },
+            scales={f"{scale:g}": n for scale, n in plan.module_scales.items()},
             replaced=plan.replaced,
             copied=plan.copied,
             dtypes_in=dict(

@@ -8,31 +8,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_merge.adapter.peft_types import MERGED_TYPES, check_peft_type
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.json_files import read_json_object
-
-# PEFT adapter types that are not LoRA; named in the error so users know what they have.
-_PEFT_TYPE_NAMES = {
-    "LOHA": "LoHa",
-    "LOKR": "LoKr",
-    "IA3": "IA3",
-    "ADALORA": "AdaLoRA",
-    "PROMPT_TUNING": "prompt tuning",
-    "PREFIX_TUNING": "prefix tuning",
-    "P_TUNING": "P-tuning",
-    "OFT": "OFT",
-    "BOFT": "BOFT",
-    "VERA": "VeRA",
-}
 
 
 @dataclass(frozen=True)
 class LoraAdapterConfig:
-    """The fields of a PEFT ``LoraConfig`` that decide what a merge computes.
+    """The fields of a PEFT ``LoraConfig`` (or IA3, LoHa, LoKr config) that decide a merge.
 
     Attributes:
-        r: default rank (the real rank of each module is read from its A matrix).
-        lora_alpha: default alpha.
+        r: default rank (the real rank of each LoRA module is read from its A matrix).
+        lora_alpha: default alpha (LoHa's and LoKr's ``alpha``; 1 for IA3, which has none).
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         rank_pattern: regex -> rank overrides (kept for reporting; shapes are authoritative).
         alpha_pattern: regex -> alpha overrides, first match wins.
@@ -55,6 +42,23 @@ class LoraAdapterConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: tuple[str, ...] = ()
     use_dora: bool = False
+    peft_type: str = "LORA"
+    feedforward_modules: tuple[str, ...] | str = ()
+
+    def rank_for(self, module_name: str) -> int:
+        """``rank_pattern``'s rank for a module, else ``r`` (PEFT's ``_create_and_replace``)."""
+        key = pattern_key_for(self.rank_pattern, module_name)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def is_feedforward(self, module_name: str) -> bool:
+        """IA3: whether the module's vector scales its inputs, as PEFT's IA3Model decides it.
+
+        ``_check_target_module_feedforward``: a string is a regex the whole name must
+        match; a list holds names the module's name ends with.
+        """
+        if isinstance(self.feedforward_modules, str):
+            return re.fullmatch(self.feedforward_modules, module_name) is not None
+        return any(module_name.endswith(name) for name in self.feedforward_modules)
 
     def token_indices_for(self, module_name: str) -> list[int] | None:
         """The rows trainable tokens replace in one embedding (PEFT's dict keys name modules)."""
@@ -98,24 +102,22 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
     """
     raw = read_json_object(path)
 
-    peft_type = raw.get("peft_type")
-    if peft_type is None:
+    if raw.get("peft_type") is None:
         raise InvalidInputError(
             f"{path} has no 'peft_type': it is not a PEFT adapter config (point ADAPTER at the "
             "folder PEFT's save_pretrained() wrote)"
         )
-    if peft_type != "LORA":
-        name = _PEFT_TYPE_NAMES.get(str(peft_type), repr(peft_type))
-        raise InvalidInputError(
-            f"{path} describes a {name} adapter (peft_type {peft_type!r}); lora-merge merges "
-            "LoRA adapters only, and does not support this type yet"
-        )
+    peft_type = check_peft_type(path, raw["peft_type"])
+    alpha_field = MERGED_TYPES[peft_type][1]
+    if alpha_field is None:  # IA3: a learned vector, no rank nor scale
+        raw = {**raw, "r": 1, "alpha": 1.0}
+        alpha_field = "alpha"
     r = raw.get("r")
-    alpha = raw.get("lora_alpha")
+    alpha = raw.get(alpha_field)
     if not isinstance(r, int) or not _is_positive_int(r):
         raise InvalidInputError(f"{path}: 'r' must be a positive integer, got {r!r}")
     if not isinstance(alpha, int | float) or not _is_number(alpha):
-        raise InvalidInputError(f"{path}: 'lora_alpha' must be a number, got {alpha!r}")
+        raise InvalidInputError(f"{path}: {alpha_field!r} must be a number, got {alpha!r}")
     rank_pattern = raw.get("rank_pattern") or {}
     alpha_pattern = raw.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not all(
@@ -158,7 +160,26 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         trainable_token_indices=token_indices,
         target_parameters=tuple(target_parameters),
         use_dora=bool(raw.get("use_dora", False)),
+        peft_type=peft_type,
+        feedforward_modules=_feedforward_modules(path, raw.get("feedforward_modules")),
     )
+
+
+def _feedforward_modules(path: Path, value: object) -> tuple[str, ...] | str:
+    """IA3's ``feedforward_modules``: a regex, or a list of name endings (PEFT saves either)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise InvalidInputError(
+                f"{path}: 'feedforward_modules' {value!r} is not a valid regex ({err})"
+            ) from err
+        return value
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return tuple(value)
+    raise InvalidInputError(f"{path}: 'feedforward_modules' must be a regex or a list of names")
 
 
 def _is_token_indices(value: object) -> bool:

@@ -20,9 +20,18 @@ PEFT_PREFIX = "base_model.model."
 # name: ``X.lora_A.default.weight``, ``X.lora_embedding_A.default``,
 # ``X.modules_to_save.default.weight``. Group 1 is the part before the name,
 # group 2 the name, group 3 what follows it.
+# Tensors of the other adapter types lora-merge merges (see lora_merge.plan.tuners):
+# PEFT keeps them in ParameterDicts and saves them as ``X.<role>`` (``X.hada_w1_a``).
+TUNER_ROLES: tuple[str, ...] = (
+    "ia3_l",  # IA3
+    *("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),  # LoHa
+    *("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+)
 _ADAPTER_NAME_IN_KEY = re.compile(
     r"^(.*\.(?:lora_A|lora_B|lora_magnitude_vector|modules_to_save))\.([^.]+)(\.(?:weight|bias))$"
-    r"|^(.*\.(?:lora_embedding_A|lora_embedding_B|trainable_tokens_delta))\.([^.]+)()$"
+    r"|^(.*\.(?:lora_embedding_A|lora_embedding_B|trainable_tokens_delta|"
+    + "|".join(TUNER_ROLES)
+    + r"))\.([^.]+)()$"
 )
 
 # suffix -> role of the tensor in its module. Longest suffixes first.
@@ -81,6 +90,19 @@ class LoraModuleKeys:
 
 
 @dataclass
+class TunerModuleKeys:
+    """The adapter keys of one module of an IA3, LoHa or LoKr adapter.
+
+    Attributes:
+        module: module name in the base model.
+        tensors: role (one of :data:`TUNER_ROLES`, e.g. ``hada_w1_a``) -> adapter key.
+    """
+
+    module: str
+    tensors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class AdapterContents:
     """The adapter file's keys, sorted by what they do.
 
@@ -91,6 +113,7 @@ class AdapterContents:
             trained biases).
         trainable_tokens: embedding module name -> adapter key of its
             ``trainable_tokens_delta`` (new values of some of its rows).
+        tuner_modules: module name -> its IA3, LoHa or LoKr tensors.
         base_layer_copies: names in ``replacements`` saved from a wrapped layer's
             ``base_layer`` (the model's own parameter, shared with whatever it is tied
             to), as opposed to a modules_to_save copy, which is the module's alone.
@@ -100,6 +123,7 @@ class AdapterContents:
     replacements: dict[str, str] = field(default_factory=dict)
     trainable_tokens: dict[str, str] = field(default_factory=dict)
     base_layer_copies: set[str] = field(default_factory=set)
+    tuner_modules: dict[str, TunerModuleKeys] = field(default_factory=dict)
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -157,6 +181,11 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
             continue
         if name.endswith(TRAINABLE_TOKENS_SUFFIX):
             contents.trainable_tokens[name[: -len(TRAINABLE_TOKENS_SUFFIX)]] = key
+            continue
+        module_name, _, last = name.rpartition(".")
+        if last in TUNER_ROLES and module_name:
+            tuner = contents.tuner_modules.setdefault(module_name, TunerModuleKeys(module_name))
+            tuner.tensors[last] = key
             continue
         role = next(((s, r) for s, r in _LORA_SUFFIXES if name.endswith(s)), None)
         if role is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from lora_merge.io.hashing import sha256_of
 from lora_merge.io.hub_names import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
 from lora_merge.io.shard_writer import OUTPUT_METADATA
 from lora_merge.plan.model import MergePlan
+from lora_merge.plan.tuners.rows import tuner_arithmetic
 
 HUB_URL = "https://huggingface.co"
 # The cache names a file's blob by its etag, which for files stored with Git LFS
@@ -162,6 +162,13 @@ def merge_record(
     base_identity = InputIdentity.of("base", base_spec, base.folder)
     identities = [InputIdentity.of("adapter", spec, folder.folder) for spec, folder in adapters]
     method = merge_arithmetic(any(p.magnitude_key for p in plan.lora_products))
+    unmerge_method = UNMERGE_ARITHMETIC
+    tuners = sorted({u.tuner for u in plan.tuner_updates})
+    if tuners:  # IA3, LoHa, LoKr: their own formula
+        method = tuner_arithmetic(tuners)
+        unmerge_method = (
+            f"--unmerge (each update undone: IA3 divides, LoHa/LoKr subtract): {method}"
+        )
     if recipe is not None:
         method += (
             f"; B @ A is the combination of {', '.join(spec for spec, _ in adapters)} by "
@@ -172,11 +179,8 @@ def merge_record(
         base=base_identity,
         adapter=identities[0],
         declared_base=declared_base_model(base_identity, adapter_base, mismatch=mismatch),
-        method=describe_arithmetic(UNMERGE_ARITHMETIC if unmerge else method, base, save_method),
-        scales={
-            f"{scale:g}": n
-            for scale, n in sorted(Counter(p.scale for p in plan.module_products).items())
-        },
+        method=describe_arithmetic(unmerge_method if unmerge else method, base, save_method),
+        scales={f"{scale:g}": n for scale, n in sorted(plan.module_scales.items())},
         lora_modules_by_layer=plan.lora_modules_by_layer,
         output_dtype=(
             DTYPE_NAME_IN_CONFIG[output_dtype]

@@ -81,6 +81,45 @@ class LoraBias:
 
 
 @dataclass(frozen=True)
+class TunerUpdate:
+    """One module of an adapter that is not LoRA (IA3, LoHa, LoKr): what it does to a tensor.
+
+    Each type's shape rule and formula are in its own module of :mod:`lora_merge.tuners`
+    (``tuner`` names it); the stream asks that module for the merged rows.
+
+    Attributes:
+        tuner: the adapter type, a key of :data:`lora_merge.tuners.registry.TUNERS`
+            (``"ia3"``, ``"loha"``, ``"lokr"``).
+        module: the module's name in the base model.
+        keys: (role, adapter key) of every tensor of the module, e.g.
+            ``("hada_w1_a", "...q_proj.hada_w1_a")``.
+        scale: the factor of an additive update (``alpha / r``); 1.0 for IA3.
+        layer: the layer kind, for reports and the shape rule: ``"linear"``,
+            ``"conv1d"`` (transformers' Conv1D, stored (in, out)), ``"convolution"``
+            or ``"bias"`` (IA3 scales a layer's bias with its weight).
+        feedforward: IA3 only: the vector scales the layer's inputs (columns of
+            ``nn.Linear``'s weight) rather than its outputs.
+        unmerge: undo the update (``--unmerge``): IA3 divides, additive types subtract.
+    """
+
+    tuner: str
+    module: str
+    keys: tuple[tuple[str, str], ...]
+    scale: float
+    layer: str
+    feedforward: bool = False
+    unmerge: bool = False
+
+    def key(self, role: str) -> str | None:
+        """The adapter key of one of the module's tensors, or None when it has no such role."""
+        return dict(self.keys).get(role)
+
+
+# What a plan adds to (or does with) one base tensor.
+Delta = LoraProduct | LoraBias | TunerUpdate
+
+
+@dataclass(frozen=True)
 class TokenRows:
     """Rows of an embedding replaced wholesale (PEFT trainable tokens).
 
@@ -121,7 +160,7 @@ class PlannedTensor:
     source: SourceName
     source_key: str
     source_dtype: torch.dtype
-    delta: LoraProduct | LoraBias | None = None
+    delta: LoraProduct | LoraBias | TunerUpdate | None = None
     token_rows: TokenRows | None = None
     dequantized: bool = False
     requantize: FourBitFormat | None = None
@@ -184,6 +223,24 @@ class MergePlan:
         return list({p.a_key: p for p in reversed(self.lora_products)}.values())[::-1]
 
     @property
+    def tuner_updates(self) -> list[TunerUpdate]:
+        """The updates of a non-LoRA adapter (IA3, LoHa, LoKr), one per tensor they change."""
+        return [t.delta for t in self.tensors if isinstance(t.delta, TunerUpdate)]
+
+    @property
+    def module_scales(self) -> Counter[float]:
+        """How many modules use each scale (LoRA's, LoHa's and LoKr's ``alpha / r``; IA3 has none)."""
+        scales = Counter(p.scale for p in self.module_products)
+        scales.update(u.scale for u in self.tuner_updates if u.tuner != "ia3")
+        return scales
+
+    @property
     def lora_modules_by_layer(self) -> dict[str, int]:
-        """LoRA modules merged, counted by layer kind (linear, conv1d, embedding, experts, ...)."""
-        return dict(Counter(p.layer for p in self.module_products))
+        """Modules merged, counted by layer kind (linear, conv1d, embedding, experts, ...).
+
+        A non-LoRA adapter's modules are counted by type and kind (``ia3-linear``,
+        ``loha-convolution``); IA3's scaled biases are part of their module.
+        """
+        counts = Counter(p.layer for p in self.module_products)
+        counts.update(f"{u.tuner}-{u.layer}" for u in self.tuner_updates if u.layer != "bias")
+        return dict(counts)

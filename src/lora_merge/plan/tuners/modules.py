@@ -1,0 +1,109 @@
+"""Plan every module of an IA3, LoHa or LoKr adapter: one update per tensor it changes.
+
+The adapter's ``peft_type`` says which type it is; each module's tensors
+(:class:`~lora_merge.adapter.keys.TunerModuleKeys`) must be that type's, and its
+weight is located as a LoRA module's is. The type's own module checks the
+shapes and decides the update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lora_merge.adapter.config import LoraAdapterConfig
+from lora_merge.adapter.keys import AdapterContents
+from lora_merge.errors import InvalidInputError
+from lora_merge.io.reader import TensorSource
+from lora_merge.plan.model import TunerUpdate
+from lora_merge.plan.names import BaseNames
+from lora_merge.plan.tuners import ia3, loha, lokr
+
+# peft_type -> the role prefix of its tensors.
+_ROLE_PREFIX = {"IA3": "ia3_", "LOHA": "hada_", "LOKR": "lokr_"}
+
+
+def plan_tuner_modules(
+    contents: AdapterContents,
+    base_names: BaseNames,
+    weight_shape: Callable[[str], tuple[int, ...]],
+    has_tensor: Callable[[str], bool],
+    adapter: TensorSource,
+    config: LoraAdapterConfig,
+    model_type: object,
+    unmerge: bool,
+) -> dict[str, TunerUpdate]:
+    """Base tensor name -> its update, for every module of a non-LoRA adapter.
+
+    Args:
+        contents: the adapter's keys, sorted by role.
+        base_names: the base's tensor names, to locate each module's weight.
+        weight_shape: a base tensor's shape, as planned.
+        has_tensor: whether the base holds a tensor (a layer's bias).
+        adapter: the adapter's tensors (shapes only are read).
+        config: the adapter's config (its ``peft_type`` says the type).
+        model_type: config.json's ``model_type`` (tells Conv1D from Linear).
+        unmerge: undo the updates: IA3 divides, LoHa and LoKr subtract (the scale
+            is negated, which is exact).
+
+    Raises:
+        InvalidInputError: tensors of another type, or LoRA's, in the file.
+        AdapterMismatchError: a module does not fit its weight.
+    """
+    _refuse_mixed_contents(contents, config)
+    if config.peft_type == "LORA":
+        return {}
+    updates: dict[str, TunerUpdate] = {}
+    for module in contents.tuner_modules.values():
+        first_key = next(iter(module.tensors.values()))
+        weight_key = base_names.locate(f"{module.module}.weight", first_key)
+        shape = weight_shape(weight_key)
+        if config.peft_type == "IA3":
+            update = ia3.plan_ia3(module, weight_key, shape, adapter, config, model_type)
+        elif config.peft_type == "LOHA":
+            update = loha.plan_loha(module, weight_key, shape, adapter, config)
+        else:
+            update = lokr.plan_lokr(module, weight_key, shape, adapter, config)
+        if unmerge:
+            update = TunerUpdate(
+                update.tuner,
+                update.module,
+                update.keys,
+                update.scale if update.tuner == ia3.TUNER else -update.scale,
+                update.layer,
+                update.feedforward,
+                unmerge=True,
+            )
+        updates[weight_key] = update
+        bias_key = weight_key.removesuffix("weight") + "bias"
+        bias = ia3.bias_update(update) if update.tuner == ia3.TUNER else None
+        if bias is not None and has_tensor(bias_key):
+            updates[bias_key] = bias
+    return updates
+
+
+def _refuse_mixed_contents(contents: AdapterContents, config: LoraAdapterConfig) -> None:
+    """An IA3/LoHa/LoKr file holds that type's tensors only (modules_to_save aside)."""
+    if config.peft_type == "LORA":
+        module = next(iter(contents.tuner_modules.values()), None)
+        if module is not None:
+            raise InvalidInputError(
+                f"adapter key {next(iter(module.tensors.values()))!r} belongs to an IA3, LoHa "
+                "or LoKr adapter, but adapter_config.json says the adapter is LoRA: the file "
+                "and the config do not belong together"
+            )
+        return
+    prefix = _ROLE_PREFIX[config.peft_type]
+    for module in contents.tuner_modules.values():
+        for role, key in module.tensors.items():
+            if not role.startswith(prefix):
+                raise InvalidInputError(
+                    f"adapter key {key!r} is not a tensor of a {config.peft_type} adapter, "
+                    "which its adapter_config.json says this is: the file and the config "
+                    "do not belong together"
+                )
+    if contents.lora_modules or contents.trainable_tokens:
+        name = next(iter(contents.lora_modules), None) or next(iter(contents.trainable_tokens))
+        raise InvalidInputError(
+            f"adapter module {name!r} holds LoRA tensors, but adapter_config.json says the "
+            f"adapter is {config.peft_type}: the file and the config do not belong together"
+        )

@@ -1,0 +1,87 @@
+"""What the stream calls to merge a tile of a weight an IA3, LoHa or LoKr module changes.
+
+:func:`tuner_row_merger` reads the module's tensors once per weight and returns a
+function of a tile of the weight's rows (2-D, a convolution's rows flat) that
+gives the merged rows in the compute dtype, not yet rounded: the caller rounds
+once to the output dtype, as for LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from lora_merge.compute.lora import compute_dtype_for
+from lora_merge.io.reader import TensorSource
+from lora_merge.plan.model import TunerUpdate
+from lora_merge.plan.tuners import ia3, loha, lokr
+
+RowMerger = Callable[[torch.Tensor, int], torch.Tensor]
+
+_DELTAS = {loha.TUNER: loha.loha_delta, lokr.TUNER: lokr.lokr_delta}
+FORMULAS = {ia3.TUNER: ia3.FORMULA, loha.TUNER: loha.FORMULA, lokr.TUNER: lokr.FORMULA}
+
+
+def tuner_arithmetic(tuners: list[str]) -> str:
+    """The merge, in one line, for the model card and shard metadata (no "|": a table cell)."""
+    formulas = "; ".join(FORMULAS[tuner] for tuner in tuners)
+    return (
+        f"{formulas}; PEFT's operations in PEFT's order, in float32 (float64 for 32-bit "
+        "outputs of LoHa/LoKr), rounded once to the output dtype"
+    )
+
+
+def tuner_compute_dtype(update: TunerUpdate, output_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a module's update is computed in before the one rounding."""
+    if update.tuner == ia3.TUNER:
+        return ia3.compute_dtype_for_ia3(output_dtype)
+    return compute_dtype_for(output_dtype)
+
+
+def tuner_row_merger(
+    update: TunerUpdate,
+    adapter: TensorSource,
+    weight_shape: tuple[int, ...],
+    compute_dtype: torch.dtype,
+    device: torch.device,
+) -> RowMerger:
+    """``rows(base_rows, start)``: rows ``start:`` of the merged weight, not yet rounded."""
+    tensors = {
+        role: adapter.read_rows(key).to(device=device, dtype=compute_dtype)
+        for role, key in update.keys
+    }
+    row_elements = max(1, math.prod(weight_shape[1:]))
+    if update.tuner == ia3.TUNER:
+        factor, per_row = ia3.ia3_factor(update, tensors["ia3_l"], row_elements, compute_dtype)
+
+        def scaled(base_rows: torch.Tensor, start: int) -> torch.Tensor:
+            return ia3.scaled_rows(base_rows, factor, per_row, start, update.unmerge)
+
+        return scaled
+    # LoHa, LoKr: the whole delta as PEFT builds it, then PEFT's ``W + delta`` per tile.
+    delta = _DELTAS[update.tuner](tensors, update.scale).reshape(weight_shape[0], row_elements)
+    del tensors
+
+    def added(base_rows: torch.Tensor, start: int) -> torch.Tensor:
+        return delta[start : start + base_rows.shape[0]] + base_rows
+
+    return added
+
+
+def tuner_delta_bytes(
+    update: TunerUpdate,
+    adapter: TensorSource,
+    weight_shape: tuple[int, ...],
+    compute_dtype: torch.dtype,
+) -> int:
+    """What :func:`tuner_row_merger` holds for a weight: the tensors read, in two dtypes,
+    and an additive type's whole delta."""
+    held = 0
+    for _, key in update.keys:
+        elements = math.prod(adapter.shape(key))
+        held += (adapter.dtype(key).itemsize + compute_dtype.itemsize) * elements
+    if update.tuner != ia3.TUNER:  # the products, the delta and its kron/einsum temporaries
+        held += 3 * compute_dtype.itemsize * math.prod(weight_shape)
+    return held

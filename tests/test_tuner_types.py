@@ -1,0 +1,432 @@
+"""IA3, LoHa and LoKr adapters written by PEFT, merged by lora-merge, checked against PEFT.
+
+The oracles:
+- bfloat16 bases: PEFT's own ``merge_and_unload`` rounds once (its delta or its
+  product is float32, added to the weight and rounded to bfloat16), and so does
+  lora-merge: every tensor must be PEFT's, bit for bit. The same for ``--unmerge``
+  against PEFT's ``unmerge_adapter``.
+- float32 bases: IA3's product is rounded once by PEFT too (bit for bit). LoHa and
+  LoKr round PEFT's float32 products before the sum; lora-merge computes in float64
+  and rounds once. The reference is PEFT's merge of the same model in float64, y;
+  ours must be within half a float32 ulp of it plus twice the float64 error bound
+  of either computation (see ``_float64_error_bound``), and never further from y
+  than PEFT's float32 merge is (plus that same bound).
+- the merged model's logits against the unmerged PEFT model's, within the measured
+  noise of ``tiny_checkpoints.unmerged_tolerance``.
+
+PEFT initialises IA3's vectors to ones and LoHa's/LoKr's second factors to zero:
+every adapter tensor is redrawn from a seeded generator before saving, as training
+would move it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from merge_oracle import read_safetensors_directory, ulp
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    PeftModel,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from safetensors.torch import save_file
+from tiny_checkpoints import (
+    float64_copy,
+    prompt_logits,
+    stable_seed,
+    unmerged_tolerance,
+)
+from transformers import AutoModelForCausalLM
+
+from lora_merge import MergeOptions, merge
+from lora_merge.api import preview_merge
+
+LINEAR_TARGETS = ["q_proj", "v_proj", "down_proj"]
+# Tensor names of the tuners' parameters (PEFT's ParameterDict names).
+TUNER_PARAMETERS = ("ia3_l", "hada_", "lokr_")
+UNIT_ROUNDOFF_64 = 2.0**-53
+
+
+def _linear_config(tuner: str):
+    if tuner == "ia3":  # down_proj scales its inputs (columns), q/v their outputs (rows)
+        return IA3Config(target_modules=LINEAR_TARGETS, feedforward_modules=["down_proj"])
+    if tuner == "loha":
+        return LoHaConfig(
+            r=4,
+            alpha=6,
+            target_modules=LINEAR_TARGETS,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3},
+        )
+    # LoKr on (64, 64) and (64, 128) weights: r=2 makes W1 and W2 low-rank; v_proj's r=8 makes
+    # both whole, down_proj's r=6 a whole W1 beside a low-rank W2 (PEFT's use_w1/use_w2 rules).
+    return LoKrConfig(
+        r=2,
+        alpha=3,
+        target_modules=LINEAR_TARGETS,
+        decompose_both=True,
+        rank_pattern={"v_proj": 8, "down_proj": 6},
+    )
+
+
+@torch.no_grad()
+def _redraw_adapter(model: torch.nn.Module, seed: int) -> None:
+    """Every tuner parameter from a seeded generator: IA3 near 1, the others ~N(0, 0.2^2)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if not any(part in name for part in TUNER_PARAMETERS):
+            continue
+        noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+        value = 1.0 + 0.2 * noise if "ia3_l" in name else 0.2 * noise
+        parameter.copy_(value.to(parameter.dtype))
+
+
+def _save_adapter(model: torch.nn.Module, config, directory: Path, seed: int) -> Path:
+    peft_model = get_peft_model(model, config)
+    _redraw_adapter(peft_model, seed)
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama_adapters(tmp_path_factory, tiny_base_checkpoint):
+    """Tiny Llama bases (float32, bfloat16) and an IA3, a LoHa and a LoKr adapter on them."""
+    root = tmp_path_factory.mktemp("tuners")
+    base = tiny_base_checkpoint("llama", torch.float32)
+    adapters = {}
+    for tuner in ("ia3", "loha", "lokr"):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        adapters[tuner] = _save_adapter(
+            model, _linear_config(tuner), root / tuner, stable_seed("tuner", tuner)
+        )
+    return {torch.float32: base, torch.bfloat16: tiny_base_checkpoint("llama", torch.bfloat16)}, (
+        adapters
+    )
+
+
+def _peft_model(base: Path, adapter: Path, dtype: torch.dtype) -> PeftModel:
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def _ours(base: Path, adapter: Path, out: Path, **options) -> dict[str, torch.Tensor]:
+    merge(MergeOptions(base=base, adapter=adapter, out=out, quiet=True, **options))
+    return read_safetensors_directory(out)
+
+
+def _unwrapped(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A tensor of a PEFT model's state dict by its base name (a wrapped layer's is under
+    ``base_layer``)."""
+    wrapped = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+    return state[wrapped] if wrapped in state else state[name]
+
+
+@pytest.mark.parametrize("tuner", ["ia3", "loha", "lokr"])
+def test_bfloat16_merge_and_unmerge_are_peft_bit_for_bit(llama_adapters, tmp_path, tuner):
+    """A bf16 base: every merged tensor is PEFT's merge_and_unload's, and --unmerge of our
+    output is PEFT's unmerge_adapter of its merged model, bit for bit."""
+    bases, adapters = llama_adapters
+    base = bases[torch.bfloat16]
+    ours = _ours(base, adapters[tuner], tmp_path / "merged")
+    original = read_safetensors_directory(base)
+    peft_model = _peft_model(base, adapters[tuner], torch.bfloat16)
+    peft_model.merge_adapter()
+    merged_state = {k: v.clone() for k, v in peft_model.base_model.model.state_dict().items()}
+    assert sorted(ours) == sorted(original)
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, _unwrapped(merged_state, name)), name
+    changed = [name for name in ours if not torch.equal(ours[name], original[name])]
+    assert len(changed) == 2 * len(LINEAR_TARGETS), changed  # the adapted weights
+
+    unmerged = _ours(tmp_path / "merged", adapters[tuner], tmp_path / "unmerged", unmerge=True)
+    peft_model.unmerge_adapter()
+    restored = peft_model.base_model.model.state_dict()
+    for name, tensor in unmerged.items():
+        assert torch.equal(tensor, _unwrapped(restored, name)), name
+
+
+def _float64_reference(base: torch.nn.Module, adapter: Path) -> dict[str, torch.Tensor]:
+    """PEFT's merge of the float32 base and adapter, carried out in float64."""
+    peft_model = PeftModel.from_pretrained(base, adapter).eval().double()
+    return peft_model.merge_and_unload().state_dict()
+
+
+def _delta_magnitudes(base: torch.nn.Module, adapter: Path) -> dict[str, torch.Tensor]:
+    """PEFT's float64 delta of the adapter with every tensor replaced by its absolute value:
+    for LoHa ``|s|(|W1a||W1b|)⊙(|W2a||W2b|)``, for LoKr ``|s|kron(|W1a||W1b|, ...)``: the sum
+    of absolute terms that bounds each element's rounding error."""
+    peft_model = PeftModel.from_pretrained(base, adapter).eval().double()
+    magnitudes = {}
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if any(part in name for part in TUNER_PARAMETERS):
+                parameter.abs_()
+        for name, module in peft_model.base_model.model.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "scaling"):
+                magnitudes[f"{name}.weight"] = module.get_delta_weight("default").abs()
+    return magnitudes
+
+
+def _float64_error_bound(tuner: str, products: int, terms: torch.Tensor) -> torch.Tensor:
+    """What float64 arithmetic can move an element of ``W + delta`` away from exact.
+
+    ``terms`` is ``|W| + |delta|`` with every factor's absolute value (each product's sum
+    of absolute terms). A sum of n products is off by at most n·u of its absolute terms
+    (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5, first order): n = r
+    for a matrix product of rank r, r² for a CP einsum over two rank indices. LoHa
+    multiplies two such sums, then the Hadamard product, the scale and the sum each add u:
+    (2n + 3)·u. LoKr's W1 and W2 (each a product, or whole: n bounds both), the Kronecker
+    product, the scale and the sum: the same (2n + 3)·u. The float32 scale is a float64
+    number exactly, in PEFT's float64 merge and in ours.
+    """
+    assert tuner in ("loha", "lokr")
+    return (2 * products + 3) * UNIT_ROUNDOFF_64 * terms
+
+
+def _check_against_float64(
+    tuner: str,
+    ours: dict[str, torch.Tensor],
+    load_base,
+    adapter: Path,
+    products: int,
+    adapted: int,
+) -> None:
+    """IA3: PEFT's float32 merge bit for bit. LoHa, LoKr: within half an ulp of PEFT's float64
+    merge plus twice the float64 bound, and no further from it than PEFT's float32 merge."""
+    peft32 = PeftModel.from_pretrained(load_base(), adapter).eval().merge_and_unload()
+    peft32 = peft32.state_dict()
+    assert sorted(ours) == sorted(peft32)
+    if tuner == "ia3":
+        for name, tensor in ours.items():
+            assert torch.equal(tensor, peft32[name]), name
+        return
+    exact = _float64_reference(load_base(), adapter)
+    magnitudes = _delta_magnitudes(load_base(), adapter)
+    assert len(magnitudes) == adapted
+    for name, tensor in ours.items():
+        if name not in magnitudes:
+            assert torch.equal(tensor, peft32[name]), name
+            continue
+        reference = exact[name]
+        bound = _float64_error_bound(tuner, products, reference.abs() + magnitudes[name])
+        error = (tensor.double() - reference).abs()
+        assert (error <= 0.5 * ulp(reference, torch.float32) + 2 * bound).all(), name
+        assert (error <= (peft32[name].double() - reference).abs() + 2 * bound).all(), name
+
+
+@pytest.mark.parametrize("tuner", ["ia3", "loha", "lokr"])
+def test_float32_merge_is_correctly_rounded_and_no_worse_than_peft(llama_adapters, tmp_path, tuner):
+    """A float32 base: IA3 is PEFT's bit for bit (one product, rounded once by both). LoHa and
+    LoKr are within half an ulp of PEFT's float64 merge (plus the float64 bound), and never
+    further from it than PEFT's own float32 merge."""
+    bases, adapters = llama_adapters
+    base, adapter = bases[torch.float32], adapters[tuner]
+    ours = _ours(base, adapter, tmp_path / "merged")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rank = max([config.get("r", 1), *config.get("rank_pattern", {}).values()])
+    _check_against_float64(
+        tuner,
+        ours,
+        lambda: AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        adapter,
+        products=rank,
+        adapted=2 * len(LINEAR_TARGETS),
+    )
+
+
+@pytest.mark.parametrize("tuner", ["ia3", "loha", "lokr"])
+def test_merged_logits_match_the_unmerged_peft_model(llama_adapters, tmp_path, tuner):
+    """The merged float32 model computes what PEFT's unmerged model computes, within the
+    unmerged model's own measured distance from float64 (tiny_checkpoints.NOISE_MULTIPLE)."""
+    bases, adapters = llama_adapters
+    base = bases[torch.float32]
+    _ours(base, adapters[tuner], tmp_path / "merged")
+    peft_model = _peft_model(base, adapters[tuner], torch.float32)
+    unmerged = prompt_logits(peft_model)
+    reference = prompt_logits(float64_copy(peft_model), torch.float64)
+    merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    merged = prompt_logits(merged_model)
+    tolerance = unmerged_tolerance(unmerged, reference, torch.float32)
+    assert float((merged.double() - unmerged.double()).abs().max()) <= tolerance
+    # The adapter matters: the base alone is far off.
+    plain = prompt_logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+    assert float((plain.double() - unmerged.double()).abs().max()) > 100 * tolerance
+
+
+class TinyConvolutions(torch.nn.Module):
+    """A Conv1d, a 3x3 Conv2d and a 1x1 Conv2d: the layers LoHa, LoKr and IA3 wrap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = torch.nn.Conv1d(4, 8, 3)
+        self.conv2d = torch.nn.Conv2d(4, 8, 3)
+        self.pointwise = torch.nn.Conv2d(8, 6, 1)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        outputs = [self.conv1d(inputs["1d"]), self.pointwise(self.conv2d(inputs["2d"]))]
+        return torch.cat([output.flatten() for output in outputs])
+
+
+CONV_INPUTS = {
+    "1d": torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(1)),
+    "2d": torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(2)),
+}
+# (name, PEFT config, its largest sum of products (see _float64_error_bound), layers adapted)
+CONV_CASES = {
+    # IA3 wraps Conv2d (not Conv1d): the 3x3 one scales its inputs, the 1x1 its outputs.
+    "ia3": (
+        IA3Config(target_modules=["conv2d", "pointwise"], feedforward_modules=["conv2d"]),
+        1,
+        2,
+    ),
+    "loha": (LoHaConfig(r=3, alpha=4, target_modules=["conv1d", "conv2d", "pointwise"]), 3, 3),
+    # The CP (Tucker) form: t1, t2 (r, r, k, k') for every kernel larger than 1x1.
+    "loha-cp": (
+        LoHaConfig(
+            r=3,
+            alpha=4,
+            target_modules=["conv1d", "conv2d", "pointwise"],
+            use_effective_conv2d=True,
+        ),
+        9,
+        3,
+    ),
+    # r=1 keeps W2 factored (PEFT's use_w2 is r >= max(b, d) / 2), hence in CP form. Not on
+    # the Conv1d: PEFT's own LoKr fails there (torch.kron on its CP W2's strides).
+    "lokr-cp": (
+        LoKrConfig(r=1, alpha=3, target_modules=["conv2d", "pointwise"], use_effective_conv2d=True),
+        1,
+        2,
+    ),
+}
+
+
+def _conv_model() -> TinyConvolutions:
+    torch.manual_seed(0)
+    return TinyConvolutions()
+
+
+@pytest.fixture(scope="module")
+def conv_adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tuner-conv")
+    base = root / "base"
+    base.mkdir()
+    save_file(_conv_model().state_dict(), base / "model.safetensors", metadata={"format": "pt"})
+    adapters = {
+        name: _save_adapter(_conv_model(), config, root / name, stable_seed("conv", name))
+        for name, (config, _, _) in CONV_CASES.items()
+    }
+    return base, adapters
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_convolutions_match_peft(conv_adapters, tmp_path, case):
+    """Conv1d and Conv2d (and LoHa's and LoKr's CP forms): float32 merges checked as the
+    Llama ones are, and the merged model computes what the unmerged PEFT model computes."""
+    base, adapters = conv_adapters
+    _, products, adapted = CONV_CASES[case]
+    ours = _ours(base, adapters[case], tmp_path / "merged")
+    tuner = case.split("-")[0]
+    if case.endswith("-cp"):
+        saved = read_safetensors_directory(adapters[case])
+        assert any(".hada_t1" in key or ".lokr_t2" in key for key in saved)
+    _check_against_float64(tuner, ours, _conv_model, adapters[case], products, adapted)
+
+    peft_model = PeftModel.from_pretrained(_conv_model(), adapters[case]).eval()
+    merged_model = _conv_model()
+    merged_model.load_state_dict(ours)
+    with torch.no_grad():
+        unmerged, merged = peft_model(CONV_INPUTS), merged_model(CONV_INPUTS)
+        reference = float64_copy(peft_model)({k: v.double() for k, v in CONV_INPUTS.items()})
+        plain = _conv_model()(CONV_INPUTS)
+    tolerance = unmerged_tolerance(unmerged, reference, torch.float32)
+    assert float((merged.double() - unmerged.double()).abs().max()) <= tolerance
+    assert float((plain.double() - unmerged.double()).abs().max()) > 100 * tolerance
+
+
+def test_card_dry_run_and_json_name_the_type(llama_adapters, tmp_path):
+    """--dry-run and preview count the modules by type and layer; the model card and the
+    --json summary say which formula was merged; --verify passes."""
+    bases, adapters = llama_adapters
+    base = bases[torch.bfloat16]
+    preview = preview_merge(MergeOptions(base=base, adapter=adapters["loha"], out=tmp_path / "o"))
+    assert preview.lora_modules_by_layer == {"loha-linear": 2 * len(LINEAR_TARGETS)}
+    assert preview.scales == {"1.5": 2, "3": 2, "0.75": 2}  # alpha/r: 6/4; 6/2 (v); 3/4 (down)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_merge",
+            str(base),
+            str(adapters["ia3"]),
+            str(tmp_path / "m"),
+            "--verify",
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["lora_modules_by_layer"] == {"ia3-linear": 2 * len(LINEAR_TARGETS)}
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "W * l per output row" in card
+
+
+def test_types_that_change_no_weight_are_refused_as_such(llama_adapters, tmp_path):
+    """A prompt-tuning adapter PEFT saved: exit 4, saying the type cannot be merged into
+    weights (not a generic "LoRA only"); OUT is not created."""
+    bases, _ = llama_adapters
+    base = bases[torch.float32]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    get_peft_model(model, config).save_pretrained(tmp_path / "prompt")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_merge",
+            str(base),
+            str(tmp_path / "prompt"),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 4
+    assert "cannot be merged into weights" in result.stderr and "prompt tuning" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_adapters_of_these_types_are_refused(llama_adapters, tmp_path):
+    """--combine of an IA3 and a LoHa adapter: exit 4 naming the type; OUT not created."""
+    bases, adapters = llama_adapters
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_merge",
+            str(bases[torch.float32]),
+            str(adapters["ia3"]),
+            str(adapters["loha"]),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 4, result.stderr
+    assert "IA3 adapter" in result.stderr and "LoRA adapters only" in result.stderr
+    assert not (tmp_path / "out").exists()
