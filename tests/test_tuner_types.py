@@ -30,6 +30,7 @@ import pytest
 import torch
 from merge_oracle import read_safetensors_directory, ulp
 from peft import (
+    AdaLoraConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -51,11 +52,27 @@ from lora_merge.api import preview_merge
 
 LINEAR_TARGETS = ["q_proj", "v_proj", "down_proj"]
 # Tensor names of the tuners' parameters (PEFT's ParameterDict names).
-TUNER_PARAMETERS = ("ia3_l", "hada_", "lokr_")
+TUNER_PARAMETERS = ("ia3_l", "hada_", "lokr_", "lora_A", "lora_B", "lora_E")
+LLAMA_TUNERS = ["adalora", "ia3", "loha", "lokr"]
+# AdaLoRA's rank_pattern (as its RankAllocator leaves it: the ranks kept, as boolean masks,
+# by ``<module>.lora_E``): layer 0's q_proj keeps 3 of its 6, layer 1's v_proj none (it is
+# merged as a zero delta: one adapted weight fewer changes).
+ADALORA_MASKS = {
+    "model.layers.0.self_attn.q_proj.lora_E": [True, False, True, True, False, False],
+    "model.layers.1.self_attn.v_proj.lora_E": [False] * 6,
+}
+UNCHANGED_ADAPTED = {"adalora": 1}
+# The largest rank of each adapter's products (see _float64_error_bound): its r, rank_pattern
+# and AdaLoRA's init_r in _linear_config.
+LARGEST_RANK = {"adalora": 6, "ia3": 1, "loha": 4, "lokr": 8}
 UNIT_ROUNDOFF_64 = 2.0**-53
 
 
 def _linear_config(tuner: str):
+    if tuner == "adalora":
+        return AdaLoraConfig(
+            init_r=6, target_r=2, lora_alpha=8, target_modules=LINEAR_TARGETS, total_step=10
+        )
     if tuner == "ia3":  # down_proj scales its inputs (columns), q/v their outputs (rows)
         return IA3Config(target_modules=LINEAR_TARGETS, feedforward_modules=["down_proj"])
     if tuner == "loha":
@@ -89,9 +106,13 @@ def _redraw_adapter(model: torch.nn.Module, seed: int) -> None:
         parameter.copy_(value.to(parameter.dtype))
 
 
-def _save_adapter(model: torch.nn.Module, config, directory: Path, seed: int) -> Path:
+def _save_adapter(
+    model: torch.nn.Module, config, directory: Path, seed: int, masks: dict | None = None
+) -> Path:
     peft_model = get_peft_model(model, config)
     _redraw_adapter(peft_model, seed)
+    if masks:  # AdaLoRA pruned as training prunes it: save keeps the ranks the masks keep
+        config.rank_pattern = dict(masks)
     peft_model.save_pretrained(directory)
     return directory
 
@@ -102,11 +123,11 @@ def llama_adapters(tmp_path_factory, tiny_base_checkpoint):
     root = tmp_path_factory.mktemp("tuners")
     base = tiny_base_checkpoint("llama", torch.float32)
     adapters = {}
-    for tuner in ("ia3", "loha", "lokr"):
+    for tuner in LLAMA_TUNERS:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        adapters[tuner] = _save_adapter(
-            model, _linear_config(tuner), root / tuner, stable_seed("tuner", tuner)
-        )
+        masks = ADALORA_MASKS if tuner == "adalora" else None
+        seed = stable_seed("tuner", tuner)
+        adapters[tuner] = _save_adapter(model, _linear_config(tuner), root / tuner, seed, masks)
     return {torch.float32: base, torch.bfloat16: tiny_base_checkpoint("llama", torch.bfloat16)}, (
         adapters
     )
@@ -122,6 +143,22 @@ def _ours(base: Path, adapter: Path, out: Path, **options) -> dict[str, torch.Te
     return read_safetensors_directory(out)
 
 
+@torch.no_grad()
+def _restore_saved_values(peft_model: PeftModel, adapter: Path) -> None:
+    """Give PEFT's AdaLoRA layers the values saved in the adapter file.
+
+    On a bf16 base PEFT rounds a pruned layer's A, B and E to bfloat16 when it loads them:
+    ``resize_modules_by_rank_pattern`` recreates the layer in the base's dtype, after the
+    float32 autocast, and the saved float32 values are copied into it. lora-merge merges the
+    saved values; PEFT's merge of those same values is the oracle.
+    """
+    saved = read_safetensors_directory(adapter)
+    for name, parameter in peft_model.named_parameters():
+        key = name.replace(".default", "")
+        if key in saved:
+            parameter.data = saved[key].to(torch.float32)
+
+
 def _unwrapped(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """A tensor of a PEFT model's state dict by its base name (a wrapped layer's is under
     ``base_layer``)."""
@@ -129,7 +166,7 @@ def _unwrapped(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return state[wrapped] if wrapped in state else state[name]
 
 
-@pytest.mark.parametrize("tuner", ["ia3", "loha", "lokr"])
+@pytest.mark.parametrize("tuner", LLAMA_TUNERS)
 def test_bfloat16_merge_and_unmerge_are_peft_bit_for_bit(llama_adapters, tmp_path, tuner):
     """A bf16 base: every merged tensor is PEFT's merge_and_unload's, and --unmerge of our
     output is PEFT's unmerge_adapter of its merged model, bit for bit."""
@@ -138,6 +175,8 @@ def test_bfloat16_merge_and_unmerge_are_peft_bit_for_bit(llama_adapters, tmp_pat
     ours = _ours(base, adapters[tuner], tmp_path / "merged")
     original = read_safetensors_directory(base)
     peft_model = _peft_model(base, adapters[tuner], torch.bfloat16)
+    if tuner == "adalora":
+        _restore_saved_values(peft_model, adapters[tuner])
     peft_model.merge_adapter()
     merged_state = {k: v.clone() for k, v in peft_model.base_model.model.state_dict().items()}
     assert sorted(ours) == sorted(original)
@@ -145,7 +184,8 @@ def test_bfloat16_merge_and_unmerge_are_peft_bit_for_bit(llama_adapters, tmp_pat
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(tensor, _unwrapped(merged_state, name)), name
     changed = [name for name in ours if not torch.equal(ours[name], original[name])]
-    assert len(changed) == 2 * len(LINEAR_TARGETS), changed  # the adapted weights
+    adapted = 2 * len(LINEAR_TARGETS) - UNCHANGED_ADAPTED.get(tuner, 0)
+    assert len(changed) == adapted, changed  # the adapted weights
 
     unmerged = _ours(tmp_path / "merged", adapters[tuner], tmp_path / "unmerged", unmerge=True)
     peft_model.unmerge_adapter()
@@ -185,11 +225,13 @@ def _float64_error_bound(tuner: str, products: int, terms: torch.Tensor) -> torc
     for a matrix product of rank r, r² for a CP einsum over two rank indices. LoHa
     multiplies two such sums, then the Hadamard product, the scale and the sum each add u:
     (2n + 3)·u. LoKr's W1 and W2 (each a product, or whole: n bounds both), the Kronecker
-    product, the scale and the sum: the same (2n + 3)·u. The float32 scale is a float64
-    number exactly, in PEFT's float64 merge and in ours.
+    product, the scale and the sum: the same (2n + 3)·u. AdaLoRA's A * E (u), the rank-n
+    product (n·u), the scale, the division by ranknum + 1e-5 (itself rounded: 2u) and the
+    sum: (n + 5)·u. The float32 scale is a float64 number exactly, in PEFT's float64 merge
+    and in ours.
     """
-    assert tuner in ("loha", "lokr")
-    return (2 * products + 3) * UNIT_ROUNDOFF_64 * terms
+    unit_errors = {"loha": 2 * products + 3, "lokr": 2 * products + 3, "adalora": products + 5}
+    return unit_errors[tuner] * UNIT_ROUNDOFF_64 * terms
 
 
 def _check_against_float64(
@@ -204,7 +246,7 @@ def _check_against_float64(
     merge plus twice the float64 bound, and no further from it than PEFT's float32 merge."""
     peft32 = PeftModel.from_pretrained(load_base(), adapter).eval().merge_and_unload()
     peft32 = peft32.state_dict()
-    assert sorted(ours) == sorted(peft32)
+    assert set(ours) <= set(peft32)  # (PEFT's state dict also lists a tied head)
     if tuner == "ia3":
         for name, tensor in ours.items():
             assert torch.equal(tensor, peft32[name]), name
@@ -223,27 +265,25 @@ def _check_against_float64(
         assert (error <= (peft32[name].double() - reference).abs() + 2 * bound).all(), name
 
 
-@pytest.mark.parametrize("tuner", ["ia3", "loha", "lokr"])
+@pytest.mark.parametrize("tuner", LLAMA_TUNERS)
 def test_float32_merge_is_correctly_rounded_and_no_worse_than_peft(llama_adapters, tmp_path, tuner):
-    """A float32 base: IA3 is PEFT's bit for bit (one product, rounded once by both). LoHa and
-    LoKr are within half an ulp of PEFT's float64 merge (plus the float64 bound), and never
+    """A float32 base: IA3 is PEFT's bit for bit (one product, rounded once by both). AdaLoRA,
+    LoHa and LoKr are within half an ulp of PEFT's float64 merge (plus the float64 bound), and never
     further from it than PEFT's own float32 merge."""
     bases, adapters = llama_adapters
     base, adapter = bases[torch.float32], adapters[tuner]
     ours = _ours(base, adapter, tmp_path / "merged")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    rank = max([config.get("r", 1), *config.get("rank_pattern", {}).values()])
     _check_against_float64(
         tuner,
         ours,
         lambda: AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
         adapter,
-        products=rank,
+        products=LARGEST_RANK[tuner],
         adapted=2 * len(LINEAR_TARGETS),
     )
 
 
-@pytest.mark.parametrize("tuner", ["ia3", "loha", "lokr"])
+@pytest.mark.parametrize("tuner", LLAMA_TUNERS)
 def test_merged_logits_match_the_unmerged_peft_model(llama_adapters, tmp_path, tuner):
     """The merged float32 model computes what PEFT's unmerged model computes, within the
     unmerged model's own measured distance from float64 (tiny_checkpoints.NOISE_MULTIPLE)."""
@@ -430,3 +470,45 @@ def test_several_adapters_of_these_types_are_refused(llama_adapters, tmp_path):
     assert result.returncode == 4, result.stderr
     assert "IA3 adapter" in result.stderr and "LoRA adapters only" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# transformers' Conv1D (GPT-2), which stores weights (in, out): PEFT's fan_in_fan_out. c_attn
+# is (64, 192), the attention's c_proj square (told apart by the architecture table).
+GPT2_CASES = {
+    "adalora": (
+        lambda: AdaLoraConfig(
+            init_r=4,
+            target_r=2,
+            lora_alpha=6,
+            target_modules=["c_attn", "c_proj"],
+            fan_in_fan_out=True,
+            total_step=10,
+        ),
+        4,
+    ),
+    # The MLP's c_proj scales its inputs (rows of a Conv1D weight), the others their outputs
+    # (columns) and their biases. As regexes: PEFT matches a string against the whole name.
+    "ia3": (
+        lambda: IA3Config(
+            target_modules=r".*\.(c_attn|c_proj)",
+            feedforward_modules=r".*\.mlp\.c_proj",
+            fan_in_fan_out=True,
+        ),
+        1,
+    ),
+}
+
+
+@pytest.mark.parametrize("tuner", list(GPT2_CASES))
+def test_gpt2_conv1d_layers_match_peft(tiny_base_checkpoint, tmp_path, tuner):
+    """AdaLoRA and IA3 on GPT-2's Conv1D weights, as the Llama ones are checked."""
+    base = tiny_base_checkpoint("gpt2", torch.float32)
+    make_config, rank = GPT2_CASES[tuner]
+    config = make_config()
+    masks = {"transformer.h.0.attn.c_attn.lora_E": [True, False, True, False]}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    adapter = _save_adapter(model, config, tmp_path / tuner, stable_seed("gpt2", tuner), masks)
+    ours = _ours(base, adapter, tmp_path / "merged")
+    load = lambda: AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # noqa: E731
+    # c_attn, the attention's and the MLP's c_proj, in both layers
+    _check_against_float64(tuner, ours, load, adapter, rank, adapted=6)

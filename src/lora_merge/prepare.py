@@ -19,7 +19,7 @@ import torch
 
 from lora_merge.adapter.combined import AdapterInput, CombinedAdapter
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
-from lora_merge.adapter.keys import AdapterContents, classify_adapter_keys
+from lora_merge.adapter.keys import AdapterContents, as_adalora_modules, classify_adapter_keys
 from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.adapter.refusals import (
@@ -212,7 +212,10 @@ def _read_adapters(
 ) -> tuple[LoraAdapterConfig, AdapterContents, TensorSource]:
     """The adapter the plan merges: the one given, or the combination of all of them."""
     if recipe is None:
-        return configs[0], classify_adapter_keys(list(sources[0].keys())), sources[0]
+        contents = classify_adapter_keys(list(sources[0].keys()))
+        if configs[0].peft_type == "ADALORA":  # its A and B are not a LoRA pair
+            contents = as_adalora_modules(contents)
+        return configs[0], contents, sources[0]
     combined = _combined_adapter(folders, configs, sources, recipe)
     return combined.config, combined.contents, combined
 

@@ -15,7 +15,7 @@ from lora_merge.io.json_files import read_json_object
 
 @dataclass(frozen=True)
 class LoraAdapterConfig:
-    """The fields of a PEFT ``LoraConfig`` (or IA3, LoHa, LoKr config) that decide a merge.
+    """The fields of a PEFT ``LoraConfig`` (or AdaLoRA, IA3, LoHa, LoKr config) that decide a merge.
 
     Attributes:
         r: default rank (the real rank of each LoRA module is read from its A matrix).
@@ -30,6 +30,12 @@ class LoraAdapterConfig:
         target_parameters: parameter names PEFT put a LoRA on (MoE experts), if any.
         use_dora: PEFT's flag for DoRA (weight-decomposed LoRA); its magnitude
             vectors are in the weights file.
+        peft_type: ``LORA``, or another type lora-merge merges (see
+            :mod:`lora_merge.adapter.peft_types`).
+        feedforward_modules: IA3's modules whose vector scales their inputs.
+        init_r: AdaLoRA's initial rank: every layer's ``ranknum``, which its delta is
+            divided by, pruned or not (AdaLoRA's ``rank_pattern`` holds boolean masks
+            of the ranks kept, read here as their counts).
     """
 
     r: int
@@ -44,6 +50,7 @@ class LoraAdapterConfig:
     use_dora: bool = False
     peft_type: str = "LORA"
     feedforward_modules: tuple[str, ...] | str = ()
+    init_r: int = 0
 
     def rank_for(self, module_name: str) -> int:
         """``rank_pattern``'s rank for a module, else ``r`` (PEFT's ``_create_and_replace``)."""
@@ -119,9 +126,11 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
     if not isinstance(alpha, int | float) or not _is_number(alpha):
         raise InvalidInputError(f"{path}: {alpha_field!r} must be a number, got {alpha!r}")
     rank_pattern = raw.get("rank_pattern") or {}
+    if peft_type == "ADALORA":
+        rank_pattern = _adalora_rank_pattern(path, rank_pattern)
     alpha_pattern = raw.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not all(
-        _is_positive_int(v) for v in rank_pattern.values()
+        _is_positive_int(v) or (peft_type == "ADALORA" and v == 0) for v in rank_pattern.values()
     ):
         raise InvalidInputError(f"{path}: 'rank_pattern' must map patterns to positive integers")
     if not isinstance(alpha_pattern, dict) or not all(
@@ -162,7 +171,29 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         use_dora=bool(raw.get("use_dora", False)),
         peft_type=peft_type,
         feedforward_modules=_feedforward_modules(path, raw.get("feedforward_modules")),
+        init_r=_init_r(path, raw) if peft_type == "ADALORA" else 0,
     )
+
+
+def _adalora_rank_pattern(path: Path, pattern: object) -> dict[str, int]:
+    """AdaLoRA's ``rank_pattern``: ``<module>.lora_E`` -> the mask of ranks kept -> their count."""
+    if not isinstance(pattern, dict) or not all(
+        isinstance(mask, list) and all(isinstance(kept, bool) for kept in mask)
+        for mask in pattern.values()
+    ):
+        raise InvalidInputError(
+            f"{path}: an AdaLoRA 'rank_pattern' must map module names to lists of booleans"
+        )
+    return {re.escape(name.removesuffix(".lora_E")): sum(mask) for name, mask in pattern.items()}
+
+
+def _init_r(path: Path, raw: dict[str, object]) -> int:
+    """AdaLoRA's ``init_r`` (PEFT's default 12 when absent)."""
+    init_r = raw.get("init_r", 12)
+    if not _is_positive_int(init_r):
+        raise InvalidInputError(f"{path}: 'init_r' must be a positive integer, got {init_r!r}")
+    assert isinstance(init_r, int)
+    return init_r
 
 
 def _feedforward_modules(path: Path, value: object) -> tuple[str, ...] | str:

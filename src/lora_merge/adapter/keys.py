@@ -23,6 +23,7 @@ PEFT_PREFIX = "base_model.model."
 # Tensors of the other adapter types lora-merge merges (see lora_merge.plan.tuners):
 # PEFT keeps them in ParameterDicts and saves them as ``X.<role>`` (``X.hada_w1_a``).
 TUNER_ROLES: tuple[str, ...] = (
+    "lora_E",  # AdaLoRA (beside lora_A and lora_B, which it saves without ".weight")
     "ia3_l",  # IA3
     *("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),  # LoHa
     *("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
@@ -91,7 +92,7 @@ class LoraModuleKeys:
 
 @dataclass
 class TunerModuleKeys:
-    """The adapter keys of one module of an IA3, LoHa or LoKr adapter.
+    """The adapter keys of one module of an AdaLoRA, IA3, LoHa or LoKr adapter.
 
     Attributes:
         module: module name in the base model.
@@ -113,7 +114,7 @@ class AdapterContents:
             trained biases).
         trainable_tokens: embedding module name -> adapter key of its
             ``trainable_tokens_delta`` (new values of some of its rows).
-        tuner_modules: module name -> its IA3, LoHa or LoKr tensors.
+        tuner_modules: module name -> its AdaLoRA, IA3, LoHa or LoKr tensors.
         base_layer_copies: names in ``replacements`` saved from a wrapped layer's
             ``base_layer`` (the model's own parameter, shared with whatever it is tied
             to), as opposed to a modules_to_save copy, which is the module's alone.
@@ -227,3 +228,25 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
                 "(A and B); the adapter file is incomplete"
             )
     return contents
+
+
+def as_adalora_modules(contents: AdapterContents) -> AdapterContents:
+    """An AdaLoRA file's contents: each module's A and B joined to its ``lora_E``.
+
+    AdaLoRA saves ``X.lora_A``, ``X.lora_B`` and ``X.lora_E`` (ParameterDicts, no
+    ``.weight``): its A and B look like a LoRA pair, but its delta is
+    ``B @ (A * E)``, a tuner's (see :mod:`lora_merge.plan.tuners.adalora`).
+    """
+    tuners = {
+        name: TunerModuleKeys(name, dict(m.tensors)) for name, m in contents.tuner_modules.items()
+    }
+    for module in contents.lora_modules.values():
+        tuner = tuners.setdefault(module.module, TunerModuleKeys(module.module))
+        assert module.a_key is not None and module.b_key is not None
+        tuner.tensors.update(lora_A=module.a_key, lora_B=module.b_key)
+    return AdapterContents(
+        replacements=contents.replacements,
+        trainable_tokens=contents.trainable_tokens,
+        base_layer_copies=contents.base_layer_copies,
+        tuner_modules=tuners,
+    )

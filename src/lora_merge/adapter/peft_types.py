@@ -3,7 +3,7 @@
 Three sets, and the message for each (all :class:`InvalidInputError`, exit 4):
 
 - merged: LoRA, and the types whose update PEFT's ``merge`` writes into the
-  weights and lora-merge reproduces (:mod:`lora_merge.plan.tuners`): IA3, LoHa, LoKr;
+  weights and lora-merge reproduces (:mod:`lora_merge.plan.tuners`): AdaLoRA, IA3, LoHa, LoKr;
 - cannot be merged: the types that add virtual tokens or route between adapters
   at run time (prompt tuning, prefix tuning, P-tuning, Poly, X-LoRA...): there is
   no weight update to merge, so no tool can merge them, and we say so;
@@ -19,6 +19,7 @@ from lora_merge.errors import InvalidInputError
 # peft_type -> (name for messages, config field holding alpha, or None when the type has none).
 MERGED_TYPES: dict[str, tuple[str, str | None]] = {
     "LORA": ("LoRA", "lora_alpha"),
+    "ADALORA": ("AdaLoRA", "lora_alpha"),
     "IA3": ("IA3", None),
     "LOHA": ("LoHa", "alpha"),
     "LOKR": ("LoKr", "alpha"),
@@ -40,7 +41,6 @@ _NOT_WEIGHT_UPDATES = {
 
 # PEFT types lora-merge knows by name but does not merge; named in the refusal.
 _OTHER_NAMES = {
-    "ADALORA": "AdaLoRA",
     "OFT": "OFT",
     "BOFT": "BOFT",
     "VERA": "VeRA",

@@ -59,7 +59,7 @@ def refuse_tuner_in_combination(label: str, config: LoraAdapterConfig) -> None:
     if config.peft_type != "LORA":
         raise InvalidInputError(
             f"adapter {label} is a {config.peft_type} adapter; --combine combines LoRA adapters "
-            "only (an IA3, LoHa or LoKr update is not a B @ A to add or concatenate): merge "
+            "only (an IA3, LoHa or LoKr update is not a B @ A, and AdaLoRA divides by its own rank): merge "
             "it on its own first, then merge the next adapter into that output"
         )
 

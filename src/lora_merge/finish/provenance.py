@@ -164,7 +164,7 @@ def merge_record(
     method = merge_arithmetic(any(p.magnitude_key for p in plan.lora_products))
     unmerge_method = UNMERGE_ARITHMETIC
     tuners = sorted({u.tuner for u in plan.tuner_updates})
-    if tuners:  # IA3, LoHa, LoKr: their own formula
+    if tuners:  # AdaLoRA, IA3, LoHa, LoKr: their own formula
         method = tuner_arithmetic(tuners)
         unmerge_method = (
             f"--unmerge (each update undone: IA3 divides, LoHa/LoKr subtract): {method}"

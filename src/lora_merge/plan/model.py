@@ -82,14 +82,14 @@ class LoraBias:
 
 @dataclass(frozen=True)
 class TunerUpdate:
-    """One module of an adapter that is not LoRA (IA3, LoHa, LoKr): what it does to a tensor.
+    """One module of an adapter that is not LoRA (AdaLoRA, IA3, LoHa, LoKr): its update of a tensor.
 
     Each type's shape rule and formula are in its own module of :mod:`lora_merge.tuners`
     (``tuner`` names it); the stream asks that module for the merged rows.
 
     Attributes:
         tuner: the adapter type, a key of :data:`lora_merge.tuners.registry.TUNERS`
-            (``"ia3"``, ``"loha"``, ``"lokr"``).
+            (``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``).
         module: the module's name in the base model.
         keys: (role, adapter key) of every tensor of the module, e.g.
             ``("hada_w1_a", "...q_proj.hada_w1_a")``.
@@ -100,6 +100,7 @@ class TunerUpdate:
         feedforward: IA3 only: the vector scales the layer's inputs (columns of
             ``nn.Linear``'s weight) rather than its outputs.
         unmerge: undo the update (``--unmerge``): IA3 divides, additive types subtract.
+        ranknum: AdaLoRA only: the initial rank its delta is divided by.
     """
 
     tuner: str
@@ -109,6 +110,7 @@ class TunerUpdate:
     layer: str
     feedforward: bool = False
     unmerge: bool = False
+    ranknum: int = 0
 
     def key(self, role: str) -> str | None:
         """The adapter key of one of the module's tensors, or None when it has no such role."""
@@ -224,7 +226,7 @@ class MergePlan:
 
     @property
     def tuner_updates(self) -> list[TunerUpdate]:
-        """The updates of a non-LoRA adapter (IA3, LoHa, LoKr), one per tensor they change."""
+        """The updates of a non-LoRA adapter (AdaLoRA, IA3, LoHa, LoKr), one per tensor they change."""
         return [t.delta for t in self.tensors if isinstance(t.delta, TunerUpdate)]
 
     @property

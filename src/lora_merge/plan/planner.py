@@ -103,7 +103,7 @@ def build_merge_plan(
     )
     sign = -1.0 if unmerge else 1.0
     deltas = {key: dataclasses.replace(d, scale=sign * d.scale) for key, d in deltas.items()}
-    # IA3, LoHa, LoKr (plan_tuner_modules says how each undoes itself for --unmerge).
+    # AdaLoRA, IA3, LoHa, LoKr (plan_tuner_modules says how each undoes itself for --unmerge).
     deltas.update(
         plan_tuner_modules(
             contents,

@@ -133,7 +133,7 @@ def _tensor_bytes(tensor: PlannedTensor, adapter: TensorSource, tile_budget: int
         output_dtype = spec.dtype if target is None else target.dtype
         compute = torch.float64 if norm_per_column(delta) else compute_dtype_for(output_dtype)
         held += _factor_bytes(delta, adapter, compute, tile_budget)
-    elif isinstance(delta, TunerUpdate):  # IA3, LoHa, LoKr
+    elif isinstance(delta, TunerUpdate):  # AdaLoRA, IA3, LoHa, LoKr
         compute = tuner_compute_dtype(delta, spec.dtype)
         held += tuner_delta_bytes(delta, adapter, spec.shape, compute)
     return held

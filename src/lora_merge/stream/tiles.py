@@ -82,7 +82,7 @@ def output_tiles(
         return
     row_elements = max(1, int(torch.Size(spec.shape[1:]).numel()))
     widest = max(tensor.source_dtype.itemsize, spec.dtype.itemsize)
-    if isinstance(delta, TunerUpdate):  # IA3, LoHa, LoKr
+    if isinstance(delta, TunerUpdate):  # AdaLoRA, IA3, LoHa, LoKr
         yield from _tuner_tiles(tensor, delta, source, adapter, device, buffers)
         return
     if not isinstance(delta, LoraProduct):
@@ -138,7 +138,7 @@ def _tuner_tiles(
     device: torch.device,
     buffers: TileBuffers,
 ) -> Iterator[torch.Tensor]:
-    """The tiles of a weight an IA3, LoHa or LoKr module changes, each rounded once."""
+    """The tiles of a weight an AdaLoRA, IA3, LoHa or LoKr module changes, each rounded once."""
     spec = tensor.spec
     compute_dtype = tuner_compute_dtype(delta, spec.dtype)
     row_elements = max(1, int(torch.Size(spec.shape[1:]).numel()))

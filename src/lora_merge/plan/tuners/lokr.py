@@ -78,7 +78,7 @@ def _factor_shape(
     return (shapes[0][0], shapes[1][-1])
 
 
-def lokr_delta(tensors: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+def lokr_delta(tensors: dict[str, torch.Tensor], update: TunerUpdate) -> torch.Tensor:
     """PEFT's LoKr delta (not yet reshaped to the weight), from tensors in the compute dtype."""
     w1 = tensors.get("lokr_w1")
     if w1 is None:
@@ -99,4 +99,4 @@ def lokr_delta(tensors: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
     # form, (b, d, k, 1)), on which torch.kron fails: PEFT can neither run nor merge such a
     # layer. Laying w2 out afresh changes no value of the (elementwise) Kronecker product.
     w2 = w2.reshape(-1).clone().view(w2.shape)
-    return torch.kron(w1, w2) * scale
+    return torch.kron(w1, w2) * update.scale

@@ -1,4 +1,4 @@
-"""Plan every module of an IA3, LoHa or LoKr adapter: one update per tensor it changes.
+"""Plan every module of an AdaLoRA, IA3, LoHa or LoKr adapter: one update per tensor it changes.
 
 The adapter's ``peft_type`` says which type it is; each module's tensors
 (:class:`~lora_merge.adapter.keys.TunerModuleKeys`) must be that type's, and its
@@ -8,6 +8,7 @@ shapes and decides the update.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from lora_merge.adapter.config import LoraAdapterConfig
@@ -16,10 +17,10 @@ from lora_merge.errors import InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import BaseNames
-from lora_merge.plan.tuners import ia3, loha, lokr
+from lora_merge.plan.tuners import adalora, ia3, loha, lokr
 
 # peft_type -> the role prefix of its tensors.
-_ROLE_PREFIX = {"IA3": "ia3_", "LOHA": "hada_", "LOKR": "lokr_"}
+_ROLE_PREFIX = {"ADALORA": "lora_", "IA3": "ia3_", "LOHA": "hada_", "LOKR": "lokr_"}
 
 
 def plan_tuner_modules(
@@ -59,20 +60,15 @@ def plan_tuner_modules(
         shape = weight_shape(weight_key)
         if config.peft_type == "IA3":
             update = ia3.plan_ia3(module, weight_key, shape, adapter, config, model_type)
+        elif config.peft_type == "ADALORA":
+            update = adalora.plan_adalora(module, weight_key, shape, adapter, config, model_type)
         elif config.peft_type == "LOHA":
             update = loha.plan_loha(module, weight_key, shape, adapter, config)
         else:
             update = lokr.plan_lokr(module, weight_key, shape, adapter, config)
         if unmerge:
-            update = TunerUpdate(
-                update.tuner,
-                update.module,
-                update.keys,
-                update.scale if update.tuner == ia3.TUNER else -update.scale,
-                update.layer,
-                update.feedforward,
-                unmerge=True,
-            )
+            scale = update.scale if update.tuner == ia3.TUNER else -update.scale
+            update = dataclasses.replace(update, scale=scale, unmerge=True)
         updates[weight_key] = update
         bias_key = weight_key.removesuffix("weight") + "bias"
         bias = ia3.bias_update(update) if update.tuner == ia3.TUNER else None

@@ -1,4 +1,4 @@
-"""What the stream calls to merge a tile of a weight an IA3, LoHa or LoKr module changes.
+"""What the stream calls to merge a tile of a weight an AdaLoRA, IA3, LoHa or LoKr module changes.
 
 :func:`tuner_row_merger` reads the module's tensors once per weight and returns a
 function of a tile of the weight's rows (2-D, a convolution's rows flat) that
@@ -16,12 +16,21 @@ import torch
 from lora_merge.compute.lora import compute_dtype_for
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
-from lora_merge.plan.tuners import ia3, loha, lokr
+from lora_merge.plan.tuners import adalora, ia3, loha, lokr
 
 RowMerger = Callable[[torch.Tensor, int], torch.Tensor]
 
-_DELTAS = {loha.TUNER: loha.loha_delta, lokr.TUNER: lokr.lokr_delta}
-FORMULAS = {ia3.TUNER: ia3.FORMULA, loha.TUNER: loha.FORMULA, lokr.TUNER: lokr.FORMULA}
+_DELTAS = {
+    adalora.TUNER: adalora.adalora_delta,
+    loha.TUNER: loha.loha_delta,
+    lokr.TUNER: lokr.lokr_delta,
+}
+FORMULAS = {
+    adalora.TUNER: adalora.FORMULA,
+    ia3.TUNER: ia3.FORMULA,
+    loha.TUNER: loha.FORMULA,
+    lokr.TUNER: lokr.FORMULA,
+}
 
 
 def tuner_arithmetic(tuners: list[str]) -> str:
@@ -60,8 +69,8 @@ def tuner_row_merger(
             return ia3.scaled_rows(base_rows, factor, per_row, start, update.unmerge)
 
         return scaled
-    # LoHa, LoKr: the whole delta as PEFT builds it, then PEFT's ``W + delta`` per tile.
-    delta = _DELTAS[update.tuner](tensors, update.scale).reshape(weight_shape[0], row_elements)
+    # AdaLoRA, LoHa, LoKr: the whole delta as PEFT builds it, then PEFT's ``W + delta`` per tile.
+    delta = _DELTAS[update.tuner](tensors, update).reshape(weight_shape[0], row_elements)
     del tensors
 
     def added(base_rows: torch.Tensor, start: int) -> torch.Tensor:
