@@ -34,6 +34,7 @@ from peft import (
     IA3Config,
     LoHaConfig,
     LoKrConfig,
+    OFTConfig,
     PeftModel,
     PromptTuningConfig,
     get_peft_model,
@@ -512,3 +513,182 @@ def test_gpt2_conv1d_layers_match_peft(tiny_base_checkpoint, tmp_path, tuner):
     load = lambda: AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # noqa: E731
     # c_attn, the attention's and the MLP's c_proj, in both layers
     _check_against_float64(tuner, ours, load, adapter, rank, adapted=6)
+
+
+# OFT, as PEFT 0.21 saves it. (name -> config, and whether the Cayley transform is the series)
+OFT_CASES = {
+    # PEFT 0.21's default: the Cayley transform by a 5-term Neumann series.
+    "neumann": (lambda: OFTConfig(r=0, oft_block_size=16, target_modules=LINEAR_TARGETS), True),
+    # COFT: generators above eps / sqrt(blocks) projected back (q_proj's 4 blocks: radius 0.8;
+    # down_proj's 8: 0.57; the redrawn blocks' norms are about 0.77: some are projected).
+    "coft": (
+        lambda: OFTConfig(
+            r=0, oft_block_size=16, target_modules=LINEAR_TARGETS, coft=True, eps=1.6
+        ),
+        True,
+    ),
+    # One block shared by all, and the exact Cayley transform (a linear solve).
+    "shared-exact": (
+        lambda: OFTConfig(
+            r=0,
+            oft_block_size=8,
+            target_modules=LINEAR_TARGETS,
+            block_share=True,
+            use_cayley_neumann=False,
+        ),
+        False,
+    ),
+}
+OFT_GENERATOR_SCALE = 0.05
+
+
+@torch.no_grad()
+def _save_oft(model: torch.nn.Module, config, directory: Path, seed: int) -> Path:
+    """An OFT adapter with generators ~N(0, 0.05²) (PEFT starts them at zero: R = I)."""
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in peft_model.named_parameters():
+        if "oft_R" in name:
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(OFT_GENERATOR_SCALE * noise)
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+def _rotation_error_bound(module, neumann: bool, terms: int) -> torch.Tensor:
+    """A bound on every element of |R̂ - R|, R̂ PEFT's float64 rotation (block diagonal).
+
+    Neumann series with m terms (``_cayley_batch``): Q^k is k - 1 products of b terms, each
+    off by at most b·u of its absolute terms (first order), so |fl(Q^k) - Q^k| ≤ (k-1)·b·u·|Q|^k
+    elementwise; the m - 1 additions add at most m·u of the sum of absolute terms. COFT's
+    projection scales Q by a factor computed with a norm of b² squares, a square root and a
+    division: a relative change of at most (b² + 4)·u, which moves each Q^k term by k times
+    that. All of it is at most (m·b + m + m·(b² + 4))·u·N with
+    N = I + 2Σ|Q|^k + |Q|^(m-1), the series of absolute values.
+
+    Exact form, R = (I - Q)(I + Q)⁻¹ by a linear solve: a posteriori. With D = R̂ - R,
+    D(I + Q) = R̂(I + Q) - (I - Q) = F, computed in float64 within (b + 2)·u·(|R̂||I + Q| + |I - Q|);
+    and ‖(I + Q)⁻¹‖₂ ≤ 1 for skew-symmetric Q (the singular values of I + Q are
+    sqrt(1 + σ²) ≥ 1), so every element of D is at most ‖F‖₂ plus that float64 term's norm.
+    """
+    weight = module.weight.detach().double()
+    if module.coft:  # as get_weight does first
+        weight = module._project_batch(weight, eps=module.eps)
+    block_size = module.block_size
+    skew = module._pytorch_skew_symmetric(weight, block_size)
+    rotation = module._cayley_batch(weight, block_size, neumann, terms)
+    identity = torch.eye(block_size, dtype=torch.float64)
+    if neumann:
+        absolute, power, series = skew.abs(), identity.expand_as(skew), identity.expand_as(skew)
+        for k in range(1, terms):
+            power = power @ absolute
+            series = series + (2.0 if k < terms - 1 else 1.0) * power
+        factor = terms * block_size + terms + terms * (block_size**2 + 4)
+        bound = factor * UNIT_ROUNDOFF_64 * series
+    else:
+        residual = rotation @ (identity + skew) - (identity - skew)
+        rounding = (
+            (block_size + 2)
+            * UNIT_ROUNDOFF_64
+            * (rotation.abs() @ (identity + skew).abs() + (identity - skew).abs())
+        )
+        norm = torch.linalg.matrix_norm(residual, ord=2) + torch.linalg.matrix_norm(rounding)
+        bound = norm.view(-1, 1, 1).expand_as(skew)
+    blocks = module.in_features // block_size
+    return torch.block_diag(*bound.expand(blocks, -1, -1)), torch.block_diag(
+        *rotation.expand(blocks, -1, -1)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(OFT_CASES))
+def test_oft_is_the_float64_rotation_rounded_once(llama_adapters, tmp_path, case, dtype):
+    """OFT: every rotated weight is within half an ulp of PEFT's float64 merge, plus twice the
+    derived float64 bound (the products' b·u and R's own error, _rotation_error_bound), and
+    never further from it than PEFT's own merge in the base's dtype; the merged model's
+    logits are the unmerged PEFT model's."""
+    bases, _ = llama_adapters
+    make_config, neumann = OFT_CASES[case]
+    base = bases[dtype]
+    model = AutoModelForCausalLM.from_pretrained(bases[torch.float32], dtype=torch.float32)
+    adapter = _save_oft(model, make_config(), tmp_path / case, stable_seed("oft", case))
+    ours = _ours(base, adapter, tmp_path / "merged")
+    native = _peft_model(base, adapter, dtype).merge_and_unload().state_dict()
+    peft64 = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    ).double()
+    original = read_safetensors_directory(base)
+    rotated = 0
+    for name, module in peft64.base_model.model.named_modules():
+        if not hasattr(module, "oft_R"):
+            continue
+        rotated += 1
+        key = f"{name}.weight"
+        weight = original[key].double()
+        r_bound, rotation = _rotation_error_bound(module.oft_R["default"], neumann, 5)
+        reference = weight @ rotation.T
+        block = module.oft_R["default"].block_size
+        bound = block * UNIT_ROUNDOFF_64 * (weight.abs() @ rotation.abs().T)
+        bound = bound + weight.abs() @ r_bound.T
+        error = (ours[key].double() - reference).abs()
+        assert (error <= 0.5 * ulp(reference, dtype) + 2 * bound).all(), key
+        assert (error <= (native[key].double() - reference).abs() + 2 * bound).all(), key
+    assert rotated == 2 * len(LINEAR_TARGETS)
+    for name, tensor in ours.items():  # everything else untouched
+        if not any(f"{target}.weight" in name for target in LINEAR_TARGETS):
+            assert torch.equal(tensor, original[name]), name
+    if dtype == torch.float32:
+        peft_model = _peft_model(base, adapter, torch.float32)
+        unmerged = prompt_logits(peft_model)
+        reference_logits = prompt_logits(float64_copy(peft_model), torch.float64)
+        merged_model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=dtype)
+        tolerance = unmerged_tolerance(unmerged, reference_logits, torch.float32)
+        merged_logits = prompt_logits(merged_model)
+        assert float((merged_logits.double() - unmerged.double()).abs().max()) <= tolerance
+
+
+def test_oft_unmerge_undoes_the_merge(llama_adapters, tmp_path):
+    """--unmerge of an OFT merge multiplies by inv(R) (PEFT's unmerge): the float32 weights
+    come back within what the two roundings allow.
+
+    Merging rounds each element of M = W·Rᵀ by at most half an ulp of M; unmerging maps that
+    error e through inv(R)ᵀ, at most ‖e_block‖₂·‖inv(R)‖₂ per element (a block of b elements:
+    ‖e_block‖₂ ≤ sqrt(b)·max|e|), and rounds once more (half an ulp of the result). Float64
+    arithmetic adds (its own bound, a posteriori): R's error (_rotation_error_bound) moved
+    through inv(R) twice, and inv(R)'s residual ‖X·R - I‖₂·‖inv(R)‖₂, times |M|'s row norm.
+    """
+    bases, _ = llama_adapters
+    base = bases[torch.float32]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    make_config, _ = OFT_CASES["neumann"]
+    adapter = _save_oft(model, make_config(), tmp_path / "oft", stable_seed("oft", "unmerge"))
+    merged = _ours(base, adapter, tmp_path / "merged")
+    restored = _ours(tmp_path / "merged", adapter, tmp_path / "restored", unmerge=True)
+    original = read_safetensors_directory(base)
+    peft64 = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    ).double()
+    checked = 0
+    for name, module in peft64.base_model.model.named_modules():
+        if not hasattr(module, "oft_R"):
+            continue
+        key, rotation_module = f"{name}.weight", module.oft_R["default"]
+        block = rotation_module.block_size
+        r_bound, rotation = _rotation_error_bound(rotation_module, True, 5)
+        inverse = torch.linalg.inv(rotation)
+        inverse_norm = float(torch.linalg.matrix_norm(inverse, ord=2))
+        residual = float(torch.linalg.matrix_norm(inverse @ rotation - torch.eye(len(rotation)), 2))
+        m = merged[key].double()
+        blocks = m.abs().reshape(m.shape[0], -1, block).amax(dim=2)  # max |M| per row block
+        spread = (0.5 * ulp(blocks, torch.float32) * block**0.5 * inverse_norm).repeat_interleave(
+            block, dim=1
+        )
+        row_norm = torch.linalg.vector_norm(m, dim=1, keepdim=True)
+        float64 = row_norm * (
+            2 * inverse_norm**2 * float(r_bound.max()) * block + 2 * residual * inverse_norm
+        )
+        error = (restored[key].double() - original[key].double()).abs()
+        assert (error <= 0.5 * ulp(restored[key], torch.float32) + spread + float64).all(), key
+        assert not torch.equal(merged[key], original[key])
+        checked += 1
+    assert checked == 2 * len(LINEAR_TARGETS)

@@ -14,6 +14,27 @@ from lora_merge.io.json_files import read_json_object
 
 
 @dataclass(frozen=True)
+class OftSettings:
+    """What an OFT config says about building its rotation R (PEFT's ``OFTConfig``).
+
+    Attributes:
+        coft: constrained OFT: each block's generator is projected into a ball of radius
+            ``eps`` before the Cayley transform.
+        eps: that radius.
+        block_share: one block shared by every block of R.
+        use_cayley_neumann: the Cayley transform by a truncated Neumann series (PEFT
+            0.21's default) rather than a linear solve.
+        num_cayley_neumann_terms: the series' terms.
+    """
+
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+
+
+@dataclass(frozen=True)
 class LoraAdapterConfig:
     """The fields of a PEFT ``LoraConfig`` (or AdaLoRA, IA3, LoHa, LoKr config) that decide a merge.
 
@@ -36,6 +57,7 @@ class LoraAdapterConfig:
         init_r: AdaLoRA's initial rank: every layer's ``ranknum``, which its delta is
             divided by, pruned or not (AdaLoRA's ``rank_pattern`` holds boolean masks
             of the ranks kept, read here as their counts).
+        oft: OFT's settings for its rotations, for an OFT adapter.
     """
 
     r: int
@@ -51,6 +73,7 @@ class LoraAdapterConfig:
     peft_type: str = "LORA"
     feedforward_modules: tuple[str, ...] | str = ()
     init_r: int = 0
+    oft: OftSettings | None = None
 
     def rank_for(self, module_name: str) -> int:
         """``rank_pattern``'s rank for a module, else ``r`` (PEFT's ``_create_and_replace``)."""
@@ -116,7 +139,7 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         )
     peft_type = check_peft_type(path, raw["peft_type"])
     alpha_field = MERGED_TYPES[peft_type][1]
-    if alpha_field is None:  # IA3: a learned vector, no rank nor scale
+    if alpha_field is None:  # IA3 (a learned vector), OFT (a rotation): no rank nor scale
         raw = {**raw, "r": 1, "alpha": 1.0}
         alpha_field = "alpha"
     r = raw.get("r")
@@ -172,6 +195,27 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         peft_type=peft_type,
         feedforward_modules=_feedforward_modules(path, raw.get("feedforward_modules")),
         init_r=_init_r(path, raw) if peft_type == "ADALORA" else 0,
+        oft=_oft_settings(path, raw) if peft_type == "OFT" else None,
+    )
+
+
+def _oft_settings(path: Path, raw: dict[str, object]) -> OftSettings:
+    """OFT's rotation settings, with PEFT 0.21's defaults where a field is absent."""
+    defaults = OftSettings()
+    eps = raw.get("eps", defaults.eps)
+    terms = raw.get("num_cayley_neumann_terms", defaults.num_cayley_neumann_terms)
+    if not _is_number(eps) or not _is_positive_int(terms):
+        raise InvalidInputError(
+            f"{path}: OFT's 'eps' must be a number and 'num_cayley_neumann_terms' a positive "
+            f"integer, got {eps!r} and {terms!r}"
+        )
+    assert isinstance(eps, int | float) and isinstance(terms, int)
+    return OftSettings(
+        coft=bool(raw.get("coft", defaults.coft)),
+        eps=float(eps),
+        block_share=bool(raw.get("block_share", defaults.block_share)),
+        use_cayley_neumann=bool(raw.get("use_cayley_neumann", defaults.use_cayley_neumann)),
+        num_cayley_neumann_terms=terms,
     )
 
 

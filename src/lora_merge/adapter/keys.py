@@ -28,8 +28,11 @@ TUNER_ROLES: tuple[str, ...] = (
     *("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),  # LoHa
     *("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
 )
+# OFT keeps its generator in a module: ``X.oft_R.weight``.
+OFT_SUFFIX = ".oft_R.weight"
 _ADAPTER_NAME_IN_KEY = re.compile(
-    r"^(.*\.(?:lora_A|lora_B|lora_magnitude_vector|modules_to_save))\.([^.]+)(\.(?:weight|bias))$"
+    r"^(.*\.(?:lora_A|lora_B|lora_magnitude_vector|modules_to_save|oft_R))\.([^.]+)"
+    r"(\.(?:weight|bias))$"
     r"|^(.*\.(?:lora_embedding_A|lora_embedding_B|trainable_tokens_delta|"
     + "|".join(TUNER_ROLES)
     + r"))\.([^.]+)()$"
@@ -184,7 +187,9 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
             contents.trainable_tokens[name[: -len(TRAINABLE_TOKENS_SUFFIX)]] = key
             continue
         module_name, _, last = name.rpartition(".")
-        if last in TUNER_ROLES and module_name:
+        if name.endswith(OFT_SUFFIX):
+            module_name, last = name.removesuffix(OFT_SUFFIX), "oft_R"
+        if (last in TUNER_ROLES or last == "oft_R") and module_name:
             tuner = contents.tuner_modules.setdefault(module_name, TunerModuleKeys(module_name))
             tuner.tensors[last] = key
             continue

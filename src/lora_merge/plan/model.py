@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from lora_merge.adapter.config import OftSettings
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.plan.four_bit_format import FourBitFormat
 
@@ -89,7 +90,7 @@ class TunerUpdate:
 
     Attributes:
         tuner: the adapter type, a key of :data:`lora_merge.tuners.registry.TUNERS`
-            (``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``).
+            (``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``, ``"oft"``).
         module: the module's name in the base model.
         keys: (role, adapter key) of every tensor of the module, e.g.
             ``("hada_w1_a", "...q_proj.hada_w1_a")``.
@@ -101,6 +102,7 @@ class TunerUpdate:
             ``nn.Linear``'s weight) rather than its outputs.
         unmerge: undo the update (``--unmerge``): IA3 divides, additive types subtract.
         ranknum: AdaLoRA only: the initial rank its delta is divided by.
+        oft: OFT only: how its rotations are built.
     """
 
     tuner: str
@@ -111,6 +113,7 @@ class TunerUpdate:
     feedforward: bool = False
     unmerge: bool = False
     ranknum: int = 0
+    oft: OftSettings | None = None
 
     def key(self, role: str) -> str | None:
         """The adapter key of one of the module's tensors, or None when it has no such role."""

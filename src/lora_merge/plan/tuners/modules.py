@@ -1,4 +1,4 @@
-"""Plan every module of an AdaLoRA, IA3, LoHa or LoKr adapter: one update per tensor it changes.
+"""Plan every module of an AdaLoRA, IA3, LoHa, LoKr or OFT adapter: one update per tensor it changes.
 
 The adapter's ``peft_type`` says which type it is; each module's tensors
 (:class:`~lora_merge.adapter.keys.TunerModuleKeys`) must be that type's, and its
@@ -17,10 +17,12 @@ from lora_merge.errors import InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import BaseNames
-from lora_merge.plan.tuners import adalora, ia3, loha, lokr
+from lora_merge.plan.tuners import adalora, ia3, loha, lokr, oft
 
 # peft_type -> the role prefix of its tensors.
-_ROLE_PREFIX = {"ADALORA": "lora_", "IA3": "ia3_", "LOHA": "hada_", "LOKR": "lokr_"}
+_ROLE_PREFIX = {"ADALORA": "lora_", "IA3": "ia3_", "LOHA": "hada_", "LOKR": "lokr_", "OFT": "oft_"}
+# Types that multiply the weight: --unmerge divides; the others subtract (negated scale).
+_MULTIPLIERS = (ia3.TUNER, oft.TUNER)
 
 
 def plan_tuner_modules(
@@ -62,12 +64,14 @@ def plan_tuner_modules(
             update = ia3.plan_ia3(module, weight_key, shape, adapter, config, model_type)
         elif config.peft_type == "ADALORA":
             update = adalora.plan_adalora(module, weight_key, shape, adapter, config, model_type)
+        elif config.peft_type == "OFT":
+            update = oft.plan_oft(module, weight_key, shape, adapter, config)
         elif config.peft_type == "LOHA":
             update = loha.plan_loha(module, weight_key, shape, adapter, config)
         else:
             update = lokr.plan_lokr(module, weight_key, shape, adapter, config)
         if unmerge:
-            scale = update.scale if update.tuner == ia3.TUNER else -update.scale
+            scale = update.scale if update.tuner in _MULTIPLIERS else -update.scale
             update = dataclasses.replace(update, scale=scale, unmerge=True)
         updates[weight_key] = update
         bias_key = weight_key.removesuffix("weight") + "bias"

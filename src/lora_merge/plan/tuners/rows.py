@@ -16,7 +16,7 @@ import torch
 from lora_merge.compute.lora import compute_dtype_for
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
-from lora_merge.plan.tuners import adalora, ia3, loha, lokr
+from lora_merge.plan.tuners import adalora, ia3, loha, lokr, oft
 
 RowMerger = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -30,6 +30,7 @@ FORMULAS = {
     ia3.TUNER: ia3.FORMULA,
     loha.TUNER: loha.FORMULA,
     lokr.TUNER: lokr.FORMULA,
+    oft.TUNER: oft.FORMULA,
 }
 
 
@@ -46,6 +47,8 @@ def tuner_compute_dtype(update: TunerUpdate, output_dtype: torch.dtype) -> torch
     """The dtype a module's update is computed in before the one rounding."""
     if update.tuner == ia3.TUNER:
         return ia3.compute_dtype_for_ia3(output_dtype)
+    if update.tuner == oft.TUNER:  # the Cayley transform is not exact in float32
+        return torch.float64
     return compute_dtype_for(output_dtype)
 
 
@@ -69,6 +72,17 @@ def tuner_row_merger(
             return ia3.scaled_rows(base_rows, factor, per_row, start, update.unmerge)
 
         return scaled
+    if update.tuner == oft.TUNER:
+        assert update.oft is not None
+        blocks = row_elements // (oft.block_size_of(tensors["oft_R"].shape[-1]) or 1)
+        rotation = oft.rotation_blocks(tensors["oft_R"], update.oft, blocks)
+        if update.unmerge:
+            rotation = oft.unmerge_blocks(rotation)
+
+        def rotated(base_rows: torch.Tensor, start: int) -> torch.Tensor:
+            return oft.rotated_rows(base_rows, rotation)
+
+        return rotated
     # AdaLoRA, LoHa, LoKr: the whole delta as PEFT builds it, then PEFT's ``W + delta`` per tile.
     delta = _DELTAS[update.tuner](tensors, update).reshape(weight_shape[0], row_elements)
     del tensors
@@ -91,6 +105,8 @@ def tuner_delta_bytes(
     for _, key in update.keys:
         elements = math.prod(adapter.shape(key))
         held += (adapter.dtype(key).itemsize + compute_dtype.itemsize) * elements
-    if update.tuner != ia3.TUNER:  # the products, the delta and its kron/einsum temporaries
+    if update.tuner == oft.TUNER:  # R's blocks, and a tile rotated
+        held += 4 * compute_dtype.itemsize * math.prod(adapter.shape(update.keys[0][1])) * 2
+    elif update.tuner != ia3.TUNER:  # the products, the delta and its kron/einsum temporaries
         held += 3 * compute_dtype.itemsize * math.prod(weight_shape)
     return held
