@@ -37,6 +37,7 @@ from peft import (
     OFTConfig,
     PeftModel,
     PromptTuningConfig,
+    VeraConfig,
     get_peft_model,
 )
 from safetensors.torch import save_file
@@ -53,8 +54,10 @@ from lora_merge.api import preview_merge
 
 LINEAR_TARGETS = ["q_proj", "v_proj", "down_proj"]
 # Tensor names of the tuners' parameters (PEFT's ParameterDict names).
-TUNER_PARAMETERS = ("ia3_l", "hada_", "lokr_", "lora_A", "lora_B", "lora_E")
-LLAMA_TUNERS = ["adalora", "ia3", "loha", "lokr"]
+TUNER_PARAMETERS = ("ia3_l", "hada_", "lokr_", "lora_A", "lora_B", "lora_E", "vera_lambda")
+# "vera" saves its shared A and B; "vera-seed" does not, and is merged with them regenerated
+# from projection_prng_key.
+LLAMA_TUNERS = ["adalora", "ia3", "loha", "lokr", "vera", "vera-seed"]
 # AdaLoRA's rank_pattern (as its RankAllocator leaves it: the ranks kept, as boolean masks,
 # by ``<module>.lora_E``): layer 0's q_proj keeps 3 of its 6, layer 1's v_proj none (it is
 # merged as a zero delta: one adapted weight fewer changes).
@@ -65,7 +68,7 @@ ADALORA_MASKS = {
 UNCHANGED_ADAPTED = {"adalora": 1}
 # The largest rank of each adapter's products (see _float64_error_bound): its r, rank_pattern
 # and AdaLoRA's init_r in _linear_config.
-LARGEST_RANK = {"adalora": 6, "ia3": 1, "loha": 4, "lokr": 8}
+LARGEST_RANK = {"adalora": 6, "ia3": 1, "loha": 4, "lokr": 8, "vera": 8, "vera-seed": 8}
 UNIT_ROUNDOFF_64 = 2.0**-53
 
 
@@ -73,6 +76,13 @@ def _linear_config(tuner: str):
     if tuner == "adalora":
         return AdaLoraConfig(
             init_r=6, target_r=2, lora_alpha=8, target_modules=LINEAR_TARGETS, total_step=10
+        )
+    if tuner.startswith("vera"):
+        return VeraConfig(
+            r=8,
+            target_modules=LINEAR_TARGETS,
+            save_projection=tuner == "vera",
+            projection_prng_key=stable_seed(tuner) % 1000,
         )
     if tuner == "ia3":  # down_proj scales its inputs (columns), q/v their outputs (rows)
         return IA3Config(target_modules=LINEAR_TARGETS, feedforward_modules=["down_proj"])
@@ -211,8 +221,11 @@ def _delta_magnitudes(base: torch.nn.Module, adapter: Path) -> dict[str, torch.T
         for name, parameter in peft_model.named_parameters():
             if any(part in name for part in TUNER_PARAMETERS):
                 parameter.abs_()
+        for name, buffer in peft_model.named_buffers():  # VeRA's shared A and B
+            if "vera_A" in name or "vera_B" in name:
+                buffer.abs_()
         for name, module in peft_model.base_model.model.named_modules():
-            if hasattr(module, "get_delta_weight") and hasattr(module, "scaling"):
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
                 magnitudes[f"{name}.weight"] = module.get_delta_weight("default").abs()
     return magnitudes
 
@@ -231,7 +244,12 @@ def _float64_error_bound(tuner: str, products: int, terms: torch.Tensor) -> torc
     sum: (n + 5)·u. The float32 scale is a float64 number exactly, in PEFT's float64 merge
     and in ours.
     """
-    unit_errors = {"loha": 2 * products + 3, "lokr": 2 * products + 3, "adalora": products + 5}
+    unit_errors = {
+        "loha": 2 * products + 3,
+        "lokr": 2 * products + 3,
+        "adalora": products + 5,
+        "vera": products + 3,
+    }
     return unit_errors[tuner] * UNIT_ROUNDOFF_64 * terms
 
 
@@ -275,7 +293,7 @@ def test_float32_merge_is_correctly_rounded_and_no_worse_than_peft(llama_adapter
     base, adapter = bases[torch.float32], adapters[tuner]
     ours = _ours(base, adapter, tmp_path / "merged")
     _check_against_float64(
-        tuner,
+        tuner.split("-")[0],
         ours,
         lambda: AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
         adapter,
@@ -485,6 +503,10 @@ GPT2_CASES = {
             fan_in_fan_out=True,
             total_step=10,
         ),
+        4,
+    ),
+    "vera": (
+        lambda: VeraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
         4,
     ),
     # The MLP's c_proj scales its inputs (rows of a Conv1D weight), the others their outputs

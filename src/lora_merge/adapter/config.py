@@ -58,6 +58,8 @@ class LoraAdapterConfig:
             divided by, pruned or not (AdaLoRA's ``rank_pattern`` holds boolean masks
             of the ranks kept, read here as their counts).
         oft: OFT's settings for its rotations, for an OFT adapter.
+        projection_prng_key: VeRA's seed of its shared random A and B, regenerated
+            from it when the adapter was saved without them (``save_projection=False``).
     """
 
     r: int
@@ -74,6 +76,7 @@ class LoraAdapterConfig:
     feedforward_modules: tuple[str, ...] | str = ()
     init_r: int = 0
     oft: OftSettings | None = None
+    projection_prng_key: int = 0
 
     def rank_for(self, module_name: str) -> int:
         """``rank_pattern``'s rank for a module, else ``r`` (PEFT's ``_create_and_replace``)."""
@@ -196,7 +199,17 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         feedforward_modules=_feedforward_modules(path, raw.get("feedforward_modules")),
         init_r=_init_r(path, raw) if peft_type == "ADALORA" else 0,
         oft=_oft_settings(path, raw) if peft_type == "OFT" else None,
+        projection_prng_key=_prng_key(path, raw.get("projection_prng_key", 0)),
     )
+
+
+def _prng_key(path: Path, value: object) -> int:
+    """VeRA's ``projection_prng_key``: a seed for ``torch.Generator.manual_seed``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInputError(
+            f"{path}: 'projection_prng_key' must be a non-negative integer, got {value!r}"
+        )
+    return value
 
 
 def _oft_settings(path: Path, raw: dict[str, object]) -> OftSettings:

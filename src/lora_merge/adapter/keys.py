@@ -27,14 +27,18 @@ TUNER_ROLES: tuple[str, ...] = (
     "ia3_l",  # IA3
     *("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),  # LoHa
     *("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "vera_lambda_b",  # VeRA
+    "vera_lambda_d",
 )
+# Tensors every module of a VeRA adapter shares, saved once as ``base_model.vera_A``.
+SHARED_TUNER_ROLES = ("vera_A", "vera_B")
 # OFT keeps its generator in a module: ``X.oft_R.weight``.
 OFT_SUFFIX = ".oft_R.weight"
 _ADAPTER_NAME_IN_KEY = re.compile(
     r"^(.*\.(?:lora_A|lora_B|lora_magnitude_vector|modules_to_save|oft_R))\.([^.]+)"
     r"(\.(?:weight|bias))$"
     r"|^(.*\.(?:lora_embedding_A|lora_embedding_B|trainable_tokens_delta|"
-    + "|".join(TUNER_ROLES)
+    + "|".join((*TUNER_ROLES, *SHARED_TUNER_ROLES))
     + r"))\.([^.]+)()$"
 )
 
@@ -117,7 +121,8 @@ class AdapterContents:
             trained biases).
         trainable_tokens: embedding module name -> adapter key of its
             ``trainable_tokens_delta`` (new values of some of its rows).
-        tuner_modules: module name -> its AdaLoRA, IA3, LoHa or LoKr tensors.
+        tuner_modules: module name -> its tensors, for the other types lora-merge merges.
+        shared_tuner_tensors: role -> key of a tensor every module shares (VeRA's A and B).
         base_layer_copies: names in ``replacements`` saved from a wrapped layer's
             ``base_layer`` (the model's own parameter, shared with whatever it is tied
             to), as opposed to a modules_to_save copy, which is the module's alone.
@@ -128,6 +133,7 @@ class AdapterContents:
     trainable_tokens: dict[str, str] = field(default_factory=dict)
     base_layer_copies: set[str] = field(default_factory=set)
     tuner_modules: dict[str, TunerModuleKeys] = field(default_factory=dict)
+    shared_tuner_tensors: dict[str, str] = field(default_factory=dict)
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -187,6 +193,9 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
             contents.trainable_tokens[name[: -len(TRAINABLE_TOKENS_SUFFIX)]] = key
             continue
         module_name, _, last = name.rpartition(".")
+        if last in SHARED_TUNER_ROLES and module_name in ("", "base_model"):
+            contents.shared_tuner_tensors[last] = key
+            continue
         if name.endswith(OFT_SUFFIX):
             module_name, last = name.removesuffix(OFT_SUFFIX), "oft_R"
         if (last in TUNER_ROLES or last == "oft_R") and module_name:
@@ -254,4 +263,5 @@ def as_adalora_modules(contents: AdapterContents) -> AdapterContents:
         trainable_tokens=contents.trainable_tokens,
         base_layer_copies=contents.base_layer_copies,
         tuner_modules=tuners,
+        shared_tuner_tensors=contents.shared_tuner_tensors,
     )

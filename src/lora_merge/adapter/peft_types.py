@@ -3,7 +3,7 @@
 Three sets, and the message for each (all :class:`InvalidInputError`, exit 4):
 
 - merged: LoRA, and the types whose update PEFT's ``merge`` writes into the
-  weights and lora-merge reproduces (:mod:`lora_merge.plan.tuners`): AdaLoRA, IA3, LoHa, LoKr, OFT;
+  weights and lora-merge reproduces (:mod:`lora_merge.plan.tuners`): AdaLoRA, IA3, LoHa, LoKr, OFT, VeRA;
 - cannot be merged: the types that add virtual tokens or route between adapters
   at run time (prompt tuning, prefix tuning, P-tuning, Poly, X-LoRA...): there is
   no weight update to merge, so no tool can merge them, and we say so;
@@ -24,6 +24,7 @@ MERGED_TYPES: dict[str, tuple[str, str | None]] = {
     "LOHA": ("LoHa", "alpha"),
     "LOKR": ("LoKr", "alpha"),
     "OFT": ("OFT", None),
+    "VERA": ("VeRA", None),
 }
 
 # Types whose trained state is not a change of the model's weights (PEFT's
@@ -43,7 +44,6 @@ _NOT_WEIGHT_UPDATES = {
 # PEFT types lora-merge knows by name but does not merge; named in the refusal.
 _OTHER_NAMES = {
     "BOFT": "BOFT",
-    "VERA": "VeRA",
     "HRA": "HRA",
     "FOURIERFT": "FourierFT",
     "VBLORA": "VB-LoRA",

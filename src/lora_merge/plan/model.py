@@ -90,7 +90,7 @@ class TunerUpdate:
 
     Attributes:
         tuner: the adapter type, a key of :data:`lora_merge.tuners.registry.TUNERS`
-            (``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``, ``"oft"``).
+            (``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``, ``"oft"``, ``"vera"``).
         module: the module's name in the base model.
         keys: (role, adapter key) of every tensor of the module, e.g.
             ``("hada_w1_a", "...q_proj.hada_w1_a")``.
@@ -103,6 +103,11 @@ class TunerUpdate:
         unmerge: undo the update (``--unmerge``): IA3 divides, additive types subtract.
         ranknum: AdaLoRA only: the initial rank its delta is divided by.
         oft: OFT only: how its rotations are built.
+        projections: VeRA saved without its shared A and B: (seed, r, in_max, out_max)
+            to regenerate them as PEFT does; None otherwise.
+        projection_dtype: the dtype PEFT rounds regenerated A and B to: the base
+            layer's (``_move_adapter_to_device_of_base_layer`` casts them to it before
+            the float32 autocast); None to keep them float32.
     """
 
     tuner: str
@@ -114,6 +119,8 @@ class TunerUpdate:
     unmerge: bool = False
     ranknum: int = 0
     oft: OftSettings | None = None
+    projections: tuple[int, int, int, int] | None = None
+    projection_dtype: torch.dtype | None = None
 
     def key(self, role: str) -> str | None:
         """The adapter key of one of the module's tensors, or None when it has no such role."""

@@ -114,6 +114,7 @@ def build_merge_plan(
             config,
             shapes.model_type,
             unmerge,
+            lambda key: None if base.tensors[key].quantized else base.tensors[key].dtype,
         )
     )
     token_rows = plan_token_rows(contents, base_names, config, adapter, shapes.of)

@@ -25,9 +25,9 @@ from lora_merge.adapter.config import LoraAdapterConfig, pattern_key_for
 from lora_merge.adapter.keys import TunerModuleKeys
 from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.io.reader import TensorSource
-from lora_merge.plan.architectures import is_conv1d_module
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import shape_mismatch
+from lora_merge.plan.tuners.layout import stored_layout
 
 TUNER = "adalora"
 FORMULA = "AdaLoRA modules: W + B @ (A * E) * alpha / (init_r + 1e-5)"
@@ -71,7 +71,7 @@ def plan_adalora(
             f"AdaLoRA module {module.module!r} keeps {config.rank_pattern[pattern]} ranks by its "
             f"rank_pattern mask, but its A has {rank} rows; the config and the file disagree"
         )
-    layer = _stored_layout(module.module, b_shape[0], a_shape[1], weight_shape, config, model_type)
+    layer = stored_layout(module.module, b_shape[0], a_shape[1], weight_shape, config, model_type)
     if layer is None:
         raise shape_mismatch(keys["lora_A"], a_shape, weight_key, weight_shape)
     scale = config.lora_alpha if config.lora_alpha > 0 else float(rank)
@@ -79,27 +79,9 @@ def plan_adalora(
     return TunerUpdate(TUNER, module.module, ordered, scale, layer, ranknum=config.init_r)
 
 
-def _stored_layout(
-    name: str,
-    out_features: int,
-    in_features: int,
-    weight_shape: tuple[int, ...],
-    config: LoraAdapterConfig,
-    model_type: object,
-) -> str | None:
-    """``linear`` (stored (out, in)), ``conv1d`` (stored (in, out)), or None: it fits neither.
-
-    A square weight is told by the architecture table, else the adapter's ``fan_in_fan_out``.
-    """
-    if weight_shape == (out_features, in_features) == (in_features, out_features):
-        known = is_conv1d_module(model_type if isinstance(model_type, str) else None, name)
-        return "conv1d" if (config.fan_in_fan_out if known is None else known) else "linear"
-    if weight_shape == (out_features, in_features):
-        return "linear"
-    return "conv1d" if weight_shape == (in_features, out_features) else None
-
-
-def adalora_delta(tensors: dict[str, torch.Tensor], update: TunerUpdate) -> torch.Tensor:
+def adalora_delta(
+    tensors: dict[str, torch.Tensor], update: TunerUpdate, weight_shape: tuple[int, ...]
+) -> torch.Tensor:
     """PEFT's AdaLoRA delta in the stored layout, from tensors in the compute dtype."""
     product = tensors["lora_B"] @ (tensors["lora_A"] * tensors["lora_E"])
     if update.layer == "conv1d":  # transpose(..., fan_in_fan_out)

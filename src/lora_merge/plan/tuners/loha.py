@@ -85,7 +85,9 @@ def plan_loha(
     return TunerUpdate(TUNER, module.module, keys, scale, layer)
 
 
-def loha_delta(tensors: dict[str, torch.Tensor], update: TunerUpdate) -> torch.Tensor:
+def loha_delta(
+    tensors: dict[str, torch.Tensor], update: TunerUpdate, weight_shape: tuple[int, ...]
+) -> torch.Tensor:
     """PEFT's LoHa delta (not yet reshaped to the weight), from tensors in the compute dtype."""
     scale = update.scale
     if "hada_t1" in tensors:  # HadaWeightCP.forward

@@ -78,7 +78,9 @@ def _factor_shape(
     return (shapes[0][0], shapes[1][-1])
 
 
-def lokr_delta(tensors: dict[str, torch.Tensor], update: TunerUpdate) -> torch.Tensor:
+def lokr_delta(
+    tensors: dict[str, torch.Tensor], update: TunerUpdate, weight_shape: tuple[int, ...]
+) -> torch.Tensor:
     """PEFT's LoKr delta (not yet reshaped to the weight), from tensors in the compute dtype."""
     w1 = tensors.get("lokr_w1")
     if w1 is None:

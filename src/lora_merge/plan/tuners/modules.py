@@ -9,7 +9,10 @@ shapes and decides the update.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
+
+import torch
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents
@@ -17,10 +20,17 @@ from lora_merge.errors import InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import BaseNames
-from lora_merge.plan.tuners import adalora, ia3, loha, lokr, oft
+from lora_merge.plan.tuners import adalora, ia3, loha, lokr, oft, vera
 
 # peft_type -> the role prefix of its tensors.
-_ROLE_PREFIX = {"ADALORA": "lora_", "IA3": "ia3_", "LOHA": "hada_", "LOKR": "lokr_", "OFT": "oft_"}
+_ROLE_PREFIX = {
+    "ADALORA": "lora_",
+    "IA3": "ia3_",
+    "LOHA": "hada_",
+    "LOKR": "lokr_",
+    "OFT": "oft_",
+    "VERA": "vera_",
+}
 # Types that multiply the weight: --unmerge divides; the others subtract (negated scale).
 _MULTIPLIERS = (ia3.TUNER, oft.TUNER)
 
@@ -34,6 +44,7 @@ def plan_tuner_modules(
     config: LoraAdapterConfig,
     model_type: object,
     unmerge: bool,
+    stored_dtype: Callable[[str], torch.dtype | None] = lambda key: None,
 ) -> dict[str, TunerUpdate]:
     """Base tensor name -> its update, for every module of a non-LoRA adapter.
 
@@ -41,6 +52,7 @@ def plan_tuner_modules(
         contents: the adapter's keys, sorted by role.
         base_names: the base's tensor names, to locate each module's weight.
         weight_shape: a base tensor's shape, as planned.
+        stored_dtype: a base weight's floating-point dtype as stored, None when quantized.
         has_tensor: whether the base holds a tensor (a layer's bias).
         adapter: the adapter's tensors (shapes only are read).
         config: the adapter's config (its ``peft_type`` says the type).
@@ -56,11 +68,24 @@ def plan_tuner_modules(
     if config.peft_type == "LORA":
         return {}
     updates: dict[str, TunerUpdate] = {}
+    weights = {
+        name: base_names.locate(f"{name}.weight", next(iter(module.tensors.values())))
+        for name, module in contents.tuner_modules.items()
+    }
     for module in contents.tuner_modules.values():
-        first_key = next(iter(module.tensors.values()))
-        weight_key = base_names.locate(f"{module.module}.weight", first_key)
+        weight_key = weights[module.module]
         shape = weight_shape(weight_key)
-        if config.peft_type == "IA3":
+        if config.peft_type == "VERA":
+            update = vera.plan_vera(
+                module, weight_key, shape, adapter, contents, config, model_type
+            )
+            if not contents.shared_tuner_tensors:  # save_projection=False: PEFT regenerates them
+                sizes = _vera_sizes(contents, adapter, weights, weight_shape)
+                projections = (config.projection_prng_key, *sizes)
+                update = dataclasses.replace(
+                    update, projections=projections, projection_dtype=stored_dtype(weight_key)
+                )
+        elif config.peft_type == "IA3":
             update = ia3.plan_ia3(module, weight_key, shape, adapter, config, model_type)
         elif config.peft_type == "ADALORA":
             update = adalora.plan_adalora(module, weight_key, shape, adapter, config, model_type)
@@ -79,6 +104,20 @@ def plan_tuner_modules(
         if bias is not None and has_tensor(bias_key):
             updates[bias_key] = bias
     return updates
+
+
+def _vera_sizes(
+    contents: AdapterContents,
+    adapter: TensorSource,
+    weights: dict[str, str],
+    weight_shape: Callable[[str], tuple[int, ...]],
+) -> tuple[int, int, int]:
+    """VeRA's shared A's and B's sizes, from every module's layer (see ``projection_sizes``)."""
+    in_features = {}
+    for name, module in contents.tuner_modules.items():
+        out_features = adapter.shape(module.tensors["vera_lambda_b"])[0]
+        in_features[name] = math.prod(weight_shape(weights[name])) // out_features
+    return vera.projection_sizes(contents, adapter, in_features)
 
 
 def _refuse_mixed_contents(contents: AdapterContents, config: LoraAdapterConfig) -> None:

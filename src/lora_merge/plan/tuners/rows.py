@@ -16,7 +16,7 @@ import torch
 from lora_merge.compute.lora import compute_dtype_for
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
-from lora_merge.plan.tuners import adalora, ia3, loha, lokr, oft
+from lora_merge.plan.tuners import adalora, ia3, loha, lokr, oft, vera
 
 RowMerger = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -24,6 +24,7 @@ _DELTAS = {
     adalora.TUNER: adalora.adalora_delta,
     loha.TUNER: loha.loha_delta,
     lokr.TUNER: lokr.lokr_delta,
+    vera.TUNER: vera.vera_delta,
 }
 FORMULAS = {
     adalora.TUNER: adalora.FORMULA,
@@ -31,6 +32,7 @@ FORMULAS = {
     loha.TUNER: loha.FORMULA,
     lokr.TUNER: lokr.FORMULA,
     oft.TUNER: oft.FORMULA,
+    vera.TUNER: vera.FORMULA,
 }
 
 
@@ -60,10 +62,14 @@ def tuner_row_merger(
     device: torch.device,
 ) -> RowMerger:
     """``rows(base_rows, start)``: rows ``start:`` of the merged weight, not yet rounded."""
-    tensors = {
-        role: adapter.read_rows(key).to(device=device, dtype=compute_dtype)
-        for role, key in update.keys
-    }
+    read = {role: adapter.read_rows(key) for role, key in update.keys}
+    if update.projections is not None:  # VeRA saved without A and B: drawn as PEFT draws them
+        seed, *sizes = update.projections
+        drawn = vera.regenerated_projections(seed, (sizes[0], sizes[1], sizes[2]))
+        if update.projection_dtype is not None:  # rounded to the base layer's dtype, as PEFT
+            drawn = {role: t.to(update.projection_dtype) for role, t in drawn.items()}
+        read.update(drawn)
+    tensors = {role: t.to(device=device, dtype=compute_dtype) for role, t in read.items()}
     row_elements = max(1, math.prod(weight_shape[1:]))
     if update.tuner == ia3.TUNER:
         factor, per_row = ia3.ia3_factor(update, tensors["ia3_l"], row_elements, compute_dtype)
@@ -83,8 +89,9 @@ def tuner_row_merger(
             return oft.rotated_rows(base_rows, rotation)
 
         return rotated
-    # AdaLoRA, LoHa, LoKr: the whole delta as PEFT builds it, then PEFT's ``W + delta`` per tile.
-    delta = _DELTAS[update.tuner](tensors, update).reshape(weight_shape[0], row_elements)
+    # AdaLoRA, LoHa, LoKr, VeRA: the whole delta as PEFT builds it, then PEFT's ``W + delta`` per tile.
+    delta = _DELTAS[update.tuner](tensors, update, weight_shape)
+    delta = delta.reshape(weight_shape[0], row_elements)
     del tensors
 
     def added(base_rows: torch.Tensor, start: int) -> torch.Tensor:
