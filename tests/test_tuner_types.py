@@ -714,3 +714,38 @@ def test_oft_unmerge_undoes_the_merge(llama_adapters, tmp_path):
         assert not torch.equal(merged[key], original[key])
         checked += 1
     assert checked == 2 * len(LINEAR_TARGETS)
+
+
+@pytest.mark.parametrize("tuner", LLAMA_TUNERS)
+def test_verify_passes_on_every_type(llama_adapters, tmp_path, tuner):
+    """--verify recomputes sampled rows of every adapted weight in float64: a correct merge
+    passes, on a bf16 base (float32 arithmetic) and with --unmerge."""
+    bases, adapters = llama_adapters
+    base = bases[torch.bfloat16]
+    _ours(base, adapters[tuner], tmp_path / "merged", verify=True)
+    _ours(tmp_path / "merged", adapters[tuner], tmp_path / "back", verify=True, unmerge=True)
+
+
+def test_verify_catches_a_wrong_tuner_row(llama_adapters, tmp_path, monkeypatch):
+    """A LoHa merge off by 3% (a few bf16 ulps) in one row is caught: exit 8, OUT never appears."""
+    from lora_merge.errors import VerificationError
+    from lora_merge.stream import tiles
+
+    original = tiles.tuner_row_merger
+
+    def off_by_a_little(*args, **kwargs):
+        merge_rows = original(*args, **kwargs)
+
+        def rows(base_rows, start):
+            merged = merge_rows(base_rows, start)
+            if start == 0:
+                merged[0] *= 1.03
+            return merged
+
+        return rows
+
+    monkeypatch.setattr(tiles, "tuner_row_merger", off_by_a_little)
+    bases, adapters = llama_adapters
+    with pytest.raises(VerificationError):
+        _ours(bases[torch.bfloat16], adapters["loha"], tmp_path / "merged", verify=True)
+    assert not (tmp_path / "merged").exists()

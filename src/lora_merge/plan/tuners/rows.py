@@ -8,6 +8,7 @@ once to the output dtype, as for LoRA.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -60,8 +61,14 @@ def tuner_row_merger(
     weight_shape: tuple[int, ...],
     compute_dtype: torch.dtype,
     device: torch.device,
+    absolute: bool = False,
 ) -> RowMerger:
-    """``rows(base_rows, start)``: rows ``start:`` of the merged weight, not yet rounded."""
+    """``rows(base_rows, start)``: rows ``start:`` of the merged weight, not yet rounded.
+
+    With ``absolute`` (for ``--verify``'s error bound), every adapter tensor, the scale
+    and OFT's rotation are taken by absolute value: given ``|W|``, the rows are the sums
+    of absolute terms that bound each element's rounding error.
+    """
     read = {role: adapter.read_rows(key) for role, key in update.keys}
     if update.projections is not None:  # VeRA saved without A and B: drawn as PEFT draws them
         seed, *sizes = update.projections
@@ -70,6 +77,9 @@ def tuner_row_merger(
             drawn = {role: t.to(update.projection_dtype) for role, t in drawn.items()}
         read.update(drawn)
     tensors = {role: t.to(device=device, dtype=compute_dtype) for role, t in read.items()}
+    if absolute:
+        tensors = {role: t.abs() for role, t in tensors.items()}
+        update = dataclasses.replace(update, scale=abs(update.scale))
     row_elements = max(1, math.prod(weight_shape[1:]))
     if update.tuner == ia3.TUNER:
         factor, per_row = ia3.ia3_factor(update, tensors["ia3_l"], row_elements, compute_dtype)
@@ -84,6 +94,8 @@ def tuner_row_merger(
         rotation = oft.rotation_blocks(tensors["oft_R"], update.oft, blocks)
         if update.unmerge:
             rotation = oft.unmerge_blocks(rotation)
+        if absolute:
+            rotation = rotation.abs()
 
         def rotated(base_rows: torch.Tensor, start: int) -> torch.Tensor:
             return oft.rotated_rows(base_rows, rotation)
@@ -98,6 +110,37 @@ def tuner_row_merger(
         return delta[start : start + base_rows.shape[0]] + base_rows
 
     return added
+
+
+# Roles whose leading dimension is a rank (the length of the sums the merge takes).
+_RANK_ROLES = (
+    "hada_w1_b",
+    "hada_t1",
+    "lokr_w1_b",
+    "lokr_w2_b",
+    "lokr_t2",
+    "lora_A",
+    "vera_lambda_d",
+)
+
+
+def tuner_sum_terms(update: TunerUpdate, adapter: TensorSource) -> int:
+    """A bound on the operations behind each merged element, for ``--verify``'s error bound.
+
+    A sum of n products is off by at most n·u of its absolute terms (Higham, eq. 3.5):
+    n is the rank (its square for a CP einsum, which sums over two ranks; an OFT block's
+    size for its rotation, b² for R's own Cayley series); each type adds a few roundings
+    of its own (LoHa two products, a Hadamard product, a scale and a sum: 2n + 3), which
+    ``2n + 8`` covers for every type.
+    """
+    if update.tuner == oft.TUNER:
+        block = oft.block_size_of(adapter.shape(update.keys[0][1])[-1]) or 1
+        return block * block + 2 * block + 8
+    ranks = [adapter.shape(key)[0] for role, key in update.keys if role in _RANK_ROLES]
+    rank = max(ranks, default=1)
+    if any(role in ("hada_t1", "lokr_t2") for role, _ in update.keys):
+        rank *= rank
+    return 2 * rank + 8
 
 
 def tuner_delta_bytes(
