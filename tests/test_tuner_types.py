@@ -749,3 +749,53 @@ def test_verify_catches_a_wrong_tuner_row(llama_adapters, tmp_path, monkeypatch)
     with pytest.raises(VerificationError):
         _ours(bases[torch.bfloat16], adapters["loha"], tmp_path / "merged", verify=True)
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.bitsandbytes
+@pytest.mark.parametrize("tuner", ["ia3", "loha"])
+def test_bitsandbytes_nf4_base(llama_adapters, tmp_path, tuner):
+    """Into a bitsandbytes NF4 base (double quant, blocksize 64, bf16 compute dtype): every
+    adapted weight is PEFT's float64 merge into the dequantized weights (decoded from the
+    file by quantized_oracle, independently of lora-merge's reader), rounded once to bf16,
+    within half an ulp plus the float32 bound (one more u for the dequantization's
+    product); the other tensors are the base's."""
+    from bnb_checkpoints import save_bitsandbytes_4bit_checkpoint
+    from quantized_oracle import decode_4bit
+
+    bases, adapters = llama_adapters
+    quantized = save_bitsandbytes_4bit_checkpoint(
+        bases[torch.bfloat16], tmp_path / "nf4", double_quant=True
+    )
+    ours = _ours(quantized, adapters[tuner], tmp_path / "merged")
+    stored = read_safetensors_directory(quantized)
+    original = read_safetensors_directory(bases[torch.bfloat16])
+
+    def dequantized_float64_base() -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(bases[torch.bfloat16], dtype=torch.float64)
+        state = {
+            name: decode_4bit(stored, name).double() if f"{name}.absmax" in stored else value
+            for name, value in model.state_dict().items()
+        }
+        model.load_state_dict(state)
+        return model
+
+    exact = _float64_reference(dequantized_float64_base(), adapters[tuner])
+    magnitudes = (
+        {} if tuner == "ia3" else _delta_magnitudes(dequantized_float64_base(), adapters[tuner])
+    )
+    unit_errors = 3 if tuner == "ia3" else 2 * LARGEST_RANK[tuner] + 4
+    adapted = 0
+    for name, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16, name
+        if f"{name}.absmax" not in stored or not any(t in name for t in LINEAR_TARGETS):
+            assert torch.equal(tensor, original[name].to(torch.bfloat16)) or (
+                f"{name}.absmax" in stored
+            ), name
+            continue
+        adapted += 1
+        reference = exact[name]
+        terms = reference.abs() + magnitudes.get(name, 0.0)
+        bound = unit_errors * 2.0**-24 * terms
+        error = (tensor.double() - reference).abs()
+        assert (error <= 0.5 * ulp(reference, torch.bfloat16) + bound).all(), name
+    assert adapted == 2 * len(LINEAR_TARGETS)
