@@ -418,6 +418,7 @@ def test_card_dry_run_and_json_name_the_type(llama_adapters, tmp_path):
     bases, adapters = llama_adapters
     base = bases[torch.bfloat16]
     preview = preview_merge(MergeOptions(base=base, adapter=adapters["loha"], out=tmp_path / "o"))
+    assert preview.adapter_type == "LoHa"
     assert preview.lora_modules_by_layer == {"loha-linear": 2 * len(LINEAR_TARGETS)}
     assert preview.scales == {"1.5": 2, "3": 2, "0.75": 2}  # alpha/r: 6/4; 6/2 (v); 3/4 (down)
     result = subprocess.run(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from lora_merge.adapter.peft_types import MERGED_TYPES
 from lora_merge.finish.disk import check_free_space, free_space
 from lora_merge.finish.shard_sink import disk_needed
 from lora_merge.inputs.resolve import BaseCheckpoint
@@ -47,6 +48,7 @@ class MergePreview:
         quantization: how BASE is quantized (bitsandbytes), or None.
         save_method: merged_16bit, merged_4bit or lora.
         part / part_shards: for ``--part I/N``, the part and the shards it would write.
+        adapter_type: PEFT's name of the adapter type (LoRA, AdaLoRA, IA3, LoHa, ...).
     """
 
     base: str
@@ -78,6 +80,7 @@ class MergePreview:
     low_disk: bool = False
     part: str | None = None
     part_shards: list[str] | None = None
+    adapter_type: str = "LoRA"
 
     def to_dict(self) -> dict[str, object]:
         preview = asdict(self)
@@ -147,6 +150,7 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             low_disk=options.low_disk,
             part=None if part is None else str(part),
             part_shards=part_shards,
+            adapter_type=MERGED_TYPES[config.peft_type][0],
         )
 
 

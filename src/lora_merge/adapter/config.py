@@ -199,7 +199,9 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         feedforward_modules=_feedforward_modules(path, raw.get("feedforward_modules")),
         init_r=_init_r(path, raw) if peft_type == "ADALORA" else 0,
         oft=_oft_settings(path, raw) if peft_type == "OFT" else None,
-        projection_prng_key=_prng_key(path, raw.get("projection_prng_key", 0)),
+        projection_prng_key=(
+            _prng_key(path, raw.get("projection_prng_key", 0)) if peft_type == "VERA" else 0
+        ),
     )
 
 
