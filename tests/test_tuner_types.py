@@ -441,7 +441,7 @@ def test_card_dry_run_and_json_name_the_type(llama_adapters, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["lora_modules_by_layer"] == {"ia3-linear": 2 * len(LINEAR_TARGETS)}
     card = (tmp_path / "m" / "README.md").read_text()
-    assert "W * l per output row" in card
+    assert "W * l per output row" in card and "The IA3 adapter" in card
 
 
 def test_types_that_change_no_weight_are_refused_as_such(llama_adapters, tmp_path):

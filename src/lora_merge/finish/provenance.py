@@ -31,7 +31,7 @@ from lora_merge.io.hashing import sha256_of
 from lora_merge.io.hub_names import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
 from lora_merge.io.shard_writer import OUTPUT_METADATA
 from lora_merge.plan.model import MergePlan
-from lora_merge.plan.tuners.rows import tuner_arithmetic
+from lora_merge.plan.tuners.rows import TUNER_NAMES, tuner_arithmetic
 
 HUB_URL = "https://huggingface.co"
 # The cache names a file's blob by its etag, which for files stored with Git LFS
@@ -93,6 +93,7 @@ class MergeRecord:
         version: lora-merge's version.
         command: the command line, or None for a Python API call.
         other_adapters: the further adapters combined with ``adapter`` (``--combine``).
+        adapter_type: PEFT's name of the adapter's type (LoRA, AdaLoRA, IA3, ...).
     """
 
     base: InputIdentity
@@ -105,6 +106,7 @@ class MergeRecord:
     version: str
     command: str | None
     other_adapters: tuple[InputIdentity, ...] = ()
+    adapter_type: str = "LoRA"
 
 
 def declared_base_model(
@@ -164,7 +166,9 @@ def merge_record(
     method = merge_arithmetic(any(p.magnitude_key for p in plan.lora_products))
     unmerge_method = UNMERGE_ARITHMETIC
     tuners = sorted({u.tuner for u in plan.tuner_updates})
-    if tuners:  # AdaLoRA, IA3, LoHa, LoKr: their own formula
+    adapter_type = "LoRA"
+    if tuners:  # AdaLoRA, IA3, LoHa, LoKr, OFT, VeRA: their own formula
+        adapter_type = TUNER_NAMES[tuners[0]]
         method = tuner_arithmetic(tuners)
         unmerge_method = (
             f"--unmerge (each update undone: IA3 divides, LoHa/LoKr subtract): {method}"
@@ -190,6 +194,7 @@ def merge_record(
         version=__version__,
         command=command,
         other_adapters=tuple(identities[1:]),
+        adapter_type=adapter_type,
     )
 
 
@@ -261,7 +266,7 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
     lines = ["---", *front_matter, "---", "", "# Merged model", ""]
     adapters = [_input_link(a) for a in (record.adapter, *record.other_adapters)]
     subject = (
-        f"The LoRA adapter {adapters[0]}"
+        f"The {record.adapter_type} adapter {adapters[0]}"
         if len(adapters) == 1
         else f"The LoRA adapters {', '.join(adapters)}, combined,"
     )

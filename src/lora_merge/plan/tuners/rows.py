@@ -27,6 +27,15 @@ _DELTAS = {
     lokr.TUNER: lokr.lokr_delta,
     vera.TUNER: vera.vera_delta,
 }
+# How PEFT names each type, for reports and the model card.
+TUNER_NAMES = {
+    adalora.TUNER: "AdaLoRA",
+    ia3.TUNER: "IA3",
+    loha.TUNER: "LoHa",
+    lokr.TUNER: "LoKr",
+    oft.TUNER: "OFT",
+    vera.TUNER: "VeRA",
+}
 FORMULAS = {
     adalora.TUNER: adalora.FORMULA,
     ia3.TUNER: ia3.FORMULA,
@@ -155,8 +164,9 @@ def tuner_delta_bytes(
     for _, key in update.keys:
         elements = math.prod(adapter.shape(key))
         held += (adapter.dtype(key).itemsize + compute_dtype.itemsize) * elements
-    if update.tuner == oft.TUNER:  # R's blocks, and a tile rotated
-        held += 4 * compute_dtype.itemsize * math.prod(adapter.shape(update.keys[0][1])) * 2
+    if update.tuner == oft.TUNER:  # R's blocks (row_elements x b): R, Q, a power, inv(R)
+        block = oft.block_size_of(adapter.shape(update.keys[0][1])[-1]) or 1
+        held += 4 * compute_dtype.itemsize * math.prod(weight_shape[1:]) * block
     elif update.tuner != ia3.TUNER:  # the products, the delta and its kron/einsum temporaries
         held += 3 * compute_dtype.itemsize * math.prod(weight_shape)
     return held
