@@ -51,6 +51,7 @@ from transformers import AutoModelForCausalLM
 
 from lora_merge import MergeOptions, merge
 from lora_merge.api import preview_merge
+from lora_merge.errors import InvalidInputError
 
 LINEAR_TARGETS = ["q_proj", "v_proj", "down_proj"]
 # Tensor names of the tuners' parameters (PEFT's ParameterDict names).
@@ -623,6 +624,36 @@ def _rotation_error_bound(module, neumann: bool, terms: int) -> torch.Tensor:
     )
 
 
+def _check_oft_rotations(
+    ours: dict[str, torch.Tensor],
+    peft64: PeftModel,
+    original: dict[str, torch.Tensor],
+    native: dict[str, torch.Tensor],
+    neumann: bool,
+    dtype: torch.dtype,
+) -> int:
+    """Every rotated weight (a convolution's viewed (out, in·k·k), as PEFT's merge views it)
+    within half an ulp of PEFT's float64 merge plus twice the derived bound, and no further
+    from it than PEFT's own merge in the base's dtype. Returns how many were checked."""
+    rotated = 0
+    for name, module in peft64.base_model.model.named_modules():
+        if not hasattr(module, "oft_R"):
+            continue
+        rotated += 1
+        key = f"{name}.weight"
+        weight = original[key].double().reshape(original[key].shape[0], -1)
+        r_bound, rotation = _rotation_error_bound(module.oft_R["default"], neumann, 5)
+        reference = weight @ rotation.T
+        block = module.oft_R["default"].block_size
+        bound = block * UNIT_ROUNDOFF_64 * (weight.abs() @ rotation.abs().T)
+        bound = bound + weight.abs() @ r_bound.T
+        error = (ours[key].double().reshape(reference.shape) - reference).abs()
+        assert (error <= 0.5 * ulp(reference, dtype) + 2 * bound).all(), key
+        theirs = native[key].double().reshape(reference.shape)
+        assert (error <= (theirs - reference).abs() + 2 * bound).all(), key
+    return rotated
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(OFT_CASES))
 def test_oft_is_the_float64_rotation_rounded_once(llama_adapters, tmp_path, case, dtype):
@@ -641,21 +672,7 @@ def test_oft_is_the_float64_rotation_rounded_once(llama_adapters, tmp_path, case
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
     ).double()
     original = read_safetensors_directory(base)
-    rotated = 0
-    for name, module in peft64.base_model.model.named_modules():
-        if not hasattr(module, "oft_R"):
-            continue
-        rotated += 1
-        key = f"{name}.weight"
-        weight = original[key].double()
-        r_bound, rotation = _rotation_error_bound(module.oft_R["default"], neumann, 5)
-        reference = weight @ rotation.T
-        block = module.oft_R["default"].block_size
-        bound = block * UNIT_ROUNDOFF_64 * (weight.abs() @ rotation.abs().T)
-        bound = bound + weight.abs() @ r_bound.T
-        error = (ours[key].double() - reference).abs()
-        assert (error <= 0.5 * ulp(reference, dtype) + 2 * bound).all(), key
-        assert (error <= (native[key].double() - reference).abs() + 2 * bound).all(), key
+    rotated = _check_oft_rotations(ours, peft64, original, native, neumann, dtype)
     assert rotated == 2 * len(LINEAR_TARGETS)
     for name, tensor in ours.items():  # everything else untouched
         if not any(f"{target}.weight" in name for target in LINEAR_TARGETS):
@@ -800,3 +817,32 @@ def test_bitsandbytes_nf4_base(llama_adapters, tmp_path, tuner):
         error = (tensor.double() - reference).abs()
         assert (error <= 0.5 * ulp(reference, torch.bfloat16) + bound).all(), name
     assert adapted == 2 * len(LINEAR_TARGETS)
+
+
+def test_oft_on_convolutions(conv_adapters, tmp_path):
+    """OFT on a 1x1 Conv2d: checked as the Linear layers are, and the merged model computes
+    what the unmerged PEFT model does. On a 3x3 Conv2d PEFT's forward rotates unfolded,
+    overlapping input patches, which no merged weight reproduces (PEFT's own merge moves the
+    outputs): refused, exit 4, OUT not written."""
+    base, _ = conv_adapters
+    config = OFTConfig(r=0, oft_block_size=4, target_modules=["conv2d"])
+    adapter = _save_oft(_conv_model(), config, tmp_path / "oft3", stable_seed("oft", "conv3"))
+    with pytest.raises(InvalidInputError, match="no rotated weight reproduces"):
+        _ours(base, adapter, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    config = OFTConfig(r=0, oft_block_size=4, target_modules=["pointwise"])
+    adapter = _save_oft(_conv_model(), config, tmp_path / "oft", stable_seed("oft", "conv"))
+    ours = _ours(base, adapter, tmp_path / "merged")
+    native = PeftModel.from_pretrained(_conv_model(), adapter).eval().merge_and_unload()
+    peft64 = PeftModel.from_pretrained(_conv_model(), adapter).double()
+    original = read_safetensors_directory(base)
+    rotated = _check_oft_rotations(ours, peft64, original, native.state_dict(), True, torch.float32)
+    assert rotated == 1
+    peft_model = PeftModel.from_pretrained(_conv_model(), adapter).eval()
+    merged_model = _conv_model()
+    merged_model.load_state_dict(ours)
+    with torch.no_grad():
+        unmerged, merged = peft_model(CONV_INPUTS), merged_model(CONV_INPUTS)
+        reference = float64_copy(peft_model)({k: v.double() for k, v in CONV_INPUTS.items()})
+    tolerance = unmerged_tolerance(unmerged, reference, torch.float32)
+    assert float((merged.double() - unmerged.double()).abs().max()) <= tolerance

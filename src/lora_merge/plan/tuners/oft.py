@@ -19,8 +19,11 @@ transpose where R is orthogonal (the exact Cayley form), by its inverse for the
 truncated series, which is not quite orthogonal.
 
 Shape rule (:func:`plan_oft`): R is as wide as a row of the weight: ``in`` for
-``nn.Linear``, ``in·k·k`` for a convolution (PEFT's OFT does not handle
-transformers' Conv1D, whose rows are outputs).
+``nn.Linear`` and for a 1x1 convolution (PEFT's OFT does not handle transformers'
+Conv1D, whose rows are outputs). A convolution with a larger kernel is refused:
+PEFT's forward rotates unfolded input patches and folds them back (``F.fold`` sums
+overlapping patches), which its merge, ``W·Rᵀ`` over (out, in·k·k), does not
+reproduce (measured: PEFT's merged model's outputs move by the outputs' own order).
 
 Formula: the Cayley transform is not exact in float32 (PEFT's float32 R is off by
 a few float32 units), so lora-merge builds R and ``W·Rᵀ`` in float64 and rounds
@@ -36,7 +39,7 @@ import torch
 
 from lora_merge.adapter.config import LoraAdapterConfig, OftSettings
 from lora_merge.adapter.keys import TunerModuleKeys
-from lora_merge.errors import AdapterMismatchError
+from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import shape_mismatch
@@ -62,6 +65,14 @@ def plan_oft(
     """
     key = module.tensors["oft_R"]
     shape = tuple(adapter.shape(key))
+    if math.prod(weight_shape[2:]) > 1:
+        raise InvalidInputError(
+            f"OFT module {module.module!r} rotates a convolution with a {weight_shape[2:]} "
+            "kernel: PEFT's OFT rotates the layer's unfolded input patches and folds them back, "
+            "summing where they overlap, which no rotated weight reproduces (PEFT's own "
+            "merge_and_unload changes such a model's outputs); lora-merge merges OFT into "
+            "Linear and 1x1 convolutions only: keep this adapter unmerged"
+        )
     settings = config.oft or OftSettings()
     block_size = block_size_of(shape[-1]) if len(shape) == 2 else None
     if block_size is None:
