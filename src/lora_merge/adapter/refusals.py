@@ -55,6 +55,21 @@ def refuse_dora_in_combination(
         )
 
 
+def refuse_tuner_in_combination(label: str, config: LoraAdapterConfig) -> None:
+    """--combine sums or concatenates LoRA factors; IA3 multiplies and LoHa/LoKr have no B @ A
+    to concatenate, and PEFT's add_weighted_adapter refuses them too. Refuse.
+
+    Raises:
+        InvalidInputError: the adapter is not LoRA.
+    """
+    if config.peft_type != "LORA":
+        raise InvalidInputError(
+            f"adapter {label} is a {config.peft_type} adapter; --combine combines LoRA adapters "
+            "only (an IA3, LoHa or LoKr update is not a B @ A, and AdaLoRA divides by its own rank): merge "
+            "it on its own first, then merge the next adapter into that output"
+        )
+
+
 def refuse_trainable_tokens_in_combination(label: str, contents: AdapterContents) -> None:
     """Trainable tokens replace rows outright, so two adapters' rows cannot be summed. Refuse.
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from lora_merge.io.hub_names import REPOCARD_NAME
 from lora_merge.io.shard_writer import OUTPUT_METADATA
 from lora_merge.options.values import SaveMethod
 from lora_merge.plan.model import MergePlan
+from lora_merge.plan.tuners.rows import TUNER_NAMES, tuner_arithmetic
 
 HUB_URL = "https://huggingface.co"
 _NAMESPACED_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -81,6 +81,7 @@ class MergeRecord:
         version: lora-merge's version.
         command: the command line, or None for a Python API call.
         other_adapters: the further adapters combined with ``adapter`` (``--combine``).
+        adapter_type: PEFT's name of the adapter's type (LoRA, AdaLoRA, IA3, ...).
     """
 
     base: InputIdentity
@@ -93,6 +94,7 @@ class MergeRecord:
     version: str
     command: str | None
     other_adapters: tuple[InputIdentity, ...] = ()
+    adapter_type: str = "LoRA"
 
 
 def declared_base_model(
@@ -152,6 +154,15 @@ def merge_record(
     base_identity = InputIdentity.of("base", base_spec, base.folder)
     identities = [InputIdentity.of("adapter", spec, folder.folder) for spec, folder in adapters]
     method = merge_arithmetic(any(p.magnitude_key for p in plan.lora_products))
+    unmerge_method = UNMERGE_ARITHMETIC
+    tuners = sorted({u.tuner for u in plan.tuner_updates})
+    adapter_type = "LoRA"
+    if tuners:  # AdaLoRA, IA3, LoHa, LoKr, OFT, VeRA: their own formula
+        adapter_type = TUNER_NAMES[tuners[0]]
+        method = tuner_arithmetic(tuners)
+        unmerge_method = (
+            f"--unmerge (each update undone: IA3 divides, LoHa/LoKr subtract): {method}"
+        )
     if recipe is not None:
         method += (
             f"; B @ A is the combination of {', '.join(spec for spec, _ in adapters)} by "
@@ -171,11 +182,8 @@ def merge_record(
         base=base_identity,
         adapter=identities[0],
         declared_base=declared_base_model(base_identity, adapter_base, mismatch=mismatch),
-        method=describe_arithmetic(UNMERGE_ARITHMETIC if unmerge else method, base, save_method),
-        scales={
-            f"{scale:g}": n
-            for scale, n in sorted(Counter(p.scale for p in plan.module_products).items())
-        },
+        method=describe_arithmetic(unmerge_method if unmerge else method, base, save_method),
+        scales={f"{scale:g}": n for scale, n in sorted(plan.module_scales.items())},
         lora_modules_by_layer=plan.lora_modules_by_layer,
         output_dtype=(
             DTYPE_NAME_IN_CONFIG[output_dtype]
@@ -185,6 +193,7 @@ def merge_record(
         version=__version__,
         command=command,
         other_adapters=tuple(identities[1:]),
+        adapter_type=adapter_type,
     )
 
 
@@ -231,7 +240,7 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
     lines = ["---", *front_matter, "---", "", "# Merged model", ""]
     adapters = [_input_link(a) for a in (record.adapter, *record.other_adapters)]
     subject = (
-        f"The LoRA adapter {adapters[0]}"
+        f"The {record.adapter_type} adapter {adapters[0]}"
         if len(adapters) == 1
         else f"The LoRA adapters {', '.join(adapters)}, combined,"
     )

@@ -29,7 +29,7 @@ from lora_merge.adapter.initialisation import (
     describe_initial_state,
     is_unknown_initialisation,
 )
-from lora_merge.adapter.keys import AdapterContents, classify_adapter_keys
+from lora_merge.adapter.keys import AdapterContents, as_adalora_modules, classify_adapter_keys
 from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.adapter.recomputed_initial import RecomputedInitialState, RecomputeTarget
@@ -37,6 +37,7 @@ from lora_merge.adapter.refusals import (
     refuse_combined_experts,
     refuse_dora_in_combination,
     refuse_trainable_tokens_in_combination,
+    refuse_tuner_in_combination,
     refuse_unconverted_initialisation,
     refuse_unmerge_of_dora,
 )
@@ -191,7 +192,10 @@ def _read_adapters(
 ) -> tuple[LoraAdapterConfig, AdapterContents, TensorSource]:
     """The adapter the plan merges: the one given, or the combination of all of them."""
     if recipe is None:
-        return configs[0], classify_adapter_keys(list(sources[0].keys())), sources[0]
+        contents = classify_adapter_keys(list(sources[0].keys()))
+        if configs[0].peft_type == "ADALORA":  # its A and B are not a LoRA pair
+            contents = as_adalora_modules(contents)
+        return configs[0], contents, sources[0]
     combined = _combined_adapter(folders, configs, sources, recipe)
     return combined.config, combined.contents, combined
 
@@ -378,6 +382,7 @@ def _combined_adapter(
     inputs = []
     for folder, config, source in zip(folders, configs, sources, strict=True):
         contents = classify_adapter_keys(list(source.keys()))
+        refuse_tuner_in_combination(str(folder.folder), config)
         refuse_dora_in_combination(str(folder.folder), config, contents)
         refuse_trainable_tokens_in_combination(str(folder.folder), contents)
         inputs.append(AdapterInput(str(folder.folder), config, contents, source))

@@ -30,7 +30,8 @@ from lora_merge.io.dequantizing_reader import dequantize_workspace_bound
 from lora_merge.io.reader import InMemoryTensors, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 from lora_merge.plan.kinds.dora import norm_per_column
-from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor
+from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor, TunerUpdate
+from lora_merge.plan.tuners.rows import tuner_compute_dtype, tuner_delta_bytes
 from lora_merge.stream.requantize import write_requantized
 from lora_merge.stream.tiles import TileBuffers, output_tiles, with_token_rows
 
@@ -132,6 +133,9 @@ def _tensor_bytes(tensor: PlannedTensor, adapter: TensorSource, tile_budget: int
         output_dtype = spec.dtype if target is None else target.dtype
         compute = torch.float64 if norm_per_column(delta) else compute_dtype_for(output_dtype)
         held += _factor_bytes(delta, adapter, compute, tile_budget)
+    elif isinstance(delta, TunerUpdate):  # AdaLoRA, IA3, LoHa, LoKr
+        compute = tuner_compute_dtype(delta, spec.dtype)
+        held += tuner_delta_bytes(delta, adapter, spec.shape, compute)
     return held
 
 
@@ -305,6 +309,8 @@ def _nonfinite_message(tensor: PlannedTensor, adapter: TensorSource) -> str:
             suspects.append(delta.magnitude_key)
     elif isinstance(delta, LoraBias):
         suspects.append(delta.bias_key)
+    elif isinstance(delta, TunerUpdate):
+        suspects += [key for _, key in delta.keys]
     if tensor.token_rows is not None:
         suspects.append(tensor.token_rows.key)
     broken = [key for key in suspects if not all_finite(adapter.read_rows(key))]
