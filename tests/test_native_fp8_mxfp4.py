@@ -1,0 +1,347 @@
+"""FP8 block-wise, FP8 per-channel and MXFP4 bases: dequantized exactly, merged, written back.
+
+The checkpoints are made at test time by the real writers where they run on a CPU
+(transformers' fine-grained FP8 quantizer; compressed-tensors' compressors) and otherwise
+in the exact layout of a released checkpoint (gpt-oss' MXFP4 experts, DeepSeek-V3's partial
+FP8 edge blocks; see native_formats.py). The oracles are the real libraries' decoders
+(transformers' ``Fp8Dequantize`` and ``convert_moe_packed_tensors``, compressed-tensors'
+decompressors), each checked against a float64 decoding of the format's definition, a
+float64 merge, and PEFT running the adapter on the model transformers loads from the
+quantized checkpoint (on a CPU it dequantizes on load).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from merge_oracle import (
+    FLOAT32_UNIT_ROUNDOFF,
+    FLOAT64_UNIT_ROUNDOFF,
+    expected_misroundings,
+    misrounding_limit,
+    read_adapter,
+    read_safetensors_directory,
+    resolve_lora_factors,
+    ulp,
+)
+from native_formats import (
+    decode_fp8_float64,
+    dequantize_fp8_blocks_float64,
+    quantize_fp8_blocks_float64,
+)
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from tiny_checkpoints import prompt_logits
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config, LlamaConfig
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
+
+from lora_merge import MergeOptions, merge
+from lora_merge.errors import InvalidInputError
+from lora_merge.inputs.resolve import resolve_base
+from lora_merge.io.dequantizing_reader import DequantizingReader
+from lora_merge.io.reader import SafetensorsReader
+
+pytestmark = [
+    # The adapter names the 16-bit base it was made on; merging it into the quantized ones is
+    # the point.
+    pytest.mark.filterwarnings("ignore::lora_merge.errors.LoraMergeWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+EXIT_INVALID_INPUT = 4
+# Small enough that every weight is merged in many row tiles, most of them starting in the
+# middle of a block of scales.
+TILED_MAX_MEMORY = "4KB"
+LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FP8_BLOCK = (32, 32)
+
+
+@dataclass
+class Fp8Checkpoints:
+    """The FP8 inputs, built once: the bf16 base, its FP8 copy, the adapter, the merge."""
+
+    base: Path
+    fp8: Path
+    adapter: Path
+    merged: Path
+
+
+def save_tiny_llama(directory: Path) -> Path:
+    # Every linear side a multiple of 32 (transformers' quantizer leaves others unquantized).
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,  # PROMPT_INPUT_IDS draws from 256 ids
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            value = 1.0 + 0.1 * noise if "norm" in name else 0.02 * noise
+            parameter.copy_(value.to(parameter.dtype))
+    model.save_pretrained(directory)
+    return directory
+
+
+def save_adapter(base: Path, directory: Path) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    torch.manual_seed(22)  # init_lora_weights=False draws A and B (B != 0) from torch's RNG
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LINEAR_MODULES, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(directory)
+    return directory
+
+
+def fp8_quantizer(block: tuple[int, int] = FP8_BLOCK) -> tuple[Fp8Quantize, dict]:
+    """transformers' fine-grained FP8 quantizer op and the config it saves."""
+    config = FineGrainedFP8Config(weight_block_size=list(block))
+    # The op reads only its quantizer's quantization_config.
+    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=config))
+    return quantizer, json.loads(json.dumps(config.to_dict()))
+
+
+def save_fp8_copy(base: Path, directory: Path, block: tuple[int, int] = FP8_BLOCK) -> Path:
+    """``base`` with every linear projection quantized by transformers' FP8 quantizer."""
+    quantizer, quantization_config = fp8_quantizer(block)
+    tensors = {}
+    for name, tensor in load_file(base / "model.safetensors").items():
+        if name.endswith("_proj.weight"):
+            tensors.update(quantizer.convert({name: tensor}))
+        else:
+            tensors[name] = tensor
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory) -> Fp8Checkpoints:
+    root = tmp_path_factory.mktemp("fp8")
+    base = save_tiny_llama(root / "base")
+    fp8 = save_fp8_copy(base, root / "fp8")
+    adapter = save_adapter(base, root / "adapter")
+    merged = root / "merged"
+    merge(
+        MergeOptions(base=fp8, adapter=adapter, out=merged, max_memory=TILED_MAX_MEMORY, quiet=True)
+    )
+    return Fp8Checkpoints(base, fp8, adapter, merged)
+
+
+def read_all_rows(folder: Path, name: str, step: int) -> torch.Tensor:
+    """A logical tensor of a base read ``step`` rows at a time, as the stream reads it."""
+    base = resolve_base(folder)
+    rows = base.tensors[name].shape[0]
+    with DequantizingReader(SafetensorsReader(base.entries), base.tensors) as reader:
+        return torch.cat(
+            [reader.read_rows(name, a, min(rows, a + step)).clone() for a in range(0, rows, step)]
+        )
+
+
+def test_transformers_fp8_dequantization_is_the_format_decoded_in_float64(fp8):
+    """The oracle's own check: transformers' ``Fp8Dequantize`` is ``q * s`` (exact in
+    float64) rounded to float32, then to bf16."""
+    stored = load_file(fp8.fp8 / "model.safetensors")
+    names = [n for n in stored if n.endswith("_proj.weight")]
+    assert len(names) == len(LINEAR_MODULES)
+    for name in names:
+        codes, scales = stored[name], stored[f"{name}_scale_inv"]
+        assert codes.dtype == torch.float8_e4m3fn
+        reference = Fp8Dequantize(None)._dequantize_one(codes, scales, torch.bfloat16)
+        exact = dequantize_fp8_blocks_float64(codes, scales, FP8_BLOCK)
+        assert torch.equal(reference, exact.float().to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("step", [1, 5, 32, 1000])
+def test_fp8_block_rows_are_transformers_dequantization_bit_for_bit(fp8, step):
+    stored = load_file(fp8.fp8 / "model.safetensors")
+    for name in (n for n in stored if n.endswith("_proj.weight")):
+        expected = Fp8Dequantize(None)._dequantize_one(
+            stored[name], stored[f"{name}_scale_inv"], torch.bfloat16
+        )
+        assert torch.equal(read_all_rows(fp8.fp8, name, step), expected), name
+
+
+@pytest.mark.parametrize("codes_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_partial_edge_blocks_take_their_blocks_scale(tmp_path, codes_dtype):
+    """DeepSeek-V3's ``kv_a_proj_with_mqa`` (576 x 7168 in blocks of 128: scales (5, 56)) in
+    miniature, and an experts-first tensor: rows and columns end inside a block."""
+    generator = torch.Generator().manual_seed(23)
+    matrix = torch.randn(72, 80, generator=generator) * 0.05
+    codes, scales = quantize_fp8_blocks_float64(matrix, FP8_BLOCK)
+    codes = codes.float().to(codes_dtype)  # e5m2: its own codes of the same values
+    experts = (torch.randn(3, 40, 48, generator=generator) * 8).to(codes_dtype)
+    expert_scales = torch.rand(3, 2, 2, generator=generator)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file(
+        {
+            "layers.0.self_attn.kv_a_proj_with_mqa.weight": codes,
+            "layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv": scales,
+            "layers.0.mlp.experts.gate_up_proj": experts,
+            "layers.0.mlp.experts.gate_up_proj_scale_inv": expert_scales,
+        },
+        folder / "model.safetensors",
+    )
+    config = {"dtype": "float32", "quantization_config": fp8_quantizer()[1]}
+    (folder / "config.json").write_text(json.dumps(config))
+    name = "layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    exact = dequantize_fp8_blocks_float64(codes, scales, FP8_BLOCK).float()
+    assert scales.shape == (3, 3)
+    for step in (1, 7, 72):
+        assert torch.equal(read_all_rows(folder, name, step), exact)
+    expected = dequantize_fp8_blocks_float64(experts, expert_scales, FP8_BLOCK).float()
+    assert torch.equal(read_all_rows(folder, "layers.0.mlp.experts.gate_up_proj", 2), expected)
+
+
+def assert_merged_within_half_an_ulp(
+    merged: dict[str, torch.Tensor],
+    dequantized: dict[str, torch.Tensor],
+    adapter: Path,
+    dtype: torch.dtype,
+) -> None:
+    """Every merged element is dequant(W) + scale * B @ A computed in float64, rounded once to
+    ``dtype`` (up to the float32 evaluation bound, rare); every other tensor is the base's."""
+    config, adapter_tensors = read_adapter(adapter)
+    factors = {
+        f"{name}.weight": f for name, f in resolve_lora_factors(config, adapter_tensors).items()
+    }
+    elements = beyond_half = 0
+    expected_beyond_half = 0.0
+    assert sorted(merged) == sorted(dequantized)
+    for name, output in merged.items():
+        assert output.dtype == dtype, name
+        if name not in factors:
+            assert torch.equal(output, dequantized[name].to(dtype)), name
+            continue
+        lora = factors[name]
+        delta, magnitude = lora.delta_and_magnitude()
+        weight = dequantized[name].double()
+        exact = weight + lora.scale * delta
+        bound = (
+            (lora.rank + 2)
+            * (FLOAT32_UNIT_ROUNDOFF + FLOAT64_UNIT_ROUNDOFF)
+            * (weight.abs() + lora.scale * magnitude)
+        )
+        error = (output.double() - exact).abs()
+        half_ulp = 0.5 * ulp(output, dtype)
+        assert (error <= half_ulp + bound).all(), name
+        elements += error.numel()
+        beyond_half += int((error > half_ulp).sum())
+        expected_beyond_half += expected_misroundings(bound, 2 * half_ulp)
+    assert elements > 0
+    assert beyond_half <= misrounding_limit(expected_beyond_half)
+
+
+def test_fp8_merge_is_the_float64_merge_of_transformers_dequantization(fp8):
+    stored = load_file(fp8.fp8 / "model.safetensors")
+    dequantized = {}
+    for name, tensor in stored.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:
+            scales = stored[f"{name}_scale_inv"]
+            tensor = Fp8Dequantize(None)._dequantize_one(tensor, scales, torch.bfloat16)
+        dequantized[name] = tensor
+    merged = read_safetensors_directory(fp8.merged)
+    assert_merged_within_half_an_ulp(merged, dequantized, fp8.adapter, torch.bfloat16)
+
+
+def test_fp8_merged_model_is_plain_and_matches_peft_on_the_fp8_base(fp8):
+    """OUT is a plain bf16 model; its logits equal PEFT's on the model transformers loads from
+    the FP8 checkpoint (dequantized on a CPU) to within that model's own noise."""
+    config = json.loads((fp8.merged / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (
+        "dequantized from BASE's fp8 e4m3 (32x32 blocks)" in (fp8.merged / "README.md").read_text()
+    )
+    merged_logits = prompt_logits(AutoModelForCausalLM.from_pretrained(fp8.merged))
+    reference = prompt_logits(
+        AutoModelForCausalLM.from_pretrained(fp8.merged, dtype=torch.float64), torch.float64
+    )
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(fp8.fp8), fp8.adapter
+    ).eval()
+    peft_logits = prompt_logits(peft_model)
+    with peft_model.disable_adapter():
+        without_adapter = prompt_logits(peft_model)
+    noise = float((peft_logits.double() - reference).abs().max())
+    tolerance = 3 * noise + torch.finfo(torch.bfloat16).eps * float(reference.abs().max())
+    assert float((merged_logits - peft_logits).abs().max()) <= tolerance
+    assert float((peft_logits - without_adapter).abs().max()) > 5 * tolerance
+
+
+def _refused(base: Path, adapter: Path, out: Path, **options: object) -> str:
+    """Merge, expecting a refusal with exit code 4 and no OUT; return the message."""
+    with pytest.raises(InvalidInputError) as refusal:
+        merge(MergeOptions(base=base, adapter=adapter, out=out, quiet=True, **options))
+    assert refusal.value.exit_code == EXIT_INVALID_INPUT
+    assert "\n" not in str(refusal.value)
+    assert not out.exists()
+    return str(refusal.value)
+
+
+def _edited_copy(source: Path, destination: Path, edit) -> Path:
+    shutil.copytree(source, destination)
+    tensors = load_file(destination / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, destination / "model.safetensors", metadata={"format": "pt"})
+    return destination
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+def test_fp8_missing_scale_is_refused_naming_the_tensor(fp8, tmp_path):
+    base = _edited_copy(fp8.fp8, tmp_path / "base", lambda t: t.pop(f"{Q_PROJ}_scale_inv"))
+    message = _refused(base, fp8.adapter, tmp_path / "out")
+    assert repr(Q_PROJ) in message and "scale" in message
+
+
+def test_fp8_scales_that_do_not_fit_the_block_size_are_refused(fp8, tmp_path):
+    def edit(tensors):
+        tensors[f"{Q_PROJ}_scale_inv"] = tensors[f"{Q_PROJ}_scale_inv"][:, :1].contiguous()
+
+    message = _refused(_edited_copy(fp8.fp8, tmp_path / "base", edit), fp8.adapter, tmp_path / "o")
+    assert f"{Q_PROJ}_scale_inv" in message and "block size" in message
+
+
+def test_fp8_nan_scales_are_refused_and_nothing_is_written(fp8, tmp_path):
+    def edit(tensors):
+        tensors[f"{Q_PROJ}_scale_inv"][1, 0] = torch.nan
+
+    message = _refused(_edited_copy(fp8.fp8, tmp_path / "base", edit), fp8.adapter, tmp_path / "o")
+    assert f"{Q_PROJ}_scale_inv" in message and "NaN" in message
+
+
+def test_unknown_quant_method_is_refused_by_name(fp8, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(fp8.fp8, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "quanto-int2"
+    (base / "config.json").write_text(json.dumps(config))
+    message = _refused(base, fp8.adapter, tmp_path / "out")
+    assert "'quanto-int2'" in message and "quant_method" in message
+
+
+def test_decode_fp8_float64_agrees_with_torch_on_every_code():
+    """The float64 decoders' own check: every one of the 256 codes of each FP8 kind."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        ours = decode_fp8_float64(codes.view(dtype))
+        theirs = codes.view(dtype).double()
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.nan_to_num(0.0), theirs.nan_to_num(0.0))
