@@ -32,14 +32,17 @@ from merge_oracle import (
 )
 from native_formats import (
     decode_fp8_float64,
+    decode_mxfp4_float64,
     dequantize_fp8_blocks_float64,
+    gpt_oss_mxfp4_tensors,
     quantize_fp8_blocks_float64,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_checkpoints import prompt_logits
-from transformers import AutoModelForCausalLM, FineGrainedFP8Config, LlamaConfig
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config, GptOssConfig, LlamaConfig
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge import MergeOptions, merge
 from lora_merge.errors import InvalidInputError
@@ -345,3 +348,210 @@ def test_decode_fp8_float64_agrees_with_torch_on_every_code():
         theirs = codes.view(dtype).double()
         assert torch.equal(ours.isnan(), theirs.isnan())
         assert torch.equal(ours.nan_to_num(0.0), theirs.nan_to_num(0.0))
+
+
+# --- MXFP4 (gpt-oss) -------------------------------------------------------------------------
+
+EXPERTS = "model.layers.0.mlp.experts"
+# openai/gpt-oss-20b's config.json quantization_config.
+GPT_OSS_QUANTIZATION_CONFIG = {
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}
+
+
+@dataclass
+class Mxfp4Checkpoints:
+    base: Path
+    mxfp4: Path
+    adapter: Path
+    merged: Path
+
+
+def tiny_gpt_oss_config() -> GptOssConfig:
+    # Both expert projections' input sides (hidden 64, intermediate 96) are whole MXFP4 blocks
+    # of 32, as gpt-oss-20b's (2880) are; the two have different shapes, so that an expert
+    # LoRA's parameter is known by its shape.
+    return GptOssConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        layer_types=["full_attention"],
+        tie_word_embeddings=False,
+    )
+
+
+def save_mxfp4_copy(base: Path, directory: Path, generator: torch.Generator) -> Path:
+    """``base`` with its experts replaced by random MXFP4 experts in gpt-oss' layout."""
+    tensors = load_file(base / "model.safetensors")
+    for projection in ("gate_up_proj", "down_proj"):
+        experts, columns, rows = tensors.pop(f"{EXPERTS}.{projection}").shape  # (E, in, out)
+        tensors.update(
+            gpt_oss_mxfp4_tensors(f"{EXPERTS}.{projection}", experts, rows, columns, generator)
+        )
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = GPT_OSS_QUANTIZATION_CONFIG
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mxfp4(tmp_path_factory) -> Mxfp4Checkpoints:
+    root = tmp_path_factory.mktemp("mxfp4")
+    torch.manual_seed(24)
+    model = AutoModelForCausalLM.from_config(tiny_gpt_oss_config(), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape)
+            parameter.copy_((1 + 0.1 * noise if "norm" in name else 0.05 * noise).to(parameter))
+    model.save_pretrained(root / "base")
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        init_lora_weights=False,
+    )
+    get_peft_model(model, lora).save_pretrained(root / "adapter")
+    mxfp4 = save_mxfp4_copy(root / "base", root / "mxfp4", torch.Generator().manual_seed(25))
+    merged = root / "merged"
+    merge(MergeOptions(base=mxfp4, adapter=root / "adapter", out=merged, quiet=True))
+    return Mxfp4Checkpoints(root / "base", mxfp4, root / "adapter", merged)
+
+
+def transformers_mxfp4(stored: dict[str, torch.Tensor], name: str, dtype=torch.bfloat16):
+    return convert_moe_packed_tensors(
+        stored[f"{name}_blocks"], stored[f"{name}_scales"], dtype=dtype
+    )
+
+
+def test_transformers_mxfp4_dequantization_is_the_format_decoded_in_float64():
+    """The oracle's own check, over every code and every finite exponent (subnormal and
+    infinite results included)."""
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(255, 1).view(255, 1, 16, 16)
+    blocks = blocks.transpose(1, 2).reshape(255, 16, 1, 16)  # 255 rows of 16 groups
+    scales = torch.arange(255, dtype=torch.uint8).view(255, 1).repeat(1, 16).view(255, 16)
+    blocks, scales = blocks.reshape(1, 255, 16, 16), scales.reshape(1, 255, 16)
+    exact = decode_mxfp4_float64(blocks, scales).transpose(1, 2)
+    for dtype in (torch.bfloat16, torch.float32):
+        reference = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+        assert torch.equal(reference, exact.to(dtype))
+
+
+def test_mxfp4_rows_are_transformers_dequantization_bit_for_bit(mxfp4, tmp_path):
+    stored = load_file(mxfp4.mxfp4 / "model.safetensors")
+    for projection in ("gate_up_proj", "down_proj"):
+        name = f"{EXPERTS}.{projection}"
+        expected = transformers_mxfp4(stored, name)
+        assert expected.shape == resolve_base(mxfp4.mxfp4).tensors[name].shape
+        for step in (1, 3):
+            assert torch.equal(read_all_rows(mxfp4.mxfp4, name, step), expected), name
+    # Every exponent (0: subnormal results; 254: infinite ones), in float32.
+    blocks = torch.randint(0, 256, (2, 255, 3, 16), dtype=torch.uint8)
+    scales = torch.arange(255, dtype=torch.uint8).view(1, 255, 1).repeat(2, 1, 3)
+    folder = tmp_path / "extremes"
+    folder.mkdir()
+    save_file({"e_blocks": blocks, "e_scales": scales}, folder / "model.safetensors")
+    config = {"dtype": "float32", "quantization_config": {"quant_method": "mxfp4"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    expected = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    assert torch.equal(read_all_rows(folder, "e", 1), expected)
+
+
+def float64_expert_delta(adapter: dict[str, torch.Tensor], module: str, experts: int):
+    """PEFT's ``ParamWrapper.get_delta_weight`` restated in float64, transposed as gpt-oss'
+    parameters are (``is_transposed``): (E, in, out), and its magnitude."""
+    lora_a = adapter[f"base_model.model.{module}.lora_A.weight"].double()
+    lora_b = adapter[f"base_model.model.{module}.lora_B.weight"].double()
+    a = lora_a.reshape(experts, -1, lora_a.shape[-1])  # (E, r, in)
+    b = lora_b.reshape(lora_b.shape[0], -1, experts)  # (out, r, E)
+    delta = torch.einsum("ore,eri->eio", b, a)
+    return delta, torch.einsum("ore,eri->eio", b.abs(), a.abs()), a.shape[1]
+
+
+def test_mxfp4_expert_merge_is_the_float64_merge_of_transformers_dequantization(mxfp4):
+    stored = load_file(mxfp4.mxfp4 / "model.safetensors")
+    merged = read_safetensors_directory(mxfp4.merged)
+    adapter = load_file(mxfp4.adapter / "adapter_model.safetensors")
+    scale = 8 / 4
+    checked = set()
+    for module in (EXPERTS, f"{EXPERTS}.base_layer"):
+        delta, magnitude, rank = float64_expert_delta(adapter, module, 4)
+        for projection in ("gate_up_proj", "down_proj"):
+            name = f"{EXPERTS}.{projection}"
+            weight = transformers_mxfp4(stored, name).double()
+            if weight.shape != delta.shape:
+                continue
+            exact = weight + scale * delta
+            bound = (rank + 2) * (FLOAT32_UNIT_ROUNDOFF + FLOAT64_UNIT_ROUNDOFF)
+            bound = bound * (weight.abs() + scale * magnitude)
+            output = merged[name]
+            assert output.dtype == torch.bfloat16
+            error = (output.double() - exact).abs()
+            half_ulp = 0.5 * ulp(output, torch.bfloat16)
+            assert (error <= half_ulp + bound).all(), name
+            beyond = int((error > half_ulp).sum())
+            assert beyond <= misrounding_limit(expected_misroundings(bound, 2 * half_ulp))
+            checked.add(name)
+    assert len(checked) == 2
+    for name, tensor in load_file(mxfp4.base / "model.safetensors").items():
+        if ("experts" in name and "bias" in name) or "norm" in name or "router" in name:
+            assert torch.equal(merged[name], tensor), name
+    assert not any(name.endswith(("_blocks", "_scales")) for name in merged)
+
+
+def test_mxfp4_merged_model_matches_peft_on_the_mxfp4_base(mxfp4):
+    """OUT is a plain bf16 gpt-oss; its logits equal PEFT's on the model transformers loads from
+    the MXFP4 checkpoint (dequantized on a CPU) to within that model's own noise."""
+    assert "quantization_config" not in json.loads((mxfp4.merged / "config.json").read_text())
+
+    def load(folder: Path, dtype: torch.dtype | None = None):
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype or "auto", experts_implementation="eager"
+        )
+
+    merged_logits = prompt_logits(load(mxfp4.merged))
+    reference = prompt_logits(load(mxfp4.merged, torch.float64), torch.float64)
+    peft_model = PeftModel.from_pretrained(load(mxfp4.mxfp4), mxfp4.adapter).eval()
+    peft_logits = prompt_logits(peft_model)
+    with peft_model.disable_adapter():
+        without_adapter = prompt_logits(peft_model)
+    noise = float((peft_logits.double() - reference).abs().max())
+    tolerance = 3 * noise + torch.finfo(torch.bfloat16).eps * float(reference.abs().max())
+    assert float((merged_logits - peft_logits).abs().max()) <= tolerance
+    assert float((peft_logits - without_adapter).abs().max()) > 5 * tolerance
+
+
+def test_mxfp4_refusals(mxfp4, tmp_path):
+    name = f"{EXPERTS}.down_proj"
+
+    def drop_scales(tensors):
+        tensors.pop(f"{name}_scales")
+
+    def misfit_scales(tensors):
+        tensors[f"{name}_scales"] = tensors[f"{name}_scales"][:, :, :1].contiguous()
+
+    def nan_scale(tensors):
+        tensors[f"{name}_scales"][1, 5, 0] = 255
+
+    for index, (edit, words) in enumerate(
+        [(drop_scales, "no"), (misfit_scales, "one exponent per 32"), (nan_scale, "NaN")]
+    ):
+        base = _edited_copy(mxfp4.mxfp4, tmp_path / f"base{index}", edit)
+        message = _refused(base, mxfp4.adapter, tmp_path / f"out{index}")
+        assert f"{name}_scales" in message and words in message, message
