@@ -20,6 +20,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+from compressed_tensors.quantization import (
+    QuantizationConfig,
+    QuantizationStrategy,
+    preset_name_to_scheme,
+)
+from compressed_tensors.quantization.utils import calculate_qparams
 from merge_oracle import (
     FLOAT32_UNIT_ROUNDOFF,
     FLOAT64_UNIT_ROUNDOFF,
@@ -555,3 +562,87 @@ def test_mxfp4_refusals(mxfp4, tmp_path):
         base = _edited_copy(mxfp4.mxfp4, tmp_path / f"base{index}", edit)
         message = _refused(base, mxfp4.adapter, tmp_path / f"out{index}")
         assert f"{name}_scales" in message and words in message, message
+
+
+# --- FP8 per channel / per tensor (compressed-tensors) ---------------------------------------
+
+
+def save_compressed_tensors_fp8(base: Path, directory: Path, preset: str) -> Path:
+    """``base`` quantized by compressed-tensors' own FP8 compressor: the scheme ``preset``
+    (``FP8_DYNAMIC``: a scale per channel; ``FP8``: one per tensor and a static input scale),
+    scales from its ``calculate_qparams`` over each weight's min and max (what
+    llm-compressor's min-max observer feeds it), the config its ``QuantizationConfig`` writes."""
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    per_channel = scheme.weights.strategy == QuantizationStrategy.CHANNEL
+    tensors = {}
+    for name, tensor in load_file(base / "model.safetensors").items():
+        if not name.endswith("_proj.weight"):
+            tensors[name] = tensor
+            continue
+        module = name.removesuffix(".weight")
+        low = tensor.amin(dim=1, keepdim=True) if per_channel else tensor.amin()
+        high = tensor.amax(dim=1, keepdim=True) if per_channel else tensor.amax()
+        scale, _ = calculate_qparams(low, high, scheme.weights)
+        state = {"weight": tensor, "weight_scale": scale}
+        if scheme.input_activations is not None and not scheme.input_activations.dynamic:
+            state["input_scale"] = torch.tensor([0.0123], dtype=tensor.dtype)
+        compressed = FloatQuantizationCompressor.compress(state, scheme)
+        tensors.update({f"{module}.{key}": value for key, value in compressed.items()})
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    quantization = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        ignore=["lm_head"],
+        format="float-quantized",
+        quantization_status="compressed",
+    )
+    config["quantization_config"] = json.loads(quantization.model_dump_json())
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def compressed_tensors_dequantized(folder: Path, preset: str) -> dict[str, torch.Tensor]:
+    """Every tensor as compressed-tensors' decompressor gives it (FP8 weights dequantized)."""
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    stored = load_file(folder / "model.safetensors")
+    tensors = {}
+    for name, tensor in stored.items():
+        if name.endswith((".weight_scale", ".input_scale")):
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:
+            module = name.removesuffix(".weight")
+            state = {"weight": tensor, "weight_scale": stored[f"{module}.weight_scale"]}
+            tensor = FloatQuantizationCompressor.decompress(state, scheme)["weight"]
+        tensors[name] = tensor
+    return tensors
+
+
+@pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8"])
+def test_compressed_tensors_fp8_rows_merge_and_refusals(fp8, tmp_path, preset):
+    folder = save_compressed_tensors_fp8(fp8.base, tmp_path / "ct", preset)
+    stored = load_file(folder / "model.safetensors")
+    expected = compressed_tensors_dequantized(folder, preset)
+    for name, tensor in expected.items():
+        if stored[name].dtype != torch.float8_e4m3fn:
+            continue
+        scale = stored[f"{name.removesuffix('.weight')}.weight_scale"]
+        exact = decode_fp8_float64(stored[name]) * scale.double()
+        # The oracle's own check: q * s, exact in float64, rounded once to the scale's dtype.
+        assert torch.equal(tensor, exact.to(torch.bfloat16)), name
+        for step in (1, 7):
+            assert torch.equal(read_all_rows(folder, name, step), tensor), name
+    merged = tmp_path / "merged"
+    merge(MergeOptions(base=folder, adapter=fp8.adapter, out=merged, max_memory=TILED_MAX_MEMORY))
+    assert_merged_within_half_an_ulp(
+        read_safetensors_directory(merged), expected, fp8.adapter, torch.bfloat16
+    )
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+
+    def drop_scale(tensors):
+        tensors.pop(f"{Q_PROJ.removesuffix('.weight')}.weight_scale")
+
+    message = _refused(
+        _edited_copy(folder, tmp_path / "broken", drop_scale), fp8.adapter, tmp_path / "o"
+    )
+    assert repr(Q_PROJ) in message and "weight_scale" in message
