@@ -646,3 +646,142 @@ def test_compressed_tensors_fp8_rows_merge_and_refusals(fp8, tmp_path, preset):
         _edited_copy(folder, tmp_path / "broken", drop_scale), fp8.adapter, tmp_path / "o"
     )
     assert repr(Q_PROJ) in message and "weight_scale" in message
+
+
+# --- merged_native ---------------------------------------------------------------------------
+
+
+def test_fp8_merged_native_is_transformers_quantizer_applied_to_the_16bit_merge(fp8, tmp_path):
+    """Each merged weight's codes and ``weight_scale_inv`` are transformers' ``Fp8Quantize`` of
+    the merged_16bit weight, bit for bit; the rest is OUT's 16-bit tensors; the config keeps
+    the base's ``quantization_config``, and transformers loads OUT with its FP8 quantizer."""
+    out = tmp_path / "native"
+    merge(
+        MergeOptions(
+            base=fp8.fp8,
+            adapter=fp8.adapter,
+            out=out,
+            save_method="merged_native",
+            max_memory=TILED_MAX_MEMORY,
+            quiet=True,
+        )
+    )
+    native = read_safetensors_directory(out)
+    merged = read_safetensors_directory(fp8.merged)
+    quantizer, quantization_config = fp8_quantizer()
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == (
+        quantization_config
+    )
+    base_names = sorted(load_file(fp8.fp8 / "model.safetensors"))
+    assert sorted(native) == base_names
+    quantized = 0
+    for name, tensor in merged.items():
+        if name.endswith("_proj.weight"):
+            expected = quantizer.convert({name: tensor})
+            assert torch.equal(native[name].view(torch.uint8), expected[name].view(torch.uint8))
+            assert torch.equal(native[f"{name}_scale_inv"], expected[f"{name}_scale_inv"])
+            quantized += 1
+        else:
+            assert torch.equal(native[name], tensor), name
+    assert quantized == len(LINEAR_MODULES)
+    # transformers loads it with its FP8 quantizer (dequantizing on a CPU): its weights are the
+    # dequantized native tensors.
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name in merged:
+        expected = native[name]
+        if name.endswith("_proj.weight"):
+            scales = native[f"{name}_scale_inv"]
+            expected = Fp8Dequantize(None)._dequantize_one(expected, scales, torch.bfloat16)
+        assert torch.equal(loaded[name], expected), name
+
+
+def test_fp8_merged_native_partial_edge_blocks_and_untouched_weights(tmp_path):
+    """A weight whose sides end inside a block (DeepSeek-V3's kv_a_proj_with_mqa) is quantized
+    as if zero-padded; a quantized weight the adapter does not touch is copied as stored."""
+    generator = torch.Generator().manual_seed(26)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    kv_a = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    other = "model.layers.0.self_attn.o_proj.weight"
+    tensors = {}
+    for name, shape in ((kv_a, (72, 80)), (other, (64, 64))):
+        codes, scales = quantize_fp8_blocks_float64(
+            torch.randn(shape, generator=generator), FP8_BLOCK
+        )
+        tensors |= {name: codes, f"{name}_scale_inv": scales}
+    save_file(tensors, folder / "model.safetensors")
+    config = {"dtype": "bfloat16", "quantization_config": fp8_quantizer()[1]}
+    (folder / "config.json").write_text(json.dumps(config))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    lora_a = torch.randn(4, 80, generator=generator) * 0.1
+    lora_b = torch.randn(72, 4, generator=generator) * 0.1
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.kv_a_proj_with_mqa.lora_A.weight": lora_a,
+            "base_model.model.model.layers.0.self_attn.kv_a_proj_with_mqa.lora_B.weight": lora_b,
+        },
+        adapter / "adapter_model.safetensors",
+    )
+    adapter_config = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["kv_a_proj_with_mqa"],
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(adapter_config))
+    plain, native = tmp_path / "plain", tmp_path / "native"
+    merge(MergeOptions(base=folder, adapter=adapter, out=plain, quiet=True))
+    merge(
+        MergeOptions(
+            base=folder, adapter=adapter, out=native, save_method="merged_native", quiet=True
+        )
+    )
+    merged = read_safetensors_directory(plain)[kv_a]
+    written = read_safetensors_directory(native)
+    codes, scales = quantize_fp8_blocks_float64(merged, FP8_BLOCK)
+    assert torch.equal(written[kv_a].view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(written[f"{kv_a}_scale_inv"], scales)
+    for name in (other, f"{other}_scale_inv"):
+        assert torch.equal(written[name].view(torch.uint8), tensors[name].view(torch.uint8))
+
+
+def test_compressed_tensors_fp8_merged_native_is_its_quantizer_on_the_16bit_merge(fp8, tmp_path):
+    folder = save_compressed_tensors_fp8(fp8.base, tmp_path / "ct", "FP8_DYNAMIC")
+    plain, native = tmp_path / "plain", tmp_path / "native"
+    for out, method in ((plain, "merged_16bit"), (native, "merged_native")):
+        merge(
+            MergeOptions(
+                base=folder,
+                adapter=fp8.adapter,
+                out=out,
+                save_method=method,
+                max_memory=TILED_MAX_MEMORY,
+                quiet=True,
+            )
+        )
+    scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    merged, written = read_safetensors_directory(plain), read_safetensors_directory(native)
+    assert sorted(written) == sorted(load_file(folder / "model.safetensors"))
+    config = json.loads((native / "config.json").read_text())["quantization_config"]
+    assert config == json.loads((folder / "config.json").read_text())["quantization_config"]
+    for name, tensor in merged.items():
+        if not name.endswith("_proj.weight"):
+            assert torch.equal(written[name], tensor), name
+            continue
+        module = name.removesuffix(".weight")
+        low, high = tensor.amin(dim=1, keepdim=True), tensor.amax(dim=1, keepdim=True)
+        scale, _ = calculate_qparams(low, high, scheme.weights)
+        expected = FloatQuantizationCompressor.compress(
+            {"weight": tensor, "weight_scale": scale}, scheme
+        )
+        assert torch.equal(written[name].view(torch.uint8), expected["weight"].view(torch.uint8))
+        assert torch.equal(written[f"{module}.weight_scale"], expected["weight_scale"]), name
+
+
+def test_merged_native_is_refused_where_it_cannot_be_faithful(fp8, tmp_path):
+    message = _refused(fp8.base, fp8.adapter, tmp_path / "o1", save_method="merged_native")
+    assert "not quantized" in message
+    folder = save_compressed_tensors_fp8(fp8.base, tmp_path / "ct", "FP8")
+    message = _refused(folder, fp8.adapter, tmp_path / "o2", save_method="merged_native")
+    assert "per channel" in message and "llm-compressor" in message

@@ -115,7 +115,7 @@ def dequantize_fp8_channels(
 
 
 def quantize_fp8_blocks(
-    values: torch.Tensor, block: tuple[int, int]
+    values: torch.Tensor, block: tuple[int, int], power_of_two_scales: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise E4M3 codes and ``weight_scale_inv`` of a run of whole block rows.
 
@@ -123,6 +123,10 @@ def quantize_fp8_blocks(
     ``values`` of ``(rows, cols)`` where ``rows`` is a multiple of ``block[0]``
     except for the matrix's last block row; partial blocks quantized as if
     zero-padded.
+
+    With ``power_of_two_scales`` (``scale_fmt: ue8m0``, DeepSeek-V3.1), each
+    ``weight_scale_inv`` is rounded up to a power of two first and the codes are
+    scaled by its exact reciprocal, as transformers does.
 
     Returns:
         ``(codes, inv_scales)``: float8_e4m3fn ``(rows, cols)`` and float32
@@ -141,7 +145,32 @@ def quantize_fp8_blocks(
     # transformers: scales = 448 / safe_max_abs, 1 where the block is all zero.
     scales = torch.where(max_abs > 0, FP8_E4M3_MAX / torch.where(max_abs > 0, max_abs, ones), ones)
     inv_scales = (1.0 / scales).to(torch.float32)
+    if power_of_two_scales:
+        tiny = torch.finfo(torch.float32).tiny
+        inv_scales = torch.pow(2.0, torch.ceil(torch.log2(inv_scales.clamp(min=tiny))))
+        scales = 1.0 / inv_scales
     scaled = tiles * scales[:, None, :, None]
     codes = scaled.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     codes = codes.view(grid[0] * block_rows, grid[1] * block_cols)[:rows, :cols]
     return codes.contiguous(), inv_scales
+
+
+def quantize_fp8_channels(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 codes and a scale per row, as compressed-tensors quantizes an FP8 ``channel``
+    weight (``calculate_qparams`` over each row's min and max, then ``quantize``).
+
+    Everything is computed in ``values``' dtype, as compressed-tensors does for a weight
+    of that dtype: ``scale = amax / 448`` (its ``max / (bit_range / 2)``; an all-zero row
+    gets the dtype's eps), codes ``clamp(x / scale, -448, 448)`` rounded to E4M3.
+
+    Returns:
+        ``(codes, scales)``: float8_e4m3fn ``(rows, cols)`` and ``(rows, 1)`` in ``values``' dtype.
+    """
+    dtype = values.dtype
+    max_abs = values.abs().amax(dim=1, keepdim=True)
+    half_range = torch.tensor(2 * FP8_E4M3_MAX, device=values.device).to(dtype) / 2
+    scales = max_abs / half_range
+    eps = torch.tensor(torch.finfo(dtype).eps, dtype=dtype, device=values.device)
+    scales = torch.where(scales == 0, eps, scales)
+    codes = (values / scales).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scales

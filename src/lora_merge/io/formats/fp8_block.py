@@ -32,6 +32,7 @@ from lora_merge.compute.fp8 import (
     scale_rows_for,
 )
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.formats.fp8_native import Fp8BlockNative
 from lora_merge.io.formats.protocol import NativeTarget, QuantizedWeight, StoredRows
 from lora_merge.io.safetensors_format import TensorEntry
 
@@ -177,7 +178,27 @@ class Fp8BlockFormat:
     def native_target(
         self, weight: QuantizedWeight, quantization_config: Mapping[str, object]
     ) -> NativeTarget:
-        raise InvalidInputError("--save-method merged_native for fp8 is not implemented yet")
+        """Block-wise FP8 again, with the base's block size and scale format.
+
+        Raises:
+            InvalidInputError: one scale per tensor (the config has no
+                ``weight_block_size``): its scale needs the whole merged weight before
+                the first row can be written.
+        """
+        assert isinstance(weight, Fp8Weight)
+        if _block_size(quantization_config) is None:
+            raise InvalidInputError(
+                "--save-method merged_native re-quantizes FP8 block by block; this base has one "
+                "scale per tensor (no weight_block_size), which needs the whole merged weight "
+                "at once: use merged_16bit"
+            )
+        return Fp8BlockNative(
+            shape=weight.shape,
+            dtype=weight.dtype,
+            block=weight.block,
+            scale_name=weight.scales.name,
+            power_of_two_scales=quantization_config.get("scale_fmt") == "ue8m0",
+        )
 
 
 FP8_BLOCK = Fp8BlockFormat()

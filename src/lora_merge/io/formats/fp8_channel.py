@@ -30,6 +30,7 @@ import torch
 from lora_merge.compute.fp8 import FP8_DTYPES
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.formats.fp8_block import FP8_BLOCK, Fp8Weight, fp8_weight
+from lora_merge.io.formats.fp8_native import Fp8ChannelNative
 from lora_merge.io.formats.protocol import NativeTarget, QuantizedWeight
 from lora_merge.io.safetensors_format import TensorEntry
 
@@ -84,9 +85,21 @@ class CompressedTensorsFp8Format:
     def native_target(
         self, weight: QuantizedWeight, quantization_config: Mapping[str, object]
     ) -> NativeTarget:
-        raise InvalidInputError(
-            "--save-method merged_native for compressed-tensors fp8 is not implemented yet"
-        )
+        """FP8 per channel again, scales in the base's scale dtype.
+
+        Raises:
+            InvalidInputError: a per-tensor or block weight, which compressed-tensors
+                quantizes from the whole weight's statistics.
+        """
+        assert isinstance(weight, Fp8Weight)
+        if len(weight.shape) != 2 or weight.block != (1, weight.shape[1]):
+            raise InvalidInputError(
+                f"--save-method merged_native re-quantizes compressed-tensors FP8 per channel; "
+                f"{weight.name!r} has one scale per tensor or per block, which compressed-"
+                "tensors computes from the whole weight: use merged_16bit and quantize it with "
+                "llm-compressor"
+            )
+        return Fp8ChannelNative(weight.shape, weight.scales.dtype, weight.scales.name)
 
 
 class FbgemmFp8Format:
