@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
 from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
 from compressed_tensors.quantization import (
     QuantizationConfig,
@@ -52,6 +53,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge import MergeOptions, merge
+from lora_merge.compute.mxfp4 import quantize_mxfp4
 from lora_merge.errors import InvalidInputError
 from lora_merge.inputs.resolve import resolve_base
 from lora_merge.io.dequantizing_reader import DequantizingReader
@@ -785,3 +787,70 @@ def test_merged_native_is_refused_where_it_cannot_be_faithful(fp8, tmp_path):
     folder = save_compressed_tensors_fp8(fp8.base, tmp_path / "ct", "FP8")
     message = _refused(folder, fp8.adapter, tmp_path / "o2", save_method="merged_native")
     assert "per channel" in message and "llm-compressor" in message
+
+
+def compressed_tensors_mxfp4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """compressed-tensors' MXFP4 quantizer on one (out, in) matrix: ``calculate_qparams`` over
+    each group of 32's min and max, then its packed compressor."""
+    scheme = preset_name_to_scheme("MXFP4", ["Linear"])
+    groups = weight.unflatten(-1, (-1, 32))
+    scale, _ = calculate_qparams(groups.amin(dim=-1), groups.amax(dim=-1), scheme.weights)
+    return MXFP4PackedCompressor.compress({"weight": weight, "weight_scale": scale}, scheme)
+
+
+def test_mxfp4_merged_native_is_compressed_tensors_quantizer_on_the_16bit_merge(mxfp4, tmp_path):
+    """Each merged expert, transposed to gpt-oss' stored (out, in), quantized by
+    compressed-tensors' MXFP4 quantizer: the same codes (gpt-oss' nibble order is its packing
+    order) and exponents, bit for bit; transformers loads OUT with its MXFP4 quantizer."""
+    out = tmp_path / "native"
+    merge(
+        MergeOptions(
+            base=mxfp4.mxfp4,
+            adapter=mxfp4.adapter,
+            out=out,
+            save_method="merged_native",
+            max_memory=TILED_MAX_MEMORY,
+            quiet=True,
+        )
+    )
+    written = read_safetensors_directory(out)
+    merged = read_safetensors_directory(mxfp4.merged)
+    assert sorted(written) == sorted(load_file(mxfp4.mxfp4 / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config == GPT_OSS_QUANTIZATION_CONFIG
+    for projection in ("gate_up_proj", "down_proj"):
+        name = f"{EXPERTS}.{projection}"
+        blocks, scales = written[f"{name}_blocks"], written[f"{name}_scales"]
+        for expert, matrix in enumerate(merged[name]):
+            expected = compressed_tensors_mxfp4(matrix.t().contiguous())
+            assert torch.equal(blocks[expert].flatten(1), expected["weight_packed"]), name
+            assert torch.equal(scales[expert], expected["weight_scale"]), name
+    for name, tensor in merged.items():
+        if not name.endswith("_proj") or "experts" not in name:
+            assert torch.equal(written[name], tensor), name
+    loaded = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
+    state = loaded.state_dict()
+    for projection in ("gate_up_proj", "down_proj"):
+        name = f"{EXPERTS}.{projection}"
+        assert torch.equal(state[name], transformers_mxfp4(written, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_mxfp4_quantizer_matches_compressed_tensors_on_edge_values(dtype):
+    """Ties at every E2M1 threshold, all-zero and negative-zero groups, group maxima just below
+    and above powers of two, tiny and large magnitudes."""
+    thresholds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.0, 0.5, 1.0, 3.0])
+    rows = [
+        torch.cat([thresholds, -thresholds, thresholds * 0.999, thresholds * 1.001])[:32],
+        torch.zeros(32),
+        -torch.zeros(32),
+        torch.linspace(-1, 1, 32) * 2.0**-20,
+        torch.linspace(-1, 1, 32) * 1000,
+        torch.full((32,), 2.0**-3) * torch.tensor([1, -1] * 16),
+        torch.randn(32, generator=torch.Generator().manual_seed(27)),
+    ]
+    values = torch.stack(rows).repeat(1, 2).to(dtype)
+    blocks, exponents = quantize_mxfp4(values)
+    expected = compressed_tensors_mxfp4(values)
+    assert torch.equal(blocks.flatten(1), expected["weight_packed"])
+    assert torch.equal(exponents, expected["weight_scale"])

@@ -135,7 +135,7 @@ def _replaced(tensor: PlannedTensor, target: NativeTarget) -> list[PlannedTensor
                 source="base",
                 source_key=name,
                 source_dtype=spec.dtype,
-                written_with=name,
+                written_with=first.name,
             )
             for spec in others
         ),

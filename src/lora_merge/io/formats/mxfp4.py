@@ -20,7 +20,7 @@ unpacked at once beyond its output rows.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +32,12 @@ from lora_merge.compute.mxfp4 import (
     e2m1_pair_table,
     e8m0_scale_table,
     has_nan_scale,
+    quantize_mxfp4,
 )
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.formats.protocol import NativeTarget, QuantizedWeight, StoredRows
 from lora_merge.io.safetensors_format import TensorEntry
+from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 
 BLOCKS_SUFFIX = "_blocks"
 SCALES_SUFFIX = "_scales"
@@ -173,7 +175,61 @@ class Mxfp4Format:
     def native_target(
         self, weight: QuantizedWeight, quantization_config: Mapping[str, object]
     ) -> NativeTarget:
-        raise InvalidInputError("--save-method merged_native for mxfp4 is not implemented yet")
+        """MXFP4 again, as compressed-tensors' MXFP4 quantizer makes it, in gpt-oss' layout."""
+        assert isinstance(weight, Mxfp4Weight)
+        return Mxfp4Native(weight.shape, weight.dtype, weight.blocks.name, weight.scales.name)
+
+
+@dataclass(frozen=True)
+class Mxfp4Native:
+    """How one merged expert tensor is written MXFP4 in gpt-oss' layout (a
+    :class:`~lora_merge.io.formats.protocol.NativeTarget`).
+
+    Each expert (``(in, out)``, a tile holds whole experts) is transposed to the
+    stored ``(out, in)`` and quantized by
+    :func:`~lora_merge.compute.mxfp4.quantize_mxfp4`; its blocks and exponents are
+    written as they come, each to its own tensor.
+
+    Attributes:
+        shape: ``(experts, in, out)``.
+        dtype: the model's dtype, the merged values'.
+        blocks_name / scales_name: the stored tensors.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocks_name: str
+    scales_name: str
+
+    def stored_specs(self, name: str) -> list[TensorSpec]:
+        experts, columns, rows = self.shape
+        groups = columns // MXFP4_BLOCK
+        return [
+            TensorSpec(
+                self.blocks_name, torch.uint8, (experts, rows, groups, MXFP4_BYTES_PER_BLOCK)
+            ),
+            TensorSpec(self.scales_name, torch.uint8, (experts, rows, groups)),
+        ]
+
+    def held_bytes(self, tile_budget: int) -> int:
+        """One expert's transposed copy and what quantizing it holds (about 16 bytes per
+        value at most: group views, magnitudes, quotients, rounded values, codes)."""
+        return 16 * math.prod(self.shape[1:]) + 2 * tile_budget
+
+    def write(
+        self,
+        tiles: Iterable[torch.Tensor],
+        name: str,
+        writer: ShardWriter,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        blocks_slot = writer.tensor(self.blocks_name)
+        scales_slot = writer.tensor(self.scales_name)
+        for tile in tiles:
+            for expert in tile.to("cpu", self.dtype):
+                blocks, exponents = quantize_mxfp4(expert.t().contiguous())
+                on_bytes(blocks_slot.write(blocks.unsqueeze(0)))
+                on_bytes(scales_slot.write(exponents.unsqueeze(0)))
 
 
 MXFP4 = Mxfp4Format()
