@@ -13,6 +13,7 @@ quantized checkpoint (on a CPU it dequantizes on load).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +54,11 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge import MergeOptions, merge
+from lora_merge.api import preview_merge
 from lora_merge.compute.mxfp4 import quantize_mxfp4
 from lora_merge.errors import InvalidInputError
 from lora_merge.inputs.resolve import resolve_base
-from lora_merge.io.dequantizing_reader import DequantizingReader
+from lora_merge.io.dequantizing_reader import DequantizingReader, dequantize_workspace_bound
 from lora_merge.io.reader import SafetensorsReader
 
 pytestmark = [
@@ -854,3 +856,28 @@ def test_mxfp4_quantizer_matches_compressed_tensors_on_edge_values(dtype):
     expected = compressed_tensors_mxfp4(values)
     assert torch.equal(blocks.flatten(1), expected["weight_packed"])
     assert torch.equal(exponents, expected["weight_scale"])
+
+
+def test_workspace_stays_within_the_bound_the_dry_run_counts(fp8, mxfp4):
+    """What a reading thread holds for FP8 and MXFP4 rows stays within its format's
+    ``workspace_bound``, which ``dequantize_workspace_bound`` (the figure ``--dry-run``'s
+    memory line adds per thread) covers; and the dry run of a quantized base writes nothing."""
+    for folder in (fp8.fp8, mxfp4.mxfp4):
+        base = resolve_base(folder)
+        with DequantizingReader(SafetensorsReader(base.entries), base.tensors) as reader:
+            for name, tensor in base.tensors.items():
+                if tensor.quantized is None:
+                    continue
+                row = math.prod(tensor.shape[1:])
+                rows = max(1, 4096 // row)
+                buffer = torch.empty(2 * rows * row, dtype=torch.uint8)
+                for start in range(0, tensor.shape[0], rows):
+                    reader.read_rows(name, start, min(tensor.shape[0], start + rows), buffer)
+                tile_elements = rows * row
+                cpu = torch.device("cpu")
+                own = base.quantization.format_of[name].workspace_bound(tile_elements, cpu)
+                assert own <= dequantize_workspace_bound(tile_elements, cpu)
+                assert 0 < reader.workspace_nbytes() <= own, name
+    preview = preview_merge(MergeOptions(base=fp8.fp8, adapter=fp8.adapter, out=fp8.base / "x"))
+    assert "fp8 e4m3 (32x32 blocks)" in str(preview.quantization)
+    assert not (fp8.base / "x").exists()
