@@ -13,9 +13,9 @@ Dequantizing is transformers' ``Fp8Dequantize._dequantize_one``
 scale in float32 (one rounding), then rounded once to the output dtype.
 compressed-tensors' decompressor (``dequantize`` in
 ``quantization/lifecycle/forward.py``) multiplies in the scale's dtype instead;
-its scale arrives here as float32 holding the same value, and the product is
-rounded once to the scale's dtype in :func:`dequantize_fp8_channels` where it
-must match (see there).
+the FP8 code and the scale are exact in float32 and their product (at most
+4 + 11 significant bits for a bf16/fp16 scale) is exact there, so rounding the
+float32 product once to that dtype gives its bits.
 
 Re-quantizing block-wise (``--save-method merged_native``) is transformers'
 ``Fp8Quantize._quantize_one``: per block ``amax``, ``scale = 448 / amax``
@@ -28,6 +28,8 @@ padding changes no ``amax``).
 from __future__ import annotations
 
 import torch
+
+from lora_merge.compute.dequantize import DequantizeWorkspace
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Largest finite E4M3 value (torch.finfo(torch.float8_e4m3fn).max): transformers' _FP8_MAX.
@@ -42,6 +44,17 @@ def scale_rows_for(start: int, stop: int, block_rows: int) -> tuple[int, int]:
     return start // block_rows, -(-stop // block_rows)
 
 
+def fp8_value_table(codes_dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256 float32 values of ``codes_dtype``'s bit patterns (NaN codes give NaN).
+
+    Looking codes up in it (``index_select``) gives the bits of ``codes.to(float32)``
+    six times faster on a CPU (measured: 370 vs 60 M values/s on one core), since
+    torch has no vectorized FP8 conversion there.
+    """
+    patterns = torch.arange(256, dtype=torch.uint8, device=device)
+    return patterns.view(codes_dtype).to(torch.float32)
+
+
 def dequantize_fp8_blocks(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -49,6 +62,7 @@ def dequantize_fp8_blocks(
     first_row: int,
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    workspace: DequantizeWorkspace | None = None,
 ) -> torch.Tensor:
     """Rows of a block-wise FP8 weight to ``dtype``: ``(float32(q) * s) -> dtype``.
 
@@ -61,56 +75,47 @@ def dequantize_fp8_blocks(
         first_row: the index of ``codes``' first row in the whole matrix.
         dtype: the dtype to round to (the model's dtype; float32 keeps the product).
         out: ``(rows, cols)`` of ``dtype`` to write into; None: fresh memory.
+        workspace: the calling thread's buffers (indices, float32 values, the value
+            table); None: fresh ones.
 
     Returns:
         ``out`` (or a new tensor).
     """
     rows, cols = codes.shape
     block_rows, block_cols = block
+    if workspace is None:
+        workspace = DequantizeWorkspace(codes.device)
     if out is None:
         out = torch.empty((rows, cols), dtype=dtype, device=codes.device)
+    table = workspace.table(
+        f"fp8.{codes.dtype}", lambda: fp8_value_table(codes.dtype, codes.device)
+    )
     full = cols - cols % block_cols
     chunk = max(1, FP8_CHUNK_ELEMENTS // max(cols, 1))
+    grid_first = first_row // block_rows
     for low in range(0, rows, chunk):
         high = min(rows, low + chunk)
-        # The scale of each row's blocks: grid row (first_row + r) // bm.
-        grid_rows = (
-            torch.arange(first_row + low, first_row + high, device=codes.device).floor_divide_(
-                block_rows
-            )
-            - first_row // block_rows
-        )
-        row_scales = scales.index_select(0, grid_rows)
-        values = codes[low:high].to(torch.float32)
-        if full:
-            blocks = values[:, :full].view(high - low, full // block_cols, block_cols)
-            blocks.mul_(row_scales[:, : full // block_cols, None])
-        if full < cols:
-            values[:, full:].mul_(row_scales[:, full // block_cols :])
+        count = (high - low) * cols
+        indices = workspace.buffer("fp8_indices", count, torch.int32)
+        indices.copy_(codes[low:high].view(torch.uint8).reshape(-1))
+        values = workspace.buffer("fp8_values", count, torch.float32)
+        torch.index_select(table, 0, indices, out=values)
+        values = values.view(high - low, cols)
+        # Rows low..high in runs that share a row of scales (grid row (first_row + r) // bm).
+        row = low
+        while row < high:
+            grid_row = (first_row + row) // block_rows
+            run_end = min(high, (grid_row + 1) * block_rows - first_row)
+            run = values[row - low : run_end - low]
+            row_scales = scales[grid_row - grid_first]
+            if full:
+                run[:, :full].view(run_end - row, full // block_cols, block_cols).mul_(
+                    row_scales[: full // block_cols, None]
+                )
+            if full < cols:
+                run[:, full:].mul_(row_scales[full // block_cols :])
+            row = run_end
         out[low:high].copy_(values)
-    return out
-
-
-def dequantize_fp8_channels(
-    codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Rows of a per-channel (or per-tensor) FP8 weight to ``dtype``: ``(float32(q) * s) -> dtype``.
-
-    Args:
-        codes: ``(rows, cols)`` FP8 codes.
-        scales: float32, ``(rows, 1)`` (one per row) or ``(1, 1)`` (one for the tensor).
-        dtype: the dtype to round to.
-        out: ``(rows, cols)`` of ``dtype`` to write into; None: fresh memory.
-    """
-    rows, cols = codes.shape
-    if out is None:
-        out = torch.empty((rows, cols), dtype=dtype, device=codes.device)
-    chunk = max(1, FP8_CHUNK_ELEMENTS // max(cols, 1))
-    for low in range(0, rows, chunk):
-        high = min(rows, low + chunk)
-        values = codes[low:high].to(torch.float32)
-        row_scales = scales if scales.shape[0] == 1 else scales[low:high]
-        out[low:high].copy_(values.mul_(row_scales))
     return out
 
 

@@ -111,7 +111,7 @@ class Fp8Weight:
                 "is corrupt (re-download it)"
             )
         codes = codes.reshape(stop - start, cols)
-        dequantize_fp8_blocks(codes, scales, self.block, start, self.dtype, out)
+        dequantize_fp8_blocks(codes, scales, self.block, start, self.dtype, out, stored.workspace)
 
 
 class Fp8BlockFormat:
@@ -165,12 +165,13 @@ class Fp8BlockFormat:
     def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
         """A tile's codes (a byte per weight) and the scales that cover it: ``rows + 2``
         for a scale per row, at most ``(rows / 16 + 2) * (cols / 16 + 1)`` with blocks of at
-        least 16 a side, under ``tile_elements + 2`` float32 either way; one chunk of
-        float32 values (or one row) and its row-to-grid indices; off the CPU, the rows."""
+        least 16 a side, under ``tile_elements + 2`` float32 either way; one chunk (or one
+        row) of int32 indices and float32 values; the 1 KiB value table; off the CPU, the
+        rows themselves."""
         codes = tile_elements
         scales = 4 * (tile_elements + 2)
-        values = 4 * max(FP8_CHUNK_ELEMENTS, tile_elements)
-        held = codes + scales + values + 8 * FP8_CHUNK_ELEMENTS  # + the row-to-grid indices
+        chunk = 8 * max(FP8_CHUNK_ELEMENTS, tile_elements)
+        held = codes + scales + chunk + 1024
         if device.type != "cpu":
             held += 4 * tile_elements
         return held
