@@ -206,10 +206,9 @@ class MergeOptions:
         svd_rank: rank of an ``*_svd`` combination (default: the largest adapter rank).
         svd_clamp: quantile in (0, 1] at which ``*_svd`` factors are clamped.
         seed: seed of the dare methods' random masks (default 0).
-        save_method: ``merged_16bit`` (a plain model; a quantized base is
-            dequantized), ``merged_4bit`` (re-quantized with bitsandbytes, rounding
-            twice), ``merged_native`` (re-quantized in BASE's own format: FP8,
-            MXFP4; merged_4bit for bitsandbytes) or ``lora`` (only the adapter, normalized).
+        save_method: ``merged_16bit`` (a plain model; a quantized base is dequantized),
+            ``merged_4bit`` (bitsandbytes) or ``merged_native`` (BASE's own format: FP8,
+            MXFP4), both re-quantizing, rounding twice; ``lora``: only the adapter, normalized.
         quant_type / double_quant / quant_blocksize: the 4-bit format for
             ``merged_4bit`` from an unquantized base (a 4-bit base's own format wins).
         unmerge: subtract the adapter (``W - scale * B @ A``): a merged model -> its base.
