@@ -64,7 +64,9 @@ class MergeOptions:
         seed: seed of the dare methods' random masks (default 0).
         save_method: ``merged_16bit`` (a plain model; a quantized base is
             dequantized), ``merged_4bit`` (re-quantized with bitsandbytes, rounding
-            twice) or ``lora`` (only the adapter, normalized).
+            twice), ``merged_native`` (re-quantized in BASE's own format: FP8 block,
+            compressed-tensors FP8 per channel, MXFP4; for bitsandbytes, ``merged_4bit``)
+            or ``lora`` (only the adapter, normalized).
         quant_type / double_quant / quant_blocksize: the 4-bit format for
             ``merged_4bit`` from an unquantized base (a 4-bit base's own format wins).
         unmerge: subtract the adapter (``W - scale * B @ A``): a merged model -> its base.

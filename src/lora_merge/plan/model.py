@@ -15,8 +15,8 @@ import torch
 
 from lora_merge.adapter.config import OftSettings
 from lora_merge.compute.training_quantization import TrainingQuantization
+from lora_merge.io.formats.protocol import NativeTarget
 from lora_merge.io.shard_writer import TensorSpec
-from lora_merge.plan.four_bit_format import FourBitFormat
 
 # The prefix of a DoRA module's layer kind ("dora-linear"): see lora_merge.plan.kinds.dora.
 DORA_PREFIX = "dora-"
@@ -163,10 +163,11 @@ class PlannedTensor:
         token_rows: rows replaced last, if any (trainable tokens).
         dequantized: the base stores this weight quantized (bitsandbytes); reading
             it dequantizes, so it is never a byte copy.
-        requantize: write the merged weight 4-bit in this format (``spec`` is then
-            the packed codes); ``--save-method merged_4bit``.
-        written_with: this tensor is part of the 4-bit group of that weight and is
-            written with it (absmax, quant map, quant state).
+        requantize: write the merged weight quantized in this format (``spec`` is then
+            the first of its stored tensors); ``--save-method merged_4bit`` or
+            ``merged_native``.
+        written_with: this tensor is part of the quantized group of that weight and is
+            written with it (absmax, quant map, quant state; block scales).
         as_trained: the base weight is read as ``dequant(quant(W))`` in this format,
             as QLoRA training saw it (``--qlora-base``), so it is never a byte copy.
     """
@@ -178,7 +179,7 @@ class PlannedTensor:
     delta: LoraProduct | LoraBias | TunerUpdate | None = None
     token_rows: TokenRows | None = None
     dequantized: bool = False
-    requantize: FourBitFormat | None = None
+    requantize: NativeTarget | None = None
     written_with: str | None = None
     as_trained: TrainingQuantization | None = None
 

@@ -146,6 +146,8 @@ def finish_folder(
         requantized = requantized_config(
             base, settings.quant_type, settings.double_quant, settings.output_dtype
         )
+    elif settings.save_method is SaveMethod.MERGED_NATIVE and base.quantization is not None:
+        requantized = dict(base.quantization.config)  # BASE's own format, kept
     write_config(
         folder,
         merged_model_config(base.config, base.quantization is not None, requantized),

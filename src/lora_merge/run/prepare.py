@@ -47,7 +47,6 @@ from lora_merge.errors import InvalidInputError, LoraMergeWarning
 from lora_merge.finish.provenance import MergeRecord, merge_record
 from lora_merge.inputs.identity import base_mismatch_warnings
 from lora_merge.inputs.merge_inputs import local_or_hub_folder, resolve_merge_inputs
-from lora_merge.inputs.quantized import merged_output_dtype
 from lora_merge.inputs.resolve import (
     AdapterFolder,
     BaseCheckpoint,
@@ -60,7 +59,7 @@ from lora_merge.io.reader import SafetensorsReader, TensorSource
 from lora_merge.options import MergeSettings, SaveMethod
 from lora_merge.plan.model import LoraProduct, MergePlan
 from lora_merge.plan.planner import build_merge_plan
-from lora_merge.plan.requantize import plan_requantization, plan_training_quantization
+from lora_merge.plan.requantize import plan_native, plan_requantization, plan_training_quantization
 from lora_merge.stream.executor import tile_budget_for
 
 # The share of --max-memory the stream's tiles may use (see tile_budget_for);
@@ -129,10 +128,8 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
     adapter_folder = adapter_folders[0]
     if base.quantization is not None and settings.output_dtype is None:
         # A quantized base has no dtype of its own to keep: default to the dtype
-        # the model computed in (bnb_4bit_compute_dtype, or config.json's dtype for 8-bit).
-        settings = replace(
-            settings, output_dtype=merged_output_dtype(base.quantization, base.config)
-        )
+        # the model computed in (bnb_4bit_compute_dtype, or config.json's dtype).
+        settings = replace(settings, output_dtype=base.quantization.output_dtype(base.config))
     configs = [
         read_adapter_config(folder.config_path)
         if folder.config_path is not None
@@ -210,8 +207,9 @@ def _plan(
     recipe: CombineRecipe | None,
     recomputed: RecomputedInitialState | None = None,
 ) -> MergePlan:
-    """Every output tensor and where it comes from, re-quantized for ``merged_4bit``, read
-    as QLoRA saw it for ``--qlora-base``; ``--recompute-initial`` learns its weights."""
+    """Every output tensor and where it comes from, re-quantized for ``merged_4bit`` and
+    ``merged_native``, read as QLoRA saw it for ``--qlora-base``; ``--recompute-initial``
+    learns its weights."""
     plan = build_merge_plan(
         base,
         config,
@@ -236,6 +234,8 @@ def _plan(
         plan = plan_requantization(
             plan, base, settings.quant_type, settings.double_quant, settings.quant_blocksize
         )
+    elif settings.save_method is SaveMethod.MERGED_NATIVE:
+        plan = plan_native(plan, base)
     return plan
 
 
