@@ -1,0 +1,133 @@
+"""Integer-quantized weights laid out as the real writers lay them out, and decoded in float64.
+
+compressed-tensors runs on a CPU, so its own compressor writes its tensors
+(``tests/test_native_int.py`` calls it). GPTQ's and AWQ's writers need CUDA
+(GPTQModel pulls a CUDA torch; AutoGPTQ and AutoAWQ build CUDA extensions), so
+their layouts are rebuilt here from the packers' sources, as released checkpoints
+carry them (e.g. TheBloke/Llama-2-7B-GPTQ: ``qweight`` int32 ``(in * bits / 32, out)``,
+``qzeros`` int32 ``(groups, out * bits / 32)``, ``scales`` float16 ``(groups, out)``,
+``g_idx`` int32 ``(in,)``; TheBloke/Llama-2-7B-AWQ: ``qweight`` int32 ``(in, out / 8)``,
+``qzeros`` int32 ``(groups, out / 8)``, ``scales`` float16 ``(groups, out)``):
+
+- GPTQ: AutoGPTQ ``auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py::QuantLinear.pack``
+  packs ``32 // bits`` input rows per word, the first in the lowest bits, and
+  (checkpoint_format ``gptq``, "v1") stores each zero point minus one; GPTQModel's
+  ``gptq_v2`` stores the zero point itself.
+- AWQ: AutoAWQ ``awq/modules/linear/gemm.py::WQLinear_GEMM.from_linear`` packs eight
+  output columns per word in the order ``[0, 2, 4, 6, 1, 3, 5, 7]``, zeros likewise.
+
+The float64 decoders here read the format's definition element by element
+(integer shifts on int64 words, no unpacking helper of lora-merge): they are the
+independent oracle of every decoder test.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _words(codes: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Pack ``(n, m)`` codes along the last dimension, ``32 // bits`` per int32 word: the
+    word's slot ``k`` (bits ``bits * k``) holds code ``order[k]`` of its run (``k`` itself
+    without ``order``), as the packers' ``|= code << (bits * k)`` loops do."""
+    per_word = 32 // bits
+    n, m = codes.shape
+    runs = codes.to(torch.int64).reshape(n, m // per_word, per_word)
+    if order is not None:
+        runs = runs[..., list(order)]
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (runs << shifts).sum(-1)
+    # The packers build uint32 words and store their bits as int32.
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_gptq(
+    codes: torch.Tensor, zeros: torch.Tensor, bits: int, checkpoint_format: str = "gptq"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qweight`` and ``qzeros`` of a GPTQ layer.
+
+    Args:
+        codes: ``(in, out)`` unsigned codes (the transposed weight, as GPTQ stores it).
+        zeros: ``(groups, out)`` zero points, in ``1 .. 2**bits - 1`` for ``gptq`` (the
+            v1 writer stores ``zero - 1``; a zero of 0 would be stored as -1 and spill
+            into its neighbours, a known AutoGPTQ quirk no symmetric checkpoint meets).
+        checkpoint_format: ``gptq`` (AutoGPTQ, v1) or ``gptq_v2`` (GPTQModel).
+    """
+    stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
+    qweight = _words(codes.t().contiguous(), bits).t().contiguous()
+    return qweight, _words(stored_zeros, bits)
+
+
+def pack_awq(codes: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qweight`` and ``qzeros`` of an AWQ GEMM layer (4-bit): ``codes`` ``(in, out)``,
+    ``zeros`` ``(groups, out)``."""
+    return _words(codes, 4, AWQ_ORDER), _words(zeros, 4, AWQ_ORDER)
+
+
+def _code_at(words: torch.Tensor, bits: int, index: torch.Tensor) -> torch.Tensor:
+    """Code number ``index`` of each row's bit stream (slot ``index % per_word`` of word
+    ``index // per_word``), by integer shifts on int64."""
+    per_word = 32 // bits
+    word = words.to(torch.int64) & 0xFFFFFFFF
+    picked = word.gather(-1, (index // per_word).expand(*word.shape[:-1], -1))
+    return (picked >> ((index % per_word) * bits)) & ((1 << bits) - 1)
+
+
+def gptq_float64(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    checkpoint_format: str,
+) -> torch.Tensor:
+    """The ``(out, in)`` weight of a GPTQ layer in float64: ``scale * (q - zero)``."""
+    inputs, outputs = g_idx.numel(), scales.shape[1]
+    q = _code_at(qweight.t(), bits, torch.arange(inputs)).t()  # (in, out)
+    z = _code_at(qzeros, bits, torch.arange(outputs))  # (groups, out)
+    if checkpoint_format == "gptq":
+        z = z + 1
+    g = g_idx.long()
+    return (scales.double()[g] * (q - z[g]).double()).t()
+
+
+def awq_float64(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The ``(out, in)`` weight of an AWQ GEMM layer in float64."""
+    outputs = scales.shape[1]
+    # Output column 8c + m sits in slot k of word c where AWQ_ORDER[k] == m.
+    slot = torch.tensor([AWQ_ORDER.index(m) for m in range(8)])
+    index = (torch.arange(outputs) // 8) * 8 + slot[torch.arange(outputs) % 8]
+    q = _code_at(qweight, 4, index)
+    z = _code_at(qzeros, 4, index)
+    g = torch.arange(qweight.shape[0]) // group_size
+    return (scales.double()[g] * (q - z[g]).double()).t()
+
+
+def compressed_tensors_float64(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    shape: tuple[int, int],
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """A compressed-tensors ``pack-quantized`` weight in float64, from its definition:
+    codes along each row with an offset of ``2**(bits-1)``, zero points packed down the
+    columns with the same offset, ``(q - zero) * scale`` per group of ``group_size``."""
+    rows, columns = shape
+    q = _code_at(packed, bits, torch.arange(columns)) - (1 << (bits - 1))
+    scales = scale.double().reshape(-1, 1) if scale.numel() == 1 else scale.double()
+    scales = scales.expand(rows, -1)
+    groups = scales.shape[1]
+    if zero_point is None:
+        z = torch.zeros(rows, groups, dtype=torch.int64)
+    elif zero_point.dtype == torch.int32:
+        z = _code_at(zero_point.t(), bits, torch.arange(rows)).t() - (1 << (bits - 1))
+    else:  # tensor strategy: one unpacked zero point
+        z = zero_point.to(torch.int64).reshape(1, 1).expand(rows, 1)
+    g = torch.arange(columns) // group_size if groups > 1 else torch.zeros(columns).long()
+    return (q - z[:, g]).double() * scales[:, g]
