@@ -46,6 +46,7 @@ def compressed_tensors_weight(
 ):
     """A weight compressed by compressed-tensors' ``pack-quantized`` compressor, its scheme,
     and the compressor's stored tensors."""
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors 0.20 needs Python 3.11")
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
