@@ -408,6 +408,8 @@ def _finish_folder(
         requantized = requantized_config(
             base, settings.quant_type, settings.double_quant, settings.output_dtype
         )
+    elif settings.save_method == "merged_native" and base.quantization is not None:
+        requantized = dict(base.quantization.config)
     write_config(
         folder,
         merged_model_config(base.config, base.quantization is not None, requantized),

@@ -81,6 +81,7 @@ class SaveMethod(Choice):
 
     MERGED_16BIT = "merged_16bit"  # a plain model; quantized weights are dequantized
     MERGED_4BIT = "merged_4bit"  # the merged weights re-quantized with bitsandbytes
+    MERGED_NATIVE = "merged_native"  # the merged weights re-quantized in BASE's own format
     LORA = "lora"  # the adapter only, normalised
 
 
@@ -207,7 +208,8 @@ class MergeOptions:
         seed: seed of the dare methods' random masks (default 0).
         save_method: ``merged_16bit`` (a plain model; a quantized base is
             dequantized), ``merged_4bit`` (re-quantized with bitsandbytes, rounding
-            twice) or ``lora`` (only the adapter, normalized).
+            twice), ``merged_native`` (re-quantized in BASE's own format: FP8,
+            MXFP4; merged_4bit for bitsandbytes) or ``lora`` (only the adapter, normalized).
         quant_type / double_quant / quant_blocksize: the 4-bit format for
             ``merged_4bit`` from an unquantized base (a 4-bit base's own format wins).
         unmerge: subtract the adapter (``W - scale * B @ A``): a merged model -> its base.

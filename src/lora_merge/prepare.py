@@ -35,13 +35,12 @@ from lora_merge.finish.parts import Part
 from lora_merge.finish.provenance import MergeRecord, merge_record
 from lora_merge.inputs.identity import base_mismatch_warnings
 from lora_merge.inputs.merge_inputs import resolve_merge_inputs
-from lora_merge.inputs.quantized import merged_output_dtype
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.reader import TensorSource
 from lora_merge.options import MergeSettings
 from lora_merge.plan.model import MergePlan
 from lora_merge.plan.planner import build_merge_plan
-from lora_merge.plan.requantize import plan_requantization
+from lora_merge.plan.requantize import plan_native, plan_requantization
 from lora_merge.stream.executor import tile_budget_for
 
 # The share of --max-memory the stream's tiles may use (see tile_budget_for);
@@ -124,10 +123,8 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
     adapter_folder = adapter_folders[0]
     if base.quantization is not None and settings.output_dtype is None:
         # A quantized base has no dtype of its own to keep: default to the dtype
-        # the model computed in (bnb_4bit_compute_dtype, or config.json's dtype for 8-bit).
-        settings = replace(
-            settings, output_dtype=merged_output_dtype(base.quantization, base.config)
-        )
+        # the model computed in (bnb_4bit_compute_dtype, or config.json's dtype).
+        settings = replace(settings, output_dtype=base.quantization.output_dtype(base.config))
     configs = [
         read_adapter_config(folder.config_path)
         if folder.config_path is not None
@@ -226,7 +223,8 @@ def _plan(
     loralib: LoralibSettings | None,
     recipe: CombineRecipe | None,
 ) -> MergePlan:
-    """Every output tensor and where it comes from, re-quantized for ``merged_4bit``."""
+    """Every output tensor and where it comes from, re-quantized for ``merged_4bit`` and
+    ``merged_native``."""
     plan = build_merge_plan(
         base,
         config,
@@ -242,6 +240,8 @@ def _plan(
         plan = plan_requantization(
             plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
         )
+    elif settings.save_method == "merged_native":
+        plan = plan_native(plan, base)
     return plan
 
 

@@ -155,7 +155,7 @@ def merge_record(
         mismatch: whether the run warned that the adapter names another base.
         unmerge: whether the run subtracts the adapter (``--unmerge``).
         recipe: how several adapters are combined, or None.
-        save_method: ``merged_16bit``, ``merged_4bit`` or ``lora``.
+        save_method: ``merged_16bit``, ``merged_4bit``, ``merged_native`` or ``lora``.
         output_dtype: the dtype written, or None when each tensor keeps its own.
         command: the command line, or None for a Python API call.
     """
@@ -290,10 +290,12 @@ def describe_arithmetic(method: str, base: BaseCheckpoint, save_method: str) -> 
     if base.quantization is not None:
         method += (
             f"; W dequantized from BASE's {base.quantization.describe()} weights "
-            "exactly as bitsandbytes dequantizes them"
+            "exactly as the format's reference decoder dequantizes them"
         )
     if save_method == "merged_4bit":
         method += "; then re-quantized to 4 bits with bitsandbytes (a second rounding)"
+    elif save_method == "merged_native":
+        method += "; then re-quantized in BASE's own format (a second rounding)"
     return method
 
 

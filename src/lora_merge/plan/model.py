@@ -13,8 +13,8 @@ from typing import Literal
 
 import torch
 
+from lora_merge.io.formats.protocol import NativeTarget
 from lora_merge.io.shard_writer import TensorSpec
-from lora_merge.plan.four_bit_format import FourBitFormat
 
 # The prefix of a DoRA module's layer kind ("dora-linear"): see lora_merge.plan.kinds.dora.
 DORA_PREFIX = "dora-"
@@ -111,10 +111,11 @@ class PlannedTensor:
         token_rows: rows replaced last, if any (trainable tokens).
         dequantized: the base stores this weight quantized (bitsandbytes); reading
             it dequantizes, so it is never a byte copy.
-        requantize: write the merged weight 4-bit in this format (``spec`` is then
-            the packed codes); ``--save-method merged_4bit``.
-        written_with: this tensor is part of the 4-bit group of that weight and is
-            written with it (absmax, quant map, quant state).
+        requantize: write the merged weight quantized in this format (``spec`` is then
+            the first of its stored tensors); ``--save-method merged_4bit`` or
+            ``merged_native``.
+        written_with: this tensor is part of the quantized group of that weight and is
+            written with it (absmax, quant map, quant state; block scales).
     """
 
     spec: TensorSpec
@@ -124,7 +125,7 @@ class PlannedTensor:
     delta: LoraProduct | LoraBias | None = None
     token_rows: TokenRows | None = None
     dequantized: bool = False
-    requantize: FourBitFormat | None = None
+    requantize: NativeTarget | None = None
     written_with: str | None = None
 
     @property

@@ -1,28 +1,35 @@
-"""``--save-method merged_4bit``: plan the 4-bit tensors that replace merged weights.
+"""``--save-method merged_4bit`` / ``merged_native``: plan the quantized tensors that
+replace merged weights.
 
-Each weight to re-quantize becomes the group transformers saves for a
-bitsandbytes 4-bit weight (see :mod:`lora_merge.inputs.quantized`): the packed
-codes under the weight's name, planned with the merge as its source, plus the
-auxiliary tensors, planned as ``written_with`` the weight because they are
-known only once the whole weight is quantized. A 4-bit base keeps its own
-format weight by weight; an unquantized base gets the format from the options,
-applied to the weights transformers would quantize (every 2-D weight but the
-embeddings and lm_head).
+Each weight to re-quantize becomes the group of stored tensors its format saves
+(a :class:`~lora_merge.io.formats.protocol.NativeTarget`): the first planned
+with the merge as its source, the others planned as ``written_with`` the weight
+because they are known only once the whole weight is quantized.
+
+``merged_4bit`` writes bitsandbytes 4-bit: a 4-bit base keeps its own format
+weight by weight; an unquantized base gets the format from the options, applied
+to the weights transformers would quantize (every 2-D weight but the embeddings
+and lm_head). ``merged_native`` writes each quantized weight of the base back
+in its own format; a weight the adapter leaves untouched keeps its stored
+tensors byte for byte, and what the base left unquantized stays so.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
 from lora_merge.errors import InvalidInputError
-from lora_merge.inputs.quantized import FourBitWeight, LogicalTensor
 from lora_merge.inputs.resolve import BaseCheckpoint
+from lora_merge.io.formats.bitsandbytes import BITSANDBYTES, FourBitWeight
+from lora_merge.io.formats.bitsandbytes_native import FourBitFormat
+from lora_merge.io.formats.protocol import NativeTarget
+from lora_merge.io.formats.registry import LogicalTensor
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.plan.architectures import VOCAB_TENSOR_SUFFIXES
-from lora_merge.plan.four_bit_format import FourBitFormat
 from lora_merge.plan.model import MergePlan, PlannedTensor
 
 
@@ -39,30 +46,83 @@ def plan_requantization(
         InvalidInputError: the base is 8-bit (LLM.int8), which has no 4-bit format to keep, or
             bitsandbytes, which quantizes, is missing or does not load.
     """
-    if base.quantization is not None and not base.quantization.is_4bit:
+    quantization = base.quantization
+    if quantization is not None and not any(
+        isinstance(w, FourBitWeight) for w in quantization.weights.values()
+    ):
         raise InvalidInputError(
             "--save-method merged_4bit needs a 4-bit or unquantized BASE; this one is 8-bit "
             "(LLM.int8): use merged_16bit"
         )
     require_bitsandbytes("--save-method merged_4bit")
+
+    def target(tensor: PlannedTensor) -> NativeTarget | None:
+        logical = base.tensors.get(tensor.spec.name)
+        return _target_format(tensor, logical, base, quant_type, double_quant, blocksize)
+
+    return _with_targets(plan, target)
+
+
+def plan_native(plan: MergePlan, base: BaseCheckpoint) -> MergePlan:
+    """The plan with every merged quantized weight re-quantized in the base's own format.
+
+    A quantized weight the adapter does not change keeps its stored tensors as
+    they are (copied byte for byte): re-quantizing its dequantized values would
+    not always give the same codes back.
+
+    Raises:
+        InvalidInputError: BASE is not quantized, or its format cannot be
+            re-quantized faithfully (the format says why and what to use).
+    """
+    quantization = base.quantization
+    if quantization is None:
+        raise InvalidInputError(
+            "--save-method merged_native writes BASE's own quantized format, but BASE is not "
+            "quantized: use merged_16bit (or merged_4bit for bitsandbytes 4-bit)"
+        )
+    if BITSANDBYTES in quantization.formats:
+        return plan_requantization(plan, base, "nf4", False, 64)
     tensors: list[PlannedTensor] = []
     for tensor in plan.tensors:
         logical = base.tensors.get(tensor.spec.name)
-        target = _target_format(tensor, logical, base, quant_type, double_quant, blocksize)
-        if target is None:
+        weight = logical.quantized if logical is not None else None
+        if weight is None or tensor.source != "base" or tensor.source_key != weight.name:
             tensors.append(tensor)
-            continue
-        name = tensor.spec.name
-        packed = TensorSpec(name, torch.uint8, ((target.numel + 1) // 2, 1))
-        tensors.append(
-            replace(
-                tensor,
-                spec=packed,
-                source_dtype=target.dtype,
-                requantize=target,
-            )
-        )
-        tensors += [
+        elif tensor.delta is None and tensor.token_rows is None:
+            tensors += [
+                PlannedTensor(
+                    spec=TensorSpec(n, base.entries[n].dtype, base.entries[n].shape),
+                    source="base",
+                    source_key=n,
+                    source_dtype=base.entries[n].dtype,
+                )
+                for n in weight.stored_names
+            ]
+        else:
+            format = quantization.format_of[weight.name]
+            tensors += _replaced(tensor, format.native_target(weight, quantization.config))
+    return replace(plan, tensors=tensors)
+
+
+def _with_targets(
+    plan: MergePlan, target_of: Callable[[PlannedTensor], NativeTarget | None]
+) -> MergePlan:
+    """The plan with each tensor that has a target replaced by its stored group."""
+    tensors: list[PlannedTensor] = []
+    for tensor in plan.tensors:
+        target = target_of(tensor)
+        tensors += [tensor] if target is None else _replaced(tensor, target)
+    return replace(plan, tensors=tensors)
+
+
+def _replaced(tensor: PlannedTensor, target: NativeTarget) -> list[PlannedTensor]:
+    """The stored group that replaces ``tensor``: the first sourced from the merge, the others
+    written with it."""
+    name = tensor.spec.name
+    first, *others = target.stored_specs(name)
+    return [
+        replace(tensor, spec=first, source_dtype=target.dtype, requantize=target),
+        *(
             PlannedTensor(
                 spec=spec,
                 source="base",
@@ -70,9 +130,9 @@ def plan_requantization(
                 source_dtype=spec.dtype,
                 written_with=name,
             )
-            for spec in target.auxiliary_specs(name)
-        ]
-    return replace(plan, tensors=tensors)
+            for spec in others
+        ),
+    ]
 
 
 def _target_format(
