@@ -131,3 +131,92 @@ def compressed_tensors_float64(
         z = zero_point.to(torch.int64).reshape(1, 1).expand(rows, 1)
     g = torch.arange(columns) // group_size if groups > 1 else torch.zeros(columns).long()
     return (q - z[:, g]).double() * scales[:, g]
+
+
+def save_compressed_tensors_base(
+    base_directory, directory, weights_args: dict, format: str, input_activations=None
+):
+    """Quantize the 16-bit checkpoint in ``base_directory`` with compressed-tensors, as
+    llm-compressor does before it saves: ``apply_quantization_config``, min-max scales and
+    zero points from ``calculate_qparams`` (llm-compressor's observers compute the same from
+    calibration data), then compressed-tensors' ``ModelCompressor`` compresses the model
+    and writes ``quantization_config`` (the real writer of these checkpoints).
+
+    Args:
+        weights_args: ``QuantizationArgs`` fields of the weights (num_bits, symmetric,
+            strategy, group_size).
+        format: ``pack-quantized`` or ``int-quantized``.
+        input_activations: ``QuantizationArgs`` fields of the activations (W8A8), or None.
+    """
+    from compressed_tensors.compressors.model_compressors.model_compressor import (
+        ModelCompressor,
+    )
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_directory, dtype=torch.bfloat16)
+    args = QuantizationArgs(**weights_args)
+    activations = QuantizationArgs(**input_activations) if input_activations else None
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=activations)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for module in model.modules():
+            if not hasattr(module, "quantization_scheme"):
+                continue
+            weight = module.weight.float()
+            if args.strategy == "group":
+                weight = weight.unflatten(-1, (-1, args.group_size))
+                low, high = weight.amin(-1), weight.amax(-1)
+            elif args.strategy == "channel":
+                low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
+            else:
+                low, high = weight.amin().reshape(1), weight.amax().reshape(1)
+            scale, zero_point = calculate_qparams(low, high, args)
+            module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.copy_(zero_point.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, format)
+    compressor.compress_model(model)
+    model.save_pretrained(directory)
+    compressor.update_config(directory)
+    return directory
+
+
+def compressed_tensors_decompressed(directory) -> dict[str, torch.Tensor]:
+    """Every quantized weight of a compressed-tensors checkpoint, decompressed by
+    compressed-tensors' own decompressor (``PackedQuantizationCompressor`` /
+    ``IntQuantizationCompressor.decompress``) with the scheme its config names."""
+    import json
+
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from merge_oracle import read_safetensors_directory
+
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    scheme = QuantizationScheme(
+        targets=group["targets"],
+        weights=group["weights"],
+        input_activations=group.get("input_activations"),
+    )
+    packed = group.get("format", config["format"]) == "pack-quantized"
+    compressor = PackedQuantizationCompressor if packed else IntQuantizationCompressor
+    stored = read_safetensors_directory(directory)
+    suffix = "weight_packed" if packed else "weight_scale"
+    decompressed = {}
+    for name in stored:
+        if not name.endswith(suffix):
+            continue
+        prefix = name.removesuffix(suffix)
+        state = {k.removeprefix(prefix): v for k, v in stored.items() if k.startswith(prefix)}
+        state = {k: v for k, v in state.items() if k.startswith("weight")}
+        decompressed[f"{prefix}weight"] = compressor.decompress(state, scheme)["weight"]
+    return decompressed

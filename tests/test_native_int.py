@@ -14,22 +14,43 @@ Oracles:
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 from integer_checkpoints import (
     awq_float64,
+    compressed_tensors_decompressed,
     compressed_tensors_float64,
     gptq_float64,
     pack_awq,
     pack_gptq,
+    save_compressed_tensors_base,
 )
+from merge_oracle import (
+    FLOAT32_UNIT_ROUNDOFF,
+    FLOAT64_UNIT_ROUNDOFF,
+    read_adapter,
+    read_safetensors_directory,
+    resolve_lora_factors,
+    ulp,
+)
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from tiny_checkpoints import save_tiny_base_checkpoint
+from transformers import AutoModelForCausalLM
 
+from lora_merge import MergeOptions, merge
 from lora_merge.compute.integer_dequantize import (
     dequantize_codes,
     unpack_awq_codes,
     unpack_codes,
     unpack_codes_down_columns,
 )
+from lora_merge.errors import EXIT_INVALID_INPUT, LoraMergeError
 
 SCALE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -207,3 +228,240 @@ def test_awq_decodes_to_float64_definition():
         torch.float16,
     )
     assert torch.equal(ours, awq_float64(qweight, qzeros, scales, group_size).to(torch.float16))
+
+
+# --- whole merges ------------------------------------------------------------------------
+
+LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Tiles of a few rows, so that a tile starts inside a packed zero-point word and a GPTQ/AWQ
+# band is cut into several tiles.
+TILED_MAX_MEMORY = "4KB"
+
+
+@dataclass(frozen=True)
+class IntCase:
+    id: str
+    weights: dict
+    format: str = "pack-quantized"
+    input_activations: dict | None = None
+
+
+COMPRESSED_TENSORS_CASES = [
+    IntCase(
+        "w4a16-group32-asym",
+        {"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32},
+    ),
+    IntCase("w4a16-channel-sym", {"num_bits": 4, "symmetric": True, "strategy": "channel"}),
+    IntCase(
+        "w8a16-group64-sym",
+        {"num_bits": 8, "symmetric": True, "strategy": "group", "group_size": 64},
+    ),
+    IntCase(
+        "w8a8-int8-channel",
+        {"num_bits": 8, "symmetric": True, "strategy": "channel"},
+        format="int-quantized",
+        input_activations={"num_bits": 8, "symmetric": True, "strategy": "token", "dynamic": True},
+    ),
+]
+
+
+@dataclass(frozen=True)
+class IntCheckpoints:
+    base: Path
+    adapter: Path
+    quantized: dict[str, Path]
+    merged: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def int_checkpoints(tmp_path_factory) -> IntCheckpoints:
+    pytest.importorskip("compressed_tensors", reason="compressed-tensors 0.20 needs Python 3.11")
+    root = tmp_path_factory.mktemp("native-int")
+    base = save_tiny_base_checkpoint("llama", torch.bfloat16, root / "base")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    torch.manual_seed(7)  # init_lora_weights=False draws A and B (B != 0) from torch's RNG
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LINEAR_MODULES, init_lora_weights=False)
+    adapter = root / "adapter"
+    get_peft_model(model, lora).save_pretrained(adapter)
+    quantized, merged = {}, {}
+    for case in COMPRESSED_TENSORS_CASES:
+        quantized[case.id] = save_compressed_tensors_base(
+            base, root / case.id, case.weights, case.format, case.input_activations
+        )
+        merged[case.id] = root / f"merged-{case.id}"
+        merge(
+            MergeOptions(
+                base=quantized[case.id],
+                adapter=adapter,
+                out=merged[case.id],
+                max_memory=TILED_MAX_MEMORY,
+                quiet=True,
+            )
+        )
+    return IntCheckpoints(base, adapter, quantized, merged)
+
+
+def assert_merged_within_half_an_ulp(
+    merged_folder: Path, dequantized: dict[str, torch.Tensor], stored: dict, adapter: Path
+) -> None:
+    """Every merged weight is dequant(W) + scale * B @ A computed in float64 from the
+    reference decoder's weights, rounded once to the output dtype, up to the float32
+    evaluation bound; every other tensor is the base's own."""
+    config, adapter_tensors = read_adapter(adapter)
+    factors = {
+        f"{name}.weight": f for name, f in resolve_lora_factors(config, adapter_tensors).items()
+    }
+    merged = read_safetensors_directory(merged_folder)
+    assert set(dequantized) <= set(merged)
+    merged_weights = 0
+    for name, output in merged.items():
+        assert output.dtype == torch.bfloat16, name
+        if name not in factors:
+            assert torch.equal(output, dequantized.get(name, stored.get(name))), name
+            continue
+        lora = factors[name]
+        delta, magnitude = lora.delta_and_magnitude()
+        weight = dequantized[name].double()
+        exact = weight + lora.scale * delta
+        bound = (
+            (lora.rank + 2)
+            * (FLOAT32_UNIT_ROUNDOFF + FLOAT64_UNIT_ROUNDOFF)
+            * (weight.abs() + lora.scale * magnitude)
+        )
+        error = (output.double() - exact).abs()
+        assert (error <= 0.5 * ulp(output, torch.bfloat16) + bound).all(), name
+        merged_weights += 1
+    assert merged_weights == len(dequantized) > 0
+
+
+@pytest.mark.parametrize("case", COMPRESSED_TENSORS_CASES, ids=lambda c: c.id)
+def test_compressed_tensors_base_merges_as_its_decompressor_reads_it(int_checkpoints, case):
+    quantized = int_checkpoints.quantized[case.id]
+    dequantized = compressed_tensors_decompressed(quantized)
+    stored = read_safetensors_directory(quantized)
+    assert_merged_within_half_an_ulp(
+        int_checkpoints.merged[case.id], dequantized, stored, int_checkpoints.adapter
+    )
+    out = int_checkpoints.merged[case.id]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    # No auxiliary tensor (scales, zero points, shapes, activation scales) reaches OUT.
+    merged_names = set(read_safetensors_directory(out))
+    assert not any("_scale" in n or "zero_point" in n or "_packed" in n for n in merged_names)
+    assert merged_names == set(read_safetensors_directory(int_checkpoints.base))
+
+
+def test_compressed_tensors_merge_matches_peft_on_the_decompressed_base(int_checkpoints, tmp_path):
+    """Logits of OUT equal PEFT's on the base as compressed-tensors decompresses it, to within
+    the noise of PEFT's own bfloat16 evaluation against float64."""
+    from peft import PeftModel
+    from tiny_checkpoints import prompt_logits
+
+    case = COMPRESSED_TENSORS_CASES[0]
+    dequantized_base = tmp_path / "dequantized"
+    shutil.copytree(int_checkpoints.base, dequantized_base)
+    tensors = read_safetensors_directory(dequantized_base)
+    tensors.update(compressed_tensors_decompressed(int_checkpoints.quantized[case.id]))
+    for shard in dequantized_base.glob("*.safetensors*"):
+        shard.unlink()
+    save_file(tensors, dequantized_base / "model.safetensors", metadata={"format": "pt"})
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(dequantized_base, dtype=torch.bfloat16),
+        int_checkpoints.adapter,
+    ).eval()
+    peft_logits = prompt_logits(peft_model)
+    with peft_model.disable_adapter():
+        without_adapter = prompt_logits(peft_model)
+    out = int_checkpoints.merged[case.id]
+    merged_logits = prompt_logits(AutoModelForCausalLM.from_pretrained(out))
+    reference = prompt_logits(
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64), torch.float64
+    )
+    noise = float((peft_logits.double() - reference).abs().max())
+    tolerance = 3 * noise + torch.finfo(torch.bfloat16).eps * float(reference.abs().max())
+    assert float((merged_logits - peft_logits).abs().max()) <= tolerance
+    assert float((peft_logits - without_adapter).abs().max()) > 5 * tolerance
+
+
+def refused(base: Path, adapter: Path, out: Path, **options) -> str:
+    with pytest.raises(LoraMergeError) as refusal:
+        merge(MergeOptions(base=base, adapter=adapter, out=out, quiet=True, **options))
+    assert refusal.value.exit_code == EXIT_INVALID_INPUT
+    assert not out.exists()
+    message = str(refusal.value)
+    assert "\n" not in message
+    return message
+
+
+def broken_copy(source: Path, destination: Path, edit) -> Path:
+    """A copy of a one-file checkpoint whose tensors (and config) ``edit`` changes in place."""
+    shutil.copytree(source, destination)
+    tensors = read_safetensors_directory(destination)
+    config = json.loads((destination / "config.json").read_text())
+    edit(tensors, config)
+    for shard in destination.glob("*.safetensors*"):
+        shard.unlink()
+    save_file(tensors, destination / "model.safetensors", metadata={"format": "pt"})
+    (destination / "config.json").write_text(json.dumps(config))
+    return destination
+
+
+LAYER = "model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize(
+    "problem,edit,expected",
+    [
+        (
+            "missing scale",
+            lambda t, c: t.pop(f"{LAYER}.weight_scale"),
+            f"'{LAYER}.weight_scale'",
+        ),
+        (
+            "missing zero point",
+            lambda t, c: t.pop(f"{LAYER}.weight_zero_point"),
+            f"'{LAYER}.weight_zero_point'",
+        ),
+        (
+            "scales of another group size",
+            lambda t, c: t.update(
+                {f"{LAYER}.weight_scale": t[f"{LAYER}.weight_scale"][:, :2].clone()}
+            ),
+            "do not fit the group size",
+        ),
+        (
+            "NaN scale",
+            lambda t, c: t[f"{LAYER}.weight_scale"].view(-1)[3:4].fill_(float("nan")),
+            "NaN or Inf",
+        ),
+        (
+            "packed size against weight_shape",
+            lambda t, c: t.update(
+                {f"{LAYER}.weight_packed": t[f"{LAYER}.weight_packed"][:, :8].clone()}
+            ),
+            "does not match its shape",
+        ),
+        (
+            "unknown quant_method",
+            lambda t, c: c["quantization_config"].update({"quant_method": "hqq"}),
+            "'hqq'",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " in v else "",
+)
+def test_bad_compressed_tensors_input_is_refused_in_one_line(
+    int_checkpoints, tmp_path, problem, edit, expected
+):
+    base = broken_copy(int_checkpoints.quantized["w4a16-group32-asym"], tmp_path / "base", edit)
+    message = refused(base, int_checkpoints.adapter, tmp_path / "out")
+    assert expected in message, message
+
+
+def test_merged_native_is_refused_naming_llm_compressor(int_checkpoints, tmp_path):
+    message = refused(
+        int_checkpoints.quantized["w4a16-group32-asym"],
+        int_checkpoints.adapter,
+        tmp_path / "out",
+        save_method="merged_native",
+    )
+    assert "llm-compressor" in message and "calibration" in message
