@@ -220,3 +220,129 @@ def compressed_tensors_decompressed(directory) -> dict[str, torch.Tensor]:
         state = {k: v for k, v in state.items() if k.startswith("weight")}
         decompressed[f"{prefix}weight"] = compressor.decompress(state, scheme)["weight"]
     return decompressed
+
+
+def _round_to_nearest_codes(
+    weight: torch.Tensor, groups: torch.Tensor, group_count: int, bits: int
+):
+    """Asymmetric round-to-nearest codes of ``weight`` ``(out, in)`` by input-feature group
+    (what GPTQ's quantizer computes before its error correction, which only moves codes):
+    codes ``(in, out)``, zero points ``(groups, out)`` in ``1 .. maxq``, float16 scales."""
+    maxq = (1 << bits) - 1
+    w = weight.double().t()  # (in, out)
+    low = torch.stack([w[groups == g].amin(0) for g in range(group_count)]).clamp(max=0)
+    high = torch.stack([w[groups == g].amax(0) for g in range(group_count)]).clamp(min=0)
+    scales = ((high - low) / maxq).clamp(min=1e-5).half()
+    zeros = torch.round(-low / scales.double()).clamp(1, maxq).long()
+    codes = torch.round(w / scales.double()[groups] + zeros[groups]).clamp(0, maxq).long()
+    return codes, zeros, scales
+
+
+def save_gptq_base(
+    base_directory, directory, bits: int, group_size: int, desc_act: bool, checkpoint_format: str
+):
+    """A 16-bit checkpoint's linears as GPTQ tensors (float16 scales), with the config
+    GPTQModel writes (``quant_method``, ``bits``, ``group_size``, ``desc_act``, ``sym``,
+    ``checkpoint_format``); everything else (embeddings, norms, ``lm_head``) as it was."""
+    import json
+    import shutil
+
+    from merge_oracle import read_safetensors_directory
+    from safetensors.torch import save_file
+
+    shutil.copytree(base_directory, directory)
+    tensors = read_safetensors_directory(directory)
+    generator = torch.Generator().manual_seed(bits * 100 + group_size)
+    for name in [n for n in tensors if n.endswith("proj.weight")]:
+        weight = tensors.pop(name)
+        inputs = weight.shape[1]
+        size = inputs if group_size == -1 else group_size
+        count = inputs // size
+        g_idx = torch.arange(inputs) // size
+        if desc_act:
+            g_idx = g_idx[torch.randperm(inputs, generator=generator)]
+        codes, zeros, scales = _round_to_nearest_codes(weight, g_idx, count, bits)
+        qweight, qzeros = pack_gptq(codes, zeros, bits, checkpoint_format)
+        prefix = name.removesuffix("weight")
+        tensors[f"{prefix}qweight"] = qweight
+        tensors[f"{prefix}qzeros"] = qzeros
+        tensors[f"{prefix}scales"] = scales
+        tensors[f"{prefix}g_idx"] = g_idx.to(torch.int32)
+    for shard in directory.glob("*.safetensors*"):
+        shard.unlink()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": False,
+        "checkpoint_format": checkpoint_format,
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def save_awq_base(base_directory, directory, group_size: int):
+    """A 16-bit checkpoint's linears as AWQ GEMM tensors, with AutoAWQ's config."""
+    import json
+    import shutil
+
+    from merge_oracle import read_safetensors_directory
+    from safetensors.torch import save_file
+
+    shutil.copytree(base_directory, directory)
+    tensors = read_safetensors_directory(directory)
+    for name in [n for n in tensors if n.endswith("proj.weight")]:
+        weight = tensors.pop(name)
+        inputs = weight.shape[1]
+        groups = torch.arange(inputs) // group_size
+        codes, zeros, scales = _round_to_nearest_codes(weight, groups, inputs // group_size, 4)
+        qweight, qzeros = pack_awq(codes, zeros)
+        prefix = name.removesuffix("weight")
+        tensors[f"{prefix}qweight"] = qweight
+        tensors[f"{prefix}qzeros"] = qzeros
+        tensors[f"{prefix}scales"] = scales
+    for shard in directory.glob("*.safetensors*"):
+        shard.unlink()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": group_size,
+        "zero_point": True,
+        "version": "gemm",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def column_packed_float64(directory) -> dict[str, torch.Tensor]:
+    """Every GPTQ/AWQ weight of a checkpoint decoded in float64 from the format's definition."""
+    import json
+
+    from merge_oracle import read_safetensors_directory
+
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    stored = read_safetensors_directory(directory)
+    weights = {}
+    for name in stored:
+        if not name.endswith("qweight"):
+            continue
+        prefix = name.removesuffix("qweight")
+        qweight, qzeros, scales = (stored[f"{prefix}{p}"] for p in ("qweight", "qzeros", "scales"))
+        if config["quant_method"] == "gptq":
+            weight = gptq_float64(
+                qweight,
+                qzeros,
+                scales,
+                stored[f"{prefix}g_idx"],
+                config["bits"],
+                config["checkpoint_format"],
+            )
+        else:
+            weight = awq_float64(qweight, qzeros, scales, config["group_size"])
+        weights[f"{prefix}weight"] = weight
+    return weights

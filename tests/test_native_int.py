@@ -23,12 +23,15 @@ import pytest
 import torch
 from integer_checkpoints import (
     awq_float64,
+    column_packed_float64,
     compressed_tensors_decompressed,
     compressed_tensors_float64,
     gptq_float64,
     pack_awq,
     pack_gptq,
+    save_awq_base,
     save_compressed_tensors_base,
+    save_gptq_base,
 )
 from merge_oracle import (
     FLOAT32_UNIT_ROUNDOFF,
@@ -51,6 +54,7 @@ from lora_merge.compute.integer_dequantize import (
     unpack_codes_down_columns,
 )
 from lora_merge.errors import EXIT_INVALID_INPUT, LoraMergeError
+from lora_merge.io.formats import integer_weights
 
 SCALE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -302,7 +306,11 @@ def int_checkpoints(tmp_path_factory) -> IntCheckpoints:
 
 
 def assert_merged_within_half_an_ulp(
-    merged_folder: Path, dequantized: dict[str, torch.Tensor], stored: dict, adapter: Path
+    merged_folder: Path,
+    dequantized: dict[str, torch.Tensor],
+    stored: dict,
+    adapter: Path,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> None:
     """Every merged weight is dequant(W) + scale * B @ A computed in float64 from the
     reference decoder's weights, rounded once to the output dtype, up to the float32
@@ -315,9 +323,9 @@ def assert_merged_within_half_an_ulp(
     assert set(dequantized) <= set(merged)
     merged_weights = 0
     for name, output in merged.items():
-        assert output.dtype == torch.bfloat16, name
+        assert output.dtype == dtype, name
         if name not in factors:
-            assert torch.equal(output, dequantized.get(name, stored.get(name))), name
+            assert torch.equal(output, dequantized.get(name, stored.get(name)).to(dtype)), name
             continue
         lora = factors[name]
         delta, magnitude = lora.delta_and_magnitude()
@@ -329,7 +337,7 @@ def assert_merged_within_half_an_ulp(
             * (weight.abs() + lora.scale * magnitude)
         )
         error = (output.double() - exact).abs()
-        assert (error <= 0.5 * ulp(output, torch.bfloat16) + bound).all(), name
+        assert (error <= 0.5 * ulp(output, dtype) + bound).all(), name
         merged_weights += 1
     assert merged_weights == len(dequantized) > 0
 
@@ -465,3 +473,46 @@ def test_merged_native_is_refused_naming_llm_compressor(int_checkpoints, tmp_pat
         save_method="merged_native",
     )
     assert "llm-compressor" in message and "calibration" in message
+
+
+COLUMN_PACKED_CASES = {
+    "gptq-4bit-g32-v1": lambda base, d: save_gptq_base(base, d, 4, 32, False, "gptq"),
+    "gptq-4bit-g32-desc-act-v2": lambda base, d: save_gptq_base(base, d, 4, 32, True, "gptq_v2"),
+    "gptq-8bit-per-row-v1": lambda base, d: save_gptq_base(base, d, 8, -1, False, "gptq"),
+    "gptq-2bit-g16-desc-act-v1": lambda base, d: save_gptq_base(base, d, 2, 16, True, "gptq"),
+    "awq-4bit-g32": lambda base, d: save_awq_base(base, d, 32),
+}
+
+
+@pytest.mark.parametrize("band", ["one band", "narrow bands"])
+@pytest.mark.parametrize("case_id", list(COLUMN_PACKED_CASES))
+def test_gptq_and_awq_bases_merge_as_their_format_decodes(
+    int_checkpoints, tmp_path, monkeypatch, case_id, band
+):
+    """The layouts of the packers' sources (tests/integer_checkpoints.py), tiles of a few rows:
+    each merged weight is the float64 decoding of the format, rounded to float16 (the
+    reference decoders' dtype), plus the LoRA product, rounded once. With narrow bands a
+    band holds a few rows (its columns of qweight read row by row) and is decoded in chunks
+    of a group or two, so that bands and chunks end inside the weight."""
+    if band == "narrow bands":
+        monkeypatch.setattr(integer_weights, "BAND_ELEMENTS", 256)
+        monkeypatch.setattr(integer_weights, "VALUES_CHUNK", 512)
+    quantized = COLUMN_PACKED_CASES[case_id](int_checkpoints.base, tmp_path / "base")
+    out = tmp_path / "out"
+    merge(
+        MergeOptions(
+            base=quantized,
+            adapter=int_checkpoints.adapter,
+            out=out,
+            max_memory=TILED_MAX_MEMORY,
+            quiet=True,
+        )
+    )
+    dequantized = {n: w.to(torch.float16) for n, w in column_packed_float64(quantized).items()}
+    stored = read_safetensors_directory(quantized)
+    assert_merged_within_half_an_ulp(
+        out, dequantized, stored, int_checkpoints.adapter, torch.float16
+    )
+    assert set(read_safetensors_directory(out)) == set(
+        read_safetensors_directory(int_checkpoints.base)
+    )

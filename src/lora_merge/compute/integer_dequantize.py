@@ -162,7 +162,10 @@ def dequantize_codes(
         ``out`` (or a new tensor).
     """
     rows, columns = codes.shape
-    values = codes.to(torch.float32)
+    # Row-major whatever the codes' layout (GPTQ/AWQ codes come transposed): the views below
+    # need it.
+    values = torch.empty((rows, columns), dtype=torch.float32, device=codes.device)
+    values.copy_(codes)
     if column_groups is not None:
         scales = scales.index_select(1, column_groups)
         if isinstance(zeros, torch.Tensor):

@@ -21,11 +21,18 @@ from lora_merge.errors import InvalidInputError
 from lora_merge.io.formats.bitsandbytes import BITSANDBYTES
 from lora_merge.io.formats.compressed_tensors_int import COMPRESSED_TENSORS_INT
 from lora_merge.io.formats.fp8_block import FP8_BLOCK
+from lora_merge.io.formats.gptq_awq import AWQ, GPTQ
 from lora_merge.io.formats.protocol import QuantizationFormat, QuantizedWeight
 from lora_merge.io.safetensors_format import TensorEntry
 
 # Every format, in the order they are asked. One row per format module.
-FORMATS: tuple[QuantizationFormat, ...] = (BITSANDBYTES, FP8_BLOCK, COMPRESSED_TENSORS_INT)
+FORMATS: tuple[QuantizationFormat, ...] = (
+    BITSANDBYTES,
+    FP8_BLOCK,
+    COMPRESSED_TENSORS_INT,
+    GPTQ,
+    AWQ,
+)
 # A quantization_config without quant_method: transformers' bitsandbytes configs of old.
 DEFAULT_QUANT_METHOD = "bitsandbytes"
 MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
