@@ -516,3 +516,61 @@ def test_gptq_and_awq_bases_merge_as_their_format_decodes(
     assert set(read_safetensors_directory(out)) == set(
         read_safetensors_directory(int_checkpoints.base)
     )
+
+
+@pytest.mark.parametrize(
+    "problem,edit,expected",
+    [
+        ("missing qzeros", lambda t, c: t.pop(f"{LAYER}.qzeros"), f"'{LAYER}.qzeros'"),
+        ("missing scales", lambda t, c: t.pop(f"{LAYER}.scales"), f"'{LAYER}.scales'"),
+        (
+            "scales of another group size",
+            lambda t, c: c["quantization_config"].update({"group_size": 16}),
+            "do not fit the group size",
+        ),
+        (
+            "NaN scale",
+            lambda t, c: t[f"{LAYER}.scales"].view(-1)[5:6].fill_(float("inf")),
+            "NaN or Inf",
+        ),
+        (
+            "packed codes of another dtype",
+            lambda t, c: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"].float()}),
+            "does not match its shape",
+        ),
+        (
+            "3-bit",
+            lambda t, c: c["quantization_config"].update({"bits": 3}),
+            "3-bit codes straddle words",
+        ),
+        (
+            "marlin layout",
+            lambda t, c: c["quantization_config"].update({"checkpoint_format": "marlin"}),
+            "'marlin'",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " in v or v == "3-bit" else "",
+)
+def test_bad_gptq_input_is_refused_in_one_line(int_checkpoints, tmp_path, problem, edit, expected):
+    gptq = save_gptq_base(int_checkpoints.base, tmp_path / "gptq", 4, 32, False, "gptq")
+    base = broken_copy(gptq, tmp_path / "base", edit)
+    message = refused(base, int_checkpoints.adapter, tmp_path / "out")
+    assert expected in message, message
+
+
+def test_awq_layouts_other_than_gemm_are_refused_by_name(int_checkpoints, tmp_path):
+    awq = save_awq_base(int_checkpoints.base, tmp_path / "awq", 32)
+    base = broken_copy(
+        awq, tmp_path / "base", lambda t, c: c["quantization_config"].update({"version": "gemv"})
+    )
+    assert "'gemv'" in refused(base, int_checkpoints.adapter, tmp_path / "out")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_merged_native_is_refused_for_gptq_and_awq(int_checkpoints, tmp_path, method):
+    if method == "gptq":
+        base = save_gptq_base(int_checkpoints.base, tmp_path / "base", 4, 32, False, "gptq")
+    else:
+        base = save_awq_base(int_checkpoints.base, tmp_path / "base", 32)
+    message = refused(base, int_checkpoints.adapter, tmp_path / "out", save_method="merged_native")
+    assert method.upper() in message and "llm-compressor" in message
