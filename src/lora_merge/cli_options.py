@@ -144,12 +144,14 @@ SaveMethodOpt = Annotated[
     typer.Option(
         metavar=choices_metavar(SaveMethod),
         rich_help_panel=OUTPUT,
-        help="merged_16bit: a plain model (a bitsandbytes 4/8-bit BASE is dequantized, "
-        "exactly as bitsandbytes does, and merged with one rounding; dtype defaults to "
-        "bnb_4bit_compute_dtype). merged_4bit: the merged weights re-quantized with "
-        "bitsandbytes in BASE's 4-bit format (or --quant-type/--double-quant for a 16-bit "
-        "BASE); this rounds twice and costs quality. lora: write only the adapter, "
-        "normalized (safetensors, PEFT layout, config copied).",
+        help="merged_16bit: a plain model (a quantized BASE: bitsandbytes, FP8, MXFP4, is "
+        "dequantized exactly as its format's reference decoder does, and merged with one "
+        "rounding; dtype defaults to the model's). merged_4bit: the merged weights "
+        "re-quantized with bitsandbytes in BASE's 4-bit format (or --quant-type/--double-quant "
+        "for a 16-bit BASE). merged_native: the merged weights re-quantized in BASE's own "
+        "format (FP8 block-wise, compressed-tensors FP8 per channel, MXFP4), config kept; "
+        "both round twice and cost quality. lora: write only the adapter, normalized "
+        "(safetensors, PEFT layout, config copied). See docs/quantized-bases.md.",
     ),
 ]
 # Several adapters.

@@ -45,7 +45,7 @@ class MergePreview:
             the small files (config, tokenizer, card) come on top.
         adapters / combine: every adapter and the method, when adapters are combined.
         quantization: how BASE is quantized (bitsandbytes), or None.
-        save_method: merged_16bit, merged_4bit or lora.
+        save_method: merged_16bit, merged_4bit, merged_native or lora.
         part / part_shards: for ``--part I/N``, the part and the shards it would write.
     """
 

@@ -57,7 +57,9 @@ def describe_preview(preview: MergePreview) -> str:
     modules = sum(preview.lora_modules_by_layer.values())
     rows.append(("modules", f"{modules} LoRA ({layers or 'none'})"))
     if preview.quantization:
-        rows.append(("quant", f"{preview.quantization}, dequantized ({preview.save_method})"))
+        requantized = preview.save_method in ("merged_4bit", "merged_native")
+        then = f", re-quantized ({preview.save_method})" if requantized else ""
+        rows.append(("quant", f"{preview.quantization}, dequantized{then}"))
     scales = ", ".join(f"{scale} ({n} modules)" for scale, n in sorted(preview.scales.items()))
     rows.append(("scales", f"{len(preview.scales)} distinct: {scales or 'none'}"))
     rows.append(

@@ -89,19 +89,26 @@ def plan_native(plan: MergePlan, base: BaseCheckpoint) -> MergePlan:
         if weight is None or tensor.source != "base" or tensor.source_key != weight.name:
             tensors.append(tensor)
         elif tensor.delta is None and tensor.token_rows is None:
-            tensors += [
-                PlannedTensor(
-                    spec=TensorSpec(n, base.entries[n].dtype, base.entries[n].shape),
-                    source="base",
-                    source_key=n,
-                    source_dtype=base.entries[n].dtype,
-                )
-                for n in weight.stored_names
-            ]
+            tensors += [_stored_copy(base, n) for n in weight.stored_names]
         else:
             format = quantization.format_of[weight.name]
-            tensors += _replaced(tensor, format.native_target(weight, quantization.config))
+            target = format.native_target(weight, quantization.config)
+            tensors += _replaced(tensor, target)
+            # What the target does not write (a static input_scale) is kept as stored.
+            written = {spec.name for spec in target.stored_specs(weight.name)}
+            tensors += [_stored_copy(base, n) for n in weight.stored_names if n not in written]
     return replace(plan, tensors=tensors)
+
+
+def _stored_copy(base: BaseCheckpoint, name: str) -> PlannedTensor:
+    """A stored tensor of the base copied byte for byte."""
+    entry = base.entries[name]
+    return PlannedTensor(
+        spec=TensorSpec(name, entry.dtype, entry.shape),
+        source="base",
+        source_key=name,
+        source_dtype=entry.dtype,
+    )
 
 
 def _with_targets(
@@ -128,7 +135,7 @@ def _replaced(tensor: PlannedTensor, target: NativeTarget) -> list[PlannedTensor
                 source="base",
                 source_key=name,
                 source_dtype=spec.dtype,
-                written_with=name,
+                written_with=first.name,
             )
             for spec in others
         ),

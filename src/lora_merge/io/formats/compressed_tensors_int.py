@@ -202,7 +202,8 @@ class CompressedTensorsIntFormat:
         groups = int_config_groups(quantization_config)
         weights: dict[str, QuantizedWeight] = {}
         for name, entry in entries.items():
-            if name.endswith("weight_packed"):
+            # Other packed formats (compressed-tensors' MXFP4/NVFP4) store uint8 words.
+            if name.endswith("weight_packed") and entry.dtype == torch.int32:
                 prefix = name.removesuffix("weight_packed")
                 candidates = [a for a in groups if a.packed]
             elif name.endswith("weight") and entry.dtype == torch.int8:

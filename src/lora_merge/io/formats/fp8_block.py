@@ -32,6 +32,7 @@ from lora_merge.compute.fp8 import (
     scale_rows_for,
 )
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.formats.fp8_native import Fp8BlockNative
 from lora_merge.io.formats.protocol import NativeTarget, QuantizedWeight, StoredRows
 from lora_merge.io.safetensors_format import TensorEntry
 
@@ -42,16 +43,21 @@ MIN_BLOCK_SIDE = 16
 
 
 @dataclass(frozen=True)
-class Fp8BlockWeight:
-    """One block-wise FP8 weight.
+class Fp8Weight:
+    """One FP8 weight with a float scale per block (the formats of this module and of
+    :mod:`lora_merge.io.formats.fp8_channel`: a block may be a whole row or the whole matrix).
 
     Attributes:
         name: the logical tensor name (the stored codes' name).
         shape: ``(*experts, rows, cols)``.
         dtype: the model's dtype, which transformers dequantizes to.
-        block: ``(bm, bn)``; ``(rows, cols)`` for one scale per tensor.
+        block: ``(bm, bn)``; ``(1, cols)`` for a scale per row, ``(rows, cols)`` for one
+            per tensor.
         codes: the FP8 codes.
-        scales: float32 ``weight_scale_inv``, ``(*experts, ceil(rows/bm), ceil(cols/bn))``.
+        scales: the scales, ``(*experts, ceil(rows/bm), ceil(cols/bn))`` (one per tensor:
+            any shape of one element).
+        extra: other stored tensors of the module that belong with the weight (a static
+            ``input_scale``): hidden from a 16-bit output, copied into a native one.
     """
 
     name: str
@@ -60,10 +66,11 @@ class Fp8BlockWeight:
     block: tuple[int, int]
     codes: TensorEntry
     scales: TensorEntry
+    extra: tuple[TensorEntry, ...] = ()
 
     @property
     def stored_names(self) -> list[str]:
-        return [self.codes.name, self.scales.name]
+        return [self.codes.name, self.scales.name, *(e.name for e in self.extra)]
 
     @property
     def anchor(self) -> str:
@@ -104,7 +111,7 @@ class Fp8BlockWeight:
                 "is corrupt (re-download it)"
             )
         codes = codes.reshape(stop - start, cols)
-        dequantize_fp8_blocks(codes, scales, self.block, start, self.dtype, out)
+        dequantize_fp8_blocks(codes, scales, self.block, start, self.dtype, out, stored.workspace)
 
 
 class Fp8BlockFormat:
@@ -126,7 +133,9 @@ class Fp8BlockFormat:
         weights: dict[str, QuantizedWeight] = {}
         for name in entries:
             if name.endswith(SCALE_SUFFIX):
-                weight = _weight(name, entries, block, model_dtype)
+                weight = fp8_weight(
+                    name.removesuffix(SCALE_SUFFIX), name, entries, block, model_dtype
+                )
                 weights[weight.name] = weight
         for name, entry in entries.items():
             if entry.dtype in FP8_DTYPES and name not in weights:
@@ -141,7 +150,7 @@ class Fp8BlockFormat:
     ) -> str:
         """e.g. ``fp8 e4m3 (128x128 blocks)``."""
         block = quantization_config.get("weight_block_size")
-        fp8 = [w for w in weights.values() if isinstance(w, Fp8BlockWeight)]
+        fp8 = [w for w in weights.values() if isinstance(w, Fp8Weight)]
         kind = "e5m2" if fp8 and fp8[0].codes.dtype == torch.float8_e5m2 else "e4m3"
         if isinstance(block, list) and len(block) == 2:
             return f"fp8 {kind} ({block[0]}x{block[1]} blocks)"
@@ -154,14 +163,15 @@ class Fp8BlockFormat:
         return next((w.dtype for w in weights.values()), None)
 
     def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
-        """A tile's codes (a byte per weight) and the scale rows that cover it: at most
-        ``rows / 16 + 2`` grid rows of ``cols / 16 + 1`` float32 (blocks of at least 16 a
-        side), under ``tile_elements / 2 + 2 * (tile_elements + 1)`` bytes for any row
-        shape; one chunk of float32 values (or one row); off the CPU, the rows themselves."""
+        """A tile's codes (a byte per weight) and the scales that cover it: ``rows + 2``
+        for a scale per row, at most ``(rows / 16 + 2) * (cols / 16 + 1)`` with blocks of at
+        least 16 a side, under ``tile_elements + 2`` float32 either way; one chunk (or one
+        row) of int32 indices and float32 values; the 1 KiB value table; off the CPU, the
+        rows themselves."""
         codes = tile_elements
-        scales = tile_elements // 2 + 2 * (tile_elements + 1)
-        values = 4 * max(FP8_CHUNK_ELEMENTS, tile_elements)
-        held = codes + scales + values + 8 * FP8_CHUNK_ELEMENTS  # + the row-to-grid indices
+        scales = 4 * (tile_elements + 2)
+        chunk = 8 * max(FP8_CHUNK_ELEMENTS, tile_elements)
+        held = codes + scales + chunk + 1024
         if device.type != "cpu":
             held += 4 * tile_elements
         return held
@@ -169,7 +179,27 @@ class Fp8BlockFormat:
     def native_target(
         self, weight: QuantizedWeight, quantization_config: Mapping[str, object]
     ) -> NativeTarget:
-        raise InvalidInputError("--save-method merged_native for fp8 is not implemented yet")
+        """Block-wise FP8 again, with the base's block size and scale format.
+
+        Raises:
+            InvalidInputError: one scale per tensor (the config has no
+                ``weight_block_size``): its scale needs the whole merged weight before
+                the first row can be written.
+        """
+        assert isinstance(weight, Fp8Weight)
+        if _block_size(quantization_config) is None:
+            raise InvalidInputError(
+                "--save-method merged_native re-quantizes FP8 block by block; this base has one "
+                "scale per tensor (no weight_block_size), which needs the whole merged weight "
+                "at once: use merged_16bit"
+            )
+        return Fp8BlockNative(
+            shape=weight.shape,
+            dtype=weight.dtype,
+            block=weight.block,
+            scale_name=weight.scales.name,
+            power_of_two_scales=quantization_config.get("scale_fmt") == "ue8m0",
+        )
 
 
 FP8_BLOCK = Fp8BlockFormat()
@@ -197,14 +227,26 @@ def _block_size(quantization_config: Mapping[str, object]) -> tuple[int, int] | 
     return block[0], block[1]
 
 
-def _weight(
+def fp8_weight(
+    name: str,
     scale_name: str,
     entries: Mapping[str, TensorEntry],
     block: tuple[int, int] | None,
     dtype: torch.dtype,
-) -> Fp8BlockWeight:
-    """The weight whose scales are ``scale_name``, checked against them."""
-    name = scale_name.removesuffix(SCALE_SUFFIX)
+    extra: tuple[TensorEntry, ...] = (),
+) -> Fp8Weight:
+    """The FP8 weight ``name`` whose scales are ``scale_name``, checked against them.
+
+    Args:
+        name / scale_name: the stored codes and scales.
+        entries: the stored tensors.
+        block: ``(bm, bn)``; None for one scale per tensor.
+        dtype: the dtype it dequantizes to.
+        extra: other stored tensors that belong with it (see :class:`Fp8Weight`).
+
+    Raises:
+        InvalidInputError: the codes are missing or not FP8, or the scales do not fit.
+    """
     codes = entries.get(name)
     scales = entries[scale_name]
     if codes is None:
@@ -224,8 +266,8 @@ def _weight(
     if scales.dtype not in SCALE_DTYPES or (scales.shape != grid and not per_tensor):
         raise InvalidInputError(
             f"BASE tensor {scale_name!r} is {scales.dtype} {scales.shape}, but {name!r} "
-            f"{codes.shape} in blocks of {block[0]}x{block[1]} needs float32 {grid}: the "
-            "scales do not fit the block size (config.json weight_block_size); the checkpoint "
-            "is inconsistent"
+            f"{codes.shape} in blocks of {block[0]}x{block[1]} needs float {grid}: the "
+            "scales do not fit the block size (config.json quantization_config); the "
+            "checkpoint is inconsistent"
         )
-    return Fp8BlockWeight(name, codes.shape, dtype, block, codes, scales)
+    return Fp8Weight(name, codes.shape, dtype, block, codes, scales, extra)
