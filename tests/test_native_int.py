@@ -549,7 +549,7 @@ def test_gptq_and_awq_bases_merge_as_their_format_decodes(
             "'marlin'",
         ),
     ],
-    ids=lambda v: v if isinstance(v, str) and " " in v or v == "3-bit" else "",
+    ids=lambda v: v if (isinstance(v, str) and " " in v) or v == "3-bit" else "",
 )
 def test_bad_gptq_input_is_refused_in_one_line(int_checkpoints, tmp_path, problem, edit, expected):
     gptq = save_gptq_base(int_checkpoints.base, tmp_path / "gptq", 4, 32, False, "gptq")
