@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from lora_merge.compute.integer_dequantize import (
+    AWQ_PACK_ORDER,
+    AWQ_UNPACK_ORDER,
     dequantize_codes,
-    unpack_awq_codes,
     unpack_codes,
     unpack_codes_down_columns,
 )
@@ -131,11 +132,18 @@ class ColumnPackedWeight:
         """Rows ``start:stop`` as the format's reference decoder gives them."""
         inputs = self.shape[1]
         band, first = self._band(stored, start, stop)
-        rows = band[start - first : stop - first]
         out = stored.output((stop - start) * inputs, self.dtype)
         if out is None:
-            return rows.clone()
-        return out.view(stop - start, inputs).copy_(rows)
+            out = torch.empty((stop - start) * inputs, dtype=self.dtype, device=stored.device)
+        out = out.view(stop - start, inputs)
+        if not self.awq_order:
+            return out.copy_(band[start - first : stop - first])
+        # An AWQ band is decoded in the words' column order (see _decode_band): row 8k + m
+        # of the weight is band row 8k + AWQ_UNPACK_ORDER[m].
+        wanted = torch.arange(start - first, stop - first, device=band.device)
+        order = torch.tensor(AWQ_UNPACK_ORDER, device=band.device)
+        packed_rows = wanted - wanted % 8 + order[wanted % 8]
+        return torch.index_select(band, 0, packed_rows, out=out)
 
     def _band(self, stored: StoredRows, start: int, stop: int) -> tuple[torch.Tensor, int]:
         """The thread's decoded band that holds rows ``start:stop``, and its first row."""
@@ -153,6 +161,7 @@ class ColumnPackedWeight:
         first = start - start % align
         rows = max(align, BAND_ELEMENTS // inputs // align * align)
         last = min(outputs, max(stop, first + rows))
+        last = min(outputs, -(-last // align) * align)  # whole words (AWQ's outputs are too)
         band = stored.workspace.buffer(f"{self.method}_band", (last - first) * inputs, self.dtype)
         band = band.view(last - first, inputs)
         self._decode_band(stored, first, last, band)
@@ -169,6 +178,12 @@ class ColumnPackedWeight:
             self.scales, 0, groups, first * scale_size, last * scale_size, f"{self.method}_scales"
         )
         scales = scales.contiguous().view(self.scales.dtype).t()  # (count, groups)
+        if self.awq_order:
+            # Decode in the words' column order, which spares a gather of every chunk's codes:
+            # band row 8k + i is output 8k + AWQ_PACK_ORDER[i] (read_rows puts rows back).
+            order = torch.tensor(AWQ_PACK_ORDER, device=scales.device)
+            in_words = torch.arange(count, device=scales.device)
+            scales = scales.index_select(0, in_words - in_words % 8 + order[in_words % 8])
         check_finite_scales(scales, self.scales.name, self.method)
         zeros = self._codes(stored, self.qzeros, 0, groups, first, last, f"{self.method}_zeros")
         zeros = zeros.to(torch.int32).add_(self.zero_offset).t()  # (count, groups)
@@ -236,7 +251,8 @@ class ColumnPackedWeight:
         w0, w1 = first // per_word, -(-last // per_word)
         words = stored.row_bytes(entry, start, stop, 4 * w0, 4 * w1, buffer_name)
         words = words.contiguous().view(torch.int32)
-        codes = unpack_awq_codes(words) if self.awq_order else unpack_codes(words, self.bits)
+        # AWQ codes stay in the words' order (a band starts and ends on whole words).
+        codes = unpack_codes(words, self.bits)
         return codes[:, first - w0 * per_word : last - w0 * per_word]
 
     def _column_groups(self, stored: StoredRows) -> torch.Tensor | None:
