@@ -16,7 +16,6 @@ from lora_merge.compute.integer_dequantize import (
     AWQ_UNPACK_ORDER,
     dequantize_codes,
     unpack_codes,
-    unpack_codes_down_columns,
 )
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.formats.protocol import StoredRows
@@ -194,15 +193,9 @@ class ColumnPackedWeight:
         chunk = max(step, VALUES_CHUNK // max(count, 1) // step * step)
         for begin in range(0, inputs, chunk):
             end = min(inputs, begin + chunk)
-            codes = self._codes(
-                stored,
-                self.qweight,
-                begin // per_row,
-                end // per_row,
-                first,
-                last,
-                f"{self.method}_codes",
-            ).t()  # (count, end - begin)
+            codes = self._transposed_codes(
+                stored, begin // per_row, end // per_row, first, last
+            )  # (count, end - begin)
             if column_groups is None and (end - begin) % self.group_size == 0:
                 # In order: the chunk's groups are consecutive, from the group of `begin`.
                 g0, g1 = begin // self.group_size, -(-end // self.group_size)
@@ -240,13 +233,8 @@ class ColumnPackedWeight:
         last: int,
         buffer_name: str,
     ) -> torch.Tensor:
-        """Unsigned codes of output columns ``first:last`` of rows ``start:stop`` of ``qweight``
-        (or ``qzeros``), ``(rows, last - first)``: GPTQ's ``qweight`` holds codes down its
-        columns (``32 // bits`` input rows a word), the rest along its rows."""
-        down_columns = entry is self.qweight and not self.awq_order
-        if down_columns:
-            words = stored.row_bytes(entry, start, stop, 4 * first, 4 * last, buffer_name)
-            return unpack_codes_down_columns(words.contiguous().view(torch.int32), self.bits)
+        """Unsigned codes of output columns ``first:last`` of rows ``start:stop`` of a tensor
+        packed along its rows (``qzeros``, AWQ's ``qweight``), ``(rows, last - first)``."""
         per_word = 8 if self.awq_order else 32 // self.bits
         w0, w1 = first // per_word, -(-last // per_word)
         words = stored.row_bytes(entry, start, stop, 4 * w0, 4 * w1, buffer_name)
@@ -254,6 +242,27 @@ class ColumnPackedWeight:
         # AWQ codes stay in the words' order (a band starts and ends on whole words).
         codes = unpack_codes(words, self.bits)
         return codes[:, first - w0 * per_word : last - w0 * per_word]
+
+    def _transposed_codes(
+        self, stored: StoredRows, start: int, stop: int, first: int, last: int
+    ) -> torch.Tensor:
+        """The codes of ``qweight`` rows ``start:stop``, output columns ``first:last``, as a
+        contiguous ``(last - first, input features)`` uint8 block: transposed while they are
+        bytes, so that the float32 arithmetic runs on contiguous rows."""
+        if self.awq_order:
+            return (
+                self._codes(stored, self.qweight, start, stop, first, last, f"{self.method}_codes")
+                .t()
+                .contiguous()
+            )
+        words = stored.row_bytes(
+            self.qweight, start, stop, 4 * first, 4 * last, f"{self.method}_codes"
+        )
+        words = words.contiguous().view(torch.int32)  # (packed rows, count)
+        per_word = 32 // self.bits
+        codes = unpack_codes(words, self.bits).view(stop - start, last - first, per_word)
+        # Input feature p * per_word + k of output column j: codes[p, j, k].
+        return codes.permute(1, 0, 2).reshape(last - first, (stop - start) * per_word)
 
     def _column_groups(self, stored: StoredRows) -> torch.Tensor | None:
         """``g_idx`` as indices, read once per thread; None where it is absent or in order
