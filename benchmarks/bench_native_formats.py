@@ -1,4 +1,4 @@
-"""FP8 block-wise and MXFP4 bases merged side by side with the bf16 base of the same shapes.
+"""FP8 block-wise, MXFP4 and INT4 bases merged side by side with the bf16 base of the same shapes.
 
 For each family (a DeepSeek-V3-shaped slice in block-wise FP8; a gpt-oss-shaped
 model with MXFP4 experts) the script builds, with
@@ -8,7 +8,10 @@ same tensors as transformers dequantizes them) and one LoRA adapter, then runs
 so that a noisy machine slows every case alike. It prints a markdown table:
 median wall time, peak RSS (the child's ``ru_maxrss``), output size, and the
 ratio of each quantized run's wall time to the bf16 merge's (the target:
-at most 1.3x for FP8 and MXFP4 to bf16).
+at most 1.3x for FP8 and MXFP4 to bf16, 1.5x for INT4). The INT4 family
+(``synthetic_int_checkpoints.py``: a Llama-shaped model, every linear INT4 with
+groups of 128, as compressed-tensors pack-quantized, GPTQ and AWQ GEMM) is merged
+to 16-bit only: re-quantizing INT4 needs calibration (``--int-shape none`` skips it).
 
 Usage::
 
@@ -33,6 +36,8 @@ from bench_merge import child_environment, run_measured, tree_size_bytes
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 GENERATOR = Path(__file__).resolve().parent / "synthetic_native_checkpoints.py"
+INT_GENERATOR = Path(__file__).resolve().parent / "synthetic_int_checkpoints.py"
+INT_FORMATS = ("compressed-tensors", "gptq", "awq")
 
 
 @dataclass
@@ -52,8 +57,8 @@ class Case:
         return statistics.median(self.walls)
 
 
-def build(shape: str, layers: int, fmt: str, workdir: Path) -> dict:
-    argv = [sys.executable, str(GENERATOR), "--shape", shape, "--layers", str(layers)]
+def build(shape: str, layers: int, fmt: str, workdir: Path, generator: Path = GENERATOR) -> dict:
+    argv = [sys.executable, str(generator), "--shape", shape, "--layers", str(layers)]
     argv += ["--format", fmt, "--workdir", str(workdir)]
     result = subprocess.run(argv, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -61,10 +66,11 @@ def build(shape: str, layers: int, fmt: str, workdir: Path) -> dict:
 
 def cases(args: argparse.Namespace) -> list[Case]:
     found = []
-    for family, shape, quantized in (
+    families = (
         ("DeepSeek-V3 slice, FP8 block", args.deepseek_shape, "fp8"),
         ("gpt-oss, MXFP4 experts", args.gpt_oss_shape, "mxfp4"),
-    ):
+    )
+    for family, shape, quantized in () if args.only_int else families:
         plain = build(shape, args.layers, "bf16", args.workdir)
         packed = build(shape, args.layers, quantized, args.workdir)
         baseline = Case(family, "bf16 base", Path(plain["base"]), Path(plain["adapter"]))
@@ -73,6 +79,19 @@ def cases(args: argparse.Namespace) -> list[Case]:
             label = f"{quantized} base -> {'bf16' if method == 'merged_16bit' else quantized}"
             found.append(
                 Case(family, label, Path(packed["base"]), Path(packed["adapter"]), method, baseline)
+            )
+    if args.int_shape != "none":
+        family = f"{args.int_shape} x{args.int_layers}, INT4 g128"
+        plain = build(args.int_shape, args.int_layers, "bf16", args.workdir, INT_GENERATOR)
+        baseline = Case(family, "bf16 base", Path(plain["base"]), Path(plain["adapter"]))
+        found.append(baseline)
+        for fmt in INT_FORMATS:
+            packed = build(args.int_shape, args.int_layers, fmt, args.workdir, INT_GENERATOR)
+            label = f"{fmt} int4 base -> 16-bit"
+            found.append(
+                Case(
+                    family, label, Path(packed["base"]), Path(packed["adapter"]), baseline=baseline
+                )
             )
     return found
 
@@ -111,6 +130,11 @@ def main() -> int:
     parser.add_argument("--deepseek-shape", default="deepseek-v3-mini")
     parser.add_argument("--gpt-oss-shape", default="gpt-oss-mini")
     parser.add_argument("--layers", type=int, default=4, help="DeepSeek MoE layers")
+    parser.add_argument(
+        "--int-shape", default="llama-1b", help="synthetic_int_checkpoints.py shape, or none"
+    )
+    parser.add_argument("--int-layers", type=int, default=4)
+    parser.add_argument("--only-int", action="store_true", help="skip the FP8 and MXFP4 families")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

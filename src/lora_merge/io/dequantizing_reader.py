@@ -67,6 +67,17 @@ class ThreadReads:
         into = self.workspace.buffer(buffer_name, nbytes, torch.uint8) if on_cpu else None
         return self._to_device(self._stored.read_rows(entry.name, start, stop, into))
 
+    def row_bytes(
+        self, entry: TensorEntry, start: int, stop: int, first: int, last: int, buffer_name: str
+    ) -> torch.Tensor:
+        """Bytes ``first:last`` of each of rows ``start:stop`` of a stored tensor, as uint8
+        ``(stop - start, last - first)`` (see :meth:`EntryReader.read_row_bytes`)."""
+        nbytes = (stop - start) * entry.row_nbytes  # at most: whole rows when the band is wide
+        on_cpu = self.device.type == "cpu"
+        into = self.workspace.buffer(buffer_name, nbytes, torch.uint8) if on_cpu else None
+        band = self._stored.read_row_bytes(entry.name, start, stop, first, last, into)
+        return self._to_device(band.contiguous() if not on_cpu else band)
+
     def byte_range(
         self, entry: TensorEntry, first: int, last: int, buffer_name: str
     ) -> torch.Tensor:
@@ -164,6 +175,12 @@ class DequantizingReader:
     def copy_bytes(self, key: str, destination: PositionalFile, destination_offset: int) -> int:
         """Copy a stored tensor's bytes (see :meth:`SafetensorsReader.copy_bytes`)."""
         return self._stored.copy_bytes(key, destination, destination_offset)
+
+    def read_row_bytes(
+        self, key: str, start: int, stop: int, first: int, last: int, buffer: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A band of a stored tensor's bytes (see :meth:`EntryReader.read_row_bytes`)."""
+        return self._stored.read_row_bytes(key, start, stop, first, last, buffer)
 
     def read_rows(
         self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None

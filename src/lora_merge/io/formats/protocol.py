@@ -72,6 +72,15 @@ class StoredRows(Protocol):
         read into the buffer ``buffer_name`` and moved to :attr:`device`."""
         ...
 
+    def row_bytes(
+        self, entry: TensorEntry, start: int, stop: int, first: int, last: int, buffer_name: str
+    ) -> torch.Tensor:
+        """Bytes ``first:last`` of each of rows ``start:stop`` of a stored tensor, uint8
+        ``(stop - start, last - first)`` on :attr:`device` (a band of columns: GPTQ's and
+        AWQ's ``qweight`` hold a weight's rows as columns), reading only the band where it
+        is narrow."""
+        ...
+
     def byte_range(
         self, entry: TensorEntry, first: int, last: int, buffer_name: str
     ) -> torch.Tensor:

@@ -19,8 +19,10 @@ import torch
 
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.formats.bitsandbytes import BITSANDBYTES
+from lora_merge.io.formats.compressed_tensors_int import COMPRESSED_TENSORS_INT
 from lora_merge.io.formats.fp8_block import FP8_BLOCK
 from lora_merge.io.formats.fp8_channel import COMPRESSED_TENSORS_FP8, FBGEMM_FP8
+from lora_merge.io.formats.gptq_awq import AWQ, GPTQ
 from lora_merge.io.formats.mxfp4 import MXFP4
 from lora_merge.io.formats.protocol import QuantizationFormat, QuantizedWeight
 from lora_merge.io.safetensors_format import TensorEntry
@@ -32,6 +34,9 @@ FORMATS: tuple[QuantizationFormat, ...] = (
     COMPRESSED_TENSORS_FP8,
     FBGEMM_FP8,
     MXFP4,
+    COMPRESSED_TENSORS_INT,
+    GPTQ,
+    AWQ,
 )
 # A quantization_config without quant_method: transformers' bitsandbytes configs of old.
 DEFAULT_QUANT_METHOD = "bitsandbytes"
