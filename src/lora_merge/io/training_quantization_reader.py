@@ -59,6 +59,13 @@ class TrainingQuantizationReader:
         assert key not in self._quantized, f"{key} is read as trained, never copied"
         return self._stored.copy_bytes(key, destination, destination_offset)
 
+    def read_row_bytes(
+        self, key: str, start: int, stop: int, first: int, last: int, buffer: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A band of a stored tensor's bytes; a weight read as trained is never read so."""
+        assert key not in self._quantized, f"{key} is read as trained, never as bytes"
+        return self._stored.read_row_bytes(key, start, stop, first, last, buffer)
+
     def read_rows(
         self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None
     ) -> torch.Tensor:
