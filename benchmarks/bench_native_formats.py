@@ -57,8 +57,11 @@ class Case:
         return statistics.median(self.walls)
 
 
-def build(shape: str, layers: int, fmt: str, workdir: Path, generator: Path = GENERATOR) -> dict:
-    argv = [sys.executable, str(generator), "--shape", shape, "--layers", str(layers)]
+def build(
+    shape: str, layers: int | None, fmt: str, workdir: Path, generator: Path = GENERATOR
+) -> dict:
+    argv = [sys.executable, str(generator), "--shape", shape]
+    argv += [] if layers is None else ["--layers", str(layers)]
     argv += ["--format", fmt, "--workdir", str(workdir)]
     result = subprocess.run(argv, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -71,8 +74,10 @@ def cases(args: argparse.Namespace) -> list[Case]:
         ("gpt-oss, MXFP4 experts", args.gpt_oss_shape, "mxfp4"),
     )
     for family, shape, quantized in () if args.only_int else families:
-        plain = build(shape, args.layers, "bf16", args.workdir)
-        packed = build(shape, args.layers, quantized, args.workdir)
+        # --layers is the DeepSeek slice's; gpt-oss keeps its shape's own layer count.
+        layers = args.layers if quantized == "fp8" else None
+        plain = build(shape, layers, "bf16", args.workdir)
+        packed = build(shape, layers, quantized, args.workdir)
         baseline = Case(family, "bf16 base", Path(plain["base"]), Path(plain["adapter"]))
         found.append(baseline)
         for method in ("merged_16bit", "merged_native"):

@@ -47,7 +47,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -402,15 +402,27 @@ def adapter_specs(shape: DeepSeekShape | GptOssShape, layers: int, rank: int) ->
 
 
 def build(
-    shape_name: str, layers: int, format: str, workdir: Path, rank: int, shard_size: int, seed: int
+    shape_name: str,
+    layers: int | None,
+    format: str,
+    workdir: Path,
+    rank: int,
+    shard_size: int,
+    seed: int,
 ) -> dict:
     shape = SHAPES[shape_name]
     quantized = format != "bf16"
-    name = (
-        f"{shape_name}-{layers}l-{format}"
-        if isinstance(shape, DeepSeekShape)
-        else f"{shape_name}-{format}"
-    )
+    if isinstance(shape, DeepSeekShape):
+        layers = 3 if layers is None else layers
+        name = f"{shape_name}-{layers}l-{format}"
+    elif layers is None or layers == shape.layers:
+        layers = shape.layers
+        name = f"{shape_name}-{format}"
+    else:
+        # gpt-oss with fewer layers than released (real widths): for a disk that cannot
+        # hold the whole model and its bf16 merge (13.8 + 41.8 GB).
+        shape = replace(shape, layers=layers)
+        name = f"{shape_name}-{layers}l-{format}"
     base = workdir / name
     adapter = workdir / (name.rsplit("-", 1)[0] + f"-adapter-r{rank}")
     if isinstance(shape, DeepSeekShape):
@@ -470,7 +482,12 @@ def build(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    parser.add_argument("--layers", type=int, default=3, help="DeepSeek: MoE layers in the slice")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="layers: DeepSeek's MoE layers in the slice (default 3); gpt-oss (default all 24)",
+    )
     parser.add_argument("--format", choices=["fp8", "mxfp4", "bf16"], required=True)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--rank", type=int, default=8)
