@@ -88,6 +88,8 @@ class MergeSummary:
         pushed_to / commit_url: the Hub repo OUT was uploaded to and the commit, if pushed.
         adapters: every adapter combined (``adapter`` is the first), and
             ``combine`` the method, when several adapters (or combination options) were given.
+        threads: CPU threads that merged at once.
+        gb_per_second: tensor data written per second of the whole run, in GB (10^9 bytes).
     """
 
     out: str
@@ -112,6 +114,8 @@ class MergeSummary:
     combine: str | None = None
     part: str | None = None
     computed_shards: int | None = None
+    threads: int = 1
+    gb_per_second: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         summary = asdict(self)
@@ -246,6 +250,10 @@ def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeS
         combine=prepared.recipe.method_name if prepared.recipe else None,
         part=str(part) if part else None,
         computed_shards=written_shards.computed,
+        threads=prepared.settings.threads,
+        gb_per_second=round(
+            sum(spec.nbytes for spec in written) / 1e9 / max(finished - started, 1e-9), 6
+        ),
     )
 
 
@@ -358,6 +366,7 @@ def _write_shards(
             stream.on_bytes,
             settings.allow_nonfinite,
             stream.metadata,
+            settings.threads,
         )
         staging.record_shard(file_name)
         uploads.shard_written(staging.path / file_name)

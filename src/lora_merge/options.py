@@ -23,6 +23,7 @@ from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
 from lora_merge.errors import UsageError
 from lora_merge.finish.parts import Part, parse_part, refuse_with_part
 from lora_merge.finish.shard_sink import check_hub_options
+from lora_merge.stream.machine import check_thread_count, resolve_device
 
 # torch is imported where a value needs it: --help, --version and usage errors need none.
 if TYPE_CHECKING:
@@ -137,38 +138,6 @@ def parse_size(value: int | str, option: str = "size") -> int:
     return size
 
 
-def resolve_device(name: object) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU; others as given (any case).
-
-    Raises:
-        UsageError: the name is not a device, or CUDA is asked for but absent.
-    """
-    import torch
-
-    key = name.strip().lower() if isinstance(name, str) else repr(name)
-    if key == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(key)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N") from err
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu"
-        )
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and device.index >= torch.cuda.device_count()
-    ):
-        raise UsageError(
-            f"--device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
-        )
-    return device
-
-
 @dataclass(frozen=True)
 class MergeOptions:
     """Everything one merge needs, as a caller writes it; the CLI builds one, Python callers may too.
@@ -183,6 +152,8 @@ class MergeOptions:
         max_memory: working-set budget for tensor data; big tensors are merged
             in row chunks that fit in it.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where the merge math runs.
+        threads: CPU threads that merge at once; None: the CPUs this process may use
+            (its affinity mask, capped by its cgroup's CPU quota).
         overwrite: replace an existing non-empty OUT.
         quiet: no progress bar.
         resume: keep a checksummed journal so an interrupted run can be resumed,
@@ -224,6 +195,7 @@ class MergeOptions:
     max_shard_size: int | str = "5GB"
     max_memory: int | str = "1GiB"
     device: str = "auto"
+    threads: int | None = None
     overwrite: bool = False
     quiet: bool = False
     resume: bool = False
@@ -289,6 +261,7 @@ class MergeSettings:
         output_dtype: the dtype of every floating-point output tensor; None keeps each one's.
         max_shard_size / max_memory: byte counts.
         device: where the merge math runs (``auto`` resolved).
+        threads: CPU threads that merge at once, as given (None: as many as the process may use).
         save_method / quant_type / double_quant / quant_blocksize: what OUT holds,
             and the 4-bit format of ``merged_4bit`` from a 16-bit base.
         recipe: how the adapters are combined; None merges one adapter as it is.
@@ -324,6 +297,7 @@ class MergeSettings:
     command: str | None
     low_disk: bool = False
     part: Part | None = None
+    threads: int | None = None
 
 
 def checked_options(options: MergeOptions) -> MergeSettings:
@@ -373,6 +347,7 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         command=options.command,
         low_disk=options.low_disk,
         part=parse_part(options.part),
+        threads=check_thread_count(options.threads),
     )
     _refuse_conflicts(settings)
     return settings

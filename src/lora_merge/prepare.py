@@ -43,6 +43,7 @@ from lora_merge.plan.model import MergePlan
 from lora_merge.plan.planner import build_merge_plan
 from lora_merge.plan.requantize import plan_requantization
 from lora_merge.stream.executor import tile_budget_for
+from lora_merge.stream.machine import usable_cpu_count
 
 # The share of --max-memory the stream's tiles may use (see tile_budget_for);
 # the rest covers the adapter matrices and torch's own allocations.
@@ -70,6 +71,7 @@ class RunSettings:
     quant_type: str = "nf4"
     double_quant: bool = False
     part: Part | None = None
+    threads: int = 1
 
 
 @dataclass
@@ -196,6 +198,7 @@ def _run_settings(options: MergeSettings) -> RunSettings:
         quant_type=options.quant_type.value,
         double_quant=options.double_quant,
         part=options.part,
+        threads=options.threads or usable_cpu_count(),
     )
     if settings.save_method == "merged_4bit":
         # Found here, before any input is read, not at the first weight to re-quantize.

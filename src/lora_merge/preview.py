@@ -39,6 +39,8 @@ class MergePreview:
         vocab_size: the new vocabulary size, when the adapter resizes it.
         working_memory_bytes: an upper bound of the tensor data the stream holds at once
             (tile buffers, and the LoRA factors of as many tensors as there are threads).
+        threads: CPU threads that would merge at once (``--threads``, or the CPUs the
+            process may use).
         disk_free_bytes: free space where OUT goes.
         disk_needed_bytes: the tensor bytes OUT's disk must hold at once: every shard,
             or with ``--low-disk`` the two largest (one uploading, one being written);
@@ -78,6 +80,7 @@ class MergePreview:
     low_disk: bool = False
     part: str | None = None
     part_shards: list[str] | None = None
+    threads: int = 1
 
     def to_dict(self) -> dict[str, object]:
         preview = asdict(self)
@@ -140,6 +143,7 @@ def preview_merge(options: MergeOptions) -> MergePreview:
                 prepared.adapter,
                 settings.device,
                 settings.tile_budget,
+                settings.threads,
             ),
             disk_free_bytes=free_space(prepared.out),
             adapters=[str(folder.folder) for folder in prepared.adapter_folders],
@@ -150,6 +154,7 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             low_disk=options.low_disk,
             part=None if part is None else str(part),
             part_shards=part_shards,
+            threads=settings.threads,
         )
 
 
