@@ -36,7 +36,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     # targets (finish.publish), and every step below receives plain values from it.
     ("lora_merge.options",),
     # Everything before writing, shared by the two entry points above it.
-    ("lora_merge.prepare",),
+    ("lora_merge.prepare", "lora_merge.hash_ahead", "lora_merge.summary"),
     ("lora_merge.preview", "lora_merge.api"),
     # The command line: its options and the text it prints about a run, then the command.
     ("lora_merge.cli_options", "lora_merge.report"),

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -46,6 +46,7 @@ from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.dequantizing_reader import DequantizingReader
+from lora_merge.io.hashing import FileHashes
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import TensorSpec
@@ -57,6 +58,7 @@ from lora_merge.plan.shards import shard_layout
 from lora_merge.prepare import RunSettings, prepare
 from lora_merge.preview import MergePreview, preview_merge
 from lora_merge.stream.executor import write_shard
+from lora_merge.summary import MergeSummary
 
 if TYPE_CHECKING:  # imported by _shard_uploads for a --low-disk run only
     from lora_merge.finish.hub_upload import ShardUploads
@@ -64,67 +66,6 @@ if TYPE_CHECKING:  # imported by _shard_uploads for a --low-disk run only
 __all__ = ["MergePreview", "MergeSummary", "merge", "preview_merge"]
 
 Shards = list[tuple[str, list[PlannedTensor]]]
-
-
-@dataclass(frozen=True)
-class MergeSummary:
-    """What a merge did.
-
-    Attributes:
-        out: the folder written.
-        tensors: output tensors written.
-        lora_modules: LoRA modules merged.
-        replaced: base tensors replaced by adapter tensors.
-        copied: tensors copied byte for byte.
-        shards: safetensors files in OUT.
-        resumed_shards: shards kept from an interrupted run (``--resume``).
-        bytes_written: tensor data bytes written.
-        seconds: wall time of the merge.
-        base / adapter: the resolved input folders.
-        files: the files written to OUT.
-        lora_modules_by_layer: LoRA modules merged, by layer kind.
-        plan_seconds / write_seconds: time spent planning, and streaming and finishing OUT.
-        warnings: what the run warned about (also issued as ``LoraMergeWarning``).
-        pushed_to / commit_url: the Hub repo OUT was uploaded to and the commit, if pushed.
-        adapters: every adapter combined (``adapter`` is the first), and
-            ``combine`` the method, when several adapters (or combination options) were given.
-        threads: CPU threads that merged at once.
-        gb_per_second: tensor data written per second of the whole run, in GB (10^9 bytes).
-    """
-
-    out: str
-    tensors: int
-    lora_modules: int
-    replaced: int
-    copied: int
-    shards: int
-    resumed_shards: int
-    bytes_written: int
-    seconds: float
-    base: str = ""
-    adapter: str = ""
-    files: list[str] = field(default_factory=list)
-    lora_modules_by_layer: dict[str, int] = field(default_factory=dict)
-    plan_seconds: float = 0.0
-    write_seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-    pushed_to: str | None = None
-    commit_url: str | None = None
-    adapters: list[str] = field(default_factory=list)
-    combine: str | None = None
-    part: str | None = None
-    computed_shards: int | None = None
-    threads: int = 1
-    gb_per_second: float = 0.0
-
-    def to_dict(self) -> dict[str, object]:
-        summary = asdict(self)
-        if self.combine is None:  # a single-adapter merge keeps its documented fields
-            del summary["adapters"], summary["combine"]
-        for name in ("part", "computed_shards"):  # only runs of a split merge have them
-            if summary[name] is None:
-                del summary[name]
-        return summary
 
 
 class _Written(NamedTuple):
@@ -136,11 +77,14 @@ class _Written(NamedTuple):
     notes: list[str]
 
 
-def merge(options: MergeOptions) -> MergeSummary:
+def merge(options: MergeOptions, hashes_ahead: FileHashes | None = None) -> MergeSummary:
     """Merge a LoRA adapter into its base model and write a standalone model folder.
 
     Args:
         options: what to merge, where to, and how.
+        hashes_ahead: input files' sha256 started before this call (see
+            :func:`lora_merge.hash_ahead.hash_inputs_ahead`); the model card takes
+            them from there. None: the files are hashed during the run.
 
     Returns:
         A summary of the work done.
@@ -153,7 +97,7 @@ def merge(options: MergeOptions) -> MergeSummary:
     """
     settings = checked_options(options)
     with _shard_uploads(settings) as uploads:
-        summary = _merge_reporting_permissions(settings, uploads)
+        summary = _merge_reporting_permissions(settings, uploads, hashes_ahead)
         if settings.push_to_hub is None:
             return summary
         if settings.low_disk:  # committed by ShardUploads before OUT appeared
@@ -187,11 +131,11 @@ def _shard_uploads(settings: MergeSettings) -> KeepShards | ShardUploads:
 
 
 def _merge_reporting_permissions(
-    settings: MergeSettings, uploads: KeepShards | ShardUploads
+    settings: MergeSettings, uploads: KeepShards | ShardUploads, hashes_ahead: FileHashes | None
 ) -> MergeSummary:
     """:func:`_merge`, with a permission problem turned into an error that names the path."""
     try:
-        return _merge(settings, uploads)
+        return _merge(settings, uploads, hashes_ahead)
     except PermissionError as err:
         # Whatever step met it, a permission problem is the user's to fix: name the path.
         path = Path(err.filename or "?")
@@ -202,7 +146,9 @@ def _merge_reporting_permissions(
         ) from err
 
 
-def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeSummary:
+def _merge(
+    options: MergeSettings, uploads: KeepShards | ShardUploads, hashes_ahead: FileHashes | None
+) -> MergeSummary:
     started = time.perf_counter()
     with prepare(options) as prepared:  # resolve inputs -> read adapter -> plan
         plan = prepared.plan
@@ -217,6 +163,7 @@ def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeS
             prepared.record,
             prepared.recipe,
             uploads,
+            hashes_ahead,
         )
         for note in written_shards.notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
@@ -267,6 +214,7 @@ def _write_output(
     record: MergeRecord,
     recipe: CombineRecipe | None = None,
     uploads: KeepShards | ShardUploads | None = None,
+    hashes_ahead: FileHashes | None = None,
 ) -> _Written:
     """Stream the planned tensors into shards and finish OUT.
 
@@ -296,6 +244,7 @@ def _write_output(
         settings.hash_inputs and settings.save_method != "lora" and part is None,
         # Shards read from the Hub (--low-disk): the Hub gave their size and sha256.
         {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
+        hashes_ahead,
     )
     progress, on_bytes = _progress_bar(
         sum(_shard_bytes(t) for _, t in to_write), settings.show_progress

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only types: importing the library here would import torch for --help
-    from lora_merge.api import MergePreview, MergeSummary
+    from lora_merge.api import MergePreview
+    from lora_merge.summary import MergeSummary
 
 
 def describe_summary(summary: MergeSummary, unmerge: bool = False) -> str:

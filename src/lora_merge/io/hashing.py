@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -75,3 +77,88 @@ def _hash_read(
             break
         update(buffer[:count])
         remaining -= count
+
+
+class FileHashes:
+    """sha256 of whole files, started ahead on a few threads and looked up when needed.
+
+    A file is known by its device and inode, so any path that names it finds its
+    digest. A digest is used only if the file's size and modification time are
+    still those it had when it was hashed; otherwise it is hashed again.
+    :meth:`close` stops the threads at their next window, so a run that fails
+    early does not wait for gigabytes to be hashed before it exits.
+    """
+
+    def __init__(self, paths: Iterable[Path], workers: int) -> None:
+        """Start hashing ``paths`` (in order, ``workers`` files at once)."""
+        self._stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lora-merge-hash")
+        self._started: dict[tuple[int, int], Future[tuple[_Stamp, str]]] = {}
+        for path in paths:
+            try:
+                identity = _identity(os.stat(path))
+            except OSError:
+                continue  # the run itself will say what is wrong with it
+            if identity not in self._started:
+                self._started[identity] = pool.submit(self._stamped_sha256, path)
+        pool.shutdown(wait=False)
+
+    def __enter__(self) -> FileHashes:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop hashing: files not started are skipped, the others stop at their next window."""
+        self._stop.set()
+        for future in self._started.values():
+            future.cancel()
+
+    def sha256(self, path: Path) -> str:
+        """The file's hex sha256: the one hashed ahead if the file is unchanged since, else now."""
+        status = os.stat(path)
+        future = self._started.get(_identity(status))
+        if future is not None and not future.cancelled():
+            try:
+                stamp, digest = future.result()
+            except (OSError, _Stopped):
+                pass
+            else:
+                if stamp == _stamp(status):
+                    return digest
+        return sha256_of(path)
+
+    def _stamped_sha256(self, path: Path) -> tuple[_Stamp, str]:
+        """The file's size and mtime, then its sha256 (a change during hashing shows in the stamp)."""
+        stamp = _stamp(os.stat(path))
+        digest = hashlib.sha256()
+
+        def update(view: memoryview) -> None:
+            if self._stop.is_set():
+                raise _Stopped
+            digest.update(view)
+
+        with open(path, "rb") as handle:
+            end = handle.seek(0, 2)
+            try:
+                _hash_mapped(update, handle.fileno(), 0, end)
+            except OSError:
+                digest = hashlib.sha256()
+                _hash_read(update, handle, 0, end)
+        return stamp, digest.hexdigest()
+
+
+class _Stopped(Exception):
+    """Raised inside a hashing thread once :meth:`FileHashes.close` was called."""
+
+
+_Stamp = tuple[int, int]
+
+
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
+
+
+def _stamp(status: os.stat_result) -> _Stamp:
+    return status.st_size, status.st_mtime_ns
