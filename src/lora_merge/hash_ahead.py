@@ -2,9 +2,9 @@
 
 The model card records the sha256 of every input file: at about 1.5 GB/s per
 core, 1.5 CPU-s for a 1.1B model and 9 for a 7B one. ``import torch`` takes
-1.5 s on one core while the others wait, and hashlib lets go of the GIL, so
-hashing that starts before the import costs no wall time there (measured in
-docs/benchmarks.md), and what is left of it overlaps the merge as before.
+about 1.4 s on one core while the others wait, and hashlib lets go of the GIL,
+so hashing that starts before the import runs on those idle cores; what is left
+of it overlaps the merge as before.
 
 Which files a run reads is decided later, by the inputs' resolution; here only
 JSON is read, to guess them: BASE's ``config.json``, its index and the shards it
