@@ -16,8 +16,8 @@ from handmade_checkpoints import write_adapter, write_base
 from test_provenance_and_push import card_rows
 from test_startup import run_traced
 
-from lora_merge.hash_ahead import local_input_files
 from lora_merge.io.hashing import HASH_WINDOW_BYTES, FileHashes
+from lora_merge.run.hash_ahead import local_input_files
 
 LORA_MERGE = str(Path(sys.executable).with_name("lora-merge"))
 
@@ -85,8 +85,8 @@ def test_hashing_ahead_imports_no_torch(tmp_path: Path) -> None:
     write_base(base, shards=2)
     write_adapter(adapter)
     code = (
-        "from lora_merge.hash_ahead import hash_inputs_ahead\n"
-        "from lora_merge.options import MergeOptions\n"
+        "from lora_merge.run.hash_ahead import hash_inputs_ahead\n"
+        "from lora_merge.options.settings import MergeOptions\n"
         f"hashes = hash_inputs_ahead(MergeOptions({str(base)!r}, {str(adapter)!r}, 'out'))\n"
         f"print(hashes.sha256(__import__('pathlib').Path({str(base / 'config.json')!r})))\n"
     )

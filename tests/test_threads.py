@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_pinned_outputs import PINNED, build_case, output_digests
 
-from lora_merge.stream.machine import cgroup_cpu_quota, usable_cpu_count
+from lora_merge.stream.cpus import cgroup_cpu_quota, usable_cpu_count
 
 LORA_MERGE = str(Path(sys.executable).with_name("lora-merge"))
 EIGHT_CPUS = range(8)
@@ -147,7 +147,7 @@ def test_threads_must_be_a_positive_whole_number(tmp_path: Path, threads: str) -
 def test_threads_below_one_are_refused_from_python_too(tmp_path: Path) -> None:
     from lora_merge import merge
     from lora_merge.errors import UsageError
-    from lora_merge.options import MergeOptions
+    from lora_merge.options.settings import MergeOptions
 
     base, adapter, _ = build_case("llama-bf16-qv", tmp_path)
     with pytest.raises(UsageError, match="--threads 0 must be a whole number of at least 1"):

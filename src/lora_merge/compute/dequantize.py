@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from lora_merge.errors import UsageError
-
 # The 16 NF4 values (quantiles of N(0, 1), QLoRA paper, appendix E), as
 # bitsandbytes' get_4bit_type("nf4") lists them.
 NF4_CODE = (
@@ -77,19 +75,6 @@ _FP4_UNNORMALIZED = (
 FOUR_BIT_QUANT_TYPES = ("nf4", "fp4")
 # Block sizes bitsandbytes' quantize_4bit / dequantize_4bit accept.
 FOUR_BIT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def check_four_bit_blocksize(blocksize: int) -> None:
-    """Refuse a ``quant_blocksize`` bitsandbytes does not quantize with.
-
-    Raises:
-        UsageError: it is not one of :data:`FOUR_BIT_BLOCKSIZES`.
-    """
-    if blocksize not in FOUR_BIT_BLOCKSIZES:
-        raise UsageError(
-            f"quant_blocksize {blocksize!r} is not one of "
-            f"{', '.join(map(str, FOUR_BIT_BLOCKSIZES))} (the block sizes bitsandbytes quantizes with)"
-        )
 
 
 # Elements dequantized at once: a multiple of every 4-bit blocksize, so each chunk starts a

@@ -3,10 +3,11 @@
 OUT's ``README.md`` is a model card the Hub understands (YAML front matter with
 ``base_model``, ``base_model_relation``, ``library_name`` and ``tags``) whose
 body says what was merged: the inputs (Hub repo and commit, or the path given),
-the sha256 of every input file, the scales, the arithmetic, the dtype, the
-lora-merge version and the command line. Each shard's header records the same
-in a few ``lora_merge.*`` keys. Nothing here depends on the clock or the host,
-so two runs with the same inputs and options write the same bytes.
+the sha256 of every input file (:mod:`lora_merge.finish.input_hashes`), the
+scales, the arithmetic, the dtype, the lora-merge version and the command line.
+Each shard's header records the same in a few ``lora_merge.*`` keys. Nothing
+here depends on the clock or the host, so two runs with the same inputs and
+options write the same bytes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +26,15 @@ from lora_merge._version import __version__
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
 from lora_merge.finish.folder import DTYPE_NAME_IN_CONFIG
+from lora_merge.finish.input_hashes import InputFile
 from lora_merge.inputs.locations import hub_snapshot_of
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
-from lora_merge.io.hashing import FileHashes, sha256_of
-from lora_merge.io.hub_names import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
+from lora_merge.io.hub_names import REPOCARD_NAME
 from lora_merge.io.shard_writer import OUTPUT_METADATA
+from lora_merge.options.values import SaveMethod
 from lora_merge.plan.model import MergePlan
 
 HUB_URL = "https://huggingface.co"
-# The cache names a file's blob by its etag, which for files stored with Git LFS
-# (every weights file) is the sha256 of the content: no need to read it again.
-_SHA256_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 _NAMESPACED_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -67,16 +65,6 @@ class InputIdentity:
     def label(self) -> str:
         """``org/name@commit`` for a Hub snapshot, else the path as given."""
         return f"{self.repo_id}@{self.commit}" if self.repo_id else self.spec
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One file read by the merge, with its size and sha256 (None when not computed)."""
-
-    role: str
-    name: str
-    size: int
-    sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -138,7 +126,7 @@ def merge_record(
     mismatch: bool,
     unmerge: bool,
     recipe: CombineRecipe | None,
-    save_method: str,
+    save_method: SaveMethod,
     output_dtype: torch.dtype | None,
     command: str | None,
 ) -> MergeRecord:
@@ -198,34 +186,6 @@ def shard_metadata(record: MergeRecord) -> dict[str, str]:
         "lora_merge.adapter": record.adapter.label,
         "lora_merge.method": record.method,
     }
-
-
-def input_files(role: str, folder: Path, paths: Iterable[Path]) -> list[tuple[str, str, Path]]:
-    """``(role, name relative to the input folder, path)`` for each distinct input file."""
-    seen: dict[Path, None] = dict.fromkeys(paths)
-    return [(role, _relative_name(path, folder), path) for path in seen]
-
-
-def start_hashing(
-    files: Sequence[tuple[str, str, Path]],
-    enabled: bool,
-    known: Mapping[Path, tuple[int, str | None]] | None = None,
-    ahead: FileHashes | None = None,
-) -> Future[list[InputFile]]:
-    """Hash the input files on a background thread while the merge runs.
-
-    The thread reads files the merge reads too (mostly from the page cache) and
-    hashlib releases the GIL, so on a machine with a spare core this costs little
-    wall time. Files in huggingface_hub's cache are not read at all: their blob's
-    name is their sha256. Files in ``known`` (size and sha256 by path: shards read
-    from the Hub with ``--low-disk``, whose sha256 the Hub gave) are not read either.
-    Files that ``ahead`` started hashing before the run (see
-    :func:`lora_merge.hash_ahead.hash_inputs_ahead`) are taken from it.
-    """
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-merge-hash")
-    future = pool.submit(_hash_all, files, enabled, known or {}, ahead)
-    pool.shutdown(wait=False)
-    return future
 
 
 def write_model_card(folder: Path, record: MergeRecord, files: Sequence[InputFile]) -> None:
@@ -288,69 +248,16 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe_arithmetic(method: str, base: BaseCheckpoint, save_method: str) -> str:
+def describe_arithmetic(method: str, base: BaseCheckpoint, save_method: SaveMethod) -> str:
     """The model card's description of the arithmetic, quantization included."""
     if base.quantization is not None:
         method += (
             f"; W dequantized from BASE's {base.quantization.describe()} weights "
             "exactly as bitsandbytes dequantizes them"
         )
-    if save_method == "merged_4bit":
+    if save_method is SaveMethod.MERGED_4BIT:
         method += "; then re-quantized to 4 bits with bitsandbytes (a second rounding)"
     return method
-
-
-def files_read_by_merge(
-    base: BaseCheckpoint, adapter_folders: Sequence[AdapterFolder]
-) -> list[tuple[str, str, Path]]:
-    """Every file the merge reads, for the model card: configs, index, weights
-    (several adapters' files are listed as ``adapter 1``, ``adapter 2``...)."""
-    base_files = [
-        base.folder / name
-        for name in (CONFIG_NAME, SAFETENSORS_INDEX_FILE)
-        if (base.folder / name).is_file()
-    ]
-    base_files += sorted({entry.path for entry in base.entries.values()})
-    files = input_files("base", base.folder, base_files)
-    for number, folder in enumerate(adapter_folders, start=1):
-        role = "adapter" if len(adapter_folders) == 1 else f"adapter {number}"
-        paths = [path for path in (folder.config_path, folder.weights_path) if path]
-        files += input_files(role, folder.folder, paths)
-    return files
-
-
-def _hash_all(
-    files: Sequence[tuple[str, str, Path]],
-    enabled: bool,
-    known: Mapping[Path, tuple[int, str | None]],
-    ahead: FileHashes | None,
-) -> list[InputFile]:
-    hashed = []
-    for role, name, path in files:
-        if path in known:
-            size, sha256 = known[path]
-            hashed.append(InputFile(role, name, size, sha256 if enabled else None))
-        else:
-            hashed.append(
-                InputFile(
-                    role, name, path.stat().st_size, _sha256(path, ahead) if enabled else None
-                )
-            )
-    return hashed
-
-
-def _sha256(path: Path, ahead: FileHashes | None) -> str:
-    blob = Path(os.path.realpath(path))
-    if blob.parent.name == "blobs" and _SHA256_BLOB_NAME.fullmatch(blob.name):
-        return blob.name
-    return sha256_of(path) if ahead is None else ahead.sha256(path)
-
-
-def _relative_name(path: Path, folder: Path) -> str:
-    try:
-        return path.relative_to(folder).as_posix()
-    except ValueError:
-        return path.name
 
 
 def _input_cell(source: InputIdentity) -> str:

@@ -21,6 +21,7 @@ from lora_merge.errors import InvalidInputError
 from lora_merge.inputs.quantized import FourBitWeight, LogicalTensor
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.shard_writer import TensorSpec
+from lora_merge.options.values import QuantType
 from lora_merge.plan.architectures import VOCAB_TENSOR_SUFFIXES
 from lora_merge.plan.four_bit_format import FourBitFormat
 from lora_merge.plan.model import MergePlan, PlannedTensor
@@ -29,7 +30,7 @@ from lora_merge.plan.model import MergePlan, PlannedTensor
 def plan_requantization(
     plan: MergePlan,
     base: BaseCheckpoint,
-    quant_type: str,
+    quant_type: QuantType,
     double_quant: bool,
     blocksize: int,
 ) -> MergePlan:
@@ -79,7 +80,7 @@ def _target_format(
     tensor: PlannedTensor,
     logical: LogicalTensor | None,
     base: BaseCheckpoint,
-    quant_type: str,
+    quant_type: QuantType,
     double_quant: bool,
     blocksize: int,
 ) -> FourBitFormat | None:
@@ -98,11 +99,15 @@ def _target_format(
         return None
     if not tensor.spec.dtype.is_floating_point:
         return None
-    return FourBitFormat(quant_type, blocksize, double_quant, tensor.spec.dtype, shape)
+    # The format records the code as the files name it, as it does for a 4-bit base's own.
+    return FourBitFormat(quant_type.value, blocksize, double_quant, tensor.spec.dtype, shape)
 
 
 def requantized_config(
-    base: BaseCheckpoint, quant_type: str, double_quant: bool, compute_dtype: torch.dtype | None
+    base: BaseCheckpoint,
+    quant_type: QuantType,
+    double_quant: bool,
+    compute_dtype: torch.dtype | None,
 ) -> dict[str, object]:
     """config.json's ``quantization_config`` for merged_4bit output.
 
@@ -116,7 +121,7 @@ def requantized_config(
         "_load_in_8bit": False,
         "bnb_4bit_compute_dtype": str(compute_dtype or torch.float32).removeprefix("torch."),
         "bnb_4bit_quant_storage": "uint8",
-        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_quant_type": quant_type.value,  # config.json holds the name
         "bnb_4bit_use_double_quant": double_quant,
         "llm_int8_enable_fp32_cpu_offload": False,
         "llm_int8_has_fp16_weight": False,

@@ -1,21 +1,18 @@
-"""Every check and decision that comes before writing, shared by merge and preview.
+"""The run, first step: every decision that comes before writing, shared by merge and preview.
 
-:func:`prepare` runs the first half of the flow: options read into
-:class:`RunSettings`, then resolve inputs (``inputs/``) -> read the adapter
-(``adapter/``) -> plan (``plan/``). :func:`lora_merge.api.merge` streams the
-plan into OUT; :func:`lora_merge.preview.preview_merge` describes it instead.
+:func:`prepare` runs the first half of the flow on the checked options
+(:class:`~lora_merge.options.MergeSettings`): resolve inputs (``inputs/``) -> read the adapter
+(``adapter/``) -> plan (``plan/``). :mod:`lora_merge.run.folder` streams the
+plan into OUT; :mod:`lora_merge.run.preview` describes it instead.
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import torch
 
 from lora_merge.adapter.combined import AdapterInput, CombinedAdapter
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
@@ -31,47 +28,21 @@ from lora_merge.adapter.refusals import (
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
 from lora_merge.errors import LoraMergeWarning
-from lora_merge.finish.parts import Part
 from lora_merge.finish.provenance import MergeRecord, merge_record
 from lora_merge.inputs.identity import base_mismatch_warnings
 from lora_merge.inputs.merge_inputs import resolve_merge_inputs
 from lora_merge.inputs.quantized import merged_output_dtype
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.reader import TensorSource
-from lora_merge.options import MergeSettings
+from lora_merge.options import MergeSettings, SaveMethod
 from lora_merge.plan.model import MergePlan
 from lora_merge.plan.planner import build_merge_plan
 from lora_merge.plan.requantize import plan_requantization
 from lora_merge.stream.executor import tile_budget_for
-from lora_merge.stream.machine import usable_cpu_count
 
 # The share of --max-memory the stream's tiles may use (see tile_budget_for);
 # the rest covers the adapter matrices and torch's own allocations.
 TILE_SHARE_OF_BUDGET = 0.5
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What the stream and the finish read of :class:`~lora_merge.options.MergeSettings`.
-
-    :func:`~lora_merge.options.checked_options` has refused bad values and
-    conflicts before; :func:`_run_settings` only converts.
-    """
-
-    output_dtype: torch.dtype | None
-    max_shard_size: int
-    tile_budget: int
-    device: torch.device
-    show_progress: bool
-    resume: bool
-    allow_nonfinite: bool
-    verify: bool
-    hash_inputs: bool
-    save_method: str = "merged_16bit"
-    quant_type: str = "nf4"
-    double_quant: bool = False
-    part: Part | None = None
-    threads: int = 1
 
 
 @dataclass
@@ -79,7 +50,7 @@ class Prepared:
     """What :func:`prepare` decided.
 
     Attributes:
-        settings: the options as values.
+        settings: the checked options; ``output_dtype`` set for a quantized base.
         base: the resolved base.
         adapter_folder: the first adapter (``adapter_folders[0]``).
         adapter: the adapter tensors the plan reads (a combination's, when combining).
@@ -90,9 +61,10 @@ class Prepared:
         record: what OUT's model card and shard metadata will say.
         recipe: how several adapters are combined, or None.
         adapter_folders: every adapter, in the order given.
+        tile_budget: workspace bytes per tile of the stream (:func:`tile_budget_for`).
     """
 
-    settings: RunSettings
+    settings: MergeSettings
     base: BaseCheckpoint
     adapter_folder: AdapterFolder
     adapter: TensorSource
@@ -103,15 +75,23 @@ class Prepared:
     record: MergeRecord
     recipe: CombineRecipe | None = None
     adapter_folders: list[AdapterFolder] = field(default_factory=list)
+    tile_budget: int = 0
 
 
 @contextmanager
 def prepare(options: MergeSettings) -> Iterator[Prepared]:
-    """Every check and decision that comes before writing, shared by merge and preview.
+    """The run, first step: every decision that comes before writing, shared by merge and preview.
 
     ``options`` come from :func:`~lora_merge.options.checked_options`.
+
+    Raises:
+        InvalidInputError: ``merged_4bit`` without a bitsandbytes that loads, and
+            every problem with the inputs.
     """
-    settings = _run_settings(options)
+    if options.save_method is SaveMethod.MERGED_4BIT:
+        # Found here, before any input is read, not at the first weight to re-quantize.
+        require_bitsandbytes("--save-method merged_4bit")
+    settings = options
     recipe = options.recipe
     loralib = options.loralib
     base, adapter_folders, out = resolve_merge_inputs(
@@ -147,7 +127,7 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
         config, contents, adapter = _read_adapters(adapter_folders, configs, sources, recipe)
         if options.unmerge:
             refuse_unmerge_of_dora(adapter_folder.config_path, config, contents)
-        plan = _plan(options, settings, base, config, contents, adapter, loralib, recipe)
+        plan = _plan(settings, base, config, contents, adapter, loralib, recipe)
         for note in notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
         record = merge_record(
@@ -175,35 +155,8 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
             record,
             recipe,
             adapter_folders,
+            tile_budget_for(settings.device, int(settings.max_memory * TILE_SHARE_OF_BUDGET)),
         )
-
-
-def _run_settings(options: MergeSettings) -> RunSettings:
-    """Options as the run reads them.
-
-    Raises:
-        InvalidInputError: ``merged_4bit`` without a bitsandbytes that loads.
-    """
-    settings = RunSettings(
-        output_dtype=options.output_dtype,
-        max_shard_size=options.max_shard_size,
-        tile_budget=tile_budget_for(options.device, int(options.max_memory * TILE_SHARE_OF_BUDGET)),
-        device=options.device,
-        show_progress=not options.quiet and sys.stderr.isatty(),
-        resume=options.resume,
-        allow_nonfinite=options.allow_nonfinite,
-        verify=options.verify,
-        hash_inputs=options.hash_inputs,
-        save_method=options.save_method.value,
-        quant_type=options.quant_type.value,
-        double_quant=options.double_quant,
-        part=options.part,
-        threads=options.threads or usable_cpu_count(),
-    )
-    if settings.save_method == "merged_4bit":
-        # Found here, before any input is read, not at the first weight to re-quantize.
-        require_bitsandbytes("--save-method merged_4bit")
-    return settings
 
 
 def _read_adapters(
@@ -220,8 +173,7 @@ def _read_adapters(
 
 
 def _plan(
-    options: MergeSettings,
-    settings: RunSettings,
+    settings: MergeSettings,
     base: BaseCheckpoint,
     config: LoraAdapterConfig,
     contents: AdapterContents,
@@ -236,14 +188,14 @@ def _plan(
         contents,
         adapter,
         settings.output_dtype,
-        unmerge=options.unmerge,
+        unmerge=settings.unmerge,
         loralib=loralib,
     )
     if recipe is not None:
         refuse_combined_experts(p.a_key for p in plan.lora_products if p.experts > 1)
-    if settings.save_method == "merged_4bit":
+    if settings.save_method is SaveMethod.MERGED_4BIT:
         plan = plan_requantization(
-            plan, base, settings.quant_type, options.double_quant, options.quant_blocksize
+            plan, base, settings.quant_type, settings.double_quant, settings.quant_blocksize
         )
     return plan
 

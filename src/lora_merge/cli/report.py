@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only types: importing the library here would import torch for --help
-    from lora_merge.api import MergePreview
-    from lora_merge.summary import MergeSummary
+    from lora_merge.api import MergePreview, MergeSummary
 
 
 def describe_summary(summary: MergeSummary, unmerge: bool = False) -> str:

@@ -2,9 +2,9 @@
 
 The model card records the sha256 of every input file: at about 1.5 GB/s per
 core, 1.5 CPU-s for a 1.1B model and 9 for a 7B one. ``import torch`` takes
-about 1.4 s on one core while the others wait, and hashlib lets go of the GIL,
-so hashing that starts before the import runs on those idle cores; what is left
-of it overlaps the merge as before.
+1.5 s on one core while the others wait, and hashlib lets go of the GIL, so
+hashing that starts before the import costs no wall time there (measured in
+docs/benchmarks.md), and what is left of it overlaps the merge as before.
 
 Which files a run reads is decided later, by the inputs' resolution; here only
 JSON is read, to guess them: BASE's ``config.json``, its index and the shards it
@@ -23,8 +23,9 @@ from pathlib import Path
 from lora_merge.errors import UsageError
 from lora_merge.io.hashing import FileHashes
 from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
-from lora_merge.options import MergeOptions, SaveMethod
-from lora_merge.stream.machine import usable_cpu_count
+from lora_merge.options.settings import MergeOptions
+from lora_merge.options.values import SaveMethod
+from lora_merge.stream.cpus import usable_cpu_count
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Files hashed at once, at most: each thread maps one window (see io/hashing.py).

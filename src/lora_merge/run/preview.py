@@ -1,8 +1,9 @@
-"""What a merge would do, decided without writing anything: ``--dry-run`` and ``preview_merge``.
+"""The run, second step for a preview: what a merge would do, decided without writing anything.
 
-:func:`preview_merge` prepares the merge as :func:`lora_merge.api.merge` does
-(:func:`lora_merge.prepare.prepare`), then only counts and names: inputs, layer
-kinds, scales, dtypes, the output shards, memory and disk.
+:func:`preview_settings` (``--dry-run``, :func:`lora_merge.api.preview_merge`)
+prepares the merge as a merge does (:func:`lora_merge.run.prepare.prepare`),
+then only counts and names: inputs, layer kinds, scales, dtypes, the output
+shards, memory and disk.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from lora_merge.finish.disk import check_free_space, free_space
 from lora_merge.finish.shard_sink import disk_needed
 from lora_merge.inputs.resolve import BaseCheckpoint
-from lora_merge.options import MergeOptions, checked_options
+from lora_merge.options import MergeSettings
 from lora_merge.plan.shards import shard_layout
-from lora_merge.prepare import prepare
+from lora_merge.run.prepare import prepare
 from lora_merge.stream.executor import working_memory_bound
 
 
@@ -91,14 +92,14 @@ class MergePreview:
         return preview
 
 
-def preview_merge(options: MergeOptions) -> MergePreview:
+def preview_settings(options: MergeSettings) -> MergePreview:
     """Resolve the inputs, read headers and the adapter, plan the merge; write nothing.
 
     Raises:
         LoraMergeError: everything :func:`~lora_merge.api.merge` would refuse before
             writing, including a disk too small for OUT.
     """
-    with prepare(checked_options(options)) as prepared:
+    with prepare(options) as prepared:
         plan, settings, config, base = (
             prepared.plan,
             prepared.settings,
@@ -142,14 +143,14 @@ def preview_merge(options: MergeOptions) -> MergePreview:
                 (tensors for _, tensors in shards),
                 prepared.adapter,
                 settings.device,
-                settings.tile_budget,
+                prepared.tile_budget,
                 settings.threads,
             ),
             disk_free_bytes=free_space(prepared.out),
             adapters=[str(folder.folder) for folder in prepared.adapter_folders],
             combine=prepared.recipe.method_name if prepared.recipe else None,
             quantization=_describe_quantization(base),
-            save_method=settings.save_method,
+            save_method=settings.save_method.value,  # the summary's JSON holds the name
             disk_needed_bytes=needed,
             low_disk=options.low_disk,
             part=None if part is None else str(part),

@@ -1,4 +1,4 @@
-"""Where the merge runs: the device (``--device``) and how many CPU threads (``--threads``).
+"""How many CPUs this process may really use: the default of ``--threads``.
 
 ``os.cpu_count()`` counts the machine's cores, not this process's share of them.
 A Slurm job, ``taskset`` or a container's cpuset narrows the CPUs the process may
@@ -7,8 +7,7 @@ run on (its affinity mask), and a container's CPU quota (cgroup ``cpu.max``, or
 affinity: 64 threads on a 4-CPU quota are throttled, each holding its tile
 buffers and factors for nothing. The count is the smaller of the two.
 
-For the thread count, the paths are parameters, so that tests can hand in a
-cgroup file tree of their own.
+The paths are parameters, so that tests can hand in a cgroup file tree of their own.
 """
 
 from __future__ import annotations
@@ -17,61 +16,9 @@ import math
 import os
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from lora_merge.errors import UsageError
-
-# torch is imported where a value needs it: --help, --version and usage errors need none.
-if TYPE_CHECKING:
-    import torch
 
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def resolve_device(name: object) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU; others as given (any case).
-
-    Raises:
-        UsageError: the name is not a device, or CUDA is asked for but absent.
-    """
-    import torch
-
-    key = name.strip().lower() if isinstance(name, str) else repr(name)
-    if key == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(key)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N") from err
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu"
-        )
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and device.index >= torch.cuda.device_count()
-    ):
-        raise UsageError(
-            f"--device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
-        )
-    return device
-
-
-def check_thread_count(threads: object) -> int | None:
-    """``--threads``: a whole number of at least 1, or None for the CPUs the process may use.
-
-    Raises:
-        UsageError: anything else.
-    """
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise UsageError(f"--threads {threads!r} must be a whole number of at least 1")
-    return threads
 
 
 def usable_cpu_count(
