@@ -9,6 +9,7 @@ push, or prepare -> describe for :func:`preview_merge`.
 
 from __future__ import annotations
 
+from lora_merge.io.hashing import FileHashes
 from lora_merge.options.checks import checked_options
 from lora_merge.options.settings import MergeOptions
 from lora_merge.run.merge import MergeSummary, run_merge
@@ -17,11 +18,14 @@ from lora_merge.run.preview import MergePreview, preview_settings
 __all__ = ["MergePreview", "MergeSummary", "merge", "preview_merge"]
 
 
-def merge(options: MergeOptions) -> MergeSummary:
+def merge(options: MergeOptions, hashes_ahead: FileHashes | None = None) -> MergeSummary:
     """Merge a LoRA adapter into its base model and write a standalone model folder.
 
     Args:
         options: what to merge, where to, and how.
+        hashes_ahead: input files' sha256 started before this call (see
+            :func:`lora_merge.run.hash_ahead.hash_inputs_ahead`); the model card takes
+            them from there. None: the files are hashed during the run.
 
     Returns:
         A summary of the work done.
@@ -33,7 +37,7 @@ def merge(options: MergeOptions) -> MergeSummary:
             written to OUT in that case and the inputs are never modified.
     """
     settings = checked_options(options)
-    return run_merge(settings)
+    return run_merge(settings, hashes_ahead)
 
 
 def preview_merge(options: MergeOptions) -> MergePreview:

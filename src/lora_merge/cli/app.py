@@ -8,9 +8,12 @@ and a documented exit code in :mod:`lora_merge.cli.exit_codes`, and only there.
 
 from __future__ import annotations
 
+import gc
 import json
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,7 @@ from lora_merge.cli.option_types import (
     SeedOpt,
     SvdClampOpt,
     SvdRankOpt,
+    ThreadsOpt,
     UnmergeOpt,
     VerifyOpt,
     VersionOpt,
@@ -91,6 +95,7 @@ def merge_command(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     max_memory: MaxMemoryOpt = "1GiB",
+    threads: ThreadsOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     dry_run: DryRunOpt = False,
@@ -140,20 +145,47 @@ def merge_command(
     # library's one check as it is.
     typed = {f.name: ctx.params[f.name] for f in fields(MergeOptions) if f.name in ctx.params}
     options = MergeOptions(**typed, command=_command_line(out))
-    with errors_as_exit_codes():
+    with errors_as_exit_codes(), ExitStack() as running:
+        # Torch-free: the input files' sha256 starts on the cores the import leaves idle.
+        from lora_merge.run.hash_ahead import hash_inputs_ahead
+
+        ahead = None if dry_run else hash_inputs_ahead(options)
+        if ahead is not None:
+            running.enter_context(ahead)  # a failing run stops the hashing threads
         # The library (and torch with it) is imported only now that there is work for it:
         # --help, --version and mistyped options return before this and stay fast.
-        from lora_merge.api import merge, preview_merge
+        with _imports_without_collections():
+            from lora_merge.api import merge, preview_merge
 
         if dry_run:
             preview = preview_merge(options)
             typer.echo(json.dumps(preview.to_dict()) if json_summary else describe_preview(preview))
             return
-        summary = merge(options)
+        summary = merge(options, ahead)
     if not quiet:
         typer.echo(describe_summary(summary, unmerge), err=True)
     if json_summary:
         typer.echo(json.dumps(summary.to_dict()))
+
+
+@contextmanager
+def _imports_without_collections() -> Iterator[None]:
+    """Import the library (and torch) with the cyclic garbage collector off, then freeze
+    what was imported.
+
+    The import creates hundreds of thousands of objects and no garbage worth
+    collecting; each collection on the way walks all of them again. Frozen, they are
+    never walked again during the merge. (The command owns its process: a Python
+    caller of :func:`lora_merge.merge` keeps its collector as it is.)
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
 
 
 def _command_line(out: Path) -> str:

@@ -83,6 +83,14 @@ DeviceOpt = Annotated[
         help="Where the merge math runs: auto (a GPU if there is one), cpu, cuda or cuda:N.",
     ),
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        metavar="N",
+        help="CPU threads that merge at once (default: the CPUs this process may use, "
+        "from its affinity and its cgroup's CPU quota).",
+    ),
+]
 MaxMemoryOpt = Annotated[
     str,
     _size("Working memory for tensor data; larger tensors are merged in row chunks."),

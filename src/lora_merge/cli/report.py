@@ -34,7 +34,8 @@ def describe_summary(summary: MergeSummary, unmerge: bool = False) -> str:
         f"{summary.tensors} tensors "
         f"({summary.copied} copied unchanged, {summary.replaced} replaced by the adapter's"
         f"{resumed}), wrote {human_bytes(summary.bytes_written)} in {summary.shards} shard(s) "
-        f"to {summary.out} in {summary.seconds:.1f} s{pushed}"
+        f"to {summary.out} in {summary.seconds:.1f} s ({summary.gb_per_second:.2f} GB/s, "
+        f"{summary.threads} thread(s)){pushed}"
     )
 
 
@@ -82,7 +83,11 @@ def describe_preview(preview: MergePreview) -> str:
         )
     )
     rows.append(
-        ("memory", f"~{human_bytes(preview.working_memory_bytes)} of tensor data in flight")
+        (
+            "memory",
+            f"~{human_bytes(preview.working_memory_bytes)} of tensor data in flight "
+            f"({preview.threads} thread(s))",
+        )
     )
     needed = human_bytes(preview.disk_needed_bytes or preview.output_bytes)
     if preview.low_disk:  # each shard is uploaded, then deleted: two at most at once

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
-from lora_merge.io.hashing import sha256_of
+from lora_merge.io.hashing import FileHashes, sha256_of
 from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE
 
 # The cache names a file's blob by its etag, which for files stored with Git LFS
@@ -44,6 +44,7 @@ def start_hashing(
     files: Sequence[tuple[str, str, Path]],
     enabled: bool,
     known: Mapping[Path, tuple[int, str | None]] | None = None,
+    ahead: FileHashes | None = None,
 ) -> Future[list[InputFile]]:
     """Hash the input files on a background thread while the merge runs.
 
@@ -52,9 +53,11 @@ def start_hashing(
     wall time. Files in huggingface_hub's cache are not read at all: their blob's
     name is their sha256. Files in ``known`` (size and sha256 by path: shards read
     from the Hub with ``--low-disk``, whose sha256 the Hub gave) are not read either.
+    Files that ``ahead`` started hashing before the run (see
+    :func:`lora_merge.run.hash_ahead.hash_inputs_ahead`) are taken from it.
     """
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-merge-hash")
-    future = pool.submit(_hash_all, files, enabled, known or {})
+    future = pool.submit(_hash_all, files, enabled, known or {}, ahead)
     pool.shutdown(wait=False)
     return future
 
@@ -82,6 +85,7 @@ def _hash_all(
     files: Sequence[tuple[str, str, Path]],
     enabled: bool,
     known: Mapping[Path, tuple[int, str | None]],
+    ahead: FileHashes | None,
 ) -> list[InputFile]:
     hashed = []
     for role, name, path in files:
@@ -90,16 +94,18 @@ def _hash_all(
             hashed.append(InputFile(role, name, size, sha256 if enabled else None))
         else:
             hashed.append(
-                InputFile(role, name, path.stat().st_size, _sha256(path) if enabled else None)
+                InputFile(
+                    role, name, path.stat().st_size, _sha256(path, ahead) if enabled else None
+                )
             )
     return hashed
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, ahead: FileHashes | None) -> str:
     blob = Path(os.path.realpath(path))
     if blob.parent.name == "blobs" and _SHA256_BLOB_NAME.fullmatch(blob.name):
         return blob.name
-    return sha256_of(path)
+    return sha256_of(path) if ahead is None else ahead.sha256(path)
 
 
 def _relative_name(path: Path, folder: Path) -> str:

@@ -21,8 +21,10 @@ from lora_merge.options.values import (
     SaveMethod,
     parse_part,
     parse_size,
+    parse_threads,
     resolve_device,
 )
+from lora_merge.stream.cpus import usable_cpu_count
 
 
 def checked_options(options: MergeOptions) -> MergeSettings:
@@ -75,6 +77,7 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         ),
         initial_adapter=options.initial_adapter,
         qlora_base=options.qlora_base,
+        threads=parse_threads(options.threads) or usable_cpu_count(),
     )
     _refuse_conflicts(settings)
     return settings

@@ -40,6 +40,8 @@ class MergeOptions:
         max_memory: working-set budget for tensor data; big tensors are merged
             in row chunks that fit in it.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where the merge math runs.
+        threads: CPU threads that merge at once; None: the CPUs this process may use
+            (its affinity mask, capped by its cgroup's CPU quota).
         overwrite: replace an existing non-empty OUT.
         quiet: no progress bar.
         resume: keep a checksummed journal so an interrupted run can be resumed,
@@ -91,6 +93,7 @@ class MergeOptions:
     max_shard_size: int | str = "5GB"
     max_memory: int | str = "1GiB"
     device: str = "auto"
+    threads: int | None = None
     overwrite: bool = False
     quiet: bool = False
     resume: bool = False
@@ -160,6 +163,8 @@ class MergeSettings:
         output_dtype: the dtype of every floating-point output tensor; None keeps each one's.
         max_shard_size / max_memory: byte counts.
         device: where the merge math runs (``auto`` resolved).
+        threads: CPU threads that merge at once (the default resolved, see
+            :func:`lora_merge.stream.cpus.usable_cpu_count`).
         save_method / quant_type / double_quant / quant_blocksize: what OUT holds,
             and the 4-bit format of ``merged_4bit`` from a 16-bit base.
         recipe: how the adapters are combined; None merges one adapter as it is.
@@ -201,3 +206,4 @@ class MergeSettings:
     initial_state: InitialStateMode = InitialStateMode.AS_TRAINED
     initial_adapter: Path | str | None = None
     qlora_base: bool = False
+    threads: int = 1

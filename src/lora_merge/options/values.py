@@ -134,6 +134,19 @@ def parse_size(value: int | str, option: str = "size") -> int:
     return size
 
 
+def parse_threads(threads: object) -> int | None:
+    """``--threads``: a whole number of at least 1, or None for the CPUs the process may use.
+
+    Raises:
+        UsageError: anything else.
+    """
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"--threads {threads!r} must be a whole number of at least 1")
+    return threads
+
+
 def resolve_device(name: object) -> torch.device:
     """``auto`` -> the first CUDA device if there is one, else the CPU; others as given (any case).
 

@@ -30,6 +30,7 @@ from lora_merge.finish.shard_sink import KeepShards
 from lora_merge.finish.staging import StagingFolder
 from lora_merge.finish.verify import verify_output
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
+from lora_merge.io.hashing import FileHashes
 from lora_merge.io.reader import TensorSource
 from lora_merge.options import MergeSettings, SaveMethod
 from lora_merge.plan.model import MergePlan
@@ -69,6 +70,7 @@ def write_output(
     tile_budget: int,
     recipe: CombineRecipe | None = None,
     uploads: KeepShards | ShardUploads | None = None,
+    hashes_ahead: FileHashes | None = None,
 ) -> Written:
     """Stream the planned tensors into shards and finish OUT.
 
@@ -98,6 +100,7 @@ def write_output(
         settings.hash_inputs and settings.save_method is not SaveMethod.LORA and part is None,
         # Shards read from the Hub (--low-disk): the Hub gave their size and sha256.
         {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
+        hashes_ahead,
     )
     progress, on_bytes = progress_bar(
         sum(shard_bytes(t) for _, t in to_write), not settings.quiet and sys.stderr.isatty()

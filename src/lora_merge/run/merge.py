@@ -18,6 +18,7 @@ from lora_merge._version import __version__
 from lora_merge.errors import InvalidInputError, LoraMergeWarning, OutputError
 from lora_merge.finish.publish import push_folder
 from lora_merge.finish.shard_sink import KeepShards
+from lora_merge.io.hashing import FileHashes
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.options import MergeSettings, SaveMethod
 from lora_merge.run.folder import write_output
@@ -49,6 +50,8 @@ class MergeSummary:
         pushed_to / commit_url: the Hub repo OUT was uploaded to and the commit, if pushed.
         adapters: every adapter combined (``adapter`` is the first), and
             ``combine`` the method, when several adapters (or combination options) were given.
+        threads: CPU threads that merged at once.
+        gb_per_second: tensor data written per second of the whole run, in GB (10^9 bytes).
     """
 
     out: str
@@ -73,6 +76,8 @@ class MergeSummary:
     combine: str | None = None
     part: str | None = None
     computed_shards: int | None = None
+    threads: int = 1
+    gb_per_second: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         summary = asdict(self)
@@ -84,11 +89,12 @@ class MergeSummary:
         return summary
 
 
-def run_merge(settings: MergeSettings) -> MergeSummary:
+def run_merge(settings: MergeSettings, hashes_ahead: FileHashes | None = None) -> MergeSummary:
     """Merge a LoRA adapter into its base model and write a standalone model folder.
 
     Args:
         settings: what to merge, where to, and how, checked.
+        hashes_ahead: input files' sha256 started before the run, or None.
 
     Returns:
         A summary of the work done.
@@ -98,7 +104,7 @@ def run_merge(settings: MergeSettings) -> MergeSummary:
             written to OUT in that case and the inputs are never modified.
     """
     with _shard_uploads(settings) as uploads:
-        summary = _merge_reporting_permissions(settings, uploads)
+        summary = _merge_reporting_permissions(settings, uploads, hashes_ahead)
         if settings.push_to_hub is None:
             return summary
         if settings.low_disk:  # committed by ShardUploads before OUT appeared
@@ -132,11 +138,11 @@ def _shard_uploads(settings: MergeSettings) -> KeepShards | ShardUploads:
 
 
 def _merge_reporting_permissions(
-    settings: MergeSettings, uploads: KeepShards | ShardUploads
+    settings: MergeSettings, uploads: KeepShards | ShardUploads, hashes_ahead: FileHashes | None
 ) -> MergeSummary:
     """:func:`_merge`, with a permission problem turned into an error that names the path."""
     try:
-        return _merge(settings, uploads)
+        return _merge(settings, uploads, hashes_ahead)
     except PermissionError as err:
         # Whatever step met it, a permission problem is the user's to fix: name the path.
         path = Path(err.filename or "?")
@@ -147,7 +153,9 @@ def _merge_reporting_permissions(
         ) from err
 
 
-def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeSummary:
+def _merge(
+    options: MergeSettings, uploads: KeepShards | ShardUploads, hashes_ahead: FileHashes | None
+) -> MergeSummary:
     started = time.perf_counter()
     with prepare(options) as prepared:  # resolve inputs -> read adapter -> plan
         plan = prepared.plan
@@ -163,6 +171,7 @@ def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeS
             prepared.tile_budget,
             prepared.recipe,
             uploads,
+            hashes_ahead,
         )
         for note in written_shards.notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
@@ -198,4 +207,8 @@ def _merge(options: MergeSettings, uploads: KeepShards | ShardUploads) -> MergeS
         combine=prepared.recipe.method_name if prepared.recipe else None,
         part=str(part) if part else None,
         computed_shards=written_shards.computed,
+        threads=prepared.settings.threads,
+        gb_per_second=round(
+            sum(spec.nbytes for spec in written) / 1e9 / max(finished - started, 1e-9), 6
+        ),
     )

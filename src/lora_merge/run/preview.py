@@ -41,6 +41,8 @@ class MergePreview:
         vocab_size: the new vocabulary size, when the adapter resizes it.
         working_memory_bytes: an upper bound of the tensor data the stream holds at once
             (tile buffers, and the LoRA factors of as many tensors as there are threads).
+        threads: CPU threads that would merge at once (``--threads``, or the CPUs the
+            process may use).
         disk_free_bytes: free space where OUT goes.
         disk_needed_bytes: the tensor bytes OUT's disk must hold at once: every shard,
             or with ``--low-disk`` the two largest (one uploading, one being written);
@@ -82,6 +84,7 @@ class MergePreview:
     part: str | None = None
     part_shards: list[str] | None = None
     adapter_type: str = "LoRA"
+    threads: int = 1
 
     def to_dict(self) -> dict[str, object]:
         preview = asdict(self)
@@ -141,6 +144,7 @@ def preview_settings(options: MergeSettings) -> MergePreview:
                 prepared.adapter,
                 settings.device,
                 prepared.tile_budget,
+                settings.threads,
             ),
             disk_free_bytes=free_space(prepared.out),
             adapters=[str(folder.folder) for folder in prepared.adapter_folders],
@@ -152,6 +156,7 @@ def preview_settings(options: MergeSettings) -> MergePreview:
             part=None if part is None else str(part),
             part_shards=part_shards,
             adapter_type=MERGED_TYPES[config.peft_type][0],
+            threads=settings.threads,
         )
 
 

@@ -74,6 +74,7 @@ def write_shards(
             stream.on_bytes,
             settings.allow_nonfinite,
             stream.metadata,
+            settings.threads,
         )
         staging.record_shard(file_name)
         uploads.shard_written(staging.path / file_name)

@@ -46,9 +46,10 @@ def tile_budget_for(device: torch.device, memory_budget: int) -> int:
     return memory_budget // 4
 
 
-def stream_workers(device: torch.device) -> int:
-    """Threads that write a shard's tensors at once: one per core on the CPU, one feeding a GPU."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
+def stream_workers(device: torch.device, threads: int) -> int:
+    """Threads that write a shard's tensors at once: ``threads`` on the CPU (see
+    :func:`lora_merge.stream.cpus.usable_cpu_count` for the default), one feeding a GPU."""
+    return threads if device.type == "cpu" else 1
 
 
 def working_memory_bound(
@@ -56,6 +57,7 @@ def working_memory_bound(
     adapter: TensorSource,
     device: torch.device,
     tile_budget: int,
+    threads: int,
 ) -> int:
     """An upper bound of the tensor data the stream holds at once (``--dry-run``'s memory line).
 
@@ -71,8 +73,9 @@ def working_memory_bound(
         adapter: the adapter's tensors (their dtypes and shapes).
         device: where the merge runs.
         tile_budget: bytes of merge workspace per tile (see :func:`tile_budget_for`).
+        threads: CPU threads that merge at once.
     """
-    workers = stream_workers(device)
+    workers = stream_workers(device, threads)
     shard_lists = [list(tensors) for tensors in shards]
     # A row wider than a tile makes every buffer one row long instead.
     widest_row = max(
@@ -177,10 +180,11 @@ def write_shard(
     on_bytes: Callable[[int], None],
     allow_nonfinite: bool = False,
     metadata: dict[str, str] | None = None,
+    threads: int = 1,
 ) -> None:
     """Write one output shard.
 
-    On the CPU, tensors are spread over one thread per core, each running torch
+    On the CPU, tensors are spread over ``threads`` threads, each running torch
     single-threaded on its own cache-sized tiles, so one core's reads and
     writes overlap the other's arithmetic. On a GPU one thread feeds it.
 
@@ -196,14 +200,16 @@ def write_shard(
         allow_nonfinite: write NaN/Inf produced by the merge instead of refusing
             (tensors copied unchanged from the base are never inspected).
         metadata: the header's ``__metadata__`` (default: just the format).
+        threads: CPU threads that merge at once (``--threads``).
 
     Raises:
         NonFiniteError: a merged, replaced or converted tensor has NaN or Inf.
     """
-    workers = stream_workers(device)
+    workers = stream_workers(device, threads)
     with (
         ShardWriter(path, [t.spec for t in tensors], metadata) as writer,
-        _single_threaded_torch(workers > 1),
+        # Even one thread keeps torch to one core: --threads N means N cores busy.
+        _single_threaded_torch(device.type == "cpu"),
     ):
         # A 4-bit group's scales and quant state are written with its weight.
         work = [t for t in tensors if t.spec.nbytes and t.written_with is None]

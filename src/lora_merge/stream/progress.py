@@ -44,7 +44,8 @@ def progress_bar(
         total=total,
         unit="B",
         unit_scale=True,
-        unit_divisor=1024,
+        # Powers of 1000: the bar's GB/s is the --json summary's gb_per_second.
+        unit_divisor=1000,
         desc="merging",
         file=sys.stderr,
     )
