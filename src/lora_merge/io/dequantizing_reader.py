@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from lora_merge.compute.dequantize import DequantizeWorkspace
+from lora_merge.io.formats.protocol import SubrowWeight
 from lora_merge.io.formats.registry import LogicalTensor
 from lora_merge.io.formats.registry import dequantize_workspace_bound as dequantize_workspace_bound
 from lora_merge.io.positional import PositionalFile
@@ -202,6 +203,28 @@ class DequantizingReader:
         reads.buffer = buffer
         try:
             return quantized.read_rows(reads, start, stop)
+        finally:
+            reads.buffer = None
+
+    def read_subrows(
+        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``tensor[row, start:stop]`` of a logical tensor of 3 or more dimensions (see
+        :class:`~lora_merge.io.reader.SubrowSource`); ``buffer`` as in :meth:`read_rows`. A
+        quantized weight that cannot decode part of a row decodes the row and slices it."""
+        quantized = self._tensors[key].quantized
+        if quantized is None:
+            return self._stored.read_subrows(key, row, start, stop, buffer)
+        if not isinstance(quantized, SubrowWeight):
+            return self.read_rows(key, row, row + 1, buffer)[0, start:stop]
+        checked_row_range(key, quantized.shape[0], row, row + 1)
+        stop = checked_row_range(f"{key}[{row}]", quantized.shape[1], start, stop)
+        if start == stop or 0 in quantized.shape:
+            return torch.empty((stop - start, *quantized.shape[2:]), dtype=quantized.dtype)
+        reads = self._reads()
+        reads.buffer = buffer
+        try:
+            return quantized.read_subrows(reads, row, start, stop)
         finally:
             reads.buffer = None
 

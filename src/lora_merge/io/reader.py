@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -40,7 +40,24 @@ class TensorSource(Protocol):
         ...
 
 
-class StoredTensorSource(TensorSource, Protocol):
+@runtime_checkable
+class SubrowSource(TensorSource, Protocol):
+    """A tensor source that reads part of one row of a tensor of 3 or more dimensions.
+
+    A row of a fused expert weight (E, X, Y) is a whole expert, tens of MB in
+    real models: more than a cache-sized tile. Reading it a band of its own rows
+    (``X``) at a time keeps tiles bounded by the tile budget, not the expert.
+    """
+
+    def read_subrows(
+        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``tensor[row, start:stop]``, shape ``(stop - start, *shape[2:])``; ``buffer`` as in
+        :meth:`TensorSource.read_rows`."""
+        ...
+
+
+class StoredTensorSource(SubrowSource, Protocol):
     """A tensor source backed by files, whose stored tensors can be copied byte for byte."""
 
     def entry(self, key: str) -> TensorEntry: ...
@@ -103,6 +120,25 @@ class EntryReader:
         if entry.dtype == torch.uint8:
             return buffer.reshape(shape)
         return buffer.view(entry.dtype).reshape(shape)
+
+    def read_subrows(
+        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``tensor[row, start:stop]`` of a tensor of 3 or more dimensions (see
+        :class:`SubrowSource`): consecutive bytes of the file, read as :meth:`read_rows`."""
+        entry = self._entries[key]
+        checked_row_range(key, entry.shape[0], row, row + 1)
+        stop = checked_row_range(f"{key}[{row}]", entry.shape[1], start, stop)
+        subrow_nbytes = entry.row_nbytes // entry.shape[1]
+        offset = entry.start + row * entry.row_nbytes + start * subrow_nbytes
+        nbytes = (stop - start) * subrow_nbytes
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = buffer[:nbytes]
+        if nbytes and not self._read_exactly(entry, offset, buffer.numpy().data):
+            raise _shrunk(entry)
+        values = buffer if entry.dtype == torch.uint8 else buffer.view(entry.dtype)
+        return values.reshape(stop - start, *entry.shape[2:])
 
     def read_row_bytes(
         self, key: str, start: int, stop: int, first: int, last: int, buffer: torch.Tensor | None
@@ -253,3 +289,8 @@ class InMemoryTensors:
     ) -> torch.Tensor:
         tensor = self._tensors[key]
         return tensor if tensor.dim() == 0 else tensor[start:stop]
+
+    def read_subrows(
+        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._tensors[key][row, start:stop]

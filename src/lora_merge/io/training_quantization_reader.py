@@ -66,6 +66,13 @@ class TrainingQuantizationReader:
         assert key not in self._quantized, f"{key} is read as trained, never as bytes"
         return self._stored.read_row_bytes(key, start, stop, first, last, buffer)
 
+    def read_subrows(
+        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if key not in self._quantized:
+            return self._stored.read_subrows(key, row, start, stop, buffer)
+        return self.read_rows(key, row, row + 1, buffer)[0, start:stop]
+
     def read_rows(
         self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None
     ) -> torch.Tensor:

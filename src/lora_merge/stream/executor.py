@@ -32,7 +32,12 @@ from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 from lora_merge.plan.kinds.dora import norm_per_column
 from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor, TunerUpdate
 from lora_merge.plan.tuners.rows import tuner_compute_dtype, tuner_delta_bytes
-from lora_merge.stream.tiles import TileBuffers, output_tiles, with_token_rows
+from lora_merge.stream.tiles import (
+    TileBuffers,
+    output_tiles,
+    tile_row_elements,
+    with_token_rows,
+)
 
 # Bytes of merge workspace (the float32/float64 accumulator) per CPU tile. With
 # the rows read and the rows written it stays within a 2 MiB L2 cache.
@@ -77,10 +82,11 @@ def working_memory_bound(
     """
     workers = stream_workers(device, threads)
     shard_lists = [list(tensors) for tensors in shards]
-    # A row wider than a tile makes every buffer one row long instead.
+    # A row wider than a tile makes every buffer one row long instead (a fused expert
+    # weight's row, a whole expert, is read in bands of its own rows: one of those).
     widest_row = max(
         (
-            8 * math.prod(t.spec.shape[1:])
+            8 * tile_row_elements(t, tile_budget)
             for tensors in shard_lists
             for t in tensors
             if len(t.spec.shape) > 1
@@ -90,9 +96,21 @@ def working_memory_bound(
     per_thread = 3 * max(tile_budget, widest_row)
     if any(t.dequantized for tensors in shard_lists for t in tensors):
         # A quantized base: each thread's dequantization workspace (see DequantizingReader).
-        # A tile holds at most tile_budget / 2 weights (16-bit rows), or one row.
+        # A tile holds at most tile_budget / 2 weights (16-bit rows), or one row; a weight
+        # read in bands keeps its whole row packed.
         tile_elements = max(tile_budget // 2, widest_row // 8)
-        per_thread += dequantize_workspace_bound(tile_elements, device)
+        banded_row = max(
+            (
+                math.prod(t.spec.shape[1:])
+                for tensors in shard_lists
+                for t in tensors
+                if t.dequantized
+                and len(t.spec.shape) > 2
+                and tile_row_elements(t, tile_budget) < math.prod(t.spec.shape[1:])
+            ),
+            default=0,
+        )
+        per_thread += dequantize_workspace_bound(tile_elements, device, banded_row)
     in_flight = 0
     for tensors in shard_lists:
         held = sorted(

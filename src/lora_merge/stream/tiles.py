@@ -14,6 +14,7 @@ layer kind (:func:`lora_merge.plan.kinds.factors.read_lora_factors`), merged by
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Iterator
 
 import torch
@@ -24,7 +25,7 @@ from lora_merge.compute.lora import (
     prepare_lora_factors,
     round_float64_to,
 )
-from lora_merge.io.reader import TensorSource
+from lora_merge.io.reader import SubrowSource, TensorSource
 from lora_merge.plan.kinds.bias import merge_lora_bias
 from lora_merge.plan.kinds.dora import (
     column_sums_of_squares,
@@ -88,6 +89,11 @@ def output_tiles(
     if not isinstance(delta, LoraProduct):
         # A dtype conversion, or an adapter tensor replacing the base's.
         tile_rows = max(1, buffers.tile_bytes // (row_elements * widest))
+        if tile_row_elements(tensor, buffers.tile_bytes) < row_elements and isinstance(
+            source, SubrowSource
+        ):
+            yield from _copied_bands(tensor, source, buffers, widest)
+            return
         for start in range(0, spec.shape[0], tile_rows):
             stop = min(spec.shape[0], start + tile_rows)
             values = source.read_rows(tensor.source_key, start, stop, buffers.read)
@@ -102,12 +108,60 @@ def output_tiles(
     widest = max(widest, compute_dtype.itemsize)
     tile_rows = max(1, buffers.tile_bytes // (row_elements * widest))
     if delta.experts > 1 and delta.expert is None:
+        if tile_row_elements(tensor, buffers.tile_bytes) < row_elements and isinstance(
+            source, SubrowSource
+        ):
+            yield from _fused_expert_bands(
+                tensor, delta, source, adapter, device, buffers, widest, compute_dtype
+            )
+            return
         yield from _fused_expert_tiles(tensor, delta, source, adapter, device, buffers, tile_rows)
         return
     product = _ProductRows(
         tensor, delta, source, adapter, device, buffers, tile_rows, compute_dtype
     )
     yield from product.tiles()
+
+
+def tile_row_elements(tensor: PlannedTensor, tile_bytes: int) -> int:
+    """Elements of the smallest piece of ``tensor`` one tile holds: a row (first dimension),
+    or part of one (``shape[2:]``) for a tensor of 3 or more dimensions read from the base
+    and merged with no LoRA or a fused-experts one (:func:`_fused_expert_bands`), whose row
+    is a whole expert.
+
+    Args:
+        tensor: the planned tensor.
+        tile_bytes: a tile's bytes: part of a row only where a row of the widest compute
+            dtype (8 bytes) is wider.
+    """
+    shape, delta = tensor.spec.shape, tensor.delta
+    row_elements = max(1, math.prod(shape[1:]))
+    if len(shape) < 3 or tensor.source != "base" or isinstance(delta, (LoraBias, TunerUpdate)):
+        return row_elements
+    if isinstance(delta, LoraProduct) and (delta.experts <= 1 or delta.expert is not None):
+        return row_elements
+    if row_elements * 8 <= tile_bytes:
+        return row_elements
+    return max(1, math.prod(shape[2:]))
+
+
+def _band_rows(tensor: PlannedTensor, buffers: TileBuffers, widest: int) -> int:
+    """Rows of ``shape[1]`` in one band of a row (at least one)."""
+    return max(1, buffers.tile_bytes // (max(1, math.prod(tensor.spec.shape[2:])) * widest))
+
+
+def _copied_bands(
+    tensor: PlannedTensor, source: SubrowSource, buffers: TileBuffers, widest: int
+) -> Iterator[torch.Tensor]:
+    """A tensor whose row is wider than a tile (an MXFP4 expert), converted a band of each
+    row's own rows at a time."""
+    spec = tensor.spec
+    band = _band_rows(tensor, buffers, widest)
+    for row in range(spec.shape[0]):
+        for start in range(0, spec.shape[1], band):
+            stop = min(spec.shape[1], start + band)
+            values = source.read_subrows(tensor.source_key, row, start, stop, buffers.read)
+            yield buffers.output(spec.dtype, tuple(values.shape)).copy_(values)
 
 
 def _whole_small_tensor(
@@ -278,6 +332,54 @@ def _fused_expert_tiles(
             # The one rounding, as for every other weight (see _ProductRows.tiles).
             out[index].copy_(merged_rows(values[index], factors, 0))
         yield buffers.output(spec.dtype, tuple(values.shape)).copy_(out.cpu())
+
+
+def _fused_expert_bands(
+    tensor: PlannedTensor,
+    delta: LoraProduct,
+    source: SubrowSource,
+    adapter: TensorSource,
+    device: torch.device,
+    buffers: TileBuffers,
+    widest: int,
+    compute_dtype: torch.dtype,
+) -> Iterator[torch.Tensor]:
+    """Tiles of a fused (E, X, Y) expert weight whose expert is wider than a tile: a band of
+    one expert's X rows at a time, merged as :func:`_fused_expert_tiles` merges the expert
+    (its delta's rows ``start:stop``), into buffers reused from band to band."""
+    spec = tensor.spec
+    experts, rows = spec.shape[0], spec.shape[1]
+    band = _band_rows(tensor, buffers, widest)
+    lora_a, lora_b = read_lora_factors(delta, adapter)
+    assert lora_b is not None
+    lora_a, lora_b = lora_a.to(device), lora_b.to(device)
+    workspace: torch.Tensor | None = None
+    on_cpu = device.type == "cpu"
+    for expert in range(experts):
+        lora_a_e, lora_b_e = expert_lora_factors(lora_a, lora_b, expert, experts)
+        factors = prepare_lora_factors(
+            lora_a_e, lora_b_e, delta.scale, delta.transposed, compute_dtype
+        )
+        if workspace is None:  # the product's layout (see lora_delta_rows)
+            assert factors.lora_b is not None
+            shape = (
+                (factors.lora_b.shape[0], band)
+                if delta.transposed
+                else (band, factors.lora_a.shape[1])
+            )
+            workspace = torch.empty(shape, dtype=compute_dtype, device=device)
+        for start in range(0, rows, band):
+            stop = min(rows, start + band)
+            count = stop - start
+            values = source.read_subrows(tensor.source_key, expert, start, stop, buffers.read)
+            values = values.to(device)
+            product = workspace[:, :count] if delta.transposed else workspace[:count]
+            merged = merged_rows(values.reshape(count, -1), factors, start, product)
+            if not on_cpu:
+                merged = merged.to(spec.dtype).cpu()
+            # The one rounding, as for every other weight (see _ProductRows.tiles).
+            out = buffers.output(spec.dtype, tuple(values.shape))
+            yield out.view(count, -1).copy_(merged).view(values.shape)
 
 
 def with_token_rows(

@@ -116,7 +116,9 @@ class BitsAndBytesFormat:
             return QUANT_STATE_DTYPES[name.removeprefix("torch.")]
         return None
 
-    def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
+    def workspace_bound(
+        self, tile_elements: int, device: torch.device, row_elements: int = 0
+    ) -> int:
         """A tile is widened to whole blocks on each side; its packed codes (or its int8
         codes and row scales) are read whole; the values go through one chunk of indices
         and float32 values at a time; the block scales are one window; and off the CPU the

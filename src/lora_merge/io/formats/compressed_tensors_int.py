@@ -236,7 +236,9 @@ class CompressedTensorsIntFormat:
         """The scales' dtype, which the decompressor returns (the model's dtype in practice)."""
         return next((w.dtype for w in weights.values()), None)
 
-    def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
+    def workspace_bound(
+        self, tile_elements: int, device: torch.device, row_elements: int = 0
+    ) -> int:
         """A tile's codes (a byte per weight at most), their unpacking (three bytes per
         weight in flight), the float32 values, and the scales and zero points gathered per
         column (float32 each) where columns carry their groups; off the CPU, the rows."""

@@ -162,7 +162,9 @@ class Fp8BlockFormat:
         """The model's dtype, which every weight dequantizes to."""
         return next((w.dtype for w in weights.values()), None)
 
-    def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
+    def workspace_bound(
+        self, tile_elements: int, device: torch.device, row_elements: int = 0
+    ) -> int:
         """A tile's codes (a byte per weight) and the scales that cover it: ``rows + 2``
         for a scale per row, at most ``(rows / 16 + 2) * (cols / 16 + 1)`` with blocks of at
         least 16 a side, under ``tile_elements + 2`` float32 either way; one chunk (or one

@@ -79,7 +79,9 @@ class CompressedTensorsFp8Format:
     ) -> torch.dtype | None:
         return next((w.dtype for w in weights.values()), None)
 
-    def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
+    def workspace_bound(
+        self, tile_elements: int, device: torch.device, row_elements: int = 0
+    ) -> int:
         return FP8_BLOCK.workspace_bound(tile_elements, device)
 
     def native_target(
@@ -129,7 +131,9 @@ class FbgemmFp8Format:
     ) -> torch.dtype | None:
         return next((w.dtype for w in weights.values()), None)
 
-    def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
+    def workspace_bound(
+        self, tile_elements: int, device: torch.device, row_elements: int = 0
+    ) -> int:
         return FP8_BLOCK.workspace_bound(tile_elements, device)
 
     def native_target(

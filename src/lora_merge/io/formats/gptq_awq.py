@@ -70,7 +70,9 @@ class _ColumnPackedFormat:
         """The scales' dtype, which the reference decoders return (float16)."""
         return next((w.dtype for w in weights.values()), None)
 
-    def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
+    def workspace_bound(
+        self, tile_elements: int, device: torch.device, row_elements: int = 0
+    ) -> int:
         return column_packed_workspace_bound(tile_elements, device)
 
     def native_target(

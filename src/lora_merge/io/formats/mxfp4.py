@@ -15,6 +15,14 @@ A logical row is one expert. It is decoded a run of stored rows at a time
 (:data:`MXFP4_CHUNK_ELEMENTS` values), straight from the bytes that hold them,
 and written transposed into the output, so no expert is ever held packed and
 unpacked at once beyond its output rows.
+
+An expert is tens of MB decoded (gpt-oss-20b's ``gate_up_proj``: 33 MB of
+bf16), more than a tile, so the stream reads it a band of logical rows at a
+time (:meth:`Mxfp4Weight.read_subrows`). A band of logical rows is a band of
+stored *columns*: a few 16-byte blocks of every stored row. Reading those bytes
+row by row costs a read call per stored row per band, so each thread keeps the
+expert's packed bytes and exponents (17 bits per value, 8.8 MB for gpt-oss-20b)
+while it reads the expert's bands, and decodes only the blocks each band covers.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ SCALES_SUFFIX = "_scales"
 # Values decoded at once (1 MiB of float32), whatever the expert's size.
 MXFP4_CHUNK_ELEMENTS = 2**18
 _TABLES_MEMO = "mxfp4.tables"
+_EXPERT_MEMO = "mxfp4.expert"
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,60 @@ class Mxfp4Weight:
                 result[expert - start, :, low:high].copy_(decoded.t())
         return result
 
+    def read_subrows(self, stored: StoredRows, expert: int, start: int, stop: int) -> torch.Tensor:
+        """Logical rows ``start:stop`` of one expert, ``(stop - start, out)``, bit for bit
+        those of :meth:`read_rows` (the decoding is per value; only the blocks the band
+        covers are decoded)."""
+        rows = self.shape[2]
+        first_group, last_group = start // MXFP4_BLOCK, -(-stop // MXFP4_BLOCK)
+        width = (last_group - first_group) * MXFP4_BLOCK
+        skip = start - first_group * MXFP4_BLOCK
+        blocks, scales = self._expert_codes(stored, expert)
+        out = stored.output((stop - start) * rows, self.dtype)
+        if out is None:
+            out = torch.empty((stop - start) * rows, dtype=self.dtype, device=stored.device)
+        result = out.view(stop - start, rows)
+        pair_table, scale_table = self._tables(stored)
+        chunk = max(1, MXFP4_CHUNK_ELEMENTS // width)
+        values = stored.workspace.buffer("mxfp4_values", min(chunk, rows) * width, torch.float32)
+        for low in range(0, rows, chunk):
+            high = min(rows, low + chunk)
+            decoded = dequantize_mxfp4(
+                blocks[low:high, first_group:last_group],
+                scales[low:high, first_group:last_group],
+                pair_table,
+                scale_table,
+                values[: (high - low) * width],
+            )
+            result[:, low:high].copy_(decoded[:, skip : skip + stop - start].t())
+        return result
+
+    def _expert_codes(self, stored: StoredRows, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's blocks ``(out, in / 32, 16)`` and exponents ``(out, in / 32)``, read
+        once for all of its bands and kept in the thread's workspace until the next expert."""
+        held = stored.memo.get(_EXPERT_MEMO)
+        if isinstance(held, tuple) and held[0] == (self.blocks.name, expert):
+            return held[1], held[2]
+        _, columns, rows = self.shape
+        groups = columns // MXFP4_BLOCK
+        first, last = expert * rows * groups, (expert + 1) * rows * groups
+        blocks = stored.byte_range(
+            self.blocks,
+            first * MXFP4_BYTES_PER_BLOCK,
+            last * MXFP4_BYTES_PER_BLOCK,
+            "mxfp4_expert_blocks",
+        ).view(rows, groups, MXFP4_BYTES_PER_BLOCK)
+        scales = stored.byte_range(self.scales, first, last, "mxfp4_expert_scales").view(
+            rows, groups
+        )
+        if has_nan_scale(scales):
+            raise InvalidInputError(
+                f"BASE tensor {self.scales.name!r} holds the E8M0 NaN exponent (255): "
+                "the MXFP4 checkpoint is corrupt (re-download it)"
+            )
+        stored.memo[_EXPERT_MEMO] = ((self.blocks.name, expert), blocks, scales)
+        return blocks, scales
+
     @staticmethod
     def _tables(stored: StoredRows) -> tuple[torch.Tensor, torch.Tensor]:
         tables = stored.memo.get(_TABLES_MEMO)
@@ -162,12 +225,21 @@ class Mxfp4Format:
         """The model's dtype, which every weight dequantizes to."""
         return next((w.dtype for w in weights.values()), None)
 
-    def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
+    def workspace_bound(
+        self, tile_elements: int, device: torch.device, row_elements: int = 0
+    ) -> int:
         """One chunk of stored rows (at least one row: a tile has at least one expert, so a
         row is at most ``tile_elements``): its bytes, scales, int32 indices and float32
-        values; off the CPU, the expert rows themselves."""
-        chunk = max(MXFP4_CHUNK_ELEMENTS, tile_elements)
+        values; off the CPU, the expert rows themselves.
+
+        Read in bands (:meth:`Mxfp4Weight.read_subrows`, ``row_elements``: the widest
+        expert), the expert's packed bytes and exponents too (17 bits a value), and a
+        band's blocks are decoded whole: a band may start and end inside a block, up to
+        two blocks more than its values (a band is at most ``tile_elements`` values wide).
+        """
+        chunk = max(MXFP4_CHUNK_ELEMENTS, tile_elements + 2 * MXFP4_BLOCK)
         held = chunk // 2 + chunk // MXFP4_BLOCK + 4 * (chunk // 2) + 4 * chunk + 4 * 256 * 2
+        held += row_elements // 2 + row_elements // MXFP4_BLOCK
         if device.type != "cpu":
             held += 4 * tile_elements
         return held
@@ -213,8 +285,9 @@ class Mxfp4Native:
 
     def held_bytes(self, tile_budget: int) -> int:
         """One expert's transposed copy and what quantizing it holds (about 16 bytes per
-        value at most: group views, magnitudes, quotients, rounded values, codes)."""
-        return 16 * math.prod(self.shape[1:]) + 2 * tile_budget
+        value at most: group views, magnitudes, quotients, rounded values, codes), and the
+        expert joined from its bands (tiles may hold part of an expert)."""
+        return 18 * math.prod(self.shape[1:]) + 2 * tile_budget
 
     def write(
         self,
@@ -223,13 +296,36 @@ class Mxfp4Native:
         writer: ShardWriter,
         on_bytes: Callable[[int], None],
     ) -> None:
+        _, columns, rows = self.shape
         blocks_slot = writer.tensor(self.blocks_name)
         scales_slot = writer.tensor(self.scales_name)
+
+        def write_expert(expert: torch.Tensor) -> None:
+            blocks, exponents = quantize_mxfp4(expert.t().contiguous())
+            on_bytes(blocks_slot.write(blocks.unsqueeze(0)))
+            on_bytes(scales_slot.write(exponents.unsqueeze(0)))
+
+        # Tiles hold whole experts or bands of one expert's rows, in order: bands are
+        # joined into the expert, which is quantized whole (its blocks span its rows).
+        joined = torch.empty(0, rows, dtype=self.dtype)
+        filled = 0
         for tile in tiles:
-            for expert in tile.to("cpu", self.dtype):
-                blocks, exponents = quantize_mxfp4(expert.t().contiguous())
-                on_bytes(blocks_slot.write(blocks.unsqueeze(0)))
-                on_bytes(scales_slot.write(exponents.unsqueeze(0)))
+            values = tile.to("cpu", self.dtype).reshape(-1, rows)
+            offset = 0
+            while offset < values.shape[0]:
+                if filled == 0 and values.shape[0] - offset >= columns:
+                    write_expert(values[offset : offset + columns])
+                    offset += columns
+                    continue
+                if joined.shape[0] != columns:
+                    joined = torch.empty(columns, rows, dtype=self.dtype)
+                take = min(columns - filled, values.shape[0] - offset)
+                joined[filled : filled + take].copy_(values[offset : offset + take])
+                filled += take
+                offset += take
+                if filled == columns:
+                    write_expert(joined)
+                    filled = 0
 
 
 MXFP4 = Mxfp4Format()

@@ -29,7 +29,7 @@ Nothing here reads files itself: a format is told where its tensors are
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -134,6 +134,17 @@ class QuantizedWeight(Protocol):
         ...
 
 
+@runtime_checkable
+class SubrowWeight(QuantizedWeight, Protocol):
+    """A quantized weight of 3 or more dimensions that decodes part of one row at a time
+    (MXFP4's fused experts: a row is a whole expert, larger than a tile)."""
+
+    def read_subrows(self, stored: StoredRows, row: int, start: int, stop: int) -> torch.Tensor:
+        """``weight[row, start:stop]`` dequantized, shape ``(stop - start, *shape[2:])``,
+        bit for bit those values of :meth:`QuantizedWeight.read_rows`."""
+        ...
+
+
 class NativeTarget(Protocol):
     """How one merged weight is written back in the base's own format (``merged_native``).
 
@@ -223,9 +234,13 @@ class QuantizationFormat(Protocol):
         """The dtype a merge writes when ``--dtype`` is ``auto`` (None: each tensor's own)."""
         ...
 
-    def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
+    def workspace_bound(
+        self, tile_elements: int, device: torch.device, row_elements: int = 0
+    ) -> int:
         """The most bytes one thread's :class:`StoredRows` buffers hold for this format when
-        no tile has more than ``tile_elements`` logical elements."""
+        no tile has more than ``tile_elements`` logical elements, and, where weights are
+        read in bands of a row (:class:`SubrowWeight`), none has a row of more than
+        ``row_elements`` (0: no weight is read so)."""
         ...
 
     def native_target(

@@ -197,8 +197,11 @@ def logical_tensors(
     return tensors
 
 
-def dequantize_workspace_bound(tile_elements: int, device: torch.device) -> int:
+def dequantize_workspace_bound(
+    tile_elements: int, device: torch.device, row_elements: int = 0
+) -> int:
     """The most bytes one thread's dequantization workspace holds when no tile has more than
-    ``tile_elements`` weights, whatever the format (``working_memory_bound`` counts it once
-    per thread)."""
-    return max(f.workspace_bound(tile_elements, device) for f in FORMATS)
+    ``tile_elements`` weights and no weight read in bands of a row has a row of more than
+    ``row_elements``, whatever the format (``working_memory_bound`` counts it once per
+    thread)."""
+    return max(f.workspace_bound(tile_elements, device, row_elements) for f in FORMATS)

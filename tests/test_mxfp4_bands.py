@@ -1,0 +1,109 @@
+"""MXFP4 experts read in bands of rows smaller than an expert (issue 21: memory bounded by
+the tile, not by the expert).
+
+gpt-oss-20b's expert is 33 MB of bf16, more than a tile, so the stream reads a band of
+an expert's logical rows at a time (``Mxfp4Weight.read_subrows``): a band of the stored
+tensor's columns, which may start and end inside a block of 32. The oracle is
+transformers' own dequantization (``convert_moe_packed_tensors``) of the whole tensor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from merge_oracle import read_safetensors_directory
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from test_native_fp8_mxfp4 import (
+    EXPERTS,
+    TILED_MAX_MEMORY,
+    mxfp4,  # noqa: F401 (the fixture)
+    transformers_mxfp4,
+)
+from test_native_fp8_mxfp4 import (
+    test_mxfp4_expert_merge_is_the_float64_merge_of_transformers_dequantization as check_merge,
+)
+from transformers import AutoModelForCausalLM
+
+from lora_merge import MergeOptions, merge
+from lora_merge.inputs.resolve import resolve_base
+from lora_merge.io.dequantizing_reader import DequantizingReader, dequantize_workspace_bound
+from lora_merge.io.reader import SafetensorsReader
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::lora_merge.errors.LoraMergeWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+
+@pytest.mark.parametrize("band", [1, 5, 21, 32, 40])
+def test_mxfp4_expert_bands_are_transformers_dequantization_bit_for_bit(mxfp4, band):  # noqa: F811
+    """Every band of every expert, most starting and ending inside a block of 32, is
+    transformers' dequantization of those rows; the reading thread holds no more than its
+    format's ``workspace_bound`` for tiles of the band and rows of the expert."""
+    base = resolve_base(mxfp4.mxfp4)
+    stored = load_file(mxfp4.mxfp4 / "model.safetensors")
+    cpu = torch.device("cpu")
+    with DequantizingReader(SafetensorsReader(base.entries), base.tensors) as reader:
+        for projection in ("gate_up_proj", "down_proj"):
+            name = f"{EXPERTS}.{projection}"
+            expected = transformers_mxfp4(stored, name)
+            experts, rows, columns = expected.shape
+            assert band < rows  # smaller than an expert
+            buffer = torch.empty(2 * band * columns, dtype=torch.uint8)
+            for expert in range(experts):
+                for start in range(0, rows, band):
+                    stop = min(rows, start + band)
+                    got = reader.read_subrows(name, expert, start, stop, buffer)
+                    assert torch.equal(got, expected[expert, start:stop]), (name, expert, start)
+            tile_elements = band * columns
+            row_elements = rows * columns
+            own = base.quantization.format_of[name].workspace_bound(
+                tile_elements, cpu, row_elements
+            )
+            assert own <= dequantize_workspace_bound(tile_elements, cpu, row_elements)
+            assert 0 < reader.workspace_nbytes() <= own, name
+
+
+def test_mxfp4_merge_in_bands_is_the_float64_merge_of_transformers_dequantization(
+    mxfp4,  # noqa: F811
+    tmp_path,
+):
+    """A tile budget smaller than an expert (4 KB: bands of 5 of its 64 or 96 rows) merges
+    to the float64 merge of transformers' dequantization, as whole experts do."""
+    out = tmp_path / "banded"
+    options = MergeOptions(
+        base=mxfp4.mxfp4,
+        adapter=mxfp4.adapter,
+        out=out,
+        max_memory=TILED_MAX_MEMORY,
+        quiet=True,
+    )
+    merge(options)
+    check_merge(type(mxfp4)(mxfp4.base, mxfp4.mxfp4, mxfp4.adapter, out))
+
+
+def test_mxfp4_experts_no_lora_touches_are_converted_in_bands_bit_for_bit(
+    mxfp4,  # noqa: F811
+    tmp_path,
+):
+    """Experts the adapter leaves alone are dequantized to bf16 a band at a time (4 KB
+    tiles): transformers' dequantization, bit for bit."""
+    model = AutoModelForCausalLM.from_pretrained(mxfp4.base, dtype=torch.bfloat16)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    merge(
+        MergeOptions(
+            base=mxfp4.mxfp4,
+            adapter=tmp_path / "adapter",
+            out=out,
+            max_memory=TILED_MAX_MEMORY,
+            quiet=True,
+        )
+    )
+    merged = read_safetensors_directory(out)
+    stored = load_file(mxfp4.mxfp4 / "model.safetensors")
+    for projection in ("gate_up_proj", "down_proj"):
+        name = f"{EXPERTS}.{projection}"
+        assert torch.equal(merged[name], transformers_mxfp4(stored, name)), name
