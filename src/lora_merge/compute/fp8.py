@@ -119,6 +119,10 @@ def dequantize_fp8_blocks(
     return out
 
 
+# Values one quantization step holds in float32 at once (1 MiB), whatever the weight's width.
+FP8_QUANTIZE_CHUNK_ELEMENTS = 2**18
+
+
 def quantize_fp8_blocks(
     values: torch.Tensor, block: tuple[int, int], power_of_two_scales: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +141,31 @@ def quantize_fp8_blocks(
         ``(codes, inv_scales)``: float8_e4m3fn ``(rows, cols)`` and float32
         ``(ceil(rows / bm), ceil(cols / bn))``.
     """
+    rows, cols = values.shape
+    block_rows, block_cols = block
+    grid = (-(-rows // block_rows), -(-cols // block_cols))
+    # Blocks are quantized each on its own, so a run of block columns at a time gives
+    # the same bits, holding float32 copies of that run only (DeepSeek-V3's o_proj: a
+    # row of blocks is 128 x 16384, 8 MB in float32, four copies at once otherwise).
+    step = block_cols * max(1, FP8_QUANTIZE_CHUNK_ELEMENTS // (grid[0] * block_rows * block_cols))
+    if step >= cols:
+        return _quantize_fp8_block_columns(values, block, power_of_two_scales)
+    codes = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=values.device)
+    inv_scales = torch.empty(grid, dtype=torch.float32, device=values.device)
+    for first in range(0, cols, step):
+        last = min(cols, first + step)
+        run_codes, run_scales = _quantize_fp8_block_columns(
+            values[:, first:last], block, power_of_two_scales
+        )
+        codes[:, first:last] = run_codes
+        inv_scales[:, first // block_cols : -(-last // block_cols)] = run_scales
+    return codes, inv_scales
+
+
+def _quantize_fp8_block_columns(
+    values: torch.Tensor, block: tuple[int, int], power_of_two_scales: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_fp8_blocks` of a run of whole block columns (or the matrix's last)."""
     rows, cols = values.shape
     block_rows, block_cols = block
     grid = (-(-rows // block_rows), -(-cols // block_cols))

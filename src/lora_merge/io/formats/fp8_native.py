@@ -23,7 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_merge.compute.fp8 import quantize_fp8_blocks, quantize_fp8_channels
+from lora_merge.compute.fp8 import (
+    FP8_QUANTIZE_CHUNK_ELEMENTS,
+    quantize_fp8_blocks,
+    quantize_fp8_channels,
+)
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 
 
@@ -59,13 +63,17 @@ class Fp8BlockNative:
 
     def held_bytes(self, tile_budget: int) -> int:
         """What one quantization holds per element (the gathered rows twice, their padded
-        float32 copy, its magnitudes and scaled values, the codes) over a row of blocks (a
-        whole expert for fused experts), a tile joined to the remainder, and the weight's
-        block scales."""
+        float32 copy, its magnitudes and scaled values, the codes) over a run of block
+        columns (:data:`FP8_QUANTIZE_CHUNK_ELEMENTS` values, or one block column), the
+        codes of a row of blocks (a whole expert for fused experts) or of a tile, the row
+        of blocks joined from tiles, and the weight's block scales."""
         rows = self.grid[-2] * self.block[0] if len(self.shape) > 2 else self.block[0]
-        padded = rows * self.grid[-1] * self.block[1]
+        row_of_blocks = rows * self.shape[-1]
+        run = max(FP8_QUANTIZE_CHUNK_ELEMENTS, rows * self.block[1])
         per_element = 2 * self.dtype.itemsize + 4 + 4 + 4 + 1
-        return per_element * padded + 2 * tile_budget + 4 * math.prod(self.grid)
+        joined = self.dtype.itemsize * row_of_blocks
+        codes = max(row_of_blocks, tile_budget)
+        return per_element * run + codes + joined + 2 * tile_budget + 4 * math.prod(self.grid)
 
     def write(
         self,
@@ -77,7 +85,9 @@ class Fp8BlockNative:
         slot = writer.tensor(name)
         scales: list[torch.Tensor] = []
         block_rows = self.block[0]
-        pending = torch.empty((0, self.shape[-1]), dtype=self.dtype)
+        # Tiles are joined into whole rows of blocks in one buffer, reused.
+        joined = torch.empty((0, self.shape[-1]), dtype=self.dtype)
+        filled = 0
         for tile in tiles:
             tile = tile.to("cpu", self.dtype)
             if len(self.shape) > 2:  # whole experts: each its own matrix
@@ -86,15 +96,28 @@ class Fp8BlockNative:
                     on_bytes(slot.write(codes.unsqueeze(0)))
                     scales.append(inv.unsqueeze(0))
                 continue
-            values = torch.cat((pending, tile)) if pending.numel() else tile
-            whole = values.shape[0] - values.shape[0] % block_rows
-            if whole:
-                codes, inv = self._quantize(values[:whole])
-                on_bytes(slot.write(codes))
-                scales.append(inv)
-            pending = values[whole:].clone()
-        if pending.shape[0]:  # the last, partial row of blocks
-            codes, inv = self._quantize(pending)
+            offset = 0
+            while offset < tile.shape[0]:
+                whole = (tile.shape[0] - offset) // block_rows * block_rows
+                if filled == 0 and whole:  # whole rows of blocks straight from the tile
+                    codes, inv = self._quantize(tile[offset : offset + whole])
+                    on_bytes(slot.write(codes))
+                    scales.append(inv)
+                    offset += whole
+                    continue
+                if joined.shape[0] != block_rows:
+                    joined = torch.empty((block_rows, self.shape[-1]), dtype=self.dtype)
+                take = min(block_rows - filled, tile.shape[0] - offset)
+                joined[filled : filled + take].copy_(tile[offset : offset + take])
+                filled += take
+                offset += take
+                if filled == block_rows:
+                    codes, inv = self._quantize(joined)
+                    on_bytes(slot.write(codes))
+                    scales.append(inv)
+                    filled = 0
+        if filled:  # the last, partial row of blocks
+            codes, inv = self._quantize(joined[:filled])
             on_bytes(slot.write(codes))
             scales.append(inv)
         on_bytes(writer.tensor(self.scale_name).write(torch.cat(scales).reshape(self.grid)))

@@ -1,10 +1,14 @@
-"""MXFP4 experts read in bands of rows smaller than an expert (issue 21: memory bounded by
-the tile, not by the expert).
+"""Quantized weights read and written in pieces smaller than a row of blocks or an expert
+(issue 21: memory bounded by the tile, not by the weight's width).
 
 gpt-oss-20b's expert is 33 MB of bf16, more than a tile, so the stream reads a band of
 an expert's logical rows at a time (``Mxfp4Weight.read_subrows``): a band of the stored
 tensor's columns, which may start and end inside a block of 32. The oracle is
 transformers' own dequantization (``convert_moe_packed_tensors``) of the whole tensor.
+
+FP8 block-wise re-quantization (``merged_native``) quantizes a wide row of blocks a run
+of block columns at a time; the oracle is transformers' ``Fp8Quantize`` of the whole
+weight.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from test_native_fp8_mxfp4 import (
     EXPERTS,
+    FP8_BLOCK,
     TILED_MAX_MEMORY,
+    fp8_quantizer,
     mxfp4,  # noqa: F401 (the fixture)
     transformers_mxfp4,
 )
@@ -26,6 +32,7 @@ from test_native_fp8_mxfp4 import (
 from transformers import AutoModelForCausalLM
 
 from lora_merge import MergeOptions, merge
+from lora_merge.compute.fp8 import FP8_QUANTIZE_CHUNK_ELEMENTS, quantize_fp8_blocks
 from lora_merge.inputs.resolve import resolve_base
 from lora_merge.io.dequantizing_reader import DequantizingReader, dequantize_workspace_bound
 from lora_merge.io.reader import SafetensorsReader
@@ -107,3 +114,20 @@ def test_mxfp4_experts_no_lora_touches_are_converted_in_bands_bit_for_bit(
     for projection in ("gate_up_proj", "down_proj"):
         name = f"{EXPERTS}.{projection}"
         assert torch.equal(merged[name], transformers_mxfp4(stored, name)), name
+
+
+@pytest.mark.parametrize("rows", [FP8_BLOCK[0], 2 * FP8_BLOCK[0]])
+def test_fp8_block_quantization_in_runs_of_block_columns_is_transformers_bit_for_bit(rows):
+    """A weight wide enough that a row of blocks is quantized in several runs of block
+    columns (the last one shorter): transformers' ``Fp8Quantize`` of the whole weight."""
+    # (transformers quantizes only whole blocks; partial ones are checked elsewhere.)
+    columns = 2 * FP8_QUANTIZE_CHUNK_ELEMENTS // FP8_BLOCK[0] + 3 * FP8_BLOCK[1]
+    assert columns * FP8_BLOCK[0] > FP8_QUANTIZE_CHUNK_ELEMENTS  # several runs
+    generator = torch.Generator().manual_seed(21)
+    weight = (torch.randn(rows, columns, generator=generator) * 0.02).to(torch.bfloat16)
+    weight[0, : FP8_BLOCK[1]] = 0  # an all-zero block: scale 1
+    quantizer, _ = fp8_quantizer(FP8_BLOCK)
+    expected = quantizer.convert({"w.weight": weight})
+    codes, inv_scales = quantize_fp8_blocks(weight, FP8_BLOCK)
+    assert torch.equal(codes.view(torch.uint8), expected["w.weight"].view(torch.uint8))
+    assert torch.equal(inv_scales, expected["w.weight_scale_inv"])
