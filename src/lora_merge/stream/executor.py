@@ -152,7 +152,9 @@ def _tensor_bytes(tensor: PlannedTensor, adapter: TensorSource, tile_budget: int
     if isinstance(delta, LoraProduct):
         output_dtype = spec.dtype if target is None else target.dtype
         compute = torch.float64 if norm_per_column(delta) else compute_dtype_for(output_dtype)
-        held += _factor_bytes(delta, adapter, compute, tile_budget)
+        # Fused experts read in bands read their factors one expert at a time.
+        banded = tile_row_elements(tensor, tile_budget) < math.prod(spec.shape[1:])
+        held += _factor_bytes(delta, adapter, compute, tile_budget, banded)
     elif isinstance(delta, TunerUpdate):  # AdaLoRA, IA3, LoHa, LoKr
         compute = tuner_compute_dtype(delta, spec.dtype)
         held += tuner_delta_bytes(delta, adapter, spec.shape, compute)
@@ -160,11 +162,17 @@ def _tensor_bytes(tensor: PlannedTensor, adapter: TensorSource, tile_budget: int
 
 
 def _factor_bytes(
-    delta: LoraProduct, adapter: TensorSource, compute: torch.dtype, tile_budget: int
+    delta: LoraProduct,
+    adapter: TensorSource,
+    compute: torch.dtype,
+    tile_budget: int,
+    one_expert: bool = False,
 ) -> int:
     """A LoRA product's factors in every form :func:`lora_merge.stream.tiles.output_tiles` holds
-    them at once."""
+    them at once (``one_expert``: fused experts' factors read one expert at a time)."""
     a_dtype, a_elements = adapter.dtype(delta.a_key), math.prod(adapter.shape(delta.a_key))
+    experts_read = delta.experts if one_expert else 1
+    a_elements //= experts_read
     held = a_dtype.itemsize * a_elements
     if a_dtype != compute or delta.experts > 1:  # experts: each one's A is a copy
         held += compute.itemsize * a_elements
@@ -172,6 +180,7 @@ def _factor_bytes(
         held += compute.itemsize * a_elements
     if not delta.dense:
         b_dtype, b_elements = adapter.dtype(delta.b_key), math.prod(adapter.shape(delta.b_key))
+        b_elements //= experts_read
         held += b_dtype.itemsize * b_elements
         if delta.groups is not None:  # B spread over every group's rows
             b_elements *= len(delta.groups)
