@@ -104,7 +104,7 @@ def resolve_base(
     # shard file name -> the keys the index promises in it (None: no index)
     shard_names: dict[str, set[str] | None]
     if index_path.is_file():
-        shard_names = dict(_shards_from_index(index_path, set(remote_shards)))
+        shard_names = dict(shards_from_index(index_path, set(remote_shards)))
     elif SAFETENSORS_SINGLE_FILE in remote_shards or (folder / SAFETENSORS_SINGLE_FILE).is_file():
         shard_names = {SAFETENSORS_SINGLE_FILE: None}
     else:
@@ -279,7 +279,7 @@ def _existing_folder(path: Path | str, role: str) -> Path:
     return folder.resolve()
 
 
-def _shards_from_index(
+def shards_from_index(
     index_path: Path, remote: Collection[str] = (), check_files: bool = True
 ) -> dict[str, set[str]]:
     """Shard file name -> the keys the index puts in it; names are checked, never trusted.
