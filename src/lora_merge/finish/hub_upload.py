@@ -59,6 +59,8 @@ class ShardUploads:
         resume: ``--resume``: adopt the shards that parts uploaded, too.
     """
 
+    remote = True  # shards end on the Hub; this machine keeps none
+
     def __init__(
         self,
         repo_id: str,
