@@ -158,7 +158,8 @@ def _shard_header(
 ) -> SafetensorsHeader:
     """A shard's header: from the local file, or by two range requests to the Hub."""
     if remote is None:
-        return read_safetensors_header(check_stays_inside(folder, name))
+        path = check_stays_inside(folder, name)  # before anything of it is read
+        return read_safetensors_header(path)
     return parse_safetensors_header(
         folder / name, remote.size, lambda offset, n: fetcher.read_at(remote.url, offset, n)
     )

@@ -14,17 +14,13 @@ from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lora_merge.adapter.combined import AdapterInput, CombinedAdapter
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
-from lora_merge.adapter.keys import AdapterContents, classify_adapter_keys
-from lora_merge.adapter.loralib import LoralibSettings
+from lora_merge.adapter.loralib import loralib_adapter_config
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.adapter.refusals import (
-    refuse_combined_experts,
-    refuse_dora_in_combination,
-    refuse_trainable_tokens_in_combination,
     refuse_unmerge_of_dora,
 )
+from lora_merge.adapter.to_merge import adapter_to_merge
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
 from lora_merge.errors import LoraMergeWarning
@@ -36,8 +32,7 @@ from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.reader import TensorSource
 from lora_merge.options import MergeSettings, SaveMethod
 from lora_merge.plan.model import MergePlan
-from lora_merge.plan.planner import build_merge_plan
-from lora_merge.plan.requantize import plan_requantization
+from lora_merge.plan.planner import plan_merge
 from lora_merge.stream.executor import tile_budget_for
 
 # The share of --max-memory the stream's tiles may use (see tile_budget_for);
@@ -113,21 +108,21 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
     configs = [
         read_adapter_config(folder.config_path)
         if folder.config_path is not None
-        else _loralib_config(loralib)
+        else loralib_adapter_config(loralib)
         for folder in adapter_folders
     ]
-    # --unmerge reads a merged model, never the base the adapter names
-    adapter_bases = [] if options.unmerge else [c.base_model_name_or_path for c in configs]
-    notes = base_mismatch_warnings(adapter_bases, str(options.base), base.folder, base.config)
     with ExitStack() as opened:
         sources = [
             opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
             for folder in adapter_folders
         ]
-        config, contents, adapter = _read_adapters(adapter_folders, configs, sources, recipe)
+        config, contents, adapter = adapter_to_merge(adapter_folders, configs, sources, recipe)
         if options.unmerge:
             refuse_unmerge_of_dora(adapter_folder.config_path, config, contents)
-        plan = _plan(settings, base, config, contents, adapter, loralib, recipe)
+        plan = plan_merge(base, config, contents, adapter, settings, loralib, recipe is not None)
+        # --unmerge reads a merged model, never the base the adapter names
+        adapter_bases = [] if options.unmerge else [c.base_model_name_or_path for c in configs]
+        notes = base_mismatch_warnings(adapter_bases, str(options.base), base.folder, base.config)
         for note in notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)
         record = merge_record(
@@ -157,65 +152,3 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
             adapter_folders,
             tile_budget_for(settings.device, int(settings.max_memory * TILE_SHARE_OF_BUDGET)),
         )
-
-
-def _read_adapters(
-    folders: list[AdapterFolder],
-    configs: list[LoraAdapterConfig],
-    sources: list[TensorSource],
-    recipe: CombineRecipe | None,
-) -> tuple[LoraAdapterConfig, AdapterContents, TensorSource]:
-    """The adapter the plan merges: the one given, or the combination of all of them."""
-    if recipe is None:
-        return configs[0], classify_adapter_keys(list(sources[0].keys())), sources[0]
-    combined = _combined_adapter(folders, configs, sources, recipe)
-    return combined.config, combined.contents, combined
-
-
-def _plan(
-    settings: MergeSettings,
-    base: BaseCheckpoint,
-    config: LoraAdapterConfig,
-    contents: AdapterContents,
-    adapter: TensorSource,
-    loralib: LoralibSettings | None,
-    recipe: CombineRecipe | None,
-) -> MergePlan:
-    """Every output tensor and where it comes from, re-quantized for ``merged_4bit``."""
-    plan = build_merge_plan(
-        base,
-        config,
-        contents,
-        adapter,
-        settings.output_dtype,
-        unmerge=settings.unmerge,
-        loralib=loralib,
-    )
-    if recipe is not None:
-        refuse_combined_experts(p.a_key for p in plan.lora_products if p.experts > 1)
-    if settings.save_method is SaveMethod.MERGED_4BIT:
-        plan = plan_requantization(
-            plan, base, settings.quant_type, settings.double_quant, settings.quant_blocksize
-        )
-    return plan
-
-
-def _loralib_config(loralib: LoralibSettings | None) -> LoraAdapterConfig:
-    """The config a loralib checkpoint (no adapter_config.json) is merged with."""
-    assert loralib is not None, "a config-less adapter is resolved only with --rank/--alpha"
-    return loralib.adapter_config()
-
-
-def _combined_adapter(
-    folders: list[AdapterFolder],
-    configs: list[LoraAdapterConfig],
-    sources: list[TensorSource],
-    recipe: CombineRecipe,
-) -> CombinedAdapter:
-    inputs = []
-    for folder, config, source in zip(folders, configs, sources, strict=True):
-        contents = classify_adapter_keys(list(source.keys()))
-        refuse_dora_in_combination(str(folder.folder), config, contents)
-        refuse_trainable_tokens_in_combination(str(folder.folder), contents)
-        inputs.append(AdapterInput(str(folder.folder), config, contents, source))
-    return CombinedAdapter(inputs, recipe)
