@@ -27,6 +27,8 @@ block's scale.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # The 16 NF4 values (quantiles of N(0, 1), QLoRA paper, appendix E), as
@@ -132,6 +134,7 @@ class DequantizeWorkspace:
         self.device = torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
         self._pair_tables: dict[str, torch.Tensor] = {}
+        self._tables: dict[str, torch.Tensor] = {}
 
     def buffer(self, name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
         """The first ``count`` elements of buffer ``name`` as ``dtype`` (1-D, contents undefined).
@@ -153,6 +156,15 @@ class DequantizeWorkspace:
         if table is None:
             table = code_pair_table(quant_type, self.device)
             self._pair_tables[quant_type] = table
+        return table
+
+    def table(self, name: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The small lookup table ``name`` on this workspace's device, built once by ``build``
+        (FP8 and MXFP4 value tables; 1-2 KiB each)."""
+        table = self._tables.get(name)
+        if table is None:
+            table = build()
+            self._tables[name] = table
         return table
 
     @property

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from lora_merge.io.hub_names import REPOCARD_NAME
 from lora_merge.io.shard_writer import OUTPUT_METADATA
 from lora_merge.options.values import SaveMethod
 from lora_merge.plan.model import MergePlan
+from lora_merge.plan.tuners.rows import TUNER_NAMES, tuner_arithmetic
 
 HUB_URL = "https://huggingface.co"
 _NAMESPACED_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -81,6 +81,7 @@ class MergeRecord:
         version: lora-merge's version.
         command: the command line, or None for a Python API call.
         other_adapters: the further adapters combined with ``adapter`` (``--combine``).
+        adapter_type: PEFT's name of the adapter's type (LoRA, AdaLoRA, IA3, ...).
     """
 
     base: InputIdentity
@@ -93,6 +94,7 @@ class MergeRecord:
     version: str
     command: str | None
     other_adapters: tuple[InputIdentity, ...] = ()
+    adapter_type: str = "LoRA"
 
 
 def declared_base_model(
@@ -129,6 +131,7 @@ def merge_record(
     save_method: SaveMethod,
     output_dtype: torch.dtype | None,
     command: str | None,
+    initial_state: str | None = None,
 ) -> MergeRecord:
     """What OUT's model card and shard metadata say about this merge.
 
@@ -143,28 +146,44 @@ def merge_record(
         mismatch: whether the run warned that the adapter names another base.
         unmerge: whether the run subtracts the adapter (``--unmerge``).
         recipe: how several adapters are combined, or None.
-        save_method: ``merged_16bit``, ``merged_4bit`` or ``lora``.
+        save_method: ``merged_16bit``, ``merged_4bit``, ``merged_native`` or ``lora``.
         output_dtype: the dtype written, or None when each tensor keeps its own.
         command: the command line, or None for a Python API call.
+        initial_state: how a base-changing initialisation (PiSSA...) was handled, or None.
     """
     base_identity = InputIdentity.of("base", base_spec, base.folder)
     identities = [InputIdentity.of("adapter", spec, folder.folder) for spec, folder in adapters]
     method = merge_arithmetic(any(p.magnitude_key for p in plan.lora_products))
+    unmerge_method = UNMERGE_ARITHMETIC
+    tuners = sorted({u.tuner for u in plan.tuner_updates})
+    adapter_type = "LoRA"
+    if tuners:  # AdaLoRA, IA3, LoHa, LoKr, OFT, VeRA: their own formula
+        adapter_type = TUNER_NAMES[tuners[0]]
+        method = tuner_arithmetic(tuners)
+        unmerge_method = (
+            f"--unmerge (each update undone: IA3 divides, LoHa/LoKr subtract): {method}"
+        )
     if recipe is not None:
         method += (
             f"; B @ A is the combination of {', '.join(spec for spec, _ in adapters)} by "
             f"--combine {recipe.method_name}, weights "
             f"{','.join(f'{w:g}' for w in recipe.weights)}"
         )
+    if initial_state is not None:
+        method += f"; {initial_state}"
+    quantization = next((t.as_trained for t in plan.tensors if t.as_trained), None)
+    if quantization is not None:  # --qlora-base
+        method += (
+            f"; --qlora-base: W is dequant(quant(W)) of BASE's Linear weights in "
+            f"{quantization.describe()}, as bitsandbytes quantizes and dequantizes them "
+            "(what QLoRA training saw)"
+        )
     return MergeRecord(
         base=base_identity,
         adapter=identities[0],
         declared_base=declared_base_model(base_identity, adapter_base, mismatch=mismatch),
-        method=describe_arithmetic(UNMERGE_ARITHMETIC if unmerge else method, base, save_method),
-        scales={
-            f"{scale:g}": n
-            for scale, n in sorted(Counter(p.scale for p in plan.module_products).items())
-        },
+        method=describe_arithmetic(unmerge_method if unmerge else method, base, save_method),
+        scales={f"{scale:g}": n for scale, n in sorted(plan.module_scales.items())},
         lora_modules_by_layer=plan.lora_modules_by_layer,
         output_dtype=(
             DTYPE_NAME_IN_CONFIG[output_dtype]
@@ -174,6 +193,7 @@ def merge_record(
         version=__version__,
         command=command,
         other_adapters=tuple(identities[1:]),
+        adapter_type=adapter_type,
     )
 
 
@@ -220,7 +240,7 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
     lines = ["---", *front_matter, "---", "", "# Merged model", ""]
     adapters = [_input_link(a) for a in (record.adapter, *record.other_adapters)]
     subject = (
-        f"The LoRA adapter {adapters[0]}"
+        f"The {record.adapter_type} adapter {adapters[0]}"
         if len(adapters) == 1
         else f"The LoRA adapters {', '.join(adapters)}, combined,"
     )
@@ -253,10 +273,12 @@ def describe_arithmetic(method: str, base: BaseCheckpoint, save_method: SaveMeth
     if base.quantization is not None:
         method += (
             f"; W dequantized from BASE's {base.quantization.describe()} weights "
-            "exactly as bitsandbytes dequantizes them"
+            "exactly as the format's reference decoder dequantizes them"
         )
     if save_method is SaveMethod.MERGED_4BIT:
         method += "; then re-quantized to 4 bits with bitsandbytes (a second rounding)"
+    elif save_method is SaveMethod.MERGED_NATIVE:
+        method += "; then re-quantized in BASE's own format (a second rounding)"
     return method
 
 

@@ -8,6 +8,7 @@ or downloaded and before OUT is touched. No other room checks the user's options
 
 from __future__ import annotations
 
+from lora_merge.adapter.initialisation import initial_state_mode, refuse_with_initial_state
 from lora_merge.adapter.loralib import loralib_settings
 from lora_merge.adapter.recipe import build_combine_recipe
 from lora_merge.errors import UsageError
@@ -80,6 +81,11 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         command=options.command,
         low_disk=options.low_disk,
         part=parse_part(options.part),
+        initial_state=initial_state_mode(
+            options.initial_adapter, options.residual_base, options.recompute_initial
+        ),
+        initial_adapter=options.initial_adapter,
+        qlora_base=options.qlora_base,
     )
     _refuse_conflicts(settings)
     return settings
@@ -116,8 +122,20 @@ def _refuse_conflicts(settings: MergeSettings) -> None:
     if lora:
         _refuse_with_adapter_output(settings, one_adapter_only)
     refuse_with_part(settings.part, lora, settings.push_to_hub, settings.low_disk)
-    if settings.double_quant and settings.save_method is not SaveMethod.MERGED_4BIT:
-        raise UsageError("--double-quant applies only with --save-method merged_4bit")
+    if settings.double_quant and not (
+        settings.save_method is SaveMethod.MERGED_4BIT or settings.qlora_base
+    ):
+        raise UsageError(
+            "--double-quant applies only with --save-method merged_4bit or --qlora-base"
+        )
+    refuse_with_initial_state(
+        settings.initial_state, settings.recipe is not None, settings.loralib is not None or lora
+    )
+    if settings.qlora_base and settings.save_method is not SaveMethod.MERGED_16BIT:
+        raise UsageError(
+            "--qlora-base merges into the weights QLoRA training saw; it applies only with "
+            "--save-method merged_16bit"
+        )
     check_hub_options(
         settings.push_to_hub,
         private=settings.private,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_merge.adapter.initialisation import InitialStateMode
 from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.options.values import Part, QuantType, SaveMethod
@@ -63,7 +64,9 @@ class MergeOptions:
         seed: seed of the dare methods' random masks (default 0).
         save_method: ``merged_16bit`` (a plain model; a quantized base is
             dequantized), ``merged_4bit`` (re-quantized with bitsandbytes, rounding
-            twice) or ``lora`` (only the adapter, normalized).
+            twice), ``merged_native`` (re-quantized in BASE's own format: FP8 block,
+            compressed-tensors FP8 per channel, MXFP4; for bitsandbytes, ``merged_4bit``)
+            or ``lora`` (only the adapter, normalized).
         quant_type / double_quant / quant_blocksize: the 4-bit format for
             ``merged_4bit`` from an unquantized base (a 4-bit base's own format wins).
         unmerge: subtract the adapter (``W - scale * B @ A``): a merged model -> its base.
@@ -71,6 +74,14 @@ class MergeOptions:
             neither; ADAPTER is then that file.
         enable_lora: loralib MergedLinear's ``enable_lora``, e.g. ``"1,0,1"``.
         part: ``"I/N"``: write only output shards ``k % N == I`` (:class:`~lora_merge.options.values.Part`).
+        initial_adapter: the adapter as it was initialised (PiSSA, OLoRA, CorDA, LoRA-GA):
+            ``scale * (B @ A - B0 @ A0)`` is merged (see :mod:`lora_merge.adapter.initialisation`).
+        residual_base: BASE is what such an adapter was trained against (the residual
+            model, or LoftQ's backbone): merge it plainly.
+        recompute_initial: recompute ``B0 @ A0`` from BASE (``"pissa"``: SVD; ``"olora"``: QR).
+        qlora_base: merge into ``dequant(quant(W))`` of a 16-bit BASE, quantized as QLoRA
+            training saw it (``quant_type``, ``double_quant``, ``quant_blocksize``, or the
+            format BASE's config.json records).
     """
 
     base: Path | str
@@ -107,6 +118,10 @@ class MergeOptions:
     alpha: float | None = None
     enable_lora: str | None = None
     part: str | None = None
+    initial_adapter: Path | str | None = None
+    residual_base: bool = False
+    recompute_initial: bool = False
+    qlora_base: bool = False
 
     @property
     def adapters(self) -> list[Path | str]:
@@ -152,6 +167,9 @@ class MergeSettings:
         unmerge: subtract the adapter instead of adding it.
         overwrite / quiet / resume / allow_nonfinite / verify / hash_inputs /
             push_to_hub / private / hub_revision / command / part: as in :class:`MergeOptions`.
+        initial_state: how an adapter whose initialisation changed the base is merged.
+        initial_adapter: the folder of ``--initial-adapter``, as given, or None.
+        qlora_base: merge into a simulated QLoRA base (``dequant(quant(W))``).
     """
 
     base: Path | str
@@ -180,3 +198,6 @@ class MergeSettings:
     command: str | None
     low_disk: bool = False
     part: Part | None = None
+    initial_state: InitialStateMode = InitialStateMode.AS_TRAINED
+    initial_adapter: Path | str | None = None
+    qlora_base: bool = False

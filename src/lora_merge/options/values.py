@@ -76,6 +76,7 @@ class SaveMethod(Choice):
 
     MERGED_16BIT = "merged_16bit"  # a plain model; quantized weights are dequantized
     MERGED_4BIT = "merged_4bit"  # the merged weights re-quantized with bitsandbytes
+    MERGED_NATIVE = "merged_native"  # the merged weights re-quantized in BASE's own format
     LORA = "lora"  # the adapter only, normalised
 
 

@@ -13,22 +13,16 @@ output tensors (:mod:`.model`) in the base's order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
 
 import torch
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents, LoraModuleKeys
 from lora_merge.adapter.loralib import LoralibSettings
-from lora_merge.adapter.refusals import (
-    refuse_combined_experts,
-    refuse_loralib_conv,
-    refuse_unmerge_of_replacements,
-)
+from lora_merge.adapter.refusals import refuse_loralib_conv, refuse_unmerge_of_replacements
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
 from lora_merge.io.shard_writer import TensorSpec
-from lora_merge.options.values import QuantType, SaveMethod
 from lora_merge.plan.kinds.bias import (
     add_flagged_biases,
     bias_flag,
@@ -43,9 +37,15 @@ from lora_merge.plan.kinds.experts import plan_parameter_loras
 from lora_merge.plan.kinds.linear import plan_linear
 from lora_merge.plan.kinds.merged_linear import plan_merged_linear
 from lora_merge.plan.kinds.shapes import LoraShapes
-from lora_merge.plan.model import LoraBias, LoraProduct, MergePlan, PlannedTensor, TokenRows
+from lora_merge.plan.model import (
+    Delta,
+    LoraProduct,
+    MergePlan,
+    PlannedTensor,
+    TokenRows,
+)
 from lora_merge.plan.names import BaseNames, check_every_name_matches
-from lora_merge.plan.requantize import plan_requantization
+from lora_merge.plan.tuners.modules import plan_tuner_modules
 from lora_merge.plan.vocabulary import (
     TiedHead,
     plan_replacements,
@@ -53,7 +53,7 @@ from lora_merge.plan.vocabulary import (
     plan_token_rows,
 )
 
-Deltas = dict[str, LoraProduct | LoraBias]
+Deltas = dict[str, Delta]
 
 
 def build_merge_plan(
@@ -103,10 +103,24 @@ def build_merge_plan(
     )
     sign = -1.0 if unmerge else 1.0
     deltas = {key: dataclasses.replace(d, scale=sign * d.scale) for key, d in deltas.items()}
+    # AdaLoRA, IA3, LoHa, LoKr (plan_tuner_modules says how each undoes itself for --unmerge).
+    deltas.update(
+        plan_tuner_modules(
+            contents,
+            base_names,
+            shapes.of,
+            base.tensors.__contains__,
+            adapter,
+            config,
+            shapes.model_type,
+            unmerge,
+            lambda key: None if base.tensors[key].quantized else base.tensors[key].dtype,
+        )
+    )
     token_rows = plan_token_rows(contents, base_names, config, adapter, shapes.of)
     plan = MergePlan(
         vocab_size=replacements.vocab_size,
-        lora_modules=len(contents.lora_modules),
+        lora_modules=len(contents.lora_modules) + len(contents.tuner_modules),
         replaced=len(replacements.keys),
     )
     for name in base.tensors:
@@ -240,58 +254,3 @@ def _planned_tensor(
         dequantized=entry.quantized is not None and not replacement,
         token_rows=token_rows.get(name),
     )
-
-
-class PlanOptions(Protocol):
-    """What the plan reads of the checked options (:class:`lora_merge.options.MergeSettings`)."""
-
-    @property
-    def output_dtype(self) -> torch.dtype | None: ...
-
-    @property
-    def unmerge(self) -> bool: ...
-
-    @property
-    def save_method(self) -> SaveMethod: ...
-
-    @property
-    def quant_type(self) -> QuantType: ...
-
-    @property
-    def double_quant(self) -> bool: ...
-
-    @property
-    def quant_blocksize(self) -> int: ...
-
-
-def plan_merge(
-    base: BaseCheckpoint,
-    config: LoraAdapterConfig,
-    contents: AdapterContents,
-    adapter: TensorSource,
-    options: PlanOptions,
-    loralib: LoralibSettings | None,
-    combined: bool,
-) -> MergePlan:
-    """Every output tensor and where it comes from, re-quantized for ``merged_4bit``.
-
-    Args:
-        base / config / contents / adapter / loralib: as :func:`build_merge_plan`.
-        options: the output dtype, ``--unmerge``, and what OUT holds (``save_method``
-            and the 4-bit format of ``merged_4bit``).
-        combined: the adapter is a combination of several (mixture-of-experts
-            LoRAs cannot be combined).
-
-    Raises:
-        InvalidInputError: as :func:`build_merge_plan`; a combination of expert LoRAs.
-    """
-    plan = build_merge_plan(
-        base, config, contents, adapter, options.output_dtype, options.unmerge, loralib
-    )
-    if combined:
-        refuse_combined_experts(p.a_key for p in plan.lora_products if p.experts > 1)
-    if options.save_method is SaveMethod.MERGED_4BIT:
-        plan = plan_requantization(
-            plan, base, options.quant_type, options.double_quant, options.quant_blocksize
-        )
-    return plan

@@ -104,7 +104,7 @@ def write_output(
     )
     with (
         StagingFolder(out, fingerprint, part, keep_verified=settings.resume) as staging,
-        open_base(base, settings.device) as base_reader,
+        open_base(base, settings.device, plan) as base_reader,
         progress,
     ):
         if settings.save_method is SaveMethod.LORA:
@@ -146,6 +146,8 @@ def finish_folder(
         requantized = requantized_config(
             base, settings.quant_type, settings.double_quant, settings.output_dtype
         )
+    elif settings.save_method is SaveMethod.MERGED_NATIVE and base.quantization is not None:
+        requantized = dict(base.quantization.config)  # BASE's own format, kept
     write_config(
         folder,
         merged_model_config(base.config, base.quantization is not None, requantized),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from lora_merge.adapter.peft_types import MERGED_TYPES
 from lora_merge.finish.disk import check_free_space, free_space
 from lora_merge.finish.shard_sink import disk_needed
 from lora_merge.inputs.resolve import BaseCheckpoint
@@ -46,8 +47,9 @@ class MergePreview:
             the small files (config, tokenizer, card) come on top.
         adapters / combine: every adapter and the method, when adapters are combined.
         quantization: how BASE is quantized (bitsandbytes), or None.
-        save_method: merged_16bit, merged_4bit or lora.
+        save_method: merged_16bit, merged_4bit, merged_native or lora.
         part / part_shards: for ``--part I/N``, the part and the shards it would write.
+        adapter_type: PEFT's name of the adapter type (LoRA, AdaLoRA, IA3, LoHa, ...).
     """
 
     base: str
@@ -79,6 +81,7 @@ class MergePreview:
     low_disk: bool = False
     part: str | None = None
     part_shards: list[str] | None = None
+    adapter_type: str = "LoRA"
 
     def to_dict(self) -> dict[str, object]:
         preview = asdict(self)
@@ -121,10 +124,7 @@ def preview_settings(options: MergeSettings) -> MergePreview:
             rank_pattern_keys=len(config.rank_pattern),
             alpha_pattern_keys=len(config.alpha_pattern),
             lora_modules_by_layer=plan.lora_modules_by_layer,
-            scales={
-                f"{scale:g}": n
-                for scale, n in Counter(p.scale for p in plan.module_products).items()
-            },
+            scales={f"{scale:g}": n for scale, n in plan.module_scales.items()},
             replaced=plan.replaced,
             copied=plan.copied,
             dtypes_in=dict(
@@ -151,6 +151,7 @@ def preview_settings(options: MergeSettings) -> MergePreview:
             low_disk=options.low_disk,
             part=None if part is None else str(part),
             part_shards=part_shards,
+            adapter_type=MERGED_TYPES[config.peft_type][0],
         )
 
 

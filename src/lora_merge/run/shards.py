@@ -23,9 +23,10 @@ from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.dequantizing_reader import DequantizingReader
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
+from lora_merge.io.training_quantization_reader import TrainingQuantizationReader
 from lora_merge.options import MergeSettings
 from lora_merge.plan.fingerprint import merge_fingerprint
-from lora_merge.plan.model import PlannedTensor
+from lora_merge.plan.model import MergePlan, PlannedTensor
 from lora_merge.stream.executor import write_shard
 
 if TYPE_CHECKING:  # imported for a --low-disk run only
@@ -108,14 +109,20 @@ def shard_bytes(tensors: list[PlannedTensor]) -> int:
 
 
 @contextmanager
-def open_base(base: BaseCheckpoint, device: torch.device) -> Iterator[StoredTensorSource]:
-    """The base's reader: quantized weights come out dequantized (on ``device``).
+def open_base(
+    base: BaseCheckpoint, device: torch.device, plan: MergePlan
+) -> Iterator[StoredTensorSource]:
+    """The base's reader: quantized weights come out dequantized (on ``device``), and
+    with ``--qlora-base`` the planned weights as QLoRA training saw them.
 
     Shards on the Hub (``--low-disk``) are read by range requests.
     """
     opened = RangedTensorReader(base.entries, base.remote) if base.remote else None
+    as_trained = {t.source_key: t.as_trained for t in plan.tensors if t.as_trained}
     with opened or SafetensorsReader(base.entries) as stored:
-        if base.quantization is None:
+        if as_trained:
+            yield TrainingQuantizationReader(stored, as_trained)
+        elif base.quantization is None:
             yield stored
         else:
             yield DequantizingReader(stored, base.tensors, device)
