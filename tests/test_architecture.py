@@ -33,6 +33,8 @@ class LongCodeWarning(UserWarning):
 # Bottom to top. A name covers the module or package of that name and everything in it.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("lora_merge.errors", "lora_merge._version"),
+    # Each option's value type (enums, sizes, device, --part): every room may name them.
+    ("lora_merge.options.values",),
     # The maths is pure (tensors in, tensors out): it never reads or writes files.
     ("lora_merge.compute",),
     # File formats and bounded reads and writes; dequantizing on read uses the maths.
@@ -42,14 +44,19 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("lora_merge.plan",),
     ("lora_merge.stream",),
     ("lora_merge.finish",),
-    # What a caller writes, checked: it names combination methods (adapter) and Hub
-    # targets (finish.publish), and every step below receives plain values from it.
+    # What a caller writes, and its one check: it names combination methods (adapter)
+    # and Hub targets (finish.publish); every step below receives its values.
     ("lora_merge.options",),
-    # Everything before writing, shared by the two entry points above it.
-    ("lora_merge.prepare",),
-    ("lora_merge.preview", "lora_merge.api"),
+    # The run, each floor a step of it: everything before writing, shared by the
+    # preview and the merge; the shards; OUT's folder; the whole run and its summary.
+    ("lora_merge.run.prepare",),
+    ("lora_merge.run.preview", "lora_merge.run.shards"),
+    ("lora_merge.run.folder",),
+    ("lora_merge.run.merge", "lora_merge.run"),
+    # The public face: merge() and preview_merge().
+    ("lora_merge.api",),
     # The command line: its options and the text it prints about a run, then the command.
-    ("lora_merge.cli_options", "lora_merge.report"),
+    ("lora_merge.cli.option_types", "lora_merge.cli.report", "lora_merge.cli.exit_codes"),
     ("lora_merge.cli", "lora_merge.__main__", "lora_merge"),
 )
 

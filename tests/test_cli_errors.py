@@ -183,16 +183,16 @@ BROKEN_INPUTS = [
         ["not valid JSON"],
     ),
     (
-        "adapter-is-loha",
-        lambda b, a: _edit_config(a, peft_type="LOHA"),
+        "adapter-is-boft",
+        lambda b, a: _edit_config(a, peft_type="BOFT"),
         EXIT_INVALID_INPUT,
-        ["LoHa", "not support"],
+        ["BOFT", "not support"],
     ),
     (
-        "adapter-is-ia3",
+        "adapter-config-says-ia3-of-a-lora-file",
         lambda b, a: _edit_config(a, peft_type="IA3"),
         EXIT_INVALID_INPUT,
-        ["IA3", "not support"],
+        ["LoRA tensors", "IA3", "do not belong together"],
     ),
     (
         "adapter-config-without-peft-type",

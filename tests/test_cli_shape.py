@@ -65,7 +65,7 @@ def test_help_ends_with_every_exit_code_and_its_meaning(help_text: str) -> None:
 def test_help_shows_choices_bare_flags_and_panels(help_text: str) -> None:
     for choices in (
         "[auto|bf16|fp16|fp32]",
-        "[merged_16bit|merged_4bit|lora]",
+        "[merged_16bit|merged_4bit|merged_native|lora]",
         "[nf4|fp4]",
         "[total|frequency]",
         "[auto|cpu|cuda|cuda:N]",

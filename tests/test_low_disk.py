@@ -172,18 +172,18 @@ DISK_PROBE = """
 import json, sys
 from pathlib import Path
 from huggingface_hub import HfApi
-import lora_merge.api as api
+import lora_merge.run.shards as shards
 from lora_merge import MergeOptions, merge
 
 samples = []
 def used(folder):
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
 
-write_shard = api.write_shard
+write_shard = shards.write_shard
 def probed_write_shard(path, *args, **kwargs):
     write_shard(path, *args, **kwargs)
     samples.append(used(path.parent))
-api.write_shard = probed_write_shard
+shards.write_shard = probed_write_shard
 
 preupload = HfApi.preupload_lfs_files
 def probed_preupload(self, repo_id, additions, **kwargs):

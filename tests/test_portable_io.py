@@ -21,14 +21,10 @@ import torch
 from handmade_checkpoints import write_adapter, write_base
 from safetensors.torch import load_file
 
-from lora_merge.finish.staging import (
-    StagingFolder,
-    process_alive,
-    signals_deferred,
-    staging_name,
-)
+from lora_merge.finish.staging import StagingFolder, staging_name
 from lora_merge.inputs.resolve import _is_same_or_inside, check_output_location
 from lora_merge.io.positional import PositionalFile, read_bytes_at
+from lora_merge.io.process import process_alive, signals_deferred
 
 # What Windows lacks; macOS lacks the last two. Hiding all of them is the
 # Windows path, hiding the last two the macOS path.

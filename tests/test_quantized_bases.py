@@ -503,7 +503,7 @@ def _refused(base: Path, adapter: Path, out: Path, **options: object) -> str:
     return str(refusal.value)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["hqq", "eetq"])
 def test_other_quantization_methods_are_refused_by_name(checkpoints, tmp_path, method):
     base = tmp_path / "base"
     shutil.copytree(checkpoints.base, base)

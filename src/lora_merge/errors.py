@@ -39,8 +39,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (
         EXIT_INVALID_INPUT,
         "invalid or unsupported input (corrupt safetensors, bad adapter_config.json, not LoRA, "
-        "pickle with code, a GPTQ/AWQ/... base, a combination of adapter features lora-merge "
-        "refuses)",
+        "pickle with code, a quantization method or layout lora-merge does not read, a "
+        "combination of adapter features lora-merge refuses)",
     ),
     (
         EXIT_ADAPTER_MISMATCH,

@@ -8,31 +8,39 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_merge.adapter.peft_types import MERGED_TYPES, check_peft_type
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.json_files import read_json_object
 
-# PEFT adapter types that are not LoRA; named in the error so users know what they have.
-_PEFT_TYPE_NAMES = {
-    "LOHA": "LoHa",
-    "LOKR": "LoKr",
-    "IA3": "IA3",
-    "ADALORA": "AdaLoRA",
-    "PROMPT_TUNING": "prompt tuning",
-    "PREFIX_TUNING": "prefix tuning",
-    "P_TUNING": "P-tuning",
-    "OFT": "OFT",
-    "BOFT": "BOFT",
-    "VERA": "VeRA",
-}
+
+@dataclass(frozen=True)
+class OftSettings:
+    """What an OFT config says about building its rotation R (PEFT's ``OFTConfig``).
+
+    Attributes:
+        coft: constrained OFT: each block's generator is projected into a ball of radius
+            ``eps`` before the Cayley transform.
+        eps: that radius.
+        block_share: one block shared by every block of R.
+        use_cayley_neumann: the Cayley transform by a truncated Neumann series (PEFT
+            0.21's default) rather than a linear solve.
+        num_cayley_neumann_terms: the series' terms.
+    """
+
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
 
 
 @dataclass(frozen=True)
 class LoraAdapterConfig:
-    """The fields of a PEFT ``LoraConfig`` that decide what a merge computes.
+    """The fields of a PEFT ``LoraConfig`` (or AdaLoRA, IA3, LoHa, LoKr config) that decide a merge.
 
     Attributes:
-        r: default rank (the real rank of each module is read from its A matrix).
-        lora_alpha: default alpha.
+        r: default rank (the real rank of each LoRA module is read from its A matrix).
+        lora_alpha: default alpha (LoHa's and LoKr's ``alpha``; 1 for IA3, which has none).
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         rank_pattern: regex -> rank overrides (kept for reporting; shapes are authoritative).
         alpha_pattern: regex -> alpha overrides, first match wins.
@@ -43,6 +51,19 @@ class LoraAdapterConfig:
         target_parameters: parameter names PEFT put a LoRA on (MoE experts), if any.
         use_dora: PEFT's flag for DoRA (weight-decomposed LoRA); its magnitude
             vectors are in the weights file.
+        init_lora_weights: how PEFT initialised A and B: ``True``/``False``, or a
+            method's name (``"pissa"``, ``"olora"``, ``"loftq"``...); some of them
+            change the base weights too (see :mod:`lora_merge.adapter.initialisation`).
+        loftq: the config has a non-empty ``loftq_config`` (LoftQ quantized the base).
+        peft_type: ``LORA``, or another type lora-merge merges (see
+            :mod:`lora_merge.adapter.peft_types`).
+        feedforward_modules: IA3's modules whose vector scales their inputs.
+        init_r: AdaLoRA's initial rank: every layer's ``ranknum``, which its delta is
+            divided by, pruned or not (AdaLoRA's ``rank_pattern`` holds boolean masks
+            of the ranks kept, read here as their counts).
+        oft: OFT's settings for its rotations, for an OFT adapter.
+        projection_prng_key: VeRA's seed of its shared random A and B, regenerated
+            from it when the adapter was saved without them (``save_projection=False``).
     """
 
     r: int
@@ -55,6 +76,28 @@ class LoraAdapterConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: tuple[str, ...] = ()
     use_dora: bool = False
+    init_lora_weights: bool | str = True
+    loftq: bool = False
+    peft_type: str = "LORA"
+    feedforward_modules: tuple[str, ...] | str = ()
+    init_r: int = 0
+    oft: OftSettings | None = None
+    projection_prng_key: int = 0
+
+    def rank_for(self, module_name: str) -> int:
+        """``rank_pattern``'s rank for a module, else ``r`` (PEFT's ``_create_and_replace``)."""
+        key = pattern_key_for(self.rank_pattern, module_name)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def is_feedforward(self, module_name: str) -> bool:
+        """IA3: whether the module's vector scales its inputs, as PEFT's IA3Model decides it.
+
+        ``_check_target_module_feedforward``: a string is a regex the whole name must
+        match; a list holds names the module's name ends with.
+        """
+        if isinstance(self.feedforward_modules, str):
+            return re.fullmatch(self.feedforward_modules, module_name) is not None
+        return any(module_name.endswith(name) for name in self.feedforward_modules)
 
     def token_indices_for(self, module_name: str) -> list[int] | None:
         """The rows trainable tokens replace in one embedding (PEFT's dict keys name modules)."""
@@ -98,28 +141,28 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
     """
     raw = read_json_object(path)
 
-    peft_type = raw.get("peft_type")
-    if peft_type is None:
+    if raw.get("peft_type") is None:
         raise InvalidInputError(
             f"{path} has no 'peft_type': it is not a PEFT adapter config (point ADAPTER at the "
             "folder PEFT's save_pretrained() wrote)"
         )
-    if peft_type != "LORA":
-        name = _PEFT_TYPE_NAMES.get(str(peft_type), repr(peft_type))
-        raise InvalidInputError(
-            f"{path} describes a {name} adapter (peft_type {peft_type!r}); lora-merge merges "
-            "LoRA adapters only, and does not support this type yet"
-        )
+    peft_type = check_peft_type(path, raw["peft_type"])
+    alpha_field = MERGED_TYPES[peft_type][1]
+    if alpha_field is None:  # IA3 (a learned vector), OFT (a rotation): no rank nor scale
+        raw = {**raw, "r": 1, "alpha": 1.0}
+        alpha_field = "alpha"
     r = raw.get("r")
-    alpha = raw.get("lora_alpha")
+    alpha = raw.get(alpha_field)
     if not isinstance(r, int) or not _is_positive_int(r):
         raise InvalidInputError(f"{path}: 'r' must be a positive integer, got {r!r}")
     if not isinstance(alpha, int | float) or not _is_number(alpha):
-        raise InvalidInputError(f"{path}: 'lora_alpha' must be a number, got {alpha!r}")
+        raise InvalidInputError(f"{path}: {alpha_field!r} must be a number, got {alpha!r}")
     rank_pattern = raw.get("rank_pattern") or {}
+    if peft_type == "ADALORA":
+        rank_pattern = _adalora_rank_pattern(path, rank_pattern)
     alpha_pattern = raw.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not all(
-        _is_positive_int(v) for v in rank_pattern.values()
+        _is_positive_int(v) or (peft_type == "ADALORA" and v == 0) for v in rank_pattern.values()
     ):
         raise InvalidInputError(f"{path}: 'rank_pattern' must map patterns to positive integers")
     if not isinstance(alpha_pattern, dict) or not all(
@@ -147,6 +190,12 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         isinstance(name, str) for name in target_parameters
     ):
         raise InvalidInputError(f"{path}: 'target_parameters' must be a list of parameter names")
+    init_lora_weights = raw.get("init_lora_weights", True)
+    if not isinstance(init_lora_weights, bool | str):
+        raise InvalidInputError(
+            f"{path}: 'init_lora_weights' must be true, false or the name of an "
+            f"initialisation, got {init_lora_weights!r}"
+        )
     return LoraAdapterConfig(
         r=r,
         lora_alpha=float(alpha),
@@ -158,7 +207,84 @@ def read_adapter_config(path: Path) -> LoraAdapterConfig:
         trainable_token_indices=token_indices,
         target_parameters=tuple(target_parameters),
         use_dora=bool(raw.get("use_dora", False)),
+        init_lora_weights=init_lora_weights,
+        # PEFT writes {} when LoftQ is not used; LoftQ's has loftq_bits and loftq_iter.
+        loftq=bool(raw.get("loftq_config")),
+        peft_type=peft_type,
+        feedforward_modules=_feedforward_modules(path, raw.get("feedforward_modules")),
+        init_r=_init_r(path, raw) if peft_type == "ADALORA" else 0,
+        oft=_oft_settings(path, raw) if peft_type == "OFT" else None,
+        projection_prng_key=(
+            _prng_key(path, raw.get("projection_prng_key", 0)) if peft_type == "VERA" else 0
+        ),
     )
+
+
+def _prng_key(path: Path, value: object) -> int:
+    """VeRA's ``projection_prng_key``: a seed for ``torch.Generator.manual_seed``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInputError(
+            f"{path}: 'projection_prng_key' must be a non-negative integer, got {value!r}"
+        )
+    return value
+
+
+def _oft_settings(path: Path, raw: dict[str, object]) -> OftSettings:
+    """OFT's rotation settings, with PEFT 0.21's defaults where a field is absent."""
+    defaults = OftSettings()
+    eps = raw.get("eps", defaults.eps)
+    terms = raw.get("num_cayley_neumann_terms", defaults.num_cayley_neumann_terms)
+    if not _is_number(eps) or not _is_positive_int(terms):
+        raise InvalidInputError(
+            f"{path}: OFT's 'eps' must be a number and 'num_cayley_neumann_terms' a positive "
+            f"integer, got {eps!r} and {terms!r}"
+        )
+    assert isinstance(eps, int | float) and isinstance(terms, int)
+    return OftSettings(
+        coft=bool(raw.get("coft", defaults.coft)),
+        eps=float(eps),
+        block_share=bool(raw.get("block_share", defaults.block_share)),
+        use_cayley_neumann=bool(raw.get("use_cayley_neumann", defaults.use_cayley_neumann)),
+        num_cayley_neumann_terms=terms,
+    )
+
+
+def _adalora_rank_pattern(path: Path, pattern: object) -> dict[str, int]:
+    """AdaLoRA's ``rank_pattern``: ``<module>.lora_E`` -> the mask of ranks kept -> their count."""
+    if not isinstance(pattern, dict) or not all(
+        isinstance(mask, list) and all(isinstance(kept, bool) for kept in mask)
+        for mask in pattern.values()
+    ):
+        raise InvalidInputError(
+            f"{path}: an AdaLoRA 'rank_pattern' must map module names to lists of booleans"
+        )
+    return {re.escape(name.removesuffix(".lora_E")): sum(mask) for name, mask in pattern.items()}
+
+
+def _init_r(path: Path, raw: dict[str, object]) -> int:
+    """AdaLoRA's ``init_r`` (PEFT's default 12 when absent)."""
+    init_r = raw.get("init_r", 12)
+    if not _is_positive_int(init_r):
+        raise InvalidInputError(f"{path}: 'init_r' must be a positive integer, got {init_r!r}")
+    assert isinstance(init_r, int)
+    return init_r
+
+
+def _feedforward_modules(path: Path, value: object) -> tuple[str, ...] | str:
+    """IA3's ``feedforward_modules``: a regex, or a list of name endings (PEFT saves either)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise InvalidInputError(
+                f"{path}: 'feedforward_modules' {value!r} is not a valid regex ({err})"
+            ) from err
+        return value
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return tuple(value)
+    raise InvalidInputError(f"{path}: 'feedforward_modules' must be a regex or a list of names")
 
 
 def _is_token_indices(value: object) -> bool:

@@ -20,9 +20,26 @@ PEFT_PREFIX = "base_model.model."
 # name: ``X.lora_A.default.weight``, ``X.lora_embedding_A.default``,
 # ``X.modules_to_save.default.weight``. Group 1 is the part before the name,
 # group 2 the name, group 3 what follows it.
+# Tensors of the other adapter types lora-merge merges (see lora_merge.plan.tuners):
+# PEFT keeps them in ParameterDicts and saves them as ``X.<role>`` (``X.hada_w1_a``).
+TUNER_ROLES: tuple[str, ...] = (
+    "lora_E",  # AdaLoRA (beside lora_A and lora_B, which it saves without ".weight")
+    "ia3_l",  # IA3
+    *("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),  # LoHa
+    *("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "vera_lambda_b",  # VeRA
+    "vera_lambda_d",
+)
+# Tensors every module of a VeRA adapter shares, saved once as ``base_model.vera_A``.
+SHARED_TUNER_ROLES = ("vera_A", "vera_B")
+# OFT keeps its generator in a module: ``X.oft_R.weight``.
+OFT_SUFFIX = ".oft_R.weight"
 _ADAPTER_NAME_IN_KEY = re.compile(
-    r"^(.*\.(?:lora_A|lora_B|lora_magnitude_vector|modules_to_save))\.([^.]+)(\.(?:weight|bias))$"
-    r"|^(.*\.(?:lora_embedding_A|lora_embedding_B|trainable_tokens_delta))\.([^.]+)()$"
+    r"^(.*\.(?:lora_A|lora_B|lora_magnitude_vector|modules_to_save|oft_R))\.([^.]+)"
+    r"(\.(?:weight|bias))$"
+    r"|^(.*\.(?:lora_embedding_A|lora_embedding_B|trainable_tokens_delta|"
+    + "|".join((*TUNER_ROLES, *SHARED_TUNER_ROLES))
+    + r"))\.([^.]+)()$"
 )
 
 # suffix -> role of the tensor in its module. Longest suffixes first.
@@ -81,6 +98,19 @@ class LoraModuleKeys:
 
 
 @dataclass
+class TunerModuleKeys:
+    """The adapter keys of one module of an AdaLoRA, IA3, LoHa or LoKr adapter.
+
+    Attributes:
+        module: module name in the base model.
+        tensors: role (one of :data:`TUNER_ROLES`, e.g. ``hada_w1_a``) -> adapter key.
+    """
+
+    module: str
+    tensors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class AdapterContents:
     """The adapter file's keys, sorted by what they do.
 
@@ -91,6 +121,8 @@ class AdapterContents:
             trained biases).
         trainable_tokens: embedding module name -> adapter key of its
             ``trainable_tokens_delta`` (new values of some of its rows).
+        tuner_modules: module name -> its tensors, for the other types lora-merge merges.
+        shared_tuner_tensors: role -> key of a tensor every module shares (VeRA's A and B).
         base_layer_copies: names in ``replacements`` saved from a wrapped layer's
             ``base_layer`` (the model's own parameter, shared with whatever it is tied
             to), as opposed to a modules_to_save copy, which is the module's alone.
@@ -100,6 +132,8 @@ class AdapterContents:
     replacements: dict[str, str] = field(default_factory=dict)
     trainable_tokens: dict[str, str] = field(default_factory=dict)
     base_layer_copies: set[str] = field(default_factory=set)
+    tuner_modules: dict[str, TunerModuleKeys] = field(default_factory=dict)
+    shared_tuner_tensors: dict[str, str] = field(default_factory=dict)
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -158,6 +192,16 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
         if name.endswith(TRAINABLE_TOKENS_SUFFIX):
             contents.trainable_tokens[name[: -len(TRAINABLE_TOKENS_SUFFIX)]] = key
             continue
+        module_name, _, last = name.rpartition(".")
+        if last in SHARED_TUNER_ROLES and module_name in ("", "base_model"):
+            contents.shared_tuner_tensors[last] = key
+            continue
+        if name.endswith(OFT_SUFFIX):
+            module_name, last = name.removesuffix(OFT_SUFFIX), "oft_R"
+        if (last in TUNER_ROLES or last == "oft_R") and module_name:
+            tuner = contents.tuner_modules.setdefault(module_name, TunerModuleKeys(module_name))
+            tuner.tensors[last] = key
+            continue
         role = next(((s, r) for s, r in _LORA_SUFFIXES if name.endswith(s)), None)
         if role is None:
             target = name
@@ -198,3 +242,26 @@ def classify_adapter_keys(keys: list[str]) -> AdapterContents:
                 "(A and B); the adapter file is incomplete"
             )
     return contents
+
+
+def as_adalora_modules(contents: AdapterContents) -> AdapterContents:
+    """An AdaLoRA file's contents: each module's A and B joined to its ``lora_E``.
+
+    AdaLoRA saves ``X.lora_A``, ``X.lora_B`` and ``X.lora_E`` (ParameterDicts, no
+    ``.weight``): its A and B look like a LoRA pair, but its delta is
+    ``B @ (A * E)``, a tuner's (see :mod:`lora_merge.plan.tuners.adalora`).
+    """
+    tuners = {
+        name: TunerModuleKeys(name, dict(m.tensors)) for name, m in contents.tuner_modules.items()
+    }
+    for module in contents.lora_modules.values():
+        tuner = tuners.setdefault(module.module, TunerModuleKeys(module.module))
+        assert module.a_key is not None and module.b_key is not None
+        tuner.tensors.update(lora_A=module.a_key, lora_B=module.b_key)
+    return AdapterContents(
+        replacements=contents.replacements,
+        trainable_tokens=contents.trainable_tokens,
+        base_layer_copies=contents.base_layer_copies,
+        tuner_modules=tuners,
+        shared_tuner_tensors=contents.shared_tuner_tensors,
+    )

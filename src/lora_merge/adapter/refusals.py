@@ -13,10 +13,16 @@ table in :mod:`lora_merge.adapter.keys`): another tool may write either alone.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lora_merge.adapter.config import LoraAdapterConfig
+from lora_merge.adapter.initialisation import (
+    MODE_OPTIONS,
+    InitialStateMode,
+    base_changing_initialisation,
+)
 from lora_merge.adapter.keys import AdapterContents
 from lora_merge.errors import InvalidInputError
 
@@ -46,6 +52,21 @@ def refuse_dora_in_combination(
             "DoRA adapters cannot be combined with others (their magnitude vectors apply to "
             "one adapter's merged weight): merge it on its own first, then combine the others "
             "into that output"
+        )
+
+
+def refuse_tuner_in_combination(label: str, config: LoraAdapterConfig) -> None:
+    """--combine sums or concatenates LoRA factors; IA3 multiplies and LoHa/LoKr have no B @ A
+    to concatenate, and PEFT's add_weighted_adapter refuses them too. Refuse.
+
+    Raises:
+        InvalidInputError: the adapter is not LoRA.
+    """
+    if config.peft_type != "LORA":
+        raise InvalidInputError(
+            f"adapter {label} is a {config.peft_type} adapter; --combine combines LoRA adapters "
+            "only (an IA3, LoHa or LoKr update is not a B @ A, and AdaLoRA divides by its own rank): merge "
+            "it on its own first, then merge the next adapter into that output"
         )
 
 
@@ -168,3 +189,70 @@ def refuse_loralib_conv(contents: AdapterContents, base_has: Callable[[str], obj
                 f"adapter key {module.a_key!r} is a loralib ConvLoRA (its weight is "
                 f"{module.module}.conv.weight), which lora-merge does not support"
             )
+
+
+# Initialisations that changed the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ):
+# see lora_merge.adapter.initialisation.
+
+
+def refuse_unconverted_initialisation(
+    config_path: Path | None, config: LoraAdapterConfig, mode: InitialStateMode
+) -> None:
+    """An adapter trained against other weights than BASE's is merged only as the user says.
+
+    Args:
+        config_path: the adapter_config.json, or None for a config-less (loralib) file.
+        config: the adapter's config.
+        mode: what the user said (``--initial-adapter``, ``--residual-base``,
+            ``--recompute-initial``, or nothing).
+
+    Raises:
+        InvalidInputError: a plain merge of such an adapter (it would count the initial
+            state twice), or an option that does not apply to this adapter.
+    """
+    initialisation = base_changing_initialisation(config)
+    where = config_path or "the adapter"
+    if initialisation is None:
+        if mode is InitialStateMode.RESIDUAL_BASE or mode is InitialStateMode.RECOMPUTE:
+            option = MODE_OPTIONS[mode]
+            raise InvalidInputError(
+                f"{option} applies to adapters whose initialisation changed the base weights "
+                f"(PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), but {where} has init_lora_weights="
+                f"{_json_value(config.init_lora_weights)}: merge it without {option}"
+            )
+        return
+    name, value = initialisation.name, initialisation.value
+    if mode is InitialStateMode.AS_TRAINED:
+        remedies = (
+            "convert it with PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)), pass the adapter as initialised "
+            "with --initial-adapter DIR"
+        )
+        if initialisation.recomputable:
+            remedies += ", recompute that initial state from BASE with --recompute-initial"
+        remedies += ", or pass a BASE that already is the residual model with --residual-base"
+        if not initialisation.subtractable:
+            remedies = "pass that backbone as BASE with --residual-base"
+        raise InvalidInputError(
+            f"{where} says init_lora_weights={value!r}: this {name} adapter was trained "
+            f"against {initialisation.trained_against}, not BASE's original weights, so "
+            f"merging it as it is would count its initial state twice; {remedies}"
+        )
+    if not initialisation.subtractable and mode is not InitialStateMode.RESIDUAL_BASE:
+        raise InvalidInputError(
+            f"{MODE_OPTIONS[mode]} cannot undo {name} ({where}): LoftQ's Q + "
+            "scale * B0 @ A0 "
+            "only approximates W, so subtracting B0 @ A0 from W is not the trained model; "
+            "pass the backbone LoftQ saved as BASE with --residual-base"
+        )
+    if mode is InitialStateMode.RECOMPUTE and initialisation.not_recomputable:
+        raise InvalidInputError(
+            f"--recompute-initial cannot recompute the initial state of this {name} adapter "
+            f"(init_lora_weights={value!r} in {where}): {initialisation.not_recomputable}; "
+            "pass it with --initial-adapter DIR or use --residual-base"
+        )
+
+
+def _json_value(value: object) -> str:
+    """A config value as adapter_config.json writes it (``true``, ``"gaussian"``)."""
+    return json.dumps(value)

@@ -254,3 +254,37 @@ def quantize_absmax_with_bitsandbytes(
     offset = absmax.mean()  # bitsandbytes: offset = _absmax.mean(); over the whole tensor
     codes, state = functional.quantize_blockwise(absmax - offset, blocksize=nested_blocksize)
     return codes.reshape(-1), state.absmax.float(), state.code.float(), float(offset.item())
+
+
+def quantize_4bit_whole_with_bitsandbytes(
+    values: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, int, float] | None]:
+    """bitsandbytes' ``quantize_4bit`` of a whole weight (``--qlora-base``).
+
+    The whole weight, because double quantization subtracts the mean of every
+    absmax of the weight before quantizing them.
+
+    Returns:
+        The packed uint8 codes; the absmax (float32, or uint8 codes with
+        ``double_quant``); and with ``double_quant`` the nested absmax (float32),
+        nested codebook (float32), nested blocksize and offset, else None.
+
+    Raises:
+        InvalidInputError: bitsandbytes is not installed or does not load here.
+    """
+    functional = require_bitsandbytes("--qlora-base")
+    packed, state = functional.quantize_4bit(
+        values.reshape(-1),
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+    )
+    packed = packed.reshape(-1).view(torch.uint8)
+    if not double_quant:
+        return packed, state.absmax.float().reshape(-1), None
+    nested = state.state2
+    return (
+        packed,
+        state.absmax.reshape(-1),
+        (nested.absmax.float(), nested.code.float(), nested.blocksize, float(state.offset)),
+    )

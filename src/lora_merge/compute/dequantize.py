@@ -27,9 +27,9 @@ block's scale.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from lora_merge.errors import UsageError
+import torch
 
 # The 16 NF4 values (quantiles of N(0, 1), QLoRA paper, appendix E), as
 # bitsandbytes' get_4bit_type("nf4") lists them.
@@ -77,19 +77,6 @@ _FP4_UNNORMALIZED = (
 FOUR_BIT_QUANT_TYPES = ("nf4", "fp4")
 # Block sizes bitsandbytes' quantize_4bit / dequantize_4bit accept.
 FOUR_BIT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def check_four_bit_blocksize(blocksize: int) -> None:
-    """Refuse a ``quant_blocksize`` bitsandbytes does not quantize with.
-
-    Raises:
-        UsageError: it is not one of :data:`FOUR_BIT_BLOCKSIZES`.
-    """
-    if blocksize not in FOUR_BIT_BLOCKSIZES:
-        raise UsageError(
-            f"quant_blocksize {blocksize!r} is not one of "
-            f"{', '.join(map(str, FOUR_BIT_BLOCKSIZES))} (the block sizes bitsandbytes quantizes with)"
-        )
 
 
 # Elements dequantized at once: a multiple of every 4-bit blocksize, so each chunk starts a
@@ -147,6 +134,7 @@ class DequantizeWorkspace:
         self.device = torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
         self._pair_tables: dict[str, torch.Tensor] = {}
+        self._tables: dict[str, torch.Tensor] = {}
 
     def buffer(self, name: str, count: int, dtype: torch.dtype) -> torch.Tensor:
         """The first ``count`` elements of buffer ``name`` as ``dtype`` (1-D, contents undefined).
@@ -168,6 +156,15 @@ class DequantizeWorkspace:
         if table is None:
             table = code_pair_table(quant_type, self.device)
             self._pair_tables[quant_type] = table
+        return table
+
+    def table(self, name: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The small lookup table ``name`` on this workspace's device, built once by ``build``
+        (FP8 and MXFP4 value tables; 1-2 KiB each)."""
+        table = self._tables.get(name)
+        if table is None:
+            table = build()
+            self._tables[name] = table
         return table
 
     @property

@@ -14,7 +14,7 @@ produced, makes the one commit on the target revision and deletes the branch.
 
 The fingerprint must be the same on every machine: with ``--low-disk`` it names
 the inputs by content (file name, size, sha256; a Hub BASE by URL at its commit),
-never by a local path or modification time (see ``api._resume_fingerprint``).
+never by a local path or modification time (see :func:`lora_merge.run.shards.resume_fingerprint`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from huggingface_hub.errors import (
 )
 
 from lora_merge.errors import InvalidInputError
-from lora_merge.finish.parts import Part
 from lora_merge.io.json_files import read_json_object
+from lora_merge.options.values import Part
 
 PARTS_FOLDER = ".lora-merge/parts"
 BRANCH_PREFIX = "lora-merge-parts-"

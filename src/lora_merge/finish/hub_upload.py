@@ -34,10 +34,11 @@ from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
 from lora_merge.errors import PushError
 from lora_merge.finish.hub_parts import commit_part_journal, read_part_journals, staging_branch
-from lora_merge.finish.parts import Part, journal_files
+from lora_merge.finish.parts import journal_files
 from lora_merge.finish.shard_sink import disk_needed, upload_journal_path
 from lora_merge.inputs.hub import progress_bars_hidden
 from lora_merge.io.json_files import read_json_object
+from lora_merge.options.values import Part
 
 
 class ShardUploads:

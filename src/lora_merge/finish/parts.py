@@ -21,96 +21,25 @@ matches it: it is removed only by the final step that claims it, or by hand.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
-from lora_merge.errors import InvalidInputError, OutputError, UsageError
+from lora_merge.errors import InvalidInputError, OutputError
 from lora_merge.io.json_files import read_json_object
+from lora_merge.options.values import Part
 
 PARTS_MARKER = ".lora-merge-parts"
 JOURNAL_STEM = ".lora-merge-journal"
 _PART_JOURNAL = re.compile(r"\.lora-merge-journal\.part-(\d+)-of-(\d+)\.json")
 
-T = TypeVar("T")
+
+def journal_name_of(part: Part) -> str:
+    """A part's own journal file in the shared area."""
+    return f"{JOURNAL_STEM}.part-{part.index}-of-{part.count}.json"
 
 
-@dataclass(frozen=True)
-class Part:
-    """Part ``index`` of ``count`` (``--part index/count``), 0 <= index < count."""
-
-    index: int
-    count: int
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-    def owns(self, shard_number: int) -> bool:
-        """True when the shard at ``shard_number`` (0-based, in plan order) is this part's."""
-        return shard_number % self.count == self.index
-
-    def select(self, shards: Sequence[T]) -> list[T]:
-        """The shards of the plan this part writes (``k % count == index``), in plan order."""
-        return [shard for number, shard in enumerate(shards) if self.owns(number)]
-
-    @property
-    def journal_name(self) -> str:
-        """This part's own journal file in the shared area."""
-        return f"{JOURNAL_STEM}.part-{self.index}-of-{self.count}.json"
-
-    def temporary_name(self, file_name: str) -> str:
-        """Where this part writes ``file_name`` until it is complete."""
-        return f".{file_name}.part-{self.index}-of-{self.count}.tmp"
-
-
-def parse_part(text: str | None) -> Part | None:
-    """``"1/3"`` -> ``Part(1, 3)``; None stays None.
-
-    Raises:
-        UsageError: not two whole numbers ``I/N`` with ``0 <= I < N``.
-    """
-    if text is None:
-        return None
-    matched = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if matched is None:
-        raise UsageError(
-            f"--part {text!r} is not I/N: give this part's number I and the number of "
-            "parts N, e.g. --part 0/4 ... --part 3/4"
-        )
-    index, count = int(matched[1]), int(matched[2])
-    if count < 1 or index >= count:
-        raise UsageError(
-            f"--part {text!r}: the part number must be from 0 to N-1 "
-            f"({'0 to ' + str(count - 1) if count else 'N must be at least 1'})"
-        )
-    return Part(index, count)
-
-
-def refuse_with_part(
-    part: Part | None, writes_adapter: bool, push_to_hub: str | None, low_disk: bool = False
-) -> None:
-    """``--part`` writes shards of a merged model for the final step to finish: refuse the rest.
-
-    With ``--push-to-hub REPO --low-disk`` a part uploads its shards to REPO's
-    staging branch instead (:mod:`lora_merge.finish.hub_parts`).
-
-    Raises:
-        UsageError: ``--part`` with ``--save-method lora``, or ``--push-to-hub``
-            without ``--low-disk``.
-    """
-    if part is None:
-        return
-    if writes_adapter:
-        raise UsageError(
-            "--part splits a merged model's shards; --save-method lora writes one adapter file"
-        )
-    if push_to_hub is not None and not low_disk:
-        raise UsageError(
-            "--part with --push-to-hub needs --low-disk (each part uploads its own shards "
-            "to the repo's staging branch); or write the parts into a shared folder and give "
-            "--push-to-hub to the final step only (the same command without --part, with --resume)"
-        )
+def temporary_name_of(part: Part, file_name: str) -> str:
+    """Where a part writes ``file_name`` until it is complete."""
+    return f".{file_name}.part-{part.index}-of-{part.count}.tmp"
 
 
 def parts_area(staging_prefix: str, out: Path) -> Path:

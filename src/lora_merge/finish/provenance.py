@@ -3,10 +3,11 @@
 OUT's ``README.md`` is a model card the Hub understands (YAML front matter with
 ``base_model``, ``base_model_relation``, ``library_name`` and ``tags``) whose
 body says what was merged: the inputs (Hub repo and commit, or the path given),
-the sha256 of every input file, the scales, the arithmetic, the dtype, the
-lora-merge version and the command line. Each shard's header records the same
-in a few ``lora_merge.*`` keys. Nothing here depends on the clock or the host,
-so two runs with the same inputs and options write the same bytes.
+the sha256 of every input file (:mod:`lora_merge.finish.input_hashes`), the
+scales, the arithmetic, the dtype, the lora-merge version and the command line.
+Each shard's header records the same in a few ``lora_merge.*`` keys. Nothing
+here depends on the clock or the host, so two runs with the same inputs and
+options write the same bytes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +25,16 @@ from lora_merge._version import __version__
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
 from lora_merge.finish.folder import DTYPE_NAME_IN_CONFIG
+from lora_merge.finish.input_hashes import InputFile
 from lora_merge.inputs.locations import hub_snapshot_of
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
-from lora_merge.io.hashing import sha256_of
-from lora_merge.io.hub_names import CONFIG_NAME, REPOCARD_NAME, SAFETENSORS_INDEX_FILE
+from lora_merge.io.hub_names import REPOCARD_NAME
 from lora_merge.io.shard_writer import OUTPUT_METADATA
+from lora_merge.options.values import SaveMethod
 from lora_merge.plan.model import MergePlan
+from lora_merge.plan.tuners.rows import TUNER_NAMES, tuner_arithmetic
 
 HUB_URL = "https://huggingface.co"
-# The cache names a file's blob by its etag, which for files stored with Git LFS
-# (every weights file) is the sha256 of the content: no need to read it again.
-_SHA256_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 _NAMESPACED_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -70,16 +68,6 @@ class InputIdentity:
 
 
 @dataclass(frozen=True)
-class InputFile:
-    """One file read by the merge, with its size and sha256 (None when not computed)."""
-
-    role: str
-    name: str
-    size: int
-    sha256: str | None
-
-
-@dataclass(frozen=True)
 class MergeRecord:
     """Everything the card states besides the file hashes.
 
@@ -93,6 +81,7 @@ class MergeRecord:
         version: lora-merge's version.
         command: the command line, or None for a Python API call.
         other_adapters: the further adapters combined with ``adapter`` (``--combine``).
+        adapter_type: PEFT's name of the adapter's type (LoRA, AdaLoRA, IA3, ...).
     """
 
     base: InputIdentity
@@ -105,6 +94,7 @@ class MergeRecord:
     version: str
     command: str | None
     other_adapters: tuple[InputIdentity, ...] = ()
+    adapter_type: str = "LoRA"
 
 
 def declared_base_model(
@@ -138,9 +128,10 @@ def merge_record(
     mismatch: bool,
     unmerge: bool,
     recipe: CombineRecipe | None,
-    save_method: str,
+    save_method: SaveMethod,
     output_dtype: torch.dtype | None,
     command: str | None,
+    initial_state: str | None = None,
 ) -> MergeRecord:
     """What OUT's model card and shard metadata say about this merge.
 
@@ -155,28 +146,44 @@ def merge_record(
         mismatch: whether the run warned that the adapter names another base.
         unmerge: whether the run subtracts the adapter (``--unmerge``).
         recipe: how several adapters are combined, or None.
-        save_method: ``merged_16bit``, ``merged_4bit`` or ``lora``.
+        save_method: ``merged_16bit``, ``merged_4bit``, ``merged_native`` or ``lora``.
         output_dtype: the dtype written, or None when each tensor keeps its own.
         command: the command line, or None for a Python API call.
+        initial_state: how a base-changing initialisation (PiSSA...) was handled, or None.
     """
     base_identity = InputIdentity.of("base", base_spec, base.folder)
     identities = [InputIdentity.of("adapter", spec, folder.folder) for spec, folder in adapters]
     method = merge_arithmetic(any(p.magnitude_key for p in plan.lora_products))
+    unmerge_method = UNMERGE_ARITHMETIC
+    tuners = sorted({u.tuner for u in plan.tuner_updates})
+    adapter_type = "LoRA"
+    if tuners:  # AdaLoRA, IA3, LoHa, LoKr, OFT, VeRA: their own formula
+        adapter_type = TUNER_NAMES[tuners[0]]
+        method = tuner_arithmetic(tuners)
+        unmerge_method = (
+            f"--unmerge (each update undone: IA3 divides, LoHa/LoKr subtract): {method}"
+        )
     if recipe is not None:
         method += (
             f"; B @ A is the combination of {', '.join(spec for spec, _ in adapters)} by "
             f"--combine {recipe.method_name}, weights "
             f"{','.join(f'{w:g}' for w in recipe.weights)}"
         )
+    if initial_state is not None:
+        method += f"; {initial_state}"
+    quantization = next((t.as_trained for t in plan.tensors if t.as_trained), None)
+    if quantization is not None:  # --qlora-base
+        method += (
+            f"; --qlora-base: W is dequant(quant(W)) of BASE's Linear weights in "
+            f"{quantization.describe()}, as bitsandbytes quantizes and dequantizes them "
+            "(what QLoRA training saw)"
+        )
     return MergeRecord(
         base=base_identity,
         adapter=identities[0],
         declared_base=declared_base_model(base_identity, adapter_base, mismatch=mismatch),
-        method=describe_arithmetic(UNMERGE_ARITHMETIC if unmerge else method, base, save_method),
-        scales={
-            f"{scale:g}": n
-            for scale, n in sorted(Counter(p.scale for p in plan.module_products).items())
-        },
+        method=describe_arithmetic(unmerge_method if unmerge else method, base, save_method),
+        scales={f"{scale:g}": n for scale, n in sorted(plan.module_scales.items())},
         lora_modules_by_layer=plan.lora_modules_by_layer,
         output_dtype=(
             DTYPE_NAME_IN_CONFIG[output_dtype]
@@ -186,6 +193,7 @@ def merge_record(
         version=__version__,
         command=command,
         other_adapters=tuple(identities[1:]),
+        adapter_type=adapter_type,
     )
 
 
@@ -198,31 +206,6 @@ def shard_metadata(record: MergeRecord) -> dict[str, str]:
         "lora_merge.adapter": record.adapter.label,
         "lora_merge.method": record.method,
     }
-
-
-def input_files(role: str, folder: Path, paths: Iterable[Path]) -> list[tuple[str, str, Path]]:
-    """``(role, name relative to the input folder, path)`` for each distinct input file."""
-    seen: dict[Path, None] = dict.fromkeys(paths)
-    return [(role, _relative_name(path, folder), path) for path in seen]
-
-
-def start_hashing(
-    files: Sequence[tuple[str, str, Path]],
-    enabled: bool,
-    known: Mapping[Path, tuple[int, str | None]] | None = None,
-) -> Future[list[InputFile]]:
-    """Hash the input files on a background thread while the merge runs.
-
-    The thread reads files the merge reads too (mostly from the page cache) and
-    hashlib releases the GIL, so on a machine with a spare core this costs little
-    wall time. Files in huggingface_hub's cache are not read at all: their blob's
-    name is their sha256. Files in ``known`` (size and sha256 by path: shards read
-    from the Hub with ``--low-disk``, whose sha256 the Hub gave) are not read either.
-    """
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-merge-hash")
-    future = pool.submit(_hash_all, files, enabled, known or {})
-    pool.shutdown(wait=False)
-    return future
 
 
 def write_model_card(folder: Path, record: MergeRecord, files: Sequence[InputFile]) -> None:
@@ -257,7 +240,7 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
     lines = ["---", *front_matter, "---", "", "# Merged model", ""]
     adapters = [_input_link(a) for a in (record.adapter, *record.other_adapters)]
     subject = (
-        f"The LoRA adapter {adapters[0]}"
+        f"The {record.adapter_type} adapter {adapters[0]}"
         if len(adapters) == 1
         else f"The LoRA adapters {', '.join(adapters)}, combined,"
     )
@@ -285,66 +268,18 @@ def model_card(record: MergeRecord, files: Sequence[InputFile]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def describe_arithmetic(method: str, base: BaseCheckpoint, save_method: str) -> str:
+def describe_arithmetic(method: str, base: BaseCheckpoint, save_method: SaveMethod) -> str:
     """The model card's description of the arithmetic, quantization included."""
     if base.quantization is not None:
         method += (
             f"; W dequantized from BASE's {base.quantization.describe()} weights "
-            "exactly as bitsandbytes dequantizes them"
+            "exactly as the format's reference decoder dequantizes them"
         )
-    if save_method == "merged_4bit":
+    if save_method is SaveMethod.MERGED_4BIT:
         method += "; then re-quantized to 4 bits with bitsandbytes (a second rounding)"
+    elif save_method is SaveMethod.MERGED_NATIVE:
+        method += "; then re-quantized in BASE's own format (a second rounding)"
     return method
-
-
-def files_read_by_merge(
-    base: BaseCheckpoint, adapter_folders: Sequence[AdapterFolder]
-) -> list[tuple[str, str, Path]]:
-    """Every file the merge reads, for the model card: configs, index, weights
-    (several adapters' files are listed as ``adapter 1``, ``adapter 2``...)."""
-    base_files = [
-        base.folder / name
-        for name in (CONFIG_NAME, SAFETENSORS_INDEX_FILE)
-        if (base.folder / name).is_file()
-    ]
-    base_files += sorted({entry.path for entry in base.entries.values()})
-    files = input_files("base", base.folder, base_files)
-    for number, folder in enumerate(adapter_folders, start=1):
-        role = "adapter" if len(adapter_folders) == 1 else f"adapter {number}"
-        paths = [path for path in (folder.config_path, folder.weights_path) if path]
-        files += input_files(role, folder.folder, paths)
-    return files
-
-
-def _hash_all(
-    files: Sequence[tuple[str, str, Path]],
-    enabled: bool,
-    known: Mapping[Path, tuple[int, str | None]],
-) -> list[InputFile]:
-    hashed = []
-    for role, name, path in files:
-        if path in known:
-            size, sha256 = known[path]
-            hashed.append(InputFile(role, name, size, sha256 if enabled else None))
-        else:
-            hashed.append(
-                InputFile(role, name, path.stat().st_size, _sha256(path) if enabled else None)
-            )
-    return hashed
-
-
-def _sha256(path: Path) -> str:
-    blob = Path(os.path.realpath(path))
-    if blob.parent.name == "blobs" and _SHA256_BLOB_NAME.fullmatch(blob.name):
-        return blob.name
-    return sha256_of(path)
-
-
-def _relative_name(path: Path, folder: Path) -> str:
-    try:
-        return path.relative_to(folder).as_posix()
-    except ValueError:
-        return path.name
 
 
 def _input_cell(source: InputIdentity) -> str:

@@ -1,8 +1,8 @@
-"""Where a finished output shard goes, and the checks of ``--low-disk``, without huggingface_hub.
+"""Where a finished output shard goes, without huggingface_hub.
 
 Without ``--low-disk`` a shard stays in OUT (:class:`KeepShards`); with it,
 :class:`lora_merge.finish.hub_upload.ShardUploads` uploads and deletes it. Both
-have the same methods, which ``api._write_output`` calls after each shard.
+have the same methods, which :mod:`lora_merge.run.folder` calls after each shard.
 """
 
 from __future__ import annotations
@@ -10,50 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_merge.errors import UsageError
-
 UPLOAD_JOURNAL_SUFFIX = ".lora-merge-uploads.json"
-
-
-def check_hub_options(
-    push_to_hub: str | None,
-    *,
-    private: bool,
-    revision: str | None,
-    low_disk: bool,
-    verify: bool,
-    adapter_output: bool,
-) -> None:
-    """Refuse Hub options that cannot work together, before anything is read.
-
-    Args:
-        push_to_hub: the ``--push-to-hub`` repo id, or None.
-        private / revision: ``--private`` and ``--revision``, which need a repo.
-        low_disk: ``--low-disk``, which needs a repo and deletes each shard once uploaded.
-        verify / adapter_output: ``--verify`` and ``--save-method lora``, which need
-            the shards kept.
-
-    Raises:
-        UsageError: the first conflict found, or a repo id the Hub would refuse.
-    """
-    if push_to_hub is None:
-        if low_disk:
-            raise UsageError(
-                "--low-disk uploads each shard as it is written and deletes it: it needs "
-                "--push-to-hub REPO (without it, OUT must hold the whole model)"
-            )
-        if private or revision is not None:
-            raise UsageError("--private and --revision only apply with --push-to-hub")
-        return
-    from lora_merge.finish.publish import check_push_target  # imports huggingface_hub
-
-    check_push_target(push_to_hub)
-    for flag, given in (("--verify", verify), ("--save-method lora", adapter_output)):
-        if low_disk and given:
-            raise UsageError(
-                f"{flag} cannot be used with --low-disk, which uploads and deletes "
-                "each model shard as soon as it is written; drop one of them"
-            )
 
 
 def disk_needed(shard_sizes: Sequence[int], low_disk: bool) -> int:

@@ -23,27 +23,26 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 
 from lora_merge.errors import OutputError
 from lora_merge.finish.parts import (
-    Part,
     journal_files,
+    journal_name_of,
     part_of_journal,
     parts_area,
     read_journal,
     refuse_other_plans,
+    temporary_name_of,
 )
 from lora_merge.io.hashing import sha256_of
 from lora_merge.io.positional import flush_to_disk
+from lora_merge.io.process import process_alive, signals_deferred
 from lora_merge.io.shard_writer import write_errors_as_output_errors
+from lora_merge.options.values import Part
 
 STAGING_MARKER = ".lora-merge-partial-"
 JOURNAL_NAME = ".lora-merge-journal.json"
@@ -133,7 +132,7 @@ class StagingFolder:
     def __exit__(self, *exc_info: object) -> None:
         if self.part is not None:
             # The area is every part's: remove only this part's unfinished files.
-            for path in self.path.glob(self.part.temporary_name("*")):
+            for path in self.path.glob(temporary_name_of(self.part, "*")):
                 path.unlink(missing_ok=True)
             return
         if not self._committed:
@@ -159,7 +158,7 @@ class StagingFolder:
         remove_stale_staging_folders(self.out)
         self.path.mkdir(exist_ok=True)
         if self._keep_verified:
-            journal = read_journal(self.path / part.journal_name)
+            journal = read_journal(self.path / journal_name_of(part))
             shards = journal.get("shards") if journal else None
             self._journal = dict(shards) if isinstance(shards, dict) else {}
 
@@ -168,7 +167,7 @@ class StagingFolder:
         area too when no other part has files there."""
         if self.part is None:
             return
-        (self.path / self.part.journal_name).unlink(missing_ok=True)
+        (self.path / journal_name_of(self.part)).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.path.rmdir()  # only when empty
 
@@ -176,7 +175,7 @@ class StagingFolder:
         """Where to write ``file_name``: in place, or under a part's temporary name."""
         if self.part is None:
             return self.path / file_name
-        return self.path / self.part.temporary_name(file_name)
+        return self.path / temporary_name_of(self.part, file_name)
 
     def has_verified_shard(self, file_name: str) -> bool:
         """True when a resumed journal lists ``file_name`` and the file still matches it.
@@ -213,7 +212,7 @@ class StagingFolder:
     def _write_journal(self) -> None:
         """Replace the journal atomically (write, flush, rename): a reader sees old or new."""
         journal: dict[str, object] = {"fingerprint": self.fingerprint, "shards": self._journal}
-        name = JOURNAL_NAME if self.part is None else self.part.journal_name
+        name = JOURNAL_NAME if self.part is None else journal_name_of(self.part)
         if self.part is not None:
             journal["part"] = str(self.part)
         temporary = self.path / f"{name}.tmp"
@@ -336,73 +335,6 @@ def _dead_staging_folders(out: Path) -> list[Path]:
         if pid_text.isdigit() and not process_alive(int(pid_text)) and candidate.is_dir():
             found.append(candidate)
     return found
-
-
-def process_alive(pid: int) -> bool:
-    """True if a process with this id exists (ours or another user's)."""
-    if sys.platform == "win32":
-        return _windows_process_alive(pid)
-    try:
-        os.kill(pid, 0)  # signal 0: only checks; on Windows os.kill would terminate it
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _windows_process_alive(pid: int) -> bool:
-    import ctypes
-
-    query_limited_information, still_active = 0x1000, 259
-    access_denied = 5
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
-    handle = kernel32.OpenProcess(query_limited_information, False, pid)
-    if not handle:
-        # No such process (ERROR_INVALID_PARAMETER), unless it is another user's.
-        return bool(ctypes.get_last_error() == access_denied)  # type: ignore[attr-defined,unused-ignore]
-    try:
-        exit_code = ctypes.c_ulong()
-        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(exit_code)):
-            return True
-        return exit_code.value == still_active
-    finally:
-        kernel32.CloseHandle(handle)
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back for the duration of the block, then drop them.
-
-    Python runs signal handlers in the main thread only, between bytecodes: in
-    the main thread, the handlers are swapped for one that only notes the
-    signal, and the old ones are put back afterwards. The block finishes the
-    merge, so a signal that arrived during it has nothing left to stop. In
-    another thread the block cannot be interrupted by a handler at all. Works
-    the same on Linux, macOS and Windows (where SIGBREAK, Ctrl-Break, is held
-    too).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = [signal.SIGINT, signal.SIGTERM]
-    if hasattr(signal, "SIGBREAK"):
-        held.append(signal.SIGBREAK)
-    previous = {}
-    for number in held:
-        handler = signal.getsignal(number)
-        if handler is not None:  # None: installed outside Python, cannot be put back
-            previous[number] = handler
-            signal.signal(number, _note_signal)
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def _note_signal(signum: int, frame: FrameType | None) -> None:
-    """A handler that lets the signal pass: the work it would stop is finishing."""
 
 
 @contextmanager

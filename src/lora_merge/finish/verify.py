@@ -16,6 +16,10 @@ writer), so it is an independent look at what was written:
   rows are recomputed as ``m / ||V|| * V``; DoRA whose norm spans columns
   (embeddings, Conv1D) is checked for presence, dtype and shape only, since
   recomputing one row needs the whole tensor.
+- a weight an AdaLoRA, IA3, LoHa, LoKr, OFT or VeRA module changes: its sampled rows
+  recomputed in float64 by the type's own formula (:mod:`lora_merge.plan.tuners`),
+  within one unit in the last place plus ``n * u`` times the row's sums of
+  absolute terms (:func:`~lora_merge.plan.tuners.rows.tuner_sum_terms`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from lora_merge.io.safetensors_format import SAFETENSORS_NAME_BY_TORCH_DTYPE, Te
 from lora_merge.plan.kinds.dora import norm_per_column, read_magnitude
 from lora_merge.plan.kinds.experts import expert_lora_factors
 from lora_merge.plan.kinds.factors import read_lora_factors
-from lora_merge.plan.model import LoraProduct, PlannedTensor
+from lora_merge.plan.model import LoraProduct, PlannedTensor, TunerUpdate
+from lora_merge.plan.tuners.rows import tuner_compute_dtype, tuner_row_merger, tuner_sum_terms
 
 SAMPLED_ROWS = 4
 
@@ -108,6 +113,44 @@ def _check_tensor(
         and not norm_per_column(tensor.delta)
     ):
         _check_sampled_rows(handle, name, tensor, tensor.delta, base_entries, adapter, base)
+    elif isinstance(tensor.delta, TunerUpdate) and len(spec.shape) >= 2 and not tensor.requantize:
+        _check_tuner_rows(handle, name, tensor, tensor.delta, base_entries, adapter, base)
+
+
+def _check_tuner_rows(
+    handle,
+    name: str,
+    tensor: PlannedTensor,
+    delta: TunerUpdate,
+    base_entries: dict[str, TensorEntry],
+    adapter: TensorSource,
+    base: TensorSource | None,
+) -> None:
+    spec = tensor.spec
+    picks = sorted(
+        {0, spec.shape[0] - 1}
+        | set(torch.randint(0, spec.shape[0], (SAMPLED_ROWS,), generator=_generator(name)).tolist())
+    )
+    cpu = torch.device("cpu")
+    exact_rows = tuner_row_merger(delta, adapter, spec.shape, torch.float64, cpu)
+    absolute_rows = tuner_row_merger(delta, adapter, spec.shape, torch.float64, cpu, absolute=True)
+    unit_roundoff = torch.finfo(tuner_compute_dtype(delta, spec.dtype)).eps / 2
+    terms = tuner_sum_terms(delta, adapter)
+    base_rows = _source_rows(tensor, picks, base_entries, adapter, base)
+    written = handle.get_slice(name)
+    for row in picks:
+        base_row = base_rows[row].double().reshape(1, -1)
+        exact = exact_rows(base_row, row)[0]
+        arithmetic_error = terms * unit_roundoff * absolute_rows(base_row.abs(), row)[0]
+        expected = exact.to(spec.dtype)
+        actual = written[row : row + 1][0].reshape(-1)
+        spacing = _ulp(torch.maximum(actual.abs(), expected.abs())) + arithmetic_error
+        if not bool(((actual.double() - expected.double()).abs() <= spacing).all()):
+            raise VerificationError(
+                f"row {row} of {name} differs from a float64 recomputation of its "
+                f"{delta.tuner} update by more than one unit in the last place plus the "
+                "rounding bound"
+            )
 
 
 def _check_sampled_rows(
@@ -182,7 +225,7 @@ def _source_rows(
     """The sampled rows of the tensor's starting values, reading its file once."""
     if tensor.source == "adapter":
         return {row: adapter.read_rows(tensor.source_key, row, row + 1)[0] for row in picks}
-    if tensor.dequantized:
+    if tensor.dequantized or tensor.as_trained is not None:  # the reader transforms it
         if base is None:
             raise ValueError(f"{tensor.spec.name} is stored quantized: pass the base reader")
         return {row: base.read_rows(tensor.source_key, row, row + 1)[0].cpu() for row in picks}

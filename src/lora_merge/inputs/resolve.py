@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_merge.errors import InputNotFoundError, InvalidInputError, OutputError
-from lora_merge.inputs.quantized import BitsAndBytesBase, read_bitsandbytes_base
-from lora_merge.io.bitsandbytes_format import LogicalTensor, logical_tensors
+from lora_merge.io.formats.registry import (
+    LogicalTensor,
+    QuantizedBase,
+    find_quantized_base,
+    logical_tensors,
+)
 from lora_merge.io.http_reader import RangeFetcher, RemoteFile
 from lora_merge.io.hub_names import (
     CONFIG_NAME,
@@ -44,7 +48,8 @@ class BaseCheckpoint:
         folder: the base folder (absolute).
         entries: stored tensor name -> location, in file order (shard by shard, then offset).
         config: the parsed config.json, or an empty dict when the folder has none.
-        quantization: the bitsandbytes-quantized weights, or None for an unquantized base.
+        quantization: the quantized weights (bitsandbytes, FP8, MXFP4 ...), or None for an
+            unquantized base.
         tensors: the tensors as the model sees them (quantized weights as their
             dequantized dtype and shape, auxiliary quantization tensors left out),
             in file order: what the planner plans.
@@ -56,7 +61,7 @@ class BaseCheckpoint:
     folder: Path
     entries: dict[str, TensorEntry]
     config: dict[str, object]
-    quantization: BitsAndBytesBase | None = None
+    quantization: QuantizedBase | None = None
     tensors: dict[str, LogicalTensor] = field(default_factory=dict)
     remote: dict[Path, RemoteFile] = field(default_factory=dict)
 
@@ -141,7 +146,7 @@ def resolve_base(
                 )
     config_path = folder / CONFIG_NAME
     config = read_json_object(config_path) if config_path.is_file() else {}
-    quantization = read_bitsandbytes_base(entries, config)
+    quantization = find_quantized_base(entries, config)
     return BaseCheckpoint(
         folder=folder,
         entries=entries,

@@ -13,8 +13,10 @@ from typing import Literal
 
 import torch
 
+from lora_merge.adapter.config import OftSettings
+from lora_merge.compute.training_quantization import TrainingQuantization
+from lora_merge.io.formats.protocol import NativeTarget
 from lora_merge.io.shard_writer import TensorSpec
-from lora_merge.plan.four_bit_format import FourBitFormat
 
 # The prefix of a DoRA module's layer kind ("dora-linear"): see lora_merge.plan.kinds.dora.
 DORA_PREFIX = "dora-"
@@ -81,6 +83,56 @@ class LoraBias:
 
 
 @dataclass(frozen=True)
+class TunerUpdate:
+    """One module of an adapter that is not LoRA (AdaLoRA, IA3, LoHa, LoKr): its update of a tensor.
+
+    Each type's shape rule and formula are in its own module of :mod:`lora_merge.tuners`
+    (``tuner`` names it); the stream asks that module for the merged rows.
+
+    Attributes:
+        tuner: the adapter type, a key of :data:`lora_merge.tuners.registry.TUNERS`
+            (``"adalora"``, ``"ia3"``, ``"loha"``, ``"lokr"``, ``"oft"``, ``"vera"``).
+        module: the module's name in the base model.
+        keys: (role, adapter key) of every tensor of the module, e.g.
+            ``("hada_w1_a", "...q_proj.hada_w1_a")``.
+        scale: the factor of an additive update (``alpha / r``); 1.0 for IA3.
+        layer: the layer kind, for reports and the shape rule: ``"linear"``,
+            ``"conv1d"`` (transformers' Conv1D, stored (in, out)), ``"convolution"``
+            or ``"bias"`` (IA3 scales a layer's bias with its weight).
+        feedforward: IA3 only: the vector scales the layer's inputs (columns of
+            ``nn.Linear``'s weight) rather than its outputs.
+        unmerge: undo the update (``--unmerge``): IA3 divides, additive types subtract.
+        ranknum: AdaLoRA only: the initial rank its delta is divided by.
+        oft: OFT only: how its rotations are built.
+        projections: VeRA saved without its shared A and B: (seed, r, in_max, out_max)
+            to regenerate them as PEFT does; None otherwise.
+        projection_dtype: the dtype PEFT rounds regenerated A and B to: the base
+            layer's (``_move_adapter_to_device_of_base_layer`` casts them to it before
+            the float32 autocast); None to keep them float32.
+    """
+
+    tuner: str
+    module: str
+    keys: tuple[tuple[str, str], ...]
+    scale: float
+    layer: str
+    feedforward: bool = False
+    unmerge: bool = False
+    ranknum: int = 0
+    oft: OftSettings | None = None
+    projections: tuple[int, int, int, int] | None = None
+    projection_dtype: torch.dtype | None = None
+
+    def key(self, role: str) -> str | None:
+        """The adapter key of one of the module's tensors, or None when it has no such role."""
+        return dict(self.keys).get(role)
+
+
+# What a plan adds to (or does with) one base tensor.
+Delta = LoraProduct | LoraBias | TunerUpdate
+
+
+@dataclass(frozen=True)
 class TokenRows:
     """Rows of an embedding replaced wholesale (PEFT trainable tokens).
 
@@ -111,21 +163,25 @@ class PlannedTensor:
         token_rows: rows replaced last, if any (trainable tokens).
         dequantized: the base stores this weight quantized (bitsandbytes); reading
             it dequantizes, so it is never a byte copy.
-        requantize: write the merged weight 4-bit in this format (``spec`` is then
-            the packed codes); ``--save-method merged_4bit``.
-        written_with: this tensor is part of the 4-bit group of that weight and is
-            written with it (absmax, quant map, quant state).
+        requantize: write the merged weight quantized in this format (``spec`` is then
+            the first of its stored tensors); ``--save-method merged_4bit`` or
+            ``merged_native``.
+        written_with: this tensor is part of the quantized group of that weight and is
+            written with it (absmax, quant map, quant state; block scales).
+        as_trained: the base weight is read as ``dequant(quant(W))`` in this format,
+            as QLoRA training saw it (``--qlora-base``), so it is never a byte copy.
     """
 
     spec: TensorSpec
     source: SourceName
     source_key: str
     source_dtype: torch.dtype
-    delta: LoraProduct | LoraBias | None = None
+    delta: LoraProduct | LoraBias | TunerUpdate | None = None
     token_rows: TokenRows | None = None
     dequantized: bool = False
-    requantize: FourBitFormat | None = None
+    requantize: NativeTarget | None = None
     written_with: str | None = None
+    as_trained: TrainingQuantization | None = None
 
     @property
     def is_byte_copy(self) -> bool:
@@ -137,6 +193,7 @@ class PlannedTensor:
             and not self.dequantized
             and self.requantize is None
             and self.written_with is None
+            and self.as_trained is None
             and self.source_dtype == self.spec.dtype
         )
 
@@ -184,6 +241,24 @@ class MergePlan:
         return list({p.a_key: p for p in reversed(self.lora_products)}.values())[::-1]
 
     @property
+    def tuner_updates(self) -> list[TunerUpdate]:
+        """The updates of a non-LoRA adapter (AdaLoRA, IA3, LoHa, LoKr), one per tensor they change."""
+        return [t.delta for t in self.tensors if isinstance(t.delta, TunerUpdate)]
+
+    @property
+    def module_scales(self) -> Counter[float]:
+        """How many modules use each scale (LoRA's, LoHa's and LoKr's ``alpha / r``; IA3 has none)."""
+        scales = Counter(p.scale for p in self.module_products)
+        scales.update(u.scale for u in self.tuner_updates if u.tuner != "ia3")
+        return scales
+
+    @property
     def lora_modules_by_layer(self) -> dict[str, int]:
-        """LoRA modules merged, counted by layer kind (linear, conv1d, embedding, experts, ...)."""
-        return dict(Counter(p.layer for p in self.module_products))
+        """Modules merged, counted by layer kind (linear, conv1d, embedding, experts, ...).
+
+        A non-LoRA adapter's modules are counted by type and kind (``ia3-linear``,
+        ``loha-convolution``); IA3's scaled biases are part of their module.
+        """
+        counts = Counter(p.layer for p in self.module_products)
+        counts.update(f"{u.tuner}-{u.layer}" for u in self.tuner_updates if u.layer != "bias")
+        return dict(counts)

@@ -103,6 +103,8 @@ def check_every_name_matches(
             continue
         # (A LoRA bias is located later, beside its weight.)
         wanted.append((module.a_key or module.module, f"{module.module}.weight"))
+    for tuner in contents.tuner_modules.values():  # AdaLoRA, IA3, LoHa, LoKr
+        wanted.append((next(iter(tuner.tensors.values())), f"{tuner.module}.weight"))
     unmatched = [(key, name) for key, name in wanted if not base_names.find(name)]
     if unmatched:
         raise base_names.unmatched_error(unmatched)

@@ -37,8 +37,15 @@ from lora_merge.plan.kinds.experts import plan_parameter_loras
 from lora_merge.plan.kinds.linear import plan_linear
 from lora_merge.plan.kinds.merged_linear import plan_merged_linear
 from lora_merge.plan.kinds.shapes import LoraShapes
-from lora_merge.plan.model import LoraBias, LoraProduct, MergePlan, PlannedTensor, TokenRows
+from lora_merge.plan.model import (
+    Delta,
+    LoraProduct,
+    MergePlan,
+    PlannedTensor,
+    TokenRows,
+)
 from lora_merge.plan.names import BaseNames, check_every_name_matches
+from lora_merge.plan.tuners.modules import plan_tuner_modules
 from lora_merge.plan.vocabulary import (
     TiedHead,
     plan_replacements,
@@ -46,7 +53,7 @@ from lora_merge.plan.vocabulary import (
     plan_token_rows,
 )
 
-Deltas = dict[str, LoraProduct | LoraBias]
+Deltas = dict[str, Delta]
 
 
 def build_merge_plan(
@@ -96,10 +103,24 @@ def build_merge_plan(
     )
     sign = -1.0 if unmerge else 1.0
     deltas = {key: dataclasses.replace(d, scale=sign * d.scale) for key, d in deltas.items()}
+    # AdaLoRA, IA3, LoHa, LoKr (plan_tuner_modules says how each undoes itself for --unmerge).
+    deltas.update(
+        plan_tuner_modules(
+            contents,
+            base_names,
+            shapes.of,
+            base.tensors.__contains__,
+            adapter,
+            config,
+            shapes.model_type,
+            unmerge,
+            lambda key: None if base.tensors[key].quantized else base.tensors[key].dtype,
+        )
+    )
     token_rows = plan_token_rows(contents, base_names, config, adapter, shapes.of)
     plan = MergePlan(
         vocab_size=replacements.vocab_size,
-        lora_modules=len(contents.lora_modules),
+        lora_modules=len(contents.lora_modules) + len(contents.tuner_modules),
         replaced=len(replacements.keys),
     )
     for name in base.tensors:

@@ -28,7 +28,7 @@ from lora_merge.plan.architectures import (
     TIED_HEAD_NAME,
     VOCAB_TENSOR_SUFFIXES,
 )
-from lora_merge.plan.model import LoraBias, LoraProduct, MergePlan, PlannedTensor, TokenRows
+from lora_merge.plan.model import Delta, MergePlan, PlannedTensor, TokenRows
 from lora_merge.plan.names import BaseNames, shape_mismatch
 
 
@@ -208,7 +208,7 @@ def plan_tied_head(
     plan: MergePlan,
     tie: TiedHead,
     replacements: dict[str, str],
-    deltas: dict[str, LoraProduct | LoraBias],
+    deltas: dict[str, Delta],
     token_rows: dict[str, TokenRows],
     adapter: TensorSource,
     base: BaseCheckpoint,
@@ -242,7 +242,7 @@ def _untie_if_changed(
     plan: MergePlan,
     embedding: str,
     replacements: dict[str, str],
-    deltas: dict[str, LoraProduct | LoraBias],
+    deltas: dict[str, Delta],
     token_rows: dict[str, TokenRows],
     adapter: TensorSource,
     base: BaseCheckpoint,

@@ -30,8 +30,8 @@ from lora_merge.io.dequantizing_reader import dequantize_workspace_bound
 from lora_merge.io.reader import InMemoryTensors, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 from lora_merge.plan.kinds.dora import norm_per_column
-from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor
-from lora_merge.stream.requantize import write_requantized
+from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor, TunerUpdate
+from lora_merge.plan.tuners.rows import tuner_compute_dtype, tuner_delta_bytes
 from lora_merge.stream.tiles import TileBuffers, output_tiles, with_token_rows
 
 # Bytes of merge workspace (the float32/float64 accumulator) per CPU tile. With
@@ -126,12 +126,15 @@ def _tensor_bytes(tensor: PlannedTensor, adapter: TensorSource, tile_budget: int
         key = tensor.token_rows.key
         held += adapter.dtype(key).itemsize * math.prod(adapter.shape(key))
     target = tensor.requantize
-    if target is not None:  # the weight's block scales, and a tile joined with the remainder
-        held += 2 * 4 * target.blocks + 2 * tile_budget
+    if target is not None:  # e.g. the weight's block scales, a tile joined with the remainder
+        held += target.held_bytes(tile_budget)
     if isinstance(delta, LoraProduct):
         output_dtype = spec.dtype if target is None else target.dtype
         compute = torch.float64 if norm_per_column(delta) else compute_dtype_for(output_dtype)
         held += _factor_bytes(delta, adapter, compute, tile_budget)
+    elif isinstance(delta, TunerUpdate):  # AdaLoRA, IA3, LoHa, LoKr
+        compute = tuner_compute_dtype(delta, spec.dtype)
+        held += tuner_delta_bytes(delta, adapter, spec.shape, compute)
     return held
 
 
@@ -252,7 +255,7 @@ class _ShardJob:
         if tensor.is_byte_copy:
             self.on_bytes(slot.copy_from(self.base, tensor.source_key))
             return
-        if tensor.requantize is not None:  # merged_4bit: the weight and its 4-bit group
+        if tensor.requantize is not None:  # merged_4bit/native: the weight and its group
             target = tensor.requantize
             merged = replace(
                 tensor,
@@ -260,7 +263,7 @@ class _ShardJob:
                 requantize=None,
             )
             tiles = self._checked_tiles(merged)
-            write_requantized(tiles, target, tensor.spec.name, self.writer, self.on_bytes)
+            target.write(tiles, tensor.spec.name, self.writer, self.on_bytes)
             return
         for tile in self._checked_tiles(tensor):
             self.on_bytes(slot.write(tile))
@@ -305,6 +308,8 @@ def _nonfinite_message(tensor: PlannedTensor, adapter: TensorSource) -> str:
             suspects.append(delta.magnitude_key)
     elif isinstance(delta, LoraBias):
         suspects.append(delta.bias_key)
+    elif isinstance(delta, TunerUpdate):
+        suspects += [key for _, key in delta.keys]
     if tensor.token_rows is not None:
         suspects.append(tensor.token_rows.key)
     broken = [key for key in suspects if not all_finite(adapter.read_rows(key))]

@@ -36,7 +36,8 @@ from lora_merge.plan.kinds.dora import (
 )
 from lora_merge.plan.kinds.experts import expert_lora_factors
 from lora_merge.plan.kinds.factors import read_lora_factors
-from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor, TokenRows
+from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor, TokenRows, TunerUpdate
+from lora_merge.plan.tuners.rows import tuner_compute_dtype, tuner_row_merger
 
 
 class TileBuffers:
@@ -75,11 +76,15 @@ def output_tiles(
         buffers: the calling thread's tile buffers; each tile is valid until the next.
     """
     spec, delta = tensor.spec, tensor.delta
-    if isinstance(delta, LoraBias) or not spec.shape or tensor.source == "zeros":
+    small = isinstance(delta, LoraBias) or not spec.shape or tensor.source == "zeros"
+    if small or (isinstance(delta, TunerUpdate) and len(spec.shape) < 2):
         yield _whole_small_tensor(tensor, source, adapter, device)
         return
     row_elements = max(1, int(torch.Size(spec.shape[1:]).numel()))
     widest = max(tensor.source_dtype.itemsize, spec.dtype.itemsize)
+    if isinstance(delta, TunerUpdate):  # AdaLoRA, IA3, LoHa, LoKr
+        yield from _tuner_tiles(tensor, delta, source, adapter, device, buffers)
+        return
     if not isinstance(delta, LoraProduct):
         # A dtype conversion, or an adapter tensor replacing the base's.
         tile_rows = max(1, buffers.tile_bytes // (row_elements * widest))
@@ -117,7 +122,38 @@ def _whole_small_tensor(
     if isinstance(delta, LoraBias):
         lora_bias = adapter.read_rows(delta.bias_key).to(device)
         return merge_lora_bias(values.to(device), lora_bias, delta.scale, spec.dtype).cpu()
+    if isinstance(delta, TunerUpdate):  # IA3's bias, scaled with its layer's outputs
+        compute_dtype = tuner_compute_dtype(delta, spec.dtype)
+        rows = values.to(device).reshape(-1, 1)
+        merge = tuner_row_merger(delta, adapter, tuple(rows.shape), compute_dtype, device)
+        return merge(rows, 0).to(spec.dtype).reshape(values.shape).cpu()
     return values.to(spec.dtype)
+
+
+def _tuner_tiles(
+    tensor: PlannedTensor,
+    delta: TunerUpdate,
+    source: TensorSource,
+    adapter: TensorSource,
+    device: torch.device,
+    buffers: TileBuffers,
+) -> Iterator[torch.Tensor]:
+    """The tiles of a weight an AdaLoRA, IA3, LoHa or LoKr module changes, each rounded once."""
+    spec = tensor.spec
+    compute_dtype = tuner_compute_dtype(delta, spec.dtype)
+    row_elements = max(1, int(torch.Size(spec.shape[1:]).numel()))
+    widest = max(tensor.source_dtype.itemsize, spec.dtype.itemsize, compute_dtype.itemsize)
+    tile_rows = max(1, buffers.tile_bytes // (row_elements * widest))
+    merge = tuner_row_merger(delta, adapter, spec.shape, compute_dtype, device)
+    for start in range(0, spec.shape[0], tile_rows):
+        stop = min(spec.shape[0], start + tile_rows)
+        values = source.read_rows(tensor.source_key, start, stop, buffers.read).to(device)
+        merged = merge(values.reshape(stop - start, -1), start)
+        if merged.dtype == torch.float64 and spec.dtype.itemsize == 2:
+            merged = round_float64_to(merged, spec.dtype)
+        out = buffers.output(spec.dtype, tuple(values.shape))
+        # The one rounding, as for LoRA (see _ProductRows.tiles).
+        yield out.view(stop - start, -1).copy_(merged.cpu()).view(values.shape)
 
 
 class _ProductRows:

@@ -24,7 +24,7 @@ from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.plan.architectures import bias_flag_for
-from lora_merge.plan.model import LoraBias, LoraProduct, MergePlan, PlannedTensor
+from lora_merge.plan.model import Delta, LoraBias, MergePlan, PlannedTensor
 from lora_merge.plan.names import shape_mismatch
 
 
@@ -79,7 +79,7 @@ def add_flagged_biases(
     plan: MergePlan,
     flags: list[str],
     base: BaseCheckpoint,
-    deltas: dict[str, LoraProduct | LoraBias],
+    deltas: dict[str, Delta],
     output_dtype: torch.dtype | None,
 ) -> None:
     """Append biases the base lacks, and switch their config flags on.

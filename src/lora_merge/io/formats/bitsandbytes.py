@@ -9,24 +9,35 @@ and the nested blocksize, dtype and offset (bitsandbytes ``QuantState.as_dict``)
 An 8-bit (LLM.int8) weight is ``X.weight`` int8 plus ``X.SCB`` (float32 scale
 per row) and ``X.weight_format`` (0: row-major).
 
-This module turns those groups into *logical* tensors (name, dtype, shape) so
-the planner plans a quantized base as it plans a 16-bit one and the
-:class:`~lora_merge.io.dequantizing_reader.DequantizingReader` knows where each
-weight's pieces are; the auxiliary tensors never reach OUT. Nothing read from
-the files is trusted: every group is checked for consistency before any data is
-read.
+This module turns those groups into *logical* weights
+(:mod:`lora_merge.io.formats.bitsandbytes_weights`, which decodes their rows)
+and is the format's entry in :mod:`lora_merge.io.formats.registry`
+(:data:`BITSANDBYTES`); the auxiliary tensors never reach OUT. Nothing read
+from the files is trusted: every group is checked for consistency before any
+data is read. ``--save-method merged_4bit`` (``merged_native`` for a 4-bit base)
+writes weights back with :mod:`lora_merge.io.formats.bitsandbytes_native`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
-from lora_merge.compute.dequantize import FOUR_BIT_BLOCKSIZES, FOUR_BIT_QUANT_TYPES
+from lora_merge.compute.dequantize import (
+    DEQUANTIZE_CHUNK_ELEMENTS,
+    FOUR_BIT_BLOCKSIZES,
+    FOUR_BIT_QUANT_TYPES,
+)
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.formats.bitsandbytes_weights import (
+    ABSMAX_WINDOW_BLOCKS,
+    FourBitWeight,
+    Int8Weight,
+    NestedAbsmax,
+)
+from lora_merge.io.formats.protocol import NativeTarget, QuantizedWeight
 from lora_merge.io.json_files import is_count, parse_json_object
 from lora_merge.io.positional import read_bytes_at
 from lora_merge.io.safetensors_format import TensorEntry
@@ -46,92 +57,101 @@ QUANT_STATE_DTYPES = {
 }
 
 
-@dataclass(frozen=True)
-class NestedAbsmax:
-    """Double quantization of a 4-bit weight's absmax (``bnb_4bit_use_double_quant``)."""
+# Absmax values per nested block in bitsandbytes' double quantization (a window is rounded
+# out to whole nested blocks) and the bytes a window holds per block: the uint8 codes, their
+# int32 indices, the float32 scales (plus 4/256 for the nested scales, and the 1 KiB map).
+_NESTED_BLOCKSIZE = 256
+_WINDOW_BYTES_PER_BLOCK = 1 + 4 + 4 + 1
 
-    nested_absmax: TensorEntry  # float32, one per nested block
-    nested_quant_map: TensorEntry  # float32 (256,)
-    blocksize: int
-    offset: float
-
-
-@dataclass(frozen=True)
-class FourBitWeight:
-    """One NF4/FP4 weight: where its pieces are and what it stands for.
-
-    Attributes:
-        name: the logical tensor name (``X.weight``).
-        shape / dtype: the logical shape and the dtype bitsandbytes dequantizes to.
-        quant_type: ``nf4`` or ``fp4``.
-        blocksize: weights per absmax value.
-        packed: the codes, two per byte (any storage dtype; read as bytes).
-        absmax: one scale per block: float32, or uint8 codes when ``nested``.
-        quant_map: the stored 16-entry codebook.
-        nested: the double-quantization pieces, or None.
-        quant_state: the JSON tensor.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    quant_type: str
-    blocksize: int
-    packed: TensorEntry
-    absmax: TensorEntry
-    quant_map: TensorEntry
-    nested: NestedAbsmax | None
-    quant_state: TensorEntry
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def stored_names(self) -> list[str]:
-        names = [self.packed.name, self.absmax.name, self.quant_map.name, self.quant_state.name]
-        if self.nested is not None:
-            names += [self.nested.nested_absmax.name, self.nested.nested_quant_map.name]
-        return names
+BitsAndBytesWeight = FourBitWeight | Int8Weight
 
 
-@dataclass(frozen=True)
-class Int8Weight:
-    """One LLM.int8 weight: int8 rows and a float32 scale per row (dequantizes to float32)."""
+class BitsAndBytesFormat:
+    """bitsandbytes 4-bit (NF4/FP4) and 8-bit (LLM.int8) weights, as transformers saves them."""
 
-    name: str
-    shape: tuple[int, ...]
-    weight: TensorEntry
-    row_scales: TensorEntry
-    weight_format: TensorEntry | None
-    dtype: torch.dtype = torch.float32
+    name = "bitsandbytes"
+    quant_methods = ("bitsandbytes",)
 
-    @property
-    def stored_names(self) -> list[str]:
-        names = [self.weight.name, self.row_scales.name]
-        return names + ([self.weight_format.name] if self.weight_format is not None else [])
+    def accepts(self, quantization_config: Mapping[str, object]) -> bool:
+        return True
+
+    def find_weights(
+        self,
+        entries: Mapping[str, TensorEntry],
+        quantization_config: Mapping[str, object],
+        model_dtype: torch.dtype,
+    ) -> dict[str, QuantizedWeight]:
+        return dict(quantized_weights(entries))
+
+    def describe(
+        self, weights: Mapping[str, QuantizedWeight], quantization_config: Mapping[str, object]
+    ) -> str:
+        """e.g. ``bitsandbytes nf4 (double quant, blocksize 64)`` or ``bitsandbytes int8``."""
+        four_bit = [w for w in weights.values() if isinstance(w, FourBitWeight)]
+        if not four_bit:
+            return "bitsandbytes int8"
+        first = four_bit[0]
+        double = ", double quant" if first.nested is not None else ""
+        return f"bitsandbytes {first.quant_type} (blocksize {first.blocksize}{double})"
+
+    def output_dtype(
+        self, weights: Mapping[str, QuantizedWeight], model_config: Mapping[str, object]
+    ) -> torch.dtype | None:
+        """4-bit: ``bnb_4bit_compute_dtype`` (the dtype QLoRA trained and ran in), else the
+        quant states' dtype. 8-bit: config.json's ``dtype`` (``torch_dtype``), the dtype of
+        the unquantized tensors; None keeps each tensor's own."""
+        four_bit = [w for w in weights.values() if isinstance(w, FourBitWeight)]
+        if four_bit:
+            quantization_config = model_config.get("quantization_config")
+            name = (
+                quantization_config.get("bnb_4bit_compute_dtype")
+                if isinstance(quantization_config, dict)
+                else None
+            )
+            if isinstance(name, str) and name.removeprefix("torch.") in QUANT_STATE_DTYPES:
+                return QUANT_STATE_DTYPES[name.removeprefix("torch.")]
+            return four_bit[0].dtype
+        name = model_config.get("dtype", model_config.get("torch_dtype"))
+        if isinstance(name, str) and name.removeprefix("torch.") in QUANT_STATE_DTYPES:
+            return QUANT_STATE_DTYPES[name.removeprefix("torch.")]
+        return None
+
+    def workspace_bound(self, tile_elements: int, device: torch.device) -> int:
+        """A tile is widened to whole blocks on each side; its packed codes (or its int8
+        codes and row scales) are read whole; the values go through one chunk of indices
+        and float32 values at a time; the block scales are one window; and off the CPU the
+        dequantized rows themselves (float32 at most) stay in the workspace."""
+        widened = tile_elements + 2 * max(FOUR_BIT_BLOCKSIZES)
+        chunk = min(widened, DEQUANTIZE_CHUNK_ELEMENTS)
+        # 4-bit packed codes; int8 codes and a float32 scale per row (a row has >= 1 element).
+        codes = (widened // 2 + 1) + (tile_elements + 4 * tile_elements)
+        window_blocks = max(ABSMAX_WINDOW_BLOCKS, widened // min(FOUR_BIT_BLOCKSIZES) + 1)
+        window = (window_blocks + 2 * _NESTED_BLOCKSIZE) * _WINDOW_BYTES_PER_BLOCK + 1024
+        held = codes + 4 * (chunk // 2 + 1) + 4 * chunk + window
+        if device.type != "cpu":
+            held += 4 * widened
+        return held
+
+    def native_target(
+        self, weight: QuantizedWeight, quantization_config: Mapping[str, object]
+    ) -> NativeTarget:
+        """bitsandbytes' own name for it is ``merged_4bit``, planned in
+        :mod:`lora_merge.plan.requantize`; this format never gets here."""
+        raise InvalidInputError(
+            "--save-method merged_native on a bitsandbytes BASE is --save-method merged_4bit"
+        )
 
 
-QuantizedWeight = FourBitWeight | Int8Weight
+BITSANDBYTES = BitsAndBytesFormat()
 
 
-@dataclass(frozen=True)
-class LogicalTensor:
-    """A tensor as the model sees it: a stored one, or a quantized weight dequantized."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    quantized: QuantizedWeight | None = None
-
-
-def quantized_weights(entries: Mapping[str, TensorEntry]) -> dict[str, QuantizedWeight]:
+def quantized_weights(entries: Mapping[str, TensorEntry]) -> dict[str, BitsAndBytesWeight]:
     """Every bitsandbytes weight among a checkpoint's stored tensors, by logical name.
 
     Raises:
         InvalidInputError: a quantized group is incomplete or inconsistent (names the tensor).
     """
-    weights: dict[str, QuantizedWeight] = {}
+    weights: dict[str, BitsAndBytesWeight] = {}
     for name in entries:
         if QUANT_STATE_MARKER in name:
             weight = _four_bit_weight(name, entries)
@@ -140,33 +160,6 @@ def quantized_weights(entries: Mapping[str, TensorEntry]) -> dict[str, Quantized
             weight_8bit = _int8_weight(name, entries)
             weights[weight_8bit.name] = weight_8bit
     return weights
-
-
-def logical_tensors(
-    entries: Mapping[str, TensorEntry], weights: Mapping[str, QuantizedWeight]
-) -> dict[str, LogicalTensor]:
-    """Every tensor as the model sees it, in file order; auxiliary quantization tensors left out.
-
-    Args:
-        entries: the stored tensors.
-        weights: the quantized weights among them (see :func:`quantized_weights`).
-    """
-    if not weights:
-        return {n: LogicalTensor(n, e.dtype, e.shape) for n, e in entries.items()}
-    by_packed_name = {}
-    hidden = set()
-    for weight in weights.values():
-        hidden.update(weight.stored_names)
-        packed = weight.packed if isinstance(weight, FourBitWeight) else weight.weight
-        by_packed_name[packed.name] = weight
-    tensors = {}
-    for name, entry in entries.items():
-        found = by_packed_name.get(name)
-        if found is not None:
-            tensors[found.name] = LogicalTensor(found.name, found.dtype, found.shape, found)
-        elif name not in hidden:
-            tensors[name] = LogicalTensor(name, entry.dtype, entry.shape)
-    return tensors
 
 
 def _four_bit_weight(state_name: str, entries: Mapping[str, TensorEntry]) -> FourBitWeight:

@@ -25,6 +25,7 @@ OUTPUT = "Output"
 SEVERAL_ADAPTERS = "Several adapters"
 QUANTIZED_BASES = "Quantized bases"
 LORALIB = "loralib checkpoints"
+INITIALISATIONS = "PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ adapters"
 HUB = "Hub"
 SAFETY = "Safety and recovery"
 
@@ -144,12 +145,14 @@ SaveMethodOpt = Annotated[
     typer.Option(
         metavar=choices_metavar(SaveMethod),
         rich_help_panel=OUTPUT,
-        help="merged_16bit: a plain model (a bitsandbytes 4/8-bit BASE is dequantized, "
-        "exactly as bitsandbytes does, and merged with one rounding; dtype defaults to "
-        "bnb_4bit_compute_dtype). merged_4bit: the merged weights re-quantized with "
-        "bitsandbytes in BASE's 4-bit format (or --quant-type/--double-quant for a 16-bit "
-        "BASE); this rounds twice and costs quality. lora: write only the adapter, "
-        "normalized (safetensors, PEFT layout, config copied).",
+        help="merged_16bit: a plain model (a quantized BASE: bitsandbytes, FP8, MXFP4, is "
+        "dequantized exactly as its format's reference decoder does, and merged with one "
+        "rounding; dtype defaults to the model's). merged_4bit: the merged weights "
+        "re-quantized with bitsandbytes in BASE's 4-bit format (or --quant-type/--double-quant "
+        "for a 16-bit BASE). merged_native: the merged weights re-quantized in BASE's own "
+        "format (FP8 block-wise, compressed-tensors FP8 per channel, MXFP4), config kept; "
+        "both round twice and cost quality. lora: write only the adapter, normalized "
+        "(safetensors, PEFT layout, config copied). See docs/quantized-bases.md.",
     ),
 ]
 # Several adapters.
@@ -221,8 +224,8 @@ QuantTypeOpt = Annotated[
     typer.Option(
         metavar=choices_metavar(QuantType),
         rich_help_panel=QUANTIZED_BASES,
-        help="--save-method merged_4bit from a 16-bit BASE: nf4 or fp4 (a 4-bit BASE keeps "
-        "its own).",
+        help="--save-method merged_4bit or --qlora-base from a 16-bit BASE: nf4 or fp4 (a "
+        "4-bit BASE keeps its own).",
     ),
 ]
 DoubleQuantOpt = Annotated[
@@ -230,8 +233,53 @@ DoubleQuantOpt = Annotated[
     typer.Option(
         "--double-quant",
         rich_help_panel=QUANTIZED_BASES,
-        help="--save-method merged_4bit from a 16-bit BASE: also quantize the block scales "
-        "(bnb_4bit_use_double_quant).",
+        help="--save-method merged_4bit or --qlora-base from a 16-bit BASE: also quantize the "
+        "block scales (bnb_4bit_use_double_quant).",
+    ),
+]
+
+QloraBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--qlora-base",
+        rich_help_panel=QUANTIZED_BASES,
+        help="For a 16-bit BASE and an adapter trained with QLoRA: merge into the weights "
+        "training saw, dequant(quant(W)) in the 4-bit format BASE's config.json records, else "
+        "--quant-type/--double-quant (blocksize 64), "
+        "bit for bit as bitsandbytes quantizes and dequantizes, instead of W itself "
+        "(see docs/qlora-base.md).",
+    ),
+]
+
+# Adapters whose initialisation changed the base weights (lora_merge.adapter.initialisation).
+InitialAdapterOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--initial-adapter",
+        metavar="DIR",
+        rich_help_panel=INITIALISATIONS,
+        help="The adapter as PiSSA/OLoRA/CorDA/LoRA-GA initialised it (saved before "
+        "training): merge scale * (B @ A - B0 @ A0) into the original BASE, as PEFT's "
+        "path_initial_model_for_weight_conversion does.",
+        show_default=False,
+    ),
+]
+ResidualBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--residual-base",
+        rich_help_panel=INITIALISATIONS,
+        help="BASE already is what such an adapter was trained against (the residual model "
+        "PEFT saved, or LoftQ's backbone): merge the adapter as it is.",
+    ),
+]
+RecomputeInitialOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recompute-initial",
+        rich_help_panel=INITIALISATIONS,
+        help="Recompute B0 @ A0 from BASE, weight by weight (init_lora_weights pissa: SVD; "
+        "olora: QR), then merge as --initial-adapter does.",
     ),
 ]
 

@@ -1,31 +1,25 @@
 """The ``lora-merge`` command: what the user typed in, one call to :func:`lora_merge.merge`.
 
 This module knows the command line and nothing about tensors: the options are
-declared in :mod:`lora_merge.cli_options`, checked by the library, and reported
-by :mod:`lora_merge.report`. Errors meant for users become one line on stderr
-and a documented exit code, here and only here.
+declared in :mod:`lora_merge.cli.option_types`, checked by the library, and reported
+by :mod:`lora_merge.cli.report`. Errors meant for users become one line on stderr
+and a documented exit code in :mod:`lora_merge.cli.exit_codes`, and only there.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import signal
 import sys
-import traceback
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 from typer.core import TyperCommand
 
-from lora_merge.cli_options import (
+from lora_merge.cli.exit_codes import errors_as_exit_codes, exit_codes_epilog, warnings_as_lines
+from lora_merge.cli.option_types import (
     AdapterArg,
     AllowNonfiniteOpt,
     AlphaOpt,
@@ -38,6 +32,7 @@ from lora_merge.cli_options import (
     DtypeOpt,
     EnableLoraOpt,
     HashInputsOpt,
+    InitialAdapterOpt,
     JsonOpt,
     LowDiskOpt,
     MajoritySignMethodOpt,
@@ -48,9 +43,12 @@ from lora_merge.cli_options import (
     PartOpt,
     PrivateOpt,
     PushToHubOpt,
+    QloraBaseOpt,
     QuantTypeOpt,
     QuietOpt,
     RankOpt,
+    RecomputeInitialOpt,
+    ResidualBaseOpt,
     ResumeOpt,
     RevisionOpt,
     SaveMethodOpt,
@@ -62,25 +60,8 @@ from lora_merge.cli_options import (
     VersionOpt,
     WeightsOpt,
 )
-from lora_merge.errors import (
-    EXIT_CODES,
-    EXIT_INTERNAL,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    LoraMergeError,
-    LoraMergeWarning,
-    MergeInterrupted,
-)
+from lora_merge.cli.report import describe_preview, describe_summary
 from lora_merge.options import MergeOptions
-from lora_merge.report import describe_preview, describe_summary
-
-DEBUG_ENV = "LORA_MERGE_DEBUG"
-
-
-def exit_codes_epilog() -> str:
-    """The exit-code table of :mod:`lora_merge.errors`, one code per line, for ``--help``."""
-    lines = [f"{code:>3}  {meaning}" for code, meaning in EXIT_CODES]
-    return "\n".join(["Exit codes:", *lines])
 
 
 class _Command(TyperCommand):
@@ -126,6 +107,10 @@ def merge_command(
     seed: SeedOpt = None,
     quant_type: QuantTypeOpt = "nf4",
     double_quant: DoubleQuantOpt = False,
+    qlora_base: QloraBaseOpt = False,
+    initial_adapter: InitialAdapterOpt = None,
+    residual_base: ResidualBaseOpt = False,
+    recompute_initial: RecomputeInitialOpt = False,
     rank: RankOpt = None,
     alpha: AlphaOpt = None,
     enable_lora: EnableLoraOpt = None,
@@ -150,12 +135,12 @@ def merge_command(
     # lora-merge's warnings as one line on stderr, for this command only: Click closes
     # the context when the command ends, however it ends, and that puts back the
     # printer a program calling main() had.
-    ctx.with_resource(_warnings_as_lines())
+    ctx.with_resource(warnings_as_lines())
     # The parameters are named as MergeOptions' fields: what the user typed goes to the
     # library's one check as it is.
     typed = {f.name: ctx.params[f.name] for f in fields(MergeOptions) if f.name in ctx.params}
     options = MergeOptions(**typed, command=_command_line(out))
-    with _errors_as_exit_codes():
+    with errors_as_exit_codes():
         # The library (and torch with it) is imported only now that there is work for it:
         # --help, --version and mistyped options return before this and stay fast.
         from lora_merge.api import merge, preview_merge
@@ -179,61 +164,6 @@ def _command_line(out: Path) -> str:
     """
     arguments = ["OUT" if Path(argument) == out else argument for argument in sys.argv[1:]]
     return shlex.join(["lora-merge", *arguments])
-
-
-@contextmanager
-def _errors_as_exit_codes() -> Iterator[None]:
-    """Inside the block, SIGTERM and Ctrl-C interrupt the run as :class:`MergeInterrupted`
-    (the library removes its partial output on the way out), and every error ends the
-    command with one line on stderr and its exit code. SIGTERM's handler is restored after."""
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    try:
-        yield
-    except KeyboardInterrupt:
-        _fail(MergeInterrupted("SIGINT", EXIT_SIGINT))
-    except LoraMergeError as err:
-        _fail(err)
-    except Exception as err:  # a bug: say so in one line, with the way to get details
-        if os.environ.get(DEBUG_ENV):
-            traceback.print_exc()
-        typer.echo(
-            f"lora-merge: internal error: {type(err).__name__}: {err} (please report it; "
-            f"set {DEBUG_ENV}=1 for a traceback)",
-            err=True,
-        )
-        raise typer.Exit(EXIT_INTERNAL) from err
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-
-
-@contextmanager
-def _warnings_as_lines() -> Iterator[None]:
-    """Inside the block, warnings from lora-merge print as one line on stderr; others as
-    the printer in place before it prints them. That printer is restored on the way out."""
-    previous = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if issubclass(category, LoraMergeWarning):
-            typer.echo(f"lora-merge: warning: {message}", err=True)
-        else:
-            previous(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = previous
-
-
-def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise MergeInterrupted("SIGTERM", EXIT_SIGTERM)
-
-
-def _fail(err: LoraMergeError) -> NoReturn:
-    if os.environ.get(DEBUG_ENV):
-        traceback.print_exc()
-    typer.echo(f"lora-merge: error: {err}", err=True)
-    raise typer.Exit(err.exit_code)
 
 
 def main() -> None:

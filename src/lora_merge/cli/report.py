@@ -55,9 +55,11 @@ def describe_preview(preview: MergePreview) -> str:
         )
     layers = ", ".join(f"{n} {kind}" for kind, n in sorted(preview.lora_modules_by_layer.items()))
     modules = sum(preview.lora_modules_by_layer.values())
-    rows.append(("modules", f"{modules} LoRA ({layers or 'none'})"))
+    rows.append(("modules", f"{modules} {preview.adapter_type} ({layers or 'none'})"))
     if preview.quantization:
-        rows.append(("quant", f"{preview.quantization}, dequantized ({preview.save_method})"))
+        requantized = preview.save_method in ("merged_4bit", "merged_native")
+        then = f", re-quantized ({preview.save_method})" if requantized else ""
+        rows.append(("quant", f"{preview.quantization}, dequantized{then}"))
     scales = ", ".join(f"{scale} ({n} modules)" for scale, n in sorted(preview.scales.items()))
     rows.append(("scales", f"{len(preview.scales)} distinct: {scales or 'none'}"))
     rows.append(
@@ -99,6 +101,8 @@ def describe_preview(preview: MergePreview) -> str:
 
 
 def _adapter_line(preview: MergePreview) -> str:
+    if preview.adapter_type in ("IA3", "OFT", "VeRA"):  # no alpha / r scale to show
+        return f"{preview.adapter} ({preview.adapter_type})"
     rslora = ", rsLoRA" if preview.rslora else ""
     return (
         f"{preview.adapter} (r={preview.rank}, alpha={preview.alpha:g}{rslora}; "

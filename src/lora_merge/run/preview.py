@@ -1,8 +1,9 @@
-"""What a merge would do, decided without writing anything: ``--dry-run`` and ``preview_merge``.
+"""The run, second step for a preview: what a merge would do, decided without writing anything.
 
-:func:`preview_merge` prepares the merge as :func:`lora_merge.api.merge` does
-(:func:`lora_merge.prepare.prepare`), then only counts and names: inputs, layer
-kinds, scales, dtypes, the output shards, memory and disk.
+:func:`preview_settings` (``--dry-run``, :func:`lora_merge.api.preview_merge`)
+prepares the merge as a merge does (:func:`lora_merge.run.prepare.prepare`),
+then only counts and names: inputs, layer kinds, scales, dtypes, the output
+shards, memory and disk.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from lora_merge.adapter.peft_types import MERGED_TYPES
 from lora_merge.finish.disk import check_free_space, free_space
 from lora_merge.finish.shard_sink import disk_needed
 from lora_merge.inputs.resolve import BaseCheckpoint
-from lora_merge.options import MergeOptions, checked_options
+from lora_merge.options import MergeSettings
 from lora_merge.plan.shards import shard_layout
-from lora_merge.prepare import prepare
+from lora_merge.run.prepare import prepare
 from lora_merge.stream.executor import working_memory_bound
 
 
@@ -45,8 +47,9 @@ class MergePreview:
             the small files (config, tokenizer, card) come on top.
         adapters / combine: every adapter and the method, when adapters are combined.
         quantization: how BASE is quantized (bitsandbytes), or None.
-        save_method: merged_16bit, merged_4bit or lora.
+        save_method: merged_16bit, merged_4bit, merged_native or lora.
         part / part_shards: for ``--part I/N``, the part and the shards it would write.
+        adapter_type: PEFT's name of the adapter type (LoRA, AdaLoRA, IA3, LoHa, ...).
     """
 
     base: str
@@ -78,6 +81,7 @@ class MergePreview:
     low_disk: bool = False
     part: str | None = None
     part_shards: list[str] | None = None
+    adapter_type: str = "LoRA"
 
     def to_dict(self) -> dict[str, object]:
         preview = asdict(self)
@@ -88,14 +92,14 @@ class MergePreview:
         return preview
 
 
-def preview_merge(options: MergeOptions) -> MergePreview:
+def preview_settings(options: MergeSettings) -> MergePreview:
     """Resolve the inputs, read headers and the adapter, plan the merge; write nothing.
 
     Raises:
         LoraMergeError: everything :func:`~lora_merge.api.merge` would refuse before
             writing, including a disk too small for OUT.
     """
-    with prepare(checked_options(options)) as prepared:
+    with prepare(options) as prepared:
         plan, settings, config, base = (
             prepared.plan,
             prepared.settings,
@@ -120,10 +124,7 @@ def preview_merge(options: MergeOptions) -> MergePreview:
             rank_pattern_keys=len(config.rank_pattern),
             alpha_pattern_keys=len(config.alpha_pattern),
             lora_modules_by_layer=plan.lora_modules_by_layer,
-            scales={
-                f"{scale:g}": n
-                for scale, n in Counter(p.scale for p in plan.module_products).items()
-            },
+            scales={f"{scale:g}": n for scale, n in plan.module_scales.items()},
             replaced=plan.replaced,
             copied=plan.copied,
             dtypes_in=dict(
@@ -139,17 +140,18 @@ def preview_merge(options: MergeOptions) -> MergePreview:
                 (tensors for _, tensors in shards),
                 prepared.adapter,
                 settings.device,
-                settings.tile_budget,
+                prepared.tile_budget,
             ),
             disk_free_bytes=free_space(prepared.out),
             adapters=[str(folder.folder) for folder in prepared.adapter_folders],
             combine=prepared.recipe.method_name if prepared.recipe else None,
             quantization=_describe_quantization(base),
-            save_method=settings.save_method,
+            save_method=settings.save_method.value,  # the summary's JSON holds the name
             disk_needed_bytes=needed,
             low_disk=options.low_disk,
             part=None if part is None else str(part),
             part_shards=part_shards,
+            adapter_type=MERGED_TYPES[config.peft_type][0],
         )
 
 
