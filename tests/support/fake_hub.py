@@ -20,7 +20,7 @@ files directly, LFS files (``*.safetensors``) with a 302 to a CDN-like path,
 failures: a status for the next matching request, or a connection dropped in
 the middle of a body.
 
-From a script: ``python tests/fake_hub.py --serve DIR [--port N] [--store DIR2]``
+From a script: ``python tests/support/fake_hub.py --serve DIR [--port N] [--store DIR2]``
 serves every ``DIR/org/name`` folder as the repo ``org/name`` and prints the
 URL and token; ``--store`` keeps uploaded LFS objects as files named by sha256
 in DIR2 instead of in memory, ``--discard-uploads`` checks their sha256 and
