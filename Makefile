@@ -12,17 +12,25 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_OPTIONS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# llama.cpp's GGUF converter for tests/test_gguf_pipeline.py, unpacked (not built) from the
+# llama-cpp-python sdist on PyPI; the version is LLAMA_CPP_PYTHON_VERSION in that file.
+LLAMA_CPP := .cache/llama.cpp
+LLAMA_CPP_STAMP := $(LLAMA_CPP)/.unpacked
 LINTED := src tests benchmarks examples fuzz
 
 .PHONY: install demo test lint bench bench-suite clean
 
-install: $(STAMP)
+install: $(STAMP) $(LLAMA_CPP_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_PIP_OPTIONS)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,dev]"
 	touch $(STAMP)
+
+$(LLAMA_CPP_STAMP): tests/support/llama_cpp.py | $(STAMP)
+	$(BIN)/python tests/support/llama_cpp.py fetch $(LLAMA_CPP)
+	touch $(LLAMA_CPP_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/build_tiny_model.py .demo
@@ -34,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
-test: lint
+test: lint $(LLAMA_CPP_STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
@@ -44,4 +52,4 @@ bench-suite: $(STAMP)
 	$(BIN)/python benchmarks/bench_suite.py
 
 clean:
-	rm -rf .demo .bench .pytest_cache .ruff_cache .mypy_cache
+	rm -rf .demo .bench .cache .pytest_cache .ruff_cache .mypy_cache

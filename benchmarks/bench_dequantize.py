@@ -9,7 +9,7 @@ one tile and the floors they are measured against::
     .venv/bin/python benchmarks/bench_dequantize.py BASE [--runs 3]
 
 BASE is a bitsandbytes 4-bit checkpoint (``bench_merge.py --quantize nf4`` builds
-one next to the 16-bit benchmark model, or ``tests/bnb_checkpoints.py SRC DST
+one next to the 16-bit benchmark model, or ``tests/support/bnb_checkpoints.py SRC DST
 --quant-type nf4 --double-quant``). Figures are GB/s of 16-bit output on one
 thread, medians of ``--runs`` rounds taken in turn, and the ratio of each to
 the first row; on a shared machine quote the ratios. The floors:

@@ -1,6 +1,6 @@
 """Hub to Hub with ``--low-disk`` against a plain merge: wall time and peak local disk.
 
-Serves BASE and ADAPTER from a local fake Hub (``tests/fake_hub.py``, the same
+Serves BASE and ADAPTER from a local fake Hub (``tests/support/fake_hub.py``, the same
 server the tests use: ranged GETs, 302 to a CDN host, LFS uploads), then runs,
 one after the other, each as a fresh ``lora-merge`` process:
 
@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from fake_hub import start_fake_hub
 
 LORA_MERGE = str(Path(sys.executable).with_name("lora-merge"))

@@ -468,7 +468,7 @@ def child_environment(extra_python_path: Path | None = None) -> dict[str, str]:
 def build_quantized_base(base: Path, quant_type: str) -> Path:
     """Builds (or reuses) a bitsandbytes 4-bit copy of ``base`` with double quantization.
 
-    Uses ``tests/bnb_checkpoints.py``, which writes the layout transformers saves
+    Uses ``tests/support/bnb_checkpoints.py``, which writes the layout transformers saves
     (a test checks it byte for byte against transformers' own output).
 
     Args:
@@ -488,7 +488,7 @@ def build_quantized_base(base: Path, quant_type: str) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     command = [
         sys.executable,
-        str(REPO_ROOT / "tests" / "bnb_checkpoints.py"),
+        str(REPO_ROOT / "tests" / "support" / "bnb_checkpoints.py"),
         str(base),
         str(partial),
         "--quant-type",

@@ -1,4 +1,4 @@
-"""The benchmark table of the README: every shape and adapter variant, one table.
+"""The benchmark table of docs/benchmarks.md: every shape and adapter variant, one table.
 
 How to run (from the repository root)::
 

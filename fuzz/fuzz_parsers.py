@@ -83,6 +83,7 @@ def _import_targets(instrument: bool) -> None:
     """Import lora_merge (instrumented for atheris) and the test module's oracles."""
     global fuzz_tests
     sys.path.insert(0, str(TESTS))
+    sys.path.insert(0, str(TESTS / "support"))  # its helpers, as pytest's `pythonpath` has them
     if instrument:
         with atheris.instrument_imports(include=["lora_merge"]):
             import lora_merge.adapter.config

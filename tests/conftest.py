@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from handmade_checkpoints import adapter_tensors, write_adapter, write_base
+from hub_cache import HubCache, build_hub_cache
 from hypothesis import HealthCheck, settings
 from merge_cases import MergeCase
 from peft.tuners.lora import LoraLayer
@@ -205,3 +207,27 @@ def peft_reference(case_inputs):
         )
 
     return _BuildOnce(build)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubCache:
+    """A temporary HF_HOME holding a base repo (two commits) and an adapter repo, as
+    huggingface_hub lays a cache out, pointed at offline in this process and its children."""
+    return build_hub_cache(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def handmade_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """``tmp_path/base`` and ``tmp_path/adapter``: the handmade base and its adapter."""
+    write_base(tmp_path / "base")
+    write_adapter(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+@pytest.fixture
+def two_handmade_adapters(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The handmade base and two adapters of the same rank (so every --combine method applies)."""
+    write_base(tmp_path / "base")
+    write_adapter(tmp_path / "first", adapter_tensors(seed=1))
+    write_adapter(tmp_path / "second", adapter_tensors(seed=2))
+    return tmp_path / "base", tmp_path / "first", tmp_path / "second"

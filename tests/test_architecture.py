@@ -1,17 +1,22 @@
-"""The shape of src/lora_merge: one-way floors, no import circle, functions and modules that fit.
+"""The shape of src/lora_merge: one-way floors and no import circle.
 
-Data flows one way (see STYLE.md, "The shape we want"): resolve inputs -> read
-adapter -> plan -> stream -> finish, over the I/O and the maths, with the CLI on
-top and ``api`` as the orchestrator. The floors below say it explicitly; a
-module may import from its own floor or any floor beneath, never from above.
-The import graph is drawn with ``ast`` from the source files (every import,
-including ones inside functions or ``if TYPE_CHECKING``: each is a dependency),
-so nothing is imported to run the check.
+The map of the house, its floors and the conventions they follow are in
+docs/architecture.md of this repository. Data flows one way: resolve inputs ->
+read adapter -> plan -> stream -> finish, over the I/O and the maths, with the
+CLI on top. The floors below say it explicitly; a module may import from its own
+floor or any floor beneath, never from above. The import graph is drawn with
+``ast`` from the source files (every import, including ones inside functions or
+``if TYPE_CHECKING``: each is a dependency), so nothing is imported to run the
+check.
+
+Long functions and long modules are reported as warnings, not failures: a length
+finds a place worth reading again, it is not a target to trim comments to.
 """
 
 from __future__ import annotations
 
 import ast
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,6 +24,11 @@ PACKAGE = "lora_merge"
 SOURCE = Path(__file__).resolve().parent.parent / "src" / PACKAGE
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 450
+
+
+class LongCodeWarning(UserWarning):
+    """A function or module longer than the limits above: worth reading again, not an error."""
+
 
 # Bottom to top. A name covers the module or package of that name and everything in it.
 FLOORS: tuple[tuple[str, ...], ...] = (
@@ -194,16 +204,15 @@ def test_no_import_circle():
     assert not cycles, "\n".join(" <-> ".join(cycle) for cycle in cycles)
 
 
-def test_every_function_fits_on_a_screen():
+def test_long_functions_and_modules_are_reported_as_warnings():
+    """Over the limits is a question for a reader (docs/architecture.md), so a warning."""
     files = source_files(SOURCE, PACKAGE).values()
-    found = long_functions(files, SOURCE, MAX_FUNCTION_LINES)
-    assert not found, f"over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(found)
-
-
-def test_every_module_is_small():
-    files = source_files(SOURCE, PACKAGE).values()
-    found = long_modules(files, SOURCE, MAX_MODULE_LINES)
-    assert not found, f"over {MAX_MODULE_LINES} lines:\n" + "\n".join(found)
+    for found, limit, what in (
+        (long_functions(files, SOURCE, MAX_FUNCTION_LINES), MAX_FUNCTION_LINES, "function"),
+        (long_modules(files, SOURCE, MAX_MODULE_LINES), MAX_MODULE_LINES, "module"),
+    ):
+        for place in found:
+            warnings.warn(f"{what} over {limit} lines: {place}", LongCodeWarning, stacklevel=1)
 
 
 def test_the_checks_see_what_they_must_refuse(tmp_path):

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, start_fake_hub
 from handmade_checkpoints import write_adapter, write_base
-from test_low_disk import ADAPTER_REPO, BASE_REPO, SHARD_SIZE, TARGET
-from test_provenance_and_push import push_env, run_cli
+from hub_runs import ADAPTER_REPO, BASE_REPO, SHARD_SIZE, TARGET, push_env, run_cli
 
 from lora_merge.errors import EXIT_PUSH_FAILED, EXIT_USAGE
 

@@ -24,13 +24,10 @@ import pytest
 import torch
 from fake_hub import FakeHub, Fault, start_fake_hub
 from handmade_checkpoints import write_adapter, write_base
+from hub_runs import ADAPTER_REPO, BASE_REPO, SHARD_SIZE, TARGET, push_env, run_cli
 from safetensors import safe_open
-from test_provenance_and_push import push_env, run_cli
 
 from lora_merge.errors import EXIT_INPUT_NOT_FOUND, EXIT_PUSH_FAILED, EXIT_USAGE
-
-BASE_REPO, ADAPTER_REPO, TARGET = "org/base-model", "org/adapter", "me/merged"
-SHARD_SIZE = "20KB"  # the handmade base's 57.7 kB of tensors in 4 output shards
 
 
 @pytest.fixture

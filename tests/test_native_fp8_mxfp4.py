@@ -48,8 +48,8 @@ from native_formats import (
 )
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_checkpoints import prompt_logits
-from transformers import AutoModelForCausalLM, FineGrainedFP8Config, GptOssConfig, LlamaConfig
+from tiny_checkpoints import prompt_logits, save_random_bf16_llama, save_random_lora_adapter
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config, GptOssConfig
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -86,37 +86,6 @@ class Fp8Checkpoints:
     merged: Path
 
 
-def save_tiny_llama(directory: Path) -> Path:
-    # Every linear side a multiple of 32 (transformers' quantizer leaves others unquantized).
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,  # PROMPT_INPUT_IDS draws from 256 ids
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    generator = torch.Generator().manual_seed(21)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            value = 1.0 + 0.1 * noise if "norm" in name else 0.02 * noise
-            parameter.copy_(value.to(parameter.dtype))
-    model.save_pretrained(directory)
-    return directory
-
-
-def save_adapter(base: Path, directory: Path) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    torch.manual_seed(22)  # init_lora_weights=False draws A and B (B != 0) from torch's RNG
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=LINEAR_MODULES, init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(directory)
-    return directory
-
-
 def fp8_quantizer(block: tuple[int, int] = FP8_BLOCK) -> tuple[Fp8Quantize, dict]:
     """transformers' fine-grained FP8 quantizer op and the config it saves."""
     config = FineGrainedFP8Config(weight_block_size=list(block))
@@ -145,9 +114,10 @@ def save_fp8_copy(base: Path, directory: Path, block: tuple[int, int] = FP8_BLOC
 @pytest.fixture(scope="module")
 def fp8(tmp_path_factory) -> Fp8Checkpoints:
     root = tmp_path_factory.mktemp("fp8")
-    base = save_tiny_llama(root / "base")
+    # Every linear side a multiple of 32 (transformers' quantizer leaves others unquantized).
+    base = save_random_bf16_llama(root / "base", intermediate_size=96, seed=21)
     fp8 = save_fp8_copy(base, root / "fp8")
-    adapter = save_adapter(base, root / "adapter")
+    adapter = save_random_lora_adapter(base, root / "adapter", LINEAR_MODULES, seed=22)
     merged = root / "merged"
     merge(
         MergeOptions(base=fp8, adapter=adapter, out=merged, max_memory=TILED_MAX_MEMORY, quiet=True)

@@ -34,12 +34,10 @@ from integer_checkpoints import (
     save_gptq_base,
 )
 from merge_oracle import (
-    FLOAT32_UNIT_ROUNDOFF,
-    FLOAT64_UNIT_ROUNDOFF,
+    merge_error_and_bound,
     read_adapter,
     read_safetensors_directory,
     resolve_lora_factors,
-    ulp,
 )
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
@@ -327,17 +325,10 @@ def assert_merged_within_half_an_ulp(
         if name not in factors:
             assert torch.equal(output, dequantized.get(name, stored.get(name)).to(dtype)), name
             continue
-        lora = factors[name]
-        delta, magnitude = lora.delta_and_magnitude()
-        weight = dequantized[name].double()
-        exact = weight + lora.scale * delta
-        bound = (
-            (lora.rank + 2)
-            * (FLOAT32_UNIT_ROUNDOFF + FLOAT64_UNIT_ROUNDOFF)
-            * (weight.abs() + lora.scale * magnitude)
+        error, half_ulp, bound = merge_error_and_bound(
+            output, dequantized[name], factors[name], dtype
         )
-        error = (output.double() - exact).abs()
-        assert (error <= 0.5 * ulp(output, dtype) + bound).all(), name
+        assert (error <= half_ulp + bound).all(), name
         merged_weights += 1
     assert merged_weights == len(dequantized) > 0
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,22 @@ def test_merge_without_fast_system_calls_is_byte_identical(two_shard_inputs, tmp
         assert ((result.double() - exact).abs() <= ulp).all(), name
 
 
-def test_signals_deferred_holds_ctrl_c_back_and_restores_the_handler():
+@pytest.fixture
+def ctrl_c_raises_keyboard_interrupt() -> Iterator[None]:
+    """SIGINT handled as Python handles it at a terminal, whatever pytest inherited.
+
+    A shell starts a background job (``pytest ... &``, nohup, some CI runners) with SIGINT
+    ignored, and Python keeps it ignored: a test that expects Ctrl-C to raise would fail, and
+    one that expects it to be held back would pass without checking anything.
+    """
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_signals_deferred_holds_ctrl_c_back_and_restores_the_handler(
+    ctrl_c_raises_keyboard_interrupt,
+):
     """A Ctrl-C during the final renames neither interrupts them nor outlives them."""
     before = signal.getsignal(signal.SIGINT)
     ran_to_the_end = False
@@ -185,7 +201,9 @@ def test_signals_deferred_holds_ctrl_c_back_and_restores_the_handler():
         signal.raise_signal(signal.SIGINT)
 
 
-def test_commit_replaces_out_while_a_signal_arrives(tmp_path, monkeypatch):
+def test_commit_replaces_out_while_a_signal_arrives(
+    tmp_path, monkeypatch, ctrl_c_raises_keyboard_interrupt
+):
     """The renames finish under a Ctrl-C that lands between them: OUT is the new folder."""
     out = tmp_path / "merged"
     out.mkdir()

@@ -14,28 +14,18 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, start_fake_hub
 from handmade_checkpoints import write_adapter, write_base
+from hub_cache import ADAPTER_REPO, BASE_REPO, HubCache
+from hub_runs import push_env, run_cli
 from huggingface_hub.repocard import metadata_load
-from merge_process import LORA_MERGE
 from safetensors import safe_open
-from test_hub import ADAPTER_REPO, BASE_REPO, HubCache, hub_cache  # noqa: F401 (fixture)
 
 from lora_merge.errors import EXIT_PUSH_FAILED
-
-HF_VARIABLES = (
-    "HF_TOKEN",
-    "HF_ENDPOINT",
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_HOME",
-    "HF_HUB_CACHE",
-)
 
 
 @pytest.fixture
@@ -52,28 +42,6 @@ def fake_hub() -> Iterator[FakeHub]:
     server, hub = start_fake_hub()
     yield hub
     server.shutdown()
-
-
-def run_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [LORA_MERGE, *map(str, args)], capture_output=True, text=True, env=env, timeout=120
-    )
-
-
-def push_env(hub: FakeHub, home: Path, token: str | None = None) -> dict[str, str]:
-    """A user's environment whose Hub is the fake one (and whose token is ``token``).
-
-    The suite runs offline (conftest.py); this one process may reach the local server only.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in HF_VARIABLES}
-    env.update(
-        HF_ENDPOINT=hub.url,
-        HF_TOKEN=token or hub.token,
-        HF_HOME=str(home),
-        HF_HUB_DISABLE_XET="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-    )
-    return env
 
 
 def card_rows(out: Path) -> dict[str, list[str]]:
@@ -100,7 +68,7 @@ def shard_metadata(out: Path) -> list[dict[str, str]]:
 
 
 def test_card_from_hub_inputs_names_repos_commits_and_file_hashes(
-    hub_cache: HubCache,  # noqa: F811 (the fixture imported above)
+    hub_cache: HubCache,
     tmp_path: Path,
 ) -> None:
     """Repo ids in: the card's front matter names the base repo for the Hub's model tree, the

@@ -27,9 +27,8 @@ import pytest
 import torch
 from bnb_checkpoints import quantize_4bit_tensors, save_bitsandbytes_4bit_checkpoint
 from merge_oracle import (
-    FLOAT32_UNIT_ROUNDOFF,
-    FLOAT64_UNIT_ROUNDOFF,
     expected_misroundings,
+    merge_error_and_bound,
     misrounding_limit,
     read_adapter,
     read_safetensors_directory,
@@ -37,11 +36,11 @@ from merge_oracle import (
     ulp,
 )
 from merge_process import LORA_MERGE
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from quantized_oracle import decode_4bit, decode_int8, quant_state_of
 from safetensors.torch import save_file
-from tiny_checkpoints import prompt_logits
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+from tiny_checkpoints import prompt_logits, save_random_bf16_llama, save_random_lora_adapter
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from lora_merge import MergeOptions, merge
 from lora_merge.api import preview_merge
@@ -111,39 +110,6 @@ class Checkpoints:
     merged: dict[str, Path]
 
 
-def _save_tiny_llama(directory: Path) -> Path:
-    # intermediate 384: a down_proj row (384 weights) spans several 64/128-blocks and
-    # starts mid-block at 256, and gate/up/down have 384 absmax values at blocksize 64,
-    # i.e. two nested (double-quant) blocks of 256.
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=384,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,  # PROMPT_INPUT_IDS draws from 256 ids
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator)
-            value = 1.0 + 0.1 * noise if "norm" in name else 0.02 * noise
-            parameter.copy_(value.to(parameter.dtype))
-    model.save_pretrained(directory)
-    return directory
-
-
-def _save_adapter(base: Path, directory: Path) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    torch.manual_seed(5)  # init_lora_weights=False draws A and B (B != 0) from torch's RNG
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=LINEAR_MODULES, init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(directory)
-    return directory
-
-
 def _save_quantized(case: QuantizedCase, base: Path, directory: Path) -> Path:
     if not case.by_transformers:
         return save_bitsandbytes_4bit_checkpoint(
@@ -173,8 +139,11 @@ def _save_quantized(case: QuantizedCase, base: Path, directory: Path) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Checkpoints:
     root = tmp_path_factory.mktemp("quantized")
-    base = _save_tiny_llama(root / "base")
-    adapter = _save_adapter(base, root / "adapter")
+    # intermediate 384: a down_proj row (384 weights) spans several 64/128-blocks and
+    # starts mid-block at 256, and gate/up/down have 384 absmax values at blocksize 64,
+    # i.e. two nested (double-quant) blocks of 256.
+    base = save_random_bf16_llama(root / "base", intermediate_size=384, seed=4)
+    adapter = save_random_lora_adapter(base, root / "adapter", LINEAR_MODULES, seed=5)
     quantized = {case.id: _save_quantized(case, base, root / case.id) for case in CASES}
     merged = {}
     for case in CASES:
@@ -301,17 +270,9 @@ def test_merged_weights_are_within_half_an_ulp_of_float64(checkpoints, case):
             source = dequantized.get(name, stored[name])
             assert torch.equal(output, source.to(dtype)), name
             continue
-        lora = factors[name]
-        delta, magnitude = lora.delta_and_magnitude()
-        weight = dequantized[name].double()
-        exact = weight + lora.scale * delta
-        bound = (
-            (lora.rank + 2)
-            * (FLOAT32_UNIT_ROUNDOFF + FLOAT64_UNIT_ROUNDOFF)
-            * (weight.abs() + lora.scale * magnitude)
+        error, half_ulp, bound = merge_error_and_bound(
+            output, dequantized[name], factors[name], dtype
         )
-        error = (output.double() - exact).abs()
-        half_ulp = 0.5 * ulp(output, dtype)
         assert (error <= half_ulp + bound).all(), name
         elements += error.numel()
         beyond_half += int((error > half_ulp).sum())

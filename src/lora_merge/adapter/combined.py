@@ -25,12 +25,7 @@ from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import PEFT_PREFIX, AdapterContents, LoraModuleKeys
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.adapter.refusals import refuse_lora_bias_in_combination
-from lora_merge.compute.combine import (
-    combine_task_tensors,
-    factor_weights,
-    truncated_svd,
-    truncated_svd_of_product,
-)
+from lora_merge.compute.combine import combined_factors
 from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.io.reader import TensorSource
 
@@ -179,6 +174,10 @@ class CombinedAdapter:
         return tensor[start:stop]
 
     # memory, for --dry-run
+
+    def held_bytes(self, workers: int) -> int:
+        """Each thread keeps the last module a combination computed for it."""
+        return workers * self.factor_cache_bytes()
 
     def factor_cache_bytes(self) -> int:
         """The largest module's combined A and B: what each thread keeps between modules."""
@@ -333,68 +332,19 @@ class CombinedAdapter:
             factors_b.append(source.read_rows(part.keys.b_key))
         weights = [recipe.weights[part.index] for part in parts]
         generator = mask_generator(recipe.seed, module) if method.is_random else None
-
-        # A clamp depends on the signs LAPACK gives the singular vectors (PEFT clamps at a
-        # quantile of the signed entries), so with one the SVD is taken of the full delta, as
-        # PEFT does; without, of the low-rank product (same result, bounded memory).
-        low_rank_svd = (
-            method.form == "svd" and method.operator == "linear" and recipe.svd_clamp is None
-        )
-        if method.form == "cat" or low_rank_svd:
-            # [w₁s₁A₁; w₂s₂A₂] and [B₁ B₂]: their product is Σ wᵢsᵢBᵢAᵢ exactly (PEFT "cat").
-            lora_a = torch.cat(
-                [
-                    a.double() * (w * p.scale)
-                    for a, w, p in zip(factors_a, weights, parts, strict=True)
-                ]
-            )
-            lora_b = torch.cat([b.double() for b in factors_b], dim=1)
-            if method.form == "cat":
-                return lora_a, lora_b
-            # Plain svd: the truncated SVD of that product, without forming (out, in).
-            return truncated_svd_of_product(lora_b, lora_a, self._rank_of(module), recipe.svd_clamp)
-
-        if method.form == "factors":
-            # PEFT _generalized_task_arithmetic_weighted_adapter: √|wᵢsᵢ| on each factor,
-            # the sign on A; float32 throughout as PEFT's float32 adapters.
-            split = [factor_weights(w * p.scale) for w, p in zip(weights, parts, strict=True)]
-            weights_a = torch.tensor([s[0] for s in split], dtype=torch.float32)
-            weights_b = torch.tensor([s[1] for s in split], dtype=torch.float32)
-            lora_a = combine_task_tensors(
-                method.operator,
-                [a.float() for a in factors_a],
-                weights_a,
-                recipe.density,
-                recipe.sign_method,
-                generator,
-            )
-            lora_b = combine_task_tensors(
-                method.operator,
-                [b.float() for b in factors_b],
-                weights_b,
-                recipe.density,
-                recipe.sign_method,
-                generator,
-            )
-            return lora_a, lora_b
-
-        # svd and full: the operator on each adapter's whole delta ΔWᵢ = sᵢ Bᵢ Aᵢ (out, in).
-        deltas = [
-            (b.double() @ a.double()) * p.scale
-            for a, b, p in zip(factors_a, factors_b, parts, strict=True)
-        ]
-        combined = combine_task_tensors(
+        return combined_factors(
+            method.form,
             method.operator,
-            deltas,
-            torch.tensor(weights, dtype=torch.float64),
-            recipe.density,
-            recipe.sign_method,
-            generator,
+            factors_a,
+            factors_b,
+            weights,
+            [part.scale for part in parts],
+            rank=self._rank_of(module),
+            density=recipe.density,
+            sign_method=recipe.sign_method,
+            svd_clamp=recipe.svd_clamp,
+            generator=generator,
         )
-        del deltas
-        if method.form == "full":
-            return combined, None
-        return truncated_svd(combined, self._rank_of(module), recipe.svd_clamp)
 
     def _rank_of(self, module: str) -> int:
         keys = self.contents.lora_modules[module]

@@ -113,6 +113,15 @@ class AdapterMinusInitial:
     def close(self) -> None:
         """The trained and initial adapters are closed by whoever opened them."""
 
+    def working_bytes(self, key: str) -> int:
+        """Not counted (0), as before the reader protocol said it: [A; A0] and [B, -B0] are
+        made whole when read, beside the trained factors."""
+        return 0
+
+    def held_bytes(self, workers: int) -> int:
+        """Not counted (0), as before: the trained adapter's own is not passed on either."""
+        return 0
+
     def dtype(self, key: str) -> torch.dtype:
         if key in self._a_keys or key in self._b_keys:  # torch.cat promotes, as in PEFT's
             return torch.promote_types(self._trained.dtype(key), self._initial.initial_dtype(key))

@@ -97,3 +97,9 @@ def parse_enable_lora(text: str) -> tuple[bool, ...]:
     if not any(groups):
         raise UsageError(f"--enable-lora {text!r} enables no group")
     return tuple(groups)
+
+
+def loralib_adapter_config(loralib: LoralibSettings | None) -> LoraAdapterConfig:
+    """The config a loralib checkpoint (no adapter_config.json) is merged with."""
+    assert loralib is not None, "a config-less adapter is resolved only with --rank/--alpha"
+    return loralib.adapter_config()

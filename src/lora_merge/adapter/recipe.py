@@ -19,12 +19,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
-from lora_merge.compute.combine_names import Operator, SignMethod
+from lora_merge.compute.combine_names import Form, Operator, SignMethod
 from lora_merge.errors import UsageError
-
-Form = Literal["cat", "factors", "svd", "full"]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lora_merge.compute.combine_names import Form
 from lora_merge.compute.combine_names import Operator as Operator
 from lora_merge.compute.combine_names import SignMethod as SignMethod
 
@@ -158,6 +159,85 @@ def _truncate(
         lora_b = lora_b.clamp(-high, high)
         lora_a = lora_a.clamp(-high, high)
     return lora_a.contiguous(), lora_b.contiguous()
+
+
+def combined_factors(
+    form: Form,
+    operator: Operator,
+    factors_a: Sequence[torch.Tensor],
+    factors_b: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    scales: Sequence[float],
+    *,
+    rank: int,
+    density: float,
+    sign_method: SignMethod,
+    svd_clamp: float | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A and B of one module combined from several adapters' (see lora_merge.adapter.recipe).
+
+    Args:
+        form: ``cat``, ``factors``, ``svd`` or ``full``.
+        operator: PEFT's operator applied in that form.
+        factors_a: each adapter's A (r_i, in), as read.
+        factors_b: each adapter's B (out, r_i), as read.
+        weights: each adapter's weight.
+        scales: each adapter's LoRA scale for this module.
+        rank: the rank an ``svd`` form truncates to.
+        density: the fraction pruning keeps.
+        sign_method: TIES's sign election.
+        svd_clamp: the quantile an ``svd`` form clamps at, or None.
+        generator: DARE's random source for this module (None for other operators).
+
+    Returns:
+        (A, B), or (the whole delta, None) for the ``full`` form.
+    """
+    # A clamp depends on the signs LAPACK gives the singular vectors (PEFT clamps at a
+    # quantile of the signed entries), so with one the SVD is taken of the full delta, as
+    # PEFT does; without, of the low-rank product (same result, bounded memory).
+    low_rank_svd = form == "svd" and operator == "linear" and svd_clamp is None
+    if form == "cat" or low_rank_svd:
+        # [w₁s₁A₁; w₂s₂A₂] and [B₁ B₂]: their product is Σ wᵢsᵢBᵢAᵢ exactly (PEFT "cat").
+        lora_a = torch.cat(
+            [a.double() * (w * s) for a, w, s in zip(factors_a, weights, scales, strict=True)]
+        )
+        lora_b = torch.cat([b.double() for b in factors_b], dim=1)
+        if form == "cat":
+            return lora_a, lora_b
+        # Plain svd: the truncated SVD of that product, without forming (out, in).
+        return truncated_svd_of_product(lora_b, lora_a, rank, svd_clamp)
+
+    if form == "factors":
+        # PEFT _generalized_task_arithmetic_weighted_adapter: √|wᵢsᵢ| on each factor,
+        # the sign on A; float32 throughout as PEFT's float32 adapters.
+        split = [factor_weights(w * s) for w, s in zip(weights, scales, strict=True)]
+        weights_a = torch.tensor([s[0] for s in split], dtype=torch.float32)
+        weights_b = torch.tensor([s[1] for s in split], dtype=torch.float32)
+        lora_a = combine_task_tensors(
+            operator, [a.float() for a in factors_a], weights_a, density, sign_method, generator
+        )
+        lora_b = combine_task_tensors(
+            operator, [b.float() for b in factors_b], weights_b, density, sign_method, generator
+        )
+        return lora_a, lora_b
+
+    # svd and full: the operator on each adapter's whole delta ΔWᵢ = sᵢ Bᵢ Aᵢ (out, in).
+    deltas = [
+        (b.double() @ a.double()) * s for a, b, s in zip(factors_a, factors_b, scales, strict=True)
+    ]
+    combined = combine_task_tensors(
+        operator,
+        deltas,
+        torch.tensor(list(weights), dtype=torch.float64),
+        density,
+        sign_method,
+        generator,
+    )
+    del deltas
+    if form == "full":
+        return combined, None
+    return truncated_svd(combined, rank, svd_clamp)
 
 
 def quantile(values: torch.Tensor, q: float) -> float:

@@ -8,3 +8,5 @@ from typing import Literal
 
 Operator = Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 SignMethod = Literal["total", "frequency"]
+# The form adapters are combined in (see lora_merge.adapter.recipe).
+Form = Literal["cat", "factors", "svd", "full"]

@@ -3,7 +3,7 @@
 These functions reproduce, bit for bit, what ``bitsandbytes.functional``
 computes (checked against it in ``tests/test_quantized_bases.py`` and
 ``tests/test_dequantize_properties.py``, and against the format decoded in
-float64 in ``tests/quantized_oracle.py``). On the CPU they are what lora-merge
+float64 in ``tests/support/quantized_oracle.py``). On the CPU they are what lora-merge
 uses even where bitsandbytes is installed: its kernel is faster per element
 (about 1.7x, measured), but importing it costs about 2 s and 120 MB of resident
 memory, more than the whole dequantization of a 1.1B model on this path

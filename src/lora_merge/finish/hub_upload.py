@@ -6,7 +6,8 @@ commit) on a background thread while the next shard is written, then deleted.
 So local disk holds at most two shards: the one uploading and the one being
 written. At the end, one ``create_commit`` adds the preuploaded shards and
 every file of OUT (index, config, tokenizer, model card): until then nothing is
-visible on the Hub, and a failure leaves no commit. The commit is made from
+visible on the Hub, and a failure leaves no commit (the commit is retried, never
+made twice: :mod:`lora_merge.finish.hub_commit`). The commit is made from
 the staging folder, before it becomes OUT: a failed commit leaves no OUT either.
 
 A resumable run (``--resume``) journals each uploaded shard (name, size, sha256,
@@ -33,6 +34,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
 from lora_merge.errors import PushError
+from lora_merge.finish.hub_commit import create_commit_once
+from lora_merge.finish.hub_operations import is_preuploaded, preuploaded_operation
 from lora_merge.finish.hub_parts import commit_part_journal, read_part_journals, staging_branch
 from lora_merge.finish.parts import journal_files
 from lora_merge.finish.shard_sink import disk_needed, upload_journal_path
@@ -55,6 +58,8 @@ class ShardUploads:
             (:mod:`lora_merge.finish.hub_parts`).
         resume: ``--resume``: adopt the shards that parts uploaded, too.
     """
+
+    remote = True  # shards end on the Hub; this machine keeps none
 
     def __init__(
         self,
@@ -189,16 +194,11 @@ class ShardUploads:
         operations = [*self.uploaded.values()]
         operations += [CommitOperationAdd(path.name, path) for path in files]
         with self._push_errors("committing the uploaded shards"), progress_bars_hidden(self.quiet):
-            commit = self.api.create_commit(
-                self.repo_id,
-                operations=operations,
-                commit_message=message,
-                repo_type="model",
-                revision=self.revision,
+            self.commit_url = create_commit_once(
+                self.api, self.repo_id, operations, message, self.revision
             )
         if self._journal is not None:
             self._journal.unlink(missing_ok=True)
-        self.commit_url = str(commit.commit_url)
         if self.from_parts and self._staging_branch is not None:
             with self._push_errors(f"deleting the parts' branch {self._staging_branch}"):
                 self.api.delete_branch(self.repo_id, branch=self._staging_branch)
@@ -224,7 +224,7 @@ class ShardUploads:
             self.api.preupload_lfs_files(
                 self.repo_id, additions=[operation], repo_type="model", revision=self.revision
             )
-        if not operation._is_uploaded:
+        if not is_preuploaded(operation):
             # The Hub wants it as a regular (non-LFS) file: it stays in OUT and goes
             # with the small files in the final commit.
             return
@@ -272,15 +272,14 @@ class ShardUploads:
         """Preuploaded operations for the journaled ``shards`` whose LFS object the Hub holds."""
         operations = {}
         for name, record in shards.items():
-            operation = CommitOperationAdd(str(name), b"")
-            operation.upload_info = UploadInfo(
-                size=int(record["size"]),
-                sha256=bytes.fromhex(record["sha256"]),
-                sample=bytes.fromhex(record["sample"]),
+            operations[name] = preuploaded_operation(
+                str(name),
+                UploadInfo(
+                    size=int(record["size"]),
+                    sha256=bytes.fromhex(record["sha256"]),
+                    sample=bytes.fromhex(record["sample"]),
+                ),
             )
-            operation._upload_mode = "lfs"
-            operation._is_uploaded = True
-            operations[name] = operation
         held = self._objects_on_hub([op.upload_info for op in operations.values()])
         return {name: op for name, op in operations.items() if op.upload_info.sha256.hex() in held}
 

@@ -29,6 +29,7 @@ def upload_journal_path(out: Path) -> Path:
 class KeepShards:
     """Without ``--low-disk``: every shard stays in OUT, the disk must hold them all."""
 
+    remote = False  # shards stay on this machine, in OUT
     commit_url: str | None = None  # nothing is committed here
     from_parts = False  # no staging branch of --part runs on the Hub
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -108,22 +109,22 @@ def resolve_model_location(spec: str | Path, role: str, *, kind: str, quiet: boo
     if local is not None:
         return local
     text = str(spec)
-    repo_id, revision = _parse_repo_spec(text, role)
+    repo_id, revision = parse_repo_spec(text, role)
     with progress_bars_hidden(quiet):
         try:
-            allow_patterns = _allow_patterns(text, role, kind, repo_id, revision)
-            folder = snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns)
+            patterns = download_patterns(text, role, kind, repo_id, revision)
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
         except InputNotFoundError:
             raise
         except Exception as err:
-            mapped = _as_input_error(err, text, role, repo_id, revision)
+            mapped = hub_input_error(err, text, role, repo_id, revision)
             if mapped is None:
                 raise
             raise mapped from err
     return Path(folder)
 
 
-def _parse_repo_spec(text: str, role: str) -> tuple[str, str | None]:
+def parse_repo_spec(text: str, role: str) -> tuple[str, str | None]:
     """Split ``org/name@revision`` into the repo id and the revision (None: the default branch).
 
     Raises:
@@ -176,7 +177,7 @@ def progress_bars_hidden(quiet: bool) -> Iterator[None]:
         enable_progress_bars()
 
 
-def _allow_patterns(
+def download_patterns(
     text: str, role: str, kind: str, repo_id: str, revision: str | None
 ) -> list[str]:
     """The allow_patterns for snapshot_download: exact file names when the file list is known.
@@ -289,71 +290,131 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch(name, pattern) for pattern in patterns)
 
 
-def _as_input_error(
-    err: Exception, text: str, role: str, repo_id: str, revision: str | None
-) -> InputNotFoundError | None:
-    """Our error for one of huggingface_hub's, or None when ``err`` is not about the input."""
-    at = f" at revision {revision}" if revision else ""
-    where = f"{role} {text} is not a local folder, and the Hub repo {repo_id}{at}"
-    cache = constants.HF_HUB_CACHE
-    # The order matters: GatedRepoError is a RepositoryNotFoundError, and
-    # IncompleteSnapshotError a LocalEntryNotFoundError.
-    if isinstance(err, GatedRepoError):
-        return InputNotFoundError(
-            f"{where} is gated and your account has no access: request it at "
-            f"{constants.ENDPOINT}/{repo_id}, then log in with `hf auth login` or set HF_TOKEN"
-        )
-    if isinstance(err, DisabledRepoError):
-        return InputNotFoundError(
-            f"{where} has been disabled on the Hub; use another repo or a local folder"
-        )
-    if isinstance(err, RepositoryNotFoundError):
-        return InputNotFoundError(
-            f"{where} cannot be found: check the spelling; for a private repo, log in with "
-            "`hf auth login` or set HF_TOKEN to a token that can read it"
-        )
-    if isinstance(err, RevisionNotFoundError):
-        return InputNotFoundError(
-            f"{role} {text}: the Hub repo {repo_id} has no revision {revision!r}: use an "
-            "existing branch, tag or full commit hash"
-        )
-    offline = (
-        "HF_HUB_OFFLINE is set"
-        if constants.HF_HUB_OFFLINE
-        else "the Hub cannot be reached (no network?)"
+@dataclass(frozen=True)
+class HubInput:
+    """BASE or ADAPTER given as a Hub repo id, as the messages about it name it."""
+
+    text: str
+    role: str
+    repo_id: str
+    revision: str | None
+
+    @property
+    def where(self) -> str:
+        at = f" at revision {self.revision}" if self.revision else ""
+        return f"{self.role} {self.text} is not a local folder, and the Hub repo {self.repo_id}{at}"
+
+
+def _offline_reason() -> str:
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    return "the Hub cannot be reached (no network?)"
+
+
+def _gated(err: GatedRepoError, hub: HubInput) -> str:
+    return (
+        f"{hub.where} is gated and your account has no access: request it at "
+        f"{constants.ENDPOINT}/{hub.repo_id}, then log in with `hf auth login` or set HF_TOKEN"
     )
-    if isinstance(err, LocalEntryNotFoundError) and hasattr(err, "snapshot_path"):
+
+
+def _disabled(err: DisabledRepoError, hub: HubInput) -> str:
+    return f"{hub.where} has been disabled on the Hub; use another repo or a local folder"
+
+
+def _repo_not_found(err: RepositoryNotFoundError, hub: HubInput) -> str:
+    return (
+        f"{hub.where} cannot be found: check the spelling; for a private repo, log in with "
+        "`hf auth login` or set HF_TOKEN to a token that can read it"
+    )
+
+
+def _revision_not_found(err: RevisionNotFoundError, hub: HubInput) -> str:
+    return (
+        f"{hub.role} {hub.text}: the Hub repo {hub.repo_id} has no revision {hub.revision!r}: "
+        "use an existing branch, tag or full commit hash"
+    )
+
+
+def _not_in_cache(err: LocalEntryNotFoundError, hub: HubInput) -> str:
+    snapshot_path = getattr(err, "snapshot_path", None)
+    if snapshot_path is not None:
         # IncompleteSnapshotError (huggingface_hub >= 1.x): the cached listing of the
         # commit names files the snapshot lacks.
-        return InputNotFoundError(
-            f"{where} is only partly in the cache ({err.snapshot_path}) and {offline}: "
+        return (
+            f"{hub.where} is only partly in the cache ({snapshot_path}) and {_offline_reason()}: "
             "rerun once online to finish the download, or pass a local folder"
         )
-    if isinstance(err, LocalEntryNotFoundError):
-        return InputNotFoundError(
-            f"{where} is not in the Hugging Face cache ({cache}) and {offline}: download it "
-            f"once online (e.g. `hf download {repo_id}`, with HF_HUB_OFFLINE unset), point "
-            "HF_HOME at the cache that holds it, or pass a local folder"
+    return (
+        f"{hub.where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+        f"{_offline_reason()}: download it once online (e.g. `hf download {hub.repo_id}`, "
+        "with HF_HUB_OFFLINE unset), point HF_HOME at the cache that holds it, or pass a "
+        "local folder"
+    )
+
+
+def _http_error(err: HfHubHTTPError, hub: HubInput) -> str:
+    status = err.response.status_code if err.response is not None else None
+    if status == 401:
+        return (
+            f"{hub.where} cannot be read: the Hub refused the credentials (401); check HF_TOKEN "
+            "or log in again with `hf auth login`"
         )
-    if isinstance(err, HfHubHTTPError):
-        status = err.response.status_code if err.response is not None else None
-        if status == 401:
-            return InputNotFoundError(
-                f"{where} cannot be read: the Hub refused the credentials (401); check HF_TOKEN "
-                "or log in again with `hf auth login`"
-            )
-        return InputNotFoundError(
-            f"{where} could not be downloaded: the Hub answered {status or 'with an error'}; "
-            "try again later, or pass a local folder"
-        )
-    if isinstance(err, (_TransportError, ConnectionError, TimeoutError)):
-        return InputNotFoundError(
-            f"{where} could not be downloaded: the connection failed ({err}); rerun to resume "
-            "the download, or pass a local folder"
-        )
-    if isinstance(err, OSError):
-        return InputNotFoundError(
-            f"{where} could not be stored in the Hugging Face cache ({cache}): {err}; free space "
-            "or fix permissions there, or set HF_HOME to another folder"
-        )
+    return (
+        f"{hub.where} could not be downloaded: the Hub answered {status or 'with an error'}; "
+        "try again later, or pass a local folder"
+    )
+
+
+def _connection_failed(err: Exception, hub: HubInput) -> str:
+    return (
+        f"{hub.where} could not be downloaded: the connection failed ({err}); rerun to resume "
+        "the download, or pass a local folder"
+    )
+
+
+def _cache_not_writable(err: OSError, hub: HubInput) -> str:
+    return (
+        f"{hub.where} could not be stored in the Hugging Face cache ({constants.HF_HUB_CACHE}): "
+        f"{err}; free space or fix permissions there, or set HF_HOME to another folder"
+    )
+
+
+# huggingface_hub's error -> our message, first match wins, as huggingface_hub's own
+# cli/_errors.py maps them. The order matters: GatedRepoError is a RepositoryNotFoundError,
+# the repo errors and DisabledRepoError are HfHubHTTPErrors, IncompleteSnapshotError is a
+# LocalEntryNotFoundError, and a dropped connection is an OSError (with an older
+# huggingface_hub, which talks through requests, every OSError is taken for one).
+HUB_ERROR_MESSAGES: dict[type[Exception] | tuple[type[Exception], ...], Callable[..., str]] = {
+    GatedRepoError: _gated,
+    DisabledRepoError: _disabled,
+    RepositoryNotFoundError: _repo_not_found,
+    RevisionNotFoundError: _revision_not_found,
+    LocalEntryNotFoundError: _not_in_cache,
+    HfHubHTTPError: _http_error,
+    (_TransportError, ConnectionError, TimeoutError): _connection_failed,
+    OSError: _cache_not_writable,
+}
+
+
+def hub_input_error(
+    err: Exception, text: str, role: str, repo_id: str, revision: str | None
+) -> InputNotFoundError | None:
+    """Our error for one of huggingface_hub's, or None when ``err`` is not about the input.
+
+    Args:
+        err: what huggingface_hub raised while listing or downloading the repo.
+        text: BASE or ADAPTER as the user gave it.
+        role: ``"BASE"`` or ``"ADAPTER"``.
+        repo_id: the repo id parsed from ``text``.
+        revision: the revision parsed from ``text`` (None: the default branch).
+
+    Returns:
+        An :class:`~lora_merge.errors.InputNotFoundError` whose message says what to do,
+        from the first entry of :data:`HUB_ERROR_MESSAGES` that ``err`` is an instance of.
+    """
+    hub = HubInput(text=text, role=role, repo_id=repo_id, revision=revision)
+    for error_types, message in HUB_ERROR_MESSAGES.items():
+        if isinstance(err, error_types):
+            return InputNotFoundError(message(err, hub))
     return None

@@ -19,13 +19,13 @@ from huggingface_hub.constants import SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE
 
 from lora_merge.errors import InputNotFoundError
 from lora_merge.inputs.hub import (
-    _allow_patterns,
-    _as_input_error,
-    _parse_repo_spec,
+    download_patterns,
+    hub_input_error,
+    parse_repo_spec,
     progress_bars_hidden,
 )
 from lora_merge.inputs.locations import existing_local_path
-from lora_merge.inputs.resolve import BaseCheckpoint, _shards_from_index, resolve_base
+from lora_merge.inputs.resolve import BaseCheckpoint, resolve_base, shards_from_index
 from lora_merge.io.http_reader import RemoteFile
 
 
@@ -49,10 +49,10 @@ def resolve_ranged_base(spec: str | Path, *, quiet: bool = False) -> BaseCheckpo
     if local is not None:
         return resolve_base(local)
     text = str(spec)
-    repo_id, revision = _parse_repo_spec(text, "BASE")
+    repo_id, revision = parse_repo_spec(text, "BASE")
     with progress_bars_hidden(quiet):
         try:
-            patterns = _allow_patterns(text, "BASE", "model", repo_id, revision)
+            patterns = download_patterns(text, "BASE", "model", repo_id, revision)
             small = [p for p in patterns if not p.endswith(".safetensors")]
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=small))
             shards = _shard_names(folder, patterns)
@@ -62,7 +62,7 @@ def resolve_ranged_base(spec: str | Path, *, quiet: bool = False) -> BaseCheckpo
         except InputNotFoundError:
             raise
         except Exception as err:
-            mapped = _as_input_error(err, text, "BASE", repo_id, revision)
+            mapped = hub_input_error(err, text, "BASE", repo_id, revision)
             if mapped is None:
                 raise
             raise mapped from err
@@ -73,7 +73,7 @@ def _shard_names(folder: Path, patterns: list[str]) -> list[str]:
     """The shards the merge reads: those the index names, else ``model.safetensors``."""
     index = folder / SAFETENSORS_INDEX_FILE
     if index.is_file():
-        return sorted(_shards_from_index(index, check_files=False))
+        return sorted(shards_from_index(index, check_files=False))
     if SAFETENSORS_SINGLE_FILE in patterns or "*.safetensors" in patterns:
         return [SAFETENSORS_SINGLE_FILE]
     return []  # pickles only, or nothing: resolve_base says so

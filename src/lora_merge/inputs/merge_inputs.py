@@ -58,14 +58,15 @@ def resolve_merge_inputs(
 
         base_checkpoint = resolve_ranged_base(base, quiet=quiet)
     else:
-        base_checkpoint = resolve_base(local_or_hub_folder(base, "BASE", kind="model", quiet=quiet))
+        base_folder = local_or_hub_folder(base, "BASE", kind="model", quiet=quiet)
+        base_checkpoint = resolve_base(base_folder)
     if loralib_file:
         adapter_folders = [resolve_adapter_file(adapters[0])]
     else:
-        adapter_folders = [
-            resolve_adapter(local_or_hub_folder(spec, "ADAPTER", kind="adapter", quiet=quiet))
-            for spec in adapters
-        ]
+        adapter_folders = []
+        for spec in adapters:  # each found, then checked, in the order given
+            folder = local_or_hub_folder(spec, "ADAPTER", kind="adapter", quiet=quiet)
+            adapter_folders.append(resolve_adapter(folder))
     # A loralib file's folder may hold OUT; only the file itself must stay out of OUT's way.
     inputs = [base_checkpoint.folder, *(folder.location for folder in adapter_folders)]
     return base_checkpoint, adapter_folders, check_output_location(out, inputs, overwrite)

@@ -109,7 +109,7 @@ def resolve_base(
     # shard file name -> the keys the index promises in it (None: no index)
     shard_names: dict[str, set[str] | None]
     if index_path.is_file():
-        shard_names = dict(_shards_from_index(index_path, set(remote_shards)))
+        shard_names = dict(shards_from_index(index_path, set(remote_shards)))
     elif SAFETENSORS_SINGLE_FILE in remote_shards or (folder / SAFETENSORS_SINGLE_FILE).is_file():
         shard_names = {SAFETENSORS_SINGLE_FILE: None}
     else:
@@ -163,7 +163,8 @@ def _shard_header(
 ) -> SafetensorsHeader:
     """A shard's header: from the local file, or by two range requests to the Hub."""
     if remote is None:
-        return read_safetensors_header(check_stays_inside(folder, name))
+        path = check_stays_inside(folder, name)  # before anything of it is read
+        return read_safetensors_header(path)
     return parse_safetensors_header(
         folder / name, remote.size, lambda offset, n: fetcher.read_at(remote.url, offset, n)
     )
@@ -284,7 +285,7 @@ def _existing_folder(path: Path | str, role: str) -> Path:
     return folder.resolve()
 
 
-def _shards_from_index(
+def shards_from_index(
     index_path: Path, remote: Collection[str] = (), check_files: bool = True
 ) -> dict[str, set[str]]:
     """Shard file name -> the keys the index puts in it; names are checked, never trusted.

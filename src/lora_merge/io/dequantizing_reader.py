@@ -151,6 +151,14 @@ class DequantizingReader:
     def keys(self) -> Iterable[str]:
         return self._tensors.keys()
 
+    def working_bytes(self, key: str) -> int:
+        """Nothing beyond the tensor read: the dequantization workspace is the stream's."""
+        return 0
+
+    def held_bytes(self, workers: int) -> int:
+        """Nothing: tensors are read when asked for, a tile at a time."""
+        return 0
+
     def dtype(self, key: str) -> torch.dtype:
         return self._tensors[key].dtype
 

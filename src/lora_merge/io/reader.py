@@ -6,6 +6,7 @@ rows i..j) so the planner and the stream do not care where a tensor comes from.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -37,6 +38,14 @@ class TensorSource(Protocol):
         ``buffer`` (uint8, at least the bytes asked for) may be reused between
         calls to avoid allocating; the result may then be a view of it.
         """
+        ...
+
+    def working_bytes(self, key: str) -> int:
+        """Memory a thread holds while it reads ``key``, beyond the tensor read."""
+        ...
+
+    def held_bytes(self, workers: int) -> int:
+        """Memory the source holds all run long while ``workers`` threads read from it."""
         ...
 
 
@@ -90,6 +99,14 @@ class EntryReader:
 
     def keys(self) -> Iterable[str]:
         return self._entries.keys()
+
+    def working_bytes(self, key: str) -> int:
+        """Nothing beyond the tensor read."""
+        return 0
+
+    def held_bytes(self, workers: int) -> int:
+        """Nothing: tensors are read when asked for, a tile at a time."""
+        return 0
 
     def entry(self, key: str) -> TensorEntry:
         """The file location of a key."""
@@ -277,6 +294,16 @@ class InMemoryTensors:
 
     def keys(self) -> Iterable[str]:
         return self._tensors.keys()
+
+    def working_bytes(self, key: str) -> int:
+        """Nothing beyond the tensor read."""
+        return 0
+
+    def held_bytes(self, workers: int) -> int:
+        """Every tensor: a pickled adapter is loaded whole."""
+        return sum(
+            self.dtype(key).itemsize * math.prod(self.shape(key)) for key in list(self.keys())
+        )
 
     def dtype(self, key: str) -> torch.dtype:
         return self._tensors[key].dtype

@@ -42,6 +42,14 @@ class TrainingQuantizationReader:
     def keys(self) -> Iterable[str]:
         return self._stored.keys()
 
+    def working_bytes(self, key: str) -> int:
+        """Nothing beyond the tensor read: the quantization workspace is the stream's."""
+        return 0
+
+    def held_bytes(self, workers: int) -> int:
+        """Nothing: tensors are read when asked for, a tile at a time."""
+        return 0
+
     def dtype(self, key: str) -> torch.dtype:
         return self._stored.dtype(key)
 

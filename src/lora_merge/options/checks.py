@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lora_merge.adapter.initialisation import initial_state_mode, refuse_with_initial_state
 from lora_merge.adapter.loralib import loralib_settings
-from lora_merge.adapter.recipe import CombineRecipe, build_combine_recipe
+from lora_merge.adapter.recipe import build_combine_recipe
 from lora_merge.errors import UsageError
 from lora_merge.options.settings import MergeOptions, MergeSettings
 from lora_merge.options.values import (
@@ -58,7 +58,18 @@ def checked_options(options: MergeOptions) -> MergeSettings:
         double_quant=options.double_quant,
         quant_blocksize=options.quant_blocksize,
         loralib=loralib_settings(options.rank, options.alpha, options.enable_lora),
-        recipe=_combine_recipe(options),
+        recipe=build_combine_recipe(
+            len(options.adapters),
+            combine=options.combine,
+            weights=options.weights,
+            density=options.density,
+            majority_sign_method=options.majority_sign_method,
+            svd_rank=options.svd_rank,
+            svd_clamp=options.svd_clamp,
+            seed=options.seed,
+        )
+        if options.combines
+        else None,  # one adapter, merged as it is
         unmerge=options.unmerge,
         overwrite=options.overwrite,
         quiet=options.quiet,
@@ -96,22 +107,6 @@ def _check_four_bit_blocksize(blocksize: int) -> None:
             f"quant_blocksize {blocksize!r} is not one of "
             f"{', '.join(map(str, FOUR_BIT_BLOCKSIZES))} (the block sizes bitsandbytes quantizes with)"
         )
-
-
-def _combine_recipe(options: MergeOptions) -> CombineRecipe | None:
-    """The checked combination, or None for one adapter merged as it is."""
-    if not options.combines:
-        return None
-    return build_combine_recipe(
-        len(options.adapters),
-        combine=options.combine,
-        weights=options.weights,
-        density=options.density,
-        majority_sign_method=options.majority_sign_method,
-        svd_rank=options.svd_rank,
-        svd_clamp=options.svd_clamp,
-        seed=options.seed,
-    )
 
 
 def _refuse_conflicts(settings: MergeSettings) -> None:

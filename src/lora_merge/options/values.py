@@ -11,7 +11,7 @@ run may name these types.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, TypeVar
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     import torch
 
 _ChoiceT = TypeVar("_ChoiceT", bound="Choice")
-T = TypeVar("T")
 
 
 class Choice(str, Enum):
@@ -188,14 +187,6 @@ class Part:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
-
-    def owns(self, shard_number: int) -> bool:
-        """True when the shard at ``shard_number`` (0-based, in plan order) is this part's."""
-        return shard_number % self.count == self.index
-
-    def select(self, shards: Sequence[T]) -> list[T]:
-        """The shards of the plan this part writes (``k % count == index``), in plan order."""
-        return [shard for number, shard in enumerate(shards) if self.owns(number)]
 
 
 def parse_part(text: str | None) -> Part | None:

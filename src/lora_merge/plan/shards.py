@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
 from lora_merge.io.hub_names import SAFETENSORS_SINGLE_FILE
+from lora_merge.options.values import Part
 
 
 class _Spec(Protocol):
@@ -27,6 +28,7 @@ class ShardedTensor(Protocol):
 
 
 T = TypeVar("T", bound=ShardedTensor)
+Shard = TypeVar("Shard")
 
 
 def shard_layout(tensors: Sequence[T], max_shard_size: int) -> list[tuple[str, list[T]]]:
@@ -76,6 +78,12 @@ def plan_output_shards(sizes: Sequence[tuple[str, int]], max_shard_size: int) ->
         shards[-1].append(name)
         shard_bytes += nbytes
     return shards
+
+
+def shards_of_part(part: Part, shards: Sequence[Shard]) -> list[Shard]:
+    """The shards of the plan that ``--part I/N`` writes (shard ``k`` when ``k % N == I``),
+    in plan order."""
+    return [shard for number, shard in enumerate(shards) if number % part.count == part.index]
 
 
 def shard_file_names(count: int) -> list[str]:

@@ -35,7 +35,7 @@ from lora_merge.io.reader import TensorSource
 from lora_merge.options import MergeSettings, SaveMethod
 from lora_merge.plan.model import MergePlan
 from lora_merge.plan.requantize import requantized_config
-from lora_merge.plan.shards import shard_layout
+from lora_merge.plan.shards import shard_layout, shards_of_part
 from lora_merge.run.shards import (
     Shards,
     ShardStream,
@@ -86,11 +86,11 @@ def write_output(
     part = settings.part
     uploads = uploads or KeepShards()
     shards = shard_layout(plan.tensors, settings.max_shard_size)
-    to_write = shards if part is None else part.select(shards)
+    to_write = shards if part is None else shards_of_part(part, shards)
     check_free_space(out, uploads.disk_needed([shard_bytes(t) for _, t in to_write]))
     fingerprint = None
     if settings.resume or part is not None:
-        by_content = not isinstance(uploads, KeepShards)  # --low-disk: parts on any machine
+        by_content = uploads.remote  # --low-disk: parts on any machine
         fingerprint = resume_fingerprint(shards, base, adapter_folders, recipe, by_content)
     uploads.start(out, fingerprint)
     metadata = shard_metadata(record)
@@ -121,7 +121,7 @@ def write_output(
             verify_output(staging.path, to_write, base.entries, adapter, base_reader)
         if part is not None:
             uploads.commit(staging.path, f"lora-merge part {part}")  # --low-disk: its journal
-            if not isinstance(uploads, KeepShards):  # its shards are on the Hub, not here
+            if uploads.remote:  # its shards are on the Hub, not here
                 staging.leave_parts_area()
             return Written(to_write, kept, len(to_write) - kept, staging.notes)
         finish_folder(staging.path, shards, plan, base, adapter_folder, settings)

@@ -14,7 +14,6 @@ from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lora_merge.adapter.combined import AdapterInput, CombinedAdapter
 from lora_merge.adapter.config import LoraAdapterConfig, read_adapter_config
 from lora_merge.adapter.initial_state import (
     AdapterMinusInitial,
@@ -29,18 +28,16 @@ from lora_merge.adapter.initialisation import (
     describe_initial_state,
     is_unknown_initialisation,
 )
-from lora_merge.adapter.keys import AdapterContents, as_adalora_modules, classify_adapter_keys
-from lora_merge.adapter.loralib import LoralibSettings
+from lora_merge.adapter.keys import AdapterContents, classify_adapter_keys
+from lora_merge.adapter.loralib import LoralibSettings, loralib_adapter_config
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.adapter.recomputed_initial import RecomputedInitialState, RecomputeTarget
 from lora_merge.adapter.refusals import (
     refuse_combined_experts,
-    refuse_dora_in_combination,
-    refuse_trainable_tokens_in_combination,
-    refuse_tuner_in_combination,
     refuse_unconverted_initialisation,
     refuse_unmerge_of_dora,
 )
+from lora_merge.adapter.to_merge import adapter_to_merge
 from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
 from lora_merge.errors import InvalidInputError, LoraMergeWarning
@@ -133,7 +130,7 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
     configs = [
         read_adapter_config(folder.config_path)
         if folder.config_path is not None
-        else _loralib_config(loralib)
+        else loralib_adapter_config(loralib)
         for folder in adapter_folders
     ]
     notes = _check_configs_against_base(options, base, adapter_folders, configs)
@@ -142,7 +139,7 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
             opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
             for folder in adapter_folders
         ]
-        config, contents, adapter = _read_adapters(adapter_folders, configs, sources, recipe)
+        config, contents, adapter = adapter_to_merge(adapter_folders, configs, sources, recipe)
         config, adapter, recomputed = _minus_initial_state(
             options, base, adapter_folder, config, contents, adapter, opened
         )
@@ -179,22 +176,6 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
             adapter_folders,
             tile_budget_for(settings.device, int(settings.max_memory * TILE_SHARE_OF_BUDGET)),
         )
-
-
-def _read_adapters(
-    folders: list[AdapterFolder],
-    configs: list[LoraAdapterConfig],
-    sources: list[TensorSource],
-    recipe: CombineRecipe | None,
-) -> tuple[LoraAdapterConfig, AdapterContents, TensorSource]:
-    """The adapter the plan merges: the one given, or the combination of all of them."""
-    if recipe is None:
-        contents = classify_adapter_keys(list(sources[0].keys()))
-        if configs[0].peft_type == "ADALORA":  # its A and B are not a LoRA pair
-            contents = as_adalora_modules(contents)
-        return configs[0], contents, sources[0]
-    combined = _combined_adapter(folders, configs, sources, recipe)
-    return combined.config, combined.contents, combined
 
 
 def _plan(
@@ -365,25 +346,3 @@ def _saved_initial_state(
     source = opened.enter_context(closing(open_adapter_weights(folder.weights_path)))
     check_same_modules(str(folder.folder), contents, classify_adapter_keys(list(source.keys())))
     return SavedInitialState(str(folder.folder), source)
-
-
-def _loralib_config(loralib: LoralibSettings | None) -> LoraAdapterConfig:
-    """The config a loralib checkpoint (no adapter_config.json) is merged with."""
-    assert loralib is not None, "a config-less adapter is resolved only with --rank/--alpha"
-    return loralib.adapter_config()
-
-
-def _combined_adapter(
-    folders: list[AdapterFolder],
-    configs: list[LoraAdapterConfig],
-    sources: list[TensorSource],
-    recipe: CombineRecipe,
-) -> CombinedAdapter:
-    inputs = []
-    for folder, config, source in zip(folders, configs, sources, strict=True):
-        contents = classify_adapter_keys(list(source.keys()))
-        refuse_tuner_in_combination(str(folder.folder), config)
-        refuse_dora_in_combination(str(folder.folder), config, contents)
-        refuse_trainable_tokens_in_combination(str(folder.folder), contents)
-        inputs.append(AdapterInput(str(folder.folder), config, contents, source))
-    return CombinedAdapter(inputs, recipe)

@@ -16,7 +16,7 @@ from lora_merge.finish.disk import check_free_space, free_space
 from lora_merge.finish.shard_sink import disk_needed
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.options import MergeSettings
-from lora_merge.plan.shards import shard_layout
+from lora_merge.plan.shards import shard_layout, shards_of_part
 from lora_merge.run.prepare import prepare
 from lora_merge.stream.executor import working_memory_bound
 
@@ -114,7 +114,7 @@ def preview_settings(options: MergeSettings) -> MergePreview:
         needed = disk_needed(shard_bytes, options.low_disk)
         check_free_space(prepared.out, needed)
         part = settings.part
-        part_shards = None if part is None else [f for f, _ in part.select(shards)]
+        part_shards = None if part is None else [f for f, _ in shards_of_part(part, shards)]
         return MergePreview(
             base=str(base.folder),
             adapter=str(prepared.adapter_folder.location),

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from lora_merge.adapter.combined import CombinedAdapter
 from lora_merge.compute.lora import all_finite, compute_dtype_for, scale_folds_into_a
 from lora_merge.errors import NonFiniteError
 from lora_merge.io.dequantizing_reader import dequantize_workspace_bound
-from lora_merge.io.reader import InMemoryTensors, StoredTensorSource, TensorSource
+from lora_merge.io.reader import StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 from lora_merge.plan.kinds.dora import norm_per_column
 from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor, TunerUpdate
@@ -118,15 +117,9 @@ def working_memory_bound(
             reverse=True,
         )
         in_flight = max(in_flight, sum(held[:workers]))
-    resident = 0
-    if isinstance(adapter, InMemoryTensors):  # a pickled adapter is loaded whole
-        resident = sum(
-            adapter.dtype(key).itemsize * math.prod(adapter.shape(key))
-            for key in list(adapter.keys())
-        )
-    # Each thread keeps the last module a combination computed for it.
-    cached = adapter.factor_cache_bytes() if isinstance(adapter, CombinedAdapter) else 0
-    return workers * (per_thread + cached) + in_flight + resident
+    # What the adapter holds whatever the threads read: a pickled adapter loaded whole, a
+    # combination's last module for each thread.
+    return workers * per_thread + in_flight + adapter.held_bytes(workers)
 
 
 def _tensor_bytes(tensor: PlannedTensor, adapter: TensorSource, tile_budget: int) -> int:
@@ -192,8 +185,8 @@ def _factor_bytes(
     if delta.magnitude_key is not None:
         magnitude = math.prod(adapter.shape(delta.magnitude_key))
         held += (adapter.dtype(delta.magnitude_key).itemsize + compute.itemsize) * magnitude
-    if isinstance(adapter, CombinedAdapter):  # it computes the factors when first read
-        held += adapter.working_bytes(delta.a_key)
+    # A combination computes the factors when first read (other sources: 0).
+    held += adapter.working_bytes(delta.a_key)
     return held
 
 

@@ -256,3 +256,42 @@ def save_tiny_lora_adapter(
         _perturb_weights_saved_in_full(peft_model, torch.Generator().manual_seed(seed + 1))
         peft_model.save_pretrained(directory, safe_serialization=safe_serialization)
     return directory
+
+
+def save_random_bf16_llama(directory: Path, intermediate_size: int, seed: int) -> Path:
+    """A one-layer bf16 Llama with random weights whose sizes a quantizer takes.
+
+    Hidden 64 and every linear side a multiple of 32, so that block quantizers
+    (transformers' FP8, bitsandbytes) quantize every projection; ``intermediate_size``
+    picks how rows fall on quantization blocks.
+    """
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,  # PROMPT_INPUT_IDS draws from 256 ids
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            value = 1.0 + 0.1 * noise if "norm" in name else 0.02 * noise
+            parameter.copy_(value.to(parameter.dtype))
+    model.save_pretrained(directory)
+    return directory
+
+
+def save_random_lora_adapter(
+    base: Path, directory: Path, target_modules: list[str], seed: int
+) -> Path:
+    """A rank-4 PEFT LoRA with random A and B (B != 0) on ``target_modules`` of ``base``."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    torch.manual_seed(seed)  # init_lora_weights=False draws A and B from torch's RNG
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(directory)
+    return directory

@@ -46,6 +46,13 @@ _STOP_ITSELF_BOOTSTRAP = """
 import importlib, os, signal, sys, threading
 from importlib.metadata import entry_points
 
+# A shell starts a background job (`pytest ... &`, nohup, some CI runners) with SIGINT ignored,
+# and Python then leaves Ctrl-C ignored in every process it starts. A user who presses Ctrl-C
+# runs lora-merge in the foreground, where Python turns SIGINT into KeyboardInterrupt: put that
+# back, so that what a test of Ctrl-C sees does not depend on how pytest itself was started.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 first_call = threading.Lock()  # several writer threads: exactly one of them stops the process
 
 def stop_after_first_call(owner, name):

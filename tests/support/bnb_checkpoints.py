@@ -9,7 +9,7 @@ whole model. This module quantizes shard by shard with bitsandbytes'
 config.json); a test checks that it equals transformers' own output byte for
 byte. Used by the tests and by the benchmark's NF4 case:
 
-    python tests/bnb_checkpoints.py SRC DST --quant-type nf4 [--double-quant] [--blocksize 64]
+    python tests/support/bnb_checkpoints.py SRC DST --quant-type nf4 [--double-quant] [--blocksize 64]
 """
 
 from __future__ import annotations

@@ -34,6 +34,30 @@ def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.full_like(magnitude, info.eps), exponent - 1)
 
 
+def merge_error_and_bound(
+    output: torch.Tensor, weight: torch.Tensor, lora: LoraFactors, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How far a merged weight is from ``weight + scale * B @ A`` in float64, and the bound.
+
+    Returns ``(error, half_ulp, bound)``: a merge that computes in float32 and rounds once to
+    ``dtype`` has ``error <= half_ulp + bound``, where ``bound`` is the float32 (and float64
+    reference) error of a rank-r product and one addition: (r + 2) unit roundoffs of
+    ``|W| + scale * |B| @ |A|`` (the standard dot-product bound, Higham, Accuracy and
+    Stability of Numerical Algorithms, 3.1). ``lora`` comes from
+    :func:`resolve_lora_factors`.
+    """
+    delta, magnitude = lora.delta_and_magnitude()
+    weight = weight.double()
+    exact = weight + lora.scale * delta
+    bound = (
+        (lora.rank + 2)
+        * (FLOAT32_UNIT_ROUNDOFF + FLOAT64_UNIT_ROUNDOFF)
+        * (weight.abs() + lora.scale * magnitude)
+    )
+    error = (output.double() - exact).abs()
+    return error, 0.5 * ulp(output, dtype), bound
+
+
 def expected_misroundings(bounds: torch.Tensor, ulps: torch.Tensor) -> float:
     """Upper bound on the expected number of elements that miss the correctly rounded value.
 

@@ -20,7 +20,7 @@ files directly, LFS files (``*.safetensors``) with a 302 to a CDN-like path,
 failures: a status for the next matching request, or a connection dropped in
 the middle of a body.
 
-From a script: ``python tests/fake_hub.py --serve DIR [--port N] [--store DIR2]``
+From a script: ``python tests/support/fake_hub.py --serve DIR [--port N] [--store DIR2]``
 serves every ``DIR/org/name`` folder as the repo ``org/name`` and prints the
 URL and token; ``--store`` keeps uploaded LFS objects as files named by sha256
 in DIR2 instead of in memory, ``--discard-uploads`` checks their sha256 and
@@ -53,6 +53,11 @@ class FakeRepo:
     branch_commits: dict[str, list[str]] = field(default_factory=dict)  # branch -> messages
     deleted_branches: list[str] = field(default_factory=list)
     lfs_oids: dict[str, str] = field(default_factory=dict)  # path -> sha256 of its LFS object
+    # branch -> its commits, newest first, as (commit id, title); a new repo's main has the
+    # Hub's initial commit. A commit that names another parentCommit than the head is refused.
+    history: dict[str, list[tuple[str, str]]] = field(
+        default_factory=lambda: {"main": [("0" * 40, "initial commit")]}
+    )
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,10 @@ class ServedRepo:
 class Fault:
     """A failure for the next request whose path contains ``path_part`` (method ``method``).
 
-    ``status`` answers that status instead; ``drop_after`` (bytes) sends the
-    headers and that many bytes of the body, then drops the connection.
+    ``status`` answers that status instead (with ``headers``, e.g. ``Retry-After``);
+    with ``after_handling`` the request is carried out first and only its reply is
+    lost (a commit that landed although the client saw an error). ``drop_after``
+    (bytes) sends the headers and that many bytes of the body, then drops the connection.
     """
 
     path_part: str
@@ -91,6 +98,8 @@ class Fault:
     drop_after: int | None = None
     method: str = "GET"
     times: int = 1
+    headers: dict[str, str] = field(default_factory=dict)
+    after_handling: bool = False
 
 
 @dataclass
@@ -153,6 +162,8 @@ _ROUTES = [
     ("PUT", re.compile(r"/lfs-upload/(?P<oid>[0-9a-f]{64})"), "lfs_upload"),
     ("POST", re.compile(rf"/api/models/{_REPO}/commit/(?P<rev>.+)"), "commit"),
     ("GET", re.compile(rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)"), "repo_info"),
+    ("GET", re.compile(rf"/api/models/{_REPO}"), "repo_info"),
+    ("GET", re.compile(rf"/api/models/{_REPO}/commits/(?P<rev>[^/]+)"), "repo_commits"),
     (
         "GET",
         re.compile(rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<folder>.+))?"),
@@ -203,8 +214,10 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                 return self._store_upload(path)
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             fault = hub.take_fault(method, path)
-            if fault is not None and fault.status is not None:
-                return self._reply(fault.status, {"error": "fault injected by the test"})
+            if fault is not None and fault.status is not None and not fault.after_handling:
+                return self._reply(
+                    fault.status, {"error": "fault injected by the test"}, fault.headers
+                )
             self.fault = fault
             public = _PUBLIC.fullmatch(path)
             if not public and self.headers.get("Authorization") != f"Bearer {hub.token}":
@@ -217,6 +230,11 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
             self._reply(404, {"error": f"fake hub: no route for {method} {path}"})
 
         def _reply(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            fault = getattr(self, "fault", None)
+            if fault is not None and fault.after_handling and fault.status is not None:
+                self.fault = None  # the request was carried out; its reply is lost
+                status, payload = fault.status, {"error": "fault injected by the test"}
+                headers = fault.headers
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -239,13 +257,41 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                 return None
             return served
 
-        def repo_info(self, body: bytes, repo: str, rev: str) -> None:
+        def repo_info(self, body: bytes, repo: str, rev: str = "main") -> None:
+            if repo in hub.repos and repo not in hub.served:  # an uploaded repo: its branch head
+                history = hub.repos[repo].history.get(unquote(rev))
+                if history is None:
+                    return self._reply(
+                        404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"}
+                    )
+                info = {"id": repo, "modelId": repo, "sha": history[0][0]}
+                # huggingface_hub < 0.25 requires these too.
+                info |= {"private": bool(hub.repos[repo].private), "downloads": 0, "likes": 0}
+                return self._reply(200, {**info, "tags": []})
             served = self._served(repo, rev)
             if served is not None:
                 siblings = [{"rfilename": name} for name in served.files]
                 self._reply(
                     200, {"id": repo, "modelId": repo, "sha": served.commit, "siblings": siblings}
                 )
+
+        def repo_commits(self, body: bytes, repo: str, rev: str) -> None:
+            history = hub.repos[repo].history.get(unquote(rev))
+            if history is None:
+                return self._reply(
+                    404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"}
+                )
+            commits = [
+                {
+                    "id": oid,
+                    "title": title,
+                    "message": "",
+                    "authors": [{"user": "test"}],
+                    "date": "2026-01-01T00:00:00.000Z",
+                }
+                for oid, title in history
+            ]
+            self._reply(200, commits)
 
         def _branch(self, repo: str, rev: str) -> dict[str, bytes] | None:
             """The files of an uploaded repo's branch (404 and None when there is none)."""
@@ -439,6 +485,8 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                 return self._reply(409, {"error": "Reference already exists"})
             starting_point = json.loads(body or b"{}").get("startingPoint") or "main"
             branches[branch] = dict(branches[starting_point])
+            history = hub.repos[repo].history
+            history[branch] = list(history.get(starting_point, history["main"]))
             self._reply(200, {})
 
         def delete_branch(self, body: bytes, repo: str, branch: str) -> None:
@@ -446,6 +494,7 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
             if hub.repos[repo].branches.pop(branch, None) is None:
                 return self._reply(404, {"error": "Invalid rev id"})
             hub.repos[repo].deleted_branches.append(branch)
+            hub.repos[repo].history.pop(branch, None)
             self._reply(200, {})
 
         def preupload(self, body: bytes, repo: str, rev: str) -> None:
@@ -490,6 +539,12 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                     hub.refuse_commits_with, {"error": "commits refused by the test"}
                 )
             branch = unquote(rev)
+            history = hub.repos[repo].history.setdefault(branch, [("0" * 40, "initial commit")])
+            header = json.loads(body.decode().splitlines()[0])["value"]
+            if header.get("parentCommit") not in (None, history[0][0]):
+                return self._reply(
+                    412, {"error": "A commit has happened since. Please refresh and try again."}
+                )
             files = hub.repos[repo].branches.setdefault(branch, {})
             for line in body.decode().splitlines():
                 entry = json.loads(line)
@@ -502,7 +557,8 @@ def start_fake_hub(port: int = 0) -> tuple[ThreadingHTTPServer, FakeHub]:
                 elif entry["key"] == "lfsFile":
                     files[value["path"]] = hub.lfs_objects[value["oid"]]
                     hub.repos[repo].lfs_oids[value["path"]] = value["oid"]
-            oid = hashlib.sha1(body).hexdigest()
+            oid = hashlib.sha1(body + history[0][0].encode()).hexdigest()
+            history.insert(0, (oid, header["summary"]))
             self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid})
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
