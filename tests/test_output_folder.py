@@ -61,7 +61,7 @@ PROMPT_TEXT = "w1 <extra_0> w17 newword3 w200 <extra_7> newword7 w5 <extra_2> w9
 HANDMADE_LORA_MODULES = 4
 SUMMARY_PATTERN = re.compile(
     r"merged (\d+) LoRA modules into (\d+) tensors \((\d+) copied unchanged[^)]*\), "
-    r"wrote .+? in (\d+) shard\(s\) to (.+) in [\d.]+ s"
+    r"wrote .+? in (\d+) shard\(s\) to (.+) in [\d.]+ s \([\d.]+ GB/s, \d+ thread\(s\)\)"
 )
 
 
@@ -497,6 +497,8 @@ def test_json_summary_is_one_object_consistent_with_out(handmade_inputs, tmp_pat
         "warnings",
         "pushed_to",
         "commit_url",
+        "threads",
+        "gb_per_second",
     }
     base_tensors = read_safetensors_directory(base)
     out_tensors, out_shards = out_contents(out)
@@ -515,6 +517,8 @@ def test_json_summary_is_one_object_consistent_with_out(handmade_inputs, tmp_pat
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == summary["bytes_written"]
     assert isinstance(summary["seconds"], float) and summary["seconds"] >= 0
+    assert isinstance(summary["threads"], int) and summary["threads"] >= 1
+    assert isinstance(summary["gb_per_second"], float) and summary["gb_per_second"] >= 0
     # Not quiet: the human summary still goes to stderr, never to stdout.
     assert SUMMARY_PATTERN.search(result.stderr), result.stderr
 
