@@ -18,6 +18,14 @@ Usage::
     .venv/bin/python benchmarks/bench_native_formats.py --workdir .bench/native
     .venv/bin/python benchmarks/bench_native_formats.py --workdir /data/native \\
         --deepseek-shape deepseek-v3 --layers 3 --gpt-oss-shape gpt-oss-20b --repeats 1
+
+The real widths on a small disk (4.5 GB of inputs; decoding timed at the rows
+the released models have, with fewer experts, layers and a small vocabulary)::
+
+    .venv/bin/python benchmarks/bench_native_formats.py --workdir .bench/widths \\
+        --deepseek-shape deepseek-v3-widths --layers 1 \\
+        --gpt-oss-shape gpt-oss-20b-widths --gpt-oss-layers 1 \\
+        --int-shape llama-8b --int-layers 1 --skip-native
 """
 
 from __future__ import annotations
@@ -49,12 +57,17 @@ class Case:
     save_method: str = "merged_16bit"
     baseline: Case | None = None
     walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
     output_bytes: int = 0
 
     @property
     def wall(self) -> float:
         return statistics.median(self.walls)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpus)
 
 
 def build(
@@ -74,13 +87,13 @@ def cases(args: argparse.Namespace) -> list[Case]:
         ("gpt-oss, MXFP4 experts", args.gpt_oss_shape, "mxfp4"),
     )
     for family, shape, quantized in () if args.only_int else families:
-        # --layers is the DeepSeek slice's; gpt-oss keeps its shape's own layer count.
-        layers = args.layers if quantized == "fp8" else None
+        layers = args.layers if quantized == "fp8" else args.gpt_oss_layers
         plain = build(shape, layers, "bf16", args.workdir)
         packed = build(shape, layers, quantized, args.workdir)
         baseline = Case(family, "bf16 base", Path(plain["base"]), Path(plain["adapter"]))
         found.append(baseline)
-        for method in ("merged_16bit", "merged_native"):
+        methods = ("merged_16bit",) if args.skip_native else ("merged_16bit", "merged_native")
+        for method in methods:
             label = f"{quantized} base -> {'bf16' if method == 'merged_16bit' else quantized}"
             found.append(
                 Case(family, label, Path(packed["base"]), Path(packed["adapter"]), method, baseline)
@@ -110,6 +123,7 @@ def run(case: Case, args: argparse.Namespace, index: int) -> None:
     if not figures.succeeded:
         raise SystemExit(f"{case.label}: {figures.last_stderr_line}")
     case.walls.append(figures.wall_s)
+    case.cpus.append(figures.cpu_s)
     case.rss.append(figures.max_rss_bytes)
     case.output_bytes = tree_size_bytes(out)
     shutil.rmtree(out)
@@ -117,13 +131,16 @@ def run(case: Case, args: argparse.Namespace, index: int) -> None:
 
 def table(found: list[Case]) -> str:
     lines = [
-        "| model | run | wall (median) | vs bf16 merge | peak RSS | output |",
-        "|---|---|---|---|---|---|",
+        "| model | run | wall (median) | vs bf16 merge | CPU-s (median) | CPU-s vs bf16 "
+        "| peak RSS | output |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for case in found:
         ratio = "1.00x" if case.baseline is None else f"{case.wall / case.baseline.wall:.2f}x"
+        cpu_ratio = "1.00x" if case.baseline is None else f"{case.cpu / case.baseline.cpu:.2f}x"
         lines.append(
             f"| {case.family} | {case.label} | {case.wall:.2f} s | {ratio} | "
+            f"{case.cpu:.2f} s | {cpu_ratio} | "
             f"{max(case.rss) / 2**20:.0f} MiB | {case.output_bytes / 2**20:.0f} MiB |"
         )
     return "\n".join(lines)
@@ -136,10 +153,16 @@ def main() -> int:
     parser.add_argument("--gpt-oss-shape", default="gpt-oss-mini")
     parser.add_argument("--layers", type=int, default=4, help="DeepSeek MoE layers")
     parser.add_argument(
+        "--gpt-oss-layers", type=int, default=None, help="gpt-oss layers (default: the shape's)"
+    )
+    parser.add_argument(
         "--int-shape", default="llama-1b", help="synthetic_int_checkpoints.py shape, or none"
     )
     parser.add_argument("--int-layers", type=int, default=4)
     parser.add_argument("--only-int", action="store_true", help="skip the FP8 and MXFP4 families")
+    parser.add_argument(
+        "--skip-native", action="store_true", help="merge to 16-bit only (no merged_native runs)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 SHAPES = {
     # TinyLlama-1.1B's widths, a few layers.
     "llama-1b": {"hidden": 2048, "intermediate": 5632, "heads": 32, "kv_heads": 4, "vocab": 8192},
+    # Llama-3.1-8B's widths (take --layers 1: 0.1 GB INT4, 0.4 GB bf16 a layer), small vocabulary.
+    "llama-8b": {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 8192},
     "llama-mini": {"hidden": 512, "intermediate": 1408, "heads": 8, "kv_heads": 2, "vocab": 1024},
 }
 FORMATS = ("bf16", "compressed-tensors", "gptq", "awq")

@@ -117,7 +117,14 @@ SHAPES: dict[str, DeepSeekShape | GptOssShape] = {
         expert_width=256,
         vocab=4096,
     ),
+    # The real widths (every projection as released) with 8 routed experts instead of 256 and
+    # a small vocabulary: a layer is 0.6 GB of FP8 (1.2 GB as bf16), so the benchmark times
+    # decoding at the real row widths on a laptop's disk.
+    "deepseek-v3-widths": DeepSeekShape(experts=8, vocab=4096),
     "gpt-oss-20b": GptOssShape(),
+    # gpt-oss-20b's widths and 32 experts with a small vocabulary (take --layers 1: 0.4 GB
+    # of MXFP4, 1.6 GB as bf16, a layer).
+    "gpt-oss-20b-widths": GptOssShape(vocab=4096),
     "gpt-oss-mini": GptOssShape(
         hidden=512,
         layers=2,
