@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from lora_merge.compute.dequantize import DequantizeWorkspace
+
 MXFP4_BLOCK = 32  # values per E8M0 scale
 MXFP4_BYTES_PER_BLOCK = MXFP4_BLOCK // 2
 E8M0_BIAS = 127
@@ -43,14 +45,17 @@ E2M1_VALUES = (
 )
 
 
-def e2m1_pair_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """256 int64 values, each the bits of the two float32 values a byte holds, low nibble first.
+def e2m1_nibble_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """512 float32 values: entry ``b`` is the E2M1 value of byte ``b``'s low nibble, entry
+    ``256 + b`` that of its high nibble.
 
-    One ``index_select`` over it unpacks and decodes a byte (as the NF4 path does).
+    Decoding the *transpose* of a packed matrix (:func:`dequantize_mxfp4_transposed`) puts
+    a byte's two values in two different output rows, so a table of pairs (one gather
+    writing both) does not fit; one gather over this table, at ``b`` or ``256 + b``,
+    writes each value where it belongs.
     """
     values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
-    pairs = torch.stack((values.repeat(16), values.repeat_interleave(16)), dim=1)
-    return pairs.contiguous().view(torch.int64).reshape(-1)
+    return torch.cat((values.repeat(16), values.repeat_interleave(16)))
 
 
 def e8m0_scale_table(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -65,35 +70,60 @@ def has_nan_scale(scales: torch.Tensor) -> bool:
     return bool((scales == E8M0_NAN).any())
 
 
-def dequantize_mxfp4(
+def dequantize_mxfp4_transposed(
     blocks: torch.Tensor,
-    scales: torch.Tensor,
-    pair_table: torch.Tensor,
-    scale_table: torch.Tensor,
-    values: torch.Tensor | None = None,
+    exponents: torch.Tensor,
+    start: int,
+    stop: int,
+    out: torch.Tensor,
+    workspace: DequantizeWorkspace | None = None,
 ) -> torch.Tensor:
-    """Rows of MXFP4 to float32: ``e2m1(code) * 2 ** (scale - 127)``.
+    """Rows ``start:stop`` of the transpose of an MXFP4 matrix, rounded to ``out``'s dtype.
+
+    The values of the format, transposed (``e2m1(code) * 2 ** (e - 127)``,
+    exact in float32, rounded once), decoded straight into the layout transformers gives
+    gpt-oss' experts: the band's packed bytes (half a byte a value) are transposed, not its
+    decoded values, and a band decodes its own values only, not every 32-value block it
+    touches.
 
     Args:
-        blocks: uint8 ``(rows, groups, 16)``.
-        scales: uint8 ``(rows, groups)``.
-        pair_table: :func:`e2m1_pair_table` on the same device.
-        scale_table: :func:`e8m0_scale_table` on the same device.
-        values: float32 ``rows * groups * 32`` elements to write into; None: fresh memory.
+        blocks: uint8 ``(n, k / 2)``: ``n`` stored rows of ``k`` values, element ``2j`` of
+            a row in the low nibble of its byte ``j``, ``2j + 1`` in the high nibble.
+        exponents: uint8 ``(n, k / 32)``, the rows' E8M0 exponents.
+        start / stop: the rows of the transpose (elements of each stored row) to decode.
+        out: ``(stop - start, n)`` of the dtype to round to.
+        workspace: the calling thread's buffers (the band's bytes, int32 indices, float32
+            values: ``stop - start + 2`` rows of ``n`` each at most) and tables; None: fresh.
 
     Returns:
-        float32 ``(rows, groups * 32)``.
+        ``out``.
     """
-    rows, groups = scales.shape
-    count = rows * groups * MXFP4_BLOCK
-    if values is None:
-        values = torch.empty(count, dtype=torch.float32, device=blocks.device)
-    indices = blocks.reshape(-1).to(torch.int32)
-    torch.index_select(pair_table, 0, indices, out=values.view(torch.int64))
-    block_scales = torch.index_select(scale_table, 0, scales.reshape(-1).to(torch.int32))
-    grouped = values.view(rows * groups, MXFP4_BLOCK)
-    grouped.mul_(block_scales.view(-1, 1))
-    return values.view(rows, groups * MXFP4_BLOCK)
+    if workspace is None:
+        workspace = DequantizeWorkspace(blocks.device)
+    nibble_table = workspace.table("mxfp4.nibbles", lambda: e2m1_nibble_table(blocks.device))
+    scale_table = workspace.table("mxfp4.scales", lambda: e8m0_scale_table(blocks.device))
+    columns = blocks.shape[0]
+    first_byte, last_byte = start // 2, -(-stop // 2)
+    pairs = last_byte - first_byte
+    band = workspace.buffer("mxfp4_band_bytes", pairs * columns, torch.uint8).view(pairs, columns)
+    band.copy_(blocks[:, first_byte:last_byte].t())
+    index = workspace.buffer("mxfp4_indices", 2 * pairs * columns, torch.int32)
+    index = index.view(pairs, 2, columns)
+    index.copy_(band.unsqueeze(1).expand(pairs, 2, columns))
+    index[:, 1].add_(256)  # the high nibble's half of the table
+    decoded = workspace.buffer("mxfp4_values", 2 * pairs * columns, torch.float32)
+    torch.index_select(nibble_table, 0, index.view(-1), out=decoded)
+    decoded = decoded.view(2 * pairs, columns)
+    first = 2 * first_byte
+    row = start
+    while row < stop:  # runs of rows that share a column of exponents
+        group = row // MXFP4_BLOCK
+        end = min(stop, (group + 1) * MXFP4_BLOCK)
+        scales = torch.index_select(scale_table, 0, exponents[:, group].to(torch.int32))
+        # The float32 product, rounded once to out's dtype as it is stored.
+        torch.mul(decoded[row - first : end - first], scales, out=out[row - start : end - start])
+        row = end
+    return out
 
 
 # Significand bits of the dtypes compressed-tensors rounds group maxima in (its

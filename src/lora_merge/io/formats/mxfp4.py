@@ -11,18 +11,17 @@ layout of its ``GptOssExperts`` parameters, ``(experts, in, out)``
 (``integrations/mxfp4.py::_convert_moe_packed_tensors``): that is the logical
 tensor here, the one a PEFT adapter on gpt-oss targets.
 
-A logical row is one expert. It is decoded a run of stored rows at a time
-(:data:`MXFP4_CHUNK_ELEMENTS` values), straight from the bytes that hold them,
-and written transposed into the output, so no expert is ever held packed and
-unpacked at once beyond its output rows.
-
-An expert is tens of MB decoded (gpt-oss-20b's ``gate_up_proj``: 33 MB of
-bf16), more than a tile, so the stream reads it a band of logical rows at a
-time (:meth:`Mxfp4Weight.read_subrows`). A band of logical rows is a band of
-stored *columns*: a few 16-byte blocks of every stored row. Reading those bytes
-row by row costs a read call per stored row per band, so each thread keeps the
-expert's packed bytes and exponents (17 bits per value, 8.8 MB for gpt-oss-20b)
-while it reads the expert's bands, and decodes only the blocks each band covers.
+A logical row is one expert, tens of MB decoded (gpt-oss-20b's ``gate_up_proj``:
+33 MB of bf16), more than a tile, so the stream reads it a band of logical rows
+at a time (:meth:`Mxfp4Weight.read_subrows`). A band of logical rows is a band of
+stored *columns*: a few bytes of every stored row. Reading those bytes row by row
+costs a read call per stored row per band, so each thread reads the expert's
+packed bytes and exponents once (17 bits per value, 8.8 MB for gpt-oss-20b) and
+keeps them while it reads the expert's bands (whole experts too: a tile that
+holds experts reads each of them so). Each band is decoded
+(:func:`~lora_merge.compute.mxfp4.dequantize_mxfp4_transposed`) a chunk of
+:data:`MXFP4_CHUNK_ELEMENTS` values at a time, straight into the transposed
+layout: only the band's values, its bytes transposed rather than its decoded values.
 """
 
 from __future__ import annotations
@@ -36,9 +35,7 @@ import torch
 from lora_merge.compute.mxfp4 import (
     MXFP4_BLOCK,
     MXFP4_BYTES_PER_BLOCK,
-    dequantize_mxfp4,
-    e2m1_pair_table,
-    e8m0_scale_table,
+    dequantize_mxfp4_transposed,
     has_nan_scale,
     quantize_mxfp4,
 )
@@ -51,7 +48,6 @@ BLOCKS_SUFFIX = "_blocks"
 SCALES_SUFFIX = "_scales"
 # Values decoded at once (1 MiB of float32), whatever the expert's size.
 MXFP4_CHUNK_ELEMENTS = 2**18
-_TABLES_MEMO = "mxfp4.tables"
 _EXPERT_MEMO = "mxfp4.expert"
 
 
@@ -84,77 +80,52 @@ class Mxfp4Weight:
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Experts ``start:stop``, ``(stop - start, in, out)``, as transformers dequantizes them."""
         _, columns, rows = self.shape  # stored rows are the logical columns
-        groups = columns // MXFP4_BLOCK
         out = stored.output((stop - start) * columns * rows, self.dtype)
         if out is None:
             out = torch.empty(
                 (stop - start) * columns * rows, dtype=self.dtype, device=stored.device
             )
         result = out.view(stop - start, columns, rows)
-        pair_table, scale_table = self._tables(stored)
-        chunk = max(1, MXFP4_CHUNK_ELEMENTS // columns)
-        values = stored.workspace.buffer("mxfp4_values", min(chunk, rows) * columns, torch.float32)
         for expert in range(start, stop):
-            for low in range(0, rows, chunk):
-                high = min(rows, low + chunk)
-                first_row = expert * rows + low
-                blocks = stored.byte_range(
-                    self.blocks,
-                    first_row * groups * MXFP4_BYTES_PER_BLOCK,
-                    (expert * rows + high) * groups * MXFP4_BYTES_PER_BLOCK,
-                    "mxfp4_blocks",
-                )
-                scales = stored.byte_range(
-                    self.scales, first_row * groups, (expert * rows + high) * groups, "mxfp4_scales"
-                ).view(high - low, groups)
-                if has_nan_scale(scales):
-                    raise InvalidInputError(
-                        f"BASE tensor {self.scales.name!r} holds the E8M0 NaN exponent (255): "
-                        "the MXFP4 checkpoint is corrupt (re-download it)"
-                    )
-                decoded = dequantize_mxfp4(
-                    blocks.view(high - low, groups, MXFP4_BYTES_PER_BLOCK),
-                    scales,
-                    pair_table,
-                    scale_table,
-                    values[: (high - low) * columns],
-                )
-                result[expert - start, :, low:high].copy_(decoded.t())
+            self._decode(stored, expert, 0, columns, result[expert - start])
         return result
 
     def read_subrows(self, stored: StoredRows, expert: int, start: int, stop: int) -> torch.Tensor:
         """Logical rows ``start:stop`` of one expert, ``(stop - start, out)``, bit for bit
-        those of :meth:`read_rows` (the decoding is per value; only the blocks the band
-        covers are decoded)."""
+        those of :meth:`read_rows` (the decoding is per value)."""
         rows = self.shape[2]
-        first_group, last_group = start // MXFP4_BLOCK, -(-stop // MXFP4_BLOCK)
-        width = (last_group - first_group) * MXFP4_BLOCK
-        skip = start - first_group * MXFP4_BLOCK
-        blocks, scales = self._expert_codes(stored, expert)
         out = stored.output((stop - start) * rows, self.dtype)
         if out is None:
             out = torch.empty((stop - start) * rows, dtype=self.dtype, device=stored.device)
         result = out.view(stop - start, rows)
-        pair_table, scale_table = self._tables(stored)
-        chunk = max(1, MXFP4_CHUNK_ELEMENTS // width)
-        values = stored.workspace.buffer("mxfp4_values", min(chunk, rows) * width, torch.float32)
-        for low in range(0, rows, chunk):
-            high = min(rows, low + chunk)
-            decoded = dequantize_mxfp4(
-                blocks[low:high, first_group:last_group],
-                scales[low:high, first_group:last_group],
-                pair_table,
-                scale_table,
-                values[: (high - low) * width],
-            )
-            result[:, low:high].copy_(decoded[:, skip : skip + stop - start].t())
+        self._decode(stored, expert, start, stop, result)
         return result
+
+    def _decode(
+        self, stored: StoredRows, expert: int, start: int, stop: int, out: torch.Tensor
+    ) -> None:
+        """Logical rows ``start:stop`` of one expert into ``out``, a chunk of
+        :data:`MXFP4_CHUNK_ELEMENTS` values at a time."""
+        blocks, scales = self._expert_codes(stored, expert)
+        rows = self.shape[2]
+        chunk = max(2, MXFP4_CHUNK_ELEMENTS // rows)
+        for low in range(start, stop, chunk):
+            high = min(stop, low + chunk)
+            dequantize_mxfp4_transposed(
+                blocks.view(rows, -1),
+                scales,
+                low,
+                high,
+                out[low - start : high - start],
+                stored.workspace,
+            )
 
     def _expert_codes(self, stored: StoredRows, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's blocks ``(out, in / 32, 16)`` and exponents ``(out, in / 32)``, read
         once for all of its bands and kept in the thread's workspace until the next expert."""
-        held = stored.memo.get(_EXPERT_MEMO)
+        held = stored.memo.pop(_EXPERT_MEMO, None)  # its buffers are about to be rewritten
         if isinstance(held, tuple) and held[0] == (self.blocks.name, expert):
+            stored.memo[_EXPERT_MEMO] = held
             return held[1], held[2]
         _, columns, rows = self.shape
         groups = columns // MXFP4_BLOCK
@@ -175,14 +146,6 @@ class Mxfp4Weight:
             )
         stored.memo[_EXPERT_MEMO] = ((self.blocks.name, expert), blocks, scales)
         return blocks, scales
-
-    @staticmethod
-    def _tables(stored: StoredRows) -> tuple[torch.Tensor, torch.Tensor]:
-        tables = stored.memo.get(_TABLES_MEMO)
-        if not isinstance(tables, tuple):
-            tables = (e2m1_pair_table(stored.device), e8m0_scale_table(stored.device))
-            stored.memo[_TABLES_MEMO] = tables
-        return tables
 
 
 class Mxfp4Format:
@@ -228,18 +191,17 @@ class Mxfp4Format:
     def workspace_bound(
         self, tile_elements: int, device: torch.device, row_elements: int = 0
     ) -> int:
-        """One chunk of stored rows (at least one row: a tile has at least one expert, so a
-        row is at most ``tile_elements``): its bytes, scales, int32 indices and float32
-        values; off the CPU, the expert rows themselves.
-
-        Read in bands (:meth:`Mxfp4Weight.read_subrows`, ``row_elements``: the widest
-        expert), the expert's packed bytes and exponents too (17 bits a value), and a
-        band's blocks are decoded whole: a band may start and end inside a block, up to
-        two blocks more than its values (a band is at most ``tile_elements`` values wide).
-        """
-        chunk = max(MXFP4_CHUNK_ELEMENTS, tile_elements + 2 * MXFP4_BLOCK)
-        held = chunk // 2 + chunk // MXFP4_BLOCK + 4 * (chunk // 2) + 4 * chunk + 4 * 256 * 2
-        held += row_elements // 2 + row_elements // MXFP4_BLOCK
+        """One expert's packed bytes and exponents (17 bits a value; an expert is at most
+        ``tile_elements`` read whole, ``row_elements`` read in bands), and one chunk of
+        decoding: its bytes, int32 indices and float32 values (8.5 bytes a value) for at
+        most :data:`MXFP4_CHUNK_ELEMENTS` values and two rows more (a chunk has at least
+        two rows and may start and end inside a byte; an expert has 32 values or more a
+        row, so a row is at most ``expert / 32`` values), a row of scales and their
+        indices, the 3 KiB tables; off the CPU, the expert rows themselves."""
+        expert = max(tile_elements, row_elements)
+        row = expert // MXFP4_BLOCK
+        held = expert // 2 + expert // MXFP4_BLOCK
+        held += 17 * (max(MXFP4_CHUNK_ELEMENTS, 2 * row) + 2 * row) // 2 + 8 * row + 3 * 1024
         if device.type != "cpu":
             held += 4 * tile_elements
         return held
