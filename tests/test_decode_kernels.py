@@ -1,5 +1,11 @@
 """The fast decoding kernels against the format libraries' own decoders, on every code.
 
+``dequantize_fp8_blocks`` looks codes up two at a time (their bytes as one uint16) where it
+can, one at a time where it cannot (an odd width, an odd start); both are checked against
+transformers' ``Fp8Dequantize`` on every pair of adjacent codes (NaN codes, subnormals, the
+largest values, E5M2's infinities included) under a different scale per block, and on
+partial edge blocks against the float64 decoding of ``native_formats.py``.
+
 ``dequantize_mxfp4_transposed`` decodes a band of an MXFP4 matrix straight into the
 transposed layout transformers gives gpt-oss' experts; the oracle is transformers'
 ``convert_moe_packed_tensors`` (itself checked against a float64 decoding of the format in
@@ -14,10 +20,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from native_formats import dequantize_fp8_blocks_float64
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge.compute.dequantize import DequantizeWorkspace
+from lora_merge.compute.fp8 import dequantize_fp8_blocks
 from lora_merge.compute.mxfp4 import dequantize_mxfp4_transposed
+
+FP8_BLOCK = (128, 128)
 
 # One stored row per finite exponent, each holding every byte once (16 blocks of 32
 # values), rotated by the row so that a byte sits at a different position in each row.
@@ -51,3 +62,46 @@ def test_mxfp4_transposed_bands_are_transformers_dequantization_bit_for_bit(dtyp
         out = torch.full((stop - start, ROWS), float("nan"), dtype=dtype)
         dequantize_mxfp4_transposed(packed, exponents, start, stop, out, workspace)
         assert torch.equal(bits(out), bits(expected[start:stop])), (dtype, start, stop)
+
+
+def every_code_pair(codes_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(256, 512) codes where row ``a`` holds the pairs ``(a, b)`` for every ``b`` at columns
+    ``2b, 2b + 1``, and a scale per 128 x 128 block (one of them a power of two, one tiny)."""
+    first = torch.arange(256).view(256, 1).expand(256, 256)
+    second = torch.arange(256).view(1, 256).expand(256, 256)
+    pairs = torch.stack((first, second), dim=-1).reshape(256, 512).to(torch.uint8)
+    scales = torch.tensor([[1.0, 0.3, 2.0**-20, 7.5], [1e-4, 3.0, 0.5, 1.7]])
+    return pairs.view(codes_dtype), scales
+
+
+@pytest.mark.parametrize("codes_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_pairs_and_single_codes_are_transformers_dequantization_bit_for_bit(codes_dtype, dtype):
+    codes, scales = every_code_pair(codes_dtype)
+    expected = Fp8Dequantize(None)._dequantize_one(codes, scales, dtype)
+    assert bool(torch.isnan(expected).any())
+    workspace = DequantizeWorkspace()
+    # The same codes one byte into their storage: no uint16 view, one code at a time.
+    shifted = torch.empty(codes.numel() + 1, dtype=codes_dtype)[1:].view(codes.shape)
+    shifted.copy_(codes)
+    for stored in (codes, shifted):
+        for first in (0, 100):  # a run of rows from inside a block row
+            out = torch.empty(256 - first, 512, dtype=dtype)
+            got = dequantize_fp8_blocks(
+                stored[first:], scales, FP8_BLOCK, first, dtype, out, workspace
+            )
+            assert torch.equal(bits(got), bits(expected[first:])), (stored is codes, first)
+
+
+@pytest.mark.parametrize("columns", [200, 201])
+def test_fp8_partial_blocks_are_the_float64_decoding(columns):
+    """Rows and columns ending inside a block (an odd width: one code at a time). NaN codes
+    give NaN (their payload through float64 is not the oracle's to say)."""
+    codes, _ = every_code_pair(torch.float8_e4m3fn)
+    codes = codes[:130, :columns]
+    scales = torch.rand(2, 2, generator=torch.Generator().manual_seed(3)) + 0.25
+    exact = dequantize_fp8_blocks_float64(codes, scales, FP8_BLOCK).float()
+    got = dequantize_fp8_blocks(codes, scales, FP8_BLOCK, 0, torch.float32)
+    nan = torch.isnan(exact)
+    assert bool(nan.any()) and torch.equal(torch.isnan(got), nan)
+    assert torch.equal(bits(got[~nan]), bits(exact[~nan]))
