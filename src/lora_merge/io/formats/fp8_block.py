@@ -168,12 +168,12 @@ class Fp8BlockFormat:
         """A tile's codes (a byte per weight) and the scales that cover it: ``rows + 2``
         for a scale per row, at most ``(rows / 16 + 2) * (cols / 16 + 1)`` with blocks of at
         least 16 a side, under ``tile_elements + 2`` float32 either way; one chunk (or one
-        row) of int32 indices and float32 values; the 1 KiB value table; off the CPU, the
-        rows themselves."""
+        row) of int32 indices and float32 values; the value tables (1 KiB one code at a time,
+        512 KiB two at a time); off the CPU, the rows themselves."""
         codes = tile_elements
         scales = 4 * (tile_elements + 2)
         chunk = 8 * max(FP8_CHUNK_ELEMENTS, tile_elements)
-        held = codes + scales + chunk + 1024
+        held = codes + scales + chunk + 1024 + 8 * 2**16
         if device.type != "cpu":
             held += 4 * tile_elements
         return held
