@@ -6,6 +6,11 @@ transformers' ``Fp8Dequantize`` on every pair of adjacent codes (NaN codes, subn
 largest values, E5M2's infinities included) under a different scale per block, and on
 partial edge blocks against the float64 decoding of ``native_formats.py``.
 
+``four_bit_codes`` (GPTQ's words, transposed as words) and ``four_bit_codes_transposed``
+(AWQ's, transposed as bytes) unpack 4-bit codes as float32 by table lookups; the oracle is
+compressed-tensors' ``unpack_from_int32`` (the first code of a word in its lowest bits, as
+GPTQ and AWQ pack too), on words holding every byte at every position, negative words too.
+
 ``dequantize_mxfp4_transposed`` decodes a band of an MXFP4 matrix straight into the
 transposed layout transformers gives gpt-oss' experts; the oracle is transformers'
 ``convert_moe_packed_tensors`` (itself checked against a float64 decoding of the format in
@@ -20,12 +25,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from native_formats import dequantize_fp8_blocks_float64
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge.compute.dequantize import DequantizeWorkspace
 from lora_merge.compute.fp8 import dequantize_fp8_blocks
+from lora_merge.compute.integer_dequantize import four_bit_codes, four_bit_codes_transposed
 from lora_merge.compute.mxfp4 import dequantize_mxfp4_transposed
 
 FP8_BLOCK = (128, 128)
@@ -105,3 +112,18 @@ def test_fp8_partial_blocks_are_the_float64_decoding(columns):
     nan = torch.isnan(exact)
     assert bool(nan.any()) and torch.equal(torch.isnan(got), nan)
     assert torch.equal(bits(got[~nan]), bits(exact[~nan]))
+
+
+def test_four_bit_codes_are_compressed_tensors_unpacking():
+    rows, words = 256, 5
+    as_bytes = (torch.arange(words * 4)[None, :] + torch.arange(rows)[:, None] * 3) % 256
+    packed = as_bytes.to(torch.uint8).contiguous().view(torch.int32)  # (rows, words)
+    assert bool((packed < 0).any())
+    # compressed-tensors returns the codes less 2 ** (bits - 1), as int8.
+    expected = unpack_from_int32(packed, 4, torch.Size((rows, words * 8))).to(torch.int32) + 8
+    indices = torch.empty(rows * words * 8, dtype=torch.int32)
+    got = four_bit_codes(packed, torch.empty(rows, words * 8), indices)
+    assert torch.equal(got, expected.float())
+    band = torch.empty(rows * words * 4, dtype=torch.uint8)
+    got = four_bit_codes_transposed(packed, torch.empty(words * 8, rows), band, indices)
+    assert torch.equal(got, expected.t().float())

@@ -130,6 +130,80 @@ def unpack_awq_codes(packed: torch.Tensor) -> torch.Tensor:
     return codes.unflatten(-1, (-1, 8)).index_select(-1, order).flatten(-2)
 
 
+def four_bit_pair_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """256 int64 values: entry ``b`` holds the bits of the float32 pair ``(b & 15, b >> 4)``,
+    the two 4-bit codes of byte ``b``, the lower first (the first code of a word is lowest)."""
+    codes = torch.arange(16, dtype=torch.float32, device=device)
+    pairs = torch.stack((codes.repeat(16), codes.repeat_interleave(16)), dim=1)
+    return pairs.contiguous().view(torch.int64).reshape(-1)
+
+
+def four_bit_nibble_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """512 float32 values: entry ``b`` is ``b & 15``, entry ``256 + b`` is ``b >> 4``.
+
+    For codes unpacked into the transpose of their matrix, where a byte's two codes land in
+    two rows and a table of pairs cannot write them (see :func:`four_bit_codes_transposed`).
+    """
+    codes = torch.arange(16, dtype=torch.float32, device=device)
+    return torch.cat((codes.repeat(16), codes.repeat_interleave(16)))
+
+
+def four_bit_codes(packed: torch.Tensor, out: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """:func:`unpack_codes` of 4-bit codes, as float32 values: one gather per byte.
+
+    The same codes in the same order, written as float32 (exact: integers below 16) by one
+    lookup of each byte in :func:`four_bit_pair_table`, where unpacking them (two shifts and
+    masks of every byte) and converting them to float32 takes three passes (measured: 3x
+    slower on one core).
+
+    Args:
+        packed: int32 ``(rows, words)``.
+        out: float32 ``(rows, words * 8)``, contiguous.
+        indices: int32 scratch of at least ``rows * words * 4`` elements.
+
+    Returns:
+        ``out``.
+    """
+    as_bytes = _word_bytes(packed).reshape(-1)
+    index = indices[: as_bytes.numel()]
+    index.copy_(as_bytes)
+    table = four_bit_pair_table(packed.device)
+    torch.index_select(table, 0, index, out=out.view(-1).view(torch.int64))
+    return out
+
+
+def four_bit_codes_transposed(
+    packed: torch.Tensor, out: torch.Tensor, band: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """The transpose of :func:`unpack_codes` of 4-bit codes, as float32 values.
+
+    Codes packed along the rows of a matrix (AWQ's ``qweight``: a row per input feature,
+    eight output columns a word) come out with the columns as rows, as the output's
+    ``Linear`` rows are: the packed bytes are transposed (half a byte a code), then each
+    byte's low and high codes are looked up in :func:`four_bit_nibble_table` straight into
+    their two rows.
+
+    Args:
+        packed: int32 ``(rows, words)``.
+        out: float32 ``(words * 8, rows)``, contiguous: ``out[c, r]`` is code ``c`` of row ``r``.
+        band: uint8 scratch of at least ``rows * words * 4`` elements.
+        indices: int32 scratch of at least ``rows * words * 8`` elements.
+
+    Returns:
+        ``out``.
+    """
+    rows, words = packed.shape
+    as_bytes = _word_bytes(packed).reshape(rows, words * 4)
+    transposed = band[: rows * words * 4].view(words * 4, rows)
+    transposed.copy_(as_bytes.t())
+    index = indices[: rows * words * 8].view(words * 4, 2, rows)
+    index.copy_(transposed.unsqueeze(1).expand(words * 4, 2, rows))
+    index[:, 1].add_(256)  # the high nibble's half of the table
+    table = four_bit_nibble_table(packed.device)
+    torch.index_select(table, 0, index.view(-1), out=out.view(-1))
+    return out
+
+
 def dequantize_codes(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -146,7 +220,8 @@ def dequantize_codes(
     ``column_groups`` (GPTQ's ``g_idx`` under ``desc_act``), the columns that name it.
 
     Args:
-        codes: ``(rows, columns)`` unsigned codes (any integer dtype).
+        codes: ``(rows, columns)`` unsigned codes (any integer dtype), or as float32
+            values, then overwritten when contiguous.
         scales: ``(rows, groups)``: the scale of each row's groups, from the group of
             column 0 (a caller passing a slice of columns passes the groups from there).
         zeros: ``(rows, groups)`` integer zero points beside ``scales``, or one integer
@@ -162,10 +237,13 @@ def dequantize_codes(
         ``out`` (or a new tensor).
     """
     rows, columns = codes.shape
-    # Row-major whatever the codes' layout (GPTQ/AWQ codes come transposed): the views below
-    # need it.
-    values = torch.empty((rows, columns), dtype=torch.float32, device=codes.device)
-    values.copy_(codes)
+    if codes.dtype == torch.float32 and codes.is_contiguous():
+        values = codes  # codes already unpacked as float32 (four_bit_codes): worked on in place
+    else:
+        # Row-major whatever the codes' layout (GPTQ/AWQ codes come transposed): the views
+        # below need it.
+        values = torch.empty((rows, columns), dtype=torch.float32, device=codes.device)
+        values.copy_(codes)
     if column_groups is not None:
         scales = scales.index_select(1, column_groups)
         if isinstance(zeros, torch.Tensor):

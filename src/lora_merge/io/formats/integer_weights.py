@@ -15,6 +15,8 @@ from lora_merge.compute.integer_dequantize import (
     AWQ_PACK_ORDER,
     AWQ_UNPACK_ORDER,
     dequantize_codes,
+    four_bit_codes,
+    four_bit_codes_transposed,
     unpack_codes,
 )
 from lora_merge.errors import InvalidInputError
@@ -250,6 +252,21 @@ class ColumnPackedWeight:
         contiguous ``(last - first, input features)`` uint8 block: transposed while they are
         bytes, so that the float32 arithmetic runs on contiguous rows."""
         if self.awq_order:
+            if self.bits == 4 and first % 8 == 0 and last % 8 == 0:
+                # Whole words (a band starts and ends on them): transposed as bytes and
+                # unpacked straight into rows of outputs, in the words' column order.
+                words = stored.row_bytes(
+                    self.qweight, start, stop, first // 2, last // 2, f"{self.method}_codes"
+                )
+                words = words.contiguous().view(torch.int32)  # (inputs, count / 8)
+                count = (stop - start) * (last - first)
+                values = stored.workspace.buffer(f"{self.method}_values", count, torch.float32)
+                return four_bit_codes_transposed(
+                    words,
+                    values.view(last - first, stop - start),
+                    stored.workspace.buffer(f"{self.method}_band_bytes", count // 2, torch.uint8),
+                    stored.workspace.buffer(f"{self.method}_indices", count, torch.int32),
+                )
             return (
                 self._codes(stored, self.qweight, start, stop, first, last, f"{self.method}_codes")
                 .t()
@@ -260,6 +277,23 @@ class ColumnPackedWeight:
         )
         words = words.contiguous().view(torch.int32)  # (packed rows, count)
         per_word = 32 // self.bits
+        if self.bits == 4:
+            # Words transposed (4 bytes for 8 codes), then unpacked along the rows.
+            count = last - first
+            transposed = stored.workspace.buffer(
+                f"{self.method}_words", count * (stop - start), torch.int32
+            ).view(count, stop - start)
+            transposed.copy_(words.t())
+            values = stored.workspace.buffer(
+                f"{self.method}_values", count * (stop - start) * per_word, torch.float32
+            )
+            return four_bit_codes(
+                transposed,
+                values.view(count, (stop - start) * per_word),
+                stored.workspace.buffer(
+                    f"{self.method}_indices", count * (stop - start) * 4, torch.int32
+                ),
+            )
         codes = unpack_codes(words, self.bits).view(stop - start, last - first, per_word)
         # Input feature p * per_word + k of output column j: codes[p, j, k].
         return codes.permute(1, 0, 2).reshape(last - first, (stop - start) * per_word)
@@ -289,10 +323,12 @@ def column_packed_workspace_bound(tile_elements: int, device: torch.device) -> i
     """What a thread holds for a GPTQ/AWQ band: the band (float32 at most, at least a tile),
     its scales and zero points (a group has at least :data:`MIN_GROUP_SIZE` values; as
     read, as int32 and float32), and one chunk's codes, float32 values and per-value scales
-    and zeros; off the CPU, the rows handed out."""
+    and zeros; 4-bit codes are unpacked by lookups, with an int32 index per code and the
+    chunk's words or bytes transposed; off the CPU, the rows handed out."""
     band = max(BAND_ELEMENTS, tile_elements) + tile_elements
     held = 4 * band + band // MIN_GROUP_SIZE * (4 + 4 + 4 + 4)
     held += VALUES_CHUNK * (4 + 1 + 4 + 8) + 4 * VALUES_CHUNK  # + the packed words
+    held += VALUES_CHUNK * (4 + 1)  # the lookups' indices, the transposed words or bytes
     if device.type != "cpu":
         held += 4 * tile_elements
     return held
