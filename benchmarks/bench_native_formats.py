@@ -26,6 +26,10 @@ the released models have, with fewer experts, layers and a small vocabulary)::
         --deepseek-shape deepseek-v3-widths --layers 1 \\
         --gpt-oss-shape gpt-oss-20b-widths --gpt-oss-layers 1 \\
         --int-shape llama-8b --int-layers 1 --skip-native
+
+``--compare-src DIR`` also runs every quantized case with ``lora_merge`` imported
+from ``DIR`` (an older checkout's ``src``), in the same interleaved run: before and
+after a change, measured under the same load.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,6 +60,7 @@ class Case:
     adapter: Path
     save_method: str = "merged_16bit"
     baseline: Case | None = None
+    source: Path | None = None  # lora_merge imported from here (--compare-src), else installed
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
@@ -111,6 +116,21 @@ def cases(args: argparse.Namespace) -> list[Case]:
                     family, label, Path(packed["base"]), Path(packed["adapter"]), baseline=baseline
                 )
             )
+    if args.compare_src is not None:
+        # The same quantized runs with another lora_merge (e.g. the code before a change),
+        # interleaved with the others so that a shared machine's load falls on both alike.
+        found += [
+            replace(
+                case,
+                label=f"{case.label} [{args.compare_label}]",
+                source=args.compare_src,
+                walls=[],
+                cpus=[],
+                rss=[],
+            )
+            for case in list(found)
+            if case.baseline is not None
+        ]
     return found
 
 
@@ -119,7 +139,8 @@ def run(case: Case, args: argparse.Namespace, index: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
     argv = [str(REPOSITORY / ".venv/bin/lora-merge"), str(case.base), str(case.adapter), str(out)]
     argv += ["--save-method", case.save_method, "--quiet"]
-    figures = run_measured(argv, child_environment(), args.workdir / f"log-{index}", None, 0)
+    environment = child_environment(case.source)
+    figures = run_measured(argv, environment, args.workdir / f"log-{index}", None, 0)
     if not figures.succeeded:
         raise SystemExit(f"{case.label}: {figures.last_stderr_line}")
     case.walls.append(figures.wall_s)
@@ -163,6 +184,14 @@ def main() -> int:
     parser.add_argument(
         "--skip-native", action="store_true", help="merge to 16-bit only (no merged_native runs)"
     )
+    parser.add_argument(
+        "--compare-src",
+        type=Path,
+        default=None,
+        help="also run each quantized case with lora_merge imported from this src folder "
+        "(e.g. `git archive COMMIT src | tar -x -C DIR`, then DIR/src), interleaved",
+    )
+    parser.add_argument("--compare-label", default="other src", help="its label in the table")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
