@@ -80,11 +80,11 @@ def dequantize_mxfp4_transposed(
 ) -> torch.Tensor:
     """Rows ``start:stop`` of the transpose of an MXFP4 matrix, rounded to ``out``'s dtype.
 
-    The values of the format, transposed (``e2m1(code) * 2 ** (e - 127)``,
-    exact in float32, rounded once), decoded straight into the layout transformers gives
-    gpt-oss' experts: the band's packed bytes (half a byte a value) are transposed, not its
-    decoded values, and a band decodes its own values only, not every 32-value block it
-    touches.
+    Each value is ``e2m1(code) * 2 ** (e - 127)``, exact in float32 and rounded once (see
+    the module docstring), decoded straight into the layout transformers gives gpt-oss'
+    experts: the band's packed bytes (half a byte a value) are transposed, not its decoded
+    values, and a band decodes its own values only, not every 32-value block it touches
+    (at gpt-oss-20b's widths, bands of 22 rows touched 2 blocks of 32 each).
 
     Args:
         blocks: uint8 ``(n, k / 2)``: ``n`` stored rows of ``k`` values, element ``2j`` of

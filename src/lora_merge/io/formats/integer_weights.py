@@ -249,8 +249,9 @@ class ColumnPackedWeight:
         self, stored: StoredRows, start: int, stop: int, first: int, last: int
     ) -> torch.Tensor:
         """The codes of ``qweight`` rows ``start:stop``, output columns ``first:last``, as a
-        contiguous ``(last - first, input features)`` uint8 block: transposed while they are
-        bytes, so that the float32 arithmetic runs on contiguous rows."""
+        contiguous ``(last - first, input features)`` block: transposed while they are
+        packed, so that the float32 arithmetic runs on contiguous rows. 4-bit codes come as
+        float32 (unpacked by lookups), others as uint8."""
         if self.awq_order:
             if self.bits == 4 and first % 8 == 0 and last % 8 == 0:
                 # Whole words (a band starts and ends on them): transposed as bytes and
