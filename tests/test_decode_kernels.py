@@ -6,10 +6,10 @@ transformers' ``Fp8Dequantize`` on every pair of adjacent codes (NaN codes, subn
 largest values, E5M2's infinities included) under a different scale per block, and on
 partial edge blocks against the float64 decoding of ``native_formats.py``.
 
-``four_bit_codes`` (GPTQ's words, transposed as words) and ``four_bit_codes_transposed``
-(AWQ's, transposed as bytes) unpack 4-bit codes as float32 by table lookups; the oracle is
-compressed-tensors' ``unpack_from_int32`` (the first code of a word in its lowest bits, as
-GPTQ and AWQ pack too), on words holding every byte at every position, negative words too.
+``four_bit_codes`` (GPTQ's words, once transposed as words) unpacks 4-bit codes as float32
+by one table lookup a byte; the oracle is compressed-tensors' ``unpack_from_int32`` (the
+first code of a word in its lowest bits, as GPTQ packs too), on words holding every byte
+at every position, negative words too.
 
 ``dequantize_mxfp4_transposed`` decodes a band of an MXFP4 matrix straight into the
 transposed layout transformers gives gpt-oss' experts; the oracle is transformers'
@@ -32,7 +32,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge.compute.dequantize import DequantizeWorkspace
 from lora_merge.compute.fp8 import dequantize_fp8_blocks
-from lora_merge.compute.integer_dequantize import four_bit_codes, four_bit_codes_transposed
+from lora_merge.compute.integer_dequantize import four_bit_codes
 from lora_merge.compute.mxfp4 import dequantize_mxfp4_transposed
 
 FP8_BLOCK = (128, 128)
@@ -124,6 +124,3 @@ def test_four_bit_codes_are_compressed_tensors_unpacking():
     indices = torch.empty(rows * words * 8, dtype=torch.int32)
     got = four_bit_codes(packed, torch.empty(rows, words * 8), indices)
     assert torch.equal(got, expected.float())
-    band = torch.empty(rows * words * 4, dtype=torch.uint8)
-    got = four_bit_codes_transposed(packed, torch.empty(words * 8, rows), band, indices)
-    assert torch.equal(got, expected.t().float())

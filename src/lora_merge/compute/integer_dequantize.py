@@ -138,16 +138,6 @@ def four_bit_pair_table(device: torch.device | str = "cpu") -> torch.Tensor:
     return pairs.contiguous().view(torch.int64).reshape(-1)
 
 
-def four_bit_nibble_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """512 float32 values: entry ``b`` is ``b & 15``, entry ``256 + b`` is ``b >> 4``.
-
-    For codes unpacked into the transpose of their matrix, where a byte's two codes land in
-    two rows and a table of pairs cannot write them (see :func:`four_bit_codes_transposed`).
-    """
-    codes = torch.arange(16, dtype=torch.float32, device=device)
-    return torch.cat((codes.repeat(16), codes.repeat_interleave(16)))
-
-
 def four_bit_codes(packed: torch.Tensor, out: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """:func:`unpack_codes` of 4-bit codes, as float32 values: one gather per byte.
 
@@ -169,38 +159,6 @@ def four_bit_codes(packed: torch.Tensor, out: torch.Tensor, indices: torch.Tenso
     index.copy_(as_bytes)
     table = four_bit_pair_table(packed.device)
     torch.index_select(table, 0, index, out=out.view(-1).view(torch.int64))
-    return out
-
-
-def four_bit_codes_transposed(
-    packed: torch.Tensor, out: torch.Tensor, band: torch.Tensor, indices: torch.Tensor
-) -> torch.Tensor:
-    """The transpose of :func:`unpack_codes` of 4-bit codes, as float32 values.
-
-    Codes packed along the rows of a matrix (AWQ's ``qweight``: a row per input feature,
-    eight output columns a word) come out with the columns as rows, as the output's
-    ``Linear`` rows are: the packed bytes are transposed (half a byte a code), then each
-    byte's low and high codes are looked up in :func:`four_bit_nibble_table` straight into
-    their two rows.
-
-    Args:
-        packed: int32 ``(rows, words)``.
-        out: float32 ``(words * 8, rows)``, contiguous: ``out[c, r]`` is code ``c`` of row ``r``.
-        band: uint8 scratch of at least ``rows * words * 4`` elements.
-        indices: int32 scratch of at least ``rows * words * 8`` elements.
-
-    Returns:
-        ``out``.
-    """
-    rows, words = packed.shape
-    as_bytes = _word_bytes(packed).reshape(rows, words * 4)
-    transposed = band[: rows * words * 4].view(words * 4, rows)
-    transposed.copy_(as_bytes.t())
-    index = indices[: rows * words * 8].view(words * 4, 2, rows)
-    index.copy_(transposed.unsqueeze(1).expand(words * 4, 2, rows))
-    index[:, 1].add_(256)  # the high nibble's half of the table
-    table = four_bit_nibble_table(packed.device)
-    torch.index_select(table, 0, index.view(-1), out=out.view(-1))
     return out
 
 

@@ -16,7 +16,6 @@ from lora_merge.compute.integer_dequantize import (
     AWQ_UNPACK_ORDER,
     dequantize_codes,
     four_bit_codes,
-    four_bit_codes_transposed,
     unpack_codes,
 )
 from lora_merge.errors import InvalidInputError
@@ -250,24 +249,9 @@ class ColumnPackedWeight:
     ) -> torch.Tensor:
         """The codes of ``qweight`` rows ``start:stop``, output columns ``first:last``, as a
         contiguous ``(last - first, input features)`` block: transposed while they are
-        packed, so that the float32 arithmetic runs on contiguous rows. 4-bit codes come as
-        float32 (unpacked by lookups), others as uint8."""
+        packed, so that the float32 arithmetic runs on contiguous rows. GPTQ's 4-bit codes
+        come as float32 (unpacked by lookups), others as uint8."""
         if self.awq_order:
-            if self.bits == 4 and first % 8 == 0 and last % 8 == 0:
-                # Whole words (a band starts and ends on them): transposed as bytes and
-                # unpacked straight into rows of outputs, in the words' column order.
-                words = stored.row_bytes(
-                    self.qweight, start, stop, first // 2, last // 2, f"{self.method}_codes"
-                )
-                words = words.contiguous().view(torch.int32)  # (inputs, count / 8)
-                count = (stop - start) * (last - first)
-                values = stored.workspace.buffer(f"{self.method}_values", count, torch.float32)
-                return four_bit_codes_transposed(
-                    words,
-                    values.view(last - first, stop - start),
-                    stored.workspace.buffer(f"{self.method}_band_bytes", count // 2, torch.uint8),
-                    stored.workspace.buffer(f"{self.method}_indices", count, torch.int32),
-                )
             return (
                 self._codes(stored, self.qweight, start, stop, first, last, f"{self.method}_codes")
                 .t()
@@ -324,12 +308,12 @@ def column_packed_workspace_bound(tile_elements: int, device: torch.device) -> i
     """What a thread holds for a GPTQ/AWQ band: the band (float32 at most, at least a tile),
     its scales and zero points (a group has at least :data:`MIN_GROUP_SIZE` values; as
     read, as int32 and float32), and one chunk's codes, float32 values and per-value scales
-    and zeros; 4-bit codes are unpacked by lookups, with an int32 index per code and the
-    chunk's words or bytes transposed; off the CPU, the rows handed out."""
+    and zeros; GPTQ's 4-bit codes are unpacked by lookups, with an int32 index per byte and
+    the chunk's words transposed; off the CPU, the rows handed out."""
     band = max(BAND_ELEMENTS, tile_elements) + tile_elements
     held = 4 * band + band // MIN_GROUP_SIZE * (4 + 4 + 4 + 4)
     held += VALUES_CHUNK * (4 + 1 + 4 + 8) + 4 * VALUES_CHUNK  # + the packed words
-    held += VALUES_CHUNK * (4 + 1)  # the lookups' indices, the transposed words or bytes
+    held += VALUES_CHUNK * (2 + 1)  # the lookups' indices, the transposed words
     if device.type != "cpu":
         held += 4 * tile_elements
     return held
