@@ -39,9 +39,8 @@ from lora_merge.finish.parts import (
     temporary_name_of,
 )
 from lora_merge.io.hashing import sha256_of
-from lora_merge.io.positional import flush_to_disk
+from lora_merge.io.positional import flush_to_disk, write_errors_as_output_errors
 from lora_merge.io.process import process_alive, signals_deferred
-from lora_merge.io.shard_writer import write_errors_as_output_errors
 from lora_merge.options.values import Part
 
 STAGING_MARKER = ".lora-merge-partial-"

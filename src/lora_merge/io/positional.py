@@ -33,7 +33,11 @@ import io
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from lora_merge.errors import OutputError
 
 # Without O_BINARY, Windows opens descriptors in text mode and turns every
 # b"\n" written into b"\r\n": a safetensors file would be corrupt.
@@ -213,3 +217,19 @@ def flush_to_disk(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+@contextmanager
+def write_errors_as_output_errors(path: Path) -> Iterator[None]:
+    """Turn a failed write (full disk, quota, I/O error) into the user-facing OutputError."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "the disk is full"
+        else:
+            reason = err.strerror or str(err)
+        raise OutputError(
+            f"writing {path.name} failed: {reason}; nothing was written to OUT "
+            "(free some space or choose another OUT)"
+        ) from err
