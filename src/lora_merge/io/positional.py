@@ -65,14 +65,18 @@ class PositionalFile:
     Args:
         path: the file.
         writable: open for writing (created, truncated) instead of reading.
+        truncate: with ``writable``, empty an existing file; False keeps its bytes
+            (another descriptor is writing other ranges of it).
 
     Raises:
         OSError: the file cannot be opened.
     """
 
-    def __init__(self, path: Path, writable: bool = False) -> None:
+    def __init__(self, path: Path, writable: bool = False, truncate: bool = True) -> None:
         self.path = path
-        flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if writable else os.O_RDONLY
+        flags = os.O_RDONLY
+        if writable:
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
         self.descriptor = os.open(path, flags | _BINARY, 0o644)
         # Decided per file, from what os offers now: see the module docstring.
         self._preadv = getattr(os, "preadv", None)

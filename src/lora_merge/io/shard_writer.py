@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,23 +60,31 @@ class ShardWriter:
     """
 
     def __init__(
-        self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None
+        self,
+        path: Path,
+        specs: Sequence[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        written: Collection[str] = (),
     ) -> None:
         self.path = path
         self._specs = {spec.name: spec for spec in specs}
         self._header = encode_safetensors_header(specs, metadata)
+        # Tensors already in the file, under this very header (copied before torch was
+        # imported, see lora_merge.run.copy_ahead): kept, so the file is not truncated.
+        self._written = frozenset(written)
         self._offsets: dict[str, int] = {}
         offset = len(self._header)
         for spec in specs:
             self._offsets[spec.name] = offset
             offset += spec.nbytes
         self._completed: set[str] = {spec.name for spec in specs if spec.nbytes == 0}
+        self._completed |= self._written
         self._lock = threading.Lock()
         self._file: PositionalFile | None = None
 
     def __enter__(self) -> ShardWriter:
         with write_errors_as_output_errors(self.path):
-            self._file = PositionalFile(self.path, writable=True)
+            self._file = PositionalFile(self.path, writable=True, truncate=not self._written)
             self._file.write_all(memoryview(self._header), 0)
         return self
 
