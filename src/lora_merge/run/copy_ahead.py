@@ -157,6 +157,11 @@ class CopiesAhead:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._copy_all, name="lora-merge-copy-ahead")
 
+    @property
+    def shards(self) -> list[ShardCopies]:
+        """The foreseen shards, in the order they are copied."""
+        return list(self._shards.values())
+
     def __enter__(self) -> CopiesAhead:
         self.folder.mkdir()
         self._thread.start()
@@ -194,11 +199,12 @@ class CopiesAhead:
         Returns:
             The names of those whose very bytes (file, offset, length) were copied into
             the shard; none when the header is not the one foreseen (the copying then
-            stops for good: the guess was wrong, and the run writes the shard whole).
+            stops for good: the guess was wrong, and the run writes the shard whole),
+            or when the run's staging folder did not take the copies over.
         """
         self._run_files.add(file_name)
         shard = self._shards.get(file_name)
-        if shard is None or shard.header != header:
+        if not self._handed_over or shard is None or shard.header != header:
             self._halt()
             return set()
         shard.done.wait()

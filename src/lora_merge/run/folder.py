@@ -107,12 +107,9 @@ def write_output(
         {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
         hashes_ahead,
     )
-    staged_ahead = None
+    staged_ahead = None  # a resumable run or a part stages elsewhere: no copies taken
     if copies_ahead is not None and fingerprint is None and part is None:
         staged_ahead = copies_ahead.hand_over(out)
-    if staged_ahead is None and copies_ahead is not None:
-        copies_ahead.close()  # a resumable run or a part stages elsewhere
-        copies_ahead = None
     progress, on_bytes = progress_bar(
         sum(shard_bytes(t) for _, t in to_write), not settings.quiet and sys.stderr.isatty()
     )
