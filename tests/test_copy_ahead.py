@@ -9,9 +9,11 @@ was), the base's own tensors read by the safetensors library, and Python's
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from test_startup import imported_modules, top_level
 from lora_merge import MergeOptions
 from lora_merge.api import merge
 from lora_merge.errors import NonFiniteError
+from lora_merge.io.positional import PositionalFile
 from lora_merge.run.copy_ahead import copy_untouched_ahead
 
 
@@ -233,6 +236,31 @@ def test_a_resumable_run_stages_elsewhere_and_drops_the_copies(tmp_path: Path) -
     with copies:
         merge(options, None, copies)
 
+    assert copies.taken == set()
+    assert output_digests(out) == PINNED["llama-bf16-qv"]
+    assert staging_leftovers(tmp_path) == []
+
+
+def test_a_failed_copy_ahead_is_written_by_the_run(tmp_path: Path, monkeypatch) -> None:
+    base, adapter, _ = build_case("llama-bf16-qv", tmp_path)
+    out = tmp_path / "merged"
+    options = MergeOptions(base=base, adapter=adapter, out=out, quiet=True)
+    copy_to = PositionalFile.copy_to
+
+    def full_disk_while_copying_ahead(self, *args, **kwargs):
+        # Only the copying thread meets the full disk (the run's own copies succeed),
+        # after its first tensor.
+        if threading.current_thread().name == "lora-merge-copy-ahead" and copies.shards[0].copied:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return copy_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(PositionalFile, "copy_to", full_disk_while_copying_ahead)
+    copies = copy_untouched_ahead(options)
+    assert copies is not None
+    with copies:
+        merge(options, None, copies)
+
+    assert len(copies.shards[0].copied) == 1
     assert copies.taken == set()
     assert output_digests(out) == PINNED["llama-bf16-qv"]
     assert staging_leftovers(tmp_path) == []

@@ -123,12 +123,14 @@ class ShardCopies:
             shard they go.
         copied: the names whose bytes are in place (filled by the copying thread).
         done: set once the thread is finished with this shard (or stopped).
+        claimed: the names the run skips, counting on the copies (:meth:`CopiesAhead.claim`).
     """
 
     file_name: str
     header: bytes
     planned: dict[str, tuple[CopiedRange, int]]
     copied: set[str] = field(default_factory=set)
+    claimed: set[str] = field(default_factory=set)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -189,7 +191,11 @@ class CopiesAhead:
     def claim(
         self, file_name: str, header: bytes, byte_copies: Mapping[str, CopiedRange]
     ) -> set[str]:
-        """The tensors of shard ``file_name`` already in place, once its copies are done.
+        """The tensors of shard ``file_name`` that the copies write, for the run to skip.
+
+        The copying may still be under way: the run writes the shard's other tensors
+        meanwhile (other byte ranges of the same file, under the same header), then
+        calls :meth:`settle`.
 
         Args:
             file_name: the shard the run is about to write.
@@ -197,7 +203,7 @@ class CopiesAhead:
             byte_copies: the tensors the run's plan copies byte for byte, and from where.
 
         Returns:
-            The names of those whose very bytes (file, offset, length) were copied into
+            The names of those whose very bytes (file, offset, length) are copied into
             the shard; none when the header is not the one foreseen (the copying then
             stops for good: the guess was wrong, and the run writes the shard whole),
             or when the run's staging folder did not take the copies over.
@@ -207,12 +213,22 @@ class CopiesAhead:
         if not self._handed_over or shard is None or shard.header != header:
             self._halt()
             return set()
-        shard.done.wait()
-        in_place = {
-            name for name in shard.copied if byte_copies.get(name) == shard.planned[name][0]
+        shard.claimed = {
+            name for name, (source, _) in shard.planned.items() if byte_copies.get(name) == source
         }
-        self.taken |= in_place
-        return in_place
+        return shard.claimed
+
+    def settle(self, file_name: str) -> bool:
+        """Wait until shard ``file_name``'s copies are done; False if one of those claimed
+        failed (a full disk, an input gone), and the run must write the shard again."""
+        shard = self._shards.get(file_name)
+        if shard is None or not shard.claimed:
+            return True
+        shard.done.wait()
+        if not shard.claimed <= shard.copied:
+            return False
+        self.taken |= shard.claimed
+        return True
 
     def discard_unclaimed(self) -> None:
         """Stop copying and remove the shards the run did not write (another layout than foreseen)."""
