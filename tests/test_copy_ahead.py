@@ -241,6 +241,22 @@ def test_a_resumable_run_stages_elsewhere_and_drops_the_copies(tmp_path: Path) -
     assert staging_leftovers(tmp_path) == []
 
 
+def test_an_adapter_written_as_it_is_gets_no_copied_shard(tmp_path: Path) -> None:
+    base, adapter, _ = build_case("llama-bf16-qv", tmp_path)
+    out = tmp_path / "merged"
+    foreseen = MergeOptions(base=base, adapter=adapter, out=out)
+    options = MergeOptions(base=base, adapter=adapter, out=out, quiet=True, save_method="lora")
+
+    copies = copy_untouched_ahead(foreseen)
+    assert copies is not None
+    with copies:
+        merge(options, None, copies)
+
+    assert not list(out.glob("model*.safetensors"))
+    assert (out / "adapter_model.safetensors").is_file()
+    assert staging_leftovers(tmp_path) == []
+
+
 def test_a_failed_copy_ahead_is_written_by_the_run(tmp_path: Path, monkeypatch) -> None:
     base, adapter, _ = build_case("llama-bf16-qv", tmp_path)
     out = tmp_path / "merged"

@@ -107,8 +107,15 @@ def write_output(
         {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
         hashes_ahead,
     )
-    staged_ahead = None  # a resumable run or a part stages elsewhere: no copies taken
-    if copies_ahead is not None and fingerprint is None and part is None:
+    # A resumable run or a part stages elsewhere, and an adapter written as it is has no
+    # shards: the copies are not taken (and deleted).
+    staged_ahead = None
+    if (
+        copies_ahead is not None
+        and fingerprint is None
+        and part is None
+        and settings.save_method is not SaveMethod.LORA
+    ):
         staged_ahead = copies_ahead.hand_over(out)
     progress, on_bytes = progress_bar(
         sum(shard_bytes(t) for _, t in to_write), not settings.quiet and sys.stderr.isatty()
