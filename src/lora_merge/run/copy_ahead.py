@@ -49,7 +49,12 @@ from lora_merge.compute.arithmetic import merge_arithmetic
 from lora_merge.errors import UsageError
 from lora_merge.finish.shard_metadata import InputIdentity, shard_metadata_of
 from lora_merge.finish.staging import staging_name
-from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+from lora_merge.io.hub_names import (
+    CONFIG_NAME,
+    SAFETENSORS_INDEX_FILE,
+    SAFETENSORS_MAX_HEADER_LENGTH,
+    SAFETENSORS_SINGLE_FILE,
+)
 from lora_merge.io.positional import PositionalFile
 from lora_merge.io.safetensors_header import (
     HEADER_LENGTH_BYTES,
@@ -295,7 +300,16 @@ def copy_untouched_ahead(options: MergeOptions) -> CopiesAhead | None:
         return None
     try:
         return _foreseen_copies(options)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError, struct.error):
+    except (
+        OSError,
+        ValueError,  # JSON, offsets, a size option
+        LookupError,
+        TypeError,
+        AttributeError,
+        RecursionError,  # a header nested thousands deep
+        UsageError,
+        struct.error,
+    ):
         return None  # the run reads the same files and reports what is wrong with them
 
 
@@ -407,6 +421,9 @@ def _raw_header(path: Path) -> tuple[int, dict[str, dict]]:
     """A safetensors file's header length and JSON, unchecked (the run checks it)."""
     with open(path, "rb") as handle:
         (header_length,) = struct.unpack("<Q", handle.read(HEADER_LENGTH_BYTES))
+        file_size = os.fstat(handle.fileno()).st_size
+        if header_length > min(SAFETENSORS_MAX_HEADER_LENGTH, file_size - HEADER_LENGTH_BYTES):
+            raise ValueError(f"{path} has an implausible header length")  # never read whole
         header = json.loads(handle.read(header_length))
     if not isinstance(header, dict):
         raise ValueError(f"{path} has no header object")
