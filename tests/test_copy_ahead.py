@@ -280,3 +280,17 @@ def test_a_failed_copy_ahead_is_written_by_the_run(tmp_path: Path, monkeypatch) 
     assert copies.taken == set()
     assert output_digests(out) == PINNED["llama-bf16-qv"]
     assert staging_leftovers(tmp_path) == []
+
+
+def test_copies_never_started_are_never_taken(tmp_path: Path) -> None:
+    base, adapter, _ = build_case("llama-bf16-qv", tmp_path)
+    out = tmp_path / "merged"
+    options = MergeOptions(base=base, adapter=adapter, out=out, quiet=True)
+
+    copies = copy_untouched_ahead(options)
+    assert copies is not None
+    merge(options, None, copies)  # outside its with-block: nothing was copied
+
+    assert copies.taken == set()
+    assert output_digests(out) == PINNED["llama-bf16-qv"]
+    assert staging_leftovers(tmp_path) == []

@@ -1,8 +1,8 @@
 """Copy BASE's untouched tensors into OUT's shards while ``import torch`` runs.
 
 Most of a merge's output can be bytes copied from BASE: every tensor the adapter
-does not touch, when its dtype does not change (1.1B with q/v LoRA: 93% of the
-bytes). ``copy_file_range`` copies them in the kernel and lets go of the GIL, and
+does not touch, when its dtype does not change (1.1B with q/v LoRA: 1.99 of its
+2.2 GB). ``copy_file_range`` copies them in the kernel and lets go of the GIL, and
 ``import torch`` takes about 1.5 s on one core while the others wait: a copy
 started before the import costs no wall time there (measured in
 docs/benchmarks.md).
@@ -22,8 +22,10 @@ A guess is never trusted. When the run reaches a shard
 and claims the copies (:meth:`CopiesAhead.claim`): a shard whose header is not
 byte for byte the one foreseen stops the copying for good and is written whole,
 as without it; otherwise the run skips exactly the tensors its own plan copies
-from the very bytes (file, offset, length) that were copied here. Shards that the
-run does not write are removed before OUT appears.
+from the very bytes (file, offset, length) that are copied here, writes the
+shard's other tensors meanwhile, and waits for the copies before it moves on
+(:meth:`CopiesAhead.settle`; one that failed makes it write the shard whole).
+Shards that the run does not write are removed before OUT appears.
 
 Nothing is copied ahead where the plan needs more than headers to foresee
 (a quantized BASE, ``--dtype``, another ``--save-method``, several adapters or a
@@ -170,7 +172,10 @@ class CopiesAhead:
         return list(self._shards.values())
 
     def __enter__(self) -> CopiesAhead:
-        self.folder.mkdir()
+        try:
+            self.folder.mkdir()
+        except OSError:
+            return self  # never started, never handed over: the run writes every tensor
         self._thread.start()
         return self
 
@@ -185,9 +190,12 @@ class CopiesAhead:
 
     def hand_over(self, out: Path) -> Path | None:
         """The folder, now OUT's staging folder's to keep or delete; None (and the copies
-        deleted) when it is not a staging folder of ``out`` (the run resolved OUT otherwise)."""
+        deleted) when it is not a staging folder of ``out`` (the run resolved OUT otherwise)
+        or the copying never started (outside a ``with`` block, or the folder could not
+        be made)."""
         token = self.folder.name.rsplit("-", 1)[-1]
-        if self.folder != out.parent / staging_name(out, os.getpid(), token):
+        started = self._thread.ident is not None
+        if not started or self.folder != out.parent / staging_name(out, os.getpid(), token):
             self.close()
             return None
         self._handed_over = True
