@@ -3,9 +3,10 @@
 Most of a merge's output can be bytes copied from BASE: every tensor the adapter
 does not touch, when its dtype does not change (1.1B with q/v LoRA: 1.99 of its
 2.2 GB). ``copy_file_range`` copies them in the kernel and lets go of the GIL, and
-``import torch`` takes about 1.5 s on one core while the others wait: a copy
-started before the import costs no wall time there (measured in
-docs/benchmarks.md).
+``import torch`` takes about 1.5 s on one core while the others wait: started
+before the import, the copy runs on a core the import leaves idle. On 2 cores
+with ``--no-hash-inputs`` that made a 1.1B q/v merge 13% faster; with the input
+hashing, which fills that core already, no faster (docs/benchmarks.md).
 
 The plan itself is made later, with torch. Here, with ``json`` and ``struct``
 only, a plain merge is foreseen from what the plan is made of: BASE's index and
