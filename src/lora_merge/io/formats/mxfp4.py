@@ -304,15 +304,16 @@ class Mxfp4Native:
 
     def held_bytes(self, tile_budget: int) -> int:
         """The expert's packed bytes and exponents (17 bits a value), the rows of a group
-        row a band cut, one run's transposed copy and what quantizing it holds (about
-        ``6 * itemsize + 4`` bytes a value: quotients, magnitudes, signs, rounded values,
-        masks, codes), and a tile converted to the model's dtype."""
+        row a band cut, one run's transposed copy and what quantizing it holds (quotients,
+        magnitudes, signs, rounded values, masks, codes: measured at up to ``8 * itemsize
+        + 3`` bytes a value in bfloat16 and float32, counted as ``9 * itemsize + 4``), and
+        a tile converted to the model's dtype."""
         _, columns, rows = self.shape
         itemsize = self.dtype.itemsize
         expert = columns * rows // 2 + columns * rows // MXFP4_BLOCK
         partial = itemsize * MXFP4_BLOCK * rows
         run = self.run_groups * MXFP4_BLOCK * rows
-        return expert + partial + (7 * itemsize + 4) * run + tile_budget
+        return expert + partial + (10 * itemsize + 4) * run + tile_budget
 
     def write(
         self,
