@@ -24,6 +24,7 @@ from test_native_fp8_mxfp4 import (
     EXPERTS,
     FP8_BLOCK,
     TILED_MAX_MEMORY,
+    compressed_tensors_mxfp4,
     fp8_quantizer,
     mxfp4,  # noqa: F401 (the fixture)
     transformers_mxfp4,
@@ -35,9 +36,12 @@ from transformers import AutoModelForCausalLM
 
 from lora_merge import MergeOptions, merge
 from lora_merge.compute.fp8 import FP8_QUANTIZE_CHUNK_ELEMENTS, quantize_fp8_blocks
+from lora_merge.compute.mxfp4 import MXFP4_BLOCK
 from lora_merge.inputs.resolve import resolve_base
 from lora_merge.io.dequantizing_reader import DequantizingReader, dequantize_workspace_bound
+from lora_merge.io.formats.mxfp4 import MXFP4_QUANTIZE_CHUNK_ELEMENTS, Mxfp4Native
 from lora_merge.io.reader import SafetensorsReader
+from lora_merge.io.shard_writer import ShardWriter
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lora_merge.errors.LoraMergeWarning"),
@@ -178,3 +182,30 @@ def test_fp8_fused_experts_merged_native_in_bands_is_transformers_quantizer(
         expected = quantizer.convert({name: merged[name]})
         assert torch.equal(native[name].view(torch.uint8), expected[name].view(torch.uint8))
         assert torch.equal(native[f"{name}_scale_inv"], expected[f"{name}_scale_inv"])
+
+
+@pytest.mark.parametrize("band", [5, 32, 45, 96])
+def test_mxfp4_requantized_a_band_at_a_time_is_compressed_tensors_quantizer(tmp_path, band):
+    """``merged_native``'s MXFP4 writer fed bands of an expert's logical rows (cutting its
+    groups of 32, or whole experts), with stored rows so many (2100) that a group row is
+    quantized in several runs of stored rows: each expert's codes and exponents are
+    compressed-tensors' quantizer of the whole expert, bit for bit."""
+    experts, columns, rows = 2, 96, 2100
+    assert MXFP4_BLOCK * rows > MXFP4_QUANTIZE_CHUNK_ELEMENTS  # several runs a group row
+    generator = torch.Generator().manual_seed(211)
+    merged = (torch.randn(experts, columns, rows, generator=generator) * 0.05).to(torch.bfloat16)
+    merged[0, :32, :7] = 0  # all-zero groups: exponent of scale 1
+    target = Mxfp4Native((experts, columns, rows), torch.bfloat16, "x_blocks", "x_scales")
+    path = tmp_path / "model.safetensors"
+    tiles = [merged[e, s : s + band] for e in range(experts) for s in range(0, columns, band)]
+    if band == 96:  # whole experts in one tile
+        tiles = [merged]
+    written = []
+    with ShardWriter(path, target.stored_specs("x")) as writer:
+        target.write(iter(tiles), "x", writer, written.append)
+    assert sum(written) == sum(spec.nbytes for spec in target.stored_specs("x"))
+    stored = load_file(path)
+    for expert in range(experts):
+        expected = compressed_tensors_mxfp4(merged[expert].t().contiguous())
+        assert torch.equal(stored["x_blocks"][expert].flatten(1), expected["weight_packed"])
+        assert torch.equal(stored["x_scales"][expert], expected["weight_scale"])

@@ -52,8 +52,10 @@ SCALES_SUFFIX = "_scales"
 # Values decoded at once (1 MiB of float32), whatever the expert's size.
 MXFP4_CHUNK_ELEMENTS = 2**18
 # Merged values re-quantized at once (``merged_native``): whole group rows of 32 logical
-# rows, at least one, so a few MB of workspace whatever the expert's size.
-MXFP4_QUANTIZE_CHUNK_ELEMENTS = 2**18
+# rows, or part of one's stored rows, so about 1.5 MB of workspace (bfloat16) whatever the
+# expert's size (2**18, a whole group row of gpt-oss-20b's gate_up_proj, held 3.5 MB more a
+# thread, measured, for a few percent less CPU time).
+MXFP4_QUANTIZE_CHUNK_ELEMENTS = 2**16
 _TABLES_MEMO = "mxfp4.tables"
 _EXPERT_MEMO = "mxfp4.expert"
 
@@ -266,8 +268,8 @@ class Mxfp4Native:
     row*) quantize on their own, and every block and exponent of the expert is
     the whole expert's (compressed-tensors' quantizer is per group). The merged
     rows are therefore quantized as they come, a run of whole group rows at a
-    time (:data:`MXFP4_QUANTIZE_CHUNK_ELEMENTS` values, or one group row), each
-    transposed to the stored ``(out, in)`` and quantized by
+    time (:data:`MXFP4_QUANTIZE_CHUNK_ELEMENTS` values, or part of one group row's
+    stored rows), each transposed to the stored ``(out, in)`` and quantized by
     :func:`~lora_merge.compute.mxfp4.quantize_mxfp4`; a band that ends inside a
     group row leaves its last rows (fewer than 32) in a small buffer that the next
     band completes. A band of logical rows is a band of stored *columns* (a few
@@ -299,7 +301,8 @@ class Mxfp4Native:
 
     @property
     def run_groups(self) -> int:
-        """Group rows (32 logical rows each) quantized at once: at least one."""
+        """Group rows (32 logical rows each) quantized at once: at least one (a run of its
+        stored rows at a time where one is more than a run)."""
         return max(1, MXFP4_QUANTIZE_CHUNK_ELEMENTS // (MXFP4_BLOCK * self.shape[2]))
 
     def held_bytes(self, tile_budget: int) -> int:
@@ -312,7 +315,7 @@ class Mxfp4Native:
         itemsize = self.dtype.itemsize
         expert = columns * rows // 2 + columns * rows // MXFP4_BLOCK
         partial = itemsize * MXFP4_BLOCK * rows
-        run = self.run_groups * MXFP4_BLOCK * rows
+        run = min(self.run_groups * MXFP4_BLOCK * rows, MXFP4_QUANTIZE_CHUNK_ELEMENTS)
         return expert + partial + (10 * itemsize + 4) * run + tile_budget
 
     def write(
@@ -334,12 +337,17 @@ class Mxfp4Native:
         held = 0  # rows of the next group row in ``partial``
 
         def quantize(values: torch.Tensor) -> None:
-            """Whole group rows ``done:done + len(values)`` of the current expert."""
+            """Whole group rows ``done:done + len(values)`` of the current expert, a run of
+            stored rows at a time when one group row is more than a run (gpt-oss-20b's
+            ``gate_up_proj``: 32 x 5760): each stored row's groups quantize on their own."""
             nonlocal done
             first, count = done // MXFP4_BLOCK, values.shape[0] // MXFP4_BLOCK
-            run_blocks, run_exponents = quantize_mxfp4(values.t().contiguous())
-            blocks[:, first : first + count].copy_(run_blocks)
-            exponents[:, first : first + count].copy_(run_exponents)
+            step = max(1, MXFP4_QUANTIZE_CHUNK_ELEMENTS // values.shape[0])
+            for low in range(0, rows, step):
+                high = min(rows, low + step)
+                run_blocks, run_exponents = quantize_mxfp4(values[:, low:high].t().contiguous())
+                blocks[low:high, first : first + count].copy_(run_blocks)
+                exponents[low:high, first : first + count].copy_(run_exponents)
             done += values.shape[0]
             if done == columns:
                 on_bytes(blocks_slot.write(blocks.unsqueeze(0)))
