@@ -48,8 +48,9 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     # and Hub targets (finish.publish); every step below receives its values.
     ("lora_merge.options",),
     # The run, each floor a step of it: everything before writing, shared by the
-    # preview and the merge; the shards; OUT's folder; the whole run and its summary.
-    ("lora_merge.run.prepare", "lora_merge.run.hash_ahead"),
+    # preview and the merge (and what starts before torch: hashing and copying ahead);
+    # the shards; OUT's folder; the whole run and its summary.
+    ("lora_merge.run.prepare", "lora_merge.run.hash_ahead", "lora_merge.run.copy_ahead"),
     ("lora_merge.run.preview", "lora_merge.run.shards"),
     ("lora_merge.run.folder",),
     ("lora_merge.run.merge", "lora_merge.run"),

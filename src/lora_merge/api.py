@@ -12,13 +12,18 @@ from __future__ import annotations
 from lora_merge.io.hashing import FileHashes
 from lora_merge.options.checks import checked_options
 from lora_merge.options.settings import MergeOptions
+from lora_merge.run.copy_ahead import CopiesAhead
 from lora_merge.run.merge import MergeSummary, run_merge
 from lora_merge.run.preview import MergePreview, preview_settings
 
 __all__ = ["MergePreview", "MergeSummary", "merge", "preview_merge"]
 
 
-def merge(options: MergeOptions, hashes_ahead: FileHashes | None = None) -> MergeSummary:
+def merge(
+    options: MergeOptions,
+    hashes_ahead: FileHashes | None = None,
+    copies_ahead: CopiesAhead | None = None,
+) -> MergeSummary:
     """Merge a LoRA adapter into its base model and write a standalone model folder.
 
     Args:
@@ -26,6 +31,10 @@ def merge(options: MergeOptions, hashes_ahead: FileHashes | None = None) -> Merg
         hashes_ahead: input files' sha256 started before this call (see
             :func:`lora_merge.run.hash_ahead.hash_inputs_ahead`); the model card takes
             them from there. None: the files are hashed during the run.
+        copies_ahead: BASE's untouched tensors, being copied into OUT's staging folder
+            since before this call (see :func:`lora_merge.run.copy_ahead.copy_untouched_ahead`);
+            the run checks each copy against its own plan before it skips a tensor.
+            None: every tensor is written by the run.
 
     Returns:
         A summary of the work done.
@@ -37,7 +46,7 @@ def merge(options: MergeOptions, hashes_ahead: FileHashes | None = None) -> Merg
             written to OUT in that case and the inputs are never modified.
     """
     settings = checked_options(options)
-    return run_merge(settings, hashes_ahead)
+    return run_merge(settings, hashes_ahead, copies_ahead)
 
 
 def preview_merge(options: MergeOptions) -> MergePreview:

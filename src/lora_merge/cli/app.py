@@ -152,6 +152,13 @@ def merge_command(
         ahead = None if dry_run else hash_inputs_ahead(options)
         if ahead is not None:
             running.enter_context(ahead)  # a failing run stops the hashing threads
+        # Torch-free too: BASE's untouched tensors are copied into OUT's staging folder
+        # while torch imports; a failing run stops the copies and deletes them.
+        from lora_merge.run.copy_ahead import copy_untouched_ahead
+
+        copies = None if dry_run else copy_untouched_ahead(options)
+        if copies is not None:
+            running.enter_context(copies)
         # The library (and torch with it) is imported only now that there is work for it:
         # --help, --version and mistyped options return before this and stay fast.
         with _imports_without_collections():
@@ -161,7 +168,7 @@ def merge_command(
             preview = preview_merge(options)
             typer.echo(json.dumps(preview.to_dict()) if json_summary else describe_preview(preview))
             return
-        summary = merge(options, ahead)
+        summary = merge(options, ahead, copies)
     if not quiet:
         typer.echo(describe_summary(summary, unmerge), err=True)
     if json_summary:

@@ -23,48 +23,18 @@ import torch
 
 from lora_merge._version import __version__
 from lora_merge.adapter.recipe import CombineRecipe
-from lora_merge.compute.lora import UNMERGE_ARITHMETIC, merge_arithmetic
+from lora_merge.compute.arithmetic import UNMERGE_ARITHMETIC, merge_arithmetic
 from lora_merge.finish.folder import DTYPE_NAME_IN_CONFIG
 from lora_merge.finish.input_hashes import InputFile
-from lora_merge.inputs.locations import hub_snapshot_of
+from lora_merge.finish.shard_metadata import InputIdentity, shard_metadata_of
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.hub_names import REPOCARD_NAME
-from lora_merge.io.shard_writer import OUTPUT_METADATA
 from lora_merge.options.values import SaveMethod
 from lora_merge.plan.model import MergePlan
 from lora_merge.plan.tuners.rows import TUNER_NAMES, tuner_arithmetic
 
 HUB_URL = "https://huggingface.co"
 _NAMESPACED_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-@dataclass(frozen=True)
-class InputIdentity:
-    """One input of the merge (BASE or ADAPTER) as the user named it.
-
-    Attributes:
-        role: ``"base"`` or ``"adapter"``.
-        spec: what was given: a path, or ``org/name[@revision]``.
-        folder: the local folder read.
-        repo_id / commit: the Hub repo and the commit the folder is a snapshot of, if any.
-    """
-
-    role: str
-    spec: str
-    folder: Path
-    repo_id: str | None = None
-    commit: str | None = None
-
-    @classmethod
-    def of(cls, role: str, spec: str, folder: Path) -> InputIdentity:
-        snapshot = hub_snapshot_of(folder)
-        repo_id, commit = snapshot if snapshot is not None else (None, None)
-        return cls(role=role, spec=spec, folder=folder, repo_id=repo_id, commit=commit)
-
-    @property
-    def label(self) -> str:
-        """``org/name@commit`` for a Hub snapshot, else the path as given."""
-        return f"{self.repo_id}@{self.commit}" if self.repo_id else self.spec
 
 
 @dataclass(frozen=True)
@@ -199,13 +169,7 @@ def merge_record(
 
 def shard_metadata(record: MergeRecord) -> dict[str, str]:
     """The ``__metadata__`` of every output shard: the format plus a few provenance keys."""
-    return {
-        **OUTPUT_METADATA,
-        "lora_merge.version": record.version,
-        "lora_merge.base": record.base.label,
-        "lora_merge.adapter": record.adapter.label,
-        "lora_merge.method": record.method,
-    }
+    return shard_metadata_of(record.base, record.adapter, record.method, record.version)
 
 
 def write_model_card(folder: Path, record: MergeRecord, files: Sequence[InputFile]) -> None:

@@ -39,9 +39,8 @@ from lora_merge.finish.parts import (
     temporary_name_of,
 )
 from lora_merge.io.hashing import sha256_of
-from lora_merge.io.positional import flush_to_disk
+from lora_merge.io.positional import flush_to_disk, write_errors_as_output_errors
 from lora_merge.io.process import process_alive, signals_deferred
-from lora_merge.io.shard_writer import write_errors_as_output_errors
 from lora_merge.options.values import Part
 
 STAGING_MARKER = ".lora-merge-partial-"
@@ -80,6 +79,8 @@ class StagingFolder:
             all parts share, never commits, and keeps its shards when it ends.
         keep_verified: for a part, keep the shards its own earlier run journaled
             (``--resume``) instead of writing them again.
+        path: for a plain run, a staging folder of OUT this process made already (the
+            copies started before torch, :mod:`lora_merge.run.copy_ahead`), taken over.
 
     Attributes:
         notes: what the run should tell the user (part journals of another plan, rejected).
@@ -92,10 +93,14 @@ class StagingFolder:
         fingerprint: str | None = None,
         part: Part | None = None,
         keep_verified: bool = False,
+        path: Path | None = None,
     ) -> None:
         self.out = out
         self.part = part
-        if part is None:
+        self._taken_over = path is not None and part is None and fingerprint is None
+        if path is not None and self._taken_over:
+            self.path = path
+        elif part is None:
             self.path = out.parent / staging_name(out, os.getpid(), uuid.uuid4().hex[:8])
         else:
             self.path = parts_area(_staging_prefix(out), out)
@@ -122,7 +127,7 @@ class StagingFolder:
                 )
             remove_stale_staging_folders(self.out)
             if self.resumed_from is None:
-                self.path.mkdir()
+                self.path.mkdir(exist_ok=self._taken_over)
             return self
         except BaseException:
             # A signal can land between mkdir and the with-block taking over.

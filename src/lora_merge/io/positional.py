@@ -33,7 +33,11 @@ import io
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from lora_merge.errors import OutputError
 
 # Without O_BINARY, Windows opens descriptors in text mode and turns every
 # b"\n" written into b"\r\n": a safetensors file would be corrupt.
@@ -61,14 +65,18 @@ class PositionalFile:
     Args:
         path: the file.
         writable: open for writing (created, truncated) instead of reading.
+        truncate: with ``writable``, empty an existing file; False keeps its bytes
+            (another descriptor is writing other ranges of it).
 
     Raises:
         OSError: the file cannot be opened.
     """
 
-    def __init__(self, path: Path, writable: bool = False) -> None:
+    def __init__(self, path: Path, writable: bool = False, truncate: bool = True) -> None:
         self.path = path
-        flags = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if writable else os.O_RDONLY
+        flags = os.O_RDONLY
+        if writable:
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
         self.descriptor = os.open(path, flags | _BINARY, 0o644)
         # Decided per file, from what os offers now: see the module docstring.
         self._preadv = getattr(os, "preadv", None)
@@ -213,3 +221,19 @@ def flush_to_disk(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+@contextmanager
+def write_errors_as_output_errors(path: Path) -> Iterator[None]:
+    """Turn a failed write (full disk, quota, I/O error) into the user-facing OutputError."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "the disk is full"
+        else:
+            reason = err.strerror or str(err)
+        raise OutputError(
+            f"writing {path.name} failed: {reason}; nothing was written to OUT "
+            "(free some space or choose another OUT)"
+        ) from err

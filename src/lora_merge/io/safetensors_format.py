@@ -25,6 +25,7 @@ import torch
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.hub_names import SAFETENSORS_MAX_HEADER_LENGTH
 from lora_merge.io.json_files import is_count
+from lora_merge.io.safetensors_header import HEADER_LENGTH_BYTES, METADATA_KEY
 
 # safetensors dtype name -> torch dtype. Only dtypes torch can hold.
 TORCH_DTYPE_BY_SAFETENSORS_NAME: dict[str, torch.dtype] = {
@@ -46,8 +47,6 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
         TORCH_DTYPE_BY_SAFETENSORS_NAME[_name] = getattr(torch, _attr)
 SAFETENSORS_NAME_BY_TORCH_DTYPE = {v: k for k, v in TORCH_DTYPE_BY_SAFETENSORS_NAME.items()}
 
-HEADER_LENGTH_BYTES = 8
-METADATA_KEY = "__metadata__"
 # Torch computes element counts and strides in int64: a shape whose dimensions
 # (zeros counted as ones) multiply past this cannot be a torch tensor, even empty.
 MAX_ELEMENTS = 2**63 - 1

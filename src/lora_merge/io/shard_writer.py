@@ -7,27 +7,18 @@ order, chunk by chunk, without ever holding a whole tensor or shard.
 
 from __future__ import annotations
 
-import errno
-import json
 import math
-import struct
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora_merge.errors import OutputError
-from lora_merge.io.positional import PositionalFile
+from lora_merge.io.positional import PositionalFile, write_errors_as_output_errors
 from lora_merge.io.reader import StoredTensorSource
-from lora_merge.io.safetensors_format import METADATA_KEY, SAFETENSORS_NAME_BY_TORCH_DTYPE
-
-# safetensors pads the JSON header with spaces so that the data buffer starts
-# 8-byte aligned; readers that mmap rely on it.
-HEADER_ALIGNMENT = 8
-OUTPUT_METADATA = {"format": "pt"}
+from lora_merge.io.safetensors_format import SAFETENSORS_NAME_BY_TORCH_DTYPE
+from lora_merge.io.safetensors_header import HeaderTensor, encode_header
 
 
 @dataclass(frozen=True)
@@ -47,18 +38,15 @@ def encode_safetensors_header(
     specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None
 ) -> bytes:
     """The length prefix and padded JSON header for tensors stored in ``specs`` order."""
-    header: dict[str, object] = {METADATA_KEY: dict(metadata or OUTPUT_METADATA)}
-    offset = 0
-    for spec in specs:
-        header[spec.name] = {
-            "dtype": SAFETENSORS_NAME_BY_TORCH_DTYPE[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + spec.nbytes],
-        }
-        offset += spec.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % HEADER_ALIGNMENT)
-    return struct.pack("<Q", len(encoded)) + encoded
+    return encode_header(
+        [
+            HeaderTensor(
+                spec.name, SAFETENSORS_NAME_BY_TORCH_DTYPE[spec.dtype], spec.shape, spec.nbytes
+            )
+            for spec in specs
+        ],
+        metadata,
+    )
 
 
 class ShardWriter:
@@ -72,23 +60,31 @@ class ShardWriter:
     """
 
     def __init__(
-        self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None
+        self,
+        path: Path,
+        specs: Sequence[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        written: Collection[str] = (),
     ) -> None:
         self.path = path
         self._specs = {spec.name: spec for spec in specs}
         self._header = encode_safetensors_header(specs, metadata)
+        # Tensors already in the file, under this very header (copied before torch was
+        # imported, see lora_merge.run.copy_ahead): kept, so the file is not truncated.
+        self._written = frozenset(written)
         self._offsets: dict[str, int] = {}
         offset = len(self._header)
         for spec in specs:
             self._offsets[spec.name] = offset
             offset += spec.nbytes
         self._completed: set[str] = {spec.name for spec in specs if spec.nbytes == 0}
+        self._completed |= self._written
         self._lock = threading.Lock()
         self._file: PositionalFile | None = None
 
     def __enter__(self) -> ShardWriter:
         with write_errors_as_output_errors(self.path):
-            self._file = PositionalFile(self.path, writable=True)
+            self._file = PositionalFile(self.path, writable=True, truncate=not self._written)
             self._file.write_all(memoryview(self._header), 0)
         return self
 
@@ -158,19 +154,3 @@ class TensorSlot:
             self._shard._complete(self.spec.name)
             # The disk writes the finished tensor back while later ones are merged.
             self._file.done_with(self._position - self.spec.nbytes, self.spec.nbytes)
-
-
-@contextmanager
-def write_errors_as_output_errors(path: Path) -> Iterator[None]:
-    """Turn a failed write (full disk, quota, I/O error) into the user-facing OutputError."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason = "the disk is full"
-        else:
-            reason = err.strerror or str(err)
-        raise OutputError(
-            f"writing {path.name} failed: {reason}; nothing was written to OUT "
-            "(free some space or choose another OUT)"
-        ) from err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -36,6 +37,7 @@ from lora_merge.options import MergeSettings, SaveMethod
 from lora_merge.plan.model import MergePlan
 from lora_merge.plan.requantize import requantized_config
 from lora_merge.plan.shards import shard_layout, shards_of_part
+from lora_merge.run.copy_ahead import CopiesAhead
 from lora_merge.run.shards import (
     Shards,
     ShardStream,
@@ -71,6 +73,7 @@ def write_output(
     recipe: CombineRecipe | None = None,
     uploads: KeepShards | ShardUploads | None = None,
     hashes_ahead: FileHashes | None = None,
+    copies_ahead: CopiesAhead | None = None,
 ) -> Written:
     """Stream the planned tensors into shards and finish OUT.
 
@@ -78,6 +81,8 @@ def write_output(
     says how they were combined. A part (``settings.part``) writes only its own
     shards into the parts' shared area and leaves OUT to the final step. Each
     finished shard is handed to ``uploads`` (``--low-disk`` uploads and deletes it).
+    ``copies_ahead`` (a plain run's untouched tensors, being copied since before torch
+    was imported) gives its folder to OUT's staging folder, and its copies to the stream.
 
     Returns:
         The shards written or kept, how many were kept, and notes for the user.
@@ -102,11 +107,25 @@ def write_output(
         {path: (remote.size, remote.sha256) for path, remote in base.remote.items()},
         hashes_ahead,
     )
+    # A resumable run or a part stages elsewhere, and an adapter written as it is has no
+    # shards: the copies are not taken (and deleted).
+    staged_ahead = None
+    if (
+        copies_ahead is not None
+        and fingerprint is None
+        and part is None
+        and settings.save_method is not SaveMethod.LORA
+    ):
+        staged_ahead = copies_ahead.hand_over(out)
     progress, on_bytes = progress_bar(
         sum(shard_bytes(t) for _, t in to_write), not settings.quiet and sys.stderr.isatty()
     )
     with (
-        StagingFolder(out, fingerprint, part, keep_verified=settings.resume) as staging,
+        StagingFolder(
+            out, fingerprint, part, keep_verified=settings.resume, path=staged_ahead
+        ) as staging,
+        # Stopped before the staging folder is committed or deleted.
+        closing(copies_ahead) if copies_ahead is not None else nullcontext(),
         open_base(base, settings.device, plan) as base_reader,
         progress,
     ):
@@ -115,7 +134,9 @@ def write_output(
             on_bytes(plan.total_bytes)
             staging.commit()
             return Written([("adapter", [])], 0, None, [])  # one file, the adapter's
-        stream = ShardStream(base_reader, adapter, settings, tile_budget, on_bytes, metadata)
+        stream = ShardStream(
+            base_reader, adapter, settings, tile_budget, on_bytes, metadata, copies_ahead
+        )
         kept = write_shards(staging, to_write, stream, uploads)
         if settings.verify:
             verify_output(staging.path, to_write, base.entries, adapter, base_reader)

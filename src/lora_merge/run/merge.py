@@ -21,6 +21,7 @@ from lora_merge.finish.shard_sink import KeepShards
 from lora_merge.io.hashing import FileHashes
 from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.options import MergeSettings, SaveMethod
+from lora_merge.run.copy_ahead import CopiesAhead
 from lora_merge.run.folder import write_output
 from lora_merge.run.prepare import prepare
 
@@ -89,12 +90,17 @@ class MergeSummary:
         return summary
 
 
-def run_merge(settings: MergeSettings, hashes_ahead: FileHashes | None = None) -> MergeSummary:
+def run_merge(
+    settings: MergeSettings,
+    hashes_ahead: FileHashes | None = None,
+    copies_ahead: CopiesAhead | None = None,
+) -> MergeSummary:
     """Merge a LoRA adapter into its base model and write a standalone model folder.
 
     Args:
         settings: what to merge, where to, and how, checked.
         hashes_ahead: input files' sha256 started before the run, or None.
+        copies_ahead: BASE's untouched tensors, being copied since before the run, or None.
 
     Returns:
         A summary of the work done.
@@ -104,7 +110,7 @@ def run_merge(settings: MergeSettings, hashes_ahead: FileHashes | None = None) -
             written to OUT in that case and the inputs are never modified.
     """
     with _shard_uploads(settings) as uploads:
-        summary = _merge_reporting_permissions(settings, uploads, hashes_ahead)
+        summary = _merge_reporting_permissions(settings, uploads, hashes_ahead, copies_ahead)
         if settings.push_to_hub is None:
             return summary
         if settings.low_disk:  # committed by ShardUploads before OUT appeared
@@ -138,11 +144,14 @@ def _shard_uploads(settings: MergeSettings) -> KeepShards | ShardUploads:
 
 
 def _merge_reporting_permissions(
-    settings: MergeSettings, uploads: KeepShards | ShardUploads, hashes_ahead: FileHashes | None
+    settings: MergeSettings,
+    uploads: KeepShards | ShardUploads,
+    hashes_ahead: FileHashes | None,
+    copies_ahead: CopiesAhead | None,
 ) -> MergeSummary:
     """:func:`_merge`, with a permission problem turned into an error that names the path."""
     try:
-        return _merge(settings, uploads, hashes_ahead)
+        return _merge(settings, uploads, hashes_ahead, copies_ahead)
     except PermissionError as err:
         # Whatever step met it, a permission problem is the user's to fix: name the path.
         path = Path(err.filename or "?")
@@ -154,7 +163,10 @@ def _merge_reporting_permissions(
 
 
 def _merge(
-    options: MergeSettings, uploads: KeepShards | ShardUploads, hashes_ahead: FileHashes | None
+    options: MergeSettings,
+    uploads: KeepShards | ShardUploads,
+    hashes_ahead: FileHashes | None,
+    copies_ahead: CopiesAhead | None,
 ) -> MergeSummary:
     started = time.perf_counter()
     with prepare(options) as prepared:  # resolve inputs -> read adapter -> plan
@@ -172,6 +184,7 @@ def _merge(
             prepared.recipe,
             uploads,
             hashes_ahead,
+            copies_ahead,
         )
         for note in written_shards.notes:
             warnings.warn(note, LoraMergeWarning, stacklevel=2)

@@ -9,8 +9,9 @@ inside OUT's staging folder.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -23,10 +24,12 @@ from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.dequantizing_reader import DequantizingReader
 from lora_merge.io.http_reader import RangedTensorReader
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
+from lora_merge.io.shard_writer import encode_safetensors_header
 from lora_merge.io.training_quantization_reader import TrainingQuantizationReader
 from lora_merge.options import MergeSettings
 from lora_merge.plan.fingerprint import merge_fingerprint
 from lora_merge.plan.model import MergePlan, PlannedTensor
+from lora_merge.run.copy_ahead import CopiedRange, CopiesAhead
 from lora_merge.stream.executor import write_shard
 
 if TYPE_CHECKING:  # imported for a --low-disk run only
@@ -44,6 +47,7 @@ class ShardStream(NamedTuple):
     tile_budget: int
     on_bytes: Callable[[int], None]
     metadata: dict[str, str]
+    copies_ahead: CopiesAhead | None = None
 
 
 def write_shards(
@@ -58,28 +62,63 @@ def write_shards(
         How many shards were kept from an earlier run (or from the parts).
     """
     kept = 0
-    settings = stream.settings
     for file_name, tensors in shards:
         if uploads.has_shard(file_name) or staging.has_verified_shard(file_name):
             kept += 1
             stream.on_bytes(shard_bytes(tensors))
             continue
-        write_shard(
-            staging.shard_path(file_name),
-            tensors,
-            stream.base_reader,
-            stream.adapter,
-            settings.device,
-            stream.tile_budget,
-            stream.on_bytes,
-            settings.allow_nonfinite,
-            stream.metadata,
-            settings.threads,
-        )
+        path = staging.shard_path(file_name)
+        written = copied_ahead(stream, file_name, tensors)
+        _write_shard(path, tensors, stream, written)
+        if written and stream.copies_ahead and not stream.copies_ahead.settle(file_name):
+            # A copy ahead failed (the disk?): the shard again, whole, reporting the error;
+            # its bytes were counted once.
+            _write_shard(path, tensors, stream._replace(on_bytes=lambda _: None))
         staging.record_shard(file_name)
         uploads.shard_written(staging.path / file_name)
+    if stream.copies_ahead is not None:
+        stream.copies_ahead.discard_unclaimed()
     uploads.wait()
     return kept
+
+
+def _write_shard(
+    path: Path, tensors: list[PlannedTensor], stream: ShardStream, written: Collection[str] = ()
+) -> None:
+    settings = stream.settings
+    write_shard(
+        path,
+        tensors,
+        stream.base_reader,
+        stream.adapter,
+        settings.device,
+        stream.tile_budget,
+        stream.on_bytes,
+        settings.allow_nonfinite,
+        stream.metadata,
+        settings.threads,
+        written,
+    )
+
+
+def copied_ahead(stream: ShardStream, file_name: str, tensors: list[PlannedTensor]) -> set[str]:
+    """The tensors of a shard whose bytes are copied since before torch was imported, exactly
+    as this run's plan copies them (see :mod:`lora_merge.run.copy_ahead`).
+
+    A tensor counts only when the shard's header is the one foreseen, the plan copies it
+    byte for byte, and the very bytes it copies (file, offset, length) are those copied.
+    """
+    if stream.copies_ahead is None:
+        return set()
+    header = encode_safetensors_header([t.spec for t in tensors], stream.metadata)
+    byte_copies = {}
+    for tensor in tensors:
+        if tensor.is_byte_copy:
+            entry = stream.base_reader.entry(tensor.source_key)
+            byte_copies[tensor.spec.name] = CopiedRange(
+                entry.path.resolve(), entry.start, entry.nbytes
+            )
+    return stream.copies_ahead.claim(file_name, header, byte_copies)
 
 
 def resume_fingerprint(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -201,6 +201,7 @@ def write_shard(
     allow_nonfinite: bool = False,
     metadata: dict[str, str] | None = None,
     threads: int = 1,
+    written: Collection[str] = (),
 ) -> None:
     """Write one output shard.
 
@@ -221,18 +222,26 @@ def write_shard(
             (tensors copied unchanged from the base are never inspected).
         metadata: the header's ``__metadata__`` (default: just the format).
         threads: CPU threads that merge at once (``--threads``).
+        written: tensors already in the file under this shard's header (copied ahead,
+            see :mod:`lora_merge.run.copy_ahead`): skipped, and counted in ``on_bytes``.
 
     Raises:
         NonFiniteError: a merged, replaced or converted tensor has NaN or Inf.
     """
     workers = stream_workers(device, threads)
     with (
-        ShardWriter(path, [t.spec for t in tensors], metadata) as writer,
+        ShardWriter(path, [t.spec for t in tensors], metadata, written) as writer,
         # Even one thread keeps torch to one core: --threads N means N cores busy.
         _single_threaded_torch(device.type == "cpu"),
     ):
         # A 4-bit group's scales and quant state are written with its weight.
-        work = [t for t in tensors if t.spec.nbytes and t.written_with is None]
+        work = [
+            t
+            for t in tensors
+            if t.spec.nbytes and t.written_with is None and t.spec.name not in written
+        ]
+        if written:
+            on_bytes(sum(t.spec.nbytes for t in tensors if t.spec.name in written))
         job = _ShardJob(
             writer, work, base, adapter, device, tile_budget, on_bytes, allow_nonfinite, workers
         )

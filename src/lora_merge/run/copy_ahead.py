@@ -1,0 +1,467 @@
+"""Copy BASE's untouched tensors into OUT's shards while ``import torch`` runs.
+
+Most of a merge's output can be bytes copied from BASE: every tensor the adapter
+does not touch, when its dtype does not change (1.1B with q/v LoRA: 1.99 of its
+2.2 GB). ``copy_file_range`` copies them in the kernel and lets go of the GIL, and
+``import torch`` takes about 1.5 s on one core while the others wait: started
+before the import, the copy runs on a core the import leaves idle. On 2 cores
+with ``--no-hash-inputs`` that made a 1.1B q/v merge 13% faster; with the input
+hashing, which fills that core already, no faster (docs/benchmarks.md).
+
+The plan itself is made later, with torch. Here, with ``json`` and ``struct``
+only, a plain merge is foreseen from what the plan is made of: BASE's index and
+shard headers (the output keeps BASE's tensors, names, dtypes, shapes and order),
+``--max-shard-size`` (the output's shards, :func:`~lora_merge.plan.shards.shard_layout`),
+the inputs' labels and the arithmetic (each shard header's metadata,
+:mod:`lora_merge.finish.shard_metadata`), and the adapter's keys (which modules
+it touches). Each foreseen shard is written into a staging folder of OUT
+(:mod:`lora_merge.finish.staging`): its header, then the tensors no adapter key
+names.
+
+A guess is never trusted. When the run reaches a shard
+(:func:`lora_merge.run.shards.write_shards`) it encodes the header from its plan
+and claims the copies (:meth:`CopiesAhead.claim`): a shard whose header is not
+byte for byte the one foreseen stops the copying for good and is written whole,
+as without it; otherwise the run skips exactly the tensors its own plan copies
+from the very bytes (file, offset, length) that are copied here, writes the
+shard's other tensors meanwhile, and waits for the copies before it moves on
+(:meth:`CopiesAhead.settle`; one that failed makes it write the shard whole).
+Shards that the run does not write are removed before OUT appears.
+
+Nothing is copied ahead where the plan needs more than headers to foresee
+(a quantized BASE, ``--dtype``, another ``--save-method``, several adapters or a
+combination, an adapter that is not LoRA, ``--unmerge``, an initial state,
+``--qlora-base``, ``--part``, ``--resume``, ``--low-disk``), nor when OUT's folder
+is missing, lies inside an input, or its disk lacks room for the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from lora_merge.compute.arithmetic import merge_arithmetic
+from lora_merge.errors import UsageError
+from lora_merge.finish.shard_metadata import InputIdentity, shard_metadata_of
+from lora_merge.finish.staging import staging_name
+from lora_merge.io.hub_names import (
+    CONFIG_NAME,
+    SAFETENSORS_INDEX_FILE,
+    SAFETENSORS_MAX_HEADER_LENGTH,
+    SAFETENSORS_SINGLE_FILE,
+)
+from lora_merge.io.positional import PositionalFile
+from lora_merge.io.safetensors_header import (
+    HEADER_LENGTH_BYTES,
+    METADATA_KEY,
+    HeaderTensor,
+    encode_header,
+)
+from lora_merge.options.settings import MergeOptions
+from lora_merge.options.values import SaveMethod, parse_size
+from lora_merge.plan.shards import shard_layout
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Free space left on OUT's disk after the copies, at least: the run checks the whole
+# output's room itself, later; the copies must not be what fills the disk.
+FREE_SPACE_MARGIN_BYTES = 2**30
+# Bytes per element of each safetensors dtype name, those a plain base stores.
+ITEMSIZE_BY_DTYPE_NAME = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+# A PEFT key's component from which on it names the adapter's own tensors, not the module's.
+ADAPTER_PARTS = ("lora_", "modules_to_save", "trainable_tokens", "original_module")
+PEFT_PREFIX = "base_model.model."
+
+
+class CopiedRange(NamedTuple):
+    """Bytes copied from BASE: the file (resolved), the absolute offset and the length."""
+
+    path: Path
+    start: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One BASE tensor as its shard's header lists it; a copy keeps its name, dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: CopiedRange
+    written_with: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes
+
+    @property
+    def spec(self) -> StoredTensor:
+        """What :func:`~lora_merge.plan.shards.shard_layout` reads: the output is the tensor itself."""
+        return self
+
+
+@dataclass
+class ShardCopies:
+    """One foreseen output shard: its header, and the tensors copied into it.
+
+    Attributes:
+        file_name: the shard's file name in OUT.
+        header: its encoded header, as the shard writer would write it.
+        planned: output tensor name -> the BASE bytes to copy there, and where in the
+            shard they go.
+        copied: the names whose bytes are in place (filled by the copying thread).
+        done: set once the thread is finished with this shard (or stopped).
+        claimed: the names the run skips, counting on the copies (:meth:`CopiesAhead.claim`).
+    """
+
+    file_name: str
+    header: bytes
+    planned: dict[str, tuple[CopiedRange, int]]
+    copied: set[str] = field(default_factory=set)
+    claimed: set[str] = field(default_factory=set)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class CopiesAhead:
+    """Untouched tensors being copied into OUT's staging folder by one thread.
+
+    A context manager: leaving it stops the thread and, unless the run's staging
+    folder took the folder over (:meth:`hand_over`), deletes what was copied.
+
+    Args:
+        out: OUT, absolute, as the run resolves it.
+        shards: the foreseen shards, in the order the run writes them.
+
+    Attributes:
+        folder: the staging folder it creates and copies into: named as the run's own
+            (this process, a token of its own), so that the run can take it over.
+        taken: the output tensors the run took from the copies instead of writing them.
+    """
+
+    def __init__(self, out: Path, shards: Sequence[ShardCopies]) -> None:
+        self.folder = out.parent / staging_name(out, os.getpid(), uuid.uuid4().hex[:8])
+        self._shards = {shard.file_name: shard for shard in shards}
+        self._run_files: set[str] = set()
+        self.taken: set[str] = set()
+        self._handed_over = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._copy_all, name="lora-merge-copy-ahead")
+
+    @property
+    def shards(self) -> list[ShardCopies]:
+        """The foreseen shards, in the order they are copied."""
+        return list(self._shards.values())
+
+    def __enter__(self) -> CopiesAhead:
+        try:
+            self.folder.mkdir()
+        except OSError:
+            return self  # never started, never handed over: the run writes every tensor
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop copying; delete the folder unless the run's staging folder took it over."""
+        self._halt()
+        if not self._handed_over:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def hand_over(self, out: Path) -> Path | None:
+        """The folder, now OUT's staging folder's to keep or delete; None (and the copies
+        deleted) when it is not a staging folder of ``out`` (the run resolved OUT otherwise)
+        or the copying never started (outside a ``with`` block, or the folder could not
+        be made)."""
+        token = self.folder.name.rsplit("-", 1)[-1]
+        started = self._thread.ident is not None
+        if not started or self.folder != out.parent / staging_name(out, os.getpid(), token):
+            self.close()
+            return None
+        self._handed_over = True
+        return self.folder
+
+    def claim(
+        self, file_name: str, header: bytes, byte_copies: Mapping[str, CopiedRange]
+    ) -> set[str]:
+        """The tensors of shard ``file_name`` that the copies write, for the run to skip.
+
+        The copying may still be under way: the run writes the shard's other tensors
+        meanwhile (other byte ranges of the same file, under the same header), then
+        calls :meth:`settle`.
+
+        Args:
+            file_name: the shard the run is about to write.
+            header: its header, encoded from the run's plan.
+            byte_copies: the tensors the run's plan copies byte for byte, and from where.
+
+        Returns:
+            The names of those whose very bytes (file, offset, length) are copied into
+            the shard; none when the header is not the one foreseen (the copying then
+            stops for good: the guess was wrong, and the run writes the shard whole),
+            or when the run's staging folder did not take the copies over.
+        """
+        self._run_files.add(file_name)
+        shard = self._shards.get(file_name)
+        if not self._handed_over or shard is None or shard.header != header:
+            self._halt()
+            return set()
+        shard.claimed = {
+            name for name, (source, _) in shard.planned.items() if byte_copies.get(name) == source
+        }
+        return shard.claimed
+
+    def settle(self, file_name: str) -> bool:
+        """Wait until shard ``file_name``'s copies are done; False if one of those claimed
+        failed (a full disk, an input gone), and the run must write the shard again."""
+        shard = self._shards.get(file_name)
+        if shard is None or not shard.claimed:
+            return True
+        shard.done.wait()
+        if not shard.claimed <= shard.copied:
+            return False
+        self.taken |= shard.claimed
+        return True
+
+    def discard_unclaimed(self) -> None:
+        """Stop copying and remove the shards the run did not write (another layout than foreseen)."""
+        self._halt()
+        for file_name in self._shards.keys() - self._run_files:
+            (self.folder / file_name).unlink(missing_ok=True)
+
+    def _halt(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _copy_all(self) -> None:
+        """The thread: each shard's header, then its untouched tensors, until done or stopped."""
+        sources: dict[Path, PositionalFile] = {}
+        try:
+            for shard in self._shards.values():
+                if self._stop.is_set():
+                    break
+                self._copy_shard(shard, sources)
+        except OSError:
+            # A full disk, a file gone: what is not copied, the run writes itself (and
+            # reports the error, if it is one, where it meets it).
+            pass
+        finally:
+            for source in sources.values():
+                source.close()
+            for shard in self._shards.values():
+                shard.done.set()
+
+    def _copy_shard(self, shard: ShardCopies, sources: dict[Path, PositionalFile]) -> None:
+        try:
+            # Never truncated: the run may already be writing the shard's other tensors.
+            with PositionalFile(
+                self.folder / shard.file_name, writable=True, truncate=False
+            ) as out:
+                out.write_all(memoryview(shard.header), 0)
+                for name, (source, offset) in shard.planned.items():
+                    if self._stop.is_set():
+                        return
+                    if source.path not in sources:
+                        sources[source.path] = PositionalFile(source.path)
+                    copied = sources[source.path].copy_to(out, source.nbytes, source.start, offset)
+                    if copied == source.nbytes:
+                        # The disk writes the copy back while torch is imported, as the
+                        # shard writer does for every finished tensor.
+                        out.done_with(offset, copied)
+                        shard.copied.add(name)
+        finally:
+            shard.done.set()
+
+
+def copy_untouched_ahead(options: MergeOptions) -> CopiesAhead | None:
+    """Foresee a plain merge's shards from JSON and headers, ready to copy BASE's untouched tensors.
+
+    Args:
+        options: the merge's options, unchecked: a mistake is reported by the run itself.
+
+    Returns:
+        The copies, to start with ``with`` and hand to :func:`lora_merge.api.merge`;
+        None where nothing is copied ahead (see the module docstring).
+    """
+    if not _foreseeable(options):
+        return None
+    try:
+        return _foreseen_copies(options)
+    except (
+        OSError,
+        ValueError,  # JSON, offsets, a size option
+        LookupError,
+        TypeError,
+        AttributeError,
+        RecursionError,  # a header nested thousands deep
+        UsageError,
+        struct.error,
+    ):
+        return None  # the run reads the same files and reports what is wrong with them
+
+
+def _foreseeable(options: MergeOptions) -> bool:
+    """Whether the options leave the output a plain merge's: BASE's tensors, dtypes and order."""
+    try:
+        save_method = SaveMethod.parse(options.save_method, "--save-method")
+    except UsageError:
+        return False
+    return (
+        save_method is SaveMethod.MERGED_16BIT
+        and options.dtype == "auto"
+        and not options.combines
+        and not options.unmerge
+        and options.initial_adapter is None
+        and not options.residual_base
+        and not options.recompute_initial
+        and not options.qlora_base
+        and options.rank is None
+        and options.part is None
+        and not options.resume
+        and not options.low_disk
+    )
+
+
+def _foreseen_copies(options: MergeOptions) -> CopiesAhead | None:
+    base = Path(options.base).expanduser()
+    adapter = Path(options.adapters[0]).expanduser()
+    given_out = Path(options.out).expanduser()
+    if not (base.is_dir() and adapter.is_dir() and given_out.parent.is_dir()):
+        return None  # Hub ids are resolved by the run
+    base, adapter = base.resolve(), adapter.resolve()
+    out = given_out.absolute().parent.resolve() / given_out.name
+    if any(out.parent.is_relative_to(folder) for folder in (base, adapter)):
+        return None  # the staging folder would appear inside an input
+    if out.exists() and not options.overwrite:
+        return None  # the run refuses it
+    config = json.loads((base / CONFIG_NAME).read_text(encoding="utf-8"))
+    adapter_config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if "quantization_config" in config or adapter_config.get("peft_type") != "LORA":
+        return None
+    tensors = _base_tensors(base)
+    touched = _adapter_modules(adapter / ADAPTER_WEIGHTS)
+    metadata = shard_metadata_of(
+        InputIdentity.of("base", str(options.base), base),
+        InputIdentity.of("adapter", str(options.adapters[0]), adapter),
+        merge_arithmetic(bool(adapter_config.get("use_dora"))),
+    )
+    shards = []
+    for file_name, members in shard_layout(tensors, parse_size(options.max_shard_size)):
+        header = encode_header(
+            [HeaderTensor(t.name, t.dtype, t.shape, t.nbytes) for t in members], metadata
+        )
+        planned = {}
+        offset = len(header)
+        for tensor in members:
+            if tensor.nbytes and not _is_touched(tensor.name, touched):
+                planned[tensor.name] = (tensor.source, offset)
+            offset += tensor.nbytes
+        shards.append(ShardCopies(file_name, header, planned))
+    copied_bytes = sum(r.nbytes for s in shards for r, _ in s.planned.values())
+    if shutil.disk_usage(out.parent).free < copied_bytes + FREE_SPACE_MARGIN_BYTES:
+        return None
+    return CopiesAhead(out, shards)
+
+
+def _base_tensors(base: Path) -> list[StoredTensor]:
+    """BASE's tensors in the run's order: shard by shard as the index first names them,
+    then by offset (:func:`lora_merge.inputs.resolve.resolve_base`)."""
+    index = base / SAFETENSORS_INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    else:
+        names = [SAFETENSORS_SINGLE_FILE]
+    tensors: list[StoredTensor] = []
+    for name in names:
+        if Path(name).name != name:
+            raise ValueError(f"{name!r} is not a file name")  # the run refuses it
+        tensors += _stored_tensors(base / name)
+    return tensors
+
+
+def _stored_tensors(path: Path) -> list[StoredTensor]:
+    """One shard's tensors, by (offset, size) as the run sorts them; a dtype a plain base
+    does not store raises KeyError (nothing is copied ahead)."""
+    header_length, header = _raw_header(path)
+    resolved = path.resolve()  # as the run's entries will be compared
+    data_start = HEADER_LENGTH_BYTES + header_length
+    tensors = []
+    for name, info in header.items():
+        if name == METADATA_KEY:
+            continue
+        begin, end = info["data_offsets"]
+        shape = tuple(int(d) for d in info["shape"])
+        itemsize = ITEMSIZE_BY_DTYPE_NAME[info["dtype"]]
+        elements = 1
+        for dimension in shape:
+            elements *= dimension
+        if not 0 <= begin <= end or end - begin != elements * itemsize:
+            raise ValueError(f"{name!r} has inconsistent offsets")  # the run says which
+        source = CopiedRange(resolved, data_start + begin, end - begin)
+        tensors.append(StoredTensor(name, info["dtype"], shape, source))
+    tensors.sort(key=lambda t: (t.source.start, t.nbytes))
+    return tensors
+
+
+def _raw_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """A safetensors file's header length and JSON, unchecked (the run checks it)."""
+    with open(path, "rb") as handle:
+        (header_length,) = struct.unpack("<Q", handle.read(HEADER_LENGTH_BYTES))
+        file_size = os.fstat(handle.fileno()).st_size
+        if header_length > min(SAFETENSORS_MAX_HEADER_LENGTH, file_size - HEADER_LENGTH_BYTES):
+            raise ValueError(f"{path} has an implausible header length")  # never read whole
+        header = json.loads(handle.read(header_length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has no header object")
+    return header_length, header
+
+
+def _adapter_modules(path: Path) -> set[str]:
+    """The modules the adapter's keys name, without PEFT's prefix (``model.layers.0.self_attn.q_proj``)."""
+    _, header = _raw_header(path)
+    modules = set()
+    for key in header:
+        if key == METADATA_KEY:
+            continue
+        parts = key.removeprefix(PEFT_PREFIX).split(".")
+        end = next(
+            (i for i, part in enumerate(parts) if part.startswith(ADAPTER_PARTS)), len(parts) - 1
+        )
+        modules.add(".".join(parts[:end]))
+    return modules
+
+
+def _is_touched(tensor_name: str, modules: set[str]) -> bool:
+    """Whether an adapter module may change the tensor: one names the other's module as a
+    dotted suffix (an adapter saved with or without the model's ``model.`` prefix).
+
+    Only a guess to save copying: the run decides which tensors are byte copies.
+    """
+    module = tensor_name.rsplit(".", 1)[0]
+    return any(
+        module == name or module.endswith(f".{name}") or name.endswith(f".{module}")
+        for name in modules
+    )
