@@ -304,9 +304,9 @@ class _ShardJob:
         if tensor.token_rows is not None:
             tiles = with_token_rows(tiles, tensor.token_rows, self.adapter)
         for tile in tiles:
-            if not self.allow_nonfinite and not all_finite(tile):
+            if not (self.allow_nonfinite or tile.finite or all_finite(tile.values)):
                 raise NonFiniteError(_nonfinite_message(tensor, self.adapter))
-            yield tile
+            yield tile.values
             if self.stop.is_set():
                 return
 
