@@ -62,12 +62,19 @@ class TileBuffers:
     """The two byte buffers a shard's tiles reuse: one for rows read, one for rows written.
 
     Each tile is written before the next is read, so one of each suffices.
+
+    Args:
+        tile_bytes: a tile's merge workspace (see ``tile_budget_for``); most tiles read
+            and write at most this many bytes.
+        io_bytes: the size of each buffer (at least ``tile_bytes``): a LoRA product's
+            tile reads this many, merged in blocks of ``tile_bytes`` (see ``_ProductRows``).
     """
 
-    def __init__(self, tile_bytes: int) -> None:
+    def __init__(self, tile_bytes: int, io_bytes: int | None = None) -> None:
         self.tile_bytes = tile_bytes
-        self.read = torch.empty(tile_bytes, dtype=torch.uint8)
-        self._output = torch.empty(tile_bytes, dtype=torch.uint8)
+        self.io_bytes = max(tile_bytes, io_bytes or 0)
+        self.read = torch.empty(self.io_bytes, dtype=torch.uint8)
+        self._output = torch.empty(self.io_bytes, dtype=torch.uint8)
 
     def output(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The output buffer viewed as ``shape`` of ``dtype``."""
@@ -83,6 +90,7 @@ def output_tiles(
     adapter: TensorSource,
     device: torch.device,
     buffers: TileBuffers,
+    io_sized: bool = False,
 ) -> Iterator[OutputTile]:
     """The output tensor's values, as consecutive row tiles in CPU buffers from ``buffers``.
 
@@ -92,6 +100,9 @@ def output_tiles(
         adapter: the adapter's tensors (factors, biases, magnitudes).
         device: where the merge arithmetic runs.
         buffers: the calling thread's tile buffers; each tile is valid until the next.
+        io_sized: a LoRA product's tiles may fill the buffers (``buffers.io_bytes``);
+            otherwise every tile holds at most ``buffers.tile_bytes``, as a re-quantizing
+            writer counts its tiles.
     """
     spec, delta = tensor.spec, tensor.delta
     small = isinstance(delta, LoraBias) or not spec.shape or tensor.source == "zeros"
@@ -137,7 +148,7 @@ def output_tiles(
         yield from _unchecked(experts)
         return
     product = _ProductRows(
-        tensor, delta, source, adapter, device, buffers, tile_rows, compute_dtype
+        tensor, delta, source, adapter, device, buffers, tile_rows, compute_dtype, io_sized
     )
     yield from product.tiles()
 
@@ -244,9 +255,10 @@ class _ProductRows:
     On the CPU a tile read (and written) spans several blocks of the workspace:
     the arithmetic runs block by block, each block's product, sum, check and
     rounding in the L2 cache before the next, while the reads, writes and Python
-    around them are paid once per tile. A bfloat16 tile fills the read and output
-    buffers with twice the rows one float32 workspace holds (measured, TinyLlama
-    shape, one thread: 0.2 CPU-s less per 1e9 merged values than one block a tile).
+    around them are paid once per tile (``TileBuffers.io_bytes``: a bfloat16 tile
+    of 2 MiB holds 8 blocks of a 512 KiB float32 workspace). Measured on the
+    TinyLlama shape, one thread: 0.2 user CPU-s less per 1e9 merged values than
+    tiles of 1 block, and as much again against tiles of 2.
     """
 
     def __init__(
@@ -259,17 +271,20 @@ class _ProductRows:
         buffers: TileBuffers,
         tile_rows: int,
         compute_dtype: torch.dtype,
+        io_sized: bool,
     ) -> None:
         self.tensor, self.delta, self.source = tensor, delta, source
         self.device, self.buffers, self.tile_rows = device, buffers, tile_rows
         self.row_elements = max(1, int(torch.Size(tensor.spec.shape[1:]).numel()))
-        # Rows per read: what the read and output buffers hold (a dequantized tile at
-        # most tile_bytes / 2 values, as dequantize_workspace_bound counts). On a GPU
-        # one block per tile, as large as its budget allows.
-        stored = max(2, tensor.source_dtype.itemsize, tensor.spec.dtype.itemsize)
+        # Rows per read: what the read and output buffers hold. A dequantized or
+        # as-trained weight is read a block at a time (its reader's workspace is
+        # counted for tiles of tile_bytes), and on a GPU a block is already as large
+        # as the budget allows.
         self.read_rows = tile_rows
-        if device.type == "cpu":
-            self.read_rows = max(tile_rows, buffers.tile_bytes // (self.row_elements * stored))
+        plain_read = not tensor.dequantized and tensor.as_trained is None
+        if io_sized and device.type == "cpu" and plain_read:
+            stored = max(tensor.source_dtype.itemsize, tensor.spec.dtype.itemsize)
+            self.read_rows = max(tile_rows, buffers.io_bytes // (self.row_elements * stored))
         lora_a, lora_b = read_lora_factors(delta, adapter)
         # (A whole delta, ``dense``, has no B: A is already (out, in).)
         self.factors = prepare_lora_factors(
