@@ -409,12 +409,25 @@ def build(
     rank: int,
     shard_size: int,
     seed: int,
+    experts: int | None = None,
+    vocab: int | None = None,
 ) -> dict:
     shape = SHAPES[shape_name]
     quantized = format != "bf16"
     if isinstance(shape, DeepSeekShape):
         layers = 3 if layers is None else layers
         name = f"{shape_name}-{layers}l-{format}"
+        # Fewer routed experts or a smaller vocabulary (real widths otherwise): a slice
+        # whose memory figures are the full one's (an expert at a time, the vocabulary
+        # copied) on a disk that cannot hold 15 GB a layer and its bf16 merge.
+        if experts is not None:
+            shape = replace(shape, experts=experts)
+            name = f"{shape_name}-{layers}l-{experts}e-{format}"
+        if vocab is not None:
+            shape = replace(shape, vocab=vocab)
+            name = f"{name.rsplit('-', 1)[0]}-v{vocab}-{format}"
+    elif experts is not None or vocab is not None:
+        raise SystemExit("--experts and --vocab are for the DeepSeek shapes")
     elif layers is None or layers == shape.layers:
         layers = shape.layers
         name = f"{shape_name}-{format}"
@@ -493,9 +506,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=5 * 10**9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--experts", type=int, default=None, help="DeepSeek: routed experts a layer (default 256)"
+    )
+    parser.add_argument(
+        "--vocab", type=int, default=None, help="DeepSeek: vocabulary (default 129280)"
+    )
     args = parser.parse_args(argv)
     built = build(
-        args.shape, args.layers, args.format, args.workdir, args.rank, args.shard_size, args.seed
+        args.shape,
+        args.layers,
+        args.format,
+        args.workdir,
+        args.rank,
+        args.shard_size,
+        args.seed,
+        args.experts,
+        args.vocab,
     )
     print(json.dumps(built))
     return 0

@@ -770,10 +770,17 @@ def compressed_tensors_mxfp4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return MXFP4PackedCompressor.compress({"weight": weight, "weight_scale": scale}, scheme)
 
 
-def test_mxfp4_merged_native_is_compressed_tensors_quantizer_on_the_16bit_merge(mxfp4, tmp_path):
+# Bands of a few of an expert's 64 or 96 logical rows, bands of about 50 (both cutting the
+# groups of 32 rows that an exponent covers), and every expert in one tile.
+@pytest.mark.parametrize("max_memory", [TILED_MAX_MEMORY, "40KB", "1GiB"])
+def test_mxfp4_merged_native_is_compressed_tensors_quantizer_on_the_16bit_merge(
+    mxfp4, tmp_path, max_memory
+):
     """Each merged expert, transposed to gpt-oss' stored (out, in), quantized by
     compressed-tensors' MXFP4 quantizer: the same codes (gpt-oss' nibble order is its packing
-    order) and exponents, bit for bit; transformers loads OUT with its MXFP4 quantizer."""
+    order) and exponents, bit for bit, whether the merged rows come in bands that cut the
+    groups of 32 logical rows or whole experts; transformers loads OUT with its MXFP4
+    quantizer."""
     out = tmp_path / "native"
     merge(
         MergeOptions(
@@ -781,7 +788,7 @@ def test_mxfp4_merged_native_is_compressed_tensors_quantizer_on_the_16bit_merge(
             adapter=mxfp4.adapter,
             out=out,
             save_method="merged_native",
-            max_memory=TILED_MAX_MEMORY,
+            max_memory=max_memory,
             quiet=True,
         )
     )

@@ -51,6 +51,11 @@ BLOCKS_SUFFIX = "_blocks"
 SCALES_SUFFIX = "_scales"
 # Values decoded at once (1 MiB of float32), whatever the expert's size.
 MXFP4_CHUNK_ELEMENTS = 2**18
+# Merged values re-quantized at once (``merged_native``): whole group rows of 32 logical
+# rows, or part of one's stored rows, so about 1.5 MB of workspace (bfloat16) whatever the
+# expert's size (2**18, a whole group row of gpt-oss-20b's gate_up_proj, held 3.5 MB more a
+# thread, measured, for a few percent less CPU time).
+MXFP4_QUANTIZE_CHUNK_ELEMENTS = 2**16
 _TABLES_MEMO = "mxfp4.tables"
 _EXPERT_MEMO = "mxfp4.expert"
 
@@ -257,10 +262,21 @@ class Mxfp4Native:
     """How one merged expert tensor is written MXFP4 in gpt-oss' layout (a
     :class:`~lora_merge.io.formats.protocol.NativeTarget`).
 
-    Each expert (``(in, out)``, a tile holds whole experts) is transposed to the
-    stored ``(out, in)`` and quantized by
-    :func:`~lora_merge.compute.mxfp4.quantize_mxfp4`; its blocks and exponents are
-    written as they come, each to its own tensor.
+    A logical row (``in``) of an expert is a stored column, and an E8M0 exponent
+    covers 32 consecutive values of a stored row: 32 consecutive logical rows of
+    one expert, the same 32 for every stored row. So 32 logical rows (a *group
+    row*) quantize on their own, and every block and exponent of the expert is
+    the whole expert's (compressed-tensors' quantizer is per group). The merged
+    rows are therefore quantized as they come, a run of whole group rows at a
+    time (:data:`MXFP4_QUANTIZE_CHUNK_ELEMENTS` values, or part of one group row's
+    stored rows), each transposed to the stored ``(out, in)`` and quantized by
+    :func:`~lora_merge.compute.mxfp4.quantize_mxfp4`; a band that ends inside a
+    group row leaves its last rows (fewer than 32) in a small buffer that the next
+    band completes. A band of logical rows is a band of stored *columns* (a few
+    bytes of every stored row), so its codes are placed into the expert's packed
+    bytes and exponents (17 bits a value, 8.8 MB for gpt-oss-20b's
+    ``gate_up_proj``), which are written once the expert is complete: no expert
+    is ever held unpacked.
 
     Attributes:
         shape: ``(experts, in, out)``.
@@ -283,11 +299,24 @@ class Mxfp4Native:
             TensorSpec(self.scales_name, torch.uint8, (experts, rows, groups)),
         ]
 
+    @property
+    def run_groups(self) -> int:
+        """Group rows (32 logical rows each) quantized at once: at least one (a run of its
+        stored rows at a time where one is more than a run)."""
+        return max(1, MXFP4_QUANTIZE_CHUNK_ELEMENTS // (MXFP4_BLOCK * self.shape[2]))
+
     def held_bytes(self, tile_budget: int) -> int:
-        """One expert's transposed copy and what quantizing it holds (about 16 bytes per
-        value at most: group views, magnitudes, quotients, rounded values, codes), and the
-        expert joined from its bands (tiles may hold part of an expert)."""
-        return 18 * math.prod(self.shape[1:]) + 2 * tile_budget
+        """The expert's packed bytes and exponents (17 bits a value), the rows of a group
+        row a band cut, one run's transposed copy and what quantizing it holds (quotients,
+        magnitudes, signs, rounded values, masks, codes: measured at up to ``8 * itemsize
+        + 3`` bytes a value in bfloat16 and float32, counted as ``9 * itemsize + 4``), and
+        a tile converted to the model's dtype."""
+        _, columns, rows = self.shape
+        itemsize = self.dtype.itemsize
+        expert = columns * rows // 2 + columns * rows // MXFP4_BLOCK
+        partial = itemsize * MXFP4_BLOCK * rows
+        run = min(self.run_groups * MXFP4_BLOCK * rows, MXFP4_QUANTIZE_CHUNK_ELEMENTS)
+        return expert + partial + (10 * itemsize + 4) * run + tile_budget
 
     def write(
         self,
@@ -297,35 +326,59 @@ class Mxfp4Native:
         on_bytes: Callable[[int], None],
     ) -> None:
         _, columns, rows = self.shape
+        groups = columns // MXFP4_BLOCK
         blocks_slot = writer.tensor(self.blocks_name)
         scales_slot = writer.tensor(self.scales_name)
+        blocks = torch.empty((rows, groups, MXFP4_BYTES_PER_BLOCK), dtype=torch.uint8)
+        exponents = torch.empty((rows, groups), dtype=torch.uint8)
+        partial = torch.empty((MXFP4_BLOCK, rows), dtype=self.dtype)
+        run_rows = self.run_groups * MXFP4_BLOCK
+        done = 0  # logical rows of the current expert quantized (a multiple of 32)
+        held = 0  # rows of the next group row in ``partial``
 
-        def write_expert(expert: torch.Tensor) -> None:
-            blocks, exponents = quantize_mxfp4(expert.t().contiguous())
-            on_bytes(blocks_slot.write(blocks.unsqueeze(0)))
-            on_bytes(scales_slot.write(exponents.unsqueeze(0)))
+        def quantize(values: torch.Tensor) -> None:
+            """Whole group rows ``done:done + len(values)`` of the current expert, a run of
+            stored rows at a time when one group row is more than a run (gpt-oss-20b's
+            ``gate_up_proj``: 32 x 5760): each stored row's groups quantize on their own."""
+            nonlocal done
+            first, count = done // MXFP4_BLOCK, values.shape[0] // MXFP4_BLOCK
+            step = max(1, MXFP4_QUANTIZE_CHUNK_ELEMENTS // values.shape[0])
+            for low in range(0, rows, step):
+                high = min(rows, low + step)
+                run_blocks, run_exponents = quantize_mxfp4(values[:, low:high].t().contiguous())
+                blocks[low:high, first : first + count].copy_(run_blocks)
+                exponents[low:high, first : first + count].copy_(run_exponents)
+            done += values.shape[0]
+            if done == columns:
+                on_bytes(blocks_slot.write(blocks.unsqueeze(0)))
+                on_bytes(scales_slot.write(exponents.unsqueeze(0)))
+                done = 0
 
-        # Tiles hold whole experts or bands of one expert's rows, in order: bands are
-        # joined into the expert, which is quantized whole (its blocks span its rows).
-        joined = torch.empty(0, rows, dtype=self.dtype)
-        filled = 0
+        # Tiles hold whole experts or bands of one expert's rows, in order; ``in`` is a
+        # multiple of 32, so no group row spans two experts.
         for tile in tiles:
             values = tile.to("cpu", self.dtype).reshape(-1, rows)
             offset = 0
             while offset < values.shape[0]:
-                if filled == 0 and values.shape[0] - offset >= columns:
-                    write_expert(values[offset : offset + columns])
-                    offset += columns
+                left = values.shape[0] - offset
+                if held:  # complete the group row the last band cut
+                    take = min(MXFP4_BLOCK - held, left)
+                    partial[held : held + take].copy_(values[offset : offset + take])
+                    held += take
+                    offset += take
+                    if held == MXFP4_BLOCK:
+                        quantize(partial)
+                        held = 0
                     continue
-                if joined.shape[0] != columns:
-                    joined = torch.empty(columns, rows, dtype=self.dtype)
-                take = min(columns - filled, values.shape[0] - offset)
-                joined[filled : filled + take].copy_(values[offset : offset + take])
-                filled += take
-                offset += take
-                if filled == columns:
-                    write_expert(joined)
-                    filled = 0
+                whole = min(left // MXFP4_BLOCK * MXFP4_BLOCK, run_rows, columns - done)
+                if whole:
+                    quantize(values[offset : offset + whole])
+                    offset += whole
+                else:  # fewer than 32 rows left in this tile: kept for the next one
+                    partial[:left].copy_(values[offset:])
+                    held = left
+                    offset += left
+        assert done == 0 and held == 0, f"{name}: tiles ended inside an expert"
 
 
 MXFP4 = Mxfp4Format()

@@ -180,8 +180,10 @@ class NativeTarget(Protocol):
         writer: ShardWriter,
         on_bytes: Callable[[int], None],
     ) -> None:
-        """Quantize the merged rows (tiles of whole rows, in order) and write every tensor of
-        :meth:`stored_specs` to ``writer``, calling ``on_bytes`` with each write's size."""
+        """Quantize the merged rows (tiles of whole rows, in order; for a weight of 3 or
+        more dimensions whose row is wider than a tile, bands of one row's own rows) and
+        write every tensor of :meth:`stored_specs` to ``writer``, calling ``on_bytes`` with
+        each write's size."""
         ...
 
 
