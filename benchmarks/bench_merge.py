@@ -154,6 +154,10 @@ class RunFigures:
         exit_code: Exit status; negative for a signal, as in ``subprocess``.
         timed_out: Whether the run was killed by ``--timeout``.
         last_stderr_line: Last non-empty line the child wrote to stderr.
+        user_s: CPU seconds the child (and the descendants it waited for) ran in user
+            mode, from the same ``wait4`` rusage.
+        system_s: CPU seconds in the kernel, likewise (not the kernel's own write-back
+            threads).
     """
 
     wall_s: float
@@ -166,6 +170,8 @@ class RunFigures:
     exit_code: int = 0
     timed_out: bool = False
     last_stderr_line: str = ""
+    user_s: float = 0.0
+    system_s: float = 0.0
 
     @property
     def succeeded(self) -> bool:
@@ -205,6 +211,16 @@ class BenchmarkCase:
     def median_wall_s(self) -> float:
         """Median wall time over the runs."""
         return statistics.median(run.wall_s for run in self.runs)
+
+    @property
+    def median_user_s(self) -> float:
+        """Median user-mode CPU seconds over the runs."""
+        return statistics.median(run.user_s for run in self.runs)
+
+    @property
+    def median_system_s(self) -> float:
+        """Median kernel-mode CPU seconds over the runs."""
+        return statistics.median(run.system_s for run in self.runs)
 
     @property
     def peak_rss_bytes(self) -> int:
@@ -371,6 +387,8 @@ def run_measured(
         exit_code=process.returncode,
         timed_out=timed_out.is_set(),
         last_stderr_line=last_non_empty_line(stderr_path),
+        user_s=usage.ru_utime,
+        system_s=usage.ru_stime,
     )
 
 
@@ -1030,6 +1048,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "argv": case.argv,
                     "median_wall_s": case.median_wall_s,
                     "median_on_disk_s": case.median_on_disk_s,
+                    "median_user_s": case.median_user_s,
+                    "median_system_s": case.median_system_s,
                     "peak_rss_bytes": case.peak_rss_bytes,
                     "runs": [asdict(run) for run in case.runs],
                 }

@@ -115,6 +115,7 @@ COLUMNS = (
     "on-disk ratio",
     "target",
     "lora-merge peak RSS MB",
+    "lora-merge CPU s (user + sys)",
     "PEFT wall s",
     "PEFT peak RSS MB",
 )
@@ -199,6 +200,7 @@ def table_rows(row: SuiteRow, report: dict[str, object]) -> list[list[str]]:
                 f"{on_disk_ratio:.2f}x",
                 target_cell(target, on_disk_ratio, case["peak_rss_bytes"]),
                 bench_merge.format_mib(case["peak_rss_bytes"]),
+                f"{case['median_user_s']:.2f} + {case['median_system_s']:.2f}",
                 *peft_cells,
             ]
         )

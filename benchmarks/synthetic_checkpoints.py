@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_merge.io.safetensors_header import HeaderTensor, encode_header
+
 if TYPE_CHECKING:
     import torch
 
@@ -357,20 +359,12 @@ def safetensors_header(specs: Sequence[TensorSpec]) -> bytes:
 
     Returns:
         The 8-byte little-endian header length followed by the JSON header,
-        space-padded to a multiple of 8 bytes as the reference writer does.
+        space-padded to a multiple of 8 bytes as the reference writer does
+        (lora-merge's own shard writer encodes its headers the same way).
     """
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for spec in specs:
-        header[spec.name] = {
-            "dtype": spec.dtype,
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + spec.byte_size],
-        }
-        offset += spec.byte_size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded
+    return encode_header(
+        [HeaderTensor(spec.name, spec.dtype, tuple(spec.shape), spec.byte_size) for spec in specs]
+    )
 
 
 def write_safetensors_streaming(path: Path, specs: Sequence[TensorSpec], build_seed: int) -> None:

