@@ -149,7 +149,6 @@ class RunFigures:
             the child exited before the first sample).
         sampled_peak_tree_anon_bytes: Same for RSS minus shared pages.
         flush_s: Seconds ``sync`` took right after the run (not in ``wall_s``).
-        cpu_s: User plus system CPU seconds of the child (its ``rusage``).
         output_bytes: Size of the output folder's files, 0 if none.
         exit_code: Exit status; negative for a signal, as in ``subprocess``.
         timed_out: Whether the run was killed by ``--timeout``.
@@ -165,7 +164,6 @@ class RunFigures:
     sampled_peak_tree_rss_bytes: int | None
     sampled_peak_tree_anon_bytes: int | None
     flush_s: float = 0.0
-    cpu_s: float = 0.0
     output_bytes: int = 0
     exit_code: int = 0
     timed_out: bool = False
@@ -383,7 +381,6 @@ def run_measured(
         max_rss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB.
         sampled_peak_tree_rss_bytes=sampler.peak_rss_bytes if sampled else None,
         sampled_peak_tree_anon_bytes=sampler.peak_anon_bytes if sampled else None,
-        cpu_s=usage.ru_utime + usage.ru_stime,
         exit_code=process.returncode,
         timed_out=timed_out.is_set(),
         last_stderr_line=last_non_empty_line(stderr_path),

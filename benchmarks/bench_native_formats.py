@@ -144,7 +144,7 @@ def run(case: Case, args: argparse.Namespace, index: int) -> None:
     if not figures.succeeded:
         raise SystemExit(f"{case.label}: {figures.last_stderr_line}")
     case.walls.append(figures.wall_s)
-    case.cpus.append(figures.cpu_s)
+    case.cpus.append(figures.user_s + figures.system_s)
     case.rss.append(figures.max_rss_bytes)
     case.output_bytes = tree_size_bytes(out)
     shutil.rmtree(out)
