@@ -26,10 +26,12 @@ Rows (synthetic random-weight bf16 Llama checkpoints, LoRA r=16, alpha=32):
 * ``startup``: ``lora-merge --version`` and ``--help`` beside the interpreter's
   floors (``bench_startup.py``), at least 10 rounds.
 
-The ``target`` column holds issue 17's targets, each ratio being lora-merge +
-sync over ``cp -r`` + sync (the on-disk ratio) with default flags, and a peak
-RSS of at most 300 MB: 1b-all <= 1.5x, 1b-qv <= 1.1x, 1b-nf4 <= 2x (``cp -r``
-of a folder the size of the output), 7b-all <= 1.05x; start-up <= 0.3 s.
+The ``target`` column holds issue 24's targets (issue 17's for 1b-nf4 and
+start-up), each ratio being lora-merge + sync over ``cp -r`` + sync (the on-disk
+ratio) with default flags, and a peak RSS of at most 300 MB: 1b-all <= 2.0x,
+1b-qv <= 1.15x, 1b-nf4 <= 2x (``cp -r`` of a folder the size of the output),
+7b-all <= 1.5x; start-up <= 0.3 s. Issue 24's CPU target (7B: at most 2.0
+CPU-s per GB of output) is the CPU column divided by the output's size.
 ``--before SRC`` adds, in every row, the same merge run from an earlier
 checkout's ``src/`` (and its ``.venv``'s ``lora-merge`` in the start-up table):
 before and after in one run. ``make bench-suite`` runs everything.
@@ -59,7 +61,7 @@ import synthetic_checkpoints  # noqa: E402
 PEFT_RAM_FACTOR = 1.6
 
 
-# Issue 17's targets: lora-merge + sync over ``cp -r`` + sync (the on-disk ratio),
+# Issue 24's targets (17's for NF4 and start-up): lora-merge + sync over ``cp -r`` + sync (the on-disk ratio),
 # default flags, and the peak RSS of every run.
 PEAK_RSS_TARGET_BYTES = 300 * 1024 * 1024
 # ``lora-merge --version`` and ``--help``, whole processes.
@@ -85,9 +87,9 @@ ROWS = (
         "1b",
         "all-linear",
         ("no input hashes:--no-hash-inputs",),
-        target_ratio=1.5,
+        target_ratio=2.0,
     ),
-    SuiteRow("1b-qv", "1.1B q/v only r=16", "1b", "q-v", target_ratio=1.1),
+    SuiteRow("1b-qv", "1.1B q/v only r=16", "1b", "q-v", target_ratio=1.15),
     SuiteRow(
         "1b-nf4",
         "NF4 1.1B -> bf16, all-linear r=16",
@@ -103,7 +105,7 @@ ROWS = (
         "7b",
         "all-linear",
         ("--max-memory 256MB:--max-memory 256MB",),
-        target_ratio=1.05,
+        target_ratio=1.5,
     ),
 )
 
