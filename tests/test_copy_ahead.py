@@ -100,19 +100,22 @@ def test_copies_into_several_shards_hold_the_bases_bytes(tmp_path: Path) -> None
     assert staging_leftovers(tmp_path) == []
 
 
+def merge_foreseen_as(foreseen: MergeOptions, base: Path, adapter: Path, out: Path) -> set[str]:
+    """Merge BASE + ADAPTER into OUT with copies started as ``foreseen`` guessed; the names taken."""
+    copies = copy_untouched_ahead(foreseen)
+    assert copies is not None
+    with copies:
+        merge(MergeOptions(base=base, adapter=adapter, out=out, quiet=True), None, copies)
+    return copies.taken
+
+
 def test_a_wrong_guess_is_written_whole_and_leaves_no_stray_shard(tmp_path: Path) -> None:
     base, adapter, _ = build_case("llama-bf16-qv", tmp_path)
     out = tmp_path / "merged"
     # Foreseen with small shards (model-0000N-of-0000M), merged into one model.safetensors.
     foreseen = MergeOptions(base=base, adapter=adapter, out=out, max_shard_size="6KB")
-    options = MergeOptions(base=base, adapter=adapter, out=out, quiet=True)
 
-    copies = copy_untouched_ahead(foreseen)
-    assert copies is not None
-    with copies:
-        merge(options, None, copies)
-
-    assert copies.taken == set()
+    assert merge_foreseen_as(foreseen, base, adapter, out) == set()
     assert output_digests(out) == PINNED["llama-bf16-qv"]  # no stray shard in OUT either
     assert staging_leftovers(tmp_path) == []
 
@@ -122,14 +125,8 @@ def test_another_header_is_written_whole(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     # The same shard name, another header: the base's label in the metadata differs.
     foreseen = MergeOptions(base=f"{base}/.", adapter=adapter, out=out)
-    options = MergeOptions(base=base, adapter=adapter, out=out, quiet=True)
 
-    copies = copy_untouched_ahead(foreseen)
-    assert copies is not None
-    with copies:
-        merge(options, None, copies)
-
-    assert copies.taken == set()
+    assert merge_foreseen_as(foreseen, base, adapter, out) == set()
     assert output_digests(out) == PINNED["llama-bf16-qv"]
     with safe_open(out / "model.safetensors", "pt") as handle:
         assert handle.metadata()["lora_merge.base"] == str(base)
