@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_pinned_outputs import PINNED, build_case, output_digests
 
-from lora_merge.stream.cpus import cgroup_cpu_quota, usable_cpu_count
+from lora_merge.io.cpus import cgroup_cpu_quota, usable_cpu_count
 
 LORA_MERGE = str(Path(sys.executable).with_name("lora-merge"))
 EIGHT_CPUS = range(8)

@@ -24,7 +24,7 @@ from lora_merge.options.values import (
     parse_threads,
     resolve_device,
 )
-from lora_merge.stream.cpus import usable_cpu_count
+from lora_merge.io.cpus import usable_cpu_count
 
 
 def checked_options(options: MergeOptions) -> MergeSettings:

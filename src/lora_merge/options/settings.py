@@ -164,7 +164,7 @@ class MergeSettings:
         max_shard_size / max_memory: byte counts.
         device: where the merge math runs (``auto`` resolved).
         threads: CPU threads that merge at once (the default resolved, see
-            :func:`lora_merge.stream.cpus.usable_cpu_count`).
+            :func:`lora_merge.io.cpus.usable_cpu_count`).
         save_method / quant_type / double_quant / quant_blocksize: what OUT holds,
             and the 4-bit format of ``merged_4bit`` from a 16-bit base.
         recipe: how the adapters are combined; None merges one adapter as it is.

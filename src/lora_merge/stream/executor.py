@@ -63,7 +63,7 @@ def tile_budget_for(device: torch.device, memory_budget: int) -> int:
 
 def stream_workers(device: torch.device, threads: int) -> int:
     """Threads that write a shard's tensors at once: ``threads`` on the CPU (see
-    :func:`lora_merge.stream.cpus.usable_cpu_count` for the default), one feeding a GPU."""
+    :func:`lora_merge.io.cpus.usable_cpu_count` for the default), one feeding a GPU."""
     return threads if device.type == "cpu" else 1
 
 
