@@ -12,31 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_merge.errors import PushError, UsageError
+from lora_merge.errors import PushError
 
 # huggingface_hub (and lora_merge.inputs.hub, which imports it) is imported inside the
 # functions: only a run with --push-to-hub needs it, and it costs about 0.3 s to import.
-
-
-def check_push_target(repo_id: str) -> None:
-    """Refuse a repo id the Hub would refuse, and a push that cannot happen offline.
-
-    Raises:
-        UsageError: ``repo_id`` is not ``org/name`` (or ``name``), or HF_HUB_OFFLINE is set.
-    """
-    from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise UsageError(
-            f"--push-to-hub {repo_id!r} is not a Hub repo id: use org/name or name ({err})"
-        ) from err
-    if constants.HF_HUB_OFFLINE:
-        raise UsageError(
-            "--push-to-hub needs the network but HF_HUB_OFFLINE is set; unset it or drop --push-to-hub"
-        )
 
 
 def push_folder(

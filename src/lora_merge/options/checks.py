@@ -12,6 +12,7 @@ from lora_merge.adapter.initialisation import initial_state_mode, refuse_with_in
 from lora_merge.adapter.loralib import loralib_settings
 from lora_merge.adapter.recipe import build_combine_recipe
 from lora_merge.errors import UsageError
+from lora_merge.io.cpus import usable_cpu_count
 from lora_merge.options.settings import MergeOptions, MergeSettings
 from lora_merge.options.values import (
     DTYPE_ALIASES,
@@ -24,7 +25,6 @@ from lora_merge.options.values import (
     parse_threads,
     resolve_device,
 )
-from lora_merge.io.cpus import usable_cpu_count
 
 
 def checked_options(options: MergeOptions) -> MergeSettings:
@@ -233,8 +233,6 @@ def check_hub_options(
         if private or revision is not None:
             raise UsageError("--private and --revision only apply with --push-to-hub")
         return
-    from lora_merge.finish.publish import check_push_target  # imports huggingface_hub
-
     check_push_target(push_to_hub)
     for flag, given in (("--verify", verify), ("--save-method lora", adapter_output)):
         if low_disk and given:
@@ -242,3 +240,27 @@ def check_hub_options(
                 f"{flag} cannot be used with --low-disk, which uploads and deletes "
                 "each model shard as soon as it is written; drop one of them"
             )
+
+
+def check_push_target(repo_id: str) -> None:
+    """Refuse a repo id the Hub would refuse, and a push that cannot happen offline.
+
+    huggingface_hub is imported here, not at the top: only a run with --push-to-hub
+    needs it, and it costs about 0.3 s to import.
+
+    Raises:
+        UsageError: ``repo_id`` is not ``org/name`` (or ``name``), or HF_HUB_OFFLINE is set.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UsageError(
+            f"--push-to-hub {repo_id!r} is not a Hub repo id: use org/name or name ({err})"
+        ) from err
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError(
+            "--push-to-hub needs the network but HF_HUB_OFFLINE is set; unset it or drop --push-to-hub"
+        )

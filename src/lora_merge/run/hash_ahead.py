@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora_merge.errors import UsageError
+from lora_merge.io.cpus import usable_cpu_count
 from lora_merge.io.hashing import FileHashes
 from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
 from lora_merge.options.settings import MergeOptions
 from lora_merge.options.values import SaveMethod
-from lora_merge.io.cpus import usable_cpu_count
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Files hashed at once, at most: each thread maps one window (see io/hashing.py).
