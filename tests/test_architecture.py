@@ -45,7 +45,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("lora_merge.stream",),
     ("lora_merge.finish",),
     # What a caller writes, and its one check: it names combination methods (adapter)
-    # and Hub targets (finish.publish); every step below receives its values.
+    # and the CPUs the process may use (io.cpus); every step below receives its values.
     ("lora_merge.options",),
     # The run, each floor a step of it: everything before writing, shared by the
     # preview and the merge (and what starts before torch: hashing and copying ahead);
