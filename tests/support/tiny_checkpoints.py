@@ -40,20 +40,22 @@ EXPECTED_PEFT_WARNINGS = (
 )
 TINY_VOCAB_SIZE = 256
 TINY_HIDDEN_SIZE = 64
+# The sizes the Llama-like tiny models (Llama, Qwen2, Phi-3) share.
+TINY_DECODER_SIZES: dict[str, int | bool] = {
+    "hidden_size": TINY_HIDDEN_SIZE,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": TINY_VOCAB_SIZE,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
 BASE_CHECKPOINT_SHARD_SIZE = "100KB"
 
 
 def _llama_config() -> PretrainedConfig:
-    return LlamaConfig(
-        hidden_size=TINY_HIDDEN_SIZE,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB_SIZE,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    return LlamaConfig(**TINY_DECODER_SIZES)
 
 
 def _gpt2_config() -> PretrainedConfig:
@@ -72,31 +74,12 @@ def _gpt2_config() -> PretrainedConfig:
 
 def _qwen2_config() -> PretrainedConfig:
     # Qwen2 has biases on q_proj/k_proj/v_proj (but not o_proj or the MLP).
-    return Qwen2Config(
-        hidden_size=TINY_HIDDEN_SIZE,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB_SIZE,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    return Qwen2Config(**TINY_DECODER_SIZES)
 
 
 def _phi3_config() -> PretrainedConfig:
     # Phi-3 fuses q, k and v into one qkv_proj, and gate and up into gate_up_proj.
-    return Phi3Config(
-        hidden_size=TINY_HIDDEN_SIZE,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB_SIZE,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
+    return Phi3Config(**TINY_DECODER_SIZES, pad_token_id=0)
 
 
 def _tied_llama_config() -> PretrainedConfig:
