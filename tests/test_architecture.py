@@ -32,7 +32,8 @@ class LongCodeWarning(UserWarning):
 
 # Bottom to top. A name covers the module or package of that name and everything in it.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("lora_merge.errors", "lora_merge._version"),
+    # Errors, the version, and the dtypes a plan names (torch-free values every room may name).
+    ("lora_merge.errors", "lora_merge._version", "lora_merge.dtypes"),
     # Each option's value type (enums, sizes, device, --part): every room may name them.
     ("lora_merge.options.values",),
     # The maths is pure (tensors in, tensors out): it never reads or writes files.

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_merge.adapter.config import pattern_key_for
+from lora_merge.dtypes import F32, dtype_of
 from lora_merge.errors import InvalidInputError, UsageError
 from lora_merge.io.json_files import parse_json_object, read_json_object
 from lora_merge.io.reader import SafetensorsReader
@@ -55,7 +56,7 @@ def test_shard_writer_output_reads_back_with_the_safetensors_library(
     expected = {
         f"t{i}": _random_tensor(shape, dtype, i) for i, (shape, dtype) in enumerate(tensors)
     }
-    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in expected.items()]
+    specs = [TensorSpec(name, dtype_of(t.dtype), tuple(t.shape)) for name, t in expected.items()]
     with ShardWriter(path, specs) as writer:
         for name, tensor in reversed(expected.items()):
             if tensor.numel() == 0:
@@ -93,7 +94,7 @@ def test_reader_returns_what_safetensors_saved_row_range_by_row_range(tmp_path_f
             if tensor.dim() and tensor.shape[0] >= 2:
                 assert torch.equal(reader.read_rows(name, 1, 2), tensor[1:2])
         copy_path = path.with_suffix(".copy")
-        specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in expected.items()]
+        specs = [TensorSpec(n, dtype_of(t.dtype), tuple(t.shape)) for n, t in expected.items()]
         with ShardWriter(copy_path, specs) as writer:
             for name, tensor in expected.items():
                 if tensor.numel():
@@ -305,7 +306,7 @@ def test_pattern_resolution_is_pefts_get_pattern_key(patterns, name):
 
 def test_shard_writer_refuses_missing_and_extra_bytes(tmp_path):
     """A tensor left unwritten, or written past its planned size, is a bug caught at the writer."""
-    specs = [TensorSpec("a", torch.float32, (2,)), TensorSpec("b", torch.float32, (1,))]
+    specs = [TensorSpec("a", F32, (2,)), TensorSpec("b", F32, (1,))]
     with (
         pytest.raises(RuntimeError, match="before tensor 'b'"),
         ShardWriter(tmp_path / "x", specs) as writer,

@@ -45,6 +45,7 @@ from lora_merge.adapter.keys import (
     classify_adapter_keys,
     strip_peft_prefix,
 )
+from lora_merge.dtypes import DTYPE_BY_SAFETENSORS_NAME
 from lora_merge.errors import InvalidInputError, LoraMergeError
 from lora_merge.inputs.resolve import BaseCheckpoint, resolve_base
 from lora_merge.io.positional import PositionalFile
@@ -52,7 +53,6 @@ from lora_merge.io.reader import SafetensorsReader
 from lora_merge.io.safetensors_format import (
     HEADER_LENGTH_BYTES,
     METADATA_KEY,
-    TORCH_DTYPE_BY_SAFETENSORS_NAME,
     SafetensorsHeader,
     TensorEntry,
     read_safetensors_header,
@@ -69,7 +69,7 @@ FUZZ_SETTINGS = settings(
 )
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAMES = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
-DTYPE_NAMES = sorted(TORCH_DTYPE_BY_SAFETENSORS_NAME)
+DTYPE_NAMES = sorted(DTYPE_BY_SAFETENSORS_NAME)
 
 # --------------------------------------------------------------------------- oracles
 # Each returns the parsed object, or None when the parser refused the input with a
@@ -109,13 +109,13 @@ def _check_entry(entry: TensorEntry, path: Path, data_start: int, file_size: int
     assert entry.path == path
     assert isinstance(entry.name, str)
     entry.name.encode("utf-8")
-    assert entry.dtype in TORCH_DTYPE_BY_SAFETENSORS_NAME.values()
+    assert entry.dtype in DTYPE_BY_SAFETENSORS_NAME.values()
     assert isinstance(entry.shape, tuple)
     assert all(type(d) is int and d >= 0 for d in entry.shape)
     assert entry.nbytes == math.prod(entry.shape) * entry.dtype.itemsize
     assert data_start <= entry.start
     assert entry.start + entry.nbytes <= file_size
-    torch.empty(entry.shape, dtype=entry.dtype, device="meta")  # a shape torch can hold
+    torch.empty(entry.shape, dtype=entry.dtype.torch, device="meta")  # a shape torch can hold
 
 
 def check_reader(header: SafetensorsHeader) -> None:
@@ -125,7 +125,7 @@ def check_reader(header: SafetensorsHeader) -> None:
         for entry in header.entries:
             expected = content[entry.start : entry.start + entry.nbytes]
             whole = reader.read_rows(entry.name)
-            assert whole.dtype == entry.dtype
+            assert whole.dtype == entry.dtype.torch
             assert tuple(whole.shape) == entry.shape
             assert _raw_bytes(whole) == expected
             if not entry.shape:
@@ -373,7 +373,7 @@ def safetensors_layouts(draw: st.DrawFn, max_tensors: int = 4) -> tuple[list[lis
     for name in names:
         dtype_name = draw(st.sampled_from(DTYPE_NAMES))
         shape = draw(st.lists(st.integers(0, 4), max_size=3))
-        nbytes = math.prod(shape) * TORCH_DTYPE_BY_SAFETENSORS_NAME[dtype_name].itemsize
+        nbytes = math.prod(shape) * DTYPE_BY_SAFETENSORS_NAME[dtype_name].itemsize
         begin = len(data)
         data += draw(st.binary(min_size=nbytes, max_size=nbytes))
         info = {"dtype": dtype_name, "shape": shape, "data_offsets": [begin, len(data)]}
@@ -887,7 +887,7 @@ def test_valid_files_parse_as_the_safetensors_library_reads_them(scratch, layout
         with SafetensorsReader({entry.name: entry for entry in header.entries}) as reader:
             for entry in header.entries:
                 expected = reference.get_tensor(entry.name)
-                assert expected.dtype == entry.dtype and tuple(expected.shape) == entry.shape
+                assert expected.dtype == entry.dtype.torch and tuple(expected.shape) == entry.shape
                 assert _raw_bytes(reader.read_rows(entry.name)) == _raw_bytes(expected)
 
 

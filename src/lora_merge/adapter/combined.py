@@ -26,6 +26,7 @@ from lora_merge.adapter.keys import PEFT_PREFIX, AdapterContents, LoraModuleKeys
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.adapter.refusals import refuse_lora_bias_in_combination
 from lora_merge.compute.combine import combined_factors
+from lora_merge.dtypes import F32, F64, DType
 from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.io.reader import TensorSource
 
@@ -148,11 +149,11 @@ class CombinedAdapter:
     def close(self) -> None:
         """The adapters' own sources are closed by whoever opened them."""
 
-    def dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str) -> DType:
         if key in self._factor_keys:
             # PEFT combines float32 factors (its adapters load as float32); the
             # other forms are computed in float64 so only the merge rounds.
-            return torch.float32 if self._recipe.method.form == "factors" else torch.float64
+            return F32 if self._recipe.method.form == "factors" else F64
         return self._owner(key).dtype(key)
 
     def shape(self, key: str) -> tuple[int, ...]:

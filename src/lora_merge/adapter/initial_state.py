@@ -30,6 +30,7 @@ import torch
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents
+from lora_merge.dtypes import F32, DType, dtype_of
 from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.io.reader import TensorSource
 
@@ -41,7 +42,7 @@ class InitialState(Protocol):
         """A0 (for an A key) or B0 (for a B key) of the trained adapter's key, whole."""
         ...
 
-    def initial_dtype(self, key: str) -> torch.dtype:
+    def initial_dtype(self, key: str) -> DType:
         """The dtype :meth:`initial_factor` gives for ``key``."""
         ...
 
@@ -79,8 +80,8 @@ class SavedInitialState:
             )
         return self._source.read_rows(key)
 
-    def initial_dtype(self, key: str) -> torch.dtype:
-        return self._source.dtype(key) if key in self._keys else torch.float32
+    def initial_dtype(self, key: str) -> DType:
+        return self._source.dtype(key) if key in self._keys else F32
 
 
 class AdapterMinusInitial:
@@ -122,9 +123,10 @@ class AdapterMinusInitial:
         """Not counted (0), as before: the trained adapter's own is not passed on either."""
         return 0
 
-    def dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str) -> DType:
         if key in self._a_keys or key in self._b_keys:  # torch.cat promotes, as in PEFT's
-            return torch.promote_types(self._trained.dtype(key), self._initial.initial_dtype(key))
+            trained, initial = self._trained.dtype(key), self._initial.initial_dtype(key)
+            return dtype_of(torch.promote_types(trained.torch, initial.torch))
         return self._trained.dtype(key)
 
     def shape(self, key: str) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_merge.compute.initial_factors import olora_initial_factors, pissa_initial_factors
+from lora_merge.dtypes import F32, DType
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.reader import TensorSource
 
@@ -79,9 +80,9 @@ class RecomputedInitialState:
         factors: tuple[torch.Tensor, torch.Tensor] = self._local.factors
         return factors[which]
 
-    def initial_dtype(self, key: str) -> torch.dtype:
+    def initial_dtype(self, key: str) -> DType:
         """PEFT decomposes in float32."""
-        return torch.float32
+        return F32
 
     def _recompute(self, target: RecomputeTarget) -> tuple[torch.Tensor, torch.Tensor]:
         """(A0, B0) of one module."""

@@ -7,8 +7,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-
+from lora_merge.dtypes import BF16, F16, F32, DType
 from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE
 from lora_merge.io.shard_writer import TensorSpec
 
@@ -38,11 +37,7 @@ OTHER_SIDE_FILE_NAMES = (
     "processor_config.json",
 )
 
-DTYPE_NAME_IN_CONFIG = {
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.float32: "float32",
-}
+DTYPE_NAME_IN_CONFIG = {BF16: "bfloat16", F16: "float16", F32: "float32"}
 
 
 def write_index(folder: Path, shards: Sequence[tuple[str, Sequence[TensorSpec]]]) -> None:
@@ -56,7 +51,7 @@ def write_index(folder: Path, shards: Sequence[tuple[str, Sequence[TensorSpec]]]
 def write_config(
     folder: Path,
     base_config: dict[str, object],
-    output_dtype: torch.dtype | None,
+    output_dtype: DType | None,
     vocab_size: int | None,
     updates: Mapping[str, object] | None = None,
 ) -> None:

@@ -19,11 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lora_merge._version import __version__
 from lora_merge.adapter.recipe import CombineRecipe
 from lora_merge.compute.arithmetic import UNMERGE_ARITHMETIC, merge_arithmetic
+from lora_merge.dtypes import DType
 from lora_merge.finish.folder import DTYPE_NAME_IN_CONFIG
 from lora_merge.finish.input_hashes import InputFile
 from lora_merge.finish.shard_metadata import InputIdentity, shard_metadata_of
@@ -99,7 +98,7 @@ def merge_record(
     unmerge: bool,
     recipe: CombineRecipe | None,
     save_method: SaveMethod,
-    output_dtype: torch.dtype | None,
+    output_dtype: DType | None,
     command: str | None,
     initial_state: str | None = None,
 ) -> MergeRecord:

@@ -37,7 +37,7 @@ from lora_merge.compute.lora import compute_dtype_for
 from lora_merge.errors import VerificationError
 from lora_merge.io.hashing import sha256_of
 from lora_merge.io.reader import TensorSource
-from lora_merge.io.safetensors_format import SAFETENSORS_NAME_BY_TORCH_DTYPE, TensorEntry
+from lora_merge.io.safetensors_format import TensorEntry
 from lora_merge.plan.kinds.dora import norm_per_column, read_magnitude
 from lora_merge.plan.kinds.experts import expert_lora_factors
 from lora_merge.plan.kinds.factors import read_lora_factors
@@ -92,7 +92,7 @@ def _check_tensor(
 ) -> None:
     name, spec = tensor.spec.name, tensor.spec
     written = handle.get_slice(name)
-    planned_dtype = SAFETENSORS_NAME_BY_TORCH_DTYPE[spec.dtype]
+    planned_dtype = spec.dtype.name
     if tuple(written.get_shape()) != spec.shape or planned_dtype != written.get_dtype():
         raise VerificationError(
             f"{name} in {path.name} is {written.get_dtype()} {tuple(written.get_shape())}, "
@@ -134,7 +134,7 @@ def _check_tuner_rows(
     cpu = torch.device("cpu")
     exact_rows = tuner_row_merger(delta, adapter, spec.shape, torch.float64, cpu)
     absolute_rows = tuner_row_merger(delta, adapter, spec.shape, torch.float64, cpu, absolute=True)
-    unit_roundoff = torch.finfo(tuner_compute_dtype(delta, spec.dtype)).eps / 2
+    unit_roundoff = torch.finfo(tuner_compute_dtype(delta, spec.dtype.torch)).eps / 2
     terms = tuner_sum_terms(delta, adapter)
     base_rows = _source_rows(tensor, picks, base_entries, adapter, base)
     written = handle.get_slice(name)
@@ -142,7 +142,7 @@ def _check_tuner_rows(
         base_row = base_rows[row].double().reshape(1, -1)
         exact = exact_rows(base_row, row)[0]
         arithmetic_error = terms * unit_roundoff * absolute_rows(base_row.abs(), row)[0]
-        expected = exact.to(spec.dtype)
+        expected = exact.to(spec.dtype.torch)
         actual = written[row : row + 1][0].reshape(-1)
         spacing = _ulp(torch.maximum(actual.abs(), expected.abs())) + arithmetic_error
         if not bool(((actual.double() - expected.double()).abs() <= spacing).all()):
@@ -179,7 +179,7 @@ def _check_sampled_rows(
     if delta.magnitude_key is not None:
         dora_magnitude = read_magnitude(delta, adapter).double()
     written = handle.get_slice(name)
-    unit_roundoff = torch.finfo(compute_dtype_for(tensor.spec.dtype)).eps / 2
+    unit_roundoff = torch.finfo(compute_dtype_for(tensor.spec.dtype.torch)).eps / 2
     base_rows = _source_rows(tensor, picks, base_entries, adapter, base)
     for row in picks:
         base_row = base_rows[row].double().reshape(-1)
@@ -205,7 +205,7 @@ def _check_sampled_rows(
             arithmetic_error = abs(factor) * arithmetic_error + (
                 (exact.numel() + 4) * unit_roundoff * exact.abs()
             )
-        expected = exact.to(tensor.spec.dtype)
+        expected = exact.to(tensor.spec.dtype.torch)
         # One ulp of the larger of the two: they may sit on either side of a power of two.
         spacing = _ulp(torch.maximum(actual.abs(), expected.abs())) + arithmetic_error
         if not bool(((actual.double() - expected.double()).abs() <= spacing).all()):

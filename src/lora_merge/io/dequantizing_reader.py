@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from lora_merge.compute.dequantize import DequantizeWorkspace
+from lora_merge.dtypes import DType
 from lora_merge.io.formats.protocol import SubrowWeight
 from lora_merge.io.formats.registry import LogicalTensor
 from lora_merge.io.formats.registry import dequantize_workspace_bound as dequantize_workspace_bound
@@ -159,7 +160,7 @@ class DequantizingReader:
         """Nothing: tensors are read when asked for, a tile at a time."""
         return 0
 
-    def dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str) -> DType:
         return self._tensors[key].dtype
 
     def shape(self, key: str) -> tuple[int, ...]:

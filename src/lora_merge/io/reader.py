@@ -10,13 +10,15 @@ import math
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
-
+from lora_merge.dtypes import U8, DType, dtype_of
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.positional import PositionalFile
 from lora_merge.io.safetensors_format import TensorEntry
+
+if TYPE_CHECKING:  # a plan reads keys, dtypes and shapes before torch is imported
+    import torch
 
 
 class TensorSource(Protocol):
@@ -26,7 +28,7 @@ class TensorSource(Protocol):
 
     def close(self) -> None: ...
 
-    def dtype(self, key: str) -> torch.dtype: ...
+    def dtype(self, key: str) -> DType: ...
 
     def shape(self, key: str) -> tuple[int, ...]: ...
 
@@ -112,7 +114,7 @@ class EntryReader:
         """The file location of a key."""
         return self._entries[key]
 
-    def dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str) -> DType:
         return self._entries[key].dtype
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -121,6 +123,8 @@ class EntryReader:
     def read_rows(
         self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None
     ) -> torch.Tensor:
+        import torch  # reading values: the stream has imported it
+
         entry = self._entries[key]
         stop = checked_row_range(key, entry.shape[0] if entry.shape else 1, start, stop)
         if entry.shape:
@@ -134,15 +138,17 @@ class EntryReader:
         buffer = buffer[:nbytes]
         if nbytes and not self._read_exactly(entry, offset, buffer.numpy().data):
             raise _shrunk(entry)
-        if entry.dtype == torch.uint8:
+        if entry.dtype == U8:
             return buffer.reshape(shape)
-        return buffer.view(entry.dtype).reshape(shape)
+        return buffer.view(entry.dtype.torch).reshape(shape)
 
     def read_subrows(
         self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``tensor[row, start:stop]`` of a tensor of 3 or more dimensions (see
         :class:`SubrowSource`): consecutive bytes of the file, read as :meth:`read_rows`."""
+        import torch
+
         entry = self._entries[key]
         checked_row_range(key, entry.shape[0], row, row + 1)
         stop = checked_row_range(f"{key}[{row}]", entry.shape[1], start, stop)
@@ -154,7 +160,7 @@ class EntryReader:
         buffer = buffer[:nbytes]
         if nbytes and not self._read_exactly(entry, offset, buffer.numpy().data):
             raise _shrunk(entry)
-        values = buffer if entry.dtype == torch.uint8 else buffer.view(entry.dtype)
+        values = buffer if entry.dtype == U8 else buffer.view(entry.dtype.torch)
         return values.reshape(stop - start, *entry.shape[2:])
 
     def read_row_bytes(
@@ -168,6 +174,8 @@ class EntryReader:
         wider than the band by more than :data:`BYTES_PER_READ_CALL`, else whole rows
         in one read (the result is then a view of them). ``buffer`` as in :meth:`read_rows`.
         """
+        import torch
+
         entry = self._entries[key]
         stop = checked_row_range(key, entry.shape[0] if entry.shape else 1, start, stop)
         row_bytes = entry.row_nbytes
@@ -305,8 +313,8 @@ class InMemoryTensors:
             self.dtype(key).itemsize * math.prod(self.shape(key)) for key in list(self.keys())
         )
 
-    def dtype(self, key: str) -> torch.dtype:
-        return self._tensors[key].dtype
+    def dtype(self, key: str) -> DType:
+        return dtype_of(self._tensors[key].dtype)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._tensors[key].shape)

@@ -1,4 +1,4 @@
-"""The safetensors file format: header parsing with every check, and dtype names.
+"""The safetensors file format: header parsing with every check. Torch-free.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``)
@@ -20,32 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from lora_merge.dtypes import DTYPE_BY_SAFETENSORS_NAME, DType
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.hub_names import SAFETENSORS_MAX_HEADER_LENGTH
 from lora_merge.io.json_files import is_count
 from lora_merge.io.safetensors_header import HEADER_LENGTH_BYTES, METADATA_KEY
-
-# safetensors dtype name -> torch dtype. Only dtypes torch can hold.
-TORCH_DTYPE_BY_SAFETENSORS_NAME: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):  # unsigned wide ints arrived in torch 2.3
-        TORCH_DTYPE_BY_SAFETENSORS_NAME[_name] = getattr(torch, _attr)
-SAFETENSORS_NAME_BY_TORCH_DTYPE = {v: k for k, v in TORCH_DTYPE_BY_SAFETENSORS_NAME.items()}
 
 # Torch computes element counts and strides in int64: a shape whose dimensions
 # (zeros counted as ones) multiply past this cannot be a torch tensor, even empty.
@@ -64,7 +43,7 @@ class TensorEntry:
     Attributes:
         name: the tensor's key.
         path: the file.
-        dtype: its torch dtype.
+        dtype: its dtype.
         shape: its shape.
         start: absolute byte offset of its data in the file.
         nbytes: size of its data.
@@ -72,7 +51,7 @@ class TensorEntry:
 
     name: str
     path: Path
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     start: int
     nbytes: int
@@ -238,7 +217,7 @@ def _parse_entry(
     shape = info.get("shape")
     offsets = info.get("data_offsets")
     quoted = _SHORT.repr(name)
-    if not isinstance(dtype_name, str) or dtype_name not in TORCH_DTYPE_BY_SAFETENSORS_NAME:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPE_BY_SAFETENSORS_NAME:
         raise _corrupt(path, f"tensor {quoted} has unknown dtype {_SHORT.repr(dtype_name)}")
     if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         raise _corrupt(path, f"tensor {quoted} has an invalid shape {_SHORT.repr(shape)}")
@@ -255,7 +234,7 @@ def _parse_entry(
         or offsets[0] > offsets[1]
     ):
         raise _corrupt(path, f"tensor {quoted} has invalid data_offsets {_SHORT.repr(offsets)}")
-    dtype = TORCH_DTYPE_BY_SAFETENSORS_NAME[dtype_name]
+    dtype = DTYPE_BY_SAFETENSORS_NAME[dtype_name]
     expected = math.prod(shape) * dtype.itemsize
     begin, end = offsets
     if end - begin != expected:

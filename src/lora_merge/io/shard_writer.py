@@ -12,13 +12,16 @@ import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from lora_merge.dtypes import DType
 from lora_merge.io.positional import PositionalFile, write_errors_as_output_errors
-from lora_merge.io.reader import StoredTensorSource
-from lora_merge.io.safetensors_format import SAFETENSORS_NAME_BY_TORCH_DTYPE
 from lora_merge.io.safetensors_header import HeaderTensor, encode_header
+
+if TYPE_CHECKING:  # the plan's TensorSpec is made before torch is imported
+    import torch
+
+    from lora_merge.io.reader import StoredTensorSource
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class TensorSpec:
     """Name, dtype and shape of one output tensor."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     @property
@@ -39,12 +42,7 @@ def encode_safetensors_header(
 ) -> bytes:
     """The length prefix and padded JSON header for tensors stored in ``specs`` order."""
     return encode_header(
-        [
-            HeaderTensor(
-                spec.name, SAFETENSORS_NAME_BY_TORCH_DTYPE[spec.dtype], spec.shape, spec.nbytes
-            )
-            for spec in specs
-        ],
+        [HeaderTensor(spec.name, spec.dtype.name, spec.shape, spec.nbytes) for spec in specs],
         metadata,
     )
 
@@ -122,7 +120,9 @@ class TensorSlot:
 
     def write(self, chunk: torch.Tensor) -> int:
         """Append the next rows of the tensor (already in its output dtype); return the bytes."""
-        if chunk.dtype != self.spec.dtype:
+        import torch  # a chunk is a tensor: torch is imported already
+
+        if chunk.dtype != self.spec.dtype.torch:
             raise RuntimeError(
                 f"{self.spec.name}: chunk is {chunk.dtype}, planned {self.spec.dtype}"
             )

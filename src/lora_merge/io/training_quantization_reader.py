@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from lora_merge.compute.training_quantization import TrainingQuantization, as_trained
+from lora_merge.dtypes import DType
 from lora_merge.io.positional import PositionalFile
 from lora_merge.io.reader import StoredTensorSource
 from lora_merge.io.safetensors_format import TensorEntry
@@ -50,7 +51,7 @@ class TrainingQuantizationReader:
         """Nothing: tensors are read when asked for, a tile at a time."""
         return 0
 
-    def dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str) -> DType:
         return self._stored.dtype(key)
 
     def shape(self, key: str) -> tuple[int, ...]:

@@ -42,7 +42,7 @@ def checked_options(options: MergeOptions) -> MergeSettings:
     adapters = tuple(options.adapters)
     if not adapters:
         raise UsageError("give at least one ADAPTER")
-    output_dtype = OutputDtype.parse(options.dtype, "--dtype", DTYPE_ALIASES).torch_dtype
+    output_dtype = OutputDtype.parse(options.dtype, "--dtype", DTYPE_ALIASES).dtype
     device = resolve_device(options.device)
     _check_four_bit_blocksize(options.quant_blocksize)
     settings = MergeSettings(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from lora_merge.adapter.initialisation import InitialStateMode
 from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.adapter.recipe import CombineRecipe
+from lora_merge.dtypes import DType
 from lora_merge.options.values import Part, QuantType, SaveMethod
 
 # torch is imported where a value needs it: --help, --version and usage errors need none.
@@ -180,7 +181,7 @@ class MergeSettings:
     base: Path | str
     adapters: tuple[Path | str, ...]
     out: Path | str
-    output_dtype: torch.dtype | None
+    output_dtype: DType | None
     max_shard_size: int
     max_memory: int
     device: torch.device

@@ -4,8 +4,8 @@ Choices are enums (:class:`OutputDtype`, :class:`SaveMethod`, :class:`QuantType`
 sizes are byte counts (:func:`parse_size`), the device is a ``torch.device``
 (:func:`resolve_device`) and ``--part I/N`` is a :class:`Part`. Every value
 keeps its type from here to the end of the run: nothing turns one back into text.
-This module imports nothing of the project but its errors, so every room of the
-run may name these types.
+This module imports nothing of the project but its errors and dtypes, so every
+room of the run may name these types.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, TypeVar
 
+from lora_merge.dtypes import BF16, F16, F32, DType
 from lora_merge.errors import UsageError
 
 # torch is imported where a value needs it: --help, --version and usage errors need none.
@@ -57,13 +58,11 @@ class OutputDtype(Choice):
     FP32 = "fp32"
 
     @property
-    def torch_dtype(self) -> torch.dtype | None:
+    def dtype(self) -> DType | None:
         """The dtype every floating-point tensor is written in; None for ``auto``."""
         if self is OutputDtype.AUTO:
             return None
-        import torch
-
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.value]
+        return {"bf16": BF16, "fp16": F16, "fp32": F32}[self.value]
 
 
 # torch's own names mean the same as the short ones.

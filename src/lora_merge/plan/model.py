@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from lora_merge.adapter.config import OftSettings
-from lora_merge.compute.training_quantization import TrainingQuantization
-from lora_merge.io.formats.protocol import NativeTarget
+from lora_merge.dtypes import DType
 from lora_merge.io.shard_writer import TensorSpec
+
+if TYPE_CHECKING:  # only a quantized base's or --qlora-base's plan holds them
+    from lora_merge.compute.training_quantization import TrainingQuantization
+    from lora_merge.io.formats.protocol import NativeTarget
 
 # The prefix of a DoRA module's layer kind ("dora-linear"): see lora_merge.plan.kinds.dora.
 DORA_PREFIX = "dora-"
@@ -121,7 +122,7 @@ class TunerUpdate:
     ranknum: int = 0
     oft: OftSettings | None = None
     projections: tuple[int, int, int, int] | None = None
-    projection_dtype: torch.dtype | None = None
+    projection_dtype: DType | None = None
 
     def key(self, role: str) -> str | None:
         """The adapter key of one of the module's tensors, or None when it has no such role."""
@@ -175,7 +176,7 @@ class PlannedTensor:
     spec: TensorSpec
     source: SourceName
     source_key: str
-    source_dtype: torch.dtype
+    source_dtype: DType
     delta: LoraProduct | LoraBias | TunerUpdate | None = None
     token_rows: TokenRows | None = None
     dequantized: bool = False

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents, LoraModuleKeys
 from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.adapter.refusals import refuse_loralib_conv, refuse_unmerge_of_replacements
+from lora_merge.dtypes import DType
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
 from lora_merge.io.shard_writer import TensorSpec
@@ -61,7 +60,7 @@ def build_merge_plan(
     config: LoraAdapterConfig,
     contents: AdapterContents,
     adapter: TensorSource,
-    output_dtype: torch.dtype | None,
+    output_dtype: DType | None,
     unmerge: bool = False,
     loralib: LoralibSettings | None = None,
 ) -> MergePlan:
@@ -236,7 +235,7 @@ def _planned_tensor(
     shapes: _PlannedShapes,
     deltas: Deltas,
     token_rows: dict[str, TokenRows],
-    output_dtype: torch.dtype | None,
+    output_dtype: DType | None,
 ) -> PlannedTensor:
     """The output tensor for the base tensor ``name``."""
     entry = shapes.base.tensors[name]

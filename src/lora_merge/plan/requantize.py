@@ -19,10 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-import torch
-
 from lora_merge.compute.bitsandbytes_backend import require_bitsandbytes
 from lora_merge.compute.training_quantization import TrainingQuantization
+from lora_merge.dtypes import F32, DType, dtype_of
 from lora_merge.errors import InvalidInputError
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.formats.bitsandbytes import BITSANDBYTES, FourBitWeight
@@ -131,7 +130,7 @@ def _replaced(tensor: PlannedTensor, target: NativeTarget) -> list[PlannedTensor
     name = tensor.spec.name
     first, *others = target.stored_specs(name)
     return [
-        replace(tensor, spec=first, source_dtype=target.dtype, requantize=target),
+        replace(tensor, spec=first, source_dtype=dtype_of(target.dtype), requantize=target),
         *(
             PlannedTensor(
                 spec=spec,
@@ -166,7 +165,7 @@ def _target_format(
     if not _quantized_by_transformers(tensor):
         return None
     # The format records the code as the files name it, as it does for a 4-bit base's own.
-    return FourBitFormat(quant_type.value, blocksize, double_quant, tensor.spec.dtype, shape)
+    return FourBitFormat(quant_type.value, blocksize, double_quant, tensor.spec.dtype.torch, shape)
 
 
 def _quantized_by_transformers(tensor: PlannedTensor) -> bool:
@@ -213,7 +212,7 @@ def requantized_config(
     base: BaseCheckpoint,
     quant_type: QuantType,
     double_quant: bool,
-    compute_dtype: torch.dtype | None,
+    compute_dtype: DType | None,
 ) -> dict[str, object]:
     """config.json's ``quantization_config`` for merged_4bit output.
 
@@ -225,7 +224,7 @@ def requantized_config(
     return {
         "_load_in_4bit": True,
         "_load_in_8bit": False,
-        "bnb_4bit_compute_dtype": str(compute_dtype or torch.float32).removeprefix("torch."),
+        "bnb_4bit_compute_dtype": str(compute_dtype or F32).removeprefix("torch."),
         "bnb_4bit_quant_storage": "uint8",
         "bnb_4bit_quant_type": quant_type.value,  # config.json holds the name
         "bnb_4bit_use_double_quant": double_quant,

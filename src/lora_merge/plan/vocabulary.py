@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents
+from lora_merge.dtypes import DType
 from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
@@ -212,7 +211,7 @@ def plan_tied_head(
     token_rows: dict[str, TokenRows],
     adapter: TensorSource,
     base: BaseCheckpoint,
-    output_dtype: torch.dtype | None,
+    output_dtype: DType | None,
 ) -> None:
     """Write the head apart and untie it when the adapter changes one of a tied pair.
 
@@ -246,7 +245,7 @@ def _untie_if_changed(
     token_rows: dict[str, TokenRows],
     adapter: TensorSource,
     base: BaseCheckpoint,
-    output_dtype: torch.dtype | None,
+    output_dtype: DType | None,
 ) -> None:
     """Write a tied head explicitly, and untie it, when the adapter changes either tensor.
 

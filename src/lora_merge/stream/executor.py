@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lora_merge.compute.lora import all_finite, compute_dtype_for, scale_folds_into_a
+from lora_merge.dtypes import dtype_of
 from lora_merge.errors import NonFiniteError
 from lora_merge.io.dequantizing_reader import dequantize_workspace_bound
 from lora_merge.io.reader import StoredTensorSource, TensorSource
@@ -156,13 +157,13 @@ def _tensor_bytes(tensor: PlannedTensor, adapter: TensorSource, tile_budget: int
     if target is not None:  # e.g. the weight's block scales, a tile joined with the remainder
         held += target.held_bytes(tile_budget)
     if isinstance(delta, LoraProduct):
-        output_dtype = spec.dtype if target is None else target.dtype
+        output_dtype = spec.dtype.torch if target is None else target.dtype
         compute = torch.float64 if norm_per_column(delta) else compute_dtype_for(output_dtype)
         # Fused experts read in bands read their factors one expert at a time.
         banded = tile_row_elements(tensor, tile_budget) < math.prod(spec.shape[1:])
         held += _factor_bytes(delta, adapter, compute, tile_budget, banded)
     elif isinstance(delta, TunerUpdate):  # AdaLoRA, IA3, LoHa, LoKr
-        compute = tuner_compute_dtype(delta, spec.dtype)
+        compute = tuner_compute_dtype(delta, spec.dtype.torch)
         held += tuner_delta_bytes(delta, adapter, spec.shape, compute)
     return held
 
@@ -307,7 +308,7 @@ class _ShardJob:
             target = tensor.requantize
             merged = replace(
                 tensor,
-                spec=TensorSpec(tensor.spec.name, target.dtype, target.shape),
+                spec=TensorSpec(tensor.spec.name, dtype_of(target.dtype), target.shape),
                 requantize=None,
             )
             tiles = self._checked_tiles(merged, io_sized=False)

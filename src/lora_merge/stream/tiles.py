@@ -125,9 +125,9 @@ def output_tiles(
         for start in range(0, spec.shape[0], tile_rows):
             stop = min(spec.shape[0], start + tile_rows)
             values = source.read_rows(tensor.source_key, start, stop, buffers.read)
-            yield OutputTile(buffers.output(spec.dtype, tuple(values.shape)).copy_(values))
+            yield OutputTile(buffers.output(spec.dtype.torch, tuple(values.shape)).copy_(values))
         return
-    compute_dtype = compute_dtype_for(spec.dtype)
+    compute_dtype = compute_dtype_for(spec.dtype.torch)
     if norm_per_column(delta):
         # DoRA over columns cannot reproduce PEFT's float32 norm (its sum runs in
         # another order), so it is computed in float64 throughout: correctly
@@ -197,7 +197,7 @@ def _copied_bands(
         for start in range(0, spec.shape[1], band):
             stop = min(spec.shape[1], start + band)
             values = source.read_subrows(tensor.source_key, row, start, stop, buffers.read)
-            yield buffers.output(spec.dtype, tuple(values.shape)).copy_(values)
+            yield buffers.output(spec.dtype.torch, tuple(values.shape)).copy_(values)
 
 
 def _whole_small_tensor(
@@ -206,18 +206,18 @@ def _whole_small_tensor(
     """A bias or a scalar, in one piece and fresh memory (they are small)."""
     spec, delta = tensor.spec, tensor.delta
     if tensor.source == "zeros":  # a bias the base lacks (see MergePlan)
-        values = torch.zeros(spec.shape, dtype=spec.dtype)
+        values = torch.zeros(spec.shape, dtype=spec.dtype.torch)
     else:
         values = source.read_rows(tensor.source_key)
     if isinstance(delta, LoraBias):
         lora_bias = adapter.read_rows(delta.bias_key).to(device)
-        return merge_lora_bias(values.to(device), lora_bias, delta.scale, spec.dtype).cpu()
+        return merge_lora_bias(values.to(device), lora_bias, delta.scale, spec.dtype.torch).cpu()
     if isinstance(delta, TunerUpdate):  # IA3's bias, scaled with its layer's outputs
-        compute_dtype = tuner_compute_dtype(delta, spec.dtype)
+        compute_dtype = tuner_compute_dtype(delta, spec.dtype.torch)
         rows = values.to(device).reshape(-1, 1)
         merge = tuner_row_merger(delta, adapter, tuple(rows.shape), compute_dtype, device)
-        return merge(rows, 0).to(spec.dtype).reshape(values.shape).cpu()
-    return values.to(spec.dtype)
+        return merge(rows, 0).to(spec.dtype.torch).reshape(values.shape).cpu()
+    return values.to(spec.dtype.torch)
 
 
 def _tuner_tiles(
@@ -230,7 +230,7 @@ def _tuner_tiles(
 ) -> Iterator[torch.Tensor]:
     """The tiles of a weight an AdaLoRA, IA3, LoHa or LoKr module changes, each rounded once."""
     spec = tensor.spec
-    compute_dtype = tuner_compute_dtype(delta, spec.dtype)
+    compute_dtype = tuner_compute_dtype(delta, spec.dtype.torch)
     row_elements = max(1, int(torch.Size(spec.shape[1:]).numel()))
     widest = max(tensor.source_dtype.itemsize, spec.dtype.itemsize, compute_dtype.itemsize)
     tile_rows = max(1, buffers.tile_bytes // (row_elements * widest))
@@ -240,8 +240,8 @@ def _tuner_tiles(
         values = source.read_rows(tensor.source_key, start, stop, buffers.read).to(device)
         merged = merge(values.reshape(stop - start, -1), start)
         if merged.dtype == torch.float64 and spec.dtype.itemsize == 2:
-            merged = round_float64_to(merged, spec.dtype)
-        out = buffers.output(spec.dtype, tuple(values.shape))
+            merged = round_float64_to(merged, spec.dtype.torch)
+        out = buffers.output(spec.dtype.torch, tuple(values.shape))
         # The one rounding, as for LoRA (see _ProductRows.tiles).
         yield out.view(stop - start, -1).copy_(merged.cpu()).view(values.shape)
 
@@ -343,7 +343,7 @@ class _ProductRows:
             stop = min(spec.shape[0], start + self.read_rows)
             values = self.read(start, stop)
             stored = values.reshape(stop - start, -1)
-            out = self.buffers.output(spec.dtype, tuple(values.shape))
+            out = self.buffers.output(spec.dtype.torch, tuple(values.shape))
             rounded = out.view(stop - start, -1)
             finite = True
             for block in range(start, stop, self.tile_rows):
@@ -354,12 +354,12 @@ class _ProductRows:
                 elif self.magnitude is not None:
                     dora_scale_rows(merged, self.magnitude[block:block_stop])
                 if merged.dtype == torch.float64 and spec.dtype.itemsize == 2:
-                    merged = round_float64_to(merged, spec.dtype)
+                    merged = round_float64_to(merged, spec.dtype.torch)
                 # Checked before the rounding, while the block is in cache (False when
                 # unproven: the caller then checks the rounded values).
-                finite = finite and rounds_to_finite(merged, spec.dtype)
+                finite = finite and rounds_to_finite(merged, spec.dtype.torch)
                 if not on_cpu:
-                    merged = merged.to(spec.dtype).cpu()
+                    merged = merged.to(spec.dtype.torch).cpu()
                 # The one rounding: a copy of the float32/float64 sum into the output
                 # dtype. (Two kernels, add then copy, rather than one ``torch.add(...,
                 # out=<16-bit>)``: that mixed-dtype form is ~6x slower on CPU, 2.2 vs
@@ -384,7 +384,7 @@ def _fused_expert_tiles(
     expert's delta, whatever E is.
     """
     spec = tensor.spec
-    compute_dtype = compute_dtype_for(spec.dtype)
+    compute_dtype = compute_dtype_for(spec.dtype.torch)
     lora_a, lora_b = read_lora_factors(delta, adapter)
     assert lora_b is not None
     lora_a, lora_b = lora_a.to(device), lora_b.to(device)
@@ -392,7 +392,7 @@ def _fused_expert_tiles(
     for start in range(0, experts, tile_experts):
         stop = min(experts, start + tile_experts)
         values = source.read_rows(tensor.source_key, start, stop, buffers.read).to(device)
-        out = torch.empty(values.shape, dtype=spec.dtype, device=device)
+        out = torch.empty(values.shape, dtype=spec.dtype.torch, device=device)
         for index in range(stop - start):
             lora_a_e, lora_b_e = expert_lora_factors(lora_a, lora_b, start + index, experts)
             factors = prepare_lora_factors(
@@ -400,7 +400,7 @@ def _fused_expert_tiles(
             )
             # The one rounding, as for every other weight (see _ProductRows.tiles).
             out[index].copy_(merged_rows(values[index], factors, 0))
-        yield buffers.output(spec.dtype, tuple(values.shape)).copy_(out.cpu())
+        yield buffers.output(spec.dtype.torch, tuple(values.shape)).copy_(out.cpu())
 
 
 def _fused_expert_bands(
@@ -443,9 +443,9 @@ def _fused_expert_bands(
             product = workspace[:, :count] if delta.transposed else workspace[:count]
             merged = merged_rows(values.reshape(count, -1), factors, start, product)
             if not on_cpu:
-                merged = merged.to(spec.dtype).cpu()
+                merged = merged.to(spec.dtype.torch).cpu()
             # The one rounding, as for every other weight (see _ProductRows.tiles).
-            out = buffers.output(spec.dtype, tuple(values.shape))
+            out = buffers.output(spec.dtype.torch, tuple(values.shape))
             yield out.view(count, -1).copy_(merged).view(values.shape)
 
 
@@ -461,7 +461,7 @@ def _expert_factors(
     out_features, columns = adapter.shape(delta.b_key)
     rank = columns // experts
     lora_a = adapter.read_rows(delta.a_key, expert * rank, (expert + 1) * rank)
-    lora_b = torch.empty((out_features, rank), dtype=adapter.dtype(delta.b_key))
+    lora_b = torch.empty((out_features, rank), dtype=adapter.dtype(delta.b_key).torch)
     run = max(1, buffers.tile_bytes // (columns * lora_b.dtype.itemsize))
     for start in range(0, out_features, run):
         stop = min(out_features, start + run)

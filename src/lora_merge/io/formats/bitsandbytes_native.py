@@ -28,6 +28,7 @@ from lora_merge.compute.bitsandbytes_backend import (
     quantize_absmax_with_bitsandbytes,
 )
 from lora_merge.compute.dequantize import four_bit_code
+from lora_merge.dtypes import F32, U8
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__"
@@ -89,24 +90,20 @@ class FourBitFormat:
         specs = []
         if self.double_quant:
             specs += [
-                TensorSpec(f"{name}.absmax", torch.uint8, (self.blocks,)),
-                TensorSpec(
-                    f"{name}.nested_absmax", torch.float32, (-(-self.blocks // NESTED_BLOCKSIZE),)
-                ),
-                TensorSpec(f"{name}.nested_quant_map", torch.float32, (256,)),
+                TensorSpec(f"{name}.absmax", U8, (self.blocks,)),
+                TensorSpec(f"{name}.nested_absmax", F32, (-(-self.blocks // NESTED_BLOCKSIZE),)),
+                TensorSpec(f"{name}.nested_quant_map", F32, (256,)),
             ]
         else:
-            specs.append(TensorSpec(f"{name}.absmax", torch.float32, (self.blocks,)))
-        specs.append(TensorSpec(f"{name}.quant_map", torch.float32, (16,)))
+            specs.append(TensorSpec(f"{name}.absmax", F32, (self.blocks,)))
+        specs.append(TensorSpec(f"{name}.quant_map", F32, (16,)))
         state_bytes = len(self.quant_state_json())
-        specs.append(
-            TensorSpec(f"{name}.{QUANT_STATE_KEY}{self.quant_type}", torch.uint8, (state_bytes,))
-        )
+        specs.append(TensorSpec(f"{name}.{QUANT_STATE_KEY}{self.quant_type}", U8, (state_bytes,)))
         return specs
 
     def stored_specs(self, name: str) -> list[TensorSpec]:
         """The packed codes (under the weight's own name), then :meth:`auxiliary_specs`."""
-        packed = TensorSpec(name, torch.uint8, ((self.numel + 1) // 2, 1))
+        packed = TensorSpec(name, U8, ((self.numel + 1) // 2, 1))
         return [packed, *self.auxiliary_specs(name)]
 
     def held_bytes(self, tile_budget: int) -> int:

@@ -355,7 +355,7 @@ def _weight(
             return CompressedIntWeight(
                 name=f"{prefix}weight",
                 shape=(rows, columns),
-                dtype=scales.dtype,
+                dtype=scales.dtype.torch,
                 args=args,
                 codes=codes,
                 scales=scales,

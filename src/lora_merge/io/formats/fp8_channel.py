@@ -101,7 +101,7 @@ class CompressedTensorsFp8Format:
                 "tensors computes from the whole weight: use merged_16bit and quantize it with "
                 "llm-compressor"
             )
-        return Fp8ChannelNative(weight.shape, weight.scales.dtype, weight.scales.name)
+        return Fp8ChannelNative(weight.shape, weight.scales.dtype.torch, weight.scales.name)
 
 
 class FbgemmFp8Format:

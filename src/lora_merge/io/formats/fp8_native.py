@@ -30,6 +30,7 @@ from lora_merge.compute.fp8 import (
     quantize_fp8_blocks,
     quantize_fp8_channels,
 )
+from lora_merge.dtypes import F8_E4M3, F32, dtype_of
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 
 
@@ -59,8 +60,8 @@ class Fp8BlockNative:
 
     def stored_specs(self, name: str) -> list[TensorSpec]:
         return [
-            TensorSpec(name, torch.float8_e4m3fn, self.shape),
-            TensorSpec(self.scale_name, torch.float32, self.grid),
+            TensorSpec(name, F8_E4M3, self.shape),
+            TensorSpec(self.scale_name, F32, self.grid),
         ]
 
     def held_bytes(self, tile_budget: int) -> int:
@@ -163,8 +164,8 @@ class Fp8ChannelNative:
 
     def stored_specs(self, name: str) -> list[TensorSpec]:
         return [
-            TensorSpec(name, torch.float8_e4m3fn, self.shape),
-            TensorSpec(self.scale_name, self.dtype, (self.shape[0], 1)),
+            TensorSpec(name, F8_E4M3, self.shape),
+            TensorSpec(self.scale_name, dtype_of(self.dtype), (self.shape[0], 1)),
         ]
 
     def held_bytes(self, tile_budget: int) -> int:

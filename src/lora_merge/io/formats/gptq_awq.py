@@ -133,7 +133,7 @@ class GptqFormat(_ColumnPackedFormat):
             weight = ColumnPackedWeight(
                 name=f"{prefix}weight",
                 shape=(outputs, inputs),
-                dtype=scales.dtype,
+                dtype=scales.dtype.torch,
                 method=self.name,
                 bits=bits,
                 group_size=group_size,
@@ -191,7 +191,7 @@ class AwqFormat(_ColumnPackedFormat):
             weight = ColumnPackedWeight(
                 name=f"{prefix}weight",
                 shape=(outputs, inputs),
-                dtype=scales.dtype,
+                dtype=scales.dtype.torch,
                 method=self.name,
                 bits=4,
                 group_size=group_size,

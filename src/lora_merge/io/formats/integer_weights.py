@@ -177,7 +177,7 @@ class ColumnPackedWeight:
         scales = stored.row_bytes(
             self.scales, 0, groups, first * scale_size, last * scale_size, f"{self.method}_scales"
         )
-        scales = scales.contiguous().view(self.scales.dtype).t()  # (count, groups)
+        scales = scales.contiguous().view(self.scales.dtype.torch).t()  # (count, groups)
         if self.awq_order:
             # Decode in the words' column order, which spares a gather of every chunk's codes:
             # band row 8k + i is output 8k + AWQ_PACK_ORDER[i] (read_rows puts rows back).

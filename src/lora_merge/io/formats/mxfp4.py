@@ -39,6 +39,7 @@ from lora_merge.compute.mxfp4 import (
     has_nan_scale,
     quantize_mxfp4,
 )
+from lora_merge.dtypes import U8
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.formats.protocol import NativeTarget, QuantizedWeight, StoredRows
 from lora_merge.io.safetensors_format import TensorEntry
@@ -255,10 +256,8 @@ class Mxfp4Native:
         experts, columns, rows = self.shape
         groups = columns // MXFP4_BLOCK
         return [
-            TensorSpec(
-                self.blocks_name, torch.uint8, (experts, rows, groups, MXFP4_BYTES_PER_BLOCK)
-            ),
-            TensorSpec(self.scales_name, torch.uint8, (experts, rows, groups)),
+            TensorSpec(self.blocks_name, U8, (experts, rows, groups, MXFP4_BYTES_PER_BLOCK)),
+            TensorSpec(self.scales_name, U8, (experts, rows, groups)),
         ]
 
     @property

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_merge.dtypes import DType, dtype_of
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.formats.bitsandbytes import BITSANDBYTES
 from lora_merge.io.formats.compressed_tensors_int import COMPRESSED_TENSORS_INT
@@ -48,7 +49,7 @@ class LogicalTensor:
     """A tensor as the model sees it: a stored one, or a quantized weight dequantized."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     quantized: QuantizedWeight | None = None
 
@@ -86,12 +87,12 @@ class QuantizedBase:
         """e.g. ``bitsandbytes nf4 (double quant, blocksize 64)`` or ``fp8 e4m3, 128x128 blocks``."""
         return "; ".join(f.describe(self.weights_of(f), self.config) for f in self.formats)
 
-    def output_dtype(self, model_config: Mapping[str, object]) -> torch.dtype | None:
+    def output_dtype(self, model_config: Mapping[str, object]) -> DType | None:
         """The dtype a merge writes when ``--dtype`` is ``auto`` (None: each tensor's own)."""
         for format in self.formats:
             dtype = format.output_dtype(self.weights_of(format), model_config)
             if dtype is not None:
-                return dtype
+                return dtype_of(dtype)
         return None
 
 
@@ -191,7 +192,9 @@ def logical_tensors(
     for name, entry in entries.items():
         found = by_anchor.get(name)
         if found is not None:
-            tensors[found.name] = LogicalTensor(found.name, found.dtype, found.shape, found)
+            tensors[found.name] = LogicalTensor(
+                found.name, dtype_of(found.dtype), found.shape, found
+            )
         elif name not in hidden:
             tensors[name] = LogicalTensor(name, entry.dtype, entry.shape)
     return tensors

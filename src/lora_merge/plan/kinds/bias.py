@@ -14,11 +14,11 @@ those the adapter does not train get zeros (:func:`add_flagged_biases`).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import LoraModuleKeys
-from lora_merge.compute.lora import compute_dtype_for
+from lora_merge.dtypes import DType
 from lora_merge.errors import AdapterMismatchError
 from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
@@ -26,6 +26,9 @@ from lora_merge.io.shard_writer import TensorSpec
 from lora_merge.plan.architectures import bias_flag_for
 from lora_merge.plan.model import Delta, LoraBias, MergePlan, PlannedTensor
 from lora_merge.plan.names import shape_mismatch
+
+if TYPE_CHECKING:  # the plan is made before torch is imported; the merge imports it
+    import torch
 
 
 def bias_key_of(weight_key: str) -> str:
@@ -80,7 +83,7 @@ def add_flagged_biases(
     flags: list[str],
     base: BaseCheckpoint,
     deltas: dict[str, Delta],
-    output_dtype: torch.dtype | None,
+    output_dtype: DType | None,
 ) -> None:
     """Append biases the base lacks, and switch their config flags on.
 
@@ -122,6 +125,8 @@ def merge_lora_bias(
     base_bias: torch.Tensor, lora_bias: torch.Tensor, scale: float, output_dtype: torch.dtype
 ) -> torch.Tensor:
     """``bias + scale * lora_B.bias``, rounded once (PEFT ``lora_bias=True``)."""
+    from lora_merge.compute.lora import compute_dtype_for  # imports torch
+
     compute_dtype = compute_dtype_for(output_dtype)
     delta = lora_bias.to(compute_dtype).mul(scale)
     return delta.add_(base_bias).to(output_dtype)

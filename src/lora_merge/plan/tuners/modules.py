@@ -12,10 +12,9 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-import torch
-
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents
+from lora_merge.dtypes import DType
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
@@ -44,7 +43,7 @@ def plan_tuner_modules(
     config: LoraAdapterConfig,
     model_type: object,
     unmerge: bool,
-    stored_dtype: Callable[[str], torch.dtype | None] = lambda key: None,
+    stored_dtype: Callable[[str], DType | None] = lambda key: None,
 ) -> dict[str, TunerUpdate]:
     """Base tensor name -> its update, for every module of a non-LoRA adapter.
 

@@ -83,7 +83,7 @@ def tuner_row_merger(
         seed, *sizes = update.projections
         drawn = vera.regenerated_projections(seed, (sizes[0], sizes[1], sizes[2]))
         if update.projection_dtype is not None:  # rounded to the base layer's dtype, as PEFT
-            drawn = {role: t.to(update.projection_dtype) for role, t in drawn.items()}
+            drawn = {role: t.to(update.projection_dtype.torch) for role, t in drawn.items()}
         read.update(drawn)
     tensors = {role: t.to(device=device, dtype=compute_dtype) for role, t in read.items()}
     if absolute:
