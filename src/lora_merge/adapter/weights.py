@@ -6,8 +6,6 @@ import pickle
 import zipfile
 from pathlib import Path
 
-import torch
-
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.reader import InMemoryTensors, SafetensorsReader, TensorSource
 from lora_merge.io.safetensors_format import read_safetensors_header
@@ -26,6 +24,8 @@ def open_adapter_weights(path: Path) -> TensorSource:
     if path.suffix == ".safetensors":
         header = read_safetensors_header(path)
         return SafetensorsReader({entry.name: entry for entry in header.entries})
+    import torch  # a pickle is loaded as tensors; a safetensors adapter is planned without torch
+
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:

@@ -181,7 +181,7 @@ def _factor_bytes(
     experts_read = delta.experts if one_expert else 1
     a_elements //= experts_read
     held = a_dtype.itemsize * a_elements
-    if a_dtype != compute or delta.experts > 1:  # experts: each one's A is a copy
+    if a_dtype.torch != compute or delta.experts > 1:  # experts: each one's A is a copy
         held += compute.itemsize * a_elements
     if scale_folds_into_a(delta.scale):
         held += compute.itemsize * a_elements
@@ -192,7 +192,7 @@ def _factor_bytes(
         if delta.groups is not None:  # B spread over every group's rows
             b_elements *= len(delta.groups)
             held += b_dtype.itemsize * b_elements
-        if b_dtype != compute or delta.experts > 1:
+        if b_dtype.torch != compute or delta.experts > 1:
             held += compute.itemsize * b_elements
     if delta.experts > 1:  # a tile of whole experts, merged apart from the buffers
         held += tile_budget

@@ -31,6 +31,12 @@ from lora_merge.compute.dequantize import (
     FOUR_BIT_QUANT_TYPES,
 )
 from lora_merge.errors import InvalidInputError
+from lora_merge.io.formats.bitsandbytes_names import (
+    INT8_SCALE_SUFFIX,
+    QUANT_STATE_MARKER,
+    is_four_bit_state,
+    is_int8_scale,
+)
 from lora_merge.io.formats.bitsandbytes_weights import (
     ABSMAX_WINDOW_BLOCKS,
     FourBitWeight,
@@ -42,7 +48,6 @@ from lora_merge.io.json_files import is_count, parse_json_object
 from lora_merge.io.positional import read_bytes_at
 from lora_merge.io.safetensors_format import TensorEntry
 
-QUANT_STATE_MARKER = ".quant_state.bitsandbytes__"
 # Largest quant-state JSON we read (bitsandbytes writes ~200 bytes).
 MAX_QUANT_STATE_BYTES = 64 * 2**10
 NESTED_CODE_ENTRIES = 256
@@ -155,10 +160,10 @@ def quantized_weights(entries: Mapping[str, TensorEntry]) -> dict[str, BitsAndBy
     """
     weights: dict[str, BitsAndBytesWeight] = {}
     for name in entries:
-        if QUANT_STATE_MARKER in name:
+        if is_four_bit_state(name):
             weight = _four_bit_weight(name, entries)
             weights[weight.name] = weight
-        elif name.endswith(".SCB"):
+        elif is_int8_scale(name):
             weight_8bit = _int8_weight(name, entries)
             weights[weight_8bit.name] = weight_8bit
     return weights
@@ -204,7 +209,7 @@ def _four_bit_weight(state_name: str, entries: Mapping[str, TensorEntry]) -> Fou
             f"{packed.nbytes} bytes of codes for {numel} weights (expected {(numel + 1) // 2})"
         )
     quant_map = part("quant_map")
-    if quant_map.dtype != torch.float32 or quant_map.shape != (FOUR_BIT_CODE_ENTRIES,):
+    if quant_map.dtype.torch != torch.float32 or quant_map.shape != (FOUR_BIT_CODE_ENTRIES,):
         raise bad("quant_map is not 16 float32 values")
     absmax = part("absmax")
     nested = None
@@ -219,16 +224,16 @@ def _four_bit_weight(state_name: str, entries: Mapping[str, TensorEntry]) -> Fou
             raise bad(f"nested dtype {state.get('nested_dtype')!r} is not float32")
         assert isinstance(nested_blocksize, int)
         nested_absmax, nested_map = part("nested_absmax"), part("nested_quant_map")
-        if absmax.dtype != torch.uint8 or absmax.shape != (blocks,):
+        if absmax.dtype.torch != torch.uint8 or absmax.shape != (blocks,):
             raise bad(f"absmax is not {blocks} uint8 codes")
-        if nested_absmax.dtype != torch.float32 or nested_absmax.shape != (
+        if nested_absmax.dtype.torch != torch.float32 or nested_absmax.shape != (
             -(-blocks // nested_blocksize),
         ):
             raise bad("nested_absmax does not have one float32 per nested block")
-        if nested_map.dtype != torch.float32 or nested_map.shape != (NESTED_CODE_ENTRIES,):
+        if nested_map.dtype.torch != torch.float32 or nested_map.shape != (NESTED_CODE_ENTRIES,):
             raise bad("nested_quant_map is not 256 float32 values")
         nested = NestedAbsmax(nested_absmax, nested_map, nested_blocksize, float(offset))
-    elif absmax.dtype != torch.float32 or absmax.shape != (blocks,):
+    elif absmax.dtype.torch != torch.float32 or absmax.shape != (blocks,):
         raise bad(f"absmax is not {blocks} float32 values")
     return FourBitWeight(
         name=name,
@@ -245,7 +250,7 @@ def _four_bit_weight(state_name: str, entries: Mapping[str, TensorEntry]) -> Fou
 
 
 def _int8_weight(scale_name: str, entries: Mapping[str, TensorEntry]) -> Int8Weight:
-    module = scale_name.removesuffix(".SCB")
+    module = scale_name.removesuffix(INT8_SCALE_SUFFIX)
     name = f"{module}.weight"
     weight = entries.get(name)
     if weight is None:
@@ -253,12 +258,12 @@ def _int8_weight(scale_name: str, entries: Mapping[str, TensorEntry]) -> Int8Wei
             f"BASE has the 8-bit scales {scale_name!r} but no {name!r}; the checkpoint is incomplete"
         )
     scales = entries[scale_name]
-    if weight.dtype != torch.int8 or len(weight.shape) != 2:
+    if weight.dtype.torch != torch.int8 or len(weight.shape) != 2:
         raise InvalidInputError(
             f"BASE tensor {name!r} has 8-bit scales {scale_name!r} but is {weight.dtype} "
             f"{weight.shape}, not a 2-D int8 matrix; the checkpoint is inconsistent"
         )
-    if scales.dtype != torch.float32 or scales.shape != weight.shape[:1]:
+    if scales.dtype.torch != torch.float32 or scales.shape != weight.shape[:1]:
         raise InvalidInputError(
             f"BASE tensor {scale_name!r} is {scales.dtype} {scales.shape}, not one float32 per "
             f"row of {name!r}; the checkpoint is inconsistent"
@@ -266,7 +271,7 @@ def _int8_weight(scale_name: str, entries: Mapping[str, TensorEntry]) -> Int8Wei
     weight_format = entries.get(f"{name}_format")
     if weight_format is not None:
         layout = _read_small(weight_format, 8)
-        if weight_format.dtype != torch.uint8 or layout != bytes([INT8_ROW_MAJOR_FORMAT]):
+        if weight_format.dtype.torch != torch.uint8 or layout != bytes([INT8_ROW_MAJOR_FORMAT]):
             raise InvalidInputError(
                 f"BASE tensor {weight_format.name!r} says {name!r} is stored in a GPU tile layout "
                 "(bitsandbytes < 0.45); load and re-save the model with a current bitsandbytes"

@@ -203,10 +203,10 @@ class CompressedTensorsIntFormat:
         weights: dict[str, QuantizedWeight] = {}
         for name, entry in entries.items():
             # Other packed formats (compressed-tensors' MXFP4/NVFP4) store uint8 words.
-            if name.endswith("weight_packed") and entry.dtype == torch.int32:
+            if name.endswith("weight_packed") and entry.dtype.torch == torch.int32:
                 prefix = name.removesuffix("weight_packed")
                 candidates = [a for a in groups if a.packed]
-            elif name.endswith("weight") and entry.dtype == torch.int8:
+            elif name.endswith("weight") and entry.dtype.torch == torch.int8:
                 prefix = name.removesuffix("weight")
                 candidates = [a for a in groups if not a.packed]
                 if f"{prefix}weight_scale" not in entries and not candidates:
@@ -320,13 +320,13 @@ def _weight(
             f"{'packed' if packed else 'as int8'}; the {METHOD} config does not describe it"
         )
     expected_dtype = torch.int32 if packed else torch.int8
-    if codes.dtype != expected_dtype or len(codes.shape) != 2:
+    if codes.dtype.torch != expected_dtype or len(codes.shape) != 2:
         raise InvalidInputError(
             f"BASE tensor {codes.name!r} is {codes.dtype} {codes.shape}, not a {expected_dtype} "
             f"matrix (lora-merge reads 2-D {METHOD} weights); the checkpoint is "
             "inconsistent or of a layout lora-merge does not read"
         )
-    if scales.dtype not in SCALE_DTYPES:
+    if scales.dtype.torch not in SCALE_DTYPES:
         raise InvalidInputError(
             f"BASE tensor {scales.name!r} is {scales.dtype}, not a float scale; the {METHOD} "
             "checkpoint is inconsistent"
@@ -415,7 +415,7 @@ def _fit(
         zero_fits = math.prod(zeros.shape) == 1
     elif args.packed:
         zero_grid = (-(-rows // per_word), grid[1])
-        zero_fits = zeros.shape == zero_grid and zeros.dtype == torch.int32
+        zero_fits = zeros.shape == zero_grid and zeros.dtype.torch == torch.int32
     else:
         zero_grid = grid
         zero_fits = zeros.shape in (grid, grid[:1]) and not zeros.dtype.is_floating_point
@@ -426,7 +426,7 @@ def _fit(
 
 def _stored_shape(entry: TensorEntry) -> tuple[int, int]:
     """``X.weight_shape``'s two values (int64, or int32 in older writers)."""
-    if entry.shape != (2,) or entry.dtype not in (torch.int64, torch.int32):
+    if entry.shape != (2,) or entry.dtype.torch not in (torch.int64, torch.int32):
         raise InvalidInputError(
             f"BASE tensor {entry.name!r} is {entry.dtype} {entry.shape}, not the two sizes of "
             f"a weight; the {METHOD} checkpoint is corrupt"

@@ -138,7 +138,7 @@ class Fp8BlockFormat:
                 )
                 weights[weight.name] = weight
         for name, entry in entries.items():
-            if entry.dtype in FP8_DTYPES and name not in weights:
+            if entry.dtype.torch in FP8_DTYPES and name not in weights:
                 raise InvalidInputError(
                     f"BASE tensor {name!r} is {entry.dtype} but has no scale tensor "
                     f"{_scale_name(name)!r}; the FP8 checkpoint is incomplete (re-download it)"
@@ -151,7 +151,7 @@ class Fp8BlockFormat:
         """e.g. ``fp8 e4m3 (128x128 blocks)``."""
         block = quantization_config.get("weight_block_size")
         fp8 = [w for w in weights.values() if isinstance(w, Fp8Weight)]
-        kind = "e5m2" if fp8 and fp8[0].codes.dtype == torch.float8_e5m2 else "e4m3"
+        kind = "e5m2" if fp8 and fp8[0].codes.dtype.torch == torch.float8_e5m2 else "e4m3"
         if isinstance(block, list) and len(block) == 2:
             return f"fp8 {kind} ({block[0]}x{block[1]} blocks)"
         return f"fp8 {kind} (one scale per tensor)"
@@ -255,7 +255,7 @@ def fp8_weight(
         raise InvalidInputError(
             f"BASE has the FP8 scales {scale_name!r} but no {name!r}; the checkpoint is incomplete"
         )
-    if codes.dtype not in FP8_DTYPES or len(codes.shape) < 2:
+    if codes.dtype.torch not in FP8_DTYPES or len(codes.shape) < 2:
         raise InvalidInputError(
             f"BASE tensor {name!r} has FP8 scales {scale_name!r} but is {codes.dtype} "
             f"{codes.shape}, not an FP8 matrix; the checkpoint is inconsistent"
@@ -265,7 +265,7 @@ def fp8_weight(
     grid = (*codes.shape[:-2], -(-rows // block[0]), -(-cols // block[1]))
     # One scale for a whole matrix may be stored as (), (1,) or (1, 1).
     per_tensor = len(codes.shape) == 2 and math.prod(scales.shape) == 1 and block == (rows, cols)
-    if scales.dtype not in SCALE_DTYPES or (scales.shape != grid and not per_tensor):
+    if scales.dtype.torch not in SCALE_DTYPES or (scales.shape != grid and not per_tensor):
         raise InvalidInputError(
             f"BASE tensor {scale_name!r} is {scales.dtype} {scales.shape}, but {name!r} "
             f"{codes.shape} in blocks of {block[0]}x{block[1]} needs float {grid}: the "

@@ -156,7 +156,7 @@ def _fp8_weights(
     granularity (a row, the tensor, or ``block``)."""
     weights: dict[str, QuantizedWeight] = {}
     for name, entry in entries.items():
-        if entry.dtype not in FP8_DTYPES or not name.endswith(".weight"):
+        if entry.dtype.torch not in FP8_DTYPES or not name.endswith(".weight"):
             continue
         module = name.removesuffix(".weight")
         scale = entries.get(f"{module}{SCALE_SUFFIX}")

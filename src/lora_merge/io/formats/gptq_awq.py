@@ -115,7 +115,7 @@ class GptqFormat(_ColumnPackedFormat):
             if not name.endswith(".qweight"):
                 continue
             prefix = name.removesuffix("qweight")
-            if qweight.dtype != torch.int32 or len(qweight.shape) != 2:
+            if qweight.dtype.torch != torch.int32 or len(qweight.shape) != 2:
                 raise _not_packed(qweight, self.name)
             inputs, outputs = qweight.shape[0] * per_word, qweight.shape[1]
             group_size = _group_size(quantization_config, inputs, self.name)
@@ -180,7 +180,7 @@ class AwqFormat(_ColumnPackedFormat):
             if not name.endswith(".qweight"):
                 continue
             prefix = name.removesuffix("qweight")
-            if qweight.dtype != torch.int32 or len(qweight.shape) != 2:
+            if qweight.dtype.torch != torch.int32 or len(qweight.shape) != 2:
                 raise _not_packed(qweight, self.name)
             inputs, outputs = qweight.shape[0], qweight.shape[1] * 8
             group_size = _group_size(quantization_config, inputs, self.name, "q_group_size")
@@ -246,12 +246,12 @@ def _zeros_and_scales(
         raise missing_part(f"{prefix}scales", qweight.name, method)
     if qzeros is None:
         raise missing_part(f"{prefix}qzeros", qweight.name, method)
-    if scales.dtype not in SCALE_DTYPES:
+    if scales.dtype.torch not in SCALE_DTYPES:
         raise InvalidInputError(
             f"BASE tensor {scales.name!r} is {scales.dtype}, not a float scale; the {method} "
             "checkpoint is inconsistent"
         )
-    if qzeros.dtype != torch.int32:
+    if qzeros.dtype.torch != torch.int32:
         raise _not_packed(qzeros, method)
     return qzeros, scales
 

@@ -355,13 +355,13 @@ def _weight(name: str, entries: Mapping[str, TensorEntry], dtype: torch.dtype) -
             "checkpoint is incomplete (re-download it)"
         )
     shape = blocks.shape
-    if blocks.dtype != torch.uint8 or len(shape) != 4 or shape[-1] != MXFP4_BYTES_PER_BLOCK:
+    if blocks.dtype.torch != torch.uint8 or len(shape) != 4 or shape[-1] != MXFP4_BYTES_PER_BLOCK:
         raise InvalidInputError(
             f"BASE tensor {blocks.name!r} is {blocks.dtype} {shape}, not uint8 "
             f"(experts, rows, groups, {MXFP4_BYTES_PER_BLOCK}) as gpt-oss stores MXFP4 experts; "
             "the checkpoint is corrupt or of a layout lora-merge does not read"
         )
-    if scales.dtype != torch.uint8 or scales.shape != shape[:-1]:
+    if scales.dtype.torch != torch.uint8 or scales.shape != shape[:-1]:
         raise InvalidInputError(
             f"BASE tensor {scales.name!r} is {scales.dtype} {scales.shape}, but {blocks.name!r} "
             f"{shape} needs uint8 {shape[:-1]}, one exponent per {MXFP4_BLOCK} values; the "

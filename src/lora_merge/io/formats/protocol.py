@@ -3,7 +3,7 @@
 A format (bitsandbytes, FP8 block-wise, MXFP4, compressed-tensors ...) is one
 module under :mod:`lora_merge.io.formats` holding one object that satisfies
 :class:`QuantizationFormat`, plus one row in the table
-:data:`lora_merge.io.formats.FORMATS`. The rest of lora-merge sees only these
+:func:`lora_merge.io.formats.registry.formats`. The rest of lora-merge sees only these
 protocols:
 
 - resolving BASE asks each format that :meth:`~QuantizationFormat.accepts` the

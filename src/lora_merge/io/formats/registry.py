@@ -2,46 +2,58 @@
 
 A new format is one module under :mod:`lora_merge.io.formats` (an object that
 satisfies :class:`~lora_merge.io.formats.protocol.QuantizationFormat`) and one
-row in :data:`FORMATS`. A base is matched on config.json's
+row in :func:`formats`. A base is matched on config.json's
 ``quantization_config.quant_method`` (and what :meth:`accepts` reads beside it);
 then every matching format finds its weights by their tensor names, so a
 checkpoint may mix formats (compressed-tensors' config groups) and what no
 format claims (embeddings, norms, routers, ``modules_to_not_convert``) stays an
 ordinary tensor that passes through.
+
+The format modules import torch, so they are imported by :func:`formats` when a
+base has a ``quantization_config`` or bitsandbytes' tensor names: an ordinary
+base is planned before torch is imported (issue 24).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from lora_merge.dtypes import DType, dtype_of
+from lora_merge.dtypes import BF16, F16, F32, DType, dtype_of
 from lora_merge.errors import InvalidInputError
-from lora_merge.io.formats.bitsandbytes import BITSANDBYTES
-from lora_merge.io.formats.compressed_tensors_int import COMPRESSED_TENSORS_INT
-from lora_merge.io.formats.fp8_block import FP8_BLOCK
-from lora_merge.io.formats.fp8_channel import COMPRESSED_TENSORS_FP8, FBGEMM_FP8
-from lora_merge.io.formats.gptq_awq import AWQ, GPTQ
-from lora_merge.io.formats.mxfp4 import MXFP4
-from lora_merge.io.formats.protocol import QuantizationFormat, QuantizedWeight
+from lora_merge.io.formats.bitsandbytes_names import names_bitsandbytes_weights
 from lora_merge.io.safetensors_format import TensorEntry
 
-# Every format, in the order they are asked. One row per format module.
-FORMATS: tuple[QuantizationFormat, ...] = (
-    BITSANDBYTES,
-    FP8_BLOCK,
-    COMPRESSED_TENSORS_FP8,
-    FBGEMM_FP8,
-    MXFP4,
-    COMPRESSED_TENSORS_INT,
-    GPTQ,
-    AWQ,
-)
+if TYPE_CHECKING:
+    import torch
+
+    from lora_merge.io.formats.protocol import QuantizationFormat, QuantizedWeight
+
 # A quantization_config without quant_method: transformers' bitsandbytes configs of old.
 DEFAULT_QUANT_METHOD = "bitsandbytes"
-MODEL_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MODEL_DTYPES = {"bfloat16": BF16, "float16": F16, "float32": F32}
+
+
+def formats() -> tuple[QuantizationFormat, ...]:
+    """Every format, in the order they are asked. One row per format module."""
+    from lora_merge.io.formats.bitsandbytes import BITSANDBYTES
+    from lora_merge.io.formats.compressed_tensors_int import COMPRESSED_TENSORS_INT
+    from lora_merge.io.formats.fp8_block import FP8_BLOCK
+    from lora_merge.io.formats.fp8_channel import COMPRESSED_TENSORS_FP8, FBGEMM_FP8
+    from lora_merge.io.formats.gptq_awq import AWQ, GPTQ
+    from lora_merge.io.formats.mxfp4 import MXFP4
+
+    return (
+        BITSANDBYTES,
+        FP8_BLOCK,
+        COMPRESSED_TENSORS_FP8,
+        FBGEMM_FP8,
+        MXFP4,
+        COMPRESSED_TENSORS_INT,
+        GPTQ,
+        AWQ,
+    )
 
 
 @dataclass(frozen=True)
@@ -77,7 +89,7 @@ class QuantizedBase:
     def formats(self) -> list[QuantizationFormat]:
         """The formats of this base's weights, in table order."""
         present = {id(f) for f in self.format_of.values()}
-        return [f for f in FORMATS if id(f) in present]
+        return [f for f in formats() if id(f) in present]
 
     def weights_of(self, format: QuantizationFormat) -> dict[str, QuantizedWeight]:
         """The weights one of :attr:`formats` found."""
@@ -109,18 +121,22 @@ def find_quantized_base(
     quantization_config = config.get("quantization_config")
     if quantization_config is None:
         # bitsandbytes checkpoints are recognised by their tensor names alone.
-        formats: list[QuantizationFormat] = [BITSANDBYTES]
+        if not names_bitsandbytes_weights(entries):
+            return None
+        from lora_merge.io.formats.bitsandbytes import BITSANDBYTES
+
+        found_formats: list[QuantizationFormat] = [BITSANDBYTES]
         quantization_config = {}
     elif not isinstance(quantization_config, dict):
         raise InvalidInputError(
             "config.json: quantization_config is not an object; the base's config is corrupt"
         )
     else:
-        formats = formats_for(quantization_config)
+        found_formats = formats_for(quantization_config)
     weights: dict[str, QuantizedWeight] = {}
     format_of: dict[str, QuantizationFormat] = {}
     claimed: dict[str, str] = {}  # stored tensor -> the logical weight that uses it
-    for format in formats:
+    for format in found_formats:
         found = format.find_weights(entries, quantization_config, model_dtype(config))
         for name, weight in found.items():
             for stored in weight.stored_names:
@@ -146,8 +162,8 @@ def model_dtype(config: Mapping[str, object]) -> torch.dtype:
     if isinstance(name, str):
         dtype = MODEL_DTYPES.get(name.removeprefix("torch."))
         if dtype is not None:
-            return dtype
-    return torch.bfloat16
+            return dtype.torch
+    return BF16.torch
 
 
 def formats_for(quantization_config: Mapping[str, object]) -> list[QuantizationFormat]:
@@ -157,9 +173,9 @@ def formats_for(quantization_config: Mapping[str, object]) -> list[QuantizationF
         InvalidInputError: none does (the message names the method and what is read).
     """
     method = quantization_config.get("quant_method", DEFAULT_QUANT_METHOD)
-    found = [f for f in FORMATS if method in f.quant_methods and f.accepts(quantization_config)]
+    found = [f for f in formats() if method in f.quant_methods and f.accepts(quantization_config)]
     if not found:
-        known = sorted({m for f in FORMATS for m in f.quant_methods})
+        known = sorted({m for f in formats() for m in f.quant_methods})
         detail = quantization_config.get("format")
         what = f"{method!r}" + (f" (format {detail!r})" if isinstance(detail, str) else "")
         raise InvalidInputError(
@@ -207,4 +223,4 @@ def dequantize_workspace_bound(
     ``tile_elements`` weights and no weight read in bands of a row has a row of more than
     ``row_elements``, whatever the format (``working_memory_bound`` counts it once per
     thread)."""
-    return max(f.workspace_bound(tile_elements, device, row_elements) for f in FORMATS)
+    return max(f.workspace_bound(tile_elements, device, row_elements) for f in formats())

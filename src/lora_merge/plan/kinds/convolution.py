@@ -21,12 +21,17 @@ a Linear's.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.kinds.shapes import LoraShapes
 from lora_merge.plan.model import LoraProduct
+
+# torch names types only: a plan, made before torch is imported, needs none of it
+# (issue 24); the tensors come from the adapter's reader.
+if TYPE_CHECKING:
+    import torch
 
 LAYER = "convolution"
 

@@ -22,13 +22,17 @@ first pass over the tiles sums each column's squares
 from __future__ import annotations
 
 from dataclasses import replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.errors import AdapterMismatchError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.kinds.shapes import LoraShapes
 from lora_merge.plan.model import DORA_PREFIX, LoraProduct
+
+# torch is imported by the functions that compute values: a plan, made before
+# torch is imported, needs none of it (issue 24).
+if TYPE_CHECKING:
+    import torch
 
 
 def plan_dora(product: LoraProduct, shapes: LoraShapes, adapter: TensorSource) -> LoraProduct:
@@ -71,6 +75,8 @@ def dora_scale_rows(values: torch.Tensor, magnitude_rows: torch.Tensor) -> torch
     ``dora_factor.view(-1, 1) * (W + delta)``, rounded once. Same operations,
     same order, so 16-bit results are PEFT's.
     """
+    import torch
+
     norms = torch.linalg.vector_norm(values, dim=1)
     return values.mul_((magnitude_rows.to(values.dtype) / norms).unsqueeze(1))
 
@@ -82,6 +88,8 @@ def column_sums_of_squares(values: torch.Tensor) -> torch.Tensor:
     weight, and a column spans every row: the squares are summed tile by tile in
     float64, so the order of the tiles does not matter at the output's precision.
     """
+    import torch
+
     return values.to(torch.float64).square_().sum(dim=0)
 
 
@@ -92,6 +100,8 @@ def dora_column_factor(magnitude: torch.Tensor, sums_of_squares: torch.Tensor) -
     ``torch.linalg.norm(W.T + delta.T, dim=1)`` in float32; we take the same norm
     in float64 (see :func:`dora_scale_columns`).
     """
+    import torch
+
     return magnitude.to(torch.float64) / sums_of_squares.sqrt()
 
 
@@ -102,4 +112,6 @@ def dora_scale_columns(values: torch.Tensor, column_factor: torch.Tensor) -> tor
     norm, the factor and the product before the final rounding; the stream computes
     column DoRA in float64 throughout, so the one final rounding decides the result.
     """
+    import torch
+
     return values.to(torch.float64).mul_(column_factor)

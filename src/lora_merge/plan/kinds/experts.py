@@ -28,8 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents
@@ -38,6 +37,11 @@ from lora_merge.inputs.resolve import BaseCheckpoint
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import LoraProduct
 from lora_merge.plan.names import BaseNames
+
+# torch names types only: a plan, made before torch is imported, needs none of it
+# (issue 24); the tensors come from the adapter's reader.
+if TYPE_CHECKING:
+    import torch
 
 LAYER = "experts"
 

@@ -20,7 +20,7 @@ gives the same product (the extra terms are exact zeros, which change no sum).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.adapter.loralib import LoralibSettings
 from lora_merge.errors import AdapterMismatchError, InvalidInputError
@@ -28,6 +28,11 @@ from lora_merge.io.reader import TensorSource
 from lora_merge.plan.architectures import is_conv1d_module
 from lora_merge.plan.kinds.shapes import LoraShapes
 from lora_merge.plan.model import LoraProduct
+
+# torch names types only: a plan, made before torch is imported, needs none of it
+# (issue 24); the tensors come from the adapter's reader.
+if TYPE_CHECKING:
+    import torch
 
 LAYER = "merged_linear"
 

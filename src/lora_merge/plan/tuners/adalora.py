@@ -19,7 +19,7 @@ dtype (float32 for 16-bit outputs: PEFT's bits), once per weight.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.adapter.config import LoraAdapterConfig, pattern_key_for
 from lora_merge.adapter.keys import TunerModuleKeys
@@ -28,6 +28,11 @@ from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import shape_mismatch
 from lora_merge.plan.tuners.layout import stored_layout
+
+# torch is imported by the functions that compute values: a plan, made before
+# torch is imported, needs none of it (issue 24).
+if TYPE_CHECKING:
+    import torch
 
 TUNER = "adalora"
 FORMULA = "AdaLoRA modules: W + B @ (A * E) * alpha / (init_r + 1e-5)"
@@ -83,6 +88,8 @@ def adalora_delta(
     tensors: dict[str, torch.Tensor], update: TunerUpdate, weight_shape: tuple[int, ...]
 ) -> torch.Tensor:
     """PEFT's AdaLoRA delta in the stored layout, from tensors in the compute dtype."""
+    import torch
+
     product = tensors["lora_B"] @ (tensors["lora_A"] * tensors["lora_E"])
     if update.layer == "conv1d":  # transpose(..., fan_in_fan_out)
         product = product.T

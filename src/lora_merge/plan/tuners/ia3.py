@@ -20,8 +20,7 @@ or a vector as long as the row (:func:`ia3_factor`).
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import TunerModuleKeys
@@ -29,6 +28,11 @@ from lora_merge.io.reader import TensorSource
 from lora_merge.plan.architectures import is_conv1d_module
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import shape_mismatch
+
+# torch is imported by the functions that compute values: a plan, made before
+# torch is imported, needs none of it (issue 24).
+if TYPE_CHECKING:
+    import torch
 
 TUNER = "ia3"
 FORMULA = "IA3 modules: W * l per output row (per input column for feedforward modules)"
@@ -119,6 +123,8 @@ def scaled_rows(
     base_rows: torch.Tensor, factor: torch.Tensor, per_row: bool, start: int, divide: bool
 ) -> torch.Tensor:
     """Rows ``start:`` of ``W ⊙ l`` (or ``W / l``) in the factor's dtype, not yet rounded."""
+    import torch
+
     rows = base_rows.to(factor.dtype)
     if per_row:
         factor = factor[start : start + base_rows.shape[0]].unsqueeze(1)
@@ -127,6 +133,8 @@ def scaled_rows(
 
 def compute_dtype_for_ia3(output_dtype: torch.dtype) -> torch.dtype:
     """float32, as PEFT (a product rounded once in float32 is correctly rounded to it)."""
+    import torch
+
     return torch.float64 if output_dtype.itemsize > 4 else torch.float32
 
 

@@ -25,8 +25,7 @@ for 32-bit ones), built once per weight and added row tile by row tile.
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import TunerModuleKeys
@@ -34,6 +33,11 @@ from lora_merge.errors import InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import shape_mismatch
+
+# torch is imported by the functions that compute values: a plan, made before
+# torch is imported, needs none of it (issue 24).
+if TYPE_CHECKING:
+    import torch
 
 TUNER = "loha"
 FORMULA = "LoHa modules: W + (W1a @ W1b) * (W2a @ W2b) * alpha / r"
@@ -89,6 +93,8 @@ def loha_delta(
     tensors: dict[str, torch.Tensor], update: TunerUpdate, weight_shape: tuple[int, ...]
 ) -> torch.Tensor:
     """PEFT's LoHa delta (not yet reshaped to the weight), from tensors in the compute dtype."""
+    import torch
+
     scale = update.scale
     if "hada_t1" in tensors:  # HadaWeightCP.forward
         rebuild1 = torch.einsum(
@@ -113,4 +119,6 @@ def loha_delta(
 def _scale_tensor(scale: float, dtype: torch.dtype) -> torch.Tensor:
     """PEFT passes ``scale=torch.tensor(self.scaling)``: a float32 scalar (in float64 here
     for 32-bit outputs, which are computed in float64)."""
+    import torch
+
     return torch.tensor(scale, dtype=torch.float32).to(dtype)

@@ -19,8 +19,7 @@ dtype (float32 for 16-bit outputs: PEFT's bits), built once per weight.
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import TunerModuleKeys
@@ -28,6 +27,11 @@ from lora_merge.errors import InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import shape_mismatch
+
+# torch is imported by the functions that compute values: a plan, made before
+# torch is imported, needs none of it (issue 24).
+if TYPE_CHECKING:
+    import torch
 
 TUNER = "lokr"
 FORMULA = "LoKr modules: W + kron(W1, W2) * alpha / r"
@@ -82,6 +86,8 @@ def lokr_delta(
     tensors: dict[str, torch.Tensor], update: TunerUpdate, weight_shape: tuple[int, ...]
 ) -> torch.Tensor:
     """PEFT's LoKr delta (not yet reshaped to the weight), from tensors in the compute dtype."""
+    import torch
+
     w1 = tensors.get("lokr_w1")
     if w1 is None:
         w1 = tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]

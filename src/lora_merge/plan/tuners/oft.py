@@ -34,8 +34,7 @@ once: within half an ulp of the exact result, plus float64 noise. Block by block
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.adapter.config import LoraAdapterConfig, OftSettings
 from lora_merge.adapter.keys import TunerModuleKeys
@@ -43,6 +42,11 @@ from lora_merge.errors import AdapterMismatchError, InvalidInputError
 from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import shape_mismatch
+
+# torch is imported by the functions that compute values: a plan, made before
+# torch is imported, needs none of it (issue 24).
+if TYPE_CHECKING:
+    import torch
 
 TUNER = "oft"
 FORMULA = (
@@ -97,6 +101,8 @@ def block_size_of(elements: int) -> int | None:
 
 def rotation_blocks(generator: torch.Tensor, settings: OftSettings, blocks: int) -> torch.Tensor:
     """R's diagonal blocks (blocks, b, b), in the generator's dtype (float64 in the stream)."""
+    import torch
+
     block_size = block_size_of(generator.shape[-1])
     assert block_size is not None
     rows, cols = torch.triu_indices(block_size, block_size, 1)
@@ -124,6 +130,8 @@ def _project(
     generator: torch.Tensor, block_size: int, rows: torch.Tensor, cols: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """PEFT's ``_project_batch`` (COFT): each skew block's norm at most eps / sqrt(blocks)."""
+    import torch
+
     skew = _skew_symmetric(generator, block_size, rows, cols)
     # As PEFT: ``eps * 1 / torch.sqrt(torch.tensor(blocks))`` (a float32 scalar).
     radius = (eps * 1 / torch.sqrt(torch.tensor(skew.shape[0]))).to(skew.dtype)
@@ -134,6 +142,8 @@ def _project(
 
 def _cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
     """PEFT's truncated series, its terms added in PEFT's order."""
+    import torch
+
     rotation = torch.eye(skew.shape[-1], dtype=skew.dtype).repeat(skew.shape[0], 1, 1)
     if terms > 1:
         rotation.add_(skew, alpha=2.0)
@@ -149,11 +159,15 @@ def _cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
 
 def unmerge_blocks(rotation: torch.Tensor) -> torch.Tensor:
     """inv(R)'s blocks: PEFT's unmerge multiplies by ``torch.linalg.inv(R)``."""
+    import torch
+
     return torch.linalg.inv(rotation)
 
 
 def rotated_rows(base_rows: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rows of ``W·Rᵀ`` (R's blocks given), in R's dtype, not yet rounded."""
+    import torch
+
     blocks, block_size, _ = rotation.shape
     rows = base_rows.to(rotation.dtype).reshape(base_rows.shape[0], blocks, block_size)
     return torch.einsum("nkb,kcb->nkc", rows, rotation).reshape(base_rows.shape[0], -1)

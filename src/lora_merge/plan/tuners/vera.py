@@ -24,8 +24,7 @@ Formula (:func:`vera_delta`): PEFT's operations in PEFT's order, in the compute 
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_merge.adapter.config import LoraAdapterConfig
 from lora_merge.adapter.keys import AdapterContents, TunerModuleKeys
@@ -34,6 +33,11 @@ from lora_merge.io.reader import TensorSource
 from lora_merge.plan.model import TunerUpdate
 from lora_merge.plan.names import shape_mismatch
 from lora_merge.plan.tuners.layout import stored_layout
+
+# torch is imported by the functions that compute values: a plan, made before
+# torch is imported, needs none of it (issue 24).
+if TYPE_CHECKING:
+    import torch
 
 TUNER = "vera"
 FORMULA = "VeRA modules: W + (lambda_b * B) @ (lambda_d * A), A and B shared by all modules"
@@ -105,6 +109,8 @@ def plan_vera(
 
 def regenerated_projections(seed: int, sizes: tuple[int, int, int]) -> dict[str, torch.Tensor]:
     """A and B as ``VeraModel._init_vera_A_vera_B`` draws them (float32, CPU generator)."""
+    import torch
+
     rank, in_max, out_max = sizes
     generator = torch.Generator(device="cpu").manual_seed(seed)
     drawn = {}
