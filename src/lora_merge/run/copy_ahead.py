@@ -8,88 +8,64 @@ before the import, the copy runs on a core the import leaves idle. On 2 cores
 with ``--no-hash-inputs`` that made a 1.1B q/v merge 13% faster; with the input
 hashing, which fills that core already, no faster (docs/benchmarks.md).
 
-The plan itself is made later, with torch. Here, with ``json`` and ``struct``
-only, a plain merge is foreseen from what the plan is made of: BASE's index and
-shard headers (the output keeps BASE's tensors, names, dtypes, shapes and order),
-``--max-shard-size`` (the output's shards, :func:`~lora_merge.plan.shards.shard_layout`),
-the inputs' labels and the arithmetic (each shard header's metadata,
-:mod:`lora_merge.finish.shard_metadata`), and the adapter's keys (which modules
-it touches). Each foreseen shard is written into a staging folder of OUT
-(:mod:`lora_merge.finish.staging`): its header, then the tensors no adapter key
-names.
+A plain merge is planned from JSON and safetensors headers alone, without torch
+(:func:`~lora_merge.plan.planner.build_merge_plan`, the run's own planner): here,
+before ``import torch``, its plan gives the output's shards
+(:func:`~lora_merge.plan.shards.shard_layout` with ``--max-shard-size``), each
+shard's header (the inputs' labels and the arithmetic as its metadata,
+:mod:`lora_merge.finish.shard_metadata`) and the tensors it copies byte for byte.
+Each shard is written into a staging folder of OUT
+(:mod:`lora_merge.finish.staging`): its header, then those tensors.
 
-A guess is never trusted. When the run reaches a shard
-(:func:`lora_merge.run.shards.write_shards`) it encodes the header from its plan
-and claims the copies (:meth:`CopiesAhead.claim`): a shard whose header is not
-byte for byte the one foreseen stops the copying for good and is written whole,
-as without it; otherwise the run skips exactly the tensors its own plan copies
-from the very bytes (file, offset, length) that are copied here, writes the
-shard's other tensors meanwhile, and waits for the copies before it moves on
-(:meth:`CopiesAhead.settle`; one that failed makes it write the shard whole).
-Shards that the run does not write are removed before OUT appears.
+The run plans again, with its checked options, and trusts nothing made here.
+When the run reaches a shard (:func:`lora_merge.run.shards.write_shards`) it
+encodes the header from its plan and claims the copies (:meth:`CopiesAhead.claim`):
+a shard whose header is not byte for byte the one planned here stops the copying
+for good and is written whole, as without it; otherwise the run skips exactly
+the tensors its own plan copies from the very bytes (file, offset, length) that
+are copied here, writes the shard's other tensors meanwhile, and waits for the
+copies before it moves on (:meth:`CopiesAhead.settle`; one that failed makes it
+write the shard whole). Shards that the run does not write are removed before
+OUT appears.
 
-Nothing is copied ahead where the plan needs more than headers to foresee
-(a quantized BASE, ``--dtype``, another ``--save-method``, several adapters or a
-combination, an adapter that is not LoRA, ``--unmerge``, an initial state,
-``--qlora-base``, ``--part``, ``--resume``, ``--low-disk``), nor when OUT's folder
-is missing, lies inside an input, or its disk lacks room for the shards.
+Nothing is copied ahead where the options or inputs leave the plain path (a
+quantized BASE, whose formats import torch; a pickled adapter; ``--dtype``,
+another ``--save-method``, several adapters or a combination, an adapter that
+is not LoRA, ``--unmerge``, an initial state, ``--qlora-base``, ``--part``,
+``--resume``, ``--low-disk``), nor when OUT's folder is missing, lies inside an
+input, or its disk lacks room for the shards.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from lora_merge.adapter.config import read_adapter_config
+from lora_merge.adapter.keys import classify_adapter_keys
+from lora_merge.adapter.weights import open_adapter_weights
 from lora_merge.compute.arithmetic import merge_arithmetic
-from lora_merge.errors import UsageError
+from lora_merge.errors import LoraMergeError, UsageError
 from lora_merge.finish.shard_metadata import InputIdentity, shard_metadata_of
 from lora_merge.finish.staging import staging_name
-from lora_merge.io.hub_names import (
-    CONFIG_NAME,
-    SAFETENSORS_INDEX_FILE,
-    SAFETENSORS_MAX_HEADER_LENGTH,
-    SAFETENSORS_SINGLE_FILE,
-)
+from lora_merge.inputs.resolve import resolve_adapter, resolve_base
 from lora_merge.io.positional import PositionalFile
-from lora_merge.io.safetensors_header import (
-    HEADER_LENGTH_BYTES,
-    METADATA_KEY,
-    HeaderTensor,
-    encode_header,
-)
+from lora_merge.io.shard_writer import encode_safetensors_header
 from lora_merge.options.settings import MergeOptions
 from lora_merge.options.values import SaveMethod, parse_size
+from lora_merge.plan.planner import build_merge_plan
 from lora_merge.plan.shards import shard_layout
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Free space left on OUT's disk after the copies, at least: the run checks the whole
 # output's room itself, later; the copies must not be what fills the disk.
 FREE_SPACE_MARGIN_BYTES = 2**30
-# Bytes per element of each safetensors dtype name, those a plain base stores.
-ITEMSIZE_BY_DTYPE_NAME = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
-# A PEFT key's component from which on it names the adapter's own tensors, not the module's.
-ADAPTER_PARTS = ("lora_", "modules_to_save", "trainable_tokens", "original_module")
-PEFT_PREFIX = "base_model.model."
 
 
 class CopiedRange(NamedTuple):
@@ -100,29 +76,9 @@ class CopiedRange(NamedTuple):
     nbytes: int
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """One BASE tensor as its shard's header lists it; a copy keeps its name, dtype and shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    source: CopiedRange
-    written_with: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.source.nbytes
-
-    @property
-    def spec(self) -> StoredTensor:
-        """What :func:`~lora_merge.plan.shards.shard_layout` reads: the output is the tensor itself."""
-        return self
-
-
 @dataclass
 class ShardCopies:
-    """One foreseen output shard: its header, and the tensors copied into it.
+    """One planned output shard: its header, and the tensors copied into it.
 
     Attributes:
         file_name: the shard's file name in OUT.
@@ -150,7 +106,7 @@ class CopiesAhead:
 
     Args:
         out: OUT, absolute, as the run resolves it.
-        shards: the foreseen shards, in the order the run writes them.
+        shards: the planned shards, in the order the run writes them.
 
     Attributes:
         folder: the staging folder it creates and copies into: named as the run's own
@@ -169,7 +125,7 @@ class CopiesAhead:
 
     @property
     def shards(self) -> list[ShardCopies]:
-        """The foreseen shards, in the order they are copied."""
+        """The planned shards, in the order they are copied."""
         return list(self._shards.values())
 
     def __enter__(self) -> CopiesAhead:
@@ -218,8 +174,8 @@ class CopiesAhead:
 
         Returns:
             The names of those whose very bytes (file, offset, length) are copied into
-            the shard; none when the header is not the one foreseen (the copying then
-            stops for good: the guess was wrong, and the run writes the shard whole),
+            the shard; none when the header is not the one planned here (the copying
+            then stops for good: the run's plan differs, and it writes the shard whole),
             or when the run's staging folder did not take the copies over.
         """
         self._run_files.add(file_name)
@@ -245,7 +201,7 @@ class CopiesAhead:
         return True
 
     def discard_unclaimed(self) -> None:
-        """Stop copying and remove the shards the run did not write (another layout than foreseen)."""
+        """Stop copying and remove the shards the run did not write (another layout than planned here)."""
         self._halt()
         for file_name in self._shards.keys() - self._run_files:
             (self.folder / file_name).unlink(missing_ok=True)
@@ -296,7 +252,7 @@ class CopiesAhead:
 
 
 def copy_untouched_ahead(options: MergeOptions) -> CopiesAhead | None:
-    """Foresee a plain merge's shards from JSON and headers, ready to copy BASE's untouched tensors.
+    """Plan a plain merge from JSON and headers, ready to copy the tensors its plan copies.
 
     Args:
         options: the merge's options, unchecked: a mistake is reported by the run itself.
@@ -305,24 +261,19 @@ def copy_untouched_ahead(options: MergeOptions) -> CopiesAhead | None:
         The copies, to start with ``with`` and hand to :func:`lora_merge.api.merge`;
         None where nothing is copied ahead (see the module docstring).
     """
-    if not _foreseeable(options):
+    if not _plain_merge(options):
         return None
     try:
-        return _foreseen_copies(options)
+        return _planned_copies(options)
     except (
         OSError,
-        ValueError,  # JSON, offsets, a size option
-        LookupError,
-        TypeError,
-        AttributeError,
-        RecursionError,  # a header nested thousands deep
-        UsageError,
-        struct.error,
+        ValueError,  # a size option
+        LoraMergeError,  # what is wrong with the inputs, checked again and reported by the run
     ):
-        return None  # the run reads the same files and reports what is wrong with them
+        return None
 
 
-def _foreseeable(options: MergeOptions) -> bool:
+def _plain_merge(options: MergeOptions) -> bool:
     """Whether the options leave the output a plain merge's: BASE's tensors, dtypes and order."""
     try:
         save_method = SaveMethod.parse(options.save_method, "--save-method")
@@ -344,124 +295,47 @@ def _foreseeable(options: MergeOptions) -> bool:
     )
 
 
-def _foreseen_copies(options: MergeOptions) -> CopiesAhead | None:
-    base = Path(options.base).expanduser()
-    adapter = Path(options.adapters[0]).expanduser()
+def _planned_copies(options: MergeOptions) -> CopiesAhead | None:
+    """The plain merge's plan, made as the run makes it, and the copies of its byte copies."""
+    given_base = Path(options.base).expanduser()
+    given_adapter = Path(options.adapters[0]).expanduser()
     given_out = Path(options.out).expanduser()
-    if not (base.is_dir() and adapter.is_dir() and given_out.parent.is_dir()):
+    if not (given_base.is_dir() and given_adapter.is_dir() and given_out.parent.is_dir()):
         return None  # Hub ids are resolved by the run
-    base, adapter = base.resolve(), adapter.resolve()
     out = given_out.absolute().parent.resolve() / given_out.name
-    if any(out.parent.is_relative_to(folder) for folder in (base, adapter)):
+    base = resolve_base(given_base.resolve())
+    adapter = resolve_adapter(given_adapter.resolve())
+    if any(out.parent.is_relative_to(folder) for folder in (base.folder, adapter.folder)):
         return None  # the staging folder would appear inside an input
     if out.exists() and not options.overwrite:
         return None  # the run refuses it
-    config = json.loads((base / CONFIG_NAME).read_text(encoding="utf-8"))
-    adapter_config = json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    if "quantization_config" in config or adapter_config.get("peft_type") != "LORA":
+    if base.quantization is not None or adapter.weights_path.suffix != ".safetensors":
+        return None  # read with torch: a quantized base's formats, a pickled adapter
+    assert adapter.config_path is not None, "resolve_adapter finds an adapter_config.json"
+    config = read_adapter_config(adapter.config_path)
+    if config.peft_type != "LORA":
         return None
-    tensors = _base_tensors(base)
-    touched = _adapter_modules(adapter / ADAPTER_WEIGHTS)
+    with closing(open_adapter_weights(adapter.weights_path)) as weights:
+        contents = classify_adapter_keys(list(weights.keys()))
+        plan = build_merge_plan(base, config, contents, weights, output_dtype=None)
     metadata = shard_metadata_of(
-        InputIdentity.of("base", str(options.base), base),
-        InputIdentity.of("adapter", str(options.adapters[0]), adapter),
-        merge_arithmetic(bool(adapter_config.get("use_dora"))),
+        InputIdentity.of("base", str(options.base), base.folder),
+        InputIdentity.of("adapter", str(options.adapters[0]), adapter.folder),
+        merge_arithmetic(any(p.magnitude_key for p in plan.lora_products)),
     )
     shards = []
-    for file_name, members in shard_layout(tensors, parse_size(options.max_shard_size)):
-        header = encode_header(
-            [HeaderTensor(t.name, t.dtype, t.shape, t.nbytes) for t in members], metadata
-        )
+    for file_name, tensors in shard_layout(plan.tensors, parse_size(options.max_shard_size)):
+        header = encode_safetensors_header([t.spec for t in tensors], metadata)
         planned = {}
         offset = len(header)
-        for tensor in members:
-            if tensor.nbytes and not _is_touched(tensor.name, touched):
-                planned[tensor.name] = (tensor.source, offset)
-            offset += tensor.nbytes
+        for tensor in tensors:
+            if tensor.is_byte_copy and tensor.spec.nbytes:
+                entry = base.entries[tensor.source_key]
+                source = CopiedRange(entry.path.resolve(), entry.start, entry.nbytes)
+                planned[tensor.spec.name] = (source, offset)
+            offset += tensor.spec.nbytes
         shards.append(ShardCopies(file_name, header, planned))
     copied_bytes = sum(r.nbytes for s in shards for r, _ in s.planned.values())
     if shutil.disk_usage(out.parent).free < copied_bytes + FREE_SPACE_MARGIN_BYTES:
         return None
     return CopiesAhead(out, shards)
-
-
-def _base_tensors(base: Path) -> list[StoredTensor]:
-    """BASE's tensors in the run's order: shard by shard as the index first names them,
-    then by offset (:func:`lora_merge.inputs.resolve.resolve_base`)."""
-    index = base / SAFETENSORS_INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = list(dict.fromkeys(weight_map.values()))
-    else:
-        names = [SAFETENSORS_SINGLE_FILE]
-    tensors: list[StoredTensor] = []
-    for name in names:
-        if Path(name).name != name:
-            raise ValueError(f"{name!r} is not a file name")  # the run refuses it
-        tensors += _stored_tensors(base / name)
-    return tensors
-
-
-def _stored_tensors(path: Path) -> list[StoredTensor]:
-    """One shard's tensors, by (offset, size) as the run sorts them; a dtype a plain base
-    does not store raises KeyError (nothing is copied ahead)."""
-    header_length, header = _raw_header(path)
-    resolved = path.resolve()  # as the run's entries will be compared
-    data_start = HEADER_LENGTH_BYTES + header_length
-    tensors = []
-    for name, info in header.items():
-        if name == METADATA_KEY:
-            continue
-        begin, end = info["data_offsets"]
-        shape = tuple(int(d) for d in info["shape"])
-        itemsize = ITEMSIZE_BY_DTYPE_NAME[info["dtype"]]
-        elements = 1
-        for dimension in shape:
-            elements *= dimension
-        if not 0 <= begin <= end or end - begin != elements * itemsize:
-            raise ValueError(f"{name!r} has inconsistent offsets")  # the run says which
-        source = CopiedRange(resolved, data_start + begin, end - begin)
-        tensors.append(StoredTensor(name, info["dtype"], shape, source))
-    tensors.sort(key=lambda t: (t.source.start, t.nbytes))
-    return tensors
-
-
-def _raw_header(path: Path) -> tuple[int, dict[str, dict]]:
-    """A safetensors file's header length and JSON, unchecked (the run checks it)."""
-    with open(path, "rb") as handle:
-        (header_length,) = struct.unpack("<Q", handle.read(HEADER_LENGTH_BYTES))
-        file_size = os.fstat(handle.fileno()).st_size
-        if header_length > min(SAFETENSORS_MAX_HEADER_LENGTH, file_size - HEADER_LENGTH_BYTES):
-            raise ValueError(f"{path} has an implausible header length")  # never read whole
-        header = json.loads(handle.read(header_length))
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} has no header object")
-    return header_length, header
-
-
-def _adapter_modules(path: Path) -> set[str]:
-    """The modules the adapter's keys name, without PEFT's prefix (``model.layers.0.self_attn.q_proj``)."""
-    _, header = _raw_header(path)
-    modules = set()
-    for key in header:
-        if key == METADATA_KEY:
-            continue
-        parts = key.removeprefix(PEFT_PREFIX).split(".")
-        end = next(
-            (i for i, part in enumerate(parts) if part.startswith(ADAPTER_PARTS)), len(parts) - 1
-        )
-        modules.add(".".join(parts[:end]))
-    return modules
-
-
-def _is_touched(tensor_name: str, modules: set[str]) -> bool:
-    """Whether an adapter module may change the tensor: one names the other's module as a
-    dotted suffix (an adapter saved with or without the model's ``model.`` prefix).
-
-    Only a guess to save copying: the run decides which tensors are byte copies.
-    """
-    module = tensor_name.rsplit(".", 1)[0]
-    return any(
-        module == name or module.endswith(f".{name}") or name.endswith(f".{module}")
-        for name in modules
-    )

@@ -105,7 +105,7 @@ def copied_ahead(stream: ShardStream, file_name: str, tensors: list[PlannedTenso
     """The tensors of a shard whose bytes are copied since before torch was imported, exactly
     as this run's plan copies them (see :mod:`lora_merge.run.copy_ahead`).
 
-    A tensor counts only when the shard's header is the one foreseen, the plan copies it
+    A tensor counts only when the shard's header is the one planned ahead, the plan copies it
     byte for byte, and the very bytes it copies (file, offset, length) are those copied.
     """
     if stream.copies_ahead is None:
