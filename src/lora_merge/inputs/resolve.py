@@ -11,6 +11,7 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_merge.errors import InputNotFoundError, InvalidInputError, OutputError
 from lora_merge.io.formats.registry import (
@@ -19,7 +20,6 @@ from lora_merge.io.formats.registry import (
     find_quantized_base,
     logical_tensors,
 )
-from lora_merge.io.http_reader import RangeFetcher, RemoteFile
 from lora_merge.io.hub_names import (
     CONFIG_NAME,
     SAFETENSORS_INDEX_FILE,
@@ -33,9 +33,13 @@ from lora_merge.io.safetensors_format import (
     read_safetensors_header,
 )
 
+if TYPE_CHECKING:  # a Hub base only: its range requests import httpx
+    from lora_merge.io.http_reader import RangeFetcher, RemoteFile
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
 ADAPTER_PICKLE_NAME = "adapter_model.bin"
+
 PICKLED_BASE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_FILE_NAME_BYTES = 255  # NAME_MAX on Linux and macOS: longer names cannot be files
 
@@ -126,7 +130,11 @@ def resolve_base(
         )
 
     entries: dict[str, TensorEntry] = {}
-    fetcher = RangeFetcher()
+    fetcher = None
+    if remote_shards:
+        from lora_merge.io.http_reader import RangeFetcher
+
+        fetcher = RangeFetcher()
     for shard_name, expected_keys in shard_names.items():
         header = _shard_header(folder, shard_name, remote_shards.get(shard_name), fetcher)
         for entry in header.entries:
@@ -159,12 +167,13 @@ def resolve_base(
 
 
 def _shard_header(
-    folder: Path, name: str, remote: RemoteFile | None, fetcher: RangeFetcher
+    folder: Path, name: str, remote: RemoteFile | None, fetcher: RangeFetcher | None
 ) -> SafetensorsHeader:
     """A shard's header: from the local file, or by two range requests to the Hub."""
     if remote is None:
         path = check_stays_inside(folder, name)  # before anything of it is read
         return read_safetensors_header(path)
+    assert fetcher is not None, "a remote shard comes with its fetcher"
     return parse_safetensors_header(
         folder / name, remote.size, lambda offset, n: fetcher.read_at(remote.url, offset, n)
     )
