@@ -1,10 +1,11 @@
 """BASE's untouched tensors copied while torch imports (``lora_merge.run.copy_ahead``).
 
-The copies are foreseen from JSON and headers alone, before the plan exists; the
-run checks them against its own plan before it skips a tensor. The oracles: the
+The copies are planned from JSON and headers alone, by the run's own planner before
+torch is imported; the run checks them against the plan it makes itself before it
+skips a tensor. The oracles: the
 pinned digests of ``test_pinned_outputs`` (the output stays byte for byte what it
 was), the base's own tensors read by the safetensors library, and Python's
-``-X importtime`` trace (the foreseeing imports no torch).
+``-X importtime`` trace (planning and copying import no torch).
 """
 
 from __future__ import annotations
