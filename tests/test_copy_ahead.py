@@ -2,10 +2,10 @@
 
 The copies are planned from JSON and headers alone, by the run's own planner before
 torch is imported; the run checks them against the plan it makes itself before it
-skips a tensor. The oracles: the
-pinned digests of ``test_pinned_outputs`` (the output stays byte for byte what it
-was), the base's own tensors read by the safetensors library, and Python's
-``-X importtime`` trace (planning and copying import no torch).
+skips a tensor. The oracles: the pinned digests of ``test_pinned_outputs`` (the
+output stays byte for byte what it was), the base's own tensors read by the
+safetensors library, and Python's ``-X importtime`` trace (planning and copying
+import no torch).
 """
 
 from __future__ import annotations
