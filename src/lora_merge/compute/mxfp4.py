@@ -24,6 +24,8 @@ MXFP4_BLOCK = 32  # values per E8M0 scale
 MXFP4_BYTES_PER_BLOCK = MXFP4_BLOCK // 2
 E8M0_BIAS = 127
 E8M0_NAN = 255
+# Entries of scaled_e2m1_table: 256 exponents times 512 (a byte's low and high nibble).
+MXFP4_SCALED_TABLE_SIZE = 256 * 512
 # E2M1 values by code (transformers' FP4_VALUES; the OCP MX spec's table).
 E2M1_VALUES = (
     0.0,
@@ -47,13 +49,7 @@ E2M1_VALUES = (
 
 def e2m1_nibble_table(device: torch.device | str = "cpu") -> torch.Tensor:
     """512 float32 values: entry ``b`` is the E2M1 value of byte ``b``'s low nibble, entry
-    ``256 + b`` that of its high nibble.
-
-    Decoding the *transpose* of a packed matrix (:func:`dequantize_mxfp4_transposed`) puts
-    a byte's two values in two different output rows, so a table of pairs (one gather
-    writing both) does not fit; one gather over this table, at ``b`` or ``256 + b``,
-    writes each value where it belongs.
-    """
+    ``256 + b`` that of its high nibble."""
     values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
     return torch.cat((values.repeat(16), values.repeat_interleave(16)))
 
@@ -65,14 +61,46 @@ def e8m0_scale_table(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.exp2(exponents)
 
 
+def scaled_e2m1_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """131072 float32 values (512 KiB): entry ``512 * e + h * 256 + b`` is the E2M1 value of
+    byte ``b``'s low (h = 0) or high (h = 1) nibble times ``2 ** (e - 127)``.
+
+    Each entry is the exact product in float32 (see the module docstring; infinity where
+    it is beyond float32's range, NaN for e = 255, which is refused before decoding), so
+    one lookup decodes and scales a value. Decoding the *transpose* of a packed matrix
+    (:func:`dequantize_mxfp4_transposed`) puts a byte's two values in two different output
+    rows, so a table of pairs (one lookup writing both) does not fit; one lookup per value,
+    at the low or the high half, writes each where it belongs.
+    """
+    scales = e8m0_scale_table(device)
+    return (scales[:, None] * e2m1_nibble_table(device)[None, :]).reshape(-1)
+
+
 def has_nan_scale(scales: torch.Tensor) -> bool:
     """Whether any E8M0 exponent is 255 (NaN)."""
     return bool((scales == E8M0_NAN).any())
 
 
+def transpose_mxfp4_codes(
+    blocks: torch.Tensor, exponents: torch.Tensor, blocks_t: torch.Tensor, exponents_t: torch.Tensor
+) -> None:
+    """Stored rows of an MXFP4 matrix, transposed into the layout
+    :func:`dequantize_mxfp4_transposed` reads.
+
+    Args:
+        blocks: uint8 ``(n, k / 2)``: stored rows ``c0:c0 + n`` of the packed bytes.
+        exponents: uint8 ``(n, k / 32)``: their E8M0 exponents.
+        blocks_t: uint8 ``(k / 2, n)``, written: ``blocks_t[j, c] = blocks[c, j]`` (the
+            columns ``c0:c0 + n`` of the whole matrix's transposed bytes).
+        exponents_t: uint8 ``(k / 32, n)``, written likewise.
+    """
+    blocks_t.copy_(blocks.t())
+    exponents_t.copy_(exponents.t())
+
+
 def dequantize_mxfp4_transposed(
-    blocks: torch.Tensor,
-    exponents: torch.Tensor,
+    blocks_t: torch.Tensor,
+    exponents_t: torch.Tensor,
     start: int,
     stop: int,
     out: torch.Tensor,
@@ -82,47 +110,61 @@ def dequantize_mxfp4_transposed(
 
     Each value is ``e2m1(code) * 2 ** (e - 127)``, exact in float32 and rounded once (see
     the module docstring), decoded straight into the layout transformers gives gpt-oss'
-    experts: the band's packed bytes (half a byte a value) are transposed, not its decoded
-    values, and a band decodes its own values only, not every 32-value block it touches
-    (at gpt-oss-20b's widths, bands of 22 rows touched 2 blocks of 32 each).
+    experts, from the matrix's packed bytes already transposed
+    (:func:`transpose_mxfp4_codes`, once per matrix rather than once per band: a band's
+    bytes are a few bytes of every stored row, scattered in the stored layout). A value
+    is one lookup in :func:`scaled_e2m1_table`, indexed by its byte and its exponent
+    (one int32 add per value builds the index); a float32 ``out`` receives the lookups
+    directly, any other dtype a copy of them (the one rounding).
 
     Args:
-        blocks: uint8 ``(n, k / 2)``: ``n`` stored rows of ``k`` values, element ``2j`` of
-            a row in the low nibble of its byte ``j``, ``2j + 1`` in the high nibble.
-        exponents: uint8 ``(n, k / 32)``, the rows' E8M0 exponents.
+        blocks_t: uint8 ``(k / 2, n)``: the packed bytes of ``n`` stored rows of ``k``
+            values, transposed: element ``2j`` of stored row ``c`` in the low nibble of
+            ``blocks_t[j, c]``, ``2j + 1`` in the high nibble.
+        exponents_t: uint8 ``(k / 32, n)``, the rows' E8M0 exponents, transposed.
         start / stop: the rows of the transpose (elements of each stored row) to decode.
         out: ``(stop - start, n)`` of the dtype to round to.
-        workspace: the calling thread's buffers (the band's bytes, int32 indices, float32
-            values: ``stop - start + 2`` rows of ``n`` each at most) and tables; None: fresh.
+        workspace: the calling thread's buffers (int32 indices for ``stop - start + 2``
+            rows of ``n`` at most, float32 values for ``stop - start`` rows unless ``out``
+            is float32, two rows of offsets) and the table; None: fresh.
 
     Returns:
         ``out``.
     """
     if workspace is None:
-        workspace = DequantizeWorkspace(blocks.device)
-    nibble_table = workspace.table("mxfp4.nibbles", lambda: e2m1_nibble_table(blocks.device))
-    scale_table = workspace.table("mxfp4.scales", lambda: e8m0_scale_table(blocks.device))
-    columns = blocks.shape[0]
+        workspace = DequantizeWorkspace(blocks_t.device)
+    table = workspace.table("mxfp4.scaled", lambda: scaled_e2m1_table(blocks_t.device))
+    columns = blocks_t.shape[1]
     first_byte, last_byte = start // 2, -(-stop // 2)
     pairs = last_byte - first_byte
-    band = workspace.buffer("mxfp4_band_bytes", pairs * columns, torch.uint8).view(pairs, columns)
-    band.copy_(blocks[:, first_byte:last_byte].t())
+    # Row 2p + h of ``index`` (viewed as rows of the transpose from 2 * first_byte) holds
+    # the indices of the values in half h of the band's byte row p.
     index = workspace.buffer("mxfp4_indices", 2 * pairs * columns, torch.int32)
     index = index.view(pairs, 2, columns)
-    index.copy_(band.unsqueeze(1).expand(pairs, 2, columns))
-    index[:, 1].add_(256)  # the high nibble's half of the table
-    decoded = workspace.buffer("mxfp4_values", 2 * pairs * columns, torch.float32)
-    torch.index_select(nibble_table, 0, index.view(-1), out=decoded)
-    decoded = decoded.view(2 * pairs, columns)
+    offsets = workspace.buffer("mxfp4_offsets", 2 * columns, torch.int32).view(2, columns)
+    byte = first_byte
+    while byte < last_byte:  # runs of byte rows that share a row of exponents
+        group = byte // MXFP4_BYTES_PER_BLOCK
+        end = min(last_byte, (group + 1) * MXFP4_BYTES_PER_BLOCK)
+        # 512 * e for the low nibbles, 512 * e + 256 for the high ones.
+        offsets[0].copy_(exponents_t[group])
+        offsets[0].mul_(512)
+        torch.add(offsets[0], 256, out=offsets[1])
+        torch.add(
+            blocks_t[byte:end].unsqueeze(1),
+            offsets,
+            out=index[byte - first_byte : end - first_byte],
+        )
+        byte = end
     first = 2 * first_byte
-    row = start
-    while row < stop:  # runs of rows that share a column of exponents
-        group = row // MXFP4_BLOCK
-        end = min(stop, (group + 1) * MXFP4_BLOCK)
-        scales = torch.index_select(scale_table, 0, exponents[:, group].to(torch.int32))
-        # The float32 product, rounded once to out's dtype as it is stored.
-        torch.mul(decoded[row - first : end - first], scales, out=out[row - start : end - start])
-        row = end
+    wanted = index.view(2 * pairs, columns)[start - first : stop - first].reshape(-1)
+    if out.dtype == torch.float32 and out.is_contiguous():
+        torch.index_select(table, 0, wanted, out=out.view(-1))
+        return out
+    values = workspace.buffer("mxfp4_values", wanted.numel(), torch.float32)
+    torch.index_select(table, 0, wanted, out=values)
+    # The float32 product, rounded once to out's dtype as it is stored.
+    out.copy_(values.view(out.shape))
     return out
 
 
