@@ -17,15 +17,15 @@ and one multiplication; the oracle is the float64 definition of AutoAWQ's ``dequ
 zero point, with float16 scales whose products round, overflow and fall below float16's
 normal range.
 
-``dequantize_mxfp4_transposed`` decodes a band of an MXFP4 matrix (its bytes transposed
-by ``transpose_mxfp4_codes``) straight into the transposed layout transformers gives gpt-oss'
-experts, by one lookup a value in a table of scaled values; the oracle is transformers'
+``dequantize_mxfp4_bytes`` decodes bytes of an MXFP4 matrix's stored rows, two values a
+lookup in a table of scaled pairs, read as the transposed layout transformers gives gpt-oss'
+experts; the oracle is transformers'
 ``convert_moe_packed_tensors`` (itself checked against a float64 decoding of the format in
 ``test_native_fp8_mxfp4.py``). The values cover every byte (all 16 E2M1 codes in both
 nibbles, -0 included) under every finite E8M0 exponent: 0 (subnormal products in float32,
 zeros and subnormals in bf16/fp16), 127 (the codes themselves) and 254 (products beyond
-float32's range: infinities), in bands that start and end on odd and even elements, inside
-and across 32-value blocks.
+float32's range: infinities), in byte ranges that start and end inside
+and across 32-value blocks, from strided views of the stored bytes.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from lora_merge.compute.dequantize import DequantizeWorkspace
 from lora_merge.compute.fp8 import dequantize_fp8_blocks
 from lora_merge.compute.integer_dequantize import dequantize_awq_words, four_bit_codes
-from lora_merge.compute.mxfp4 import dequantize_mxfp4_transposed, transpose_mxfp4_codes
+from lora_merge.compute.mxfp4 import dequantize_mxfp4_bytes
 
 FP8_BLOCK = (128, 128)
 
@@ -64,28 +64,31 @@ def every_byte_under_every_exponent() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_mxfp4_transposed_bands_are_transformers_dequantization_bit_for_bit(dtype):
+def test_mxfp4_bytes_are_transformers_dequantization_bit_for_bit(dtype):
     blocks, exponents = every_byte_under_every_exponent()
     # transformers: (experts, rows, groups, 16) -> (experts, groups * 32, rows), transposed.
     expected = convert_moe_packed_tensors(blocks[None], exponents[None], dtype=dtype)[0]
     assert bool(torch.isinf(expected).any()) and bool((expected == 0).any())
-    columns = GROUPS * 32
     workspace = DequantizeWorkspace()
-    packed_t = torch.empty(GROUPS * 16, ROWS, dtype=torch.uint8)
-    exponents_t = torch.empty(GROUPS, ROWS, dtype=torch.uint8)
-    # In two chunks of stored rows, as an expert is read.
-    for low, high in ((0, 100), (100, ROWS)):
-        transpose_mxfp4_codes(
-            blocks.view(ROWS, GROUPS * 16)[low:high],
-            exponents[low:high],
-            packed_t[:, low:high],
-            exponents_t[:, low:high],
-        )
-    bands = [(0, columns), (0, 1), (1, 2), (5, 38), (31, 33), (33, 96), (64, 96), (510, 511)]
-    for start, stop in bands:
-        out = torch.full((stop - start, ROWS), float("nan"), dtype=dtype)
-        dequantize_mxfp4_transposed(packed_t, exponents_t, start, stop, out, workspace)
-        assert torch.equal(bits(out), bits(expected[start:stop])), (dtype, start, stop)
+    packed = blocks.view(ROWS, GROUPS * 16)
+    # Byte ranges inside and across 16-byte (32-value) blocks; the last two from stored
+    # rows 100 on (a strided view of the stored bytes, as an expert's rows are).
+    ranges = [
+        (0, GROUPS * 16, 0),
+        (0, 1, 0),
+        (3, 19, 0),
+        (15, 17, 0),
+        (16, 48, 100),
+        (255, 256, 100),
+    ]
+    for first, last, row in ranges:
+        values = torch.full((ROWS - row, 2 * (last - first)), float("nan"))
+        dequantize_mxfp4_bytes(packed[row:], exponents[row:], first, last, values, workspace)
+        # The float32 products, rounded once to the model's dtype (as read_rows and
+        # read_subrows do), read as the transpose.
+        got = values.t().to(dtype)
+        want = expected[2 * first : 2 * last, row:]
+        assert torch.equal(bits(got), bits(want)), (dtype, first, last, row)
 
 
 def test_mxfp4_float32_values_are_the_bfloat16_values_widened():

@@ -8,7 +8,10 @@ times ``2 ** (scale - 127)``. Every such product is exact in float32 (a 2-bit
 significand scaled by a power of two inside float32's range, subnormals
 included, or infinity beyond it), and transformers' ``ldexp`` of bf16 values by
 a float32 power of two rounds that same product once to the model's dtype, so
-a float32 product rounded once gives its bits.
+a float32 product rounded once gives its bits. For a bfloat16 (or float32) model
+that rounding changes nothing: every finite product has a 2-bit significand and an
+exponent within bfloat16's range (its subnormals included), and one beyond float32's
+range is infinity in both, so the float32 product *is* the model's value, widened.
 
 Exponent 255 is E8M0's NaN: :func:`has_nan_scale` finds it so that a reader
 can refuse the checkpoint.
@@ -24,8 +27,8 @@ MXFP4_BLOCK = 32  # values per E8M0 scale
 MXFP4_BYTES_PER_BLOCK = MXFP4_BLOCK // 2
 E8M0_BIAS = 127
 E8M0_NAN = 255
-# Entries of scaled_e2m1_table: 256 exponents times 512 (a byte's low and high nibble).
-MXFP4_SCALED_TABLE_SIZE = 256 * 512
+# Bytes of scaled_e2m1_pair_table: a float32 pair for each exponent and byte.
+MXFP4_PAIR_TABLE_BYTES = 256 * 256 * 8
 # E2M1 values by code (transformers' FP4_VALUES; the OCP MX spec's table).
 E2M1_VALUES = (
     0.0,
@@ -47,13 +50,6 @@ E2M1_VALUES = (
 )
 
 
-def e2m1_nibble_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """512 float32 values: entry ``b`` is the E2M1 value of byte ``b``'s low nibble, entry
-    ``256 + b`` that of its high nibble."""
-    values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
-    return torch.cat((values.repeat(16), values.repeat_interleave(16)))
-
-
 def e8m0_scale_table(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256 float32 scales ``2 ** (e - 127)`` (e = 255, NaN, gives infinity here: refuse it
     before decoding)."""
@@ -61,19 +57,19 @@ def e8m0_scale_table(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.exp2(exponents)
 
 
-def scaled_e2m1_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """131072 float32 values (512 KiB): entry ``512 * e + h * 256 + b`` is the E2M1 value of
-    byte ``b``'s low (h = 0) or high (h = 1) nibble times ``2 ** (e - 127)``.
+def scaled_e2m1_pair_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """65536 float32 pairs (512 KiB), viewed as float64: pair ``256 * e + b`` holds the E2M1
+    values of byte ``b``'s low and high nibble (elements ``2j`` and ``2j + 1`` of a row),
+    each times ``2 ** (e - 127)``.
 
-    Each entry is the exact product in float32 (see the module docstring; infinity where
+    Each value is the exact product in float32 (see the module docstring; infinity where
     it is beyond float32's range, NaN for e = 255, which is refused before decoding), so
-    one lookup decodes and scales a value. Decoding the *transpose* of a packed matrix
-    (:func:`dequantize_mxfp4_transposed`) puts a byte's two values in two different output
-    rows, so a table of pairs (one lookup writing both) does not fit; one lookup per value,
-    at the low or the high half, writes each where it belongs.
+    one lookup decodes and scales both values of a byte.
     """
-    scales = e8m0_scale_table(device)
-    return (scales[:, None] * e2m1_nibble_table(device)[None, :]).reshape(-1)
+    nibbles = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    pairs = torch.stack((nibbles.repeat(16), nibbles.repeat_interleave(16)), dim=1)
+    scaled = e8m0_scale_table(device)[:, None, None] * pairs[None]
+    return scaled.reshape(-1, 2).contiguous().view(torch.float64).reshape(-1)
 
 
 def has_nan_scale(scales: torch.Tensor) -> bool:
@@ -81,90 +77,51 @@ def has_nan_scale(scales: torch.Tensor) -> bool:
     return bool((scales == E8M0_NAN).any())
 
 
-def transpose_mxfp4_codes(
-    blocks: torch.Tensor, exponents: torch.Tensor, blocks_t: torch.Tensor, exponents_t: torch.Tensor
-) -> None:
-    """Stored rows of an MXFP4 matrix, transposed into the layout
-    :func:`dequantize_mxfp4_transposed` reads.
-
-    Args:
-        blocks: uint8 ``(n, k / 2)``: stored rows ``c0:c0 + n`` of the packed bytes.
-        exponents: uint8 ``(n, k / 32)``: their E8M0 exponents.
-        blocks_t: uint8 ``(k / 2, n)``, written: ``blocks_t[j, c] = blocks[c, j]`` (the
-            columns ``c0:c0 + n`` of the whole matrix's transposed bytes).
-        exponents_t: uint8 ``(k / 32, n)``, written likewise.
-    """
-    blocks_t.copy_(blocks.t())
-    exponents_t.copy_(exponents.t())
-
-
-def dequantize_mxfp4_transposed(
-    blocks_t: torch.Tensor,
-    exponents_t: torch.Tensor,
-    start: int,
-    stop: int,
+def dequantize_mxfp4_bytes(
+    blocks: torch.Tensor,
+    exponents: torch.Tensor,
+    first: int,
+    last: int,
     out: torch.Tensor,
     workspace: DequantizeWorkspace | None = None,
 ) -> torch.Tensor:
-    """Rows ``start:stop`` of the transpose of an MXFP4 matrix, rounded to ``out``'s dtype.
+    """Bytes ``first:last`` of every stored row of an MXFP4 matrix, decoded in float32.
 
-    Each value is ``e2m1(code) * 2 ** (e - 127)``, exact in float32 and rounded once (see
-    the module docstring), decoded straight into the layout transformers gives gpt-oss'
-    experts, from the matrix's packed bytes already transposed
-    (:func:`transpose_mxfp4_codes`, once per matrix rather than once per band: a band's
-    bytes are a few bytes of every stored row, scattered in the stored layout). A value
-    is one lookup in :func:`scaled_e2m1_table`, indexed by its byte and its exponent
-    (one int32 add per value builds the index); a float32 ``out`` receives the lookups
-    directly, any other dtype a copy of them (the one rounding).
+    Each value is ``e2m1(code) * 2 ** (e - 127)``, exact in float32 (see the module
+    docstring), in the stored order: two values a byte, by one lookup of the byte and its
+    row's exponent in :func:`scaled_e2m1_pair_table` (its index, ``256 * e + byte``, built
+    by one int32 add a byte). A band of logical rows of gpt-oss' transposed experts is
+    these values read as the transpose (``out.t()``): no byte or value is transposed, and
+    the merge adds a band's LoRA product in this layout too (its ``B @ A`` for
+    transposed weights is laid out ``(out, rows)``).
 
     Args:
-        blocks_t: uint8 ``(k / 2, n)``: the packed bytes of ``n`` stored rows of ``k``
-            values, transposed: element ``2j`` of stored row ``c`` in the low nibble of
-            ``blocks_t[j, c]``, ``2j + 1`` in the high nibble.
-        exponents_t: uint8 ``(k / 32, n)``, the rows' E8M0 exponents, transposed.
-        start / stop: the rows of the transpose (elements of each stored row) to decode.
-        out: ``(stop - start, n)`` of the dtype to round to.
-        workspace: the calling thread's buffers (int32 indices for ``stop - start + 2``
-            rows of ``n`` at most, float32 values for ``stop - start`` rows unless ``out``
-            is float32, two rows of offsets) and the table; None: fresh.
+        blocks: uint8 ``(n, k / 2)``, any strides: ``n`` stored rows of ``k`` values, element
+            ``2j`` of a row in the low nibble of its byte ``j``, ``2j + 1`` in the high nibble.
+        exponents: uint8 ``(n, k / 32)``, the rows' E8M0 exponents.
+        first / last: the bytes of each row to decode (values ``2 * first:2 * last``).
+        out: float32 ``(n, 2 * (last - first))``, contiguous.
+        workspace: the calling thread's buffers (int32 indices, one a byte, and a column
+            of offsets) and the table; None: fresh.
 
     Returns:
         ``out``.
     """
     if workspace is None:
-        workspace = DequantizeWorkspace(blocks_t.device)
-    table = workspace.table("mxfp4.scaled", lambda: scaled_e2m1_table(blocks_t.device))
-    columns = blocks_t.shape[1]
-    first_byte, last_byte = start // 2, -(-stop // 2)
-    pairs = last_byte - first_byte
-    # Row 2p + h of ``index`` (viewed as rows of the transpose from 2 * first_byte) holds
-    # the indices of the values in half h of the band's byte row p.
-    index = workspace.buffer("mxfp4_indices", 2 * pairs * columns, torch.int32)
-    index = index.view(pairs, 2, columns)
-    offsets = workspace.buffer("mxfp4_offsets", 2 * columns, torch.int32).view(2, columns)
-    byte = first_byte
-    while byte < last_byte:  # runs of byte rows that share a row of exponents
+        workspace = DequantizeWorkspace(blocks.device)
+    table = workspace.table("mxfp4.pairs", lambda: scaled_e2m1_pair_table(blocks.device))
+    rows, width = blocks.shape[0], last - first
+    index = workspace.buffer("mxfp4_indices", rows * width, torch.int32).view(rows, width)
+    offsets = workspace.buffer("mxfp4_offsets", rows, torch.int32).view(rows, 1)
+    byte = first
+    while byte < last:  # runs of bytes that share a column of exponents
         group = byte // MXFP4_BYTES_PER_BLOCK
-        end = min(last_byte, (group + 1) * MXFP4_BYTES_PER_BLOCK)
-        # 512 * e for the low nibbles, 512 * e + 256 for the high ones.
-        offsets[0].copy_(exponents_t[group])
-        offsets[0].mul_(512)
-        torch.add(offsets[0], 256, out=offsets[1])
-        torch.add(
-            blocks_t[byte:end].unsqueeze(1),
-            offsets,
-            out=index[byte - first_byte : end - first_byte],
-        )
+        end = min(last, (group + 1) * MXFP4_BYTES_PER_BLOCK)
+        offsets.copy_(exponents[:, group : group + 1])
+        offsets.mul_(256)
+        torch.add(blocks[:, byte:end], offsets, out=index[:, byte - first : end - first])
         byte = end
-    first = 2 * first_byte
-    wanted = index.view(2 * pairs, columns)[start - first : stop - first].reshape(-1)
-    if out.dtype == torch.float32 and out.is_contiguous():
-        torch.index_select(table, 0, wanted, out=out.view(-1))
-        return out
-    values = workspace.buffer("mxfp4_values", wanted.numel(), torch.float32)
-    torch.index_select(table, 0, wanted, out=values)
-    # The float32 product, rounded once to out's dtype as it is stored.
-    out.copy_(values.view(out.shape))
+    torch.index_select(table, 0, index.view(-1), out=out.view(-1).view(torch.float64))
     return out
 
 

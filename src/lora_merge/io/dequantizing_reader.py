@@ -33,7 +33,7 @@ from lora_merge.io.formats.protocol import SubrowWeight
 from lora_merge.io.formats.registry import LogicalTensor
 from lora_merge.io.formats.registry import dequantize_workspace_bound as dequantize_workspace_bound
 from lora_merge.io.positional import PositionalFile
-from lora_merge.io.reader import BYTES_PER_READ_CALL, StoredTensorSource, checked_row_range
+from lora_merge.io.reader import StoredTensorSource, checked_row_range
 from lora_merge.io.safetensors_format import TensorEntry
 
 DequantizeBackend = Literal["auto", "bitsandbytes", "torch"]
@@ -73,11 +73,7 @@ class ThreadReads:
     ) -> torch.Tensor:
         """Bytes ``first:last`` of each of rows ``start:stop`` of a stored tensor, as uint8
         ``(stop - start, last - first)`` (see :meth:`EntryReader.read_row_bytes`)."""
-        width = last - first
-        # What the reader fills: whole rows, or only the band's bytes of each row where a
-        # row is wider by more than a read call costs (EntryReader.read_row_bytes's rule).
-        whole_rows = entry.row_nbytes - width <= BYTES_PER_READ_CALL
-        nbytes = (stop - start) * (entry.row_nbytes if whole_rows else width)
+        nbytes = (stop - start) * entry.row_nbytes  # at most: whole rows when the band is wide
         on_cpu = self.device.type == "cpu"
         into = self.workspace.buffer(buffer_name, nbytes, torch.uint8) if on_cpu else None
         band = self._stored.read_row_bytes(entry.name, start, stop, first, last, into)
@@ -86,17 +82,9 @@ class ThreadReads:
     def byte_range(
         self, entry: TensorEntry, first: int, last: int, buffer_name: str
     ) -> torch.Tensor:
-        """Bytes ``first:last`` of a stored tensor of any dtype (bnb_4bit_quant_storage): of
-        its rows that hold them, or only those bytes where they lie inside one row (an MXFP4
-        expert's stored rows, a chunk at a time: see :meth:`row_bytes`)."""
+        """Bytes ``first:last`` of a stored tensor of any dtype (bnb_4bit_quant_storage)."""
         row_bytes = entry.row_nbytes
         first_row, last_row = first // row_bytes, -(-last // row_bytes)
-        if last_row - first_row == 1:
-            offset = first_row * row_bytes
-            band = self.row_bytes(
-                entry, first_row, last_row, first - offset, last - offset, buffer_name
-            )
-            return band.reshape(-1)
         rows = self.rows(entry, first_row, last_row, buffer_name)
         raw = rows.reshape(-1).view(torch.uint8) if rows.dtype != torch.uint8 else rows.reshape(-1)
         offset = first - first_row * row_bytes

@@ -18,10 +18,9 @@ stored *columns*: a few bytes of every stored row. Reading those bytes row by ro
 costs a read call per stored row per band, so each thread reads the expert's
 packed bytes and exponents once (17 bits per value, 8.8 MB for gpt-oss-20b) and
 keeps them while it reads the expert's bands (whole experts too: a tile that
-holds experts reads each of them so). Each band is decoded
-(:func:`~lora_merge.compute.mxfp4.dequantize_mxfp4_transposed`) a chunk of
-:data:`MXFP4_CHUNK_ELEMENTS` values at a time, straight into the transposed
-layout: only the band's values, its bytes transposed rather than its decoded values.
+holds experts reads each of them so). A band is decoded in the stored order
+(:func:`~lora_merge.compute.mxfp4.dequantize_mxfp4_bytes`, one lookup a byte) and
+handed out as its transpose, a strided view: no byte or value is transposed.
 """
 
 from __future__ import annotations
@@ -35,15 +34,13 @@ import torch
 from lora_merge.compute.mxfp4 import (
     MXFP4_BLOCK,
     MXFP4_BYTES_PER_BLOCK,
-    MXFP4_SCALED_TABLE_SIZE,
-    dequantize_mxfp4_transposed,
+    MXFP4_PAIR_TABLE_BYTES,
+    dequantize_mxfp4_bytes,
     has_nan_scale,
     quantize_mxfp4,
-    transpose_mxfp4_codes,
 )
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.formats.protocol import NativeTarget, QuantizedWeight, StoredRows
-from lora_merge.io.reader import BYTES_PER_READ_CALL
 from lora_merge.io.safetensors_format import TensorEntry
 from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 
@@ -51,10 +48,6 @@ BLOCKS_SUFFIX = "_blocks"
 SCALES_SUFFIX = "_scales"
 # Values decoded at once (1 MiB of float32), whatever the expert's size.
 MXFP4_CHUNK_ELEMENTS = 2**18
-# Stored bytes transposed at once when an expert is read (see Mxfp4Weight._expert_codes):
-# a chunk and its transpose stay in a 2 MiB L2 cache (256 KiB: 0.27 ns a value at
-# gpt-oss-20b's widths, against 0.53-0.78 for the whole expert at once, one core, measured).
-MXFP4_TRANSPOSE_CHUNK_BYTES = 2**18
 # Merged values re-quantized at once (``merged_native``): whole group rows of 32 logical
 # rows, or part of one's stored rows, so about 1.5 MB of workspace (bfloat16) whatever the
 # expert's size (2**18, a whole group row of gpt-oss-20b's gate_up_proj, held 3.5 MB more a
@@ -90,7 +83,9 @@ class Mxfp4Weight:
         return self.blocks.name
 
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
-        """Experts ``start:stop``, ``(stop - start, in, out)``, as transformers dequantizes them."""
+        """Experts ``start:stop``, ``(stop - start, in, out)``, as transformers dequantizes them:
+        each expert decoded a chunk of :data:`MXFP4_CHUNK_ELEMENTS` values (whole stored
+        rows) at a time, and transposed as it is rounded to the model's dtype."""
         _, columns, rows = self.shape  # stored rows are the logical columns
         out = stored.output((stop - start) * columns * rows, self.dtype)
         if out is None:
@@ -98,8 +93,25 @@ class Mxfp4Weight:
                 (stop - start) * columns * rows, dtype=self.dtype, device=stored.device
             )
         result = out.view(stop - start, columns, rows)
+        step = max(1, MXFP4_CHUNK_ELEMENTS // columns)
         for expert in range(start, stop):
-            self._decode(stored, expert, 0, columns, result[expert - start])
+            blocks, scales = self._expert_codes(stored, expert)
+            for low in range(0, rows, step):
+                high = min(rows, low + step)
+                values = stored.workspace.buffer(
+                    "mxfp4_values", (high - low) * columns, torch.float32
+                )
+                values = values.view(high - low, columns)
+                dequantize_mxfp4_bytes(
+                    blocks.view(rows, -1)[low:high],
+                    scales[low:high],
+                    0,
+                    columns // 2,
+                    values,
+                    stored.workspace,
+                )
+                # The float32 product, rounded once to the model's dtype as it is stored.
+                result[expert - start, :, low:high].copy_(values.t())
         return result
 
     def read_subrows(
@@ -113,118 +125,66 @@ class Mxfp4Weight:
         """Logical rows ``start:stop`` of one expert, ``(stop - start, out)``, bit for bit
         those of :meth:`read_rows` (the decoding is per value).
 
-        With ``compute_dtype`` float32 and a bfloat16 or float32 model, the values come in
+        The band is decoded in the stored order (:func:`dequantize_mxfp4_bytes`: bytes
+        ``start // 2:ceil(stop / 2)`` of every stored row) and handed out as its transpose,
+        a view whose rows are strided: no value is transposed, and a merge whose LoRA
+        product is laid out ``(out, rows)`` (PEFT's transposed expert weights) adds it
+        element by element in memory order.
+
+        With ``compute_dtype`` float32 and a bfloat16 or float32 model, the values stay in
         float32: every decoded product (a 2-bit significand times a power of two from
         ``2 ** -127`` to ``2 ** 127``) is a bfloat16 value, or infinity in both, so they
         are the model's values widened exactly, without the rounding to bfloat16 and the
         caller's widening back (``tests/test_decode_kernels.py`` checks this on every
-        byte under every exponent). A float16 model's values are rounded to float16.
+        byte under every exponent). Otherwise they are rounded to the model's dtype.
         """
-        dtype = self.dtype
-        if compute_dtype == torch.float32 and dtype in (torch.bfloat16, torch.float32):
-            dtype = torch.float32
         rows = self.shape[2]
-        out = stored.output((stop - start) * rows, dtype)
+        first, last = start // 2, -(-stop // 2)
+        width = 2 * (last - first)
+        blocks, scales = self._expert_codes(stored, expert)
+        wide = compute_dtype == torch.float32 and self.dtype in (torch.bfloat16, torch.float32)
+        dtype = torch.float32 if wide else self.dtype
+        out = stored.output(rows * width, dtype)
         if out is None:
-            out = torch.empty((stop - start) * rows, dtype=dtype, device=stored.device)
-        result = out.view(stop - start, rows)
-        self._decode(stored, expert, start, stop, result)
-        return result
-
-    def _decode(
-        self, stored: StoredRows, expert: int, start: int, stop: int, out: torch.Tensor
-    ) -> None:
-        """Logical rows ``start:stop`` of one expert into ``out``, a chunk of
-        :data:`MXFP4_CHUNK_ELEMENTS` values at a time."""
-        blocks_t, exponents_t = self._expert_codes(stored, expert)
-        rows = self.shape[2]
-        chunk = max(2, MXFP4_CHUNK_ELEMENTS // rows)
-        for low in range(start, stop, chunk):
-            high = min(stop, low + chunk)
-            dequantize_mxfp4_transposed(
-                blocks_t, exponents_t, low, high, out[low - start : high - start], stored.workspace
-            )
+            out = torch.empty(rows * width, dtype=dtype, device=stored.device)
+        out = out.view(rows, width)
+        if dtype == torch.float32:
+            values = out
+        else:
+            values = stored.workspace.buffer("mxfp4_values", rows * width, torch.float32)
+            values = values.view(rows, width)
+        dequantize_mxfp4_bytes(blocks.view(rows, -1), scales, first, last, values, stored.workspace)
+        if values is not out:
+            # The float32 product, rounded once to the model's dtype as it is stored.
+            out.copy_(values)
+        return out.t()[start - 2 * first : stop - 2 * first]
 
     def _expert_codes(self, stored: StoredRows, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's packed bytes ``(in / 2, out)`` and exponents ``(in / 32, out)``, both
-        transposed, read once for all of its bands and kept in the thread's workspace until
-        the next expert.
-
-        The stored rows are read :data:`MXFP4_TRANSPOSE_CHUNK_BYTES` at a time and each
-        chunk transposed into the expert's buffers while it is in cache: transposing a
-        band's bytes instead, band by band, read a few bytes of each stored row per band,
-        a cache line each (measured at gpt-oss-20b's ``gate_up_proj``: about half the
-        decoding's time).
-        """
+        """One expert's blocks ``(out, in / 32, 16)`` and exponents ``(out, in / 32)``, read
+        once for all of its bands and kept in the thread's workspace until the next expert."""
         held = stored.memo.pop(_EXPERT_MEMO, None)  # its buffers are about to be rewritten
         if isinstance(held, tuple) and held[0] == (self.blocks.name, expert):
             stored.memo[_EXPERT_MEMO] = held
             return held[1], held[2]
         _, columns, rows = self.shape
         groups = columns // MXFP4_BLOCK
-        row_bytes = groups * MXFP4_BYTES_PER_BLOCK
-        workspace = stored.workspace
-        blocks_t = workspace.buffer("mxfp4_expert_blocks", rows * row_bytes, torch.uint8)
-        blocks_t = blocks_t.view(row_bytes, rows)
-        exponents_t = workspace.buffer("mxfp4_expert_scales", rows * groups, torch.uint8)
-        exponents_t = exponents_t.view(groups, rows)
-        base = expert * rows  # the expert's first stored row
-        step = MXFP4_TRANSPOSE_CHUNK_BYTES // row_bytes
-        if step:  # whole stored rows a chunk
-            for low in range(0, rows, step):
-                high = min(rows, low + step)
-                self._transpose_piece(
-                    stored,
-                    (base + low) * row_bytes,
-                    (base + high) * row_bytes,
-                    blocks_t[:, low:high],
-                    exponents_t[:, low:high],
-                )
-        else:  # a stored row wider than a chunk: a chunk of one row at a time
-            for row in range(rows):
-                for low in range(0, row_bytes, MXFP4_TRANSPOSE_CHUNK_BYTES):
-                    high = min(row_bytes, low + MXFP4_TRANSPOSE_CHUNK_BYTES)
-                    groups_low, groups_high = (
-                        low // MXFP4_BYTES_PER_BLOCK,
-                        high // MXFP4_BYTES_PER_BLOCK,
-                    )
-                    self._transpose_piece(
-                        stored,
-                        (base + row) * row_bytes + low,
-                        (base + row) * row_bytes + high,
-                        blocks_t[low:high, row : row + 1],
-                        exponents_t[groups_low:groups_high, row : row + 1],
-                    )
-        stored.memo[_EXPERT_MEMO] = ((self.blocks.name, expert), blocks_t, exponents_t)
-        return blocks_t, exponents_t
-
-    def _transpose_piece(
-        self,
-        stored: StoredRows,
-        first: int,
-        last: int,
-        blocks_t: torch.Tensor,
-        exponents_t: torch.Tensor,
-    ) -> None:
-        """Bytes ``first:last`` of the stored blocks (whole stored rows, or part of one:
-        ``blocks_t``'s columns) and their exponents, read and transposed into ``blocks_t``
-        and ``exponents_t``."""
-        columns = blocks_t.shape[1]
-        blocks = stored.byte_range(self.blocks, first, last, "mxfp4_chunk_blocks")
-        scales = stored.byte_range(
-            self.scales,
-            first // MXFP4_BYTES_PER_BLOCK,
-            last // MXFP4_BYTES_PER_BLOCK,
-            "mxfp4_chunk_scales",
+        first, last = expert * rows * groups, (expert + 1) * rows * groups
+        blocks = stored.byte_range(
+            self.blocks,
+            first * MXFP4_BYTES_PER_BLOCK,
+            last * MXFP4_BYTES_PER_BLOCK,
+            "mxfp4_expert_blocks",
+        ).view(rows, groups, MXFP4_BYTES_PER_BLOCK)
+        scales = stored.byte_range(self.scales, first, last, "mxfp4_expert_scales").view(
+            rows, groups
         )
         if has_nan_scale(scales):
             raise InvalidInputError(
                 f"BASE tensor {self.scales.name!r} holds the E8M0 NaN exponent (255): "
                 "the MXFP4 checkpoint is corrupt (re-download it)"
             )
-        transpose_mxfp4_codes(
-            blocks.view(columns, -1), scales.view(columns, -1), blocks_t, exponents_t
-        )
+        stored.memo[_EXPERT_MEMO] = ((self.blocks.name, expert), blocks, scales)
+        return blocks, scales
 
 
 class Mxfp4Format:
@@ -264,29 +224,26 @@ class Mxfp4Format:
     def output_dtype(
         self, weights: Mapping[str, QuantizedWeight], model_config: Mapping[str, object]
     ) -> torch.dtype | None:
-        """The model's dtype, which every weight dequantizes to."""
-        return next((w.dtype for w in weights.values()), None)
+        """None: every weight the format quantized is written in the dtype it dequantizes
+        to, and every tensor it left unquantized as it is stored (see the protocol)."""
+        return None
 
     def workspace_bound(
         self, tile_elements: int, device: torch.device, row_elements: int = 0
     ) -> int:
-        """One expert's packed bytes and exponents, transposed (17 bits a value; an expert
-        is at most ``tile_elements`` read whole, ``row_elements`` read in bands); the chunk
-        of stored bytes and exponents being transposed
-        (:data:`MXFP4_TRANSPOSE_CHUNK_BYTES`, or a whole stored row of the expert where that
-        is at most a read call's bytes more); one chunk of decoding: int32 indices and
-        float32 values (8 bytes a value) for at most :data:`MXFP4_CHUNK_ELEMENTS` values
-        and two rows more (a chunk has at least two rows and may start and end inside a
-        byte; an expert has 32 values or more a row, so a row is at most ``expert / 32``
-        values), two rows of int32 offsets, the 512 KiB table; off the CPU, the expert
-        rows themselves."""
+        """One expert's packed bytes and exponents (17 bits a value; an expert is at most
+        ``tile_elements`` read whole, ``row_elements`` read in bands), and for a band or a
+        chunk of a whole expert (at most a tile and two rows more: a band may start and end
+        inside a byte; an expert has 32 values or more a row, so a row is at most
+        ``expert / 32`` values) an int32 index a byte, float32 values and the rows handed
+        out in float32 where the caller's buffer does not hold them (10 bytes a value); a
+        column of int32 offsets; the 512 KiB table; off the CPU, the expert rows
+        themselves."""
         expert = max(tile_elements, row_elements)
         row = expert // MXFP4_BLOCK
         held = expert // 2 + expert // MXFP4_BLOCK
-        chunk = MXFP4_TRANSPOSE_CHUNK_BYTES + BYTES_PER_READ_CALL
-        held += chunk + chunk // MXFP4_BYTES_PER_BLOCK + BYTES_PER_READ_CALL
-        values = max(MXFP4_CHUNK_ELEMENTS, 2 * row)
-        held += 4 * (values + 2 * row) + 4 * values + 8 * row + 4 * MXFP4_SCALED_TABLE_SIZE
+        held += 10 * (max(tile_elements, MXFP4_CHUNK_ELEMENTS) + 2 * row) + 4 * row
+        held += MXFP4_PAIR_TABLE_BYTES
         if device.type != "cpu":
             held += 4 * tile_elements
         return held
