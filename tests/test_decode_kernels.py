@@ -11,12 +11,6 @@ by one table lookup a byte; the oracle is compressed-tensors' ``unpack_from_int3
 first code of a word in its lowest bits, as GPTQ packs too), on words holding every byte
 at every position, negative words too.
 
-``dequantize_awq_words`` decodes AWQ GEMM's words by one lookup a value of ``code - zero``
-and one multiplication; the oracle is the float64 definition of AutoAWQ's ``dequantize_gemm``
-(``awq_float64``, on ``pack_awq``'s words), on every code in every slot of a word under every
-zero point, with float16 scales whose products round, overflow and fall below float16's
-normal range.
-
 ``dequantize_mxfp4_bytes`` decodes bytes of an MXFP4 matrix's stored rows, two values a
 lookup in a table of scaled pairs, read as the transposed layout transformers gives gpt-oss'
 experts; the oracle is transformers'
@@ -33,14 +27,13 @@ from __future__ import annotations
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-from integer_checkpoints import AWQ_ORDER, awq_float64, pack_awq
 from native_formats import dequantize_fp8_blocks_float64
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge.compute.dequantize import DequantizeWorkspace
 from lora_merge.compute.fp8 import dequantize_fp8_blocks
-from lora_merge.compute.integer_dequantize import dequantize_awq_words, four_bit_codes
+from lora_merge.compute.integer_dequantize import four_bit_codes
 from lora_merge.compute.mxfp4 import dequantize_mxfp4_bytes
 
 FP8_BLOCK = (128, 128)
@@ -158,41 +151,3 @@ def test_four_bit_codes_are_compressed_tensors_unpacking():
     indices = torch.empty(rows * words * 8, dtype=torch.int32)
     got = four_bit_codes(packed, torch.empty(rows, words * 8), indices)
     assert torch.equal(got, expected.float())
-
-
-def test_awq_words_are_the_float64_definition_bit_for_bit():
-    inputs, outputs, group_size = 64, 256, 16
-    groups = inputs // group_size
-    column = torch.arange(outputs)
-    # Every code in every slot of a word (16 inputs x 8 slots per run of 16 words) under
-    # every zero point (16 groups' worth of zeros over the output columns' words).
-    codes = (torch.arange(inputs)[:, None] + column[None, :] + column[None, :] // 8) % 16
-    zeros = (torch.arange(groups)[:, None] * 5 + column[None, :] // 16 + column % 8) % 16
-    generator = torch.Generator().manual_seed(7)
-    scales = (torch.rand(groups, outputs, generator=generator) * 0.02 + 1e-4).half()
-    scales[0, :8] = torch.tensor([65504.0, 6e-8, 1e-5, 2.0**-14, 3e-4, 1.0, 4096.0, 0.1]).half()
-    qweight, qzeros = pack_awq(codes, zeros)
-    expected = awq_float64(qweight, qzeros, scales, group_size).to(torch.float16)
-    assert bool(torch.isinf(expected).any())
-    # Rows of a run of words come in the words' nibble order: row 8w + k is output column
-    # 8w + AWQ_ORDER[k].
-    in_words = torch.arange(outputs)
-    output_of_row = in_words - in_words % 8 + torch.tensor(AWQ_ORDER)[in_words % 8]
-    zero_codes = torch.tensor(
-        [[(int(w) >> (4 * k)) & 15 for w in row for k in range(8)] for row in qzeros.tolist()]
-    )
-    workspace = DequantizeWorkspace()
-    for first_word, last_word, begin, end in ((0, 32, 0, inputs), (3, 11, 16, 48)):
-        rows = slice(8 * first_word, 8 * last_word)
-        out = torch.full((8 * (last_word - first_word), inputs), float("nan"), dtype=torch.float16)
-        g0, g1 = begin // group_size, end // group_size
-        dequantize_awq_words(
-            qweight[begin:end, first_word:last_word].contiguous(),
-            zero_codes[g0:g1, rows].t(),
-            scales[g0:g1, output_of_row[rows]].t(),
-            group_size,
-            out[:, begin:end],
-            workspace,
-        )
-        wanted = expected[output_of_row[rows], begin:end]
-        assert torch.equal(bits(out[:, begin:end]), bits(wanted)), (first_word, begin)

@@ -44,8 +44,6 @@ import sys
 
 import torch
 
-from lora_merge.compute.dequantize import DequantizeWorkspace
-
 # Code widths whose codes never straddle an int32 word.
 PACKED_BITS = (2, 4, 8)
 # AutoAWQ's GEMM packer: bits 4*i of a word hold output column 8*c + AWQ_PACK_ORDER[i]
@@ -161,76 +159,6 @@ def four_bit_codes(packed: torch.Tensor, out: torch.Tensor, indices: torch.Tenso
     index.copy_(as_bytes)
     table = four_bit_pair_table(packed.device)
     torch.index_select(table, 0, index, out=out.view(-1).view(torch.int64))
-    return out
-
-
-def awq_nibble_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """8192 float32 values: entry ``512 * z + 256 * h + b`` is the low (h = 0) or high
-    (h = 1) 4-bit code of byte ``b`` minus the zero point ``z`` (0 to 15): ``code - zero``,
-    an integer, exact in float32."""
-    codes = torch.arange(16, dtype=torch.float32, device=device)
-    nibbles = torch.cat((codes.repeat(16), codes.repeat_interleave(16)))
-    return (nibbles[None, :] - codes[:, None]).reshape(-1)
-
-
-def dequantize_awq_words(
-    words: torch.Tensor,
-    zeros: torch.Tensor,
-    scales: torch.Tensor,
-    group_size: int,
-    out: torch.Tensor,
-    workspace: DequantizeWorkspace,
-) -> torch.Tensor:
-    """AWQ GEMM's ``(code - zero) * scale``, rounded once to ``out``'s dtype, for the output
-    columns of a run of ``qweight`` words, as rows in the words' nibble order.
-
-    The same values as :func:`unpack_awq_codes` then :func:`dequantize_codes` (in the words'
-    order), in fewer passes: the words' bytes are transposed (half a byte a value), then one
-    lookup a value in :func:`awq_nibble_table` gives ``code - zero`` (the index, byte plus
-    256 for the high nibble plus 512 times the zero point, is built by one int32 add a
-    value), and one multiplication by the float32 scale writes the product rounded to
-    ``out``'s dtype. Unpacking by shifts and masks, a transpose of the codes and a
-    conversion to float32 took about half of an AWQ merge's time at Llama-3-8B's widths.
-
-    Args:
-        words: int32 ``(inputs, W)``: ``W`` consecutive words of ``inputs`` qweight rows
-            (input features), ``inputs`` a multiple of ``group_size``.
-        zeros: integer ``(8 * W, inputs / group_size)``: the zero point of each row (nibble
-            ``k`` of word ``w`` is row ``8 * w + k``) in each group.
-        scales: ``(8 * W, inputs / group_size)``: the scales, laid out as ``zeros``.
-        group_size: input features per group.
-        out: ``(8 * W, inputs)``, its rows contiguous (it may be a column slice).
-        workspace: the calling thread's buffers (the transposed bytes, the int32 indices,
-            the float32 values: 8.5 bytes a value) and the table.
-
-    Returns:
-        ``out``.
-    """
-    inputs, count = words.shape
-    groups = inputs // group_size
-    table = workspace.table("awq.nibbles", lambda: awq_nibble_table(words.device))
-    as_bytes = _word_bytes(words)  # (inputs, W, 4)
-    transposed = workspace.buffer("awq_bytes", count * 4 * inputs, torch.uint8)
-    transposed = transposed.view(count * 4, inputs)
-    transposed.copy_(as_bytes.view(inputs, count * 4).t())
-    # offsets[w, b, h, g] = 512 * zero + 256 * h for row 8w + 2b + h in group g.
-    offsets = workspace.buffer("awq_offsets", 8 * count * groups, torch.int32)
-    offsets = offsets.view(count * 4, 2, groups)
-    offsets.copy_(zeros.reshape(count * 4, 2, groups))
-    offsets.mul_(512)
-    offsets[:, 1].add_(256)
-    index = workspace.buffer("awq_indices", 8 * count * inputs, torch.int32)
-    index = index.view(count * 4, 2, groups, group_size)
-    torch.add(transposed.view(count * 4, 1, groups, group_size), offsets.unsqueeze(-1), out=index)
-    values = workspace.buffer("awq_values", 8 * count * inputs, torch.float32)
-    torch.index_select(table, 0, index.view(-1), out=values)
-    # code - zero (at most 5 bits) times a scale of at most 11 significant bits: exact in
-    # float32, rounded once into out (see the module docstring).
-    torch.mul(
-        values.view(8 * count, groups, group_size),
-        scales.to(torch.float32).reshape(8 * count, groups, 1),
-        out=out.view(8 * count, groups, group_size),
-    )
     return out
 
 

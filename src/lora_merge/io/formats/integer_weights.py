@@ -14,7 +14,6 @@ import torch
 from lora_merge.compute.integer_dequantize import (
     AWQ_PACK_ORDER,
     AWQ_UNPACK_ORDER,
-    dequantize_awq_words,
     dequantize_codes,
     four_bit_codes,
     unpack_codes,
@@ -193,24 +192,6 @@ class ColumnPackedWeight:
         # A chunk holds whole groups (and whole packed rows), so that it starts a group.
         step = self.group_size * per_row // math.gcd(self.group_size, per_row)
         chunk = max(step, VALUES_CHUNK // max(count, 1) // step * step)
-        if self.awq_order and self.bits == 4 and inputs % self.group_size == 0:
-            # AWQ's groups are consecutive input features (it has no g_idx).
-            for begin in range(0, inputs, chunk):
-                end = min(inputs, begin + chunk)
-                w0, w1 = first // 8, last // 8
-                words = stored.row_bytes(
-                    self.qweight, begin, end, 4 * w0, 4 * w1, f"{self.method}_codes"
-                )
-                g0, g1 = begin // self.group_size, end // self.group_size
-                dequantize_awq_words(
-                    words.contiguous().view(torch.int32),
-                    zeros[:, g0:g1],
-                    scales[:, g0:g1],
-                    self.group_size,
-                    band[:, begin:end],
-                    stored.workspace,
-                )
-            return
         for begin in range(0, inputs, chunk):
             end = min(inputs, begin + chunk)
             codes = self._transposed_codes(
