@@ -101,10 +101,6 @@ class PositionalFile:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def size(self) -> int:
-        """The file's size in bytes now."""
-        return os.fstat(self.descriptor).st_size
-
     def read_into(self, target: memoryview, offset: int) -> int:
         """Read up to ``len(target)`` bytes at ``offset`` into ``target``; return the count (0 at EOF)."""
         if self._preadv is not None:

@@ -15,7 +15,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from lora_merge.errors import InvalidInputError
-from lora_merge.io.mapped import MappedFile, ThreadTiles, map_for_tiles
 from lora_merge.io.positional import PositionalFile
 from lora_merge.io.safetensors_format import TensorEntry
 
@@ -130,10 +129,14 @@ class EntryReader:
             shape = (stop - start, *entry.shape[1:])
         else:
             offset, nbytes, shape = entry.start, entry.nbytes, ()
-        raw = self._bytes(entry, offset, nbytes, buffer)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = buffer[:nbytes]
+        if nbytes and not self._read_exactly(entry, offset, buffer.numpy().data):
+            raise _shrunk(entry)
         if entry.dtype == torch.uint8:
-            return raw.reshape(shape)
-        return raw.view(entry.dtype).reshape(shape)
+            return buffer.reshape(shape)
+        return buffer.view(entry.dtype).reshape(shape)
 
     def read_subrows(
         self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
@@ -146,8 +149,12 @@ class EntryReader:
         subrow_nbytes = entry.row_nbytes // entry.shape[1]
         offset = entry.start + row * entry.row_nbytes + start * subrow_nbytes
         nbytes = (stop - start) * subrow_nbytes
-        raw = self._bytes(entry, offset, nbytes, buffer)
-        values = raw if entry.dtype == torch.uint8 else raw.view(entry.dtype)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = buffer[:nbytes]
+        if nbytes and not self._read_exactly(entry, offset, buffer.numpy().data):
+            raise _shrunk(entry)
+        values = buffer if entry.dtype == torch.uint8 else buffer.view(entry.dtype)
         return values.reshape(stop - start, *entry.shape[2:])
 
     def read_row_bytes(
@@ -180,30 +187,6 @@ class EntryReader:
                 raise _shrunk(entry)
         return band
 
-    def _bytes(
-        self, entry: TensorEntry, offset: int, nbytes: int, buffer: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Bytes ``offset:offset + nbytes`` of the entry's file, as uint8.
-
-        With a ``buffer`` (the caller reuses it, so the result only has to live until
-        its next read) they may be the file's pages in place (:meth:`_tile_in_place`);
-        otherwise they are read into the buffer, or into fresh memory without one.
-        """
-        if buffer is not None:
-            in_place = self._tile_in_place(entry, offset, nbytes)
-            if in_place is not None:
-                return in_place
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        buffer = buffer[:nbytes]
-        if nbytes and not self._read_exactly(entry, offset, buffer.numpy().data):
-            raise _shrunk(entry)
-        return buffer
-
-    def _tile_in_place(self, entry: TensorEntry, offset: int, nbytes: int) -> torch.Tensor | None:
-        """The bytes without copying them, where the reader can (None: it cannot)."""
-        return None
-
     def _read_exactly(self, entry: TensorEntry, offset: int, target: memoryview) -> bool:
         """Fill ``target`` from ``offset`` of the entry's file; False if the file ended first."""
         raise NotImplementedError
@@ -212,20 +195,15 @@ class EntryReader:
 class SafetensorsReader(EntryReader):
     """Reads tensors from one or more safetensors files, a row range at a time.
 
-    A tile the caller reads into its reused buffer is, where the OS allows it, the
-    page cache's own pages (:mod:`lora_merge.io.mapped`): no copy. Each thread
-    keeps one such tile mapped, its last (:class:`~lora_merge.io.mapped.ThreadTiles`),
-    so the pages read do not stay in our resident set. Everything else (a whole tensor, a file the OS cannot map) is read
-    positionally (:class:`~lora_merge.io.positional.PositionalFile`) into a
-    buffer of exactly the bytes asked for. A reading thread and a copying
-    thread can use one reader at once. Each file is opened once, on first use.
+    Reads are positional (:class:`~lora_merge.io.positional.PositionalFile`) into
+    a buffer of exactly the bytes asked for: no mmap, so the pages read do not
+    stay in our resident set, and a reading thread and a copying thread can use
+    one reader at once. Each file is opened once, on first use.
     """
 
     def __init__(self, entries: Mapping[str, TensorEntry]) -> None:
         super().__init__(entries)
         self._files: dict[Path, PositionalFile] = {}
-        self._maps: dict[Path, MappedFile | None] = {}
-        self._tiles = ThreadTiles()
         self._lock = threading.Lock()
 
     def __enter__(self) -> SafetensorsReader:
@@ -240,29 +218,9 @@ class SafetensorsReader(EntryReader):
             for file in self._files.values():
                 file.close()
             self._files.clear()
-            # Maps are not closed: a tile still referenced keeps its map alive (see
-            # MappedFile). Their pages leave our resident set now all the same.
-            self._tiles.release_all()
-            self._maps.clear()
 
     def _read_exactly(self, entry: TensorEntry, offset: int, target: memoryview) -> bool:
         return self._file(entry.path).read_exactly_into(target, offset)
-
-    def _tile_in_place(self, entry: TensorEntry, offset: int, nbytes: int) -> torch.Tensor | None:
-        """The tile's bytes as the file map's pages, after releasing this thread's last tile.
-
-        None where the file has no map (see :func:`lora_merge.io.mapped.map_for_tiles`), the
-        bytes are not aligned for their dtype (torch's kernels expect aligned values; a
-        safetensors file aligns its data only since 2023), or the file no longer holds
-        them: the caller then reads positionally, which also reports a truncated file.
-        """
-        if not nbytes or offset % max(1, entry.dtype.itemsize):
-            return None
-        self._file(entry.path)
-        mapped = self._maps.get(entry.path)
-        if mapped is None:
-            return None
-        return self._tiles.read(mapped, offset, nbytes)
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to start reading a tensor's bytes now, in the background.
@@ -301,7 +259,6 @@ class SafetensorsReader(EntryReader):
                         raise InvalidInputError(
                             f"cannot read {path}: {err.strerror or err}"
                         ) from err
-                    self._maps[path] = map_for_tiles(file.descriptor, file.size())
                     self._files[path] = file
         return file
 
