@@ -124,8 +124,9 @@ def prepare(options: MergeSettings) -> Iterator[Prepared]:
     )
     adapter_folder = adapter_folders[0]
     if base.quantization is not None and settings.output_dtype is None:
-        # A quantized base has no dtype of its own to keep: default to the dtype
-        # the model computed in (bnb_4bit_compute_dtype, or config.json's dtype).
+        # A bitsandbytes base defaults to the dtype the model computed in
+        # (bnb_4bit_compute_dtype, or config.json's dtype); the other formats to each
+        # tensor's own, a quantized weight's being the dtype it dequantizes to.
         settings = replace(settings, output_dtype=base.quantization.output_dtype(base.config))
     configs = [
         read_adapter_config(folder.config_path)

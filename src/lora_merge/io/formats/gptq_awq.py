@@ -67,8 +67,9 @@ class _ColumnPackedFormat:
     def output_dtype(
         self, weights: Mapping[str, QuantizedWeight], model_config: Mapping[str, object]
     ) -> torch.dtype | None:
-        """The scales' dtype, which the reference decoders return (float16)."""
-        return next((w.dtype for w in weights.values()), None)
+        """None: every weight the format quantized is written in the dtype it dequantizes
+        to, and every tensor it left unquantized as it is stored (see the protocol)."""
+        return None
 
     def workspace_bound(
         self, tile_elements: int, device: torch.device, row_elements: int = 0

@@ -233,7 +233,16 @@ class QuantizationFormat(Protocol):
     def output_dtype(
         self, weights: Mapping[str, QuantizedWeight], model_config: Mapping[str, object]
     ) -> torch.dtype | None:
-        """The dtype a merge writes when ``--dtype`` is ``auto`` (None: each tensor's own)."""
+        """The dtype a merge writes when ``--dtype`` is ``auto`` (None: each tensor's own).
+
+        A format that stores its unquantized tensors as the model computes them (FP8,
+        MXFP4, INT4: embeddings, norms, routers in the model's dtype, and the float32 a
+        model keeps in float32, such as DeepSeek-V3's ``e_score_correction_bias``, which
+        transformers keeps in float32 whatever ``dtype`` it loads with) says None: each
+        quantized weight is written in the dtype it dequantizes to, every other tensor
+        passes through as stored. bitsandbytes says a dtype: QLoRA computed in
+        ``bnb_4bit_compute_dtype`` whatever the unquantized tensors were saved as.
+        """
         ...
 
     def workspace_bound(
