@@ -369,7 +369,9 @@ def adapter_specs(shape: DeepSeekShape | GptOssShape, layers: int, rank: int) ->
     if isinstance(shape, DeepSeekShape):
         for spec in deepseek_specs(shape, layers, quantized=False):
             parts = spec.name.split(".")
-            if len(spec.shape) == 2 and parts[-2].endswith("_proj"):
+            # kv_a_proj_with_mqa (576 rows: blocks of 128 end inside it) is the one weight
+            # with partial FP8 blocks; target_modules names it, so it gets factors too.
+            if len(spec.shape) == 2 and "_proj" in parts[-2]:
                 lora(spec.name.removesuffix(".weight"), *spec.shape)
         return specs
     for layer in range(shape.layers):

@@ -11,14 +11,15 @@ by one table lookup a byte; the oracle is compressed-tensors' ``unpack_from_int3
 first code of a word in its lowest bits, as GPTQ packs too), on words holding every byte
 at every position, negative words too.
 
-``dequantize_mxfp4_transposed`` decodes a band of an MXFP4 matrix straight into the
-transposed layout transformers gives gpt-oss' experts; the oracle is transformers'
+``dequantize_mxfp4_bytes`` decodes bytes of an MXFP4 matrix's stored rows, two values a
+lookup in a table of scaled pairs, read as the transposed layout transformers gives gpt-oss'
+experts; the oracle is transformers'
 ``convert_moe_packed_tensors`` (itself checked against a float64 decoding of the format in
 ``test_native_fp8_mxfp4.py``). The values cover every byte (all 16 E2M1 codes in both
 nibbles, -0 included) under every finite E8M0 exponent: 0 (subnormal products in float32,
 zeros and subnormals in bf16/fp16), 127 (the codes themselves) and 254 (products beyond
-float32's range: infinities), in bands that start and end on odd and even elements, inside
-and across 32-value blocks.
+float32's range: infinities), in byte ranges that start and end inside
+and across 32-value blocks, from strided views of the stored bytes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from lora_merge.compute.dequantize import DequantizeWorkspace
 from lora_merge.compute.fp8 import dequantize_fp8_blocks
 from lora_merge.compute.integer_dequantize import four_bit_codes
-from lora_merge.compute.mxfp4 import dequantize_mxfp4_transposed
+from lora_merge.compute.mxfp4 import dequantize_mxfp4_bytes
 
 FP8_BLOCK = (128, 128)
 
@@ -56,19 +57,45 @@ def every_byte_under_every_exponent() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_mxfp4_transposed_bands_are_transformers_dequantization_bit_for_bit(dtype):
+def test_mxfp4_bytes_are_transformers_dequantization_bit_for_bit(dtype):
     blocks, exponents = every_byte_under_every_exponent()
     # transformers: (experts, rows, groups, 16) -> (experts, groups * 32, rows), transposed.
     expected = convert_moe_packed_tensors(blocks[None], exponents[None], dtype=dtype)[0]
     assert bool(torch.isinf(expected).any()) and bool((expected == 0).any())
-    columns = GROUPS * 32
     workspace = DequantizeWorkspace()
     packed = blocks.view(ROWS, GROUPS * 16)
-    bands = [(0, columns), (0, 1), (1, 2), (5, 38), (31, 33), (33, 96), (64, 96), (510, 511)]
-    for start, stop in bands:
-        out = torch.full((stop - start, ROWS), float("nan"), dtype=dtype)
-        dequantize_mxfp4_transposed(packed, exponents, start, stop, out, workspace)
-        assert torch.equal(bits(out), bits(expected[start:stop])), (dtype, start, stop)
+    # Byte ranges inside and across 16-byte (32-value) blocks; the last two from stored
+    # rows 100 on (a strided view of the stored bytes, as an expert's rows are).
+    ranges = [
+        (0, GROUPS * 16, 0),
+        (0, 1, 0),
+        (3, 19, 0),
+        (15, 17, 0),
+        (16, 48, 100),
+        (255, 256, 100),
+    ]
+    for first, last, row in ranges:
+        values = torch.full((ROWS - row, 2 * (last - first)), float("nan"))
+        dequantize_mxfp4_bytes(packed[row:], exponents[row:], first, last, values, workspace)
+        # The float32 products, rounded once to the model's dtype (as read_rows and
+        # read_subrows do), read as the transpose.
+        got = values.t().to(dtype)
+        want = expected[2 * first : 2 * last, row:]
+        assert torch.equal(bits(got), bits(want)), (dtype, first, last, row)
+
+
+def test_mxfp4_float32_values_are_the_bfloat16_values_widened():
+    """What lets a bfloat16 model's MXFP4 experts be decoded straight to float32 for the merge
+    (``Mxfp4Weight.read_subrows`` with ``compute_dtype`` float32): transformers' bfloat16
+    dequantization, widened, is its float32 dequantization, bit for bit, on every byte under
+    every finite exponent (infinities and the smallest products included); float16's is not
+    (its range is narrower), so a float16 model's values are rounded to float16."""
+    blocks, exponents = every_byte_under_every_exponent()
+    as_bfloat16 = convert_moe_packed_tensors(blocks[None], exponents[None], dtype=torch.bfloat16)
+    as_float32 = convert_moe_packed_tensors(blocks[None], exponents[None], dtype=torch.float32)
+    assert torch.equal(bits(as_bfloat16.float()), bits(as_float32))
+    as_float16 = convert_moe_packed_tensors(blocks[None], exponents[None], dtype=torch.float16)
+    assert not torch.equal(bits(as_float16.float()), bits(as_float32))
 
 
 def every_code_pair(codes_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

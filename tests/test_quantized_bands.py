@@ -52,7 +52,8 @@ pytestmark = [
 @pytest.mark.parametrize("band", [1, 5, 21, 32, 40])
 def test_mxfp4_expert_bands_are_transformers_dequantization_bit_for_bit(mxfp4, band):  # noqa: F811
     """Every band of every expert, most starting and ending inside a block of 32, is
-    transformers' dequantization of those rows; the reading thread holds no more than its
+    transformers' dequantization of those rows (bfloat16; in float32 when the merge asks for
+    its compute dtype, those values widened); the reading thread holds no more than its
     format's ``workspace_bound`` for tiles of the band and rows of the expert."""
     base = resolve_base(mxfp4.mxfp4)
     stored = load_file(mxfp4.mxfp4 / "model.safetensors")
@@ -68,7 +69,12 @@ def test_mxfp4_expert_bands_are_transformers_dequantization_bit_for_bit(mxfp4, b
                 for start in range(0, rows, band):
                     stop = min(rows, start + band)
                     got = reader.read_subrows(name, expert, start, stop, buffer)
+                    assert got.dtype == expected.dtype
                     assert torch.equal(got, expected[expert, start:stop]), (name, expert, start)
+                    # As the merge asks for them: in float32, the bfloat16 values widened.
+                    wide = reader.read_subrows(name, expert, start, stop, buffer, torch.float32)
+                    assert wide.dtype == torch.float32
+                    assert torch.equal(wide, expected[expert, start:stop].float())
             tile_elements = band * columns
             row_elements = rows * columns
             own = base.quantization.format_of[name].workspace_bound(

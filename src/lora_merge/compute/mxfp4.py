@@ -8,7 +8,10 @@ times ``2 ** (scale - 127)``. Every such product is exact in float32 (a 2-bit
 significand scaled by a power of two inside float32's range, subnormals
 included, or infinity beyond it), and transformers' ``ldexp`` of bf16 values by
 a float32 power of two rounds that same product once to the model's dtype, so
-a float32 product rounded once gives its bits.
+a float32 product rounded once gives its bits. For a bfloat16 (or float32) model
+that rounding changes nothing: every finite product has a 2-bit significand and an
+exponent within bfloat16's range (its subnormals included), and one beyond float32's
+range is infinity in both, so the float32 product *is* the model's value, widened.
 
 Exponent 255 is E8M0's NaN: :func:`has_nan_scale` finds it so that a reader
 can refuse the checkpoint.
@@ -24,6 +27,8 @@ MXFP4_BLOCK = 32  # values per E8M0 scale
 MXFP4_BYTES_PER_BLOCK = MXFP4_BLOCK // 2
 E8M0_BIAS = 127
 E8M0_NAN = 255
+# Bytes of scaled_e2m1_pair_table: a float32 pair for each exponent and byte.
+MXFP4_PAIR_TABLE_BYTES = 256 * 256 * 8
 # E2M1 values by code (transformers' FP4_VALUES; the OCP MX spec's table).
 E2M1_VALUES = (
     0.0,
@@ -45,19 +50,6 @@ E2M1_VALUES = (
 )
 
 
-def e2m1_nibble_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """512 float32 values: entry ``b`` is the E2M1 value of byte ``b``'s low nibble, entry
-    ``256 + b`` that of its high nibble.
-
-    Decoding the *transpose* of a packed matrix (:func:`dequantize_mxfp4_transposed`) puts
-    a byte's two values in two different output rows, so a table of pairs (one gather
-    writing both) does not fit; one gather over this table, at ``b`` or ``256 + b``,
-    writes each value where it belongs.
-    """
-    values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
-    return torch.cat((values.repeat(16), values.repeat_interleave(16)))
-
-
 def e8m0_scale_table(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256 float32 scales ``2 ** (e - 127)`` (e = 255, NaN, gives infinity here: refuse it
     before decoding)."""
@@ -65,64 +57,71 @@ def e8m0_scale_table(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.exp2(exponents)
 
 
+def scaled_e2m1_pair_table(device: torch.device | str = "cpu") -> torch.Tensor:
+    """65536 float32 pairs (512 KiB), viewed as float64: pair ``256 * e + b`` holds the E2M1
+    values of byte ``b``'s low and high nibble (elements ``2j`` and ``2j + 1`` of a row),
+    each times ``2 ** (e - 127)``.
+
+    Each value is the exact product in float32 (see the module docstring; infinity where
+    it is beyond float32's range, NaN for e = 255, which is refused before decoding), so
+    one lookup decodes and scales both values of a byte.
+    """
+    nibbles = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    pairs = torch.stack((nibbles.repeat(16), nibbles.repeat_interleave(16)), dim=1)
+    scaled = e8m0_scale_table(device)[:, None, None] * pairs[None]
+    return scaled.reshape(-1, 2).contiguous().view(torch.float64).reshape(-1)
+
+
 def has_nan_scale(scales: torch.Tensor) -> bool:
     """Whether any E8M0 exponent is 255 (NaN)."""
     return bool((scales == E8M0_NAN).any())
 
 
-def dequantize_mxfp4_transposed(
+def dequantize_mxfp4_bytes(
     blocks: torch.Tensor,
     exponents: torch.Tensor,
-    start: int,
-    stop: int,
+    first: int,
+    last: int,
     out: torch.Tensor,
     workspace: DequantizeWorkspace | None = None,
 ) -> torch.Tensor:
-    """Rows ``start:stop`` of the transpose of an MXFP4 matrix, rounded to ``out``'s dtype.
+    """Bytes ``first:last`` of every stored row of an MXFP4 matrix, decoded in float32.
 
-    Each value is ``e2m1(code) * 2 ** (e - 127)``, exact in float32 and rounded once (see
-    the module docstring), decoded straight into the layout transformers gives gpt-oss'
-    experts: the band's packed bytes (half a byte a value) are transposed, not its decoded
-    values, and a band decodes its own values only, not every 32-value block it touches
-    (at gpt-oss-20b's widths, bands of 22 rows touched 2 blocks of 32 each).
+    Each value is ``e2m1(code) * 2 ** (e - 127)``, exact in float32 (see the module
+    docstring), in the stored order: two values a byte, by one lookup of the byte and its
+    row's exponent in :func:`scaled_e2m1_pair_table` (its index, ``256 * e + byte``, built
+    by one int32 add a byte). A band of logical rows of gpt-oss' transposed experts is
+    these values read as the transpose (``out.t()``): no byte or value is transposed, and
+    the merge adds a band's LoRA product in this layout too (its ``B @ A`` for
+    transposed weights is laid out ``(out, rows)``).
 
     Args:
-        blocks: uint8 ``(n, k / 2)``: ``n`` stored rows of ``k`` values, element ``2j`` of
-            a row in the low nibble of its byte ``j``, ``2j + 1`` in the high nibble.
+        blocks: uint8 ``(n, k / 2)``, any strides: ``n`` stored rows of ``k`` values, element
+            ``2j`` of a row in the low nibble of its byte ``j``, ``2j + 1`` in the high nibble.
         exponents: uint8 ``(n, k / 32)``, the rows' E8M0 exponents.
-        start / stop: the rows of the transpose (elements of each stored row) to decode.
-        out: ``(stop - start, n)`` of the dtype to round to.
-        workspace: the calling thread's buffers (the band's bytes, int32 indices, float32
-            values: ``stop - start + 2`` rows of ``n`` each at most) and tables; None: fresh.
+        first / last: the bytes of each row to decode (values ``2 * first:2 * last``).
+        out: float32 ``(n, 2 * (last - first))``, contiguous.
+        workspace: the calling thread's buffers (int32 indices, one a byte, and a column
+            of offsets) and the table; None: fresh.
 
     Returns:
         ``out``.
     """
     if workspace is None:
         workspace = DequantizeWorkspace(blocks.device)
-    nibble_table = workspace.table("mxfp4.nibbles", lambda: e2m1_nibble_table(blocks.device))
-    scale_table = workspace.table("mxfp4.scales", lambda: e8m0_scale_table(blocks.device))
-    columns = blocks.shape[0]
-    first_byte, last_byte = start // 2, -(-stop // 2)
-    pairs = last_byte - first_byte
-    band = workspace.buffer("mxfp4_band_bytes", pairs * columns, torch.uint8).view(pairs, columns)
-    band.copy_(blocks[:, first_byte:last_byte].t())
-    index = workspace.buffer("mxfp4_indices", 2 * pairs * columns, torch.int32)
-    index = index.view(pairs, 2, columns)
-    index.copy_(band.unsqueeze(1).expand(pairs, 2, columns))
-    index[:, 1].add_(256)  # the high nibble's half of the table
-    decoded = workspace.buffer("mxfp4_values", 2 * pairs * columns, torch.float32)
-    torch.index_select(nibble_table, 0, index.view(-1), out=decoded)
-    decoded = decoded.view(2 * pairs, columns)
-    first = 2 * first_byte
-    row = start
-    while row < stop:  # runs of rows that share a column of exponents
-        group = row // MXFP4_BLOCK
-        end = min(stop, (group + 1) * MXFP4_BLOCK)
-        scales = torch.index_select(scale_table, 0, exponents[:, group].to(torch.int32))
-        # The float32 product, rounded once to out's dtype as it is stored.
-        torch.mul(decoded[row - first : end - first], scales, out=out[row - start : end - start])
-        row = end
+    table = workspace.table("mxfp4.pairs", lambda: scaled_e2m1_pair_table(blocks.device))
+    rows, width = blocks.shape[0], last - first
+    index = workspace.buffer("mxfp4_indices", rows * width, torch.int32).view(rows, width)
+    offsets = workspace.buffer("mxfp4_offsets", rows, torch.int32).view(rows, 1)
+    byte = first
+    while byte < last:  # runs of bytes that share a column of exponents
+        group = byte // MXFP4_BYTES_PER_BLOCK
+        end = min(last, (group + 1) * MXFP4_BYTES_PER_BLOCK)
+        offsets.copy_(exponents[:, group : group + 1])
+        offsets.mul_(256)
+        torch.add(blocks[:, byte:end], offsets, out=index[:, byte - first : end - first])
+        byte = end
+    torch.index_select(table, 0, index.view(-1), out=out.view(-1).view(torch.float64))
     return out
 
 

@@ -216,14 +216,20 @@ class DequantizingReader:
             reads.buffer = None
 
     def read_subrows(
-        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+        self,
+        key: str,
+        row: int,
+        start: int,
+        stop: int,
+        buffer: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """``tensor[row, start:stop]`` of a logical tensor of 3 or more dimensions (see
         :class:`~lora_merge.io.reader.SubrowSource`); ``buffer`` as in :meth:`read_rows`. A
         quantized weight that cannot decode part of a row decodes the row and slices it."""
         quantized = self._tensors[key].quantized
         if quantized is None:
-            return self._stored.read_subrows(key, row, start, stop, buffer)
+            return self._stored.read_subrows(key, row, start, stop, buffer, compute_dtype)
         if not isinstance(quantized, SubrowWeight):
             return self.read_rows(key, row, row + 1, buffer)[0, start:stop]
         checked_row_range(key, quantized.shape[0], row, row + 1)
@@ -233,7 +239,7 @@ class DequantizingReader:
         reads = self._reads()
         reads.buffer = buffer
         try:
-            return quantized.read_subrows(reads, row, start, stop)
+            return quantized.read_subrows(reads, row, start, stop, compute_dtype)
         finally:
             reads.buffer = None
 

@@ -61,10 +61,23 @@ class SubrowSource(TensorSource, Protocol):
     """
 
     def read_subrows(
-        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+        self,
+        key: str,
+        row: int,
+        start: int,
+        stop: int,
+        buffer: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """``tensor[row, start:stop]``, shape ``(stop - start, *shape[2:])``; ``buffer`` as in
-        :meth:`TensorSource.read_rows`."""
+        :meth:`TensorSource.read_rows`.
+
+        ``compute_dtype`` is the dtype the caller widens the values to (the merge's float32):
+        a quantized weight whose decoded values that dtype holds exactly may come back in it,
+        sparing the rounding to its own dtype and the widening back (MXFP4 into float32: see
+        :meth:`lora_merge.io.formats.mxfp4.Mxfp4Weight.read_subrows`). The values are the
+        same either way; the result's dtype says which was done.
+        """
         ...
 
 
@@ -143,10 +156,17 @@ class EntryReader:
         return buffer.view(entry.dtype.torch).reshape(shape)
 
     def read_subrows(
-        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+        self,
+        key: str,
+        row: int,
+        start: int,
+        stop: int,
+        buffer: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """``tensor[row, start:stop]`` of a tensor of 3 or more dimensions (see
-        :class:`SubrowSource`): consecutive bytes of the file, read as :meth:`read_rows`."""
+        :class:`SubrowSource`): consecutive bytes of the file, read as :meth:`read_rows`, in
+        the stored dtype whatever ``compute_dtype``."""
         import torch
 
         entry = self._entries[key]
@@ -326,6 +346,12 @@ class InMemoryTensors:
         return tensor if tensor.dim() == 0 else tensor[start:stop]
 
     def read_subrows(
-        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+        self,
+        key: str,
+        row: int,
+        start: int,
+        stop: int,
+        buffer: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         return self._tensors[key][row, start:stop]

@@ -76,10 +76,16 @@ class TrainingQuantizationReader:
         return self._stored.read_row_bytes(key, start, stop, first, last, buffer)
 
     def read_subrows(
-        self, key: str, row: int, start: int, stop: int, buffer: torch.Tensor | None = None
+        self,
+        key: str,
+        row: int,
+        start: int,
+        stop: int,
+        buffer: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         if key not in self._quantized:
-            return self._stored.read_subrows(key, row, start, stop, buffer)
+            return self._stored.read_subrows(key, row, start, stop, buffer, compute_dtype)
         return self.read_rows(key, row, row + 1, buffer)[0, start:stop]
 
     def read_rows(

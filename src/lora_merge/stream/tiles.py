@@ -438,7 +438,12 @@ def _fused_expert_bands(
         for start in range(0, rows, band):
             stop = min(rows, start + band)
             count = stop - start
-            values = source.read_subrows(tensor.source_key, expert, start, stop, buffers.read)
+            # In float32 where the format decodes to it exactly (MXFP4): the add below
+            # then widens nothing (a float32 add, 0.14 against 0.53 ns a value with a
+            # bfloat16 operand, measured on one core).
+            values = source.read_subrows(
+                tensor.source_key, expert, start, stop, buffers.read, compute_dtype
+            )
             values = values.to(device)
             product = workspace[:, :count] if delta.transposed else workspace[:count]
             merged = merged_rows(values.reshape(count, -1), factors, start, product)

@@ -18,10 +18,9 @@ stored *columns*: a few bytes of every stored row. Reading those bytes row by ro
 costs a read call per stored row per band, so each thread reads the expert's
 packed bytes and exponents once (17 bits per value, 8.8 MB for gpt-oss-20b) and
 keeps them while it reads the expert's bands (whole experts too: a tile that
-holds experts reads each of them so). Each band is decoded
-(:func:`~lora_merge.compute.mxfp4.dequantize_mxfp4_transposed`) a chunk of
-:data:`MXFP4_CHUNK_ELEMENTS` values at a time, straight into the transposed
-layout: only the band's values, its bytes transposed rather than its decoded values.
+holds experts reads each of them so). A band is decoded in the stored order
+(:func:`~lora_merge.compute.mxfp4.dequantize_mxfp4_bytes`, one lookup a byte) and
+handed out as its transpose, a strided view: no byte or value is transposed.
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ import torch
 from lora_merge.compute.mxfp4 import (
     MXFP4_BLOCK,
     MXFP4_BYTES_PER_BLOCK,
-    dequantize_mxfp4_transposed,
+    MXFP4_PAIR_TABLE_BYTES,
+    dequantize_mxfp4_bytes,
     has_nan_scale,
     quantize_mxfp4,
 )
@@ -84,7 +84,9 @@ class Mxfp4Weight:
         return self.blocks.name
 
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
-        """Experts ``start:stop``, ``(stop - start, in, out)``, as transformers dequantizes them."""
+        """Experts ``start:stop``, ``(stop - start, in, out)``, as transformers dequantizes them:
+        each expert decoded a chunk of :data:`MXFP4_CHUNK_ELEMENTS` values (whole stored
+        rows) at a time, and transposed as it is rounded to the model's dtype."""
         _, columns, rows = self.shape  # stored rows are the logical columns
         out = stored.output((stop - start) * columns * rows, self.dtype)
         if out is None:
@@ -92,39 +94,71 @@ class Mxfp4Weight:
                 (stop - start) * columns * rows, dtype=self.dtype, device=stored.device
             )
         result = out.view(stop - start, columns, rows)
+        step = max(1, MXFP4_CHUNK_ELEMENTS // columns)
         for expert in range(start, stop):
-            self._decode(stored, expert, 0, columns, result[expert - start])
+            blocks, scales = self._expert_codes(stored, expert)
+            for low in range(0, rows, step):
+                high = min(rows, low + step)
+                values = stored.workspace.buffer(
+                    "mxfp4_values", (high - low) * columns, torch.float32
+                )
+                values = values.view(high - low, columns)
+                dequantize_mxfp4_bytes(
+                    blocks.view(rows, -1)[low:high],
+                    scales[low:high],
+                    0,
+                    columns // 2,
+                    values,
+                    stored.workspace,
+                )
+                # The float32 product, rounded once to the model's dtype as it is stored.
+                result[expert - start, :, low:high].copy_(values.t())
         return result
 
-    def read_subrows(self, stored: StoredRows, expert: int, start: int, stop: int) -> torch.Tensor:
+    def read_subrows(
+        self,
+        stored: StoredRows,
+        expert: int,
+        start: int,
+        stop: int,
+        compute_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """Logical rows ``start:stop`` of one expert, ``(stop - start, out)``, bit for bit
-        those of :meth:`read_rows` (the decoding is per value)."""
-        rows = self.shape[2]
-        out = stored.output((stop - start) * rows, self.dtype)
-        if out is None:
-            out = torch.empty((stop - start) * rows, dtype=self.dtype, device=stored.device)
-        result = out.view(stop - start, rows)
-        self._decode(stored, expert, start, stop, result)
-        return result
+        those of :meth:`read_rows` (the decoding is per value).
 
-    def _decode(
-        self, stored: StoredRows, expert: int, start: int, stop: int, out: torch.Tensor
-    ) -> None:
-        """Logical rows ``start:stop`` of one expert into ``out``, a chunk of
-        :data:`MXFP4_CHUNK_ELEMENTS` values at a time."""
-        blocks, scales = self._expert_codes(stored, expert)
+        The band is decoded in the stored order (:func:`dequantize_mxfp4_bytes`: bytes
+        ``start // 2:ceil(stop / 2)`` of every stored row) and handed out as its transpose,
+        a view whose rows are strided: no value is transposed, and a merge whose LoRA
+        product is laid out ``(out, rows)`` (PEFT's transposed expert weights) adds it
+        element by element in memory order.
+
+        With ``compute_dtype`` float32 and a bfloat16 or float32 model, the values stay in
+        float32: every decoded product (a 2-bit significand times a power of two from
+        ``2 ** -127`` to ``2 ** 127``) is a bfloat16 value, or infinity in both, so they
+        are the model's values widened exactly, without the rounding to bfloat16 and the
+        caller's widening back (``tests/test_decode_kernels.py`` checks this on every
+        byte under every exponent). Otherwise they are rounded to the model's dtype.
+        """
         rows = self.shape[2]
-        chunk = max(2, MXFP4_CHUNK_ELEMENTS // rows)
-        for low in range(start, stop, chunk):
-            high = min(stop, low + chunk)
-            dequantize_mxfp4_transposed(
-                blocks.view(rows, -1),
-                scales,
-                low,
-                high,
-                out[low - start : high - start],
-                stored.workspace,
-            )
+        first, last = start // 2, -(-stop // 2)
+        width = 2 * (last - first)
+        blocks, scales = self._expert_codes(stored, expert)
+        wide = compute_dtype == torch.float32 and self.dtype in (torch.bfloat16, torch.float32)
+        dtype = torch.float32 if wide else self.dtype
+        out = stored.output(rows * width, dtype)
+        if out is None:
+            out = torch.empty(rows * width, dtype=dtype, device=stored.device)
+        out = out.view(rows, width)
+        if dtype == torch.float32:
+            values = out
+        else:
+            values = stored.workspace.buffer("mxfp4_values", rows * width, torch.float32)
+            values = values.view(rows, width)
+        dequantize_mxfp4_bytes(blocks.view(rows, -1), scales, first, last, values, stored.workspace)
+        if values is not out:
+            # The float32 product, rounded once to the model's dtype as it is stored.
+            out.copy_(values)
+        return out.t()[start - 2 * first : stop - 2 * first]
 
     def _expert_codes(self, stored: StoredRows, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's blocks ``(out, in / 32, 16)`` and exponents ``(out, in / 32)``, read
@@ -199,16 +233,18 @@ class Mxfp4Format:
         self, tile_elements: int, device: torch.device, row_elements: int = 0
     ) -> int:
         """One expert's packed bytes and exponents (17 bits a value; an expert is at most
-        ``tile_elements`` read whole, ``row_elements`` read in bands), and one chunk of
-        decoding: its bytes, int32 indices and float32 values (8.5 bytes a value) for at
-        most :data:`MXFP4_CHUNK_ELEMENTS` values and two rows more (a chunk has at least
-        two rows and may start and end inside a byte; an expert has 32 values or more a
-        row, so a row is at most ``expert / 32`` values), a row of scales and their
-        indices, the 3 KiB tables; off the CPU, the expert rows themselves."""
+        ``tile_elements`` read whole, ``row_elements`` read in bands), and for a band or a
+        chunk of a whole expert (at most a tile and two rows more: a band may start and end
+        inside a byte; an expert has 32 values or more a row, so a row is at most
+        ``expert / 32`` values) an int32 index a byte, float32 values and the rows handed
+        out in float32 where the caller's buffer does not hold them (10 bytes a value); a
+        column of int32 offsets; the 512 KiB table; off the CPU, the expert rows
+        themselves."""
         expert = max(tile_elements, row_elements)
         row = expert // MXFP4_BLOCK
         held = expert // 2 + expert // MXFP4_BLOCK
-        held += 17 * (max(MXFP4_CHUNK_ELEMENTS, 2 * row) + 2 * row) // 2 + 8 * row + 3 * 1024
+        held += 10 * (max(tile_elements, MXFP4_CHUNK_ELEMENTS) + 2 * row) + 4 * row
+        held += MXFP4_PAIR_TABLE_BYTES
         if device.type != "cpu":
             held += 4 * tile_elements
         return held

@@ -139,9 +139,18 @@ class SubrowWeight(QuantizedWeight, Protocol):
     """A quantized weight of 3 or more dimensions that decodes part of one row at a time
     (MXFP4's fused experts: a row is a whole expert, larger than a tile)."""
 
-    def read_subrows(self, stored: StoredRows, row: int, start: int, stop: int) -> torch.Tensor:
+    def read_subrows(
+        self,
+        stored: StoredRows,
+        row: int,
+        start: int,
+        stop: int,
+        compute_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """``weight[row, start:stop]`` dequantized, shape ``(stop - start, *shape[2:])``,
-        bit for bit those values of :meth:`QuantizedWeight.read_rows`."""
+        bit for bit those values of :meth:`QuantizedWeight.read_rows`; in ``compute_dtype``
+        where the format decodes straight to it exactly (see
+        :meth:`lora_merge.io.reader.SubrowSource.read_subrows`), else in the weight's dtype."""
         ...
 
 
