@@ -40,8 +40,10 @@ def _size(help_text: str, panel: str | None = None) -> typer.models.OptionInfo:
     return typer.Option(metavar="SIZE", help=help_text, rich_help_panel=panel)
 
 
+# BASE and ADAPTER stay the text the user typed: a Path would turn "./org/typo" into
+# "org/typo", a repo id, and send a mistyped local folder to the Hub.
 BaseArg = Annotated[
-    Path,
+    str,
     typer.Argument(
         metavar="BASE",
         help="Base model folder (safetensors shards + config.json), or a Hub repo id.",
@@ -49,7 +51,7 @@ BaseArg = Annotated[
     ),
 ]
 AdapterArg = Annotated[
-    list[Path],
+    list[str],
     typer.Argument(
         metavar="ADAPTER",
         help="PEFT LoRA adapter folder (adapter_config.json + weights), or a Hub repo id; "
