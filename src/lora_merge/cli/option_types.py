@@ -155,9 +155,10 @@ SaveMethodOpt = Annotated[
     typer.Option(
         metavar=choices_metavar(SaveMethod),
         rich_help_panel=OUTPUT,
-        help="merged_16bit: a plain model (a quantized BASE: bitsandbytes, FP8, MXFP4, is "
-        "dequantized exactly as its format's reference decoder does, and merged with one "
-        "rounding; dtype defaults to the model's). merged_4bit: the merged weights "
+        help="merged_16bit: a plain model (a quantized BASE: bitsandbytes, FP8, MXFP4, "
+        "INT4/INT8 compressed-tensors, GPTQ, AWQ, is dequantized exactly as its format's "
+        "reference decoder does, and merged with one rounding; dtype defaults to the "
+        "model's). merged_4bit: the merged weights "
         "re-quantized with bitsandbytes in BASE's 4-bit format (or --quant-type/--double-quant "
         "for a 16-bit BASE). merged_native: the merged weights re-quantized in BASE's own "
         "format (FP8 block-wise, compressed-tensors FP8 per channel, MXFP4), config kept; "
