@@ -59,6 +59,7 @@ from lora_merge.compute.mxfp4 import quantize_mxfp4
 from lora_merge.errors import InvalidInputError
 from lora_merge.inputs.resolve import resolve_base
 from lora_merge.io.dequantizing_reader import DequantizingReader, dequantize_workspace_bound
+from lora_merge.io.formats import fp8_block
 from lora_merge.io.reader import SafetensorsReader
 
 pytestmark = [
@@ -157,6 +158,35 @@ def test_fp8_block_rows_are_transformers_dequantization_bit_for_bit(fp8, step):
             stored[name], stored[f"{name}_scale_inv"], torch.bfloat16
         )
         assert torch.equal(read_all_rows(fp8.fp8, name, step), expected), name
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 2000])
+def test_fp8_rows_decoded_a_chunk_at_a_time_are_transformers_dequantization(
+    fp8, tmp_path, monkeypatch, chunk
+):
+    """On the CPU a read of an FP8 matrix decodes its rows a chunk of ``FP8_CHUNK_ELEMENTS``
+    codes at a time, whatever the rows asked for (the stream reads FP8 matrices in its I/O
+    tiles). Chunks of one row, of a row or two ending inside a block of 32, of many rows
+    across blocks: each read of a whole matrix, and a merge, gives transformers' values."""
+    monkeypatch.setattr(fp8_block, "FP8_CHUNK_ELEMENTS", chunk)
+    stored = load_file(fp8.fp8 / "model.safetensors")
+    names = [n for n in stored if n.endswith("_proj.weight")]
+    dequantized = {}
+    for name, tensor in stored.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:
+            scales = stored[f"{name}_scale_inv"]
+            tensor = Fp8Dequantize(None)._dequantize_one(tensor, scales, torch.bfloat16)
+        dequantized[name] = tensor
+    for name in names:
+        rows = stored[name].shape[0]
+        assert torch.equal(read_all_rows(fp8.fp8, name, rows), dequantized[name]), name
+    if chunk == 100:  # one merge: the stream's I/O-sized reads of chunked matrices
+        merged = tmp_path / "merged"
+        merge(MergeOptions(base=fp8.fp8, adapter=fp8.adapter, out=merged, quiet=True))
+        result = read_safetensors_directory(merged)
+        assert_merged_within_half_an_ulp(result, dequantized, fp8.adapter, torch.bfloat16)
 
 
 @pytest.mark.parametrize("codes_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])

@@ -124,6 +124,11 @@ class ColumnPackedWeight:
         return self.qweight.name
 
     @property
+    def reads_in_chunks(self) -> bool:
+        """False: a read's workspace grows with its rows (see the protocol)."""
+        return False
+
+    @property
     def _align(self) -> int:
         """Rows a band starts on: whole int32 words of zero points (and AWQ's codes)."""
         return 8 if self.awq_order else 32 // self.bits
