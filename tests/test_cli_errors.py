@@ -325,6 +325,32 @@ def test_bad_input_is_one_line_with_its_exit_code_and_no_output(
     assert {p: folder_digest(p) for p in before} == before
 
 
+@pytest.mark.parametrize("spelling", ["./{org}/typo", "{org}/./typo"])
+def test_mistyped_relative_path_is_not_sent_to_the_hub(
+    inputs: tuple[Path, Path], tmp_path: Path, spelling: str
+) -> None:
+    """``./org/typo`` names a folder, never the repo ``org/typo``: it is refused at once as a
+    path that does not exist, with no Hub request (offline the Hub path would say the repo
+    is not cached instead)."""
+    base, adapter = inputs
+    missing = spelling.format(org=base.parent.name)
+    result = subprocess.run(
+        [LORA_MERGE, missing, str(adapter), str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        cwd=base.parent.parent,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+
+    assert result.returncode == EXIT_INPUT_NOT_FOUND, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"lora-merge: error: BASE {missing} does not exist: it is neither a folder nor a "
+        "Hugging Face Hub repo id (org/name or org/name@revision); check the path"
+    ]
+    assert not (tmp_path / "merged").exists()
+
+
 def test_out_that_exists_is_refused_unless_overwrite(
     inputs: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -139,6 +139,15 @@ def test_spec_that_is_neither_a_path_nor_a_repo_id_is_not_found(
     assert caught.value.__cause__ is None
 
 
+def test_a_path_object_is_never_read_as_a_repo_id(hub_cache: HubCache) -> None:
+    """``Path("./org/name")`` prints as ``org/name``; the repo of that name is cached here, and
+    still a Path that does not exist is refused as a path."""
+    with pytest.raises(InputNotFoundError) as caught:
+        resolve_model_location(Path(".") / ADAPTER_REPO, "ADAPTER", kind="adapter")
+
+    assert str(caught.value) == f"ADAPTER {ADAPTER_REPO} does not exist: check the path"
+
+
 def test_cached_listing_limits_the_check_to_files_the_merge_reads(hub_cache: HubCache) -> None:
     """Files the repo has but a merge never reads may be absent from the cache.
 

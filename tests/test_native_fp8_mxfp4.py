@@ -791,6 +791,15 @@ def test_merged_native_is_refused_where_it_cannot_be_faithful(fp8, tmp_path):
     assert "per channel" in message and "llm-compressor" in message
 
 
+def test_merged_4bit_on_fp8_names_the_format_and_the_save_methods_that_fit(fp8, tmp_path):
+    """merged_4bit writes bitsandbytes 4-bit; an FP8 base is not 8-bit LLM.int8 (the message
+    it got before) but FP8, which merged_native writes back."""
+    message = _refused(fp8.fp8, fp8.adapter, tmp_path / "out", save_method="merged_4bit")
+    assert "fp8 e4m3" in message
+    assert "merged_native" in message and "merged_16bit" in message
+    assert "LLM.int8" not in message
+
+
 def compressed_tensors_mxfp4(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """compressed-tensors' MXFP4 quantizer on one (out, in) matrix: ``calculate_qparams`` over
     each group of 32's min and max, then its packed compressor."""

@@ -40,8 +40,10 @@ def _size(help_text: str, panel: str | None = None) -> typer.models.OptionInfo:
     return typer.Option(metavar="SIZE", help=help_text, rich_help_panel=panel)
 
 
+# BASE and ADAPTER stay the text the user typed: a Path would turn "./org/typo" into
+# "org/typo", a repo id, and send a mistyped local folder to the Hub.
 BaseArg = Annotated[
-    Path,
+    str,
     typer.Argument(
         metavar="BASE",
         help="Base model folder (safetensors shards + config.json), or a Hub repo id.",
@@ -49,7 +51,7 @@ BaseArg = Annotated[
     ),
 ]
 AdapterArg = Annotated[
-    list[Path],
+    list[str],
     typer.Argument(
         metavar="ADAPTER",
         help="PEFT LoRA adapter folder (adapter_config.json + weights), or a Hub repo id; "
@@ -153,9 +155,10 @@ SaveMethodOpt = Annotated[
     typer.Option(
         metavar=choices_metavar(SaveMethod),
         rich_help_panel=OUTPUT,
-        help="merged_16bit: a plain model (a quantized BASE: bitsandbytes, FP8, MXFP4, is "
-        "dequantized exactly as its format's reference decoder does, and merged with one "
-        "rounding; dtype defaults to the model's). merged_4bit: the merged weights "
+        help="merged_16bit: a plain model (a quantized BASE: bitsandbytes, FP8, MXFP4, "
+        "INT4/INT8 compressed-tensors, GPTQ, AWQ, is dequantized exactly as its format's "
+        "reference decoder does, and merged with one rounding; dtype defaults to the "
+        "model's). merged_4bit: the merged weights "
         "re-quantized with bitsandbytes in BASE's 4-bit format (or --quant-type/--double-quant "
         "for a 16-bit BASE). merged_native: the merged weights re-quantized in BASE's own "
         "format (FP8 block-wise, compressed-tensors FP8 per channel, MXFP4), config kept; "

@@ -109,6 +109,9 @@ def resolve_model_location(spec: str | Path, role: str, *, kind: str, quiet: boo
     if local is not None:
         return local
     text = str(spec)
+    if isinstance(spec, Path):
+        # A Path is a path: str() has dropped a leading "./", so it may read as a repo id.
+        raise InputNotFoundError(f"{role} {text} does not exist: check the path")
     repo_id, revision = parse_repo_spec(text, role)
     with progress_bars_hidden(quiet):
         try:

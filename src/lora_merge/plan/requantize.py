@@ -45,16 +45,23 @@ def plan_requantization(
     """The plan with every weight to re-quantize replaced by its 4-bit group.
 
     Raises:
-        InvalidInputError: the base is 8-bit (LLM.int8), which has no 4-bit format to keep, or
+        InvalidInputError: the base is 8-bit (LLM.int8), which has no 4-bit format to keep,
+            or in another format (FP8, MXFP4, INT4: merged_native keeps those), or
             bitsandbytes, which quantizes, is missing or does not load.
     """
     quantization = base.quantization
     if quantization is not None and not any(
         isinstance(w, FourBitWeight) for w in quantization.weights.values()
     ):
+        if quantization.method == "bitsandbytes":
+            raise InvalidInputError(
+                "--save-method merged_4bit needs a 4-bit or unquantized BASE; this one is "
+                "8-bit (LLM.int8): use merged_16bit"
+            )
         raise InvalidInputError(
-            "--save-method merged_4bit needs a 4-bit or unquantized BASE; this one is 8-bit "
-            "(LLM.int8): use merged_16bit"
+            "--save-method merged_4bit writes bitsandbytes 4-bit from a bitsandbytes 4-bit "
+            f"or unquantized BASE; this one is {quantization.describe()}: use merged_16bit, "
+            "or merged_native to write FP8 or MXFP4 back in their own format"
         )
     require_bitsandbytes("--save-method merged_4bit")
 

@@ -51,6 +51,8 @@ class _ColumnPackedFormat:
     """What GPTQ and AWQ share as formats: describing, dtype, workspace, refusal."""
 
     name = ""
+    # How messages name the format (its quant_method is lower case).
+    label = ""
 
     def describe(
         self, weights: Mapping[str, QuantizedWeight], quantization_config: Mapping[str, object]
@@ -79,13 +81,14 @@ class _ColumnPackedFormat:
     def native_target(
         self, weight: QuantizedWeight, quantization_config: Mapping[str, object]
     ) -> NativeTarget:
-        raise refuse_native_integer(self.name.upper())
+        raise refuse_native_integer(self.label)
 
 
 class GptqFormat(_ColumnPackedFormat):
     """GPTQ checkpoints of AutoGPTQ (v1) and GPTQModel (v1 or v2)."""
 
     name = "gptq"
+    label = "GPTQ"
     quant_methods = ("gptq",)
 
     def accepts(self, quantization_config: Mapping[str, object]) -> bool:
@@ -97,7 +100,7 @@ class GptqFormat(_ColumnPackedFormat):
         quantization_config: Mapping[str, object],
         model_dtype: torch.dtype,
     ) -> dict[str, QuantizedWeight]:
-        bits = _config_int(quantization_config, "bits", self.name)
+        bits = _config_int(quantization_config, "bits", self.label)
         if bits not in PACKED_BITS:
             raise InvalidInputError(
                 f"config.json quantization_config.bits is {bits}: lora-merge reads "
@@ -117,13 +120,13 @@ class GptqFormat(_ColumnPackedFormat):
                 continue
             prefix = name.removesuffix("qweight")
             if qweight.dtype != torch.int32 or len(qweight.shape) != 2:
-                raise _not_packed(qweight, self.name)
+                raise _not_packed(qweight, self.label)
             inputs, outputs = qweight.shape[0] * per_word, qweight.shape[1]
-            group_size = _group_size(quantization_config, inputs, self.name)
+            group_size = _group_size(quantization_config, inputs, self.label)
             groups = -(-inputs // group_size)
-            qzeros, scales = _zeros_and_scales(entries, prefix, qweight, self.name)
-            _check_grid(scales, (groups, outputs), group_size, self.name)
-            _check_grid(qzeros, (groups, -(-outputs // per_word)), group_size, self.name)
+            qzeros, scales = _zeros_and_scales(entries, prefix, qweight, self.label)
+            _check_grid(scales, (groups, outputs), group_size, self.label)
+            _check_grid(qzeros, (groups, -(-outputs // per_word)), group_size, self.label)
             g_idx = entries.get(f"{prefix}g_idx")
             if g_idx is not None and (g_idx.shape != (inputs,) or g_idx.dtype.is_floating_point):
                 raise InvalidInputError(
@@ -135,7 +138,7 @@ class GptqFormat(_ColumnPackedFormat):
                 name=f"{prefix}weight",
                 shape=(outputs, inputs),
                 dtype=scales.dtype,
-                method=self.name,
+                method=self.label,
                 bits=bits,
                 group_size=group_size,
                 qweight=qweight,
@@ -153,6 +156,7 @@ class AwqFormat(_ColumnPackedFormat):
     """AutoAWQ GEMM checkpoints (the layout transformers and vLLM load as ``awq``)."""
 
     name = "awq"
+    label = "AWQ"
     quant_methods = ("awq",)
 
     def accepts(self, quantization_config: Mapping[str, object]) -> bool:
@@ -165,7 +169,7 @@ class AwqFormat(_ColumnPackedFormat):
         model_dtype: torch.dtype,
     ) -> dict[str, QuantizedWeight]:
         version = str(quantization_config.get("version", "gemm")).lower()
-        bits = _config_int(quantization_config, "bits", self.name, key_alias="w_bit")
+        bits = _config_int(quantization_config, "bits", self.label, key_alias="w_bit")
         if version not in AWQ_VERSIONS or bits != 4:
             raise InvalidInputError(
                 f"config.json quantization_config has AWQ version {version!r} with {bits} bits: "
@@ -182,18 +186,18 @@ class AwqFormat(_ColumnPackedFormat):
                 continue
             prefix = name.removesuffix("qweight")
             if qweight.dtype != torch.int32 or len(qweight.shape) != 2:
-                raise _not_packed(qweight, self.name)
+                raise _not_packed(qweight, self.label)
             inputs, outputs = qweight.shape[0], qweight.shape[1] * 8
-            group_size = _group_size(quantization_config, inputs, self.name, "q_group_size")
+            group_size = _group_size(quantization_config, inputs, self.label, "q_group_size")
             groups = -(-inputs // group_size)
-            qzeros, scales = _zeros_and_scales(entries, prefix, qweight, self.name)
-            _check_grid(scales, (groups, outputs), group_size, self.name)
-            _check_grid(qzeros, (groups, qweight.shape[1]), group_size, self.name)
+            qzeros, scales = _zeros_and_scales(entries, prefix, qweight, self.label)
+            _check_grid(scales, (groups, outputs), group_size, self.label)
+            _check_grid(qzeros, (groups, qweight.shape[1]), group_size, self.label)
             weight = ColumnPackedWeight(
                 name=f"{prefix}weight",
                 shape=(outputs, inputs),
                 dtype=scales.dtype,
-                method=self.name,
+                method=self.label,
                 bits=4,
                 group_size=group_size,
                 qweight=qweight,

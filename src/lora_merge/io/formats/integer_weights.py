@@ -41,7 +41,7 @@ def check_finite_scales(scales: torch.Tensor, name: str, method: str) -> None:
 def refuse_native_integer(method: str) -> InvalidInputError:
     """Why ``--save-method merged_native`` is refused for an integer base, and what to do."""
     return InvalidInputError(
-        f"--save-method merged_native cannot write a {method} base back: re-quantizing "
+        f"--save-method merged_native cannot write this {method} base back: re-quantizing "
         "INT4/INT8 weights well needs calibration data (GPTQ/AWQ-style error correction), "
         "which a merge does not have. Merge to 16-bit (the default, merged_16bit) and "
         "quantize that output with llm-compressor (W4A16/W8A16 recipes)"
@@ -89,7 +89,7 @@ class ColumnPackedWeight:
         name: the logical name (``X.weight``).
         shape: ``(out, in)``.
         dtype: the scales' dtype (float16 in every release), which the decoders return.
-        method: ``gptq`` or ``awq``, for messages.
+        method: ``GPTQ`` or ``AWQ``, for messages.
         bits: code width.
         group_size: input features per group.
         qweight: int32 codes; GPTQ ``(in * bits / 32, out)`` packed down the columns,
