@@ -55,6 +55,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge import MergeOptions, merge
 from lora_merge.api import preview_merge
+from lora_merge.compute import fp8 as compute_fp8
 from lora_merge.compute.mxfp4 import quantize_mxfp4
 from lora_merge.errors import InvalidInputError
 from lora_merge.inputs.resolve import resolve_base
@@ -164,11 +165,13 @@ def test_fp8_block_rows_are_transformers_dequantization_bit_for_bit(fp8, step):
 def test_fp8_rows_decoded_a_chunk_at_a_time_are_transformers_dequantization(
     fp8, tmp_path, monkeypatch, chunk
 ):
-    """On the CPU a read of an FP8 matrix decodes its rows a chunk of ``FP8_CHUNK_ELEMENTS``
-    codes at a time, whatever the rows asked for (the stream reads FP8 matrices in its I/O
-    tiles). Chunks of one row, of a row or two ending inside a block of 32, of many rows
-    across blocks: each read of a whole matrix, and a merge, gives transformers' values."""
-    monkeypatch.setattr(fp8_block, "FP8_CHUNK_ELEMENTS", chunk)
+    """On the CPU a read of an FP8 matrix reads and decodes its rows a run of
+    ``FP8_READ_ELEMENTS`` codes at a time, whatever the rows asked for (the stream reads FP8
+    matrices in its I/O tiles), each run a chunk of ``FP8_CHUNK_ELEMENTS`` at a time. Runs
+    and chunks of one row, of a row or two ending inside a block of 32, of many rows across
+    blocks: each read of a whole matrix, and a merge, gives transformers' values."""
+    monkeypatch.setattr(fp8_block, "FP8_READ_ELEMENTS", chunk)
+    monkeypatch.setattr(compute_fp8, "FP8_CHUNK_ELEMENTS", max(1, chunk // 3))
     stored = load_file(fp8.fp8 / "model.safetensors")
     names = [n for n in stored if n.endswith("_proj.weight")]
     dequantized = {}
