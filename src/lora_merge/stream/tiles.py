@@ -279,9 +279,10 @@ class _ProductRows:
         # Rows per read: what the read and output buffers hold. An as-trained weight, or
         # a dequantized one whose reader's workspace grows with the rows read, is read a
         # block at a time (its workspace is counted for tiles of tile_bytes); on a GPU a
-        # block is already as large as the budget allows. (FP8 matrices decode a chunk at
-        # a time: read in I/O tiles, a DeepSeek-V3 expert merged 0.6-0.7 CPU-s faster in a
-        # 1-layer slice, 4.3-4.4 -> 3.6-3.7 s against the bf16 merge's 3.4-3.5 s.)
+        # block is already as large as the budget allows. (FP8 matrices decode a run at a
+        # time: read in I/O tiles, a 1-layer DeepSeek-V3-widths slice merged on one thread
+        # in 3.35-3.47 CPU-s instead of 4.3-4.4, against 2.9-3.5 for its bf16 twin; see
+        # docs/quantized-bases.md.)
         self.read_rows = tile_rows
         plain_read = (
             not tensor.dequantized or tensor.dequantized_in_chunks
