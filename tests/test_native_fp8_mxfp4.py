@@ -55,11 +55,14 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge import MergeOptions, merge
 from lora_merge.api import preview_merge
+from lora_merge.compute import fp8 as compute_fp8
 from lora_merge.compute.mxfp4 import quantize_mxfp4
 from lora_merge.errors import InvalidInputError
 from lora_merge.inputs.resolve import resolve_base
 from lora_merge.io.dequantizing_reader import DequantizingReader, dequantize_workspace_bound
+from lora_merge.io.formats import fp8_block
 from lora_merge.io.reader import SafetensorsReader
+from lora_merge.stream.executor import CPU_TILE_WORKSPACE_BYTES
 
 pytestmark = [
     # The adapter names the 16-bit base it was made on; merging it into the quantized ones is
@@ -157,6 +160,37 @@ def test_fp8_block_rows_are_transformers_dequantization_bit_for_bit(fp8, step):
             stored[name], stored[f"{name}_scale_inv"], torch.bfloat16
         )
         assert torch.equal(read_all_rows(fp8.fp8, name, step), expected), name
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 2000])
+def test_fp8_rows_decoded_a_chunk_at_a_time_are_transformers_dequantization(
+    fp8, tmp_path, monkeypatch, chunk
+):
+    """On the CPU a read of an FP8 matrix reads and decodes its rows a run of
+    ``FP8_READ_ELEMENTS`` codes at a time, whatever the rows asked for (the stream reads FP8
+    matrices in its I/O tiles), each run a chunk of ``FP8_CHUNK_ELEMENTS`` at a time. Runs
+    and chunks of one row, of a row or two ending inside a block of 32, of many rows across
+    blocks: each read of a whole matrix, and a merge, gives transformers' values."""
+    monkeypatch.setattr(fp8_block, "FP8_READ_ELEMENTS", chunk)
+    monkeypatch.setattr(compute_fp8, "FP8_CHUNK_ELEMENTS", max(1, chunk // 3))
+    stored = load_file(fp8.fp8 / "model.safetensors")
+    names = [n for n in stored if n.endswith("_proj.weight")]
+    dequantized = {}
+    for name, tensor in stored.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:
+            scales = stored[f"{name}_scale_inv"]
+            tensor = Fp8Dequantize(None)._dequantize_one(tensor, scales, torch.bfloat16)
+        dequantized[name] = tensor
+    for name in names:
+        rows = stored[name].shape[0]
+        assert torch.equal(read_all_rows(fp8.fp8, name, rows), dequantized[name]), name
+    if chunk == 100:  # one merge: the stream's I/O-sized reads of chunked matrices
+        merged = tmp_path / "merged"
+        merge(MergeOptions(base=fp8.fp8, adapter=fp8.adapter, out=merged, quiet=True))
+        result = read_safetensors_directory(merged)
+        assert_merged_within_half_an_ulp(result, dequantized, fp8.adapter, torch.bfloat16)
 
 
 @pytest.mark.parametrize("codes_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
@@ -867,3 +901,34 @@ def test_workspace_stays_within_the_bound_the_dry_run_counts(fp8, mxfp4):
     preview = preview_merge(MergeOptions(base=fp8.fp8, adapter=fp8.adapter, out=fp8.base / "x"))
     assert "fp8 e4m3 (32x32 blocks)" in str(preview.quantization)
     assert not (fp8.base / "x").exists()
+
+
+def test_fp8_matrix_read_in_one_large_call_stays_within_the_bound(tmp_path):
+    """The stream reads an FP8 matrix in its I/O tiles, several times a tile's rows: one
+    read of a matrix of 2.9M codes (three runs of ``FP8_READ_ELEMENTS``, the last partial)
+    gives transformers' values, and what the thread holds stays within the FP8 bound for
+    the tiles ``--dry-run`` counts (``CPU_TILE_WORKSPACE_BYTES``), whatever the read."""
+    generator = torch.Generator().manual_seed(31)
+    # Whole blocks of 128: with rows that are not (1500 of them, tried) transformers'
+    # decoder is not the format's float64 decoding; partial blocks are checked against
+    # that (test_partial_edge_blocks_take_their_blocks_scale).
+    rows, cols = 1408, 2048
+    values = torch.randn(rows, cols, generator=generator) * 100
+    codes = values.clamp(-448, 448).to(torch.float8_e4m3fn)
+    scales = torch.rand(-(-rows // 128), cols // 128, generator=generator) * 1e-3
+    name = "layers.0.mlp.down_proj.weight"
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_file({name: codes, f"{name}_scale_inv": scales}, folder / "model.safetensors")
+    config = {"dtype": "bfloat16", "quantization_config": fp8_quantizer((128, 128))[1]}
+    (folder / "config.json").write_text(json.dumps(config))
+    expected = Fp8Dequantize(None)._dequantize_one(codes, scales, torch.bfloat16)
+    base = resolve_base(folder)
+    with DequantizingReader(SafetensorsReader(base.entries), base.tensors) as reader:
+        buffer = torch.empty(2 * rows * cols, dtype=torch.uint8)
+        assert torch.equal(reader.read_rows(name, 0, rows, buffer), expected)
+        tile_elements = CPU_TILE_WORKSPACE_BYTES // 2  # what working_memory_bound passes
+        bound = base.quantization.format_of[name].workspace_bound(
+            tile_elements, torch.device("cpu")
+        )
+        assert 0 < reader.workspace_nbytes() <= bound

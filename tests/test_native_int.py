@@ -489,10 +489,13 @@ def test_gptq_and_awq_bases_merge_as_their_format_decodes(
     each merged weight is the float64 decoding of the format, rounded to float16 (the
     reference decoders' dtype), plus the LoRA product, rounded once. With narrow bands a
     band holds a few rows (its columns of qweight read row by row) and is decoded in chunks
-    of a group or two, so that bands and chunks end inside the weight."""
+    of a group or two, so that bands and chunks end inside the weight; AWQ's packed words
+    of the next bands are gathered a few rows at a time, kept for the bands that follow and
+    gathered again past them."""
     if band == "narrow bands":
         monkeypatch.setattr(integer_weights, "BAND_ELEMENTS", 256)
         monkeypatch.setattr(integer_weights, "VALUES_CHUNK", 512)
+        monkeypatch.setattr(integer_weights, "AWQ_ROWS_READ_BYTES", 100)
     quantized = COLUMN_PACKED_CASES[case_id](int_checkpoints.base, tmp_path / "base")
     out = tmp_path / "out"
     merge(

@@ -164,6 +164,9 @@ class PlannedTensor:
         token_rows: rows replaced last, if any (trainable tokens).
         dequantized: the base stores this weight quantized (bitsandbytes); reading
             it dequantizes, so it is never a byte copy.
+        dequantized_in_chunks: a dequantized weight whose reader decodes any number of
+            rows with the same workspace (``QuantizedWeight.reads_in_chunks``), so the
+            stream reads it in I/O-sized tiles as it reads a plain weight.
         requantize: write the merged weight quantized in this format (``spec`` is then
             the first of its stored tensors); ``--save-method merged_4bit`` or
             ``merged_native``.
@@ -180,6 +183,7 @@ class PlannedTensor:
     delta: LoraProduct | LoraBias | TunerUpdate | None = None
     token_rows: TokenRows | None = None
     dequantized: bool = False
+    dequantized_in_chunks: bool = False
     requantize: NativeTarget | None = None
     written_with: str | None = None
     as_trained: TrainingQuantization | None = None

@@ -251,5 +251,8 @@ def _planned_tensor(
         source_dtype=source_dtype,
         delta=deltas.get(name),
         dequantized=entry.quantized is not None and not replacement,
+        dequantized_in_chunks=(
+            entry.quantized is not None and entry.quantized.reads_in_chunks and not replacement
+        ),
         token_rows=token_rows.get(name),
     )

@@ -91,6 +91,11 @@ class FourBitWeight:
     def anchor(self) -> str:
         return self.packed.name
 
+    @property
+    def reads_in_chunks(self) -> bool:
+        """False: a read's workspace grows with its rows (see the protocol)."""
+        return False
+
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` dequantized (bitsandbytes' ``dequantize_4bit`` of the whole
         weight, those rows)."""
@@ -186,6 +191,11 @@ class Int8Weight:
     @property
     def anchor(self) -> str:
         return self.weight.name
+
+    @property
+    def reads_in_chunks(self) -> bool:
+        """False: a read's workspace grows with its rows (see the protocol)."""
+        return False
 
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` dequantized (bitsandbytes' ``int8_vectorwise_dequant``)."""

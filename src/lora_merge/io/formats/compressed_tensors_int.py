@@ -113,6 +113,11 @@ class CompressedIntWeight:
     def anchor(self) -> str:
         return self.codes.name
 
+    @property
+    def reads_in_chunks(self) -> bool:
+        """False: a read's workspace grows with its rows (see the protocol)."""
+        return False
+
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` as compressed-tensors' decompressor gives them."""
         columns = self.shape[1]

@@ -36,6 +36,11 @@ from lora_merge.io.formats.fp8_native import Fp8BlockNative
 from lora_merge.io.formats.protocol import NativeTarget, QuantizedWeight, StoredRows
 from lora_merge.io.safetensors_format import TensorEntry
 
+# Codes read and checked at once on the CPU (1 MiB): what the stream's I/O tile of 16-bit
+# rows holds (2 MiB), so that such a read is one run (each run's reads, scale check and
+# calls cost ~70 us: 0.25-0.3 ns a value in runs of FP8_CHUNK_ELEMENTS, measured on one
+# core at a DeepSeek-V3 expert's width); workspace_bound counts them.
+FP8_READ_ELEMENTS = 2**20
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv; X.gate_up_proj -> ..._scale_inv
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Smallest block side accepted: it bounds the scale rows a tile reads (real releases use 128).
@@ -92,25 +97,56 @@ class Fp8Weight:
             self._matrix_rows(stored, 0, self.shape[-2], result[index - start], index)
         return result
 
+    @property
+    def reads_in_chunks(self) -> bool:
+        """True for a matrix, whose rows are read and decoded a run at a time on the CPU
+        (:meth:`_matrix_rows`; the stream reads larger tiles on the CPU only); fused
+        experts read a whole expert's codes."""
+        return len(self.shape) == 2
+
     def _matrix_rows(
         self, stored: StoredRows, start: int, stop: int, out: torch.Tensor, expert: int | None
     ) -> None:
         """Rows ``start:stop`` of one matrix (of expert ``expert``, or the whole tensor)."""
         cols = self.shape[-1]
-        first, last = scale_rows_for(start, stop, self.block[0])
         if expert is None:
-            codes = stored.rows(self.codes, start, stop, "fp8_codes")
-            scales = stored.rows(self.scales, first, last, "fp8_scales")
-        else:
-            codes = stored.rows(self.codes, expert, expert + 1, "fp8_codes")[0, start:stop]
-            scales = stored.rows(self.scales, expert, expert + 1, "fp8_scales")[0, first:last]
+            # On the CPU, the codes and scales of a run of rows at a time
+            # (FP8_READ_ELEMENTS codes, or one row), so the workspace is the same for a read
+            # of any size and the stream reads a matrix in its I/O tiles (reads_in_chunks);
+            # a GPU gets a tile's codes in one transfer.
+            on_cpu = stored.device.type == "cpu"
+            step = max(1, FP8_READ_ELEMENTS // max(cols, 1)) if on_cpu else stop - start
+            for low in range(start, stop, step):
+                high = min(stop, low + step)
+                first, last = scale_rows_for(low, high, self.block[0])
+                codes = stored.rows(self.codes, low, high, "fp8_codes")
+                scales = stored.rows(self.scales, first, last, "fp8_scales")
+                self._decode(stored, codes, scales, low, high, out[low - start : high - start])
+            return
+        first, last = scale_rows_for(start, stop, self.block[0])
+        codes = stored.rows(self.codes, expert, expert + 1, "fp8_codes")[0, start:stop]
+        scales = stored.rows(self.scales, expert, expert + 1, "fp8_scales")[0, first:last]
+        self._decode(stored, codes, scales, start, stop, out)
+
+    def _decode(
+        self,
+        stored: StoredRows,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        start: int,
+        stop: int,
+        out: torch.Tensor,
+    ) -> None:
+        """Rows ``start:stop`` of one matrix from their codes and the scale rows covering
+        them, the scales checked first."""
+        first, last = scale_rows_for(start, stop, self.block[0])
         scales = scales.reshape(last - first, -1).float()
         if not bool(torch.isfinite(scales).all()):
             raise InvalidInputError(
                 f"BASE tensor {self.scales.name!r} holds NaN or Inf scales: the FP8 checkpoint "
                 "is corrupt (re-download it)"
             )
-        codes = codes.reshape(stop - start, cols)
+        codes = codes.reshape(stop - start, self.shape[-1])
         dequantize_fp8_blocks(codes, scales, self.block, start, self.dtype, out, stored.workspace)
 
 
@@ -166,13 +202,16 @@ class Fp8BlockFormat:
     def workspace_bound(
         self, tile_elements: int, device: torch.device, row_elements: int = 0
     ) -> int:
-        """A tile's codes (a byte per weight) and the scales that cover it: ``rows + 2``
-        for a scale per row, at most ``(rows / 16 + 2) * (cols / 16 + 1)`` with blocks of at
-        least 16 a side, under ``tile_elements + 2`` float32 either way; one chunk (or one
-        row) of int32 indices and float32 values; the value tables (1 KiB one code at a time,
-        512 KiB two at a time); off the CPU, the rows themselves."""
-        codes = tile_elements
-        scales = 4 * (tile_elements + 2)
+        """The codes (a byte per weight) of a tile, or on the CPU of one run of
+        ``FP8_READ_ELEMENTS`` of a read of any size (one row where a row is wider; see
+        :meth:`Fp8Weight.reads_in_chunks`), and
+        the scales that cover them: ``rows + 2`` for a scale per row, at most
+        ``(rows / 16 + 2) * (cols / 16 + 1)`` with blocks of at least 16 a side, under
+        ``max(run, tile_elements) + 2`` float32 either way; one chunk (or one row) of int32
+        indices and float32 values; the value tables (1 KiB one code at a time, 512 KiB two
+        at a time); off the CPU, the rows themselves."""
+        codes = max(FP8_READ_ELEMENTS, tile_elements)
+        scales = 4 * (codes + 2)
         chunk = 8 * max(FP8_CHUNK_ELEMENTS, tile_elements)
         held = codes + scales + chunk + 1024 + 8 * 2**16
         if device.type != "cpu":

@@ -83,6 +83,11 @@ class Mxfp4Weight:
     def anchor(self) -> str:
         return self.blocks.name
 
+    @property
+    def reads_in_chunks(self) -> bool:
+        """False: a read's workspace grows with its rows (see the protocol)."""
+        return False
+
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Experts ``start:stop``, ``(stop - start, in, out)``, as transformers dequantizes them:
         each expert decoded a chunk of :data:`MXFP4_CHUNK_ELEMENTS` values (whole stored

@@ -127,6 +127,15 @@ class QuantizedWeight(Protocol):
         """The stored tensor in whose place (file order) the logical tensor is planned."""
         ...
 
+    @property
+    def reads_in_chunks(self) -> bool:
+        """True: :meth:`read_rows` decodes any number of rows a fixed chunk at a time, so
+        its workspace stays within the format's ``workspace_bound`` however many rows are
+        asked for, and the stream may read it in its larger I/O tiles as it reads a plain
+        weight (fewer calls: the Python and small torch ops of each call paid less often).
+        False: its workspace grows with the rows of a read, which are kept to a tile."""
+        ...
+
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (``0 <= start < stop <= shape[0]``) dequantized, shape
         ``(stop - start, *shape[1:])`` in :attr:`dtype`, bit for bit what the
