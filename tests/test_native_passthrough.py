@@ -145,6 +145,14 @@ def test_float32_router_bias_passes_through_as_transformers_keeps_it(
             assert merged[name].dtype == tensor.dtype, name
             if "q_b_proj" not in name and "o_proj" not in name:
                 assert torch.equal(merged[name], tensor), name
+    # The model card says which dtypes were written, counted from the files themselves.
+    counts: dict[str, int] = {}
+    for tensor in merged.values():
+        name = str(tensor.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + 1
+    card = (out / "README.md").read_text()
+    for name, count in counts.items():
+        assert f"{name} ({count})" in card, (name, count)
     if save_method == "merged_16bit":
         assert "quantization_config" not in json.loads((out / "config.json").read_text())
         # And transformers loads it with the same float32 bias.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ class MergeRecord:
         method: the arithmetic, one line.
         scales: distinct LoRA scales, formatted, and how many modules use each.
         lora_modules_by_layer: modules merged per layer kind.
-        output_dtype: the dtype written, or a note that each tensor kept its own.
+        output_dtype: the dtype written, or the dtypes each tensor kept (with how many).
         version: lora-merge's version.
         command: the command line, or None for a Python API call.
         other_adapters: the further adapters combined with ``adapter`` (``--combine``).
@@ -157,13 +158,21 @@ def merge_record(
         output_dtype=(
             DTYPE_NAME_IN_CONFIG[output_dtype]
             if output_dtype is not None
-            else "as in BASE (--dtype auto)"
+            else f"{dtypes_written(plan)} (--dtype auto: each tensor's own)"
         ),
         version=__version__,
         command=command,
         other_adapters=tuple(identities[1:]),
         adapter_type=adapter_type,
     )
+
+
+def dtypes_written(plan: MergePlan) -> str:
+    """The dtypes of the output's tensors, most tensors first: ``bfloat16 (290), float32
+    (3)``. A quantized base's weights count in the dtype they are written in (bfloat16
+    dequantized, or the base's own FP8 for ``merged_native``)."""
+    counts = Counter(tensor.spec.dtype.torch_name for tensor in plan.tensors)
+    return ", ".join(f"{name} ({count})" for name, count in counts.most_common())
 
 
 def shard_metadata(record: MergeRecord) -> dict[str, str]:
