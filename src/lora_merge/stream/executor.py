@@ -32,12 +32,8 @@ from lora_merge.io.shard_writer import ShardWriter, TensorSpec
 from lora_merge.plan.kinds.dora import norm_per_column
 from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor, TunerUpdate
 from lora_merge.plan.tuners.rows import tuner_compute_dtype, tuner_delta_bytes
-from lora_merge.stream.tiles import (
-    TileBuffers,
-    output_tiles,
-    tile_row_elements,
-    with_token_rows,
-)
+from lora_merge.stream.tile_buffers import TileBuffers
+from lora_merge.stream.tiles import output_tiles, tile_row_elements, with_token_rows
 
 # Bytes of merge workspace (the float32/float64 accumulator) per CPU tile. With
 # the rows read and the rows written it stays within a 2 MiB L2 cache.

@@ -8,7 +8,8 @@ a tensor and its LoRA factors, never the whole tensor.
 What is added comes from the plan: a LoRA product's factors are read by its
 layer kind (:func:`lora_merge.plan.kinds.factors.read_lora_factors`), merged by
 :func:`lora_merge.compute.lora.merged_rows`, rescaled for DoRA
-(:mod:`lora_merge.plan.kinds.dora`) and rounded once to the output dtype.
+(:mod:`lora_merge.plan.kinds.dora`) and rounded once to the output dtype. Fused
+expert weights, a LoRA per expert, are merged in :mod:`lora_merge.stream.expert_tiles`.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from lora_merge.plan.kinds.dora import (
     norm_per_column,
     read_magnitude,
 )
-from lora_merge.plan.kinds.experts import expert_lora_factors
 from lora_merge.plan.kinds.factors import read_lora_factors
 from lora_merge.plan.model import LoraBias, LoraProduct, PlannedTensor, TokenRows, TunerUpdate
 from lora_merge.plan.tuners.rows import tuner_compute_dtype, tuner_row_merger
+from lora_merge.stream.expert_tiles import fused_expert_bands, fused_expert_tiles
+from lora_merge.stream.tile_buffers import TileBuffers
 
 
 @dataclass(frozen=True)
@@ -56,32 +58,6 @@ class OutputTile:
 
     values: torch.Tensor
     finite: bool = False
-
-
-class TileBuffers:
-    """The two byte buffers a shard's tiles reuse: one for rows read, one for rows written.
-
-    Each tile is written before the next is read, so one of each suffices.
-
-    Args:
-        tile_bytes: a tile's merge workspace (see ``tile_budget_for``); most tiles read
-            and write at most this many bytes.
-        io_bytes: the size of each buffer (at least ``tile_bytes``): a LoRA product's
-            tile reads this many, merged in blocks of ``tile_bytes`` (see ``_ProductRows``).
-    """
-
-    def __init__(self, tile_bytes: int, io_bytes: int | None = None) -> None:
-        self.tile_bytes = tile_bytes
-        self.io_bytes = max(tile_bytes, io_bytes or 0)
-        self.read = torch.empty(self.io_bytes, dtype=torch.uint8)
-        self._output = torch.empty(self.io_bytes, dtype=torch.uint8)
-
-    def output(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """The output buffer viewed as ``shape`` of ``dtype``."""
-        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-        if nbytes > self._output.numel():  # a single row wider than a tile
-            self._output = torch.empty(nbytes, dtype=torch.uint8)
-        return self._output[:nbytes].view(dtype).view(shape)
 
 
 def output_tiles(
@@ -139,12 +115,13 @@ def output_tiles(
         if tile_row_elements(tensor, buffers.tile_bytes) < row_elements and isinstance(
             source, SubrowSource
         ):
-            bands = _fused_expert_bands(
-                tensor, delta, source, adapter, device, buffers, widest, compute_dtype
+            band = band_rows(tensor, buffers, widest)
+            bands = fused_expert_bands(
+                tensor, delta, source, adapter, device, buffers, band, compute_dtype
             )
             yield from _unchecked(bands)
             return
-        experts = _fused_expert_tiles(tensor, delta, source, adapter, device, buffers, tile_rows)
+        experts = fused_expert_tiles(tensor, delta, source, adapter, device, buffers, tile_rows)
         yield from _unchecked(experts)
         return
     product = _ProductRows(
@@ -162,7 +139,7 @@ def _unchecked(tiles: Iterator[torch.Tensor]) -> Iterator[OutputTile]:
 def tile_row_elements(tensor: PlannedTensor, tile_bytes: int) -> int:
     """Elements of the smallest piece of ``tensor`` one tile holds: a row (first dimension),
     or part of one (``shape[2:]``) for a tensor of 3 or more dimensions read from the base
-    and merged with no LoRA or a fused-experts one (:func:`_fused_expert_bands`), whose row
+    and merged with no LoRA or a fused-experts one (:func:`~lora_merge.stream.expert_tiles.fused_expert_bands`), whose row
     is a whole expert.
 
     Args:
@@ -181,7 +158,7 @@ def tile_row_elements(tensor: PlannedTensor, tile_bytes: int) -> int:
     return max(1, math.prod(shape[2:]))
 
 
-def _band_rows(tensor: PlannedTensor, buffers: TileBuffers, widest: int) -> int:
+def band_rows(tensor: PlannedTensor, buffers: TileBuffers, widest: int) -> int:
     """Rows of ``shape[1]`` in one band of a row (at least one)."""
     return max(1, buffers.tile_bytes // (max(1, math.prod(tensor.spec.shape[2:])) * widest))
 
@@ -192,7 +169,7 @@ def _copied_bands(
     """A tensor whose row is wider than a tile (an MXFP4 expert), converted a band of each
     row's own rows at a time."""
     spec = tensor.spec
-    band = _band_rows(tensor, buffers, widest)
+    band = band_rows(tensor, buffers, widest)
     for row in range(spec.shape[0]):
         for start in range(0, spec.shape[1], band):
             stop = min(spec.shape[1], start + band)
@@ -371,113 +348,6 @@ class _ProductRows:
                 # 0.37 ns per element measured, and gives the same bits.)
                 rounded[block - start : block_stop - start].copy_(merged)
             yield OutputTile(out, finite)
-
-
-def _fused_expert_tiles(
-    tensor: PlannedTensor,
-    delta: LoraProduct,
-    source: TensorSource,
-    adapter: TensorSource,
-    device: torch.device,
-    buffers: TileBuffers,
-    tile_experts: int,
-) -> Iterator[torch.Tensor]:
-    """Tiles of a fused (E, X, Y) expert weight, a few whole experts at a time.
-
-    Each expert's delta is an ordinary 2-D LoRA product (see ``expert_lora_factors``),
-    merged into its (X, Y) slice; memory holds one tile of experts and one
-    expert's delta, whatever E is.
-    """
-    spec = tensor.spec
-    compute_dtype = compute_dtype_for(spec.dtype.torch)
-    lora_a, lora_b = read_lora_factors(delta, adapter)
-    assert lora_b is not None
-    lora_a, lora_b = lora_a.to(device), lora_b.to(device)
-    experts = spec.shape[0]
-    for start in range(0, experts, tile_experts):
-        stop = min(experts, start + tile_experts)
-        values = source.read_rows(tensor.source_key, start, stop, buffers.read).to(device)
-        out = torch.empty(values.shape, dtype=spec.dtype.torch, device=device)
-        for index in range(stop - start):
-            lora_a_e, lora_b_e = expert_lora_factors(lora_a, lora_b, start + index, experts)
-            factors = prepare_lora_factors(
-                lora_a_e, lora_b_e, delta.scale, delta.transposed, compute_dtype
-            )
-            # The one rounding, as for every other weight (see _ProductRows.tiles).
-            out[index].copy_(merged_rows(values[index], factors, 0))
-        yield buffers.output(spec.dtype.torch, tuple(values.shape)).copy_(out.cpu())
-
-
-def _fused_expert_bands(
-    tensor: PlannedTensor,
-    delta: LoraProduct,
-    source: SubrowSource,
-    adapter: TensorSource,
-    device: torch.device,
-    buffers: TileBuffers,
-    widest: int,
-    compute_dtype: torch.dtype,
-) -> Iterator[torch.Tensor]:
-    """Tiles of a fused (E, X, Y) expert weight whose expert is wider than a tile: a band of
-    one expert's X rows at a time, merged as :func:`_fused_expert_tiles` merges the expert
-    (its delta's rows ``start:stop``), into buffers reused from band to band."""
-    spec = tensor.spec
-    experts, rows = spec.shape[0], spec.shape[1]
-    band = _band_rows(tensor, buffers, widest)
-    workspace: torch.Tensor | None = None
-    on_cpu = device.type == "cpu"
-    for expert in range(experts):
-        lora_a_e, lora_b_e = _expert_factors(delta, adapter, expert, buffers)
-        lora_a_e, lora_b_e = lora_a_e.to(device), lora_b_e.to(device)
-        factors = prepare_lora_factors(
-            lora_a_e, lora_b_e, delta.scale, delta.transposed, compute_dtype
-        )
-        if workspace is None:  # the product's layout (see lora_delta_rows)
-            assert factors.lora_b is not None
-            shape = (
-                (factors.lora_b.shape[0], band)
-                if delta.transposed
-                else (band, factors.lora_a.shape[1])
-            )
-            workspace = torch.empty(shape, dtype=compute_dtype, device=device)
-        for start in range(0, rows, band):
-            stop = min(rows, start + band)
-            count = stop - start
-            # In float32 where the format decodes to it exactly (MXFP4): the add below
-            # then widens nothing (a float32 add, 0.14 against 0.53 ns a value with a
-            # bfloat16 operand, measured on one core).
-            values = source.read_subrows(
-                tensor.source_key, expert, start, stop, buffers.read, compute_dtype
-            )
-            values = values.to(device)
-            product = workspace[:, :count] if delta.transposed else workspace[:count]
-            merged = merged_rows(values.reshape(count, -1), factors, start, product)
-            if not on_cpu:
-                merged = merged.to(spec.dtype.torch).cpu()
-            # The one rounding, as for every other weight (see _ProductRows.tiles).
-            out = buffers.output(spec.dtype.torch, tuple(values.shape))
-            yield out.view(count, -1).copy_(merged).view(values.shape)
-
-
-def _expert_factors(
-    delta: LoraProduct, adapter: TensorSource, expert: int, buffers: TileBuffers
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert e's A (r, in) and B (out, r) of a fused-experts LoRA, read without holding
-    every expert's: A's rows ``e·r:(e+1)·r``, and B's columns ``e::E`` gathered from
-    tile-sized runs of B's rows (see :func:`expert_lora_factors` for the layout). B is
-    read once per expert: for gpt-oss-20b, 6 MB of page cache copied, to keep 6 MB per
-    thread out of memory."""
-    experts = delta.experts
-    out_features, columns = adapter.shape(delta.b_key)
-    rank = columns // experts
-    lora_a = adapter.read_rows(delta.a_key, expert * rank, (expert + 1) * rank)
-    lora_b = torch.empty((out_features, rank), dtype=adapter.dtype(delta.b_key).torch)
-    run = max(1, buffers.tile_bytes // (columns * lora_b.dtype.itemsize))
-    for start in range(0, out_features, run):
-        stop = min(out_features, start + run)
-        rows = adapter.read_rows(delta.b_key, start, stop, buffers.read)
-        lora_b[start:stop].copy_(rows[:, expert::experts])
-    return lora_a, lora_b
 
 
 def with_token_rows(
