@@ -17,7 +17,6 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,14 +42,16 @@ from native_formats import (
     decode_fp8_float64,
     decode_mxfp4_float64,
     dequantize_fp8_blocks_float64,
+    fp8_quantizer,
     gpt_oss_mxfp4_tensors,
     quantize_fp8_blocks_float64,
+    save_fp8_copy,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from tiny_checkpoints import prompt_logits, save_random_bf16_llama, save_random_lora_adapter
-from transformers import AutoModelForCausalLM, FineGrainedFP8Config, GptOssConfig
-from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
+from transformers import AutoModelForCausalLM, GptOssConfig
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from lora_merge import MergeOptions, merge
@@ -89,29 +90,18 @@ class Fp8Checkpoints:
     merged: Path
 
 
-def fp8_quantizer(block: tuple[int, int] = FP8_BLOCK) -> tuple[Fp8Quantize, dict]:
-    """transformers' fine-grained FP8 quantizer op and the config it saves."""
-    config = FineGrainedFP8Config(weight_block_size=list(block))
-    # The op reads only its quantizer's quantization_config.
-    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=config))
-    return quantizer, json.loads(json.dumps(config.to_dict()))
-
-
-def save_fp8_copy(base: Path, directory: Path, block: tuple[int, int] = FP8_BLOCK) -> Path:
-    """``base`` with every linear projection quantized by transformers' FP8 quantizer."""
-    quantizer, quantization_config = fp8_quantizer(block)
-    tensors = {}
-    for name, tensor in load_file(base / "model.safetensors").items():
-        if name.endswith("_proj.weight"):
-            tensors.update(quantizer.convert({name: tensor}))
-        else:
-            tensors[name] = tensor
-    directory.mkdir()
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = quantization_config
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
+def transformers_dequantized(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of an FP8 checkpoint as the model sees it: FP8 weights through
+    transformers' ``Fp8Dequantize`` to bf16, the scales left out, the rest as stored."""
+    dequantized = {}
+    for name, tensor in stored.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:
+            scales = stored[f"{name}_scale_inv"]
+            tensor = Fp8Dequantize(None)._dequantize_one(tensor, scales, torch.bfloat16)
+        dequantized[name] = tensor
+    return dequantized
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +109,7 @@ def fp8(tmp_path_factory) -> Fp8Checkpoints:
     root = tmp_path_factory.mktemp("fp8")
     # Every linear side a multiple of 32 (transformers' quantizer leaves others unquantized).
     base = save_random_bf16_llama(root / "base", intermediate_size=96, seed=21)
-    fp8 = save_fp8_copy(base, root / "fp8")
+    fp8 = save_fp8_copy(base, root / "fp8", FP8_BLOCK)
     adapter = save_random_lora_adapter(base, root / "adapter", LINEAR_MODULES, seed=22)
     merged = root / "merged"
     merge(
@@ -175,14 +165,7 @@ def test_fp8_rows_decoded_a_chunk_at_a_time_are_transformers_dequantization(
     monkeypatch.setattr(compute_fp8, "FP8_CHUNK_ELEMENTS", max(1, chunk // 3))
     stored = load_file(fp8.fp8 / "model.safetensors")
     names = [n for n in stored if n.endswith("_proj.weight")]
-    dequantized = {}
-    for name, tensor in stored.items():
-        if name.endswith("_scale_inv"):
-            continue
-        if tensor.dtype == torch.float8_e4m3fn:
-            scales = stored[f"{name}_scale_inv"]
-            tensor = Fp8Dequantize(None)._dequantize_one(tensor, scales, torch.bfloat16)
-        dequantized[name] = tensor
+    dequantized = transformers_dequantized(stored)
     for name in names:
         rows = stored[name].shape[0]
         assert torch.equal(read_all_rows(fp8.fp8, name, rows), dequantized[name]), name
@@ -214,7 +197,7 @@ def test_partial_edge_blocks_take_their_blocks_scale(tmp_path, codes_dtype):
         },
         folder / "model.safetensors",
     )
-    config = {"dtype": "float32", "quantization_config": fp8_quantizer()[1]}
+    config = {"dtype": "float32", "quantization_config": fp8_quantizer(FP8_BLOCK)[1]}
     (folder / "config.json").write_text(json.dumps(config))
     name = "layers.0.self_attn.kv_a_proj_with_mqa.weight"
     exact = dequantize_fp8_blocks_float64(codes, scales, FP8_BLOCK).float()
@@ -266,14 +249,7 @@ def assert_merged_within_half_an_ulp(
 
 def test_fp8_merge_is_the_float64_merge_of_transformers_dequantization(fp8):
     stored = load_file(fp8.fp8 / "model.safetensors")
-    dequantized = {}
-    for name, tensor in stored.items():
-        if name.endswith("_scale_inv"):
-            continue
-        if tensor.dtype == torch.float8_e4m3fn:
-            scales = stored[f"{name}_scale_inv"]
-            tensor = Fp8Dequantize(None)._dequantize_one(tensor, scales, torch.bfloat16)
-        dequantized[name] = tensor
+    dequantized = transformers_dequantized(stored)
     merged = read_safetensors_directory(fp8.merged)
     assert_merged_within_half_an_ulp(merged, dequantized, fp8.adapter, torch.bfloat16)
 
@@ -676,7 +652,7 @@ def test_fp8_merged_native_is_transformers_quantizer_applied_to_the_16bit_merge(
     )
     native = read_safetensors_directory(out)
     merged = read_safetensors_directory(fp8.merged)
-    quantizer, quantization_config = fp8_quantizer()
+    quantizer, quantization_config = fp8_quantizer(FP8_BLOCK)
     assert json.loads((out / "config.json").read_text())["quantization_config"] == (
         quantization_config
     )
@@ -718,7 +694,7 @@ def test_fp8_merged_native_partial_edge_blocks_and_untouched_weights(tmp_path):
         )
         tensors |= {name: codes, f"{name}_scale_inv": scales}
     save_file(tensors, folder / "model.safetensors")
-    config = {"dtype": "bfloat16", "quantization_config": fp8_quantizer()[1]}
+    config = {"dtype": "bfloat16", "quantization_config": fp8_quantizer(FP8_BLOCK)[1]}
     (folder / "config.json").write_text(json.dumps(config))
     adapter = tmp_path / "adapter"
     adapter.mkdir()

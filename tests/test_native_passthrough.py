@@ -17,11 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from native_formats import save_fp8_copy
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tiny_checkpoints import save_random_lora_adapter
-from transformers import AutoModelForCausalLM, DeepseekV3Config, FineGrainedFP8Config
-from transformers.integrations.finegrained_fp8 import Fp8Quantize
+from transformers import AutoModelForCausalLM, DeepseekV3Config
 
 from lora_merge import MergeOptions, merge
 from lora_merge.api import preview_merge
@@ -34,7 +34,7 @@ pytestmark = [
 ]
 
 BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"
-BLOCK = [32, 32]
+BLOCK = (32, 32)
 
 
 def save_tiny_deepseek_v3(directory: Path) -> Path:
@@ -71,30 +71,11 @@ def save_tiny_deepseek_v3(directory: Path) -> Path:
     return directory
 
 
-def save_fp8_copy(base: Path, directory: Path) -> Path:
-    """``base`` with every 2-D projection quantized by transformers' fine-grained FP8
-    quantizer; everything else as transformers saved it."""
-    quantization_config = FineGrainedFP8Config(weight_block_size=BLOCK)
-    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=quantization_config))
-    tensors = {}
-    for name, tensor in load_file(base / "model.safetensors").items():
-        if name.endswith("_proj.weight") and tensor.dim() == 2:
-            tensors.update(quantizer.convert({name: tensor}))
-        else:
-            tensors[name] = tensor
-    directory.mkdir()
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = json.loads(json.dumps(quantization_config.to_dict()))
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def deepseek_fp8(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("deepseek")
     base = save_tiny_deepseek_v3(root / "base")
-    fp8 = save_fp8_copy(base, root / "fp8")
+    fp8 = save_fp8_copy(base, root / "fp8", BLOCK)
     adapter = save_random_lora_adapter(base, root / "adapter", ["q_b_proj", "o_proj"], seed=32)
     return SimpleNamespace(base=base, fp8=fp8, adapter=adapter)
 

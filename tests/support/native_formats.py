@@ -23,7 +23,14 @@ and Microscaling specifications), not through torch's float8 casts.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import FineGrainedFP8Config
+from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
 E4M3_BIAS = 7
 E5M2_BIAS = 15
@@ -119,3 +126,28 @@ def gpt_oss_mxfp4_tensors(
     blocks = torch.randint(0, 256, (experts, rows, groups, 16), generator=generator)
     scales = torch.randint(*exponents, (experts, rows, groups), generator=generator)
     return {f"{prefix}_blocks": blocks.to(torch.uint8), f"{prefix}_scales": scales.to(torch.uint8)}
+
+
+def fp8_quantizer(block: tuple[int, int]) -> tuple[Fp8Quantize, dict]:
+    """transformers' fine-grained FP8 quantizer op and the config it saves."""
+    config = FineGrainedFP8Config(weight_block_size=list(block))
+    # The op reads only its quantizer's quantization_config.
+    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=config))
+    return quantizer, json.loads(json.dumps(config.to_dict()))
+
+
+def save_fp8_copy(base: Path, directory: Path, block: tuple[int, int]) -> Path:
+    """``base`` with every linear projection quantized by transformers' FP8 quantizer."""
+    quantizer, quantization_config = fp8_quantizer(block)
+    tensors = {}
+    for name, tensor in load_file(base / "model.safetensors").items():
+        if name.endswith("_proj.weight"):
+            tensors.update(quantizer.convert({name: tensor}))
+        else:
+            tensors[name] = tensor
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
