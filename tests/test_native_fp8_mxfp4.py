@@ -548,6 +548,44 @@ def test_mxfp4_refusals(mxfp4, tmp_path):
         assert f"{name}_scales" in message and words in message, message
 
 
+def test_merged_native_refuses_corrupt_scales_of_a_weight_it_would_copy(fp8, mxfp4, tmp_path):
+    """merged_native copies a weight the adapter leaves alone as it is stored, without
+    decoding it; its scales are still checked, as decoding checks them, before anything
+    is written (issue 21's refusals hold for every save method)."""
+    fp8_adapter = save_random_lora_adapter(fp8.base, tmp_path / "fp8-adapter", ["v_proj"], 41)
+
+    def nan_fp8_scale(tensors):
+        tensors[f"{Q_PROJ}_scale_inv"][1, 0] = torch.nan
+
+    mxfp4_adapter = save_random_lora_adapter(mxfp4.base, tmp_path / "oss-adapter", ["q_proj"], 42)
+    down_proj = f"{EXPERTS}.down_proj"
+
+    def nan_exponent(tensors):
+        tensors[f"{down_proj}_scales"][1, 5, 0] = 255
+
+    cases = [
+        (fp8.fp8, nan_fp8_scale, fp8_adapter, f"{Q_PROJ}_scale_inv"),
+        (mxfp4.mxfp4, nan_exponent, mxfp4_adapter, f"{down_proj}_scales"),
+    ]
+    for index, (quantized, edit, adapter, scales) in enumerate(cases):
+        base = _edited_copy(quantized, tmp_path / f"base{index}", edit)
+        before = {p.name: p.read_bytes() for p in base.iterdir()}
+        message = _refused(base, adapter, tmp_path / f"out{index}", save_method="merged_native")
+        assert scales in message and "NaN" in message, message
+        assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+        # The same base with its scales intact: the weight is copied, byte for byte.
+        out = tmp_path / f"intact{index}"
+        merge(
+            MergeOptions(
+                base=quantized, adapter=adapter, out=out, save_method="merged_native", quiet=True
+            )
+        )
+        assert torch.equal(
+            read_safetensors_directory(out)[scales],
+            load_file(quantized / "model.safetensors")[scales],
+        )
+
+
 # --- FP8 per channel / per tensor (compressed-tensors) ---------------------------------------
 
 

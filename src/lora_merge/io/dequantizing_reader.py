@@ -215,6 +215,18 @@ class DequantizingReader:
         finally:
             reads.buffer = None
 
+    def check_kept(self, keys: Iterable[str]) -> None:
+        """Check the scales of the quantized weights ``keys`` that the output keeps as
+        stored (see :meth:`QuantizedWeight.check_kept`), reading their scales only.
+
+        Raises:
+            InvalidInputError: a weight's scales are corrupt; names the tensor.
+        """
+        for key in keys:
+            quantized = self._tensors[key].quantized
+            if quantized is not None:
+                quantized.check_kept(self._reads())
+
     def read_subrows(
         self,
         key: str,

@@ -165,4 +165,10 @@ def open_base(
         elif base.quantization is None:
             yield stored
         else:
-            yield DequantizingReader(stored, base.tensors, device)
+            reader = DequantizingReader(stored, base.tensors, device)
+            # Weights copied as stored are never decoded: their scales are checked here,
+            # before anything is written, as decoding checks the others'.
+            copied = {t.source_key for t in plan.tensors if t.is_byte_copy}
+            weights = base.quantization.weights.values()
+            reader.check_kept(w.name for w in weights if w.anchor in copied)
+            yield reader

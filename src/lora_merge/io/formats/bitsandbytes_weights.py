@@ -96,6 +96,12 @@ class FourBitWeight:
         """False: a read's workspace grows with its rows (see the protocol)."""
         return False
 
+    def check_kept(self, stored: StoredRows) -> None:
+        """Nothing to refuse: bitsandbytes' decoding checks no absmax either (a NaN there
+        reaches the merged values, which the stream refuses); a kept weight is copied as
+        bitsandbytes wrote it."""
+        return None
+
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` dequantized (bitsandbytes' ``dequantize_4bit`` of the whole
         weight, those rows)."""
@@ -196,6 +202,12 @@ class Int8Weight:
     def reads_in_chunks(self) -> bool:
         """False: a read's workspace grows with its rows (see the protocol)."""
         return False
+
+    def check_kept(self, stored: StoredRows) -> None:
+        """Nothing to refuse: bitsandbytes' decoding checks no absmax either (a NaN there
+        reaches the merged values, which the stream refuses); a kept weight is copied as
+        bitsandbytes wrote it."""
+        return None
 
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` dequantized (bitsandbytes' ``int8_vectorwise_dequant``)."""

@@ -118,6 +118,10 @@ class CompressedIntWeight:
         """False: a read's workspace grows with its rows (see the protocol)."""
         return False
 
+    def check_kept(self, stored: StoredRows) -> None:
+        """Never called: ``merged_native`` refuses integer bases, so no weight is kept."""
+        return None
+
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` as compressed-tensors' decompressor gives them."""
         columns = self.shape[1]

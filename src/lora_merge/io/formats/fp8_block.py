@@ -128,6 +128,22 @@ class Fp8Weight:
         scales = stored.rows(self.scales, expert, expert + 1, "fp8_scales")[0, first:last]
         self._decode(stored, codes, scales, start, stop, out)
 
+    def check_kept(self, stored: StoredRows) -> None:
+        """Every scale finite, read ``FP8_READ_ELEMENTS`` scales (or one row) at a time."""
+        rows = self.scales.shape[0] if self.scales.shape else 1
+        row_elements = max(1, math.prod(self.scales.shape[1:]))
+        step = max(1, FP8_READ_ELEMENTS // row_elements)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            self._check_scales(stored.rows(self.scales, start, stop, "fp8_scales").float())
+
+    def _check_scales(self, scales: torch.Tensor) -> None:
+        if not bool(torch.isfinite(scales).all()):
+            raise InvalidInputError(
+                f"BASE tensor {self.scales.name!r} holds NaN or Inf scales: the FP8 checkpoint "
+                "is corrupt (re-download it)"
+            )
+
     def _decode(
         self,
         stored: StoredRows,
@@ -141,11 +157,7 @@ class Fp8Weight:
         them, the scales checked first."""
         first, last = scale_rows_for(start, stop, self.block[0])
         scales = scales.reshape(last - first, -1).float()
-        if not bool(torch.isfinite(scales).all()):
-            raise InvalidInputError(
-                f"BASE tensor {self.scales.name!r} holds NaN or Inf scales: the FP8 checkpoint "
-                "is corrupt (re-download it)"
-            )
+        self._check_scales(scales)
         codes = codes.reshape(stop - start, self.shape[-1])
         dequantize_fp8_blocks(codes, scales, self.block, start, self.dtype, out, stored.workspace)
 

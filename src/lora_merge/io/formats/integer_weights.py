@@ -142,6 +142,10 @@ class ColumnPackedWeight:
         """Rows a band starts on: whole int32 words of zero points (and AWQ's codes)."""
         return 8 if self.awq_order else 32 // self.bits
 
+    def check_kept(self, stored: StoredRows) -> None:
+        """Never called: ``merged_native`` refuses integer bases, so no weight is kept."""
+        return None
+
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` as the format's reference decoder gives them."""
         inputs = self.shape[1]

@@ -165,6 +165,24 @@ class Mxfp4Weight:
             out.copy_(values)
         return out.t()[start - 2 * first : stop - 2 * first]
 
+    def check_kept(self, stored: StoredRows) -> None:
+        """No E8M0 NaN exponent, read one expert's exponents at a time."""
+        per_expert = math.prod(self.scales.shape[1:])
+        stored.memo.pop(_EXPERT_MEMO, None)  # the exponents' buffer is reused below
+        for expert in range(self.scales.shape[0]):
+            first = expert * per_expert
+            scales = stored.byte_range(
+                self.scales, first, first + per_expert, "mxfp4_expert_scales"
+            )
+            self._check_scales(scales)
+
+    def _check_scales(self, scales: torch.Tensor) -> None:
+        if has_nan_scale(scales):
+            raise InvalidInputError(
+                f"BASE tensor {self.scales.name!r} holds the E8M0 NaN exponent (255): "
+                "the MXFP4 checkpoint is corrupt (re-download it)"
+            )
+
     def _expert_codes(self, stored: StoredRows, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's blocks ``(out, in / 32, 16)`` and exponents ``(out, in / 32)``, read
         once for all of its bands and kept in the thread's workspace until the next expert."""
@@ -184,11 +202,7 @@ class Mxfp4Weight:
         scales = stored.byte_range(self.scales, first, last, "mxfp4_expert_scales").view(
             rows, groups
         )
-        if has_nan_scale(scales):
-            raise InvalidInputError(
-                f"BASE tensor {self.scales.name!r} holds the E8M0 NaN exponent (255): "
-                "the MXFP4 checkpoint is corrupt (re-download it)"
-            )
+        self._check_scales(scales)
         stored.memo[_EXPERT_MEMO] = ((self.blocks.name, expert), blocks, scales)
         return blocks, scales
 

@@ -142,6 +142,17 @@ class QuantizedWeight(Protocol):
         reference decoder gives for those rows of the whole tensor."""
         ...
 
+    def check_kept(self, stored: StoredRows) -> None:
+        """Refuse what :meth:`read_rows` refuses (NaN or Inf scales) in a weight whose
+        stored tensors the output keeps as they are: ``merged_native`` copies a weight
+        the adapter does not change byte for byte, so it is never decoded. Reads the
+        scales only, a bounded piece at a time.
+
+        Raises:
+            InvalidInputError: names the tensor, as :meth:`read_rows` does.
+        """
+        ...
+
 
 @runtime_checkable
 class SubrowWeight(QuantizedWeight, Protocol):
