@@ -156,7 +156,9 @@ def merge_command(
         # while torch imports; a failing run stops the copies and deletes them.
         from lora_merge.run.copy_ahead import copy_untouched_ahead
 
-        copies = None if dry_run else copy_untouched_ahead(options)
+        # Its reads are told to the hashing, which follows them.
+        pacing = ahead.pacing if ahead is not None else None
+        copies = None if dry_run else copy_untouched_ahead(options, pacing)
         if copies is not None:
             running.enter_context(copies)
         # The library (and torch with it) is imported only now that there is work for it:

@@ -19,6 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+from lora_merge.io.read_pacing import ReadPacing, file_identity
+
 HASH_CHUNK_BYTES = 8 * 2**20
 # Bytes mapped at once: what hashing adds to resident memory at most. A multiple of every
 # platform's mapping granularity (64 KiB on Windows).
@@ -87,16 +89,24 @@ class FileHashes:
     still those it had when it was hashed; otherwise it is hashed again.
     :meth:`close` stops the threads at their next window, so a run that fails
     early does not wait for gigabytes to be hashed before it exits.
+
+    Attributes:
+        pacing: how far the merge has read the paced files, which each window of
+            theirs waits for (see :mod:`lora_merge.io.read_pacing`); None: no file waits.
     """
 
-    def __init__(self, paths: Iterable[Path], workers: int) -> None:
-        """Start hashing ``paths`` (in order, ``workers`` files at once)."""
+    def __init__(
+        self, paths: Iterable[Path], workers: int, pacing: ReadPacing | None = None
+    ) -> None:
+        """Start hashing ``paths`` (in order, ``workers`` files at once), each window of a
+        paced file once ``pacing`` allows it."""
+        self.pacing = pacing
         self._stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lora-merge-hash")
         self._started: dict[tuple[int, int], Future[tuple[_Stamp, str]]] = {}
         for path in paths:
             try:
-                identity = _identity(os.stat(path))
+                identity = file_identity(os.stat(path))
             except OSError:
                 continue  # the run itself will say what is wrong with it
             if identity not in self._started:
@@ -112,13 +122,19 @@ class FileHashes:
     def close(self) -> None:
         """Stop hashing: files not started are skipped, the others stop at their next window."""
         self._stop.set()
+        self.release_pacing()  # a thread waiting for the merge's reads wakes up and stops
         for future in self._started.values():
             future.cancel()
+
+    def release_pacing(self) -> None:
+        """Hash the rest without waiting: the merge has read all it reads (or stops)."""
+        if self.pacing is not None:
+            self.pacing.release()
 
     def sha256(self, path: Path) -> str:
         """The file's hex sha256: the one hashed ahead if the file is unchanged since, else now."""
         status = os.stat(path)
-        future = self._started.get(_identity(status))
+        future = self._started.get(file_identity(status))
         if future is not None and not future.cancelled():
             try:
                 stamp, digest = future.result()
@@ -130,22 +146,35 @@ class FileHashes:
         return sha256_of(path)
 
     def _stamped_sha256(self, path: Path) -> tuple[_Stamp, str]:
-        """The file's size and mtime, then its sha256 (a change during hashing shows in the stamp)."""
-        stamp = _stamp(os.stat(path))
+        """The file's size and mtime, then its sha256 (a change during hashing shows in the stamp).
+
+        One window at a time, each once the pacing allows it (before it is mapped: mapping
+        it and hashing it is what reads it from the disk).
+        """
+        status = os.stat(path)
+        stamp, identity = _stamp(status), file_identity(status)
         digest = hashlib.sha256()
-
-        def update(view: memoryview) -> None:
-            if self._stop.is_set():
-                raise _Stopped
-            digest.update(view)
-
         with open(path, "rb") as handle:
             end = handle.seek(0, 2)
-            try:
-                _hash_mapped(update, handle.fileno(), 0, end)
-            except OSError:
-                digest = hashlib.sha256()
-                _hash_read(update, handle, 0, end)
+            mapped = True
+            position = 0
+            while position < end:
+                stop = min(end, position + HASH_WINDOW_BYTES)
+                if self.pacing is not None:
+                    self.pacing.wait_to_hash(identity, stop, self._stop)
+                if self._stop.is_set():
+                    raise _Stopped
+                if mapped:
+                    try:
+                        _hash_mapped(digest.update, handle.fileno(), position, stop)
+                    except OSError:
+                        # Not mappable: read it instead, from the start (the windows before
+                        # this one were paced already).
+                        mapped, digest = False, hashlib.sha256()
+                        _hash_read(digest.update, handle, 0, stop)
+                else:
+                    _hash_read(digest.update, handle, position, stop)
+                position = stop
         return stamp, digest.hexdigest()
 
 
@@ -154,10 +183,6 @@ class _Stopped(Exception):
 
 
 _Stamp = tuple[int, int]
-
-
-def _identity(status: os.stat_result) -> tuple[int, int]:
-    return status.st_dev, status.st_ino
 
 
 def _stamp(status: os.stat_result) -> _Stamp:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from lora_merge.dtypes import U8, DType, dtype_of
 from lora_merge.errors import InvalidInputError
 from lora_merge.io.positional import PositionalFile
+from lora_merge.io.read_pacing import ReadPacing
 from lora_merge.io.safetensors_format import TensorEntry
 
 if TYPE_CHECKING:  # a plan reads keys, dtypes and shapes before torch is imported
@@ -227,11 +228,21 @@ class SafetensorsReader(EntryReader):
     a buffer of exactly the bytes asked for: no mmap, so the pages read do not
     stay in our resident set, and a reading thread and a copying thread can use
     one reader at once. Each file is opened once, on first use.
+
+    Args:
+        entries: the stored tensors' locations.
+        pacing: told how far each file has been read (or asked to be read ahead), so
+            that the hashing of the inputs follows the reads (see
+            :mod:`lora_merge.io.read_pacing`); None: nobody follows.
     """
 
-    def __init__(self, entries: Mapping[str, TensorEntry]) -> None:
+    def __init__(
+        self, entries: Mapping[str, TensorEntry], pacing: ReadPacing | None = None
+    ) -> None:
         super().__init__(entries)
         self._files: dict[Path, PositionalFile] = {}
+        self._reads: dict[Path, Callable[[int], None]] = {}
+        self._pacing = pacing
         self._lock = threading.Lock()
 
     def __enter__(self) -> SafetensorsReader:
@@ -248,7 +259,9 @@ class SafetensorsReader(EntryReader):
             self._files.clear()
 
     def _read_exactly(self, entry: TensorEntry, offset: int, target: memoryview) -> bool:
-        return self._file(entry.path).read_exactly_into(target, offset)
+        complete = self._file(entry.path).read_exactly_into(target, offset)
+        self._reads[entry.path](offset + len(target))
+        return complete
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to start reading a tensor's bytes now, in the background.
@@ -260,6 +273,7 @@ class SafetensorsReader(EntryReader):
         entry = self._entries[key]
         if entry.nbytes:
             self._file(entry.path).will_need(entry.start, entry.nbytes)
+            self._reads[entry.path](entry.start + entry.nbytes)
 
     def copy_bytes(self, key: str, destination: PositionalFile, destination_offset: int) -> int:
         """Copy the raw bytes of a tensor into ``destination`` at an offset; return the count.
@@ -271,6 +285,7 @@ class SafetensorsReader(EntryReader):
         copied = self._file(entry.path).copy_to(
             destination, entry.nbytes, entry.start, destination_offset
         )
+        self._reads[entry.path](entry.start + copied)
         if copied != entry.nbytes:
             raise _shrunk(entry)
         return copied
@@ -287,8 +302,15 @@ class SafetensorsReader(EntryReader):
                         raise InvalidInputError(
                             f"cannot read {path}: {err.strerror or err}"
                         ) from err
+                    self._reads[path] = (
+                        self._pacing.reads_of(file.descriptor) if self._pacing else _no_pacing
+                    )
                     self._files[path] = file
         return file
+
+
+def _no_pacing(end: int) -> None:
+    """Reads that nobody follows: nothing to report."""
 
 
 def checked_row_range(key: str, rows: int, start: int, stop: int | None) -> int:

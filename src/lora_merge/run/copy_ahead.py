@@ -42,7 +42,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ from lora_merge.finish.shard_metadata import InputIdentity, shard_metadata_of
 from lora_merge.finish.staging import staging_name
 from lora_merge.inputs.resolve import resolve_adapter, resolve_base
 from lora_merge.io.positional import PositionalFile
+from lora_merge.io.read_pacing import ReadPacing
 from lora_merge.io.shard_writer import encode_safetensors_header
 from lora_merge.options.settings import MergeOptions
 from lora_merge.options.values import SaveMethod, parse_size
@@ -107,6 +108,8 @@ class CopiesAhead:
     Args:
         out: OUT, absolute, as the run resolves it.
         shards: the planned shards, in the order the run writes them.
+        pacing: told how far each BASE file has been copied from, so that the hashing
+            of the inputs follows (see :mod:`lora_merge.io.read_pacing`); None: nobody follows.
 
     Attributes:
         folder: the staging folder it creates and copies into: named as the run's own
@@ -114,7 +117,11 @@ class CopiesAhead:
         taken: the output tensors the run took from the copies instead of writing them.
     """
 
-    def __init__(self, out: Path, shards: Sequence[ShardCopies]) -> None:
+    def __init__(
+        self, out: Path, shards: Sequence[ShardCopies], pacing: ReadPacing | None = None
+    ) -> None:
+        self._pacing = pacing
+        self._reads: dict[Path, Callable[[int], None]] = {}
         self.folder = out.parent / staging_name(out, os.getpid(), uuid.uuid4().hex[:8])
         self._shards = {shard.file_name: shard for shard in shards}
         self._run_files: set[str] = set()
@@ -241,7 +248,13 @@ class CopiesAhead:
                         return
                     if source.path not in sources:
                         sources[source.path] = PositionalFile(source.path)
+                        if self._pacing is not None:
+                            self._reads[source.path] = self._pacing.reads_of(
+                                sources[source.path].descriptor
+                            )
                     copied = sources[source.path].copy_to(out, source.nbytes, source.start, offset)
+                    if source.path in self._reads:
+                        self._reads[source.path](source.start + copied)
                     if copied == source.nbytes:
                         # The disk writes the copy back while torch is imported, as the
                         # shard writer does for every finished tensor.
@@ -251,11 +264,14 @@ class CopiesAhead:
             shard.done.set()
 
 
-def copy_untouched_ahead(options: MergeOptions) -> CopiesAhead | None:
+def copy_untouched_ahead(
+    options: MergeOptions, pacing: ReadPacing | None = None
+) -> CopiesAhead | None:
     """Plan a plain merge from JSON and headers, ready to copy the tensors its plan copies.
 
     Args:
         options: the merge's options, unchecked: a mistake is reported by the run itself.
+        pacing: told what the copies read (the input files' hashing follows the reads).
 
     Returns:
         The copies, to start with ``with`` and hand to :func:`lora_merge.api.merge`;
@@ -264,7 +280,7 @@ def copy_untouched_ahead(options: MergeOptions) -> CopiesAhead | None:
     if not _plain_merge(options):
         return None
     try:
-        return _planned_copies(options)
+        return _planned_copies(options, pacing)
     except (
         OSError,
         ValueError,  # a size option
@@ -295,7 +311,7 @@ def _plain_merge(options: MergeOptions) -> bool:
     )
 
 
-def _planned_copies(options: MergeOptions) -> CopiesAhead | None:
+def _planned_copies(options: MergeOptions, pacing: ReadPacing | None) -> CopiesAhead | None:
     """The plain merge's plan, made as the run makes it, and the copies of its byte copies."""
     given_base = Path(options.base).expanduser()
     given_adapter = Path(options.adapters[0]).expanduser()
@@ -338,4 +354,4 @@ def _planned_copies(options: MergeOptions) -> CopiesAhead | None:
     copied_bytes = sum(r.nbytes for s in shards for r, _ in s.planned.values())
     if shutil.disk_usage(out.parent).free < copied_bytes + FREE_SPACE_MARGIN_BYTES:
         return None
-    return CopiesAhead(out, shards)
+    return CopiesAhead(out, shards, pacing)

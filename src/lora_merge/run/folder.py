@@ -126,7 +126,9 @@ def write_output(
         ) as staging,
         # Stopped before the staging folder is committed or deleted.
         closing(copies_ahead) if copies_ahead is not None else nullcontext(),
-        open_base(base, settings.device, plan) as base_reader,
+        open_base(
+            base, settings.device, plan, hashes_ahead.pacing if hashes_ahead else None
+        ) as base_reader,
         progress,
     ):
         if settings.save_method is SaveMethod.LORA:
@@ -138,6 +140,10 @@ def write_output(
             base_reader, adapter, settings, tile_budget, on_bytes, metadata, copies_ahead
         )
         kept = write_shards(staging, to_write, stream, uploads)
+        if hashes_ahead is not None:
+            # Every byte the stream reads is read: the rest (a tensor no output needs) is
+            # hashed without waiting for reads that will not come.
+            hashes_ahead.release_pacing()
         if settings.verify:
             verify_output(staging.path, to_write, base.entries, adapter, base_reader)
         if part is not None:

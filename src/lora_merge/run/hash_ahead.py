@@ -6,6 +6,15 @@ core, 1.5 CPU-s for a 1.1B model and 9 for a 7B one. ``import torch`` takes
 hashing that starts before the import costs no wall time there (measured in
 docs/benchmarks.md), and what is left of it overlaps the merge as before.
 
+Each input byte is read from the disk once, whatever the model's size: the small
+files the run reads first (configs, the adapter's) are hashed first, then BASE's
+shards in the order the merge reads them (the order its index first names them,
+each from its start: :func:`lora_merge.inputs.resolve.resolve_base` keeps it),
+never more than a lead of bytes ahead of the merge's reads
+(:mod:`lora_merge.io.read_pacing`). Until the merge starts reading, that lead is
+all the hasher may take. The run's readers report what they read
+(``FileHashes.pacing``) and release the pacing once the shards are written.
+
 Which files a run reads is decided later, by the inputs' resolution; here only
 JSON is read, to guess them: BASE's ``config.json``, its index and the shards it
 names (or ``model.safetensors``), each ADAPTER folder's ``adapter_config.json``
@@ -24,6 +33,7 @@ from lora_merge.errors import UsageError
 from lora_merge.io.cpus import usable_cpu_count
 from lora_merge.io.hashing import FileHashes
 from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+from lora_merge.io.read_pacing import ReadPacing, hashing_lead_bytes
 from lora_merge.options.settings import MergeOptions
 from lora_merge.options.values import SaveMethod
 
@@ -52,34 +62,44 @@ def hash_inputs_ahead(options: MergeOptions) -> FileHashes | None:
         return None
     # The cores the import (one) leaves free, each on a file of its own.
     workers = min(MAX_HASH_THREADS, len(paths), max(1, usable_cpu_count() - 1))
-    return FileHashes(paths, workers)
+    pacing = ReadPacing(hashing_lead_bytes(), base_shards(options.base))
+    return FileHashes(paths, workers, pacing)
 
 
 def local_input_files(base: Path | str, adapters: Sequence[Path | str]) -> list[Path]:
-    """BASE's and each ADAPTER folder's files a merge reads, the largest first, as far as
-    JSON alone tells (Hub ids and loralib files give none)."""
+    """BASE's and each ADAPTER folder's files a merge reads, as far as JSON alone tells
+    (Hub ids and loralib files give none), in the order the merge reads them: the
+    small files first, then BASE's shards (:func:`base_shards`)."""
     files: list[Path] = []
     folder = Path(base).expanduser()
     if folder.is_dir():
         files += [folder / name for name in (CONFIG_NAME, SAFETENSORS_INDEX_FILE)]
-        files += [folder / name for name in _shard_names(folder)]
     for adapter in adapters:
         adapter_folder = Path(adapter).expanduser()
         if adapter_folder.is_dir():
             files += [adapter_folder / name for name in ADAPTER_FILES]
-    existing = [path for path in files if path.is_file()]
-    # Largest first: the threads finish together instead of one hashing the last big shard.
-    return sorted(existing, key=lambda path: path.stat().st_size, reverse=True)
+    files += base_shards(base)
+    return [path for path in files if path.is_file()]
+
+
+def base_shards(base: Path | str) -> list[Path]:
+    """BASE's weight files, in the order the merge reads them (empty for a Hub id)."""
+    folder = Path(base).expanduser()
+    if not folder.is_dir():
+        return []
+    return [folder / name for name in _shard_names(folder)]
 
 
 def _shard_names(folder: Path) -> list[str]:
-    """The shards BASE's index names, or the single file; none where the index cannot be read."""
+    """The shards BASE's index names (in the order it first names them), or the single file;
+    none where the index cannot be read."""
     index = folder / SAFETENSORS_INDEX_FILE
     if not index.is_file():
         return [SAFETENSORS_SINGLE_FILE]
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        names = sorted({str(name) for name in weight_map.values()})
+        # In the order the index first names them: the order the run reads them in.
+        names = list(dict.fromkeys(str(name) for name in weight_map.values()))
     except (OSError, ValueError, AttributeError):
         return []
     # Only files inside BASE: the run refuses an index that names others.

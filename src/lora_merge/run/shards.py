@@ -23,6 +23,7 @@ from lora_merge.finish.staging import StagingFolder
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.dequantizing_reader import DequantizingReader
 from lora_merge.io.http_reader import RangedTensorReader
+from lora_merge.io.read_pacing import ReadPacing
 from lora_merge.io.reader import SafetensorsReader, StoredTensorSource, TensorSource
 from lora_merge.io.shard_writer import encode_safetensors_header
 from lora_merge.io.training_quantization_reader import TrainingQuantizationReader
@@ -150,16 +151,17 @@ def shard_bytes(tensors: list[PlannedTensor]) -> int:
 
 @contextmanager
 def open_base(
-    base: BaseCheckpoint, device: torch.device, plan: MergePlan
+    base: BaseCheckpoint, device: torch.device, plan: MergePlan, pacing: ReadPacing | None = None
 ) -> Iterator[StoredTensorSource]:
     """The base's reader: quantized weights come out dequantized (on ``device``), and
     with ``--qlora-base`` the planned weights as QLoRA training saw them.
 
-    Shards on the Hub (``--low-disk``) are read by range requests.
+    Shards on the Hub (``--low-disk``) are read by range requests. Local shards' reads
+    are told to ``pacing`` (the input files' hashing follows them).
     """
     opened = RangedTensorReader(base.entries, base.remote) if base.remote else None
     as_trained = {t.source_key: t.as_trained for t in plan.tensors if t.as_trained}
-    with opened or SafetensorsReader(base.entries) as stored:
+    with opened or SafetensorsReader(base.entries, pacing) as stored:
         if as_trained:
             yield TrainingQuantizationReader(stored, as_trained)
         elif base.quantization is None:
