@@ -7,7 +7,17 @@ a model bigger than the memory left for the cache (a 671B model on a 16 GB CI
 runner) every byte is read from the disk twice. So the hasher follows the merge:
 the shards are hashed in the order the merge reads them, and the bytes hashed
 that the merge has not read yet never exceed a lead derived from the memory the
-page cache may use (:func:`hashing_lead_bytes`). What the hasher reads ahead then
+page cache may use (:func:`hashing_lead_bytes`): small where the model does not
+fit there, large where it does.
+
+What counts is how many bytes of a file the merge has read, not how far into it:
+the copies of untouched tensors made while torch imports (run/copy_ahead.py) read
+a few small tensors (norms) near the end of each file long before the stream gets
+there, and a file's furthest read would let the hasher run through the whole
+model (measured at 1.1B in a 1 GB cgroup: 2.1 GB read from the disk twice). The
+stream reads each file's tensors in the order they are stored, so the count
+follows its position; a file's header and tensors no output needs are never
+counted, and only hold the hasher back. What the hasher reads ahead then
 stays cached until the merge reads it (and serves it as read-ahead on a cold
 disk); what it hashes behind the merge, the merge has just brought in.
 
@@ -26,14 +36,18 @@ from pathlib import Path
 PROC_MEMINFO = Path("/proc/meminfo")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# The share of the page cache's room that the hasher may fill ahead of the merge: the rest
-# holds the merge's own read-ahead, the output's pages on their way to the disk and
-# everything else on the machine.
+# Where the shards fit in the page cache's room, the share of it that the hasher may fill
+# ahead of the merge: it hashes as freely as it did unpaced (during ``import torch`` above
+# all, on a core the import leaves idle), in the merge's order.
 LEAD_SHARE = 4
-# The lead where the memory cannot be read (macOS, Windows): what a small machine spares.
-DEFAULT_LEAD_BYTES = 2**30
-# The lead never falls below a few of the hasher's windows (io/hashing.py maps 8 MiB at once).
-MIN_LEAD_BYTES = 64 * 2**20
+# The lead where they do not fit: two of the hasher's windows (io/hashing.py maps 8 MiB at
+# once). The output's pages on their way to the disk fill such a cache, and the kernel
+# evicts the clean pages read ahead to make room: measured with a 7B merge (13.6 GB) in a
+# 4 GiB memory cgroup, cold, the disk read 15.2 GB with this lead, 15.8 GB with 122 MiB,
+# 18.4 GB with 325 MiB, 26.0 GB with 1 GiB and 26.3 GB unpaced (docs/benchmarks.md).
+MIN_LEAD_BYTES = 16 * 2**20
+# The room where the memory cannot be read (macOS, Windows): what a small machine spares.
+DEFAULT_ROOM_BYTES = 4 * 2**30
 
 FileIdentity = tuple[int, int]
 
@@ -44,13 +58,13 @@ def file_identity(status: os.stat_result) -> FileIdentity:
 
 
 class ReadPacing:
-    """How far the merge has read each paced file, and how far hashing may go in each.
+    """How many bytes of each paced file the merge has read, and how far hashing may go in each.
 
     Thread-safe: the merge's readers report from their threads, the hasher's
     threads wait on it.
 
     Args:
-        lead_bytes: the most bytes of the paced files hashed but not yet read by the merge.
+        lead_bytes: the most bytes of the paced files hashed beyond those the merge has read.
         paced: the files whose hashing follows the merge (BASE's shards); any other file
             is hashed without waiting.
     """
@@ -70,18 +84,18 @@ class ReadPacing:
         self._changed = threading.Condition()
 
     def reads_of(self, descriptor: int) -> Callable[[int], None]:
-        """What a reader of the open file calls with the end of each byte range it reads
-        (or asks the kernel to read ahead); a no-op for a file not paced."""
+        """What a reader of the open file calls with the size of each byte range it reads
+        (each byte once: a read-ahead hint does not count); a no-op for a file not paced."""
         identity = file_identity(os.fstat(descriptor))
         if identity not in self._read:
             return _ignore
-        return lambda end: self._advance(identity, end)
+        return lambda nbytes: self._advance(identity, nbytes)
 
     def wait_to_hash(self, identity: FileIdentity, end: int, stop: threading.Event) -> None:
         """Return once bytes up to ``end`` of the file may be hashed (the hasher's threads).
 
-        That is when the bytes hashed ahead of the merge's reads, these included, stay
-        within the lead; at once for a file not paced, after :meth:`release`, or once
+        That is when the bytes hashed beyond those the merge has read, of every paced
+        file and these included, stay within the lead; at once for a file not paced, after :meth:`release`, or once
         ``stop`` is set (the caller checks it).
         """
         if identity not in self._hashed:
@@ -105,34 +119,38 @@ class ReadPacing:
             self._released = True
             self._changed.notify_all()
 
-    def _advance(self, identity: FileIdentity, end: int) -> None:
+    def _advance(self, identity: FileIdentity, nbytes: int) -> None:
         with self._changed:
-            if end > self._read[identity]:
-                self._read[identity] = end
-                self._changed.notify_all()
+            self._read[identity] += nbytes
+            self._changed.notify_all()
 
 
-def _ignore(end: int) -> None:
+def _ignore(nbytes: int) -> None:
     """Reads of a file that is not paced: nothing to record."""
 
 
 def hashing_lead_bytes(
+    paced_bytes: int,
     meminfo: Path = PROC_MEMINFO,
     proc_self_cgroup: Path = PROC_SELF_CGROUP,
     cgroup_root: Path = CGROUP_ROOT,
 ) -> int:
-    """The lead that hashing may take over the merge's reads: a share of the page cache's room.
+    """The lead that hashing may take over the merge's reads of ``paced_bytes`` of shards.
 
-    The room is the smaller of the machine's ``MemAvailable`` and, for this process's
-    memory cgroup and each one above it, its limit less the anonymous memory charged to
-    it (page cache is charged to the cgroup that reads it, and reclaimed from there
-    once the limit is reached). Where none of that can be read, :data:`DEFAULT_LEAD_BYTES`.
+    A share (:data:`LEAD_SHARE`) of the page cache's room where the shards fit in it,
+    else :data:`MIN_LEAD_BYTES`. The room is the smaller of the machine's
+    ``MemAvailable`` (which counts the page cache as available) and, for this
+    process's memory cgroup and each one above it, its limit less the anonymous
+    memory charged to it (page cache is charged to the cgroup that reads it, and
+    reclaimed from there once the limit is reached); :data:`DEFAULT_ROOM_BYTES` where
+    none of that can be read.
     """
     rooms = [room for room in (_mem_available(meminfo),) if room is not None]
     rooms += _cgroup_rooms(proc_self_cgroup, cgroup_root)
-    if not rooms:
-        return DEFAULT_LEAD_BYTES
-    return max(MIN_LEAD_BYTES, min(rooms) // LEAD_SHARE)
+    room = min(rooms, default=DEFAULT_ROOM_BYTES)
+    if paced_bytes > room:
+        return MIN_LEAD_BYTES
+    return max(MIN_LEAD_BYTES, room // LEAD_SHARE)
 
 
 def _mem_available(meminfo: Path) -> int | None:

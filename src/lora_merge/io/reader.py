@@ -231,8 +231,8 @@ class SafetensorsReader(EntryReader):
 
     Args:
         entries: the stored tensors' locations.
-        pacing: told how far each file has been read (or asked to be read ahead), so
-            that the hashing of the inputs follows the reads (see
+        pacing: told how many bytes of each file have been read, so that the hashing
+            of the inputs follows the reads (see
             :mod:`lora_merge.io.read_pacing`); None: nobody follows.
     """
 
@@ -260,7 +260,7 @@ class SafetensorsReader(EntryReader):
 
     def _read_exactly(self, entry: TensorEntry, offset: int, target: memoryview) -> bool:
         complete = self._file(entry.path).read_exactly_into(target, offset)
-        self._reads[entry.path](offset + len(target))
+        self._reads[entry.path](len(target))
         return complete
 
     def prefetch(self, key: str) -> None:
@@ -273,7 +273,6 @@ class SafetensorsReader(EntryReader):
         entry = self._entries[key]
         if entry.nbytes:
             self._file(entry.path).will_need(entry.start, entry.nbytes)
-            self._reads[entry.path](entry.start + entry.nbytes)
 
     def copy_bytes(self, key: str, destination: PositionalFile, destination_offset: int) -> int:
         """Copy the raw bytes of a tensor into ``destination`` at an offset; return the count.
@@ -285,7 +284,7 @@ class SafetensorsReader(EntryReader):
         copied = self._file(entry.path).copy_to(
             destination, entry.nbytes, entry.start, destination_offset
         )
-        self._reads[entry.path](entry.start + copied)
+        self._reads[entry.path](copied)
         if copied != entry.nbytes:
             raise _shrunk(entry)
         return copied
@@ -309,7 +308,7 @@ class SafetensorsReader(EntryReader):
         return file
 
 
-def _no_pacing(end: int) -> None:
+def _no_pacing(nbytes: int) -> None:
     """Reads that nobody follows: nothing to report."""
 
 

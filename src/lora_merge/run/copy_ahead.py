@@ -108,7 +108,7 @@ class CopiesAhead:
     Args:
         out: OUT, absolute, as the run resolves it.
         shards: the planned shards, in the order the run writes them.
-        pacing: told how far each BASE file has been copied from, so that the hashing
+        pacing: told how many bytes of each BASE file were copied, so that the hashing
             of the inputs follows (see :mod:`lora_merge.io.read_pacing`); None: nobody follows.
 
     Attributes:
@@ -254,7 +254,7 @@ class CopiesAhead:
                             )
                     copied = sources[source.path].copy_to(out, source.nbytes, source.start, offset)
                     if source.path in self._reads:
-                        self._reads[source.path](source.start + copied)
+                        self._reads[source.path](copied)
                     if copied == source.nbytes:
                         # The disk writes the copy back while torch is imported, as the
                         # shard writer does for every finished tensor.

@@ -62,7 +62,9 @@ def hash_inputs_ahead(options: MergeOptions) -> FileHashes | None:
         return None
     # The cores the import (one) leaves free, each on a file of its own.
     workers = min(MAX_HASH_THREADS, len(paths), max(1, usable_cpu_count() - 1))
-    pacing = ReadPacing(hashing_lead_bytes(), base_shards(options.base))
+    shards = base_shards(options.base)
+    shard_bytes = sum(path.stat().st_size for path in shards if path.is_file())
+    pacing = ReadPacing(hashing_lead_bytes(shard_bytes), shards)
     return FileHashes(paths, workers, pacing)
 
 
