@@ -14,6 +14,7 @@ import hashlib
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -83,14 +84,18 @@ class FileHashes:
     """sha256 of whole files, started ahead on a few threads and looked up when needed.
 
     A file is known by its device and inode, so any path that names it finds its
-    digest. A digest is used only if the file's size and modification time are
-    still those it had when it was hashed; otherwise it is hashed again.
+    digest. A digest is used only if the file's size, modification and change times
+    are still those it had when it was hashed; otherwise it is hashed again (the
+    change time catches a file rewritten with its modification time set back).
     :meth:`close` stops the threads at their next window, so a run that fails
     early does not wait for gigabytes to be hashed before it exits.
     """
 
     def __init__(self, paths: Iterable[Path], workers: int) -> None:
         """Start hashing ``paths`` (in order, ``workers`` files at once)."""
+        # Before any of the hashing: the digest cache stores no digest of a file written
+        # after this (see lora_merge.io.known_digests.DigestCache).
+        self.started_ns = time.time_ns()
         self._stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lora-merge-hash")
         self._started: dict[tuple[int, int], Future[tuple[_Stamp, str]]] = {}
@@ -130,7 +135,7 @@ class FileHashes:
         return sha256_of(path)
 
     def _stamped_sha256(self, path: Path) -> tuple[_Stamp, str]:
-        """The file's size and mtime, then its sha256 (a change during hashing shows in the stamp)."""
+        """The file's size, mtime and ctime, then its sha256 (a change during hashing shows in the stamp)."""
         stamp = _stamp(os.stat(path))
         digest = hashlib.sha256()
 
@@ -153,7 +158,7 @@ class _Stopped(Exception):
     """Raised inside a hashing thread once :meth:`FileHashes.close` was called."""
 
 
-_Stamp = tuple[int, int]
+_Stamp = tuple[int, int, int]
 
 
 def _identity(status: os.stat_result) -> tuple[int, int]:
@@ -161,4 +166,4 @@ def _identity(status: os.stat_result) -> tuple[int, int]:
 
 
 def _stamp(status: os.stat_result) -> _Stamp:
-    return status.st_size, status.st_mtime_ns
+    return status.st_size, status.st_mtime_ns, status.st_ctime_ns

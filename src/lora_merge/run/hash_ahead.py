@@ -12,11 +12,14 @@ names (or ``model.safetensors``), each ADAPTER folder's ``adapter_config.json``
 and ``adapter_model.safetensors``. A guess that turns out wrong costs CPU time
 only: the run asks :class:`~lora_merge.io.hashing.FileHashes` for each file it
 really read, and a file not hashed ahead (or changed since) is hashed then.
+Files whose sha256 is known without reading them
+(:func:`lora_merge.io.known_digests.known_sha256`) are not hashed ahead.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from lora_merge.errors import UsageError
 from lora_merge.io.cpus import usable_cpu_count
 from lora_merge.io.hashing import FileHashes
 from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+from lora_merge.io.known_digests import DigestCache, known_sha256
 from lora_merge.options.settings import MergeOptions
 from lora_merge.options.values import SaveMethod
 
@@ -47,7 +51,12 @@ def hash_inputs_ahead(options: MergeOptions) -> FileHashes | None:
         return None
     if not options.hash_inputs or not writes_card or options.part is not None:
         return None
-    paths = local_input_files(options.base, options.adapters)
+    cache = DigestCache.open(time.time_ns())
+    paths = [
+        path
+        for path in local_input_files(options.base, options.adapters)
+        if known_sha256(path, cache) is None
+    ]
     if not paths:
         return None
     # The cores the import (one) leaves free, each on a file of its own.
