@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from lora_merge.run.hash_ahead import hash_inputs_ahead
 
 SENTINEL = hashlib.sha256(b"not the file's content").hexdigest()
 REPO = "org/tiny-base"
+LORA_MERGE = str(Path(sys.executable).with_name("lora-merge"))
 
 
 def stamp_key(path: Path) -> str:
@@ -104,8 +106,16 @@ def test_a_second_run_takes_the_digests_from_the_cache(
     base, adapter = settled["reused"]
     files = inputs_of(base, adapter)
 
-    first = merge_and_read_card(base, adapter, tmp_path / "first")
+    # The command first: its digests come from the threads that start before torch is imported.
+    result = subprocess.run(
+        [LORA_MERGE, str(base), str(adapter), str(tmp_path / "first"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
 
+    first = {name: row[2] for name, row in card_rows(tmp_path / "first").items()}
     assert first == {p.name: sha256_of_bytes(p) for p in files}
     entries = cache_entries()
     assert {key: entries[key]["sha256"] for key in entries} == {
@@ -138,7 +148,7 @@ def test_nothing_is_hashed_ahead_when_every_digest_is_cached(
 @pytest.mark.skipif(
     sys.platform == "win32",
     reason="Python's st_ctime is the creation time on Windows: a rewrite in place is not seen "
-    "there (a limitation docs/input-hashes.md states)",
+    "there (a limitation docs/provenance.md states)",
 )
 def test_a_file_rewritten_in_place_with_its_mtime_set_back_is_hashed_again(
     settled: dict[str, tuple[Path, Path]], tmp_path: Path
