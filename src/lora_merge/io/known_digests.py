@@ -48,6 +48,7 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Where huggingface_hub keeps a --local-dir download's records, below DIR.
 _LOCAL_DIR_RECORDS = (".cache", "huggingface", "download")
 _METADATA_SUFFIX = ".metadata"
+_MAX_RECORD_BYTES = 4096
 
 # What identifies a file's content for the cache: a write changes size, mtime or ctime, a
 # replacement (a new file renamed over the old) changes the inode.
@@ -101,7 +102,9 @@ def hub_local_dir_sha256(path: Path) -> str | None:
         record = local_dir.joinpath(*_LOCAL_DIR_RECORDS, *file.relative_to(local_dir).parts)
         record = record.with_name(record.name + _METADATA_SUFFIX)
         try:
-            lines = record.read_text(encoding="utf-8").splitlines()
+            # Three short lines (commit, etag, time); a larger file is not one of them.
+            with open(record, "rb") as handle:
+                lines = handle.read(_MAX_RECORD_BYTES).decode("utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
             continue
         try:
