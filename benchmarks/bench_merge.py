@@ -40,6 +40,15 @@ What it does:
    wall times are "written to the page cache" times. The fair comparison of
    durable outputs is the "on disk" column (wall + the sync after it).
 
+   Every lora-merge run starts with an empty digest cache of its own
+   (``LORA_MERGE_CACHE`` pointed at a fresh folder under the work folder's
+   ``outputs/``): lora-merge keeps the sha256 of the inputs it hashed per user
+   (docs/provenance.md), so without this the second and later repeats would
+   skip hashing the base and the medians would no longer be first-run figures
+   comparable with earlier tables. ``--warm-digest-cache`` measures re-runs
+   instead: each lora-merge case's cache is filled by one untimed run, then
+   kept across its repeats.
+
    A failing case does not stop the benchmark: its row says
    ``FAILED (exit N): <last stderr line>`` and its logs stay in
    ``<workdir>/logs/``. Children get ``HF_HUB_OFFLINE=1``.
@@ -187,6 +196,9 @@ class BenchmarkCase:
         output: Folder the command writes (removed before and after runs).
         env: Environment of the child.
         runs: Figures of each run, in order.
+        digest_cache: lora-merge's digest cache folder (``LORA_MERGE_CACHE`` in
+            ``env``), emptied before each run unless ``--warm-digest-cache``; None for
+            other commands.
     """
 
     name: str
@@ -194,6 +206,7 @@ class BenchmarkCase:
     output: Path
     env: dict[str, str]
     runs: list[RunFigures] = field(default_factory=list)
+    digest_cache: Path | None = None
 
     @property
     def first_failure(self) -> RunFigures | None:
@@ -652,14 +665,20 @@ def make_cases(
                 "--overwrite",
                 *shlex.split(extra),
             ]
-            cases.append(BenchmarkCase(name, argv, output, env))
+            cache = outputs / f"digest-cache-{number}"
+            cases.append(
+                BenchmarkCase(name, argv, output, dict(env, LORA_MERGE_CACHE=str(cache)), [], cache)
+            )
         if args.before is not None:
             # The same command, run from an earlier checkout's sources with this interpreter.
             output = outputs / "lora-merge-before"
             before_env = child_environment(args.before.resolve())
             argv = [sys.executable, "-m", "lora_merge", str(base), str(adapter), str(output)]
             argv += ["--quiet", "--overwrite", *shlex.split(args.lora_merge_args)]
-            cases.append(BenchmarkCase(BEFORE_CASE, argv, output, before_env))
+            # An earlier checkout without the digest cache ignores the variable.
+            cache = outputs / "digest-cache-before"
+            before_env["LORA_MERGE_CACHE"] = str(cache)
+            cases.append(BenchmarkCase(BEFORE_CASE, argv, output, before_env, [], cache))
     if not args.skip_peft:
         output = outputs / "peft"
         argv = [sys.executable, str(PEFT_REFERENCE_SCRIPT), str(base), str(adapter), str(output)]
@@ -671,7 +690,7 @@ def run_case_once(
     case: BenchmarkCase,
     input_files: Sequence[Path],
     log_dir: Path,
-    repeat_index: int,
+    repeat_index: int | str,
     args: argparse.Namespace,
 ) -> RunFigures:
     """Prepares the cache and disk state, runs a case once, and cleans up.
@@ -687,6 +706,8 @@ def run_case_once(
         The run's figures.
     """
     remove_output(case.output)
+    if case.digest_cache is not None and not args.warm_digest_cache:
+        remove_output(case.digest_cache)  # a first run: no digest known from an earlier one
     if args.cold:
         os.sync()
         drop_page_cache()
@@ -862,6 +883,7 @@ def header_line(
     repeat: int,
     rss_floor_bytes: int,
     targets: str = "all-linear",
+    warm_digest_cache: bool = False,
 ) -> str:
     """Renders the line printed above the table.
 
@@ -872,6 +894,7 @@ def header_line(
         repeat: Number of runs per case.
         rss_floor_bytes: RSS floor of the method.
         targets: Adapter variant.
+        warm_digest_cache: Whether lora-merge's runs had a warm digest cache.
 
     Returns:
         One Markdown line.
@@ -890,7 +913,8 @@ def header_line(
         f"torch {environment['torch']}, transformers {environment['transformers']}, "
         f"peft {environment['peft']}, Python {environment['python']}; "
         f"median wall of {repeat} run(s); RSS floor of the method "
-        f"{format_mib(rss_floor_bytes)} MB."
+        f"{format_mib(rss_floor_bytes)} MB; lora-merge's digest cache "
+        f"{'warm (re-runs)' if warm_digest_cache else 'empty before every run (first runs)'}."
     )
 
 
@@ -963,6 +987,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "of the previous release), interleaved with the others: before and after in one run",
     )
     parser.add_argument(
+        "--warm-digest-cache",
+        action="store_true",
+        help="measure re-runs: each lora-merge case's digest cache (LORA_MERGE_CACHE) is filled "
+        "by one untimed run and kept across its repeats, so the inputs' sha256 comes from it; "
+        "by default every run starts with an empty cache (first-run figures)",
+    )
+    parser.add_argument(
         "--timeout", type=float, help="seconds after which a run is killed (default: none)"
     )
     parser.add_argument(
@@ -1004,6 +1035,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_bytes = tree_size_bytes(base)
     rss_floor_bytes = measure_rss_floor(log_dir)
     cases = make_cases(base, adapter, outputs, args, copy_source)
+    if args.warm_digest_cache:
+        # Inputs written less than 2 s before a run are hashed but not cached (the cache's
+        # rule on files still being written): inputs built just now must settle first.
+        newest_ns = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in input_files)
+        time.sleep(max(0.0, (newest_ns - time.time_ns()) / 1e9 + 3.0))
+        for case in cases:
+            if case.digest_cache is not None:
+                remove_output(case.digest_cache)
+                print(f"[warm-up] {case.name} ...", end=" ", file=sys.stderr, flush=True)
+                warm_up = run_case_once(case, input_files, log_dir, "warm-up", args)
+                print(f"{format_seconds(warm_up.wall_s)} s (not counted)", file=sys.stderr)
 
     for repeat_index in range(args.repeat):
         for case in cases:
@@ -1023,7 +1065,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     environment = environment_summary()
-    print(header_line(shape, base_bytes, environment, args.repeat, rss_floor_bytes, args.targets))
+    print(
+        header_line(
+            shape,
+            base_bytes,
+            environment,
+            args.repeat,
+            rss_floor_bytes,
+            args.targets,
+            args.warm_digest_cache,
+        )
+    )
     print()
     print(markdown_table(cases))
     if any(case.first_failure for case in cases):
@@ -1039,6 +1091,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rss_floor_bytes": rss_floor_bytes,
             "environment": environment,
             "repeat": args.repeat,
+            "digest_cache": "warm" if args.warm_digest_cache else "empty before every run",
             "cases": [
                 {
                     "name": case.name,

@@ -34,7 +34,9 @@ ratio) with default flags, and a peak RSS of at most 300 MB: 1b-all <= 2.0x,
 CPU-s per GB of output) is the CPU column divided by the output's size.
 ``--before SRC`` adds, in every row, the same merge run from an earlier
 checkout's ``src/`` (and its ``.venv``'s ``lora-merge`` in the start-up table):
-before and after in one run. ``make bench-suite`` runs everything.
+before and after in one run. Every lora-merge run starts with an empty digest
+cache (first-run figures); ``--warm-digest-cache`` measures re-runs over the same
+inputs, their sha256 taken from the cache. ``make bench-suite`` runs everything.
 """
 
 from __future__ import annotations
@@ -156,6 +158,8 @@ def run_row(row: SuiteRow, args: argparse.Namespace, scratch: Path) -> dict[str,
         argv.append("--cold")
     if args.before is not None:
         argv += ["--before", str(args.before)]
+    if args.warm_digest_cache:
+        argv.append("--warm-digest-cache")
     print(f"== {row.label}", file=sys.stderr, flush=True)
     bench_merge.main(argv)
     report = json.loads(report_path.read_text())
@@ -258,6 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run an earlier checkout's src/ (e.g. `git worktree add ../before v0.1.0`, "
         "then --before ../before/src) in every row: before and after in the same run",
     )
+    parser.add_argument(
+        "--warm-digest-cache",
+        action="store_true",
+        help="re-run figures: lora-merge's digest cache filled by an untimed run first "
+        "(default: empty before every run, first-run figures comparable with earlier tables)",
+    )
     parser.add_argument("--json", type=Path, help="write every row's raw report here")
     args = parser.parse_args(argv)
     rows = [row for row in ROWS if not args.only or row.key in args.only]
@@ -272,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\nmedian of {args.repeat} run(s) per case; "
         f"{'page cache dropped' if args.cold else 'inputs read into the page cache'} before each run; "
+        f"lora-merge's digest cache {'warm' if args.warm_digest_cache else 'empty'} "
+        "before each run; "
         f"{json.dumps(environment)}"
     )
     if rows:

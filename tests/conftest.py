@@ -117,6 +117,22 @@ class _BuildOnce:
         return self._built[key]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _digest_cache_of_the_session(tmp_path_factory):
+    """No run of the suite, session fixtures' merges included, writes lora-merge's digest
+    cache (io/known_digests.py) into the real home: LORA_MERGE_CACHE points into pytest's
+    temporary folder, for this process and the lora-merge processes tests start."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORA_MERGE_CACHE", str(tmp_path_factory.mktemp("digest-cache-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _digest_cache_of_the_test(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty digest cache of its own: none sees another's digests."""
+    monkeypatch.setenv("LORA_MERGE_CACHE", str(tmp_path_factory.mktemp("digest-cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_base_checkpoint(tmp_path_factory):
     """tiny_base_checkpoint(family, dtype) -> directory of a sharded random tiny checkpoint."""

@@ -9,7 +9,7 @@ the result.
 from __future__ import annotations
 
 import os
-import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,10 +18,7 @@ from pathlib import Path
 from lora_merge.inputs.resolve import AdapterFolder, BaseCheckpoint
 from lora_merge.io.hashing import FileHashes, sha256_of
 from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE
-
-# The cache names a file's blob by its etag, which for files stored with Git LFS
-# (every weights file) is the sha256 of the content: no need to read it again.
-_SHA256_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
+from lora_merge.io.known_digests import DigestCache, known_sha256
 
 
 @dataclass(frozen=True)
@@ -50,8 +47,10 @@ def start_hashing(
 
     The thread reads files the merge reads too (mostly from the page cache) and
     hashlib releases the GIL, so on a machine with a spare core this costs little
-    wall time. Files in huggingface_hub's cache are not read at all: their blob's
-    name is their sha256. Files in ``known`` (size and sha256 by path: shards read
+    wall time. Files whose sha256 is known already are not read at all (see
+    :mod:`lora_merge.io.known_digests`: huggingface_hub's cache and ``--local-dir``
+    records, and the digests of this user's earlier runs, where the digests computed
+    now are stored in turn). Files in ``known`` (size and sha256 by path: shards read
     from the Hub with ``--low-disk``, whose sha256 the Hub gave) are not read either.
     Files that ``ahead`` started hashing before the run (see
     :func:`lora_merge.run.hash_ahead.hash_inputs_ahead`) are taken from it.
@@ -87,6 +86,10 @@ def _hash_all(
     known: Mapping[Path, tuple[int, str | None]],
     ahead: FileHashes | None,
 ) -> list[InputFile]:
+    # Before any of this run's hashing began: the reference of the cache's rule on files
+    # written just before they were hashed.
+    started_ns = ahead.started_ns if ahead is not None else time.time_ns()
+    cache = DigestCache.open(started_ns) if enabled else None
     hashed = []
     for role, name, path in files:
         if path in known:
@@ -95,17 +98,26 @@ def _hash_all(
         else:
             hashed.append(
                 InputFile(
-                    role, name, path.stat().st_size, _sha256(path, ahead) if enabled else None
+                    role,
+                    name,
+                    path.stat().st_size,
+                    _sha256(path, ahead, cache) if enabled else None,
                 )
             )
+    if cache is not None:
+        cache.save()
     return hashed
 
 
-def _sha256(path: Path, ahead: FileHashes | None) -> str:
-    blob = Path(os.path.realpath(path))
-    if blob.parent.name == "blobs" and _SHA256_BLOB_NAME.fullmatch(blob.name):
-        return blob.name
-    return sha256_of(path) if ahead is None else ahead.sha256(path)
+def _sha256(path: Path, ahead: FileHashes | None, cache: DigestCache | None) -> str:
+    known = known_sha256(path, cache)
+    if known is not None:
+        return known
+    before = os.stat(path)
+    digest = sha256_of(path) if ahead is None else ahead.sha256(path)
+    if cache is not None:
+        cache.remember(path, before, digest)
+    return digest
 
 
 def _relative_name(path: Path, folder: Path) -> str:

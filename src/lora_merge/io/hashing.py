@@ -14,6 +14,7 @@ import hashlib
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -85,8 +86,9 @@ class FileHashes:
     """sha256 of whole files, started ahead on a few threads and looked up when needed.
 
     A file is known by its device and inode, so any path that names it finds its
-    digest. A digest is used only if the file's size and modification time are
-    still those it had when it was hashed; otherwise it is hashed again.
+    digest. A digest is used only if the file's size, modification and change times
+    are still those it had when it was hashed; otherwise it is hashed again (the
+    change time catches a file rewritten with its modification time set back).
     :meth:`close` stops the threads at their next window, so a run that fails
     early does not wait for gigabytes to be hashed before it exits.
 
@@ -101,6 +103,9 @@ class FileHashes:
         """Start hashing ``paths`` (in order, ``workers`` files at once), each window of a
         paced file once ``pacing`` allows it."""
         self.pacing = pacing
+        # Before any of the hashing: the digest cache stores no digest of a file written
+        # after this (see lora_merge.io.known_digests.DigestCache).
+        self.started_ns = time.time_ns()
         self._stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lora-merge-hash")
         self._started: dict[tuple[int, int], Future[tuple[_Stamp, str]]] = {}
@@ -146,7 +151,8 @@ class FileHashes:
         return sha256_of(path)
 
     def _stamped_sha256(self, path: Path) -> tuple[_Stamp, str]:
-        """The file's size and mtime, then its sha256 (a change during hashing shows in the stamp).
+        """The file's size, mtime and ctime, then its sha256 (a change during hashing shows in
+        the stamp).
 
         One window at a time, each once the pacing allows it (before it is mapped: mapping
         it and hashing it is what reads it from the disk).
@@ -182,8 +188,8 @@ class _Stopped(Exception):
     """Raised inside a hashing thread once :meth:`FileHashes.close` was called."""
 
 
-_Stamp = tuple[int, int]
+_Stamp = tuple[int, int, int]
 
 
 def _stamp(status: os.stat_result) -> _Stamp:
-    return status.st_size, status.st_mtime_ns
+    return status.st_size, status.st_mtime_ns, status.st_ctime_ns

@@ -6,8 +6,9 @@ core, 1.5 CPU-s for a 1.1B model and 9 for a 7B one. ``import torch`` takes
 hashing that starts before the import costs no wall time there (measured in
 docs/benchmarks.md), and what is left of it overlaps the merge as before.
 
-Each input byte is read from the disk once, whatever the model's size: the small
-files the run reads first (configs, the adapter's) are hashed first, then BASE's
+So that the hashing reads from the disk as little as it can beyond what the
+merge reads, whatever the model's size (docs/benchmarks.md, "Hashing within the
+page cache"): the small files the run reads first (configs, the adapter's) are hashed first, then BASE's
 shards in the order the merge reads them (the order its index first names them,
 each from its start: :func:`lora_merge.inputs.resolve.resolve_base` keeps it),
 never more than a lead of bytes ahead of the merge's reads
@@ -21,11 +22,14 @@ names (or ``model.safetensors``), each ADAPTER folder's ``adapter_config.json``
 and ``adapter_model.safetensors``. A guess that turns out wrong costs CPU time
 only: the run asks :class:`~lora_merge.io.hashing.FileHashes` for each file it
 really read, and a file not hashed ahead (or changed since) is hashed then.
+Files whose sha256 is known without reading them
+(:func:`lora_merge.io.known_digests.known_sha256`) are not hashed ahead.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from lora_merge.errors import UsageError
 from lora_merge.io.cpus import usable_cpu_count
 from lora_merge.io.hashing import FileHashes
 from lora_merge.io.hub_names import CONFIG_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+from lora_merge.io.known_digests import DigestCache, known_sha256
 from lora_merge.io.read_pacing import ReadPacing, hashing_lead_bytes
 from lora_merge.options.settings import MergeOptions
 from lora_merge.options.values import SaveMethod
@@ -57,13 +62,19 @@ def hash_inputs_ahead(options: MergeOptions) -> FileHashes | None:
         return None
     if not options.hash_inputs or not writes_card or options.part is not None:
         return None
-    paths = local_input_files(options.base, options.adapters)
+    cache = DigestCache.open(time.time_ns())
+    paths = [
+        path
+        for path in local_input_files(options.base, options.adapters)
+        if known_sha256(path, cache) is None
+    ]
     if not paths:
         return None
     # The cores the import (one) leaves free, each on a file of its own.
     workers = min(MAX_HASH_THREADS, len(paths), max(1, usable_cpu_count() - 1))
-    shards = base_shards(options.base)
-    shard_bytes = sum(path.stat().st_size for path in shards if path.is_file())
+    # Only the shards hashed here follow the merge's reads (a known digest reads nothing).
+    shards = [path for path in base_shards(options.base) if path in paths]
+    shard_bytes = sum(path.stat().st_size for path in shards)
     pacing = ReadPacing(hashing_lead_bytes(shard_bytes), shards)
     return FileHashes(paths, workers, pacing)
 
