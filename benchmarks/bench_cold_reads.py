@@ -7,7 +7,8 @@ and the merge runs in a cgroup v1 memory cgroup whose limit (page cache included
 the kernel charges a page to the cgroup that reads it) is smaller than the model.
 The figures are the child's own ``wait4`` accounting: ``ru_inblock`` (512-byte
 blocks it caused to be read from storage, by reads, page faults and read-ahead,
-all threads together), user and system CPU, and the wall time.
+all threads together), user and system CPU, and the wall time. The digest cache
+is off (``LORA_MERGE_CACHE=off``): every run hashes its inputs.
 
 Linux only, as root (cgroup v1 mounted at /sys/fs/cgroup/memory). It drops the
 machine's page cache before every run: nothing else should be measuring then.
@@ -33,7 +34,8 @@ def run_once(src: Path, base: Path, adapter: Path, out: Path, extra: list[str]) 
     """One cold merge in the cgroup; its disk reads, CPU and wall time."""
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    environment = {**os.environ, "PYTHONPATH": str(src.resolve())}
+    # No digest cache: a digest known from an earlier run would hide the hashing measured.
+    environment = {**os.environ, "PYTHONPATH": str(src.resolve()), "LORA_MERGE_CACHE": "off"}
     command = [sys.executable, "-m", "lora_merge", str(base), str(adapter), str(out), "--quiet"]
     started = time.perf_counter()
     child = subprocess.Popen(
