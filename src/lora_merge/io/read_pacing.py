@@ -10,16 +10,16 @@ that the merge has not read yet never exceed a lead derived from the memory the
 page cache may use (:func:`hashing_lead_bytes`): small where the model does not
 fit there, large where it does.
 
-What counts is how many bytes of a file the merge has read, not how far into it:
-the copies of untouched tensors made while torch imports (run/copy_ahead.py) read
-a few small tensors (norms) near the end of each file long before the stream gets
-there, and a file's furthest read would let the hasher run through the whole
-model (measured at 1.1B in a 1 GB cgroup: 2.1 GB read from the disk twice). The
-stream reads each file's tensors in the order they are stored, so the count
-follows its position; a file's header and tensors no output needs are never
-counted, and only hold the hasher back. What the hasher reads ahead then
-stays cached until the merge reads it (and serves it as read-ahead on a cold
-disk); what it hashes behind the merge, the merge has just brought in.
+What counts is how many bytes of a file the merge has read (each once), not how
+far into it: the copies of untouched tensors made while torch imports
+(run/copy_ahead.py) read a few small tensors (norms) near the end of each file
+long before the stream gets there, and a file's furthest read would let the
+hasher run through the whole model (measured at 1.1B in a 1 GB cgroup: 2.1 GB
+read from the disk twice). The stream reads each file's tensors in the order
+they are stored, so the count follows its position; a file's header and tensors
+no output needs are never counted, and only hold the hasher back. The copies
+also count the few tensors they skip between two copies (no more than the lead),
+which the stream reads next.
 
 The merge never waits for the hasher: its readers only report how far they have
 read each file (:meth:`ReadPacing.reads_of`). The hasher waits for them, until
@@ -28,6 +28,7 @@ read each file (:meth:`ReadPacing.reads_of`). The hasher waits for them, until
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -71,25 +72,25 @@ class ReadPacing:
 
     def __init__(self, lead_bytes: int, paced: Iterable[Path]) -> None:
         self.lead_bytes = max(MIN_LEAD_BYTES, lead_bytes)
-        self._read: dict[FileIdentity, int] = {}
+        self._read: dict[FileIdentity, ByteRanges] = {}
         self._hashed: dict[FileIdentity, int] = {}
         for path in paced:
             try:
                 identity = file_identity(os.stat(path))
             except OSError:
                 continue  # the run itself will say what is wrong with it
-            self._read[identity] = 0
+            self._read[identity] = ByteRanges()
             self._hashed[identity] = 0
         self._released = False
         self._changed = threading.Condition()
 
-    def reads_of(self, descriptor: int) -> Callable[[int], None]:
-        """What a reader of the open file calls with the size of each byte range it reads
-        (each byte once: a read-ahead hint does not count); a no-op for a file not paced."""
+    def reads_of(self, descriptor: int) -> Callable[[int, int], None]:
+        """What a reader of the open file calls with the start and size of each byte range
+        it reads (a read-ahead hint does not count); a no-op for a file not paced."""
         identity = file_identity(os.fstat(descriptor))
         if identity not in self._read:
             return _ignore
-        return lambda nbytes: self._advance(identity, nbytes)
+        return lambda start, nbytes: self._advance(identity, start, nbytes)
 
     def wait_to_hash(self, identity: FileIdentity, end: int, stop: threading.Event) -> None:
         """Return once bytes up to ``end`` of the file may be hashed (the hasher's threads).
@@ -103,11 +104,11 @@ class ReadPacing:
         with self._changed:
             while not (self._released or stop.is_set()):
                 others = sum(
-                    max(0, hashed - self._read[other])
+                    max(0, hashed - self._read[other].total)
                     for other, hashed in self._hashed.items()
                     if other != identity
                 )
-                if others + max(0, end - self._read[identity]) <= self.lead_bytes:
+                if others + max(0, end - self._read[identity].total) <= self.lead_bytes:
                     break
                 # A timeout too: a stop set without a notification is seen within it.
                 self._changed.wait(timeout=0.1)
@@ -119,13 +120,42 @@ class ReadPacing:
             self._released = True
             self._changed.notify_all()
 
-    def _advance(self, identity: FileIdentity, nbytes: int) -> None:
+    def _advance(self, identity: FileIdentity, start: int, nbytes: int) -> None:
         with self._changed:
-            self._read[identity] += nbytes
+            self._read[identity].add(start, start + nbytes)
             self._changed.notify_all()
 
 
-def _ignore(nbytes: int) -> None:
+class ByteRanges:
+    """Byte ranges of a file, merged where they meet; ``total`` counts each byte once.
+
+    The merge's readers mostly extend the range they read last, so the list stays short.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        """Add bytes ``start:end``."""
+        if end <= start:
+            return
+        # The ranges that overlap or touch start:end, merged into one.
+        first = bisect.bisect_left(self._ends, start)
+        last = bisect.bisect_right(self._starts, end)
+        if first < last:
+            start = min(start, self._starts[first])
+            end = max(end, self._ends[last - 1])
+            self.total -= sum(
+                e - s for s, e in zip(self._starts[first:last], self._ends[first:last], strict=True)
+            )
+        self._starts[first:last] = [start]
+        self._ends[first:last] = [end]
+        self.total += end - start
+
+
+def _ignore(start: int, nbytes: int) -> None:
     """Reads of a file that is not paced: nothing to record."""
 
 

@@ -231,8 +231,8 @@ class SafetensorsReader(EntryReader):
 
     Args:
         entries: the stored tensors' locations.
-        pacing: told how many bytes of each file have been read, so that the hashing
-            of the inputs follows the reads (see
+        pacing: told which bytes of each file have been read, so that the hashing of
+            the inputs follows the reads (see
             :mod:`lora_merge.io.read_pacing`); None: nobody follows.
     """
 
@@ -241,7 +241,7 @@ class SafetensorsReader(EntryReader):
     ) -> None:
         super().__init__(entries)
         self._files: dict[Path, PositionalFile] = {}
-        self._reads: dict[Path, Callable[[int], None]] = {}
+        self._reads: dict[Path, Callable[[int, int], None]] = {}
         self._pacing = pacing
         self._lock = threading.Lock()
 
@@ -260,7 +260,7 @@ class SafetensorsReader(EntryReader):
 
     def _read_exactly(self, entry: TensorEntry, offset: int, target: memoryview) -> bool:
         complete = self._file(entry.path).read_exactly_into(target, offset)
-        self._reads[entry.path](len(target))
+        self._reads[entry.path](offset, len(target))
         return complete
 
     def prefetch(self, key: str) -> None:
@@ -284,7 +284,7 @@ class SafetensorsReader(EntryReader):
         copied = self._file(entry.path).copy_to(
             destination, entry.nbytes, entry.start, destination_offset
         )
-        self._reads[entry.path](copied)
+        self._reads[entry.path](entry.start, copied)
         if copied != entry.nbytes:
             raise _shrunk(entry)
         return copied
@@ -308,7 +308,7 @@ class SafetensorsReader(EntryReader):
         return file
 
 
-def _no_pacing(nbytes: int) -> None:
+def _no_pacing(start: int, nbytes: int) -> None:
     """Reads that nobody follows: nothing to report."""
 
 
