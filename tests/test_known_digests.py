@@ -311,9 +311,12 @@ def hub(monkeypatch: pytest.MonkeyPatch):
     server.shutdown()
 
 
-def test_a_local_dir_download_gives_its_recorded_sha256(hub: FakeHub, tmp_path: Path) -> None:
+def test_a_local_dir_download_gives_its_recorded_sha256(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """huggingface_hub's record of a --local-dir download gives each LFS file's sha256 while
-    the file is not newer than it; a file modified after the download is hashed."""
+    the file is not newer than it; a file modified after the download is hashed, and so is
+    every file when the cache is turned off."""
     served, adapter = tmp_path / "served", tmp_path / "adapter"
     write_base(served, shards=3)
     write_adapter(adapter)
@@ -343,3 +346,9 @@ def test_a_local_dir_download_gives_its_recorded_sha256(hub: FakeHub, tmp_path: 
     assert card["config.json"] == sha256_of_bytes(local / "config.json")
     # Nothing was written into the input folder (huggingface_hub's reader writes lock files).
     assert {p: p.stat().st_mtime_ns for p in local.rglob("*")} == tree_before
+
+    # LORA_MERGE_CACHE=off: no record is trusted either, every file is hashed.
+    monkeypatch.setenv(CACHE_ENV, "off")
+    card = merge_and_read_card(local, adapter, tmp_path / "out-uncached")
+    assert card[first.name] == sha256_of_bytes(first) != SENTINEL
+    assert card == {p.name: sha256_of_bytes(p) for p in inputs_of(local, adapter)}

@@ -410,7 +410,7 @@ HashInputsOpt = Annotated[
         help="Record the sha256 of every input file in OUT's model card (README.md); "
         "hashing runs beside the merge. A digest already known is not computed again: files "
         "from the Hub cache or `hf download --local-dir`, and files hashed by an earlier run "
-        "(a per-user digest cache; LORA_MERGE_CACHE=DIR moves it, LORA_MERGE_CACHE=off turns "
-        "it off).",
+        "(a per-user digest cache; LORA_MERGE_CACHE=DIR moves it; LORA_MERGE_CACHE=off turns "
+        "it off and hashes every file outside the Hub cache).",
     ),
 ]

@@ -68,11 +68,14 @@ def known_sha256(path: Path, cache: DigestCache | None) -> str | None:
 
     Args:
         path: an input file.
-        cache: the digests of earlier runs, or None when the cache is off.
+        cache: the digests of earlier runs; None when it is off (``LORA_MERGE_CACHE=off``),
+            and then only huggingface_hub's blob names are taken: a ``--local-dir``
+            record is trusted by the file's mtime, as the cache is by its stat, and a
+            user who turns the cache off asks for every other file to be hashed.
     """
-    known = hub_blob_sha256(path) or hub_local_dir_sha256(path)
+    known = hub_blob_sha256(path)
     if known is None and cache is not None:
-        known = cache.lookup(path)
+        known = hub_local_dir_sha256(path) or cache.lookup(path)
     return known
 
 
