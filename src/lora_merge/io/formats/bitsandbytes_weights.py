@@ -39,6 +39,21 @@ ABSMAX_WINDOW_BLOCKS = 2**16
 _WINDOW_MEMO = "bitsandbytes.absmax_window"
 
 
+class _DecodedWhole:
+    """What both bitsandbytes weights answer alike under the QuantizedWeight protocol."""
+
+    @property
+    def reads_in_chunks(self) -> bool:
+        """False: a read's workspace grows with its rows (see the protocol)."""
+        return False
+
+    def check_kept(self, stored: StoredRows) -> None:
+        """Nothing to refuse: bitsandbytes' decoding checks no absmax either (a NaN there
+        reaches the merged values, which the stream refuses); a kept weight is copied as
+        bitsandbytes wrote it."""
+        return None
+
+
 @dataclass(frozen=True)
 class NestedAbsmax:
     """Double quantization of a 4-bit weight's absmax (``bnb_4bit_use_double_quant``)."""
@@ -50,7 +65,7 @@ class NestedAbsmax:
 
 
 @dataclass(frozen=True)
-class FourBitWeight:
+class FourBitWeight(_DecodedWhole):
     """One NF4/FP4 weight: where its pieces are and what it stands for.
 
     Attributes:
@@ -90,17 +105,6 @@ class FourBitWeight:
     @property
     def anchor(self) -> str:
         return self.packed.name
-
-    @property
-    def reads_in_chunks(self) -> bool:
-        """False: a read's workspace grows with its rows (see the protocol)."""
-        return False
-
-    def check_kept(self, stored: StoredRows) -> None:
-        """Nothing to refuse: bitsandbytes' decoding checks no absmax either (a NaN there
-        reaches the merged values, which the stream refuses); a kept weight is copied as
-        bitsandbytes wrote it."""
-        return None
 
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` dequantized (bitsandbytes' ``dequantize_4bit`` of the whole
@@ -179,7 +183,7 @@ class FourBitWeight:
 
 
 @dataclass(frozen=True)
-class Int8Weight:
+class Int8Weight(_DecodedWhole):
     """One LLM.int8 weight: int8 rows and a float32 scale per row (dequantizes to float32)."""
 
     name: str
@@ -197,17 +201,6 @@ class Int8Weight:
     @property
     def anchor(self) -> str:
         return self.weight.name
-
-    @property
-    def reads_in_chunks(self) -> bool:
-        """False: a read's workspace grows with its rows (see the protocol)."""
-        return False
-
-    def check_kept(self, stored: StoredRows) -> None:
-        """Nothing to refuse: bitsandbytes' decoding checks no absmax either (a NaN there
-        reaches the merged values, which the stream refuses); a kept weight is copied as
-        bitsandbytes wrote it."""
-        return None
 
     def read_rows(self, stored: StoredRows, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` dequantized (bitsandbytes' ``int8_vectorwise_dequant``)."""
