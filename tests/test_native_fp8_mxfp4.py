@@ -46,6 +46,7 @@ from native_formats import (
     gpt_oss_mxfp4_tensors,
     quantize_fp8_blocks_float64,
     save_fp8_copy,
+    save_quantized_model,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -393,12 +394,7 @@ def save_mxfp4_copy(base: Path, directory: Path, generator: torch.Generator) -> 
         tensors.update(
             gpt_oss_mxfp4_tensors(f"{EXPERTS}.{projection}", experts, rows, columns, generator)
         )
-    directory.mkdir()
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = GPT_OSS_QUANTIZATION_CONFIG
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
+    return save_quantized_model(base, directory, tensors, GPT_OSS_QUANTIZATION_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -610,18 +606,15 @@ def save_compressed_tensors_fp8(base: Path, directory: Path, preset: str) -> Pat
             state["input_scale"] = torch.tensor([0.0123], dtype=tensor.dtype)
         compressed = FloatQuantizationCompressor.compress(state, scheme)
         tensors.update({f"{module}.{key}": value for key, value in compressed.items()})
-    directory.mkdir()
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((base / "config.json").read_text())
     quantization = QuantizationConfig(
         config_groups={"group_0": scheme},
         ignore=["lm_head"],
         format="float-quantized",
         quantization_status="compressed",
     )
-    config["quantization_config"] = json.loads(quantization.model_dump_json())
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
+    return save_quantized_model(
+        base, directory, tensors, json.loads(quantization.model_dump_json())
+    )
 
 
 def compressed_tensors_dequantized(folder: Path, preset: str) -> dict[str, torch.Tensor]:

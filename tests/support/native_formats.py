@@ -145,6 +145,14 @@ def save_fp8_copy(base: Path, directory: Path, block: tuple[int, int]) -> Path:
             tensors.update(quantizer.convert({name: tensor}))
         else:
             tensors[name] = tensor
+    return save_quantized_model(base, directory, tensors, quantization_config)
+
+
+def save_quantized_model(
+    base: Path, directory: Path, tensors: dict[str, torch.Tensor], quantization_config: dict
+) -> Path:
+    """A new single-file model in ``directory``: ``tensors``, and ``base``'s config with
+    ``quantization_config`` added."""
     directory.mkdir()
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
